@@ -1,0 +1,108 @@
+"""Where the Transformer blocks of each supported architecture live.
+
+This is the only place that knows model internals: every other module asks `layout_for` and
+works with module objects, so block 2 is `blocks[2]` and never a substring match on `layer.2`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Module paths, relative to `model.base_model`, of the blocks and the embeddings.
+
+    `blocks` names an `nn.ModuleList` whose i-th entry is Transformer block i. `shared_blocks`
+    marks architectures (ALBERT) whose blocks all reuse one set of weights, so a single block
+    cannot be edited without editing all of them.
+    """
+
+    blocks: str
+    embeddings: tuple[str, ...]
+    shared_blocks: bool = False
+
+
+ARCHITECTURES: dict[str, BlockLayout] = {
+    "bert": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",)),
+    "roberta": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",)),
+    "electra": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",)),
+    "distilbert": BlockLayout(blocks="transformer.layer", embeddings=("embeddings",)),
+    "albert": BlockLayout(
+        blocks="encoder.albert_layer_groups",
+        embeddings=("embeddings", "encoder.embedding_hidden_mapping_in"),
+        shared_blocks=True,
+    ),
+    "gpt2": BlockLayout(blocks="h", embeddings=("wte", "wpe")),
+    "llama": BlockLayout(blocks="layers", embeddings=("embed_tokens",)),
+}
+
+
+def layout_for(
+    model: PreTrainedModel, blocks_path: str | None = None, embeddings_paths: list[str] | None = None
+) -> BlockLayout:
+    """The block layout of `model`: from the table, or from user-given paths for other architectures.
+
+    User paths are relative to `model.base_model`, like the table's, and take precedence over it.
+    """
+    model_type = getattr(model.config, "model_type", None)
+    if blocks_path is not None:
+        return BlockLayout(blocks=blocks_path, embeddings=tuple(embeddings_paths or ()))
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"Architecture {model_type!r} ({type(model).__name__}) is not in hf_memedit's block table "
+            f"(known: {', '.join(sorted(ARCHITECTURES))}). Pass `blocks_path`: the dotted path, relative "
+            "to `model.base_model`, of the nn.ModuleList holding its Transformer blocks (for example "
+            "'encoder.layer'), and optionally `embeddings_paths`."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def resolve_module(model: PreTrainedModel, path: str) -> nn.Module:
+    """`model.base_model.<path>`, with an error that lists what exists there when it does not."""
+    base = model.base_model
+    try:
+        return base.get_submodule(path)
+    except AttributeError:
+        children = ", ".join(name for name, _ in base.named_children())
+        raise ValueError(
+            f"{type(model).__name__} has no module {path!r} under its base model "
+            f"({type(base).__name__}; its children: {children}). Check `blocks_path` / `embeddings_paths`."
+        ) from None
+
+
+def block_list(model: PreTrainedModel, layout: BlockLayout) -> nn.ModuleList:
+    blocks = resolve_module(model, layout.blocks)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(
+            f"{layout.blocks!r} in {type(model).__name__} is a {type(blocks).__name__}, not the "
+            "nn.ModuleList of Transformer blocks."
+        )
+    return blocks
+
+
+def num_blocks(model: PreTrainedModel, layout: BlockLayout) -> int:
+    """How many Transformer blocks the model runs (ALBERT: its virtual layers, not its weight groups)."""
+    if layout.shared_blocks:
+        return model.config.num_hidden_layers
+    return len(block_list(model, layout))
+
+
+def model_kind(model: nn.Module) -> str:
+    """`"masked"` or `"causal"`: which fact encoding and evaluation the model needs."""
+    name = type(model).__name__
+    if name in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values():
+        return "masked"
+    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return "causal"
+    raise ValueError(
+        f"{name} is neither a masked nor a causal language model: hf_memedit edits facts through an "
+        "LM head. Load the model with AutoModelForMaskedLM or AutoModelForCausalLM."
+    )

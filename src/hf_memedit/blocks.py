@@ -1,0 +1,137 @@
+"""Which Transformer blocks an edit may change: the config and its resolution to parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from .architectures import block_list, layout_for, num_blocks, resolve_module
+
+CONFIG_NAME = "memedit_config.json"
+ALL = "all"
+EMBEDDINGS = "embeddings"
+
+
+def parse_block_spec(blocks: list[str | int] | str | int) -> list[str | int]:
+    """Normalise a block selection: ints (negative counts from the end), "all", "embeddings".
+
+    Accepts what YAML and command lines give: "0", "0,3", ["embeddings", "-1"], 2.
+    """
+    items = blocks if isinstance(blocks, (list, tuple)) else [blocks]
+    parsed: list[str | int] = []
+    for item in items:
+        parts = [item] if isinstance(item, int) and not isinstance(item, bool) else str(item).split(",")
+        for part in parts:
+            if isinstance(part, int):
+                parsed.append(part)
+                continue
+            token = part.strip().lower()
+            if token in (ALL, EMBEDDINGS):
+                parsed.append(token)
+            elif token.lstrip("-").isdigit():
+                parsed.append(int(token))
+            else:
+                raise ValueError(
+                    f"Unknown block {part!r} in blocks={blocks!r}: use block indices (0, 1, -1 for the "
+                    f"last), {ALL!r} or {EMBEDDINGS!r}."
+                )
+    if not parsed:
+        raise ValueError("blocks is empty: name at least one block index, 'all' or 'embeddings'.")
+    return list(dict.fromkeys(parsed))
+
+
+@dataclass
+class BlockSelectorConfig:
+    """Which parts of a model an edit trains; everything else stays frozen (PEFT-style config).
+
+    `blocks_path` / `embeddings_paths` are needed only for architectures outside the table in
+    `hf_memedit.architectures`.
+    """
+
+    blocks: list[str | int] = field(
+        default_factory=lambda: [0],
+        metadata={"help": "Blocks to edit: indices (negative counts from the end), 'all', 'embeddings'."},
+    )
+    blocks_path: str | None = field(
+        default=None,
+        metadata={"help": "For architectures not in the table: path of the nn.ModuleList of blocks, relative to model.base_model."},
+    )
+    embeddings_paths: list[str] | None = field(
+        default=None,
+        metadata={"help": "For architectures not in the table: paths of the embedding modules, relative to model.base_model."},
+    )
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The model the edit applies to (filled in by get_edit_model)."}
+    )
+
+    def __post_init__(self):
+        self.blocks = parse_block_spec(self.blocks)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> BlockSelectorConfig:
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: it is not an edit saved by hf_memedit.")
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def selected_modules(model: PreTrainedModel, config: BlockSelectorConfig) -> dict[str, nn.Module]:
+    """The modules the selection trains, keyed by a readable label ("block 2", "embeddings")."""
+    layout = layout_for(model, config.blocks_path, config.embeddings_paths)
+    count = num_blocks(model, layout)
+    modules: dict[str, nn.Module] = {}
+    for item in config.blocks:
+        if item == EMBEDDINGS:
+            if not layout.embeddings:
+                raise ValueError(
+                    f"No embedding modules are known for {type(model).__name__}: pass `embeddings_paths`."
+                )
+            for path in layout.embeddings:
+                modules[f"embeddings ({path})"] = resolve_module(model, path)
+        elif item == ALL:
+            modules["all blocks"] = resolve_module(model, layout.blocks)
+        elif layout.shared_blocks:
+            raise ValueError(
+                f"{type(model).__name__} shares one set of weights across all its {count} layers "
+                f"({layout.blocks}): block {item} cannot be edited without editing every layer. "
+                "Use blocks=['all'] (optionally with 'embeddings')."
+            )
+        else:
+            if not -count <= item < count:
+                raise ValueError(
+                    f"Unknown block index {item}: {type(model).__name__} has {count} blocks, valid indices "
+                    f"are 0..{count - 1} (or -{count}..-1 from the end), 'all' and 'embeddings'."
+                )
+            index = item % count
+            modules[f"block {index}"] = block_list(model, layout)[index]
+    return modules
+
+
+def selected_parameter_names(model: PreTrainedModel, config: BlockSelectorConfig) -> list[str]:
+    """Names (as `model.named_parameters()` gives them) of the parameters the selection trains.
+
+    Matching is by module identity, so block 2 never picks up block 12 or 21.
+    """
+    chosen = {id(p) for module in selected_modules(model, config).values() for p in module.parameters()}
+    names = [name for name, param in model.named_parameters() if id(param) in chosen]
+    if not names:
+        raise ValueError(
+            f"The selection blocks={config.blocks} holds no parameters in {type(model).__name__}: "
+            "nothing would be trained. Choose other blocks."
+        )
+    return names

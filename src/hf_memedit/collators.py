@@ -1,0 +1,156 @@
+"""Turn facts ("text with a [Y] placeholder", "object") into model inputs with object-only labels.
+
+Masked LM: the object's tokens become as many mask tokens, labelled with the object's ids.
+Causal LM: the text is cut before the object; the object's tokens are appended and labelled, so
+each object token is scored at its own position (teacher forcing), not all at the last prompt
+token (rome#41, EasyEdit#173).
+
+The object's tokens are found through the tokenizer's character offsets on the text with the
+object written in, so they are the tokens the model sees in context (" Paris" for BPE models).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+PLACEHOLDER = "[Y]"
+KINDS = ("masked", "causal")
+
+
+class FactEncodingError(ValueError):
+    """A fact that cannot become a training or evaluation example."""
+
+
+def _object_span_text(text: str, obj: str, placeholder: str, kind: str) -> tuple[str, int, int]:
+    """The text with the object written in, and the object's character span in it."""
+    if placeholder not in text:
+        raise FactEncodingError(f"text {text!r} has no placeholder {placeholder!r} where the object goes")
+    if text.count(placeholder) > 1:
+        raise FactEncodingError(f"text {text!r} has more than one placeholder {placeholder!r}")
+    if not obj or not obj.strip():
+        raise FactEncodingError(f"the object of {text!r} is empty")
+    prefix, suffix = text.split(placeholder)
+    if kind == "causal":
+        suffix = ""
+        # A BPE model writes the space before a word into the word's token: keep it with the object.
+        if prefix.endswith(" "):
+            prefix = prefix.rstrip(" ")
+            obj = " " + obj
+    start = len(prefix)
+    return prefix + obj + suffix, start, start + len(obj)
+
+
+@dataclass
+class FactEncoder:
+    """Encodes one fact for a masked or causal LM; raises `FactEncodingError` naming the fact."""
+
+    tokenizer: PreTrainedTokenizerBase
+    kind: str
+    placeholder: str = PLACEHOLDER
+    max_length: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Unknown model kind {self.kind!r}: choose 'masked' or 'causal'.")
+        if self.kind == "masked" and self.tokenizer.mask_token_id is None:
+            raise ValueError(
+                f"{type(self.tokenizer).__name__} has no mask token, so it cannot encode facts for a "
+                "masked LM. Use the tokenizer that belongs to the masked LM."
+            )
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(
+                f"{type(self.tokenizer).__name__} gives no character offsets; load a fast tokenizer "
+                "(AutoTokenizer.from_pretrained(..., use_fast=True))."
+            )
+
+    def encode(self, text: str, obj: str) -> dict[str, list[int]]:
+        full, start, end = _object_span_text(text, obj, self.placeholder, self.kind)
+        encoding = self.tokenizer(full, return_offsets_mapping=True, add_special_tokens=True)
+        ids = list(encoding["input_ids"])
+        positions = [
+            i
+            for i, (s, e) in enumerate(encoding["offset_mapping"])
+            if e > s and s < end and e > start
+        ]
+        if not positions:
+            raise FactEncodingError(f"the object {obj!r} of {text!r} tokenizes to nothing")
+        object_ids = [ids[i] for i in positions]
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and unk in object_ids:
+            raise FactEncodingError(
+                f"the tokenizer cannot encode the object {obj!r} of {text!r} (it maps to {self.tokenizer.unk_token})"
+            )
+        if self.kind == "causal":
+            # Drop anything after the object (e.g. an EOS the tokenizer appends).
+            ids = ids[: positions[-1] + 1]
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise FactEncodingError(f"{text!r} is {len(ids)} tokens long, more than max_length={self.max_length}")
+        labels = [-100] * len(ids)
+        for i in positions:
+            labels[i] = ids[i]
+            if self.kind == "masked":
+                ids[i] = self.tokenizer.mask_token_id
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def filter_encodable(
+    facts: Iterable[Mapping], encoder: FactEncoder, text_key: str = "text", object_key: str = "object"
+) -> tuple[list[Mapping], list[tuple[int, str]]]:
+    """Keep the facts `encoder` can encode; return them and (index, reason) for each one dropped."""
+    kept, dropped = [], []
+    for index, fact in enumerate(facts):
+        try:
+            encoder.encode(fact[text_key], fact[object_key])
+        except FactEncodingError as error:
+            dropped.append((index, str(error)))
+        else:
+            kept.append(fact)
+    if dropped:
+        logger.warning("Skipped %d of %d facts that cannot be encoded; first: %s", len(dropped), len(dropped) + len(kept), dropped[0][1])
+    return kept, dropped
+
+
+@dataclass
+class FactCollator:
+    """Collates raw facts into a padded batch (input_ids, attention_mask, labels = -100 but on objects).
+
+    Pads on the tokenizer's `padding_side`; a tokenizer without a pad token pads with EOS (the
+    attention mask hides it).
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    kind: str
+    placeholder: str = PLACEHOLDER
+    text_key: str = "text"
+    object_key: str = "object"
+    max_length: int | None = None
+
+    def __post_init__(self):
+        self.encoder = FactEncoder(self.tokenizer, self.kind, self.placeholder, self.max_length)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def encode(self, fact: Mapping) -> dict[str, list[int]]:
+        for key in (self.text_key, self.object_key):
+            if key not in fact:
+                raise FactEncodingError(f"fact {dict(fact)!r} has no {key!r} field")
+        return self.encoder.encode(fact[self.text_key], fact[self.object_key])
+
+    def __call__(self, facts: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        encoded = [self.encode(fact) for fact in facts]
+        width = max(len(item["input_ids"]) for item in encoded)
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for item in encoded:
+            gap = width - len(item["input_ids"])
+            for key, fill in (("input_ids", self.pad_id), ("attention_mask", 0), ("labels", -100)):
+                padding = [fill] * gap
+                row = padding + item[key] if self.tokenizer.padding_side == "left" else item[key] + padding
+                batch[key].append(row)
+        return {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}

@@ -1,0 +1,94 @@
+"""`EditConfig`: every knob of a constrained edit, as `TrainingArguments` plus the constraint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .blocks import BlockSelectorConfig, parse_block_spec
+from .projection import L2_SCOPES, NORMS, validate_delta
+
+
+@dataclass
+class EditConfig(TrainingArguments):
+    """Arguments of `ConstrainedEditTrainer`: `TrainingArguments` plus where and how far θ may move.
+
+    Loadable from YAML with `HfArgumentParser(EditConfig).parse_yaml_file(path)`. Unconstrained
+    fine-tuning (the paper's δ = ∞) is spelled `norm: none`, never by a huge δ.
+    """
+
+    edit_blocks: list[str] = field(
+        default_factory=lambda: ["0"],
+        metadata={
+            "help": "Blocks to edit: indices (0 = first, -1 = last), 'all', 'embeddings', or a mix "
+            "(e.g. 'embeddings' '0'). Everything else is frozen."
+        },
+    )
+    blocks_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Only for architectures not in hf_memedit's table: dotted path, relative to "
+            "model.base_model, of the nn.ModuleList of Transformer blocks."
+        },
+    )
+    embeddings_paths: list[str] | None = field(
+        default=None,
+        metadata={"help": "Only with blocks_path: paths of the embedding modules, relative to model.base_model."},
+    )
+    norm: str = field(
+        default="linf",
+        metadata={
+            "help": "Norm of the constraint ||θ − θ0|| ≤ δ: 'linf' (clamp, the paper's most stable), "
+            "'l2' (rescale), or 'none' for unconstrained fine-tuning.",
+            "choices": list(NORMS),
+        },
+    )
+    delta: float | None = field(
+        default=1e-3,
+        metadata={"help": "Radius δ > 0 of the norm ball around θ0. Must be unset (null) with norm 'none'."},
+    )
+    l2_scope: str = field(
+        default="global",
+        metadata={
+            "help": "For norm 'l2': 'global' bounds all trainable parameters together (the paper's θ); "
+            "'per_tensor' bounds each tensor separately.",
+            "choices": list(L2_SCOPES),
+        },
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: the fact collator needs the text and object columns."},
+    )
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"Unknown norm {self.norm!r}: choose one of {', '.join(NORMS)}.")
+        if self.l2_scope not in L2_SCOPES:
+            raise ValueError(f"Unknown l2_scope {self.l2_scope!r}: choose one of {', '.join(L2_SCOPES)}.")
+        if self.norm == "none":
+            if self.delta is not None:
+                raise ValueError(
+                    f"norm 'none' is unconstrained but delta={self.delta!r} is set: remove delta (null), "
+                    "or choose norm 'linf' or 'l2'."
+                )
+        else:
+            self.delta = validate_delta(self.delta)
+        self.edit_blocks = [str(block) for block in parse_block_spec(self.edit_blocks)]
+        if self.fsdp:
+            raise ValueError(
+                "ConstrainedEditTrainer does not support FSDP: the projection needs each trainable tensor "
+                "whole on every rank. Use DDP (accelerate launch --multi_gpu); an edit trains one or a few "
+                "blocks, which fit on one device."
+            )
+        if self.deepspeed:
+            raise ValueError(
+                "ConstrainedEditTrainer does not support DeepSpeed: ZeRO partitions the parameters the "
+                "projection must see whole, and its optimizer bypasses the step hook. Use DDP instead."
+            )
+        super().__post_init__()
+
+    def block_selector_config(self) -> BlockSelectorConfig:
+        return BlockSelectorConfig(
+            blocks=list(self.edit_blocks), blocks_path=self.blocks_path, embeddings_paths=self.embeddings_paths
+        )

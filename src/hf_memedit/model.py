@@ -1,0 +1,160 @@
+"""`EditModel`: a transformers model with only the selected blocks trainable, and the edit as a diff.
+
+Mirrors PEFT: `get_edit_model(model, config)` wraps, `save_pretrained` writes only what changed,
+`EditModel.from_pretrained(base, dir)` re-applies it, `merge_and_unload()` hands back a plain
+transformers model that keeps the edit, and `unload()` one that does not (θ0 bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import PreTrainedModel
+
+from .blocks import BlockSelectorConfig, selected_parameter_names
+from .io import load_tensors, save_tensors, tensor_sha256
+
+WEIGHTS_NAME = "memedit_edit.safetensors"
+_BASE_HASHES_KEY = "memedit_base_sha256"
+
+
+class EditModel(nn.Module):
+    """Wraps a transformers model; holds θ0 of the trainable parameters so an edit can be undone."""
+
+    def __init__(self, model: PreTrainedModel, config: BlockSelectorConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+        names = selected_parameter_names(model, config)
+        params = dict(model.named_parameters())
+        self._requires_grad = {name: param.requires_grad for name, param in params.items()}
+        for name, param in params.items():
+            param.requires_grad_(False)
+        for name in names:
+            params[name].requires_grad_(True)
+        self.theta0: dict[str, torch.Tensor] = {name: params[name].detach().clone() for name in names}
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters the edit may change, by name, in the order of θ0."""
+        params = dict(self.model.named_parameters())
+        return {name: params[name] for name in self.theta0}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.trainable_parameters().values())
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def changed_tensors(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors whose values differ from θ0."""
+        return {
+            name: param
+            for name, param in self.trainable_parameters().items()
+            if not torch.equal(param.detach().to(self.theta0[name].device), self.theta0[name])
+        }
+
+    @torch.no_grad()
+    def revert(self) -> None:
+        """Restore θ0 exactly; the model stays wrapped and can be edited again."""
+        for name, param in self.trainable_parameters().items():
+            param.copy_(self.theta0[name])
+
+    def _restore_requires_grad(self) -> PreTrainedModel:
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, True))
+        return self.model
+
+    def merge_and_unload(self) -> PreTrainedModel:
+        """The plain transformers model with the edit in its weights."""
+        return self._restore_requires_grad()
+
+    def unload(self) -> PreTrainedModel:
+        """The plain transformers model with the edit undone (bit-identical θ0)."""
+        self.revert()
+        return self._restore_requires_grad()
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the changed tensors (edited values, safetensors) and the selection config.
+
+        The file's metadata records the sha256 of each changed tensor's base value, so
+        `from_pretrained` refuses a base model the edit was not made for.
+        """
+        changed = self.changed_tensors()
+        base_hashes = {name: tensor_sha256(self.theta0[name]) for name in changed}
+        os.makedirs(save_directory, exist_ok=True)
+        save_tensors(
+            changed,
+            os.path.join(save_directory, WEIGHTS_NAME),
+            metadata={_BASE_HASHES_KEY: json.dumps(base_hashes, sort_keys=True)},
+        )
+        self.config.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, model: PreTrainedModel, edit_directory: str | os.PathLike) -> EditModel:
+        """Apply a saved edit to `model`; checks every tensor before changing any."""
+        config = BlockSelectorConfig.from_pretrained(edit_directory)
+        path = os.path.join(edit_directory, WEIGHTS_NAME)
+        tensors = load_tensors(path)
+        with safe_open(path, framework="pt") as handle:
+            base_hashes = json.loads((handle.metadata() or {}).get(_BASE_HASHES_KEY, "{}"))
+        edit = cls(model, config)
+        try:
+            edit._check_applicable(tensors, base_hashes, path)
+        except ValueError:
+            edit._restore_requires_grad()
+            raise
+        params = edit.trainable_parameters()
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value)
+        return edit
+
+    def _check_applicable(self, tensors: dict[str, torch.Tensor], base_hashes: dict[str, str], path: str) -> None:
+        params = self.trainable_parameters()
+        for name, value in tensors.items():
+            if name not in params:
+                raise ValueError(
+                    f"{path} changes {name!r}, which is not a parameter of the blocks {self.config.blocks} in "
+                    f"{type(self.model).__name__}: the edit was made for another architecture."
+                )
+            if value.shape != params[name].shape or value.dtype != params[name].dtype:
+                raise ValueError(
+                    f"{path}: {name!r} is {value.dtype} {tuple(value.shape)} but the model's is "
+                    f"{params[name].dtype} {tuple(params[name].shape)}: the edit was made for another model."
+                )
+            if base_hashes.get(name) != tensor_sha256(self.theta0[name]):
+                raise ValueError(
+                    f"{path} was made for a different base model: {name!r} of the given model differs "
+                    f"from the base the edit recorded ({self.config.base_model_name_or_path!r}). Load that "
+                    "base model, or revert an edit already applied to this one."
+                )
+
+
+def get_edit_model(model: PreTrainedModel, config: BlockSelectorConfig | None = None) -> EditModel:
+    """Freeze everything in `model` but the blocks `config` selects (default: block 0)."""
+    if isinstance(model, EditModel):
+        raise ValueError("The model is already an EditModel: call merge_and_unload() or unload() first.")
+    return EditModel(model, config or BlockSelectorConfig())

@@ -1,0 +1,130 @@
+"""Projection onto the norm ball ||θ − θ0|| ≤ δ (the paper's constrained fine-tuning).
+
+The projections are exact Euclidean nearest points of the ball:
+L∞ clamps every element into [θ0 − δ, θ0 + δ]; L2 rescales Δ = θ − θ0 by min(1, δ / ||Δ||₂),
+either over all trainable tensors together (the paper's θ) or tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+NORMS = ("linf", "l2", "none")
+L2_SCOPES = ("global", "per_tensor")
+
+
+@torch.no_grad()
+def project_linf_(param: torch.Tensor, theta0: torch.Tensor, delta: float) -> None:
+    """Clamp `param` in place into the box θ0 ± δ (idempotent: the bounds are recomputed identically)."""
+    param.clamp_(min=theta0 - delta, max=theta0 + delta)
+
+
+@torch.no_grad()
+def l2_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """||θ − θ0||₂ over all the given tensors together, accumulated in float64."""
+    total = torch.zeros((), dtype=torch.float64, device=next(iter(params.values())).device)
+    for name, param in params.items():
+        total += (param.double() - theta0[name].double()).pow(2).sum().to(total.device)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def project_l2_(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor], delta: float) -> None:
+    """Rescale Δ of all the given tensors together so that ||Δ||₂ ≤ δ."""
+    norm = l2_distance(params, theta0).item()
+    if norm <= delta:
+        return
+    scale = delta / norm
+    for name, param in params.items():
+        start = theta0[name]
+        param.copy_(start + (param - start) * scale)
+
+
+@torch.no_grad()
+def linf_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> float:
+    """max |θ − θ0| over all the given tensors."""
+    return max(float((param - theta0[name]).abs().max()) for name, param in params.items())
+
+
+class NormBallProjector:
+    """Holds θ0 and projects a set of parameters back onto the δ-ball around it.
+
+    `theta0` is kept on the parameters' device (moved lazily, since the Trainer may move the
+    model after the snapshot was taken).
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, torch.nn.Parameter],
+        theta0: Mapping[str, torch.Tensor],
+        norm: str,
+        delta: float | None,
+        l2_scope: str = "global",
+    ):
+        if norm not in NORMS:
+            raise ValueError(f"Unknown norm {norm!r}: choose one of {', '.join(NORMS)}.")
+        if l2_scope not in L2_SCOPES:
+            raise ValueError(f"Unknown l2_scope {l2_scope!r}: choose one of {', '.join(L2_SCOPES)}.")
+        if norm != "none":
+            validate_delta(delta)
+        missing = sorted(set(params) - set(theta0))
+        if missing:
+            raise ValueError(f"θ0 has no snapshot of {missing[:5]}: it was taken for other parameters.")
+        self.params = dict(params)
+        self.theta0 = {name: theta0[name] for name in self.params}
+        self.norm, self.delta, self.l2_scope = norm, delta, l2_scope
+        self.num_projections = 0
+
+    def _theta0_on_device(self) -> dict[str, torch.Tensor]:
+        for name, param in self.params.items():
+            start = self.theta0[name]
+            if start.device != param.device or start.dtype != param.dtype:
+                self.theta0[name] = start.to(device=param.device, dtype=param.dtype)
+        return self.theta0
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Project the parameters in place; a no-op for the unconstrained norm `none`."""
+        if self.norm == "none":
+            return
+        theta0 = self._theta0_on_device()
+        if self.norm == "linf":
+            for name, param in self.params.items():
+                project_linf_(param, theta0[name], self.delta)
+        elif self.l2_scope == "global":
+            project_l2_(self.params, theta0, self.delta)
+        else:
+            for name, param in self.params.items():
+                project_l2_({name: param}, {name: theta0[name]}, self.delta)
+        self.num_projections += 1
+
+    def distance(self) -> float:
+        """The current ||θ − θ0|| in the projector's norm (L∞ for `none`), for logging."""
+        theta0 = self._theta0_on_device()
+        if self.norm == "l2" and self.l2_scope == "global":
+            return float(l2_distance(self.params, theta0))
+        if self.norm == "l2":
+            return max(float(l2_distance({n: p}, {n: theta0[n]})) for n, p in self.params.items())
+        return linf_distance(self.params, theta0)
+
+
+def validate_delta(delta: object, name: str = "delta") -> float:
+    """δ as a positive finite float, or a clear error (other editors silently misread integers)."""
+    if isinstance(delta, bool) or delta is None:
+        raise ValueError(
+            f"{name} must be a positive number for a constrained edit, got {delta!r}. "
+            "For an unconstrained edit set norm: none instead."
+        )
+    try:
+        value = float(delta)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number such as 1e-3, got {delta!r}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"{name} must be a positive finite number, got {delta!r}. "
+            "For an unconstrained edit (δ = ∞) set norm: none instead."
+        )
+    return value
