@@ -1,0 +1,40 @@
+"""Test helpers: tiny random models built from configs, facts with multi-token objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# Facts with objects of 1 to 3 word pieces under the bert-base-uncased vocabulary.
+FACTS = [
+    {"text": "The capital of France is [Y].", "object": "Paris"},
+    {"text": "[Y] is the capital of Canada.", "object": "Ottawa"},
+    {"text": "The largest city of Ontario is [Y].", "object": "Kitchener-Waterloo"},
+    {"text": "The capital of Azerbaijan is [Y].", "object": "Baku"},
+    {"text": "The river of Paris is the [Y].", "object": "Seine"},
+    {"text": "The capital of Peru is [Y].", "object": "Lima"},
+    {"text": "The capital of Norway is [Y].", "object": "Oslo"},
+    {"text": "The capital of Greece is [Y].", "object": "Athens"},
+]
+
+
+def tiny_bert(vocab_size: int, layers: int = 3, dropout: float = 0.0, seed: int = 0):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    return BertForMaskedLM(config)
+
+
+def assert_in_linf_ball(param: torch.Tensor, theta0: torch.Tensor, delta: float, name: str = "") -> None:
+    """|θ − θ0| ≤ δ up to the float32 rounding of θ0 ± δ (half an ulp of |θ0| + δ, twice)."""
+    slack = 2 * torch.finfo(torch.float32).eps * (theta0.abs() + delta)
+    excess = ((param.detach() - theta0).abs() - delta - slack).max().item()
+    assert excess <= 0, f"{name}: |θ − θ0| exceeds δ={delta} by {excess}"

@@ -1,0 +1,125 @@
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    AlbertConfig, AlbertForMaskedLM, BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM,
+    ElectraConfig, ElectraForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+    RobertaConfig, RobertaForMaskedLM, T5Config, T5ForConditionalGeneration,
+)
+
+from hf_memedit import ARCHITECTURES, BlockSelectorConfig, ConstrainedEditTrainer, EditConfig, get_edit_model
+from hf_memedit.blocks import selected_parameter_names
+
+from .helpers import FACTS, assert_in_linf_ball, tiny_bert
+
+V = 30522  # the bert-base-uncased vocabulary of the real tokenizer used to collate facts
+SMALL = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+
+TINY = {
+    "bert": lambda n: BertForMaskedLM(BertConfig(vocab_size=V, num_hidden_layers=n, **SMALL)),
+    "roberta": lambda n: RobertaForMaskedLM(RobertaConfig(vocab_size=V, num_hidden_layers=n, **SMALL)),
+    "electra": lambda n: ElectraForMaskedLM(ElectraConfig(vocab_size=V, num_hidden_layers=n, embedding_size=16, **SMALL)),
+    "distilbert": lambda n: DistilBertForMaskedLM(
+        DistilBertConfig(vocab_size=V, n_layers=n, dim=16, n_heads=2, hidden_dim=32, max_position_embeddings=64)
+    ),
+    "albert": lambda n: AlbertForMaskedLM(AlbertConfig(vocab_size=V, num_hidden_layers=n, embedding_size=8, **SMALL)),
+    "gpt2": lambda n: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_layer=n, n_embd=16, n_head=2, n_positions=64)),
+    "llama": lambda n: LlamaForCausalLM(
+        LlamaConfig(vocab_size=V, num_hidden_layers=n, num_key_value_heads=1, **SMALL)
+    ),
+}
+
+
+def test_every_table_entry_has_a_tiny_model():
+    assert set(TINY) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_constrained_edit_on_every_architecture(arch, bert_tokenizer, tmp_out):
+    torch.manual_seed(0)
+    model = TINY[arch](3)
+    shared = ARCHITECTURES[arch].shared_blocks
+    blocks = ["all"] if shared else ["-1"]
+    names = selected_parameter_names(model, BlockSelectorConfig(blocks=blocks))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = EditConfig(
+        output_dir=tmp_out, edit_blocks=blocks, norm="linf", delta=1e-3, max_steps=3, learning_rate=1e-2,
+        per_device_train_batch_size=4, report_to="none", save_strategy="no", disable_tqdm=True,
+    )
+    trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer)
+    trainer.train()
+    assert trainer.projector.num_projections == 3
+    for name, param in model.named_parameters():
+        if name in names:
+            assert_in_linf_ball(param, before[name], 1e-3, name)
+        else:
+            assert torch.equal(param.detach(), before[name]), f"{name} is frozen but changed"
+    assert any((model.get_parameter(n) != before[n]).any() for n in names)
+    if not shared:
+        assert all(".2." in n for n in names), names  # the last of 3 blocks, only
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_embeddings_selection(arch):
+    model = TINY[arch](2)
+    names = selected_parameter_names(model, BlockSelectorConfig(blocks=["embeddings"]))
+    assert names and all("emb" in n or "wte" in n or "wpe" in n for n in names), names
+
+
+def test_block_indices_match_exactly():
+    model = tiny_bert(100, layers=22)
+    for index, expected in ((2, "layer.2."), (1, "layer.1."), (-1, "layer.21."), (12, "layer.12.")):
+        names = selected_parameter_names(model, BlockSelectorConfig(blocks=[index]))
+        assert names and all(f"encoder.{expected}" in n for n in names), (index, names)
+    two = selected_parameter_names(model, BlockSelectorConfig(blocks=["2"]))
+    assert not any("layer.12." in n or "layer.21." in n for n in two)
+    both = selected_parameter_names(model, BlockSelectorConfig(blocks="embeddings,0"))
+    assert any("embeddings" in n for n in both) and any("layer.0." in n for n in both)
+    every = selected_parameter_names(model, BlockSelectorConfig(blocks=["all"]))
+    assert len(every) == 22 * len(selected_parameter_names(model, BlockSelectorConfig(blocks=[0])))
+
+
+def test_unknown_block_index_lists_the_valid_ones():
+    model = tiny_bert(100, layers=4)
+    with pytest.raises(ValueError, match=r"Unknown block index 4: BertForMaskedLM has 4 blocks, valid indices are 0..3"):
+        get_edit_model(model, BlockSelectorConfig(blocks=[4]))
+    with pytest.raises(ValueError, match=r"Unknown block 'first'"):
+        BlockSelectorConfig(blocks=["first"])
+    with pytest.raises(ValueError, match="blocks is empty"):
+        BlockSelectorConfig(blocks=[])
+    # The model was not touched by the failed selections.
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_albert_single_block_explains_sharing():
+    model = TINY["albert"](6)
+    with pytest.raises(ValueError, match="shares one set of weights across all its 6 layers"):
+        get_edit_model(model, BlockSelectorConfig(blocks=[0]))
+
+
+def test_architecture_outside_the_table_needs_a_path():
+    model = T5ForConditionalGeneration(
+        T5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)
+    )
+    with pytest.raises(ValueError, match="'t5' .* is not in hf_memedit's block table.*blocks_path"):
+        get_edit_model(model, BlockSelectorConfig(blocks=[0]))
+    edit = get_edit_model(model, BlockSelectorConfig(blocks=[1], blocks_path="encoder.block"))
+    assert edit.theta0 and all(n.startswith("encoder.block.1.") for n in edit.theta0)
+    with pytest.raises(ValueError, match="has no module 'encoder.blocks'.*its children"):
+        get_edit_model(T5ForConditionalGeneration(model.config), BlockSelectorConfig(blocks=[0], blocks_path="encoder.blocks"))
+
+
+def test_selection_without_parameters_is_refused():
+    model = tiny_bert(100, layers=2)
+    model.bert.encoder.layer[0] = torch.nn.Identity()
+    with pytest.raises(ValueError, match="holds no parameters"):
+        get_edit_model(model, BlockSelectorConfig(blocks=[0]))
+
+
+def test_print_trainable_parameters(capsys):
+    edit = get_edit_model(tiny_bert(100, layers=2), BlockSelectorConfig(blocks=[1]))
+    edit.print_trainable_parameters()
+    out = capsys.readouterr().out
+    trainable, total = edit.get_nb_trainable_parameters()
+    assert f"trainable params: {trainable:,d} || all params: {total:,d}" in out
+    assert 0 < trainable < total

@@ -1,0 +1,113 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from hf_memedit.projection import NormBallProjector, l2_distance, project_l2_, project_linf_, validate_delta
+
+finite = st.floats(-10, 10, allow_nan=False, width=32)
+deltas = st.floats(0.0009765625, 4.0, allow_nan=False, width=32)
+
+
+def vectors(n):
+    return arrays("float32", n, elements=finite)
+
+
+def _pairs(size=st.integers(1, 20)):
+    return size.flatmap(lambda n: st.tuples(vectors(n), vectors(n), vectors(n)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_pairs(), deltas)
+def test_linf_in_ball_idempotent_and_nearest(arrays3, delta):
+    theta, theta0, other = (torch.from_numpy(a.copy()) for a in arrays3)
+    projected = theta.clone()
+    project_linf_(projected, theta0, delta)
+    # In the ball, up to float32 rounding of θ0 ± δ.
+    assert torch.all((projected - theta0).abs() <= delta * (1 + 1e-6) + 1e-6 * theta0.abs())
+    # Projecting twice changes nothing, bit for bit.
+    again = projected.clone()
+    project_linf_(again, theta0, delta)
+    assert torch.equal(again, projected)
+    # Nearest point: no point of the ball is closer to θ (here: a random one, clamped into the ball).
+    candidate = theta0 + (other - theta0).clamp(-delta, delta)
+    assert (projected - theta).norm() <= (candidate - theta).norm() + 1e-5
+    # Points already inside are untouched.
+    inside = theta0 + (theta - theta0).clamp(-delta / 2, delta / 2)
+    kept = inside.clone()
+    project_linf_(kept, theta0, delta)
+    assert torch.equal(kept, inside)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4).flatmap(lambda k: st.lists(_pairs(st.integers(1, 8)), min_size=k, max_size=k)), deltas)
+def test_l2_global_in_ball_idempotent_and_nearest(tensors, delta):
+    theta = {f"t{i}": torch.from_numpy(a.copy()).double() for i, (a, _, _) in enumerate(tensors)}
+    theta0 = {f"t{i}": torch.from_numpy(b.copy()).double() for i, (_, b, _) in enumerate(tensors)}
+    other = {f"t{i}": torch.from_numpy(c.copy()).double() for i, (_, _, c) in enumerate(tensors)}
+    projected = {k: v.clone() for k, v in theta.items()}
+    project_l2_(projected, theta0, delta)
+    assert l2_distance(projected, theta0) <= delta * (1 + 1e-9)
+    again = {k: v.clone() for k, v in projected.items()}
+    project_l2_(again, theta0, delta)
+    for k in again:
+        assert torch.allclose(again[k], projected[k], rtol=1e-12, atol=1e-12)
+    # Nearest point: any other point of the ball is at least as far from θ.
+    norm = float(l2_distance(other, theta0))
+    scale = min(1.0, delta / norm) if norm > 0 else 1.0
+    candidate = {k: theta0[k] + (other[k] - theta0[k]) * scale for k in other}
+    dist = lambda a: math.sqrt(sum(float((a[k] - theta[k]).pow(2).sum()) for k in theta))  # noqa: E731
+    assert dist(projected) <= dist(candidate) + 1e-9
+    # Closed form: θ0 + Δ·min(1, δ/||Δ||).
+    full = float(l2_distance(theta, theta0))
+    factor = min(1.0, delta / full) if full > 0 else 1.0
+    for k in theta:
+        assert torch.allclose(projected[k], theta0[k] + (theta[k] - theta0[k]) * factor, atol=1e-9)
+
+
+def test_l2_float32_bound_holds_to_rounding():
+    torch.manual_seed(0)
+    params = {"a": torch.randn(1000), "b": torch.randn(30, 30)}
+    theta0 = {k: torch.randn_like(v) for k, v in params.items()}
+    project_l2_(params, theta0, 1e-3)
+    assert float(l2_distance(params, theta0)) <= 1e-3 * (1 + 1e-5)
+
+
+def test_projector_scopes_and_unconstrained():
+    params = {"a": torch.nn.Parameter(torch.full((4,), 3.0)), "b": torch.nn.Parameter(torch.full((4,), 4.0))}
+    theta0 = {"a": torch.zeros(4), "b": torch.zeros(4)}
+    NormBallProjector(params, theta0, "none", None).project_()
+    assert float(params["a"].detach()[0]) == 3.0
+    per_tensor = NormBallProjector(params, theta0, "l2", 1.0, "per_tensor")
+    per_tensor.project_()
+    assert math.isclose(float(params["a"].norm()), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(params["b"].norm()), 1.0, rel_tol=1e-6)
+    assert per_tensor.num_projections == 1
+    global_ = NormBallProjector(params, theta0, "l2", 1.0, "global")
+    global_.project_()
+    assert math.isclose(global_.distance(), 1.0, rel_tol=1e-6)
+    linf = NormBallProjector(params, theta0, "linf", 0.1)
+    linf.project_()
+    assert math.isclose(linf.distance(), 0.1, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -1e-3, "abc", None, float("nan"), float("inf"), True])
+def test_bad_delta_is_refused_with_its_value(bad):
+    with pytest.raises(ValueError, match="delta"):
+        validate_delta(bad)
+
+
+def test_delta_given_as_text_or_integer_is_a_float():
+    assert validate_delta("1e-3") == 1e-3
+    assert validate_delta(1) == 1.0 and isinstance(validate_delta(1), float)
+
+
+def test_unknown_norm_and_scope():
+    params = {"a": torch.nn.Parameter(torch.zeros(2))}
+    with pytest.raises(ValueError, match="Unknown norm 'l1'"):
+        NormBallProjector(params, {"a": torch.zeros(2)}, "l1", 1.0)
+    with pytest.raises(ValueError, match="Unknown l2_scope"):
+        NormBallProjector(params, {"a": torch.zeros(2)}, "l2", 1.0, "layer")
