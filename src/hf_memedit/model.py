@@ -28,7 +28,7 @@ class EditModel(nn.Module):
     def __init__(self, model: PreTrainedModel, config: BlockSelectorConfig):
         super().__init__()
         self.model = model
-        self.config = config
+        self.selector_config = config
         names = selected_parameter_names(model, config)
         params = dict(model.named_parameters())
         self._requires_grad = {name: param.requires_grad for name, param in params.items()}
@@ -110,7 +110,7 @@ class EditModel(nn.Module):
             os.path.join(save_directory, WEIGHTS_NAME),
             metadata={_BASE_HASHES_KEY: json.dumps(base_hashes, sort_keys=True)},
         )
-        self.config.save_pretrained(save_directory)
+        self.selector_config.save_pretrained(save_directory)
 
     @classmethod
     def from_pretrained(cls, model: PreTrainedModel, edit_directory: str | os.PathLike) -> EditModel:
@@ -137,7 +137,7 @@ class EditModel(nn.Module):
         for name, value in tensors.items():
             if name not in params:
                 raise ValueError(
-                    f"{path} changes {name!r}, which is not a parameter of the blocks {self.config.blocks} in "
+                    f"{path} changes {name!r}, which is not a parameter of the blocks {self.selector_config.blocks} in "
                     f"{type(self.model).__name__}: the edit was made for another architecture."
                 )
             if value.shape != params[name].shape or value.dtype != params[name].dtype:
@@ -148,7 +148,7 @@ class EditModel(nn.Module):
             if base_hashes.get(name) != tensor_sha256(self.theta0[name]):
                 raise ValueError(
                     f"{path} was made for a different base model: {name!r} of the given model differs "
-                    f"from the base the edit recorded ({self.config.base_model_name_or_path!r}). Load that "
+                    f"from the base the edit recorded ({self.selector_config.base_model_name_or_path!r}). Load that "
                     "base model, or revert an edit already applied to this one."
                 )
 

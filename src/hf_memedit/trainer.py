@@ -40,7 +40,8 @@ class ConstrainedEditTrainer(Trainer):
     override, so `create_optimizer` registers a torch `Optimizer.register_step_post_hook` on the
     optimizer it builds. That hook runs once per real `optimizer.step()` — after every Adam step,
     as the paper's projected Adam does — and never on gradient-accumulation micro-steps or on
-    steps the fp16 grad scaler skips (no step, no hook).
+    steps the fp16 grad scaler skips (no step, no hook; a fused optimizer that the scaler steps on
+    overflow reports it through `optimizer.found_inf`, and the hook skips those).
 
     θ0 is the snapshot `get_edit_model` took of the trainable parameters before any training or
     checkpoint loading; it is written into each checkpoint and read back on
@@ -90,9 +91,17 @@ class ConstrainedEditTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
         if optimizer is not self._hooked_optimizer:
-            optimizer.register_step_post_hook(lambda *_: self.projector.project_())
+            optimizer.register_step_post_hook(self._project_after_step)
             self._hooked_optimizer = optimizer
         return optimizer
+
+    def _project_after_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        # A fused optimizer under the fp16 grad scaler is stepped even on overflow and skips the
+        # update itself; the scaler then sets `optimizer.found_inf` for the duration of the step.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return
+        self.projector.project_()
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint:
