@@ -79,7 +79,7 @@ def test_projection_once_per_real_step_and_bound_holds(tmp_out, bert_tokenizer):
         assert_in_linf_ball(param, theta0[name], 1e-3, name)
     assert trainer.projector.distance() == pytest.approx(1e-3, rel=1e-3)  # the constraint is active
     logged = [entry["constraint_distance"] for entry in trainer.state.log_history if "constraint_distance" in entry]
-    assert len(logged) == 5 and all(0 < d <= 1e-3 * (1 + 1e-5) for d in logged)
+    assert len(logged) == 5 and all(0 < d <= 1e-3 + 1e-6 for d in logged)  # float32 rounding at |θ0| ≈ 1
 
 
 def test_l2_bound_holds_after_training(tmp_out, bert_tokenizer):
