@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+import torch
 
 from transformers import TrainingArguments
 
@@ -86,6 +89,10 @@ class EditConfig(TrainingArguments):
                 "ConstrainedEditTrainer does not support DeepSpeed: ZeRO partitions the parameters the "
                 "projection must see whole, and its optimizer bypasses the step hook. Use DDP instead."
             )
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # A multi-process launch on a machine without an accelerator: DDP over gloo on the CPU
+            # (transformers would otherwise run each process alone).
+            self.use_cpu = True
         super().__post_init__()
 
     def block_selector_config(self) -> BlockSelectorConfig:
