@@ -1,0 +1,125 @@
+"""Modified-facts benchmarks as `datasets` builders, one call to load them, and a parquet exporter.
+
+`datasets` ≥ 4 runs no loading scripts, so `load_dataset("memedit/trex_mod", m=128)` cannot
+exist. `load_benchmark("trex_mod", m=128)` is the one call; `export_benchmark` writes a folder
+of parquet files with `configs:` (m32, m128, ...) that `load_dataset(folder_or_repo, "m128")`
+reads, locally or as a Hub dataset repo.
+
+Splits: modified_train, modified_test, unmodified_train, unmodified_test (see `common`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+
+import datasets
+import yaml
+
+from . import common, geo, trex
+from .common import SPLITS, Fact, source_hash
+from .geo import GeoMod, GeoModConfig
+from .trex import TrexMod, TrexModConfig
+
+BUILDERS: dict[str, type[datasets.GeneratorBasedBuilder]] = {"trex_mod": TrexMod, "geo_mod": GeoMod}
+_READERS = {"trex_mod": lambda config: trex.read_trex(config.data_dir, config), "geo_mod": geo.geo_facts}
+_SOURCES = {"trex_mod": (common, trex), "geo_mod": (common, trex, geo)}
+_BASE_FIELDS = {f.name for f in dataclasses.fields(datasets.BuilderConfig)} - {"data_dir"}
+
+
+def _config_fields(name: str, m: int, seed: int, data_dir: str | None, options: dict) -> dict:
+    if name not in BUILDERS:
+        raise ValueError(f"Unknown benchmark {name!r}: choose one of {', '.join(sorted(BUILDERS))}.")
+    config_class = BUILDERS[name].BUILDER_CONFIG_CLASS
+    fields = {f.name: f.default for f in dataclasses.fields(config_class) if f.name not in _BASE_FIELDS}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields))}.")
+    fields.update(options, m=m, seed=seed, data_dir=data_dir)
+    for key in ("relations", "eligible_uuids"):
+        if fields.get(key) is not None:
+            fields[key] = tuple(sorted(fields[key]))
+    return fields
+
+
+def benchmark_facts(name: str, data_dir: str | None = None, **options) -> list[Fact]:
+    """Every fact of a benchmark before modification (for filtering by what a model knows)."""
+    fields = _config_fields(name, 1, 0, data_dir, options)
+    return _READERS[name](BUILDERS[name].BUILDER_CONFIG_CLASS(**fields))
+
+
+def known_uuids(facts: Sequence[Fact], model, tokenizer, batch_size: int = 64) -> tuple[str, ...]:
+    """The uuids of the facts `model` already predicts on their test phrasing (the authors' filter)."""
+    from ..architectures import model_kind
+    from ..collators import FactEncoder, filter_encodable
+    from ..evaluation import fact_predictions
+
+    rows = [{"uuid": f.uuid, "text": f.test_texts[0], "object": f.object} for f in facts if f.test_texts]
+    rows, _ = filter_encodable(rows, FactEncoder(tokenizer, model_kind(model)))
+    correct, _ = fact_predictions(model, tokenizer, rows, batch_size=batch_size, show_progress=True)
+    return tuple(sorted(row["uuid"] for row, ok in zip(rows, correct) if ok))
+
+
+def load_benchmark(
+    name: str,
+    m: int = 32,
+    seed: int = 0,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    model=None,
+    tokenizer=None,
+    **options,
+) -> datasets.DatasetDict:
+    """Build (or reuse from the cache) a benchmark with m modified facts.
+
+    With `model` and `tokenizer`, only facts the model already predicts may be modified. The
+    cache is keyed by every config field and a hash of the builders' code.
+    """
+    if model is not None:
+        if tokenizer is None:
+            raise ValueError("Filtering by a model's known facts needs its tokenizer too.")
+        options["eligible_uuids"] = known_uuids(benchmark_facts(name, data_dir, **options), model, tokenizer)
+    fields = _config_fields(name, m, seed, data_dir, options)
+    builder = BUILDERS[name](cache_dir=cache_dir, hash=source_hash(*_SOURCES[name]), **fields)
+    builder.download_and_prepare()
+    return builder.as_dataset()
+
+
+def export_benchmark(
+    name: str, folder: str, ms: Sequence[int] = (32, 128, 512), seed: int = 0, data_dir: str | None = None, **options
+) -> str:
+    """Write `folder/m{m}/{split}.parquet` and a README whose `configs:` lets
+    `load_dataset(folder, "m128")` read them; the folder pushes to the Hub as a dataset repo."""
+    target = os.path.abspath(folder)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(target) or ".")
+    configs = []
+    try:
+        for m in ms:
+            dataset = load_benchmark(name, m=m, seed=seed, data_dir=data_dir, **options)
+            for split in SPLITS:
+                os.makedirs(os.path.join(staging, f"m{m}"), exist_ok=True)
+                dataset[split].to_parquet(os.path.join(staging, f"m{m}", f"{split}.parquet"))
+            configs.append({
+                "config_name": f"m{m}",
+                "data_files": [{"split": split, "path": f"m{m}/{split}.parquet"} for split in SPLITS],
+            })
+        card = yaml.safe_dump({"configs": configs, "tags": ["knowledge-editing", "hf_memedit"]}, sort_keys=False)
+        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(f"---\n{card}---\n\n# {name}\n\nModified-facts benchmark exported by hf_memedit "
+                         f"(seed {seed}, options {options or 'default'}). Splits: {', '.join(SPLITS)}.\n")
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+__all__ = [
+    "BUILDERS", "GeoMod", "GeoModConfig", "SPLITS", "TrexMod", "TrexModConfig",
+    "benchmark_facts", "export_benchmark", "known_uuids", "load_benchmark",
+]

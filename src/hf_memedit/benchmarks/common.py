@@ -1,0 +1,171 @@
+"""What every modified-facts benchmark shares: the row schema, the split names, the paper's
+modification procedure, JSONL reading with errors that name the file and line, and the cache hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import datasets
+
+from ..collators import PLACEHOLDER
+
+logger = logging.getLogger(__name__)
+
+# The four splits of every benchmark.
+MODIFIED_TRAIN = "modified_train"  # training evidence of the m modified facts, with the new object
+MODIFIED_TEST = "modified_test"  # test phrasing of the modified facts, with the new object
+UNMODIFIED_TRAIN = "unmodified_train"  # training evidence of the other facts (FT, FTA)
+UNMODIFIED_TEST = "unmodified_test"  # test phrasing of the other facts (A_F\S)
+SPLITS = (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TRAIN, UNMODIFIED_TEST)
+
+FEATURES = datasets.Features(
+    {
+        "uuid": datasets.Value("string"),
+        "relation": datasets.Value("string"),
+        "subject": datasets.Value("string"),
+        "text": datasets.Value("string"),  # subject filled in, PLACEHOLDER where the object goes
+        "object": datasets.Value("string"),  # the new object for a modified fact
+        "original_object": datasets.Value("string"),
+    }
+)
+
+
+@dataclass
+class Fact:
+    """One (subject, relation, object) fact with its training and test phrasings."""
+
+    uuid: str
+    relation: str
+    subject: str
+    object: str
+    train_texts: list[str]
+    test_texts: list[str]
+
+
+@dataclass
+class ModBenchmarkConfig(datasets.BuilderConfig):
+    """Fields shared by the benchmark builders; every one of them keys the cache."""
+
+    m: int = field(default=32, metadata={"help": "How many facts to modify."})
+    seed: int = field(default=0, metadata={"help": "Seed of the modified facts and their new objects."})
+    eligible_uuids: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "Only these facts may be modified (e.g. those a model already predicts; see load_benchmark)."},
+    )
+
+
+def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[dict]:
+    """Yield the JSON objects of a JSONL file; a bad line raises an error naming file and line."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: malformed JSON ({error.msg}). Fix or remove that line.") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}.")
+            missing = [key for key in required if key not in record]
+            if missing:
+                raise ValueError(f"{path}, line {number}: missing field(s) {', '.join(missing)}.")
+            yield record
+
+
+def fill_subject(template: str, subject: str) -> str:
+    """A LAMA/ParaRel pattern with [X] = subject and the object placeholder left in."""
+    return template.replace("[X]", subject).replace("[Y]", PLACEHOLDER)
+
+
+def modify_facts(facts: list[Fact], m: int, seed: int, eligible_uuids: tuple[str, ...] | None) -> dict[str, str]:
+    """Choose m facts and their new objects, as the paper does; returns uuid -> new object.
+
+    New objects come from the same relation, weighted by how often each object occurs among the
+    relation's facts, never the original. Relations with a single distinct object cannot be
+    modified and are skipped (logged with a count).
+    """
+    if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
+        raise ValueError(f"m must be a positive number of facts to modify, got {m!r}.")
+    frequency: dict[str, Counter] = {}
+    for fact in facts:
+        frequency.setdefault(fact.relation, Counter())[fact.object] += 1
+    single = sorted(rel for rel, counts in frequency.items() if len(counts) < 2)
+    if single:
+        logger.warning("Relations with one distinct object cannot be modified, skipped: %s", ", ".join(single))
+    allowed = set(eligible_uuids) if eligible_uuids is not None else None
+    eligible = sorted(
+        (f for f in facts if f.relation not in single and f.train_texts and f.test_texts
+         and (allowed is None or f.uuid in allowed)),
+        key=lambda f: f.uuid,
+    )
+    if m > len(eligible):
+        raise ValueError(
+            f"m={m} is larger than the {len(eligible)} facts that can be modified (relations with at "
+            "least two objects, with training and test text"
+            + (", among eligible_uuids" if allowed is not None else "") + "). Choose a smaller m."
+        )
+    rng = random.Random(seed)
+    chosen = rng.sample(eligible, m)
+    new_objects = {}
+    for fact in chosen:
+        candidates = sorted(o for o in frequency[fact.relation] if o != fact.object)
+        weights = [frequency[fact.relation][o] for o in candidates]
+        new_objects[fact.uuid] = rng.choices(candidates, weights=weights, k=1)[0]
+    return new_objects
+
+
+def choose_evidence(items: list[str], count: int | None, seed: int, uuid: str) -> list[str]:
+    """Up to `count` training phrasings of one fact, chosen deterministically on every machine
+    (a string seed is hashed with SHA-512, not with Python's salted hash)."""
+    if count is None or len(items) <= count:
+        return list(items)
+    return random.Random(f"{seed}:{uuid}").sample(items, count)
+
+
+def split_rows(facts: list[Fact], new_objects: dict[str, str]) -> dict[str, list[dict]]:
+    """The four splits' rows, in the facts' order (deterministic keys follow from it)."""
+    rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for fact in facts:
+        modified = fact.uuid in new_objects
+        obj = new_objects.get(fact.uuid, fact.object)
+        base = {"uuid": fact.uuid, "relation": fact.relation, "subject": fact.subject, "object": obj, "original_object": fact.object}
+        train, test = (MODIFIED_TRAIN, MODIFIED_TEST) if modified else (UNMODIFIED_TRAIN, UNMODIFIED_TEST)
+        rows[train] += [{**base, "text": text} for text in fact.train_texts]
+        rows[test] += [{**base, "text": text} for text in fact.test_texts]
+    return rows
+
+
+def split_generators(rows: dict[str, list[dict]]) -> list[datasets.SplitGenerator]:
+    return [datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]}) for split in SPLITS]
+
+
+def generate_examples(rows: list[dict]) -> Iterator[tuple[str, dict]]:
+    for index, row in enumerate(rows):
+        yield f"{row['uuid']}-{index}", row
+
+
+def source_hash(*modules) -> str:
+    """Package version + hash of the builder's source, so a code change never reuses a stale cache."""
+    from .. import __version__
+
+    digest = hashlib.sha256(__version__.encode())
+    for module in modules:
+        with open(module.__file__, "rb") as handle:
+            digest.update(handle.read())
+    with open(__file__, "rb") as handle:
+        digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def require_dir(data_dir: str | None, what: str) -> str:
+    if not data_dir or not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data_dir {data_dir!r} is not a folder: {what}")
+    return data_dir
