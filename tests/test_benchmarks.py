@@ -1,0 +1,193 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from datasets import load_dataset
+
+from hf_memedit.benchmarks import SPLITS, benchmark_facts, export_benchmark, load_benchmark
+from hf_memedit.benchmarks.common import modify_facts
+
+from .helpers import SHARED
+
+TREX = str(SHARED / "data" / "trex")
+LAMA = str(Path(__file__).parent / "fixtures" / "lama")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
+def _check_modification(dataset, facts_by_uuid):
+    modified = dataset["modified_test"]
+    for row in modified:
+        fact = facts_by_uuid[row["uuid"]]
+        assert row["original_object"] == fact.object != row["object"]
+        relation_objects = {f.object for f in facts_by_uuid.values() if f.relation == fact.relation}
+        assert row["object"] in relation_objects
+    train_uuids = set(dataset["modified_train"]["uuid"])
+    assert train_uuids == set(modified["uuid"])
+    assert all(r["object"] != r["original_object"] for r in dataset["modified_train"])
+    assert all(r["object"] == r["original_object"] for r in dataset["unmodified_test"])
+    assert not train_uuids & set(dataset["unmodified_test"]["uuid"])
+    assert all(r["text"].count("[Y]") == 1 for split in SPLITS for r in dataset[split].select(range(min(200, len(dataset[split])))))
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("m", [32, 128, 512])
+def test_trex_split_sizes_and_new_objects(m):
+    facts = benchmark_facts("trex_mod", TREX)
+    by_uuid = {f.uuid: f for f in facts}
+    dataset = load_benchmark("trex_mod", m=m, seed=0, data_dir=TREX)
+    assert len(dataset["modified_test"]) == m
+    assert len(set(dataset["modified_test"]["uuid"])) == m
+    assert len(dataset["unmodified_test"]) == len(facts) - m
+    expected_train = sum(len(by_uuid[u].train_texts) for u in dataset["modified_test"]["uuid"])
+    assert len(dataset["modified_train"]) == expected_train >= m
+    assert 1 <= expected_train / m <= 4  # evidence_per_fact = 4
+    _check_modification(dataset, by_uuid)
+
+
+@pytest.mark.shared
+def test_trex_new_objects_follow_the_frequency_of_the_relation():
+    facts = [f for f in benchmark_facts("trex_mod", TREX, relations=["P36"]) ]
+    counts = Counter(f.object for f in facts)
+    # A large draw: many seeds, all facts of P36 each time.
+    drawn = Counter()
+    for seed in range(40):
+        drawn.update(modify_facts(facts, len([f for f in facts if f.train_texts]), seed, None).values())
+    total = sum(drawn.values())
+    # Expected share of object o: sum over facts f != o of count(o) / (N - count(obj_f)).
+    n = sum(counts.values())
+    expected = Counter()
+    for fact in facts:
+        if fact.train_texts:
+            for obj, c in counts.items():
+                if obj != fact.object:
+                    expected[obj] += c / (n - counts[fact.object])
+    scale = total / sum(expected.values())
+    for obj, _ in counts.most_common(5):
+        assert abs(drawn[obj] - expected[obj] * scale) < 5 * (expected[obj] * scale) ** 0.5 + 5, obj
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_same_output_under_different_hash_seeds(tmp_path):
+    script = (
+        "import json, sys; from hf_memedit.benchmarks import load_benchmark; "
+        f"d = load_benchmark('trex_mod', m=64, seed=3, data_dir={TREX!r}, cache_dir=sys.argv[1]); "
+        "print(json.dumps({s: d[s]['uuid'][:50] + d[s]['object'][:50] + d[s]['text'][:50] for s in d}))"
+    )
+    outputs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        result = subprocess.run([sys.executable, "-c", script, str(tmp_path / hash_seed)], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.shared
+def test_object_last_keeps_causal_phrasings():
+    dataset = load_benchmark("trex_mod", m=16, data_dir=TREX, object_last=True)
+    for split in SPLITS:
+        for text in dataset[split]["text"][:500]:
+            assert text.rstrip(" .").endswith("[Y]"), text
+
+
+def test_lama_layout_uses_masked_sentences():
+    dataset = load_benchmark("trex_mod", m=3, seed=1, data_dir=LAMA, evidence_per_fact=None)
+    by_uuid = {f.uuid: f for f in benchmark_facts("trex_mod", LAMA)}
+    _check_modification(dataset, by_uuid)
+    rows = dataset["modified_train"]
+    assert len(rows) == sum(len(by_uuid[u].train_texts) for u in dataset["modified_test"]["uuid"])
+    # Sentences with two masks are dropped; the subject is already in the sentence.
+    assert all(r["text"].count("[Y]") == 1 and r["subject"] in r["text"] for r in rows)
+    assert {r["text"] for r in dataset["modified_test"]} <= {
+        f"The capital of {f.subject} is [Y] ." for f in by_uuid.values()
+    } | {f"{f.subject} is located in [Y] ." for f in by_uuid.values()}
+
+
+def test_lama_zip_is_downloaded_from_its_url(tmp_path):
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in Path(LAMA).rglob("*.jsonl"):
+            zf.write(path, "data/" + str(path.relative_to(LAMA)))
+    dataset = load_benchmark("trex_mod", m=2, data_dir=None, data_url=archive.as_uri())
+    assert len(dataset["modified_test"]) == 2 and len(dataset["unmodified_test"]) == 9
+
+
+def test_geo_mod():
+    dataset = load_benchmark("geo_mod", m=32, seed=0, max_facts_per_relation=50)
+    facts = benchmark_facts("geo_mod", max_facts_per_relation=50)
+    assert {f.relation for f in facts} == {"P36", "P1376", "P17", "P30", "P47"}
+    assert len(dataset["modified_test"]) == 32 and len(dataset["unmodified_test"]) == len(facts) - 32
+    _check_modification(dataset, {f.uuid: f for f in facts})
+    france = next(f for f in facts if f.relation == "P36" and f.subject == "France")
+    assert france.object == "Paris" and france.test_texts == ["The capital of France is [Y]."]
+    big = benchmark_facts("geo_mod", max_facts_per_relation=None)
+    assert len(big) > 10_000
+
+
+def test_parquet_export_loads_offline_and_equals_the_builder(tmp_path):
+    folder = export_benchmark("geo_mod", str(tmp_path / "export"), ms=(8, 16), max_facts_per_relation=30)
+    assert sorted(os.listdir(folder)) == ["README.md", "m16", "m8"]
+    exported = load_dataset(folder, "m16")
+    built = load_benchmark("geo_mod", m=16, max_facts_per_relation=30)
+    for split in SPLITS:
+        assert exported[split].to_list() == built[split].to_list()
+
+
+def test_cache_is_keyed_by_every_field(tmp_path):
+    a = load_benchmark("geo_mod", m=8, seed=0, max_facts_per_relation=20)
+    b = load_benchmark("geo_mod", m=8, seed=1, max_facts_per_relation=20)
+    c = load_benchmark("geo_mod", m=8, seed=0, max_facts_per_relation=20, evidence_per_fact=1)
+    assert a["modified_test"]["uuid"] != b["modified_test"]["uuid"]
+    assert len(c["modified_train"]) == 8 < len(a["modified_train"])
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="m must be a positive number"):
+        load_benchmark("geo_mod", m=0)
+    with pytest.raises(ValueError, match="larger than the"):
+        load_benchmark("geo_mod", m=10_000, max_facts_per_relation=10)
+    with pytest.raises(ValueError, match="Unknown benchmark 'wiki_mod'"):
+        load_benchmark("wiki_mod")
+    with pytest.raises(ValueError, match="has no option evidence"):
+        load_benchmark("geo_mod", evidence=2)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_benchmark("trex_mod", data_dir=str(tmp_path / "missing"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "relations.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match="neither TREx/"):
+        load_benchmark("trex_mod", data_dir=str(empty))
+    broken = tmp_path / "broken"
+    shutil.copytree(LAMA, broken)
+    with open(broken / "TREx" / "P17.jsonl", "a") as handle:
+        handle.write('{"uuid": "x", "sub_label": \n')
+    with pytest.raises(ValueError, match=r"P17.jsonl, line 7: malformed JSON"):
+        load_benchmark("trex_mod", data_dir=str(broken))
+    (broken / "TREx" / "P17.jsonl").write_text('{"uuid": "x", "sub_label": "Oslo", "evidences": []}\n')
+    with pytest.raises(ValueError, match=r"line 1: missing field\(s\) obj_label"):
+        load_benchmark("trex_mod", data_dir=str(broken))
+    shutil.copy(broken / "TREx" / "P36.jsonl", broken / "TREx" / "P99.jsonl")
+    (broken / "TREx" / "P17.jsonl").unlink()
+    with pytest.raises(ValueError, match="relation P99 has no template"):
+        load_benchmark("trex_mod", data_dir=str(broken))
+
+
+def test_relations_with_one_object_are_skipped(caplog):
+    facts = benchmark_facts("trex_mod", LAMA)
+    for f in facts:
+        if f.relation == "P17":
+            f.object = "France"
+    chosen = modify_facts(facts, 3, 0, None)
+    assert all(u.startswith("p36") for u in chosen)
+    assert "cannot be modified, skipped: P17" in caplog.text
