@@ -191,3 +191,59 @@ def test_relations_with_one_object_are_skipped(caplog):
     chosen = modify_facts(facts, 3, 0, None)
     assert all(u.startswith("p36") for u in chosen)
     assert "cannot be modified, skipped: P17" in caplog.text
+
+
+def test_filter_to_facts_the_model_knows(bert_tokenizer, real_bert_dir):
+    from transformers import AutoModelForMaskedLM
+
+    from hf_memedit.benchmarks import known_uuids
+    from hf_memedit.evaluation import fact_predictions
+
+    model = AutoModelForMaskedLM.from_pretrained(real_bert_dir)
+    facts = benchmark_facts("geo_mod", max_facts_per_relation=50)
+    known = known_uuids(facts, model, bert_tokenizer)
+    assert 0 < len(known) < len(facts)
+    rows = [{"text": f.test_texts[0], "object": f.object} for f in facts if f.uuid in known]
+    assert all(fact_predictions(model, bert_tokenizer, rows)[0])
+    dataset = load_benchmark("geo_mod", m=len(known), model=model, tokenizer=bert_tokenizer, max_facts_per_relation=50)
+    assert sorted(dataset["modified_test"]["uuid"]) == sorted(known)
+    with pytest.raises(ValueError, match="among eligible_uuids"):
+        load_benchmark("geo_mod", m=len(known) + 1, model=model, tokenizer=bert_tokenizer, max_facts_per_relation=50)
+
+
+ZSRE = str(Path(__file__).parent / "fixtures" / "kilt_zsre")
+
+
+def test_zsre_question_split_and_multi_token_answers():
+    from hf_memedit.benchmarks.zsre import ZsreModConfig, n_test_questions, read_zsre
+
+    assert [n_test_questions(n) for n in (1, 2, 3, 4, 7)] == [0, 1, 1, 2, 2]
+    facts = {f.uuid: f for f in read_zsre(ZsreModConfig(data_dir=ZSRE))}
+    assert "q8" not in facts  # answer over 20 tokens
+    assert (len(facts["q1"].train_texts), len(facts["q1"].test_texts)) == (1, 0)
+    assert (len(facts["q3"].train_texts), len(facts["q3"].test_texts)) == (2, 1)
+    assert (len(facts["q4"].train_texts), len(facts["q4"].test_texts)) == (3, 2)
+    assert facts["q7"].relation == "field of work" and facts["q7"].subject == "Niels Bohr"
+    assert all(t.endswith("? [Y]") for f in facts.values() for t in f.train_texts + f.test_texts)
+    dataset = load_benchmark("zsre_mod", m=3, seed=0, data_dir=ZSRE)
+    _check_modification(dataset, facts)
+    assert "q1" not in dataset["modified_test"]["uuid"]  # a fact without test question cannot be modified
+    assert "q1" in dataset["unmodified_train"]["uuid"] and "q1" not in dataset["unmodified_test"]["uuid"]
+    shorter = {f.uuid for f in read_zsre(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=1))}
+    assert shorter == {"q1", "q2", "q3", "q4", "q5"}
+
+
+def test_zsre_counts_tokens_with_a_tokenizer(real_bert_dir):
+    from hf_memedit.benchmarks.zsre import ZsreModConfig, read_zsre
+
+    words = {f.uuid for f in read_zsre(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=2))}
+    pieces = {f.uuid for f in read_zsre(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=2, tokenizer=real_bert_dir))}
+    assert "q6" in words and "q6" not in pieces  # "radioactivity research" is 2 words but more word pieces
+
+
+def test_zsre_bad_input(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"id": "1", "input": "no separator", "output": [], "meta": {}}\n')
+    with pytest.raises(ValueError, match="bad.jsonl, line 1: input 'no separator' is not 'subject \\[SEP\\] relation'"):
+        load_benchmark("zsre_mod", m=1, data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_benchmark("zsre_mod", m=1, data_dir=None)

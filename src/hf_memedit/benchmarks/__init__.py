@@ -19,14 +19,15 @@ from collections.abc import Sequence
 import datasets
 import yaml
 
-from . import common, geo, trex
+from . import common, geo, trex, zsre
 from .common import SPLITS, Fact, source_hash
 from .geo import GeoMod, GeoModConfig
 from .trex import TrexMod, TrexModConfig
+from .zsre import ZsreMod, ZsreModConfig
 
-BUILDERS: dict[str, type[datasets.GeneratorBasedBuilder]] = {"trex_mod": TrexMod, "geo_mod": GeoMod}
-_READERS = {"trex_mod": lambda config: trex.read_trex(config.data_dir, config), "geo_mod": geo.geo_facts}
-_SOURCES = {"trex_mod": (common, trex), "geo_mod": (common, trex, geo)}
+BUILDERS: dict[str, type[datasets.GeneratorBasedBuilder]] = {"trex_mod": TrexMod, "zsre_mod": ZsreMod, "geo_mod": GeoMod}
+_READERS = {"trex_mod": lambda config: trex.read_trex(config.data_dir, config), "zsre_mod": zsre.read_zsre, "geo_mod": geo.geo_facts}
+_SOURCES = {"trex_mod": (common, trex), "zsre_mod": (common, zsre), "geo_mod": (common, trex, geo)}
 _BASE_FIELDS = {f.name for f in dataclasses.fields(datasets.BuilderConfig)} - {"data_dir"}
 
 
@@ -120,6 +121,6 @@ def export_benchmark(
 
 
 __all__ = [
-    "BUILDERS", "GeoMod", "GeoModConfig", "SPLITS", "TrexMod", "TrexModConfig",
+    "BUILDERS", "GeoMod", "GeoModConfig", "SPLITS", "TrexMod", "TrexModConfig", "ZsreMod", "ZsreModConfig",
     "benchmark_facts", "export_benchmark", "known_uuids", "load_benchmark",
 ]
