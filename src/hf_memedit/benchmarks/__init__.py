@@ -20,13 +20,12 @@ import datasets
 import yaml
 
 from . import common, geo, trex, zsre
-from .common import SPLITS, Fact, source_hash
+from .common import SPLITS, Fact, ModBenchmarkBuilder, source_hash
 from .geo import GeoMod, GeoModConfig
 from .trex import TrexMod, TrexModConfig
 from .zsre import ZsreMod, ZsreModConfig
 
-BUILDERS: dict[str, type[datasets.GeneratorBasedBuilder]] = {"trex_mod": TrexMod, "zsre_mod": ZsreMod, "geo_mod": GeoMod}
-_READERS = {"trex_mod": lambda config: trex.read_trex(config.data_dir, config), "zsre_mod": zsre.read_zsre, "geo_mod": geo.geo_facts}
+BUILDERS: dict[str, type[ModBenchmarkBuilder]] = {"trex_mod": TrexMod, "zsre_mod": ZsreMod, "geo_mod": GeoMod}
 _SOURCES = {"trex_mod": (common, trex), "zsre_mod": (common, zsre), "geo_mod": (common, trex, geo)}
 _BASE_FIELDS = {f.name for f in dataclasses.fields(datasets.BuilderConfig)} - {"data_dir"}
 
@@ -49,7 +48,8 @@ def _config_fields(name: str, m: int, seed: int, data_dir: str | None, options: 
 def benchmark_facts(name: str, data_dir: str | None = None, **options) -> list[Fact]:
     """Every fact of a benchmark before modification (for filtering by what a model knows)."""
     fields = _config_fields(name, 1, 0, data_dir, options)
-    return _READERS[name](BUILDERS[name].BUILDER_CONFIG_CLASS(**fields))
+    builder = BUILDERS[name]
+    return builder.read_facts(builder.BUILDER_CONFIG_CLASS(**fields))
 
 
 def known_uuids(facts: Sequence[Fact], model, tokenizer, batch_size: int = 64) -> tuple[str, ...]:

@@ -143,13 +143,28 @@ def split_rows(facts: list[Fact], new_objects: dict[str, str]) -> dict[str, list
     return rows
 
 
-def split_generators(rows: dict[str, list[dict]]) -> list[datasets.SplitGenerator]:
-    return [datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]}) for split in SPLITS]
+class ModBenchmarkBuilder(datasets.GeneratorBasedBuilder):
+    """A benchmark builder: subclasses say how to read their facts; modification and splits are shared."""
 
+    BUILDER_CONFIG_CLASS = ModBenchmarkConfig
+    VERSION = datasets.Version("1.0.0")
+    CITATION = ""
 
-def generate_examples(rows: list[dict]) -> Iterator[tuple[str, dict]]:
-    for index, row in enumerate(rows):
-        yield f"{row['uuid']}-{index}", row
+    @classmethod
+    def read_facts(cls, config: ModBenchmarkConfig, dl_manager=None) -> list[Fact]:
+        raise NotImplementedError
+
+    def _info(self) -> datasets.DatasetInfo:
+        return datasets.DatasetInfo(description=self.__doc__, features=FEATURES, citation=self.CITATION)
+
+    def _split_generators(self, dl_manager):
+        facts = self.read_facts(self.config, dl_manager)
+        rows = split_rows(facts, modify_facts(facts, self.config.m, self.config.seed, self.config.eligible_uuids))
+        return [datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]}) for split in SPLITS]
+
+    def _generate_examples(self, rows):
+        for index, row in enumerate(rows):
+            yield f"{row['uuid']}-{index}", row
 
 
 def source_hash(*modules) -> str:

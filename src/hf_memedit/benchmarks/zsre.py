@@ -14,13 +14,8 @@ import os
 import random
 from dataclasses import dataclass, field
 
-import datasets
-
 from ..collators import PLACEHOLDER
-from .common import (
-    FEATURES, Fact, ModBenchmarkConfig, generate_examples, modify_facts, read_jsonl, require_dir, split_generators,
-    split_rows,
-)
+from .common import Fact, ModBenchmarkBuilder, ModBenchmarkConfig, read_jsonl, require_dir
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +32,15 @@ class ZsreModConfig(ModBenchmarkConfig):
     )
 
 
-class ZsreMod(datasets.GeneratorBasedBuilder):
+class ZsreMod(ModBenchmarkBuilder):
     """KILT zsRE facts with m of them modified; splits are documented in `hf_memedit.benchmarks.common`."""
 
     BUILDER_CONFIG_CLASS = ZsreModConfig
-    VERSION = datasets.Version("1.0.0")
+    CITATION = "Levy et al. 2017; Petroni et al. 2021 (KILT)"
 
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(description=__doc__, features=FEATURES, citation="Levy et al. 2017; Petroni et al. 2021 (KILT)")
-
-    def _split_generators(self, dl_manager):
-        facts = read_zsre(self.config)
-        new_objects = modify_facts(facts, self.config.m, self.config.seed, self.config.eligible_uuids)
-        return split_generators(split_rows(facts, new_objects))
-
-    def _generate_examples(self, rows):
-        yield from generate_examples(rows)
+    @classmethod
+    def read_facts(cls, config: ZsreModConfig, dl_manager=None) -> list[Fact]:
+        return read_zsre(config)
 
 
 def _counter(config: ZsreModConfig):
