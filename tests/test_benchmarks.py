@@ -247,3 +247,16 @@ def test_zsre_bad_input(tmp_path):
         load_benchmark("zsre_mod", m=1, data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         load_benchmark("zsre_mod", m=1, data_dir=None)
+
+
+def test_a_code_change_changes_the_cache_hash(tmp_path):
+    import types
+
+    from hf_memedit.benchmarks.common import source_hash
+
+    module = types.SimpleNamespace(__file__=str(tmp_path / "builder.py"))
+    (tmp_path / "builder.py").write_text("A = 1\n")
+    before = source_hash(module)
+    assert source_hash(module) == before
+    (tmp_path / "builder.py").write_text("A = 2\n")
+    assert source_hash(module) != before
