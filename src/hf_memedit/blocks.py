@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import block_list, layout_for, num_blocks, resolve_module
+from .io import atomic_write_text
 
 CONFIG_NAME = "memedit_config.json"
 ALL = "all"
@@ -75,8 +76,6 @@ class BlockSelectorConfig:
         return asdict(self)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        from .io import atomic_write_text
-
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

@@ -32,10 +32,9 @@ def fact_predictions(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct: list[bool] = []
-    predicted: list[list[int]] = []
     order = sorted(range(len(facts)), key=lambda i: len(facts[i][collator.text_key]))
-    results: dict[int, tuple[bool, list[int]]] = {}
+    correct: list[bool] = [False] * len(facts)
+    predicted: list[list[int]] = [[] for _ in facts]
     batches = range(0, len(order), batch_size)
     for start in tqdm(batches, desc="evaluating facts", disable=not show_progress):
         index = order[start : start + batch_size]
@@ -48,9 +47,7 @@ def fact_predictions(
         for row, fact_index in enumerate(index):
             mask = labels[row] != -100
             ids = guesses[row][mask]
-            results[fact_index] = (bool(torch.equal(ids, labels[row][mask])), ids.tolist())
+            correct[fact_index] = bool(torch.equal(ids, labels[row][mask]))
+            predicted[fact_index] = ids.tolist()
     model.train(was_training)
-    for i in range(len(facts)):
-        correct.append(results[i][0])
-        predicted.append(results[i][1])
     return correct, predicted
