@@ -168,7 +168,8 @@ class ModBenchmarkBuilder(datasets.GeneratorBasedBuilder):
 
 
 def source_hash(*modules) -> str:
-    """Package version + hash of the builder's source, so a code change never reuses a stale cache."""
+    """Package version + hash of the builder modules' source and of this file, so a code change never
+    reuses a stale cache."""
     from .. import __version__
 
     digest = hashlib.sha256(__version__.encode())

@@ -7,13 +7,10 @@ The embedded default benchmark for offline runs.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from .common import Fact, ModBenchmarkBuilder, ModBenchmarkConfig, choose_evidence, fill_subject
 from .trex import object_last
-
-logger = logging.getLogger(__name__)
 
 CONTINENTS = {
     "AF": "Africa", "AN": "Antarctica", "AS": "Asia", "EU": "Europe",
