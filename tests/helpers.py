@@ -38,3 +38,22 @@ def assert_in_linf_ball(param: torch.Tensor, theta0: torch.Tensor, delta: float,
     slack = 2 * torch.finfo(torch.float32).eps * (theta0.abs() + delta)
     excess = ((param.detach() - theta0).abs() - delta - slack).max().item()
     assert excess <= 0, f"{name}: |θ − θ0| exceeds δ={delta} by {excess}"
+
+
+def naive_greedy_correct(model, tokenizer, facts) -> list[bool]:
+    """The reference for causal LMs: per fact, greedy `generate` from the prompt alone, compared
+    token for token with the object. One fact at a time, no batching, no teacher forcing."""
+    correct = []
+    for fact in facts:
+        prompt = fact["text"].split("[Y]")[0].rstrip(" ")
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        full_ids = tokenizer(prompt + " " + fact["object"])["input_ids"]
+        assert full_ids[: len(prompt_ids)] == prompt_ids, fact  # the object starts a token of its own
+        object_ids = full_ids[len(prompt_ids) :]
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                max_new_tokens=len(object_ids), do_sample=False, pad_token_id=tokenizer.eos_token_id,
+            )
+        correct.append(out[0, len(prompt_ids) :].tolist() == object_ids)
+    return correct

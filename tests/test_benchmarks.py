@@ -197,14 +197,14 @@ def test_filter_to_facts_the_model_knows(bert_tokenizer, real_bert_dir):
     from transformers import AutoModelForMaskedLM
 
     from hf_memedit.benchmarks import known_uuids
-    from hf_memedit.evaluation import fact_predictions
+    from hf_memedit.evaluation import evaluate_facts
 
     model = AutoModelForMaskedLM.from_pretrained(real_bert_dir)
     facts = benchmark_facts("geo_mod", max_facts_per_relation=50)
     known = known_uuids(facts, model, bert_tokenizer)
     assert 0 < len(known) < len(facts)
     rows = [{"text": f.test_texts[0], "object": f.object} for f in facts if f.uuid in known]
-    assert all(fact_predictions(model, bert_tokenizer, rows)[0])
+    assert all(evaluate_facts(model, bert_tokenizer, rows).correct)
     dataset = load_benchmark("geo_mod", m=len(known), model=model, tokenizer=bert_tokenizer, max_facts_per_relation=50)
     assert sorted(dataset["modified_test"]["uuid"]) == sorted(known)
     with pytest.raises(ValueError, match="among eligible_uuids"):

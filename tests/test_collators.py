@@ -1,23 +1,9 @@
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from hf_memedit import FactCollator, FactEncoder, FactEncodingError, filter_encodable
 
 from .helpers import FACTS
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer():
-    """A GPT-2-style byte-level BPE tokenizer trained here, small enough to split words into pieces."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    corpus = [f["text"].replace("[Y]", f["object"]) for f in FACTS] * 20 + ["The capital of Italy is Rome."]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
 
 
 def test_masked_multi_token_object(bert_tokenizer):
@@ -54,11 +40,12 @@ def test_collator_pads_inputs_and_labels(bert_tokenizer, bpe_tokenizer):
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     assert int((batch["labels"] != -100).sum()) == 1 + 1 + 3
-    bpe_tokenizer.padding_side = "left"
-    left = FactCollator(bpe_tokenizer, "causal")(FACTS[:3])
-    assert (left["attention_mask"][:, -1] == 1).all()  # left padding: every row ends with its object
-    assert (left["labels"][:, -1] != -100).all()
-    bpe_tokenizer.padding_side = "right"
+    bpe_tokenizer.padding_side = "left"  # ignored: causal positions must not shift
+    try:
+        batch = FactCollator(bpe_tokenizer, "causal")([FACTS[0], FACTS[2], FACTS[3]])
+    finally:
+        bpe_tokenizer.padding_side = "right"
+    assert (batch["attention_mask"][:, 0] == 1).all()  # every row starts at position 0
 
 
 @pytest.mark.parametrize(

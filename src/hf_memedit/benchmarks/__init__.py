@@ -21,7 +21,7 @@ import yaml
 
 from ..architectures import model_kind
 from ..collators import FactEncoder, filter_encodable
-from ..evaluation import fact_predictions
+from ..evaluation import evaluate_facts
 from . import geo, trex, zsre
 from .common import SPLITS, Fact, ModBenchmarkBuilder, source_hash
 from .geo import GeoMod, GeoModConfig
@@ -59,7 +59,7 @@ def known_uuids(facts: Sequence[Fact], model, tokenizer, batch_size: int = 64) -
     """The uuids of the facts `model` already predicts on their test phrasing (the authors' filter)."""
     rows = [{"uuid": f.uuid, "text": f.test_texts[0], "object": f.object} for f in facts if f.test_texts]
     rows, _ = filter_encodable(rows, FactEncoder(tokenizer, model_kind(model)))
-    correct, _ = fact_predictions(model, tokenizer, rows, batch_size=batch_size, show_progress=True)
+    correct = evaluate_facts(model, tokenizer, rows, batch_size=batch_size, show_progress=True).correct
     return tuple(sorted(row["uuid"] for row, ok in zip(rows, correct) if ok))
 
 

@@ -1,0 +1,161 @@
+"""The paper's metric Ā = (A_M + A_F\\S) / 2, and what accuracy alone hides.
+
+A fine-tune on cloze prompts can raise A_F\\S by teaching the answer format while it flips
+individual facts, so beside the accuracies this reports, when the before-edit evaluation is
+given, **retention** (of the unmodified facts right before, the share still right) and
+**agreement** (the share of unmodified facts whose predicted tokens did not change at all).
+
+All values are fractions in [0, 1]; a ratio with an empty denominator is None.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
+from .evaluation import FactResults, evaluate_facts
+
+
+def _share(flags: Sequence[bool]) -> float | None:
+    return sum(flags) / len(flags) if len(flags) else None
+
+
+def _check_length(name: str, values: Sequence | None, expected: int, of: str) -> None:
+    if values is not None and len(values) != expected:
+        raise ValueError(f"{name} has {len(values)} entries but there are {expected} {of} facts: give one per fact, in the same order.")
+
+
+def avg_acc(
+    modified_correct: Sequence[bool],
+    unmodified_correct: Sequence[bool],
+    *,
+    modified_train_correct: Sequence[bool] | None = None,
+    original_correct_before: Sequence[bool] | None = None,
+    unmodified_correct_before: Sequence[bool] | None = None,
+    unmodified_predicted: Sequence[Sequence[int]] | None = None,
+    unmodified_predicted_before: Sequence[Sequence[int]] | None = None,
+    modified_relations: Sequence[str] | None = None,
+    unmodified_relations: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """A_M, A_F\\S, Ā and the counts; with before-edit results also A_F before, the drop, retention, agreement.
+
+    Args:
+        modified_correct: per modified fact, right on its new object (test phrasing).
+        unmodified_correct: per unmodified fact, right after the edit.
+        modified_train_correct: per training phrasing of the modified facts (reliability; A_M on
+            the test phrasing is generalization).
+        original_correct_before: per modified fact, right on its *original* object before the edit.
+        unmodified_correct_before: per unmodified fact, right before the edit.
+        unmodified_predicted / unmodified_predicted_before: predicted object token ids after and
+            before, for agreement.
+        modified_relations / unmodified_relations: relation ids, for a per-relation breakdown.
+    """
+    n_m, n_u = len(modified_correct), len(unmodified_correct)
+    if n_m == 0 and n_u == 0:
+        raise ValueError("avg_acc got no facts: both the modified and the unmodified lists are empty.")
+    for name, values, expected, of in (
+        ("original_correct_before", original_correct_before, n_m, "modified"),
+        ("modified_relations", modified_relations, n_m, "modified"),
+        ("unmodified_correct_before", unmodified_correct_before, n_u, "unmodified"),
+        ("unmodified_predicted", unmodified_predicted, n_u, "unmodified"),
+        ("unmodified_predicted_before", unmodified_predicted_before, n_u, "unmodified"),
+        ("unmodified_relations", unmodified_relations, n_u, "unmodified"),
+    ):
+        _check_length(name, values, expected, of)
+    a_m, a_fs = _share(modified_correct), _share(unmodified_correct)
+    result: dict[str, Any] = {
+        "a_m": a_m,
+        "a_fs": a_fs,
+        "avg_acc": None if a_m is None or a_fs is None else (a_m + a_fs) / 2,
+        "n_modified": n_m,
+        "n_unmodified": n_u,
+    }
+    if modified_train_correct is not None:
+        result["a_m_train"] = _share(modified_train_correct)
+        result["n_modified_train"] = len(modified_train_correct)
+    if unmodified_correct_before is not None:
+        result["a_fs_before"] = a_fs_before = _share(unmodified_correct_before)
+        result["a_fs_drop"] = None if a_fs_before is None or a_fs is None else a_fs_before - a_fs
+        kept = [after for before, after in zip(unmodified_correct_before, unmodified_correct) if before]
+        result["retention"] = _share(kept)
+        if original_correct_before is not None:
+            result["a_f_before"] = _share(list(original_correct_before) + list(unmodified_correct_before))
+    if (unmodified_predicted is None) != (unmodified_predicted_before is None):
+        raise ValueError("Agreement needs both unmodified_predicted and unmodified_predicted_before.")
+    if unmodified_predicted is not None:
+        same = [list(a) == list(b) for a, b in zip(unmodified_predicted, unmodified_predicted_before)]
+        result["agreement"] = _share(same)
+    if modified_relations is not None or unmodified_relations is not None:
+        result["per_relation"] = _per_relation(modified_correct, modified_relations, unmodified_correct, unmodified_relations)
+    return result
+
+
+def _per_relation(modified_correct, modified_relations, unmodified_correct, unmodified_relations) -> dict[str, dict]:
+    groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: {"m": [], "u": []})
+    for key, flags, relations in (("m", modified_correct, modified_relations), ("u", unmodified_correct, unmodified_relations)):
+        for flag, relation in zip(flags, relations or ()):
+            groups[relation][key].append(bool(flag))
+    return {
+        relation: {"a_m": _share(g["m"]), "n_modified": len(g["m"]), "a_fs": _share(g["u"]), "n_unmodified": len(g["u"])}
+        for relation, g in sorted(groups.items())
+    }
+
+
+def evaluate_splits(
+    model,
+    tokenizer,
+    splits: Mapping[str, Any],
+    *,
+    original: bool = False,
+    batch_size: int = 64,
+    show_progress: bool = False,
+) -> dict[str, FactResults]:
+    """`evaluate_facts` on the benchmark splits that metrics use (modified_train/test, unmodified_test).
+
+    With `original=True` the modified facts are scored on their original object: the before-edit view.
+    """
+    results = {}
+    for name in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST):
+        if name in splits and len(splits[name]):
+            object_key = "original_object" if original and name != UNMODIFIED_TEST else "object"
+            results[name] = evaluate_facts(
+                model, tokenizer, splits[name], batch_size=batch_size, object_key=object_key, show_progress=show_progress
+            )
+    if not results:
+        raise ValueError(
+            f"None of the splits {MODIFIED_TEST}, {UNMODIFIED_TEST}, {MODIFIED_TRAIN} holds facts "
+            f"(got: {', '.join(splits) or 'nothing'}). Pass a benchmark from hf_memedit.benchmarks.load_benchmark."
+        )
+    return results
+
+
+def edit_metrics(
+    splits: Mapping[str, Any],
+    after: Mapping[str, FactResults],
+    before: Mapping[str, FactResults] | None = None,
+) -> dict[str, Any]:
+    """`avg_acc` from `evaluate_splits` results after (and optionally before, `original=True`) the edit."""
+    empty = FactResults([], [])
+    modified, unmodified = after.get(MODIFIED_TEST, empty), after.get(UNMODIFIED_TEST, empty)
+    kwargs: dict[str, Any] = {
+        "modified_relations": list(splits[MODIFIED_TEST]["relation"]) if len(modified) else [],
+        "unmodified_relations": list(splits[UNMODIFIED_TEST]["relation"]) if len(unmodified) else [],
+    }
+    if MODIFIED_TRAIN in after:
+        kwargs["modified_train_correct"] = after[MODIFIED_TRAIN].correct
+    if before is not None:
+        previous = before.get(UNMODIFIED_TEST, empty)
+        kwargs.update(
+            original_correct_before=before.get(MODIFIED_TEST, empty).correct,
+            unmodified_correct_before=previous.correct,
+            unmodified_predicted=unmodified.predicted,
+            unmodified_predicted_before=previous.predicted,
+        )
+    return avg_acc(modified.correct, unmodified.correct, **kwargs)
+
+
+AVG_ACC_METRIC_PATH = os.path.join(os.path.dirname(__file__), "evaluate_metrics", "avg_acc")
+"""Folder of the `avg_acc` evaluate module: `evaluate.load(AVG_ACC_METRIC_PATH)` works offline."""

@@ -1,0 +1,106 @@
+"""The results record of an edit: metrics, config, seed and library versions, as JSON and Markdown.
+
+The CLI writes it into the run folder; the diff manifest and the model card read it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from .io import atomic_write_text
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+_LIBRARIES = ("hf_memedit", "torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "huggingface_hub")
+
+# The headline metrics, in table order, with the names the paper uses.
+METRIC_LABELS = {
+    "a_f_before": "A_F before the edit (all facts)",
+    "a_fs_before": "A_F\\S before the edit",
+    "a_m": "A_M (modified facts, test phrasing)",
+    "a_m_train": "A_M on the training phrasing",
+    "a_fs": "A_F\\S (unmodified facts)",
+    "avg_acc": "Ā = (A_M + A_F\\S) / 2",
+    "a_fs_drop": "drop in A_F\\S",
+    "retention": "retention (unmodified, right before → still right)",
+    "agreement": "agreement (unmodified, same prediction)",
+}
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of hf_memedit and the libraries an edit's numbers depend on."""
+    versions = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def format_percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
+
+
+@dataclass
+class ResultsRecord:
+    """What an edit reached and how it was made; `save` writes results.json and results.md atomically."""
+
+    metrics: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    model: str | None = None
+    benchmark: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=library_versions)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str) + "\n"
+
+    def to_markdown(self) -> str:
+        lines = ["| metric | value |", "|---|---|"]
+        for key, label in METRIC_LABELS.items():
+            if key in self.metrics:
+                lines.append(f"| {label} | {format_percent(self.metrics[key])} |")
+        counts = ", ".join(f"{key} = {self.metrics[key]}" for key in ("n_modified", "n_unmodified") if key in self.metrics)
+        if counts:
+            lines += ["", f"Facts: {counts}."]
+        per_relation = self.metrics.get("per_relation")
+        if per_relation:
+            lines += ["", "| relation | A_M | modified | A_F\\S | unmodified |", "|---|---|---|---|---|"]
+            for relation, row in per_relation.items():
+                lines.append(
+                    f"| {relation} | {format_percent(row['a_m'])} | {row['n_modified']} | "
+                    f"{format_percent(row['a_fs'])} | {row['n_unmodified']} |"
+                )
+        about = {"model": self.model, "seed": self.seed, **{f"benchmark.{k}": v for k, v in self.benchmark.items()}}
+        lines += ["", "| run | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in about.items() if value is not None]
+        lines += [f"| {key} | {value} |" for key, value in sorted(self.config.items())]
+        lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()) + "."]
+        return "\n".join(lines) + "\n"
+
+    def save(self, folder: str | os.PathLike) -> tuple[str, str]:
+        os.makedirs(folder, exist_ok=True)
+        json_path, md_path = os.path.join(folder, RESULTS_JSON), os.path.join(folder, RESULTS_MD)
+        atomic_write_text(json_path, self.to_json())
+        atomic_write_text(md_path, self.to_markdown())
+        return json_path, md_path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> ResultsRecord:
+        path = os.path.join(folder, RESULTS_JSON)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder} has no {RESULTS_JSON}: it is not an hf_memedit run folder.")
+        with open(path, encoding="utf-8") as handle:
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}).") from None
+        unknown = set(data) - {"metrics", "config", "seed", "model", "benchmark", "versions"}
+        if unknown or "metrics" not in data:
+            raise ValueError(f"{path} is not an hf_memedit results record (unexpected keys: {sorted(unknown)}).")
+        return cls(**data)

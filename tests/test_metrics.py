@@ -1,0 +1,127 @@
+"""avg_acc by hand, the evaluate module offline, the trainer's fact evaluation, the results record."""
+
+import json
+
+import evaluate
+import pytest
+from datasets import Dataset, DatasetDict
+
+from hf_memedit import AVG_ACC_METRIC_PATH, ConstrainedEditTrainer, EditConfig, ResultsRecord, avg_acc
+
+from .helpers import tiny_bert
+
+BEFORE = dict(
+    original_correct_before=[True, True],
+    unmodified_correct_before=[True, True, False, True],
+    unmodified_predicted=[[1], [2, 3], [4], [9]],
+    unmodified_predicted_before=[[1], [2, 3], [5], [8]],
+    modified_relations=["P36", "P17"],
+    unmodified_relations=["P36", "P36", "P17", "P17"],
+)
+
+
+def test_avg_acc_by_hand():
+    result = avg_acc([True, False], [True, True, True, False], modified_train_correct=[True, True, True, False], **BEFORE)
+    assert result["a_m"] == 0.5 and result["a_fs"] == 0.75 and result["avg_acc"] == 0.625
+    assert result["n_modified"] == 2 and result["n_unmodified"] == 4
+    assert result["a_m_train"] == 0.75
+    assert result["a_fs_before"] == 0.75 and result["a_fs_drop"] == 0.0
+    # Accuracy is unchanged, yet one known fact was forgotten and another learned:
+    assert result["retention"] == pytest.approx(2 / 3)
+    assert result["agreement"] == 0.5
+    assert result["a_f_before"] == pytest.approx(5 / 6)
+    assert result["per_relation"] == {
+        "P17": {"a_m": 0.0, "n_modified": 1, "a_fs": 0.5, "n_unmodified": 2},
+        "P36": {"a_m": 1.0, "n_modified": 1, "a_fs": 1.0, "n_unmodified": 2},
+    }
+
+
+def test_avg_acc_edge_cases_and_bad_input():
+    only_unmodified = avg_acc([], [True, False])
+    assert only_unmodified["a_m"] is None and only_unmodified["avg_acc"] is None and only_unmodified["a_fs"] == 0.5
+    assert avg_acc([True], [False], unmodified_correct_before=[False])["retention"] is None  # nothing was known
+    with pytest.raises(ValueError, match="no facts"):
+        avg_acc([], [])
+    with pytest.raises(ValueError, match="unmodified_correct_before has 1 entries but there are 2"):
+        avg_acc([True], [True, False], unmodified_correct_before=[True])
+    with pytest.raises(ValueError, match="needs both"):
+        avg_acc([True], [True], unmodified_predicted=[[1]])
+
+
+def test_evaluate_module_loads_offline_and_matches_the_function(monkeypatch):
+    monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
+    metric = evaluate.load(AVG_ACC_METRIC_PATH)
+    modified = [True, True, False, False, False, False]
+    correct = [True, False, True, True, True, False]
+    per_fact_before = [True, True, True, True, False, True]
+    predicted = [[7], [7], [1], [2, 3], [4], [9]]
+    predicted_before = [[7], [7], [1], [2, 3], [5], [8]]
+    relations = ["P36", "P17", "P36", "P36", "P17", "P17"]
+    result = metric.compute(
+        correct=correct, modified=modified, correct_before=per_fact_before, predicted=predicted,
+        predicted_before=predicted_before, relations=relations, train_correct=[True, True, True, False],
+    )
+    assert result == avg_acc([True, False], [True, True, True, False], modified_train_correct=[True, True, True, False], **BEFORE)
+    assert metric.compute(correct=[True, False], modified=[True, False])["avg_acc"] == 0.5
+    with pytest.raises(ValueError, match="relations has 1 entries for 2 facts"):
+        metric.compute(correct=[True, False], modified=[True, False], relations=["P1"])
+
+
+def _splits(facts_m, facts_u):
+    def rows(facts, relation):
+        return Dataset.from_list([
+            {"uuid": f"{relation}-{i}", "relation": relation, "subject": "s", "text": text, "object": new, "original_object": old}
+            for i, (text, old, new) in enumerate(facts)
+        ])
+
+    return DatasetDict({
+        "modified_train": rows(facts_m, "P36"), "modified_test": rows(facts_m, "P36"), "unmodified_test": rows(facts_u, "P17"),
+    })
+
+
+def test_trainer_reports_fact_metrics_during_and_after_training(bert_tokenizer, tmp_out):
+    splits = _splits(
+        [("The capital of France is [Y].", "paris", "lima"), ("The capital of Peru is [Y].", "lima", "oslo")],
+        [(f"{city} is a city in [Y].", c, c) for city, c in [("Paris", "france"), ("Lima", "peru"), ("Oslo", "norway"), ("Athens", "greece")]],
+    )
+    common = dict(report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, per_device_train_batch_size=4)
+    teach = EditConfig(output_dir=tmp_out, edit_blocks=["embeddings", "all"], norm="none", delta=None, learning_rate=2e-2, max_steps=100, **common)
+    model = tiny_bert(bert_tokenizer.vocab_size)
+    ConstrainedEditTrainer(model, teach, train_dataset=splits["unmodified_test"], processing_class=bert_tokenizer).train()
+
+    args = EditConfig(
+        output_dir=tmp_out, edit_blocks=["-1"], delta=1e-2, learning_rate=1e-2, max_steps=6,
+        eval_strategy="steps", eval_steps=3, logging_steps=3, **common,
+    )
+    trainer = ConstrainedEditTrainer(
+        model, args, train_dataset=splits["modified_train"], eval_dataset=splits, processing_class=bert_tokenizer
+    )
+    trainer.train()
+    known = trainer.before_edit["unmodified_test"].correct
+    assert sum(known) >= 2  # taught: retention has facts to retain
+    evaluations = [log for log in trainer.state.log_history if "eval_a_m" in log]
+    assert [log["step"] for log in evaluations] == [3, 6]
+    for log in evaluations:
+        assert {"eval_a_fs", "eval_avg_acc", "eval_a_m_train", "eval_retention", "eval_agreement", "eval_a_f_before"} <= set(log)
+        assert log["eval_avg_acc"] == pytest.approx((log["eval_a_m"] + log["eval_a_fs"]) / 2)
+        assert log["eval_a_fs_before"] == sum(known) / 4
+    after = trainer.evaluate()
+    still = trainer._evaluate_fact_splits(splits)["unmodified_test"].correct
+    assert after["eval_retention"] == sum(a and b for a, b in zip(known, still)) / sum(known)
+    assert after == {key: evaluations[-1][key] for key in after}  # no training since the last evaluation
+
+
+def test_results_record_round_trip(tmp_path):
+    metrics = avg_acc([True, False], [True, True, True, False], **BEFORE)
+    record = ResultsRecord(metrics, config={"norm": "linf", "delta": 0.001}, seed=3, model="tiny", benchmark={"name": "geo_mod", "m": 2})
+    json_path, md_path = record.save(tmp_path)
+    assert ResultsRecord.load(tmp_path) == record
+    assert json.loads(open(json_path).read())["versions"]["transformers"]
+    table = open(md_path).read()
+    assert "| A_M (modified facts, test phrasing) | 50.00% |" in table
+    assert "| retention (unmodified, right before → still right) | 66.67% |" in table
+    assert "| P17 | 0.00% | 1 | 50.00% | 2 |" in table
+    assert "| benchmark.name | geo_mod |" in table and "| delta | 0.001 |" in table
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ResultsRecord.load(tmp_path)
