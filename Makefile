@@ -28,4 +28,4 @@ test: install-test
 	$(PY) -m pytest
 
 demo: install-demo
-	$(PY) -m hf_memedit.demo
+	$(PY) train_edit.py --config trainer_configs/demo_smollm2.yaml

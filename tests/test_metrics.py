@@ -106,7 +106,7 @@ def test_trainer_reports_fact_metrics_during_and_after_training(bert_tokenizer, 
         assert log["eval_avg_acc"] == pytest.approx((log["eval_a_m"] + log["eval_a_fs"]) / 2)
         assert log["eval_a_fs_before"] == sum(known) / 4
     after = trainer.evaluate()
-    still = trainer._evaluate_fact_splits(splits)["unmodified_test"].correct
+    still = trainer.fact_results(splits)["unmodified_test"].correct
     assert after["eval_retention"] == sum(a and b for a, b in zip(known, still)) / sum(known)
     assert after == {key: evaluations[-1][key] for key in after}  # no training since the last evaluation
 

@@ -5,7 +5,7 @@ import torch
 from transformers import BertForMaskedLM
 
 from hf_memedit import BlockSelectorConfig, EditModel, get_edit_model
-from hf_memedit.model import WEIGHTS_NAME
+from hf_memedit.model import BASE_WEIGHTS_NAME, WEIGHTS_NAME
 
 from .helpers import tiny_bert
 
@@ -27,7 +27,7 @@ def test_save_load_merge_revert_round_trip(tmp_path):
     _perturb(edit)
     edited_state = _state(edit.model)
     edit.save_pretrained(tmp_path / "edit")
-    assert sorted(os.listdir(tmp_path / "edit")) == ["memedit_config.json", WEIGHTS_NAME]
+    assert sorted(os.listdir(tmp_path / "edit")) == [BASE_WEIGHTS_NAME, "memedit_config.json", WEIGHTS_NAME]
     # Only the changed tensors are written: block 1 and the embeddings, nothing of blocks 0 and 2.
     from safetensors.torch import load_file
 

@@ -9,6 +9,7 @@ from .metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
 from .model import EditModel, get_edit_model
 from .projection import NormBallProjector, project_l2_, project_linf_
 from .results import ResultsRecord, library_versions
+from .sharing import apply_edit, package_edit, push_edit, revert_edit
 from .trainer import ConstrainedEditTrainer
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "FactResults",
     "NormBallProjector",
     "ResultsRecord",
+    "apply_edit",
     "avg_acc",
     "candidate_vocabulary",
     "edit_metrics",
@@ -35,7 +37,10 @@ __all__ = [
     "filter_encodable",
     "get_edit_model",
     "library_versions",
+    "package_edit",
     "model_kind",
     "project_l2_",
     "project_linf_",
+    "push_edit",
+    "revert_edit",
 ]

@@ -151,6 +151,14 @@ class FactCollator:
         return self.encoder.encode(fact[self.text_key], fact[self.object_key])
 
     def __call__(self, facts: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        # A row whose text and object are lists is a group of facts that must share a batch (FTA).
+        flat: list[Mapping] = []
+        for fact in facts:
+            if isinstance(fact.get(self.text_key), list):
+                flat += [{self.text_key: t, self.object_key: o} for t, o in zip(fact[self.text_key], fact[self.object_key])]
+            else:
+                flat.append(fact)
+        facts = flat
         encoded = [self.encode(fact) for fact in facts]
         width = max(len(item["input_ids"]) for item in encoded)
         batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}

@@ -19,6 +19,7 @@ from .blocks import BlockSelectorConfig, selected_parameter_names
 from .io import load_tensors, save_tensors, tensor_sha256
 
 WEIGHTS_NAME = "memedit_edit.safetensors"
+BASE_WEIGHTS_NAME = "memedit_base.safetensors"  # the base values of the changed tensors: revert without the base checkpoint
 _BASE_HASHES_KEY = "memedit_base_sha256"
 
 
@@ -97,9 +98,9 @@ class EditModel(nn.Module):
         return self._restore_requires_grad()
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the changed tensors (edited values, safetensors) and the selection config.
+        """Write the changed tensors (edited values, and their base values for revert) and the selection config.
 
-        The file's metadata records the sha256 of each changed tensor's base value, so
+        The edit file's metadata records the sha256 of each changed tensor's base value, so
         `from_pretrained` refuses a base model the edit was not made for.
         """
         changed = self.changed_tensors()
@@ -110,6 +111,7 @@ class EditModel(nn.Module):
             os.path.join(save_directory, WEIGHTS_NAME),
             metadata={_BASE_HASHES_KEY: json.dumps(base_hashes, sort_keys=True)},
         )
+        save_tensors({name: self.theta0[name] for name in changed}, os.path.join(save_directory, BASE_WEIGHTS_NAME))
         self.selector_config.save_pretrained(save_directory)
 
     @classmethod

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -55,6 +55,8 @@ class ResultsRecord:
     seed: int | None = None
     model: str | None = None
     benchmark: dict[str, Any] = field(default_factory=dict)
+    facts: list[dict[str, Any]] = field(default_factory=list)  # the edited facts: uuid, relation, subject, old, new
+    seconds: float | None = None
     versions: dict[str, str] = field(default_factory=library_versions)
 
     def to_json(self) -> str:
@@ -68,6 +70,11 @@ class ResultsRecord:
         counts = ", ".join(f"{key} = {self.metrics[key]}" for key in ("n_modified", "n_unmodified") if key in self.metrics)
         if counts:
             lines += ["", f"Facts: {counts}."]
+        if self.facts:
+            lines += ["", "| edited fact | old → new | predicted after the edit |", "|---|---|---|"]
+            for fact in self.facts:
+                mark = "✓" if fact.get("correct") else "✗"
+                lines.append(f"| {fact['text'].replace('[Y]', '___')} | {fact['old']} → {fact['new']} | {fact.get('predicted', '')} {mark} |")
         per_relation = self.metrics.get("per_relation")
         if per_relation:
             lines += ["", "| relation | A_M | modified | A_F\\S | unmodified |", "|---|---|---|---|---|"]
@@ -76,7 +83,8 @@ class ResultsRecord:
                     f"| {relation} | {format_percent(row['a_m'])} | {row['n_modified']} | "
                     f"{format_percent(row['a_fs'])} | {row['n_unmodified']} |"
                 )
-        about = {"model": self.model, "seed": self.seed, **{f"benchmark.{k}": v for k, v in self.benchmark.items()}}
+        about = {"model": self.model, "seed": self.seed, "wall time (s)": self.seconds,
+                 **{f"benchmark.{k}": v for k, v in self.benchmark.items()}}
         lines += ["", "| run | value |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in about.items() if value is not None]
         lines += [f"| {key} | {value} |" for key, value in sorted(self.config.items())]
@@ -100,7 +108,7 @@ class ResultsRecord:
                 data = json.load(handle)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}).") from None
-        unknown = set(data) - {"metrics", "config", "seed", "model", "benchmark", "versions"}
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown or "metrics" not in data:
             raise ValueError(f"{path} is not an hf_memedit results record (unexpected keys: {sorted(unknown)}).")
         return cls(**data)

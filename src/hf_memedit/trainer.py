@@ -117,7 +117,7 @@ class ConstrainedEditTrainer(Trainer):
         if resume_from_checkpoint:
             self._restore_theta0(resume_from_checkpoint)
         elif self.args.eval_before_edit and self.before_edit is None and _fact_splits(self.eval_dataset):
-            self.before_edit = self._evaluate_fact_splits(self.eval_dataset, original=True)
+            self.before_edit = self.fact_results(self.eval_dataset, original=True)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -125,17 +125,21 @@ class ConstrainedEditTrainer(Trainer):
         splits = eval_dataset if eval_dataset is not None else self.eval_dataset
         if not _fact_splits(splits):
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        metrics = edit_metrics(splits, self._evaluate_fact_splits(splits), self.before_edit)
         logged = {
             f"{metric_key_prefix}_{key}": value
-            for key, value in metrics.items()
+            for key, value in self.fact_metrics(splits).items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)
         }
         self.log(logged)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logged)
         return logged
 
-    def _evaluate_fact_splits(self, splits, original: bool = False) -> dict[str, FactResults]:
+    def fact_metrics(self, splits) -> dict:
+        """Every `avg_acc` metric (per relation included) of the model now, against `before_edit`."""
+        return edit_metrics(splits, self.fact_results(splits), self.before_edit)
+
+    def fact_results(self, splits, original: bool = False) -> dict[str, FactResults]:
+        """Per-fact results on the benchmark splits (`original=True`: modified facts on their old object)."""
         if self.processing_class is None:
             raise ValueError("Fact evaluation needs the tokenizer: pass processing_class=tokenizer to the trainer.")
         return evaluate_splits(

@@ -1,0 +1,224 @@
+"""`memedit` (and `train_edit.py`): edit, sweep or evaluate from a YAML in trainer_configs/ plus overrides.
+
+    memedit edit  --config trainer_configs/demo_smollm2.yaml [--delta 2e-3 --edit_blocks -1 ...]
+    memedit sweep --config trainer_configs/sweep_bert_tiny.yaml
+    memedit eval  --config trainer_configs/demo_smollm2.yaml [--edit_dir runs/x/edit]
+    accelerate launch train_edit.py --config ...        (= memedit edit; DDP with --multi_gpu)
+
+Every key of the YAML is a field of `JobConfig` or `EditConfig` (`memedit edit --help` lists them
+all); a command-line option overrides the YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+import types
+import typing
+from dataclasses import fields
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from .config import EditConfig
+from .job import JobConfig, RunOutcome, load_model_and_tokenizer, prepare_benchmark, run_edit
+from .results import METRIC_LABELS, format_percent
+
+COMMANDS = {
+    "edit": "Run one edit in the configured setting and write the run folder (the default job).",
+    "sweep": "Run a grid over δ × blocks (× norms); pick on validation, report test, write a table and plots.",
+    "eval": "Evaluate the model (optionally with an edit applied) on the benchmark; write results.",
+    "push": "Share a run folder on the Hub as delta, full or peft (or an exported benchmark as a dataset repo).",
+}
+
+
+def build_parser(command: str) -> HfArgumentParser:
+    parser = HfArgumentParser(
+        (JobConfig, EditConfig), prog=f"memedit {command}", description=COMMANDS[command],
+        epilog="Every option can also be a key of the --config YAML; the command line wins.",
+    )
+    parser.add_argument("--config", default=None, help="YAML file of options (see trainer_configs/).")
+    if command == "eval":
+        parser.add_argument("--edit_dir", default=None, help="An edit folder (save_pretrained of EditModel) to apply first.")
+    return parser
+
+
+def _field_types() -> dict[str, Any]:
+    # The declared hints, not `field.type`: HfArgumentParser rewrites the latter (dict | str -> str).
+    return {
+        f.name: typing.get_type_hints(cls)[f.name] for cls in (JobConfig, EditConfig) for f in fields(cls) if f.init
+    }
+
+
+def _accepts(annotation: Any, kind: type) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, kind) for a in typing.get_args(annotation))
+    return (origin or annotation) is kind
+
+
+def read_config(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML config; `base_config: other.yaml` (relative to this file) supplies defaults it overrides."""
+    if os.path.abspath(path) in _seen:
+        raise ValueError(f"{path}: base_config chain loops back to itself.")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ValueError(f"Config file {path} does not exist.") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of option: value, not a {type(data).__name__}.")
+    base = data.pop("base_config", None)
+    if base is None:
+        return data
+    merged = read_config(os.path.join(os.path.dirname(path), base), _seen + (os.path.abspath(path),))
+    merged.update(data)
+    return merged
+
+
+def yaml_to_argv(path: str) -> tuple[list[str], dict[str, None]]:
+    """The YAML as command-line arguments (so argparse checks every value's type), plus the keys set to null."""
+    data = read_config(path)
+    known = _field_types()
+    argv, nulls = [], {}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{path}: unknown key {key!r}.{hint} `memedit edit --help` lists every option.")
+        annotation = known[key]
+        if value is None:
+            nulls[key] = None
+        elif isinstance(value, dict):
+            if not _accepts(annotation, dict):
+                raise ValueError(f"{path}: {key} takes a single value, not a mapping.")
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, list):
+            if not _accepts(annotation, list):
+                raise ValueError(f"{path}: {key} takes a single value, not a list ({value!r}).")
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            if _accepts(annotation, list) and not _accepts(annotation, str):
+                value = [value]
+                argv += [f"--{key}", *map(str, value)]
+            else:
+                argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv, nulls
+
+
+def parse(command: str, argv: list[str]) -> tuple[JobConfig, EditConfig, argparse.Namespace]:
+    """Parse `--config` YAML + overrides into (JobConfig, EditConfig, the command's own options)."""
+    parser = build_parser(command)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    yaml_argv: list[str] = []
+    if known.config and not {"-h", "--help"} & set(argv):
+        try:
+            yaml_argv, nulls = yaml_to_argv(known.config)
+        except ValueError as error:
+            parser.error(str(error))
+        parser.set_defaults(**nulls)
+    try:
+        job, args, extra = parser.parse_args_into_dataclasses(yaml_argv + argv)
+    except ValueError as error:  # raised by a config's own checks (δ ≤ 0, unknown setting...)
+        parser.error(str(error))
+    return job, args, extra
+
+
+def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5) -> str:
+    metrics = outcome.record.metrics
+    rows = [(label, format_percent(metrics[key])) for key, label in METRIC_LABELS.items() if key in metrics]
+    if outcome.trainer is not None:
+        rows.append(("constraint", f"{args.norm}, δ = {args.delta if args.delta is not None else '∞'}, blocks {', '.join(args.edit_blocks)}"))
+        rows.append((f"max ‖θ − θ0‖ ({args.norm if args.norm != 'none' else 'linf'})", f"{outcome.trainer.projector.distance():.3g}"))
+    rows.append(("facts (modified / unmodified)", f"{metrics.get('n_modified')} / {metrics.get('n_unmodified')}"))
+    rows.append(("wall time", f"{outcome.record.seconds:.1f} s"))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    if outcome.examples:
+        lines += ["", "edited facts (old -> new) [prediction after the edit]:"]
+        for fact in outcome.examples[:show_examples]:
+            mark = "ok" if fact["correct"] else "missed"
+            lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['old']} -> {fact['new']}  [{fact['predicted']}, {mark}]")
+    lines += ["", f"run folder: {os.path.abspath(args.output_dir)}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "usage: memedit {" + ",".join(COMMANDS) + "} --config FILE [options]\n\n"
+        usage += "\n".join(f"  {name:<6} {text}" for name, text in COMMANDS.items())
+        usage += "\n\n`memedit <command> --help` lists every option."
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.exit(f"{usage}\n\nmemedit: error: unknown command {argv[0]!r}")
+        print(usage)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "push":
+        _push(rest)
+        return
+    job, args, extra = parse(command, rest)
+    if command == "edit":
+        outcome = run_edit(job, args)
+        if outcome.trainer is None or outcome.trainer.is_world_process_zero():
+            print(format_summary(outcome, args, job.show_examples))
+    elif command == "sweep":
+        from .sweep import run_sweep
+
+        run_sweep(job, args)
+        print(open(os.path.join(args.output_dir, "sweep.md"), encoding="utf-8").read())
+        print(f"plots: {os.path.join(args.output_dir, 'tradeoff.png')}, {os.path.join(args.output_dir, 'avg_acc_per_block.png')}")
+    else:
+        _evaluate(job, args, extra.edit_dir)
+
+
+def _push(argv: list[str]) -> None:
+    from .sharing import push_edit, push_folder
+
+    parser = argparse.ArgumentParser(prog="memedit push", description=COMMANDS["push"])
+    parser.add_argument("folder", help="A run folder written by `memedit edit`, or (--repo_type dataset) an export_benchmark folder.")
+    parser.add_argument("--repo_id", required=True, help="Target repo, e.g. your-name/smollm2-capitals-edit.")
+    parser.add_argument("--format", default="delta", choices=["delta", "full", "peft"],
+                        help="delta: changed tensors only (small); full: complete checkpoint; peft: stock PEFT adapter.")
+    parser.add_argument("--repo_type", default="model", choices=["model", "dataset"], help="dataset: push a benchmark export.")
+    parser.add_argument("--private", action="store_true", help="Create the repo private.")
+    parser.add_argument("--license", default=None, help="Licence for the card (default: the base model's when known).")
+    parser.add_argument("--token", default=None, help="Hub token (default: the `hf auth login` token or HF_TOKEN).")
+    parser.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
+    options = parser.parse_args(argv)
+    if not os.path.isdir(options.folder):
+        parser.error(f"{options.folder} is not a folder.")
+    if options.repo_type == "dataset":
+        url = push_folder(options.folder, options.repo_id, repo_type="dataset", private=options.private,
+                          token=options.token, endpoint=options.endpoint)
+    else:
+        url = push_edit(options.folder, options.repo_id, format=options.format, private=options.private,
+                        token=options.token, endpoint=options.endpoint, license=options.license)
+    print(f"pushed: {url}")
+
+
+def _evaluate(job: JobConfig, args: EditConfig, edit_dir: str | None) -> None:
+    from .metrics import edit_metrics, evaluate_splits
+    from .model import EditModel
+    from .results import ResultsRecord
+
+    model, tokenizer = load_model_and_tokenizer(job)
+    splits = prepare_benchmark(job, model, tokenizer)
+    show = dict(batch_size=args.per_device_eval_batch_size, show_progress=True)
+    before = None
+    if edit_dir:
+        before = evaluate_splits(model, tokenizer, splits, original=True, **show)
+        model = EditModel.from_pretrained(model, edit_dir).merge_and_unload()
+    metrics = edit_metrics(splits, evaluate_splits(model, tokenizer, splits, **show), before)
+    record = ResultsRecord(metrics, config={"edit_dir": edit_dir}, seed=args.seed, model=job.model_name_or_path,
+                           benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed})
+    record.save(args.output_dir)
+    print(record.to_markdown())

