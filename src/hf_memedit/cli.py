@@ -143,8 +143,8 @@ def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     if outcome.examples:
-        lines += ["", "edited facts (old -> new) [prediction after the edit]:"]
-        for fact in outcome.examples[:show_examples]:
+        lines += ["", "edited facts (old -> new) [prediction after the edit], learned ones first:"]
+        for fact in sorted(outcome.examples, key=lambda f: not f["correct"])[:show_examples]:
             mark = "ok" if fact["correct"] else "missed"
             lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['old']} -> {fact['new']}  [{fact['predicted']}, {mark}]")
     lines += ["", f"run folder: {os.path.abspath(args.output_dir)}"]
