@@ -123,3 +123,16 @@ def test_print_trainable_parameters(capsys):
     trainable, total = edit.get_nb_trainable_parameters()
     assert f"trainable params: {trainable:,d} || all params: {total:,d}" in out
     assert 0 < trainable < total
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_object_position_logits_equal_full_logits(arch, bert_tokenizer):
+    """The table's LM head, run on the object positions only, predicts what the full forward does."""
+    from hf_memedit import evaluate_facts
+
+    torch.manual_seed(0)
+    model = TINY[arch](2).eval()
+    assert ARCHITECTURES[arch].head
+    fast = evaluate_facts(model, bert_tokenizer, FACTS, batch_size=3)
+    full = evaluate_facts(model, bert_tokenizer, FACTS, batch_size=3, full_logits=True)
+    assert fast == full and all(fast.predicted)

@@ -51,13 +51,13 @@ def test_hand_computed_accuracy_with_multi_token_objects(kind, bert_tokenizer, b
     facts = [{"text": text, "object": obj} for obj in ("Paris", "Paris Paris", "Paris capital", "capital")]
     predict_constant(model, favourite=paris, runner_up=other)
 
-    results = evaluate_facts(model, tokenizer, facts)
+    results = evaluate_facts(model, tokenizer, facts, full_logits=True)  # the patched forward gives the logits
     assert results.correct == [True, True, False, False]  # every object token must be right
     assert results.accuracy == 0.5
     assert results.predicted == [[paris], [paris, paris], [paris, paris], [paris]]
 
     # Restricted to candidates without "Paris", the runner-up wins.
-    restricted = evaluate_facts(model, tokenizer, facts, candidates=[other, paris + 1])
+    restricted = evaluate_facts(model, tokenizer, facts, candidates=[other, paris + 1], full_logits=True)
     assert restricted.correct == [False, False, False, True]
 
 
@@ -110,6 +110,7 @@ def test_smollm2_matches_a_naive_greedy_generate_loop(smollm2):
     splits = load_benchmark("geo_mod", m=8, relations=["P36"], object_last=True, max_facts_per_relation=64)
     facts = list(splits["modified_test"]) + list(splits["unmodified_test"])
     results = evaluate_facts(model, tokenizer, facts, batch_size=16)
+    assert evaluate_facts(model, tokenizer, facts, batch_size=16, full_logits=True) == results
 
     naive = naive_greedy_correct(model, tokenizer, facts)
     assert results.correct == naive

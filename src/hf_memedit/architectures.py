@@ -22,26 +22,35 @@ class BlockLayout:
 
     `blocks` names an `nn.ModuleList` whose i-th entry is Transformer block i. `shared_blocks`
     marks architectures (ALBERT) whose blocks all reuse one set of weights, so a single block
-    cannot be edited without editing all of them.
+    cannot be edited without editing all of them. `head` lists, relative to the LM model itself,
+    the modules that turn the base model's last hidden state into vocabulary logits, applied in
+    order: evaluation runs them on the object positions only.
     """
 
     blocks: str
     embeddings: tuple[str, ...]
     shared_blocks: bool = False
+    head: tuple[str, ...] = ()
 
 
 ARCHITECTURES: dict[str, BlockLayout] = {
-    "bert": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",)),
-    "roberta": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",)),
-    "electra": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",)),
-    "distilbert": BlockLayout(blocks="transformer.layer", embeddings=("embeddings",)),
+    "bert": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",), head=("cls",)),
+    "roberta": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",), head=("lm_head",)),
+    "electra": BlockLayout(
+        blocks="encoder.layer", embeddings=("embeddings",), head=("generator_predictions", "generator_lm_head")
+    ),
+    "distilbert": BlockLayout(
+        blocks="transformer.layer", embeddings=("embeddings",),
+        head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
+    ),
     "albert": BlockLayout(
         blocks="encoder.albert_layer_groups",
         embeddings=("embeddings", "encoder.embedding_hidden_mapping_in"),
         shared_blocks=True,
+        head=("predictions",),
     ),
-    "gpt2": BlockLayout(blocks="h", embeddings=("wte", "wpe")),
-    "llama": BlockLayout(blocks="layers", embeddings=("embed_tokens",)),
+    "gpt2": BlockLayout(blocks="h", embeddings=("wte", "wpe"), head=("lm_head",)),
+    "llama": BlockLayout(blocks="layers", embeddings=("embed_tokens",), head=("lm_head",)),
 }
 
 
@@ -93,6 +102,14 @@ def num_blocks(model: PreTrainedModel, layout: BlockLayout) -> int:
     if layout.shared_blocks:
         return model.config.num_hidden_layers
     return len(block_list(model, layout))
+
+
+def lm_head(model: PreTrainedModel) -> nn.Sequential | None:
+    """The modules mapping the base model's last hidden state to logits, or None when unknown."""
+    layout = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    if layout is None or not layout.head:
+        return None
+    return nn.Sequential(*(model.get_submodule(path) for path in layout.head))
 
 
 def model_kind(model: nn.Module) -> str:

@@ -1,6 +1,8 @@
 """Which facts a model gets right: every object token must be the argmax at its position.
 
-One batched, teacher-forced forward pass per batch of facts, for both model kinds:
+One batched, teacher-forced forward pass per batch of facts, for both model kinds, with the LM
+head run only at the positions that predict object tokens (for the architectures in the block
+table; others, or `full_logits=True`, compute logits everywhere):
 
 - masked LM: the object's tokens are masked; each mask must predict its token (the paper);
 - causal LM: the argmax at the position before each object token must be that token. When every
@@ -19,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .architectures import model_kind
+from .architectures import lm_head, model_kind
 from .collators import FactCollator
 
 
@@ -61,6 +63,7 @@ def evaluate_facts(
     show_progress: bool = False,
     text_key: str = "text",
     object_key: str = "object",
+    full_logits: bool = False,
 ) -> FactResults:
     """Whether `model` predicts each fact's object, and what it predicts.
 
@@ -68,6 +71,7 @@ def evaluate_facts(
         facts: rows with a `text` holding the `[Y]` placeholder and an `object` (a benchmark split,
             a `datasets.Dataset`, or a list of dicts).
         candidates: token ids to take the argmax over (default: the full vocabulary).
+        full_logits: compute the LM head at every position (the straightforward way, for comparison).
     Facts run in batches sorted by length (less padding); results come back in the input order.
     """
     facts = list(facts)
@@ -77,6 +81,7 @@ def evaluate_facts(
     collator = FactCollator(tokenizer, kind, text_key=text_key, object_key=object_key)
     device = next(model.parameters()).device
     allowed = _candidate_tensor(candidates, model, device)
+    head = None if full_logits else lm_head(model)
     was_training = model.training
     model.eval()
     order = sorted(range(len(facts)), key=lambda i: len(facts[i][text_key]))
@@ -87,14 +92,21 @@ def evaluate_facts(
             index = order[start : start + batch_size]
             batch = collator([facts[i] for i in index])
             labels = batch.pop("labels").to(device)
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-            if kind == "causal":
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            guesses = logits.argmax(-1) if allowed is None else allowed[logits[..., allowed].argmax(-1)]
-            for row, fact_index in enumerate(index):
-                mask = labels[row] != -100
-                ids = guesses[row][mask]
-                correct[fact_index] = bool(torch.equal(ids, labels[row][mask]))
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            if kind == "causal":  # the logit at position i predicts token i + 1
+                labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+            mask = labels != -100
+            if head is None:
+                logits = model(**inputs).logits[mask]
+            else:
+                extra = {"use_cache": False} if kind == "causal" else {}
+                hidden = model.base_model(**inputs, **extra).last_hidden_state
+                logits = head(hidden[mask])
+            guesses = logits.argmax(-1) if allowed is None else allowed[logits[:, allowed].argmax(-1)]
+            targets = labels[mask]
+            counts = mask.sum(1).tolist()
+            for fact_index, ids, wanted in zip(index, guesses.split(counts), targets.split(counts)):
+                correct[fact_index] = bool(torch.equal(ids, wanted))
                 predicted[fact_index] = ids.tolist()
     finally:
         model.train(was_training)

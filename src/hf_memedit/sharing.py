@@ -16,7 +16,6 @@ records the chain it was made on, and only the top edit can be reverted.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ from transformers import PreTrainedModel
 
 from .architectures import model_kind
 from .blocks import BlockSelectorConfig
-from .io import load_tensors, tensor_sha256
+from .io import atomic_directory, load_tensors, tensor_sha256
 from .manifest import MANIFEST_NAME, ManifestError, build_manifest, read_manifest, safe_path, write_manifest
 from .model import BASE_WEIGHTS_NAME, WEIGHTS_NAME, EditModel
 from .results import METRIC_LABELS, ResultsRecord, format_percent
@@ -89,8 +88,7 @@ def package_edit(
         base_model, tokenizer = _load_run_base(run_dir, record)
     chain = chain_of(base_model) if base_model is not None else []
 
-    staging = tempfile.mkdtemp(prefix=".package-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
-    try:
+    with atomic_directory(out_dir) as staging:
         shutil.copy2(os.path.join(edit_dir, BASE_WEIGHTS_NAME), os.path.join(staging, BASE_WEIGHTS_NAME))
         if format == "delta":
             shutil.copy2(os.path.join(edit_dir, WEIGHTS_NAME), os.path.join(staging, WEIGHTS_NAME))
@@ -116,12 +114,6 @@ def package_edit(
         card = render_card(manifest, repo_id or "<your-repo-id>", kind=_kind_name(base_model, record), license=license or base_license)
         card.save(os.path.join(staging, "README.md"))
         manifest = write_manifest(staging, manifest)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 
 import datasets
@@ -22,6 +20,7 @@ import yaml
 from ..architectures import model_kind
 from ..collators import FactEncoder, filter_encodable
 from ..evaluation import evaluate_facts
+from ..io import atomic_directory
 from . import geo, trex, zsre
 from .common import SPLITS, Fact, ModBenchmarkBuilder, source_hash
 from .geo import GeoMod, GeoModConfig
@@ -94,9 +93,8 @@ def export_benchmark(
     """Write `folder/m{m}/{split}.parquet` and a README whose `configs:` lets
     `load_dataset(folder, "m128")` read them; the folder pushes to the Hub as a dataset repo."""
     target = os.path.abspath(folder)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(target) or ".")
     configs = []
-    try:
+    with atomic_directory(target) as staging:
         for m in ms:
             dataset = load_benchmark(name, m=m, seed=seed, data_dir=data_dir, **options)
             for split in SPLITS:
@@ -110,12 +108,6 @@ def export_benchmark(
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(f"---\n{card}---\n\n# {name}\n\nModified-facts benchmark exported by hf_memedit "
                          f"(seed {seed}, options {options or 'default'}). Splits: {', '.join(SPLITS)}.\n")
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
