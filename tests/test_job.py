@@ -168,7 +168,7 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monke
     trained = []
     original_train = trainer_module.ConstrainedEditTrainer.train
     monkeypatch.setattr(trainer_module.ConstrainedEditTrainer, "train", lambda self, *a, **k: trained.append(self.args.delta) or original_train(self, *a, **k))
-    job, args, _ = parse("sweep", argv[:6] + ["1e-3", "2e-2", "5e-3"] + argv[8:])
+    job, args, _ = parse("sweep", argv[:5] + ["1e-3", "2e-2", "5e-3"] + argv[7:])
     rows = run_sweep(job, args)
     assert len(rows) == 6 and trained == [5e-3, 5e-3]
 
