@@ -111,3 +111,40 @@ def test_unknown_norm_and_scope():
         NormBallProjector(params, {"a": torch.zeros(2)}, "l1", 1.0)
     with pytest.raises(ValueError, match="Unknown l2_scope"):
         NormBallProjector(params, {"a": torch.zeros(2)}, "l2", 1.0, "layer")
+
+
+def test_fisher_projection_is_the_nearest_point_of_the_ellipsoid():
+    """In the set, idempotent, and no feasible point is nearer (checked against random feasible points)."""
+    from hf_memedit.projection import fisher_distance, project_fisher_
+
+    generator = torch.Generator().manual_seed(0)
+    for case in range(30):
+        dim = 1 + case % 5
+        theta0 = {"w": torch.randn(dim, generator=generator, dtype=torch.float64)}
+        fisher = {"w": torch.rand(dim, generator=generator, dtype=torch.float64) * 3}
+        if case % 3 == 0:
+            fisher["w"][0] = 0.0  # an unconstrained coordinate
+        target = theta0["w"] + torch.randn(dim, generator=generator, dtype=torch.float64) * 2
+        delta = float(torch.rand((), generator=generator)) + 0.05
+        params = {"w": target.clone()}
+        lam = project_fisher_(params, theta0, fisher, delta)
+        assert fisher_distance(params, theta0, fisher) <= delta * (1 + 1e-9)
+        if fisher_distance({"w": target}, theta0, fisher) <= delta:
+            assert lam == 0.0 and torch.equal(params["w"], target)  # inside: untouched
+        again = {"w": params["w"].clone()}
+        project_fisher_(again, theta0, fisher, delta)
+        assert torch.allclose(again["w"], params["w"], rtol=0, atol=1e-10)
+        # A generic check of optimality: random feasible points, on and inside the boundary.
+        directions = torch.randn(4000, dim, generator=generator, dtype=torch.float64)
+        norms = (fisher["w"] * directions.pow(2)).sum(1).clamp_min(1e-12).sqrt()
+        radii = torch.rand(4000, 1, generator=generator, dtype=torch.float64).sqrt() * delta**0.5
+        feasible = theta0["w"] + directions / norms[:, None] * radii
+        best = (feasible - target).norm(dim=1).min()
+        assert (params["w"] - target).norm() <= best + 1e-9
+
+
+def test_fisher_projection_refuses_negative_weights():
+    from hf_memedit.projection import project_fisher_
+
+    with pytest.raises(ValueError, match="non-negative"):
+        project_fisher_({"w": torch.ones(2)}, {"w": torch.zeros(2)}, {"w": torch.tensor([1.0, -1.0])}, 0.1)

@@ -7,7 +7,7 @@ from .config import EditConfig
 from .evaluation import FactResults, candidate_vocabulary, evaluate_facts
 from .metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
 from .model import EditModel, get_edit_model
-from .projection import NormBallProjector, project_l2_, project_linf_
+from .projection import NormBallProjector, project_fisher_, project_l2_, project_linf_
 from .results import ResultsRecord, library_versions
 from .sharing import apply_edit, package_edit, push_edit, revert_edit
 from .trainer import ConstrainedEditTrainer
@@ -39,6 +39,7 @@ __all__ = [
     "library_versions",
     "package_edit",
     "model_kind",
+    "project_fisher_",
     "project_l2_",
     "project_linf_",
     "push_edit",

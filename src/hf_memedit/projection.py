@@ -3,6 +3,8 @@
 The projections are exact Euclidean nearest points of the ball:
 L∞ clamps every element into [θ0 − δ, θ0 + δ]; L2 rescales Δ = θ − θ0 by min(1, δ / ||Δ||₂),
 either over all trainable tensors together (the paper's θ) or tensor by tensor.
+`project_fisher_` projects onto the paper's Appendix C ellipsoid Σᵢ Fᵢ Δᵢ² ≤ δ (a building block:
+the trainer does not offer a Fisher norm yet).
 """
 
 from __future__ import annotations
@@ -41,6 +43,51 @@ def project_l2_(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.T
     for name, param in params.items():
         start = theta0[name]
         param.copy_(start + (param - start) * scale)
+
+
+@torch.no_grad()
+def fisher_distance(
+    params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor], fisher: Mapping[str, torch.Tensor]
+) -> float:
+    """Σᵢ Fᵢ Δᵢ² over all the given tensors (float64): the paper's Appendix C constraint."""
+    return float(sum((fisher[n].double() * (p.double() - theta0[n].double()).pow(2)).sum().item() for n, p in params.items()))
+
+
+@torch.no_grad()
+def project_fisher_(
+    params: Mapping[str, torch.Tensor],
+    theta0: Mapping[str, torch.Tensor],
+    fisher: Mapping[str, torch.Tensor],
+    delta: float,
+    iterations: int = 200,
+) -> float:
+    """Exact Euclidean projection onto the ellipsoid Σᵢ Fᵢ Δᵢ² ≤ δ (F ≥ 0, diagonal); returns λ.
+
+    The nearest point is Δᵢ = Δ̂ᵢ / (1 + λ Fᵢ) with the λ ≥ 0 at which the constraint is tight,
+    found by bisection on the decreasing g(λ) = Σ Fᵢ Δ̂ᵢ² / (1 + λ Fᵢ)²; the upper end of the final
+    bracket is used, so the result always lies in the set.
+    """
+    steps = {n: p.double() - theta0[n].double() for n, p in params.items()}
+    weights = {n: fisher[n].double().to(steps[n].device) for n in steps}
+    if any(bool((w < 0).any()) for w in weights.values()):
+        raise ValueError("The Fisher diagonal must be non-negative.")
+
+    def g(lam: float) -> float:
+        return float(sum((w * (d / (1 + lam * w)).pow(2)).sum().item() for w, d in zip(weights.values(), steps.values())))
+
+    if g(0.0) <= delta:
+        return 0.0
+    low, high = 0.0, 1.0
+    while g(high) > delta:
+        low, high = high, high * 2
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        low, high = (middle, high) if g(middle) > delta else (low, middle)
+    for name, param in params.items():
+        param.copy_((theta0[name].double() + steps[name] / (1 + high * weights[name])).to(param.dtype))
+    return high
 
 
 @torch.no_grad()
