@@ -233,6 +233,8 @@ def finetune(model: PreTrainedModel, tokenizer, splits, job: JobConfig, args: Ed
         "benchmark": job.benchmark, "m": job.m, "benchmark_seed": job.benchmark_seed,
         "benchmark_options": job.benchmark_options, "ft_blocks": job.ft_blocks, "ft_learning_rate": job.ft_learning_rate,
         "ft_epochs": job.ft_epochs, "seed": args.seed, "n_unmodified_train": len(splits[UNMODIFIED_TRAIN]),
+        "batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "modify_known": job.modify_known,
     }
     marker = os.path.join(folder, FT_MARKER)
     if os.path.isfile(marker):
