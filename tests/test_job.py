@@ -117,8 +117,11 @@ def test_every_tiny_setting_runs_for_real(name, tmp_path, real_bert_dir):
     if args.norm == "linf":
         for param_name, param in edit.trainable_parameters().items():
             assert_in_linf_ball(param, edit.theta0[param_name], args.delta, param_name)
-    elif args.norm == "l2":
+    elif args.norm in ("l2", "fisher"):
         assert outcome.trainer.projector.distance() <= args.delta * (1 + 1e-5)
+    if args.norm == "fisher":
+        fisher = outcome.trainer.projector.fisher
+        assert all((f >= 0).all() for f in fisher.values()) and any((f > 0).any() for f in fisher.values())
     if job.setting.startswith("ft+"):
         assert metrics["a_fs_before"] > 0.3  # the edit started from the FT model
         assert (run / "ft" / "memedit_ft.json").is_file()

@@ -176,3 +176,28 @@ def test_resume_from_a_foreign_checkpoint_is_refused(tmp_path, bert_tokenizer):
 def test_needs_an_edit_config(tmp_out):
     with pytest.raises(TypeError, match="needs an EditConfig"):
         ConstrainedEditTrainer(tiny_bert(100), TrainingArguments(output_dir=tmp_out))
+
+
+def test_diagonal_fisher_is_the_mean_of_per_fact_squared_gradients(bert_tokenizer):
+    from hf_memedit.fisher import diagonal_fisher
+
+    model = tiny_bert(bert_tokenizer.vocab_size, layers=2, dropout=0.1).train()
+    names = [n for n, _ in model.named_parameters() if ".layer.1." in n]
+    fisher = diagonal_fisher(model, bert_tokenizer, FACTS[:3], names, samples=3)
+    assert model.training and all(p.requires_grad for p in model.parameters())  # restored
+    model.eval()  # dropout off, as diagonal_fisher has it
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters() if n in names}
+    for fact in FACTS[:3]:
+        model.zero_grad()
+        model(**FactCollator(bert_tokenizer, "masked")([fact])).loss.backward()
+        for n, p in model.named_parameters():
+            if n in names:
+                expected[n] += p.grad.pow(2) / 3
+    for n in names:
+        assert torch.allclose(fisher[n], expected[n], rtol=1e-5, atol=1e-12), n
+
+
+def test_fisher_norm_needs_unmodified_facts(bert_tokenizer, tmp_out):
+    args = _args(tmp_out, norm="fisher", delta=1e-2)
+    with pytest.raises(ValueError, match="needs fisher_dataset"):
+        ConstrainedEditTrainer(tiny_bert(bert_tokenizer.vocab_size, layers=2), args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer)

@@ -43,7 +43,8 @@ class EditConfig(TrainingArguments):
         default="linf",
         metadata={
             "help": "Norm of the constraint ||θ − θ0|| ≤ δ: 'linf' (clamp, the paper's most stable), "
-            "'l2' (rescale), or 'none' for unconstrained fine-tuning.",
+            "'l2' (rescale), 'fisher' (Σ Fᵢ Δᵢ² ≤ δ with the diagonal Fisher F on unmodified facts; "
+            "the trainer needs fisher_dataset), or 'none' for unconstrained fine-tuning.",
             "choices": list(NORMS),
         },
     )
@@ -58,6 +59,10 @@ class EditConfig(TrainingArguments):
             "'per_tensor' bounds each tensor separately.",
             "choices": list(L2_SCOPES),
         },
+    )
+    fisher_samples: int = field(
+        default=256,
+        metadata={"help": "norm 'fisher': how many unmodified facts estimate the diagonal Fisher (one backward each)."},
     )
     eval_before_edit: bool = field(
         default=True,

@@ -303,7 +303,8 @@ def run_edit(job: JobConfig, args: EditConfig, model=None, tokenizer=None, split
         return _finish(job, args, edit_metrics(eval_splits, results), [], None, start)
     train_dataset, train_args = edit_train_dataset(splits, job, args)
     trainer = ConstrainedEditTrainer(
-        model, train_args, train_dataset=train_dataset, eval_dataset=eval_splits, processing_class=tokenizer
+        model, train_args, train_dataset=train_dataset, eval_dataset=eval_splits, processing_class=tokenizer,
+        fisher_dataset=splits[UNMODIFIED_TRAIN],
     )
     trainer.train()
     metrics = trainer.fact_metrics(eval_splits)

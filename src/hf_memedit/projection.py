@@ -3,8 +3,8 @@
 The projections are exact Euclidean nearest points of the ball:
 L∞ clamps every element into [θ0 − δ, θ0 + δ]; L2 rescales Δ = θ − θ0 by min(1, δ / ||Δ||₂),
 either over all trainable tensors together (the paper's θ) or tensor by tensor.
-`project_fisher_` projects onto the paper's Appendix C ellipsoid Σᵢ Fᵢ Δᵢ² ≤ δ (a building block:
-the trainer does not offer a Fisher norm yet).
+`fisher` projects onto the paper's Appendix C ellipsoid Σᵢ Fᵢ Δᵢ² ≤ δ, F the diagonal Fisher
+information at θ0 (see `hf_memedit.fisher`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-NORMS = ("linf", "l2", "none")
+NORMS = ("linf", "l2", "fisher", "none")
 L2_SCOPES = ("global", "per_tensor")
 
 
@@ -110,6 +110,7 @@ class NormBallProjector:
         norm: str,
         delta: float | None,
         l2_scope: str = "global",
+        fisher: Mapping[str, torch.Tensor] | None = None,
     ):
         if norm not in NORMS:
             raise ValueError(f"Unknown norm {norm!r}: choose one of {', '.join(NORMS)}.")
@@ -122,7 +123,10 @@ class NormBallProjector:
             raise ValueError(f"θ0 has no snapshot of {missing[:5]}: it was taken for other parameters.")
         self.params = dict(params)
         self.theta0 = {name: theta0[name] for name in self.params}
+        if norm == "fisher" and (fisher is None or set(fisher) != set(self.params)):
+            raise ValueError("norm 'fisher' needs the Fisher diagonal of exactly the trainable parameters.")
         self.norm, self.delta, self.l2_scope = norm, delta, l2_scope
+        self.fisher = dict(fisher) if fisher is not None else None
         self.num_projections = 0
 
     def _theta0_on_device(self) -> dict[str, torch.Tensor]:
@@ -141,6 +145,8 @@ class NormBallProjector:
         if self.norm == "linf":
             for name, param in self.params.items():
                 project_linf_(param, theta0[name], self.delta)
+        elif self.norm == "fisher":
+            project_fisher_(self.params, theta0, self.fisher, self.delta)
         elif self.l2_scope == "global":
             project_l2_(self.params, theta0, self.delta)
         else:
@@ -149,8 +155,10 @@ class NormBallProjector:
         self.num_projections += 1
 
     def distance(self) -> float:
-        """The current ||θ − θ0|| in the projector's norm (L∞ for `none`), for logging."""
+        """The current ||θ − θ0|| in the projector's norm (Σ FΔ² for fisher, L∞ for `none`), for logging."""
         theta0 = self._theta0_on_device()
+        if self.norm == "fisher":
+            return fisher_distance(self.params, theta0, self.fisher)
         if self.norm == "l2" and self.l2_scope == "global":
             return float(l2_distance(self.params, theta0))
         if self.norm == "l2":

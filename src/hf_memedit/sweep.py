@@ -15,7 +15,7 @@ from typing import Any
 
 import datasets
 
-from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
+from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from .config import EditConfig
 from .io import atomic_write_text
 from .job import JobConfig, edit_train_dataset, holdout, load_model_and_tokenizer, prepare_benchmark, starting_model
@@ -79,7 +79,9 @@ def run_sweep(job: JobConfig, args: EditConfig, model=None, tokenizer=None) -> l
             norm=point["norm"], delta=point["delta"], eval_strategy="no", save_strategy="no", eval_before_edit=False,
         )
         train_dataset, train_args = edit_train_dataset(splits, job, point_args)
-        trainer = ConstrainedEditTrainer(model, train_args, train_dataset=train_dataset, processing_class=tokenizer)
+        trainer = ConstrainedEditTrainer(
+            model, train_args, train_dataset=train_dataset, processing_class=tokenizer, fisher_dataset=splits[UNMODIFIED_TRAIN]
+        )
         if before is None:  # θ0 is the same for every point: evaluate it once
             before = {name: trainer.fact_results(view, original=True) for name, view in views.items()}
         trainer.train()

@@ -14,6 +14,7 @@ from .architectures import model_kind
 from .collators import FactCollator
 from .config import EditConfig
 from .evaluation import FactResults
+from .fisher import diagonal_fisher
 from .io import load_tensors, save_tensors
 from .metrics import MODIFIED_TEST, UNMODIFIED_TEST, edit_metrics, evaluate_splits
 from .model import EditModel, get_edit_model
@@ -63,6 +64,7 @@ class ConstrainedEditTrainer(Trainer):
         model: a transformers masked or causal LM, or an `EditModel` (then `args.edit_blocks` is unused).
         args: an `EditConfig`.
         processing_class: the tokenizer; with no `data_collator`, facts are collated by `FactCollator`.
+        fisher_dataset: unmodified facts for the diagonal Fisher of `norm: fisher`.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class ConstrainedEditTrainer(Trainer):
         data_collator=None,
         processing_class=None,
         compute_loss_func=None,
+        fisher_dataset=None,
         **kwargs,
     ):
         if not isinstance(args, EditConfig):
@@ -91,8 +94,19 @@ class ConstrainedEditTrainer(Trainer):
             **kwargs,
         )
         self.edit_model = edit_model
+        fisher = None
+        if args.norm == "fisher":
+            if fisher_dataset is None or processing_class is None:
+                raise ValueError(
+                    "norm 'fisher' needs fisher_dataset (unmodified facts, e.g. the benchmark's unmodified_train) "
+                    "and processing_class (the tokenizer) to estimate the Fisher information at θ0."
+                )
+            fisher = diagonal_fisher(
+                base, processing_class, fisher_dataset, list(edit_model.theta0), samples=args.fisher_samples,
+                seed=args.seed, show_progress=not args.disable_tqdm,
+            )
         self.projector = NormBallProjector(
-            edit_model.trainable_parameters(), edit_model.theta0, args.norm, args.delta, args.l2_scope
+            edit_model.trainable_parameters(), edit_model.theta0, args.norm, args.delta, args.l2_scope, fisher=fisher
         )
         self._hooked_optimizer: torch.optim.Optimizer | None = None
         self.before_edit: dict[str, FactResults] | None = None
