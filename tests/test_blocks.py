@@ -136,3 +136,30 @@ def test_object_position_logits_equal_full_logits(arch, bert_tokenizer):
     fast = evaluate_facts(model, bert_tokenizer, FACTS, batch_size=3)
     full = evaluate_facts(model, bert_tokenizer, FACTS, batch_size=3, full_logits=True)
     assert fast == full and all(fast.predicted)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_mlp_out_selects_one_projection_per_block(arch):
+    """FT-L's selection: the MLP output projection of the chosen block, nothing else."""
+    model = TINY[arch](3)
+    layout = ARCHITECTURES[arch]
+    blocks = ["all"] if layout.shared_blocks else ["1"]
+    names = selected_parameter_names(model, BlockSelectorConfig(blocks=blocks, modules=["mlp_out"]))
+    suffix = layout.mlp_out + "."
+    assert names and all(suffix in name for name in names), names
+    if not layout.shared_blocks:
+        assert all(".1." in name for name in names)
+    with pytest.raises(ValueError, match="has no submodule 'no.such'"):
+        selected_parameter_names(model, BlockSelectorConfig(blocks=blocks, modules=["no.such"]))
+
+
+def test_stop_at_loss_ends_training_early(bert_tokenizer, tmp_out):
+    model = tiny_bert(bert_tokenizer.vocab_size, layers=2)
+    args = EditConfig(
+        output_dir=tmp_out, edit_blocks=["0"], edit_modules=["mlp_out"], norm="linf", delta=1e-3, max_steps=20,
+        stop_at_loss=100.0, report_to="none", save_strategy="no", disable_tqdm=True,
+    )
+    trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 1  # the first loss (≈ ln V ≈ 10) is already below 100
+    assert set(trainer.edit_model.theta0) == {n for n, _ in model.named_parameters() if ".layer.0.output.dense." in n}

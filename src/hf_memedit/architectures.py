@@ -24,33 +24,37 @@ class BlockLayout:
     marks architectures (ALBERT) whose blocks all reuse one set of weights, so a single block
     cannot be edited without editing all of them. `head` lists, relative to the LM model itself,
     the modules that turn the base model's last hidden state into vocabulary logits, applied in
-    order: evaluation runs them on the object positions only.
+    order: evaluation runs them on the object positions only. `mlp_out`, relative to a block, is
+    the MLP's output projection (what ROME/EasyEdit's FT-L trains), selectable as "mlp_out".
     """
 
     blocks: str
     embeddings: tuple[str, ...]
     shared_blocks: bool = False
     head: tuple[str, ...] = ()
+    mlp_out: str | None = None
 
 
 ARCHITECTURES: dict[str, BlockLayout] = {
-    "bert": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",), head=("cls",)),
-    "roberta": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",), head=("lm_head",)),
+    "bert": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",), head=("cls",), mlp_out="output.dense"),
+    "roberta": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",), head=("lm_head",), mlp_out="output.dense"),
     "electra": BlockLayout(
-        blocks="encoder.layer", embeddings=("embeddings",), head=("generator_predictions", "generator_lm_head")
+        blocks="encoder.layer", embeddings=("embeddings",), head=("generator_predictions", "generator_lm_head"),
+        mlp_out="output.dense",
     ),
     "distilbert": BlockLayout(
         blocks="transformer.layer", embeddings=("embeddings",),
-        head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
+        head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"), mlp_out="ffn.lin2",
     ),
     "albert": BlockLayout(
         blocks="encoder.albert_layer_groups",
         embeddings=("embeddings", "encoder.embedding_hidden_mapping_in"),
         shared_blocks=True,
         head=("predictions",),
+        mlp_out="albert_layers.0.ffn_output",
     ),
-    "gpt2": BlockLayout(blocks="h", embeddings=("wte", "wpe"), head=("lm_head",)),
-    "llama": BlockLayout(blocks="layers", embeddings=("embed_tokens",), head=("lm_head",)),
+    "gpt2": BlockLayout(blocks="h", embeddings=("wte", "wpe"), head=("lm_head",), mlp_out="mlp.c_proj"),
+    "llama": BlockLayout(blocks="layers", embeddings=("embed_tokens",), head=("lm_head",), mlp_out="mlp.down_proj"),
 }
 
 

@@ -65,6 +65,11 @@ class BlockSelectorConfig:
         default=None,
         metadata={"help": "For architectures not in the table: paths of the embedding modules, relative to model.base_model."},
     )
+    modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Train only these submodules of each selected block (paths relative to the block, "
+                  "or 'mlp_out' for its MLP output projection, as FT-L does); None: whole blocks."},
+    )
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "The model the edit applies to (filled in by get_edit_model)."}
     )
@@ -118,7 +123,32 @@ def selected_modules(model: PreTrainedModel, config: BlockSelectorConfig) -> dic
                 )
             index = item % count
             modules[f"block {index}"] = block_list(model, layout)[index]
+    if config.modules:
+        modules = _block_submodules(model, layout, modules, config.modules)
     return modules
+
+
+def _block_submodules(model, layout, modules: dict[str, nn.Module], paths: list[str]) -> dict[str, nn.Module]:
+    """Narrow each selected block to the submodules `paths` (embedding selections stay whole)."""
+    narrowed: dict[str, nn.Module] = {}
+    for label, module in modules.items():
+        if label.startswith(EMBEDDINGS):
+            narrowed[label] = module
+            continue
+        blocks = list(module) if isinstance(module, nn.ModuleList) else [module]
+        for number, block in enumerate(blocks):
+            for path in paths:
+                real = layout.mlp_out if path == "mlp_out" else path
+                if real is None:
+                    raise ValueError(f"No MLP output projection is known for {type(model).__name__}: give its path in the block.")
+                try:
+                    narrowed[f"{label}{'' if len(blocks) == 1 else f' {number}'} {path}"] = block.get_submodule(real)
+                except AttributeError:
+                    children = ", ".join(name for name, _ in block.named_modules() if name)[:300]
+                    raise ValueError(
+                        f"{label} of {type(model).__name__} has no submodule {real!r}; it holds: {children}..."
+                    ) from None
+    return narrowed
 
 
 def selected_parameter_names(model: PreTrainedModel, config: BlockSelectorConfig) -> list[str]:

@@ -28,6 +28,18 @@ class EditConfig(TrainingArguments):
             "(e.g. 'embeddings' '0'). Everything else is frozen."
         },
     )
+    edit_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Train only these submodules of the selected blocks: paths relative to a block, or "
+            "'mlp_out' (its MLP output projection; edit_blocks 0 + edit_modules mlp_out is FT-L as ROME and "
+            "EasyEdit run it). Default: whole blocks."
+        },
+    )
+    stop_at_loss: float | None = field(
+        default=None,
+        metadata={"help": "Stop training once a step's loss falls below this (FT-L's early stop; EasyEdit: 1e-2)."},
+    )
     blocks_path: str | None = field(
         default=None,
         metadata={
@@ -109,5 +121,6 @@ class EditConfig(TrainingArguments):
 
     def block_selector_config(self) -> BlockSelectorConfig:
         return BlockSelectorConfig(
-            blocks=list(self.edit_blocks), blocks_path=self.blocks_path, embeddings_paths=self.embeddings_paths
+            blocks=list(self.edit_blocks), blocks_path=self.blocks_path, embeddings_paths=self.embeddings_paths,
+            modules=list(self.edit_modules) if self.edit_modules else None,
         )

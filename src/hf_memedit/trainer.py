@@ -127,6 +127,12 @@ class ConstrainedEditTrainer(Trainer):
             return
         self.projector.project_()
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.args.stop_at_loss is not None and loss.item() < self.args.stop_at_loss:
+            self.control.should_training_stop = True  # FT-L's early stop, checked on each micro-batch's loss
+        return loss
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint:
             self._restore_theta0(resume_from_checkpoint)
