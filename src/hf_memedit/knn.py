@@ -1,0 +1,95 @@
+"""kNN-LM for modification, the paper's Appendix F baseline: no training, a datastore instead.
+
+Keys are the contextual embeddings (the base model's last hidden state at θ0) at the position that
+predicts the object — the first mask of a masked LM, the last prompt token of a causal LM — of
+the modified facts' training evidence; values are their new objects' token ids. At test time a
+fact takes its nearest key's object when the *distance* to it is below ε, else the model's own
+prediction. Distances: L2, or cosine distance 1 − cos (a distance, never a similarity: the authors'
+script compared a similarity against a distance threshold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from .architectures import model_kind
+from .collators import FactCollator
+from .evaluation import FactResults, evaluate_facts
+
+METRICS = ("l2", "cosine")
+
+
+@torch.no_grad()
+def object_states(model: PreTrainedModel, tokenizer, facts: Sequence[Mapping], batch_size: int = 64) -> torch.Tensor:
+    """[len(facts), hidden]: the last hidden state at the position that predicts each fact's first object token."""
+    kind = model_kind(model)
+    collator = FactCollator(tokenizer, kind)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    states = []
+    try:
+        for start in range(0, len(facts), batch_size):
+            batch = {k: v.to(device) for k, v in collator(list(facts[start : start + batch_size])).items()}
+            labels = batch.pop("labels")
+            extra = {"use_cache": False} if kind == "causal" else {}
+            hidden = model.base_model(**batch, **extra).last_hidden_state
+            first = (labels != -100).int().argmax(dim=1) - (1 if kind == "causal" else 0)
+            states.append(hidden[torch.arange(len(first), device=device), first].float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(states)
+
+
+def pairwise_distance(queries: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
+    """[queries, keys] distances: L2, or cosine distance 1 − cos(q, k) (0 = same direction)."""
+    if metric == "l2":
+        return torch.cdist(queries.double(), keys.double())
+    if metric == "cosine":
+        q = torch.nn.functional.normalize(queries.double(), dim=1)
+        k = torch.nn.functional.normalize(keys.double(), dim=1)
+        return 1 - q @ k.T
+    raise ValueError(f"Unknown metric {metric!r}: choose one of {', '.join(METRICS)}.")
+
+
+@dataclass
+class KnnDatastore:
+    """Keys (contextual embeddings at θ0) and values (object token ids) of the modified facts' evidence."""
+
+    keys: torch.Tensor
+    values: list[list[int]]
+    metric: str = "l2"
+
+    @classmethod
+    def build(cls, model: PreTrainedModel, tokenizer, evidence: Iterable[Mapping], metric: str = "l2") -> KnnDatastore:
+        if metric not in METRICS:
+            raise ValueError(f"Unknown metric {metric!r}: choose one of {', '.join(METRICS)}.")
+        rows = list(evidence)
+        if not rows:
+            raise ValueError("The kNN datastore needs the modified facts' training evidence, and none was given.")
+        collator = FactCollator(tokenizer, model_kind(model))
+        values = [[t for t in collator.encode(row)["labels"] if t != -100] for row in rows]
+        return cls(object_states(model, tokenizer, rows), values, metric)
+
+    def nearest(self, model: PreTrainedModel, tokenizer, facts: Sequence[Mapping]) -> tuple[torch.Tensor, list[list[int]]]:
+        """Per fact, the distance to its nearest key and that key's object ids."""
+        distances = pairwise_distance(object_states(model, tokenizer, facts), self.keys, self.metric)
+        best, index = distances.min(dim=1)
+        return best, [self.values[i] for i in index.tolist()]
+
+    def predict(self, model: PreTrainedModel, tokenizer, facts: Sequence[Mapping], epsilons: Sequence[float]) -> dict[float, FactResults]:
+        """For each ε: the neighbour's object where its distance < ε, the model's prediction elsewhere."""
+        facts = list(facts)
+        own = evaluate_facts(model, tokenizer, facts)
+        distance, neighbour = self.nearest(model, tokenizer, facts)
+        collator = FactCollator(tokenizer, model_kind(model))
+        targets = [[t for t in collator.encode(f)["labels"] if t != -100] for f in facts]
+        results = {}
+        for epsilon in epsilons:
+            predicted = [n if d < epsilon else p for d, n, p in zip(distance.tolist(), neighbour, own.predicted)]
+            results[epsilon] = FactResults([p == t for p, t in zip(predicted, targets)], predicted)
+        return results
