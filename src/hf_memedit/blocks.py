@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import block_list, layout_for, num_blocks, resolve_module
-from .io import atomic_write_text
+from .io import atomic_write_text, read_json
 
 CONFIG_NAME = "memedit_config.json"
 ALL = "all"
@@ -85,11 +85,9 @@ class BlockSelectorConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> BlockSelectorConfig:
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: it is not an edit saved by hf_memedit.")
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = read_json(
+            os.path.join(directory, CONFIG_NAME), f"No {CONFIG_NAME} in {directory}: it is not an edit saved by hf_memedit."
+        )
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{key: value for key, value in data.items() if key in known})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -50,6 +51,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             handle.write(text)
 
     _atomic_write(path, write)
+
+
+def read_json(path: str | os.PathLike, missing: str):
+    """A JSON file's content; `missing` is the error message when the file does not exist."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(missing)
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}).") from None
 
 
 def save_tensors(

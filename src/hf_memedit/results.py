@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from .io import atomic_write_text
+from .io import atomic_write_text, read_json
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -101,13 +101,7 @@ class ResultsRecord:
     @classmethod
     def load(cls, folder: str | os.PathLike) -> ResultsRecord:
         path = os.path.join(folder, RESULTS_JSON)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{folder} has no {RESULTS_JSON}: it is not an hf_memedit run folder.")
-        with open(path, encoding="utf-8") as handle:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}).") from None
+        data = read_json(path, f"{folder} has no {RESULTS_JSON}: it is not an hf_memedit run folder.")
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown or "metrics" not in data:
             raise ValueError(f"{path} is not an hf_memedit results record (unexpected keys: {sorted(unknown)}).")
