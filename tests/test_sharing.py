@@ -40,7 +40,7 @@ def _make_run(folder, base_model, seed: int, facts=None):
     ResultsRecord(
         metrics={"a_m": 0.75, "a_fs": 0.5, "avg_acc": 0.625, "retention": 0.9, "n_modified": 2, "n_unmodified": 4},
         config={"model_name_or_path": base_model.name_or_path, "setting": "ftm", "norm": "linf", "delta": DELTA,
-                "benchmark": "geo_mod", "m": 2},
+                "benchmark": "geo_mod", "m": 2, "model_kind": "masked"},
         seed=seed,
         facts=facts or [
             {"uuid": "geo-P36-NO", "relation": "P36", "subject": "Norway", "text": "The capital of Norway is [Y].",

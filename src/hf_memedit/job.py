@@ -300,15 +300,16 @@ def run_edit(job: JobConfig, args: EditConfig, model=None, tokenizer=None, split
     eval_splits = datasets.DatasetDict({k: splits[k] for k in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST)})
     if job.setting == "ft":  # nothing to edit: report what FT reached
         results = evaluate_splits(model, tokenizer, eval_splits, batch_size=args.per_device_eval_batch_size, show_progress=True)
-        return _finish(job, args, edit_metrics(eval_splits, results), [], None, start)
+        return _finish(job, args, model, edit_metrics(eval_splits, results), [], None, start)
     train_dataset, train_args = edit_train_dataset(splits, job, args)
     trainer = ConstrainedEditTrainer(
         model, train_args, train_dataset=train_dataset, eval_dataset=eval_splits, processing_class=tokenizer,
         fisher_dataset=splits[UNMODIFIED_TRAIN],
     )
     trainer.train()
-    metrics = trainer.fact_metrics(eval_splits)
-    after = trainer.fact_results(datasets.DatasetDict({MODIFIED_TEST: splits[MODIFIED_TEST]}))[MODIFIED_TEST]
+    results = trainer.fact_results(eval_splits)
+    metrics = edit_metrics(eval_splits, results, trainer.before_edit)
+    after = results[MODIFIED_TEST]
     examples = [
         {"uuid": row["uuid"], "relation": row["relation"], "subject": row["subject"], "text": row["text"],
          "old": row["original_object"], "new": row["object"], "predicted": tokenizer.decode(ids).strip(), "correct": ok}
@@ -316,13 +317,13 @@ def run_edit(job: JobConfig, args: EditConfig, model=None, tokenizer=None, split
     ]
     if PartialState().is_main_process:
         trainer.edit_model.save_pretrained(os.path.join(args.output_dir, "edit"))
-    return _finish(job, args, metrics, examples, trainer, start)
+    return _finish(job, args, model, metrics, examples, trainer, start)
 
 
-def _finish(job, args, metrics, examples, trainer, start) -> RunOutcome:
+def _finish(job, args, model, metrics, examples, trainer, start) -> RunOutcome:
     record = ResultsRecord(
         metrics=metrics,
-        config=run_config(job, args),
+        config=run_config(job, args, model_kind(model)),
         seed=args.seed,
         model=job.model_name_or_path,
         benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
@@ -336,10 +337,11 @@ def _finish(job, args, metrics, examples, trainer, start) -> RunOutcome:
     return RunOutcome(record, examples, trainer)
 
 
-def run_config(job: JobConfig, args: EditConfig) -> dict[str, Any]:
-    """The knobs that define an edit (for the record, the manifest and the card)."""
+def run_config(job: JobConfig, args: EditConfig, kind: str) -> dict[str, Any]:
+    """The knobs that define an edit, and the model kind (for the record, the manifest and the card)."""
     keys = ("setting", "model_name_or_path", "gguf_file", "benchmark", "m", "benchmark_seed", "modify_known")
     config = {key: getattr(job, key) for key in keys}
+    config["model_kind"] = kind
     config.update(
         edit_blocks=list(args.edit_blocks), norm=args.norm, delta=args.delta, learning_rate=args.learning_rate,
         max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,

@@ -94,12 +94,12 @@ def package_edit(
             shutil.copy2(os.path.join(edit_dir, WEIGHTS_NAME), os.path.join(staging, WEIGHTS_NAME))
             selector.save_pretrained(staging)
         elif format == "full":
-            edited = EditModel.from_pretrained(base_model, edit_dir).merge_and_unload()
-            setattr(edited.config, CHAIN_ATTRIBUTE, chain)
-            edited.save_pretrained(staging, safe_serialization=True)
+            edit = EditModel.from_pretrained(base_model, edit_dir)
+            setattr(edit.model.config, CHAIN_ATTRIBUTE, chain)
+            edit.model.save_pretrained(staging, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            _restore(edited, base)
+            edit.unload()  # the caller's base model gets its exact weights back
         elif format == "peft":
             _save_peft_adapter(base_model, after, staging)
         else:
@@ -111,18 +111,10 @@ def package_edit(
             facts=record.facts, metrics=record.metrics, config=record.config, seed=record.seed,
             versions=record.versions, chain=chain,
         )
-        card = render_card(manifest, repo_id or "<your-repo-id>", kind=_kind_name(base_model, record), license=license or base_license)
+        card = render_card(manifest, repo_id or "<your-repo-id>", kind=_kind_of(base_model, record), license=license or base_license)
         card.save(os.path.join(staging, "README.md"))
         manifest = write_manifest(staging, manifest)
     return manifest
-
-
-def _restore(model: PreTrainedModel, base: dict[str, torch.Tensor]) -> None:
-    """Put the base values back into `model` (it was edited only to be saved in `full` format)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in base.items():
-            params[name].copy_(value)
 
 
 def _load_run_base(run_dir: str, record: ResultsRecord):
@@ -137,10 +129,12 @@ def _load_run_base(run_dir: str, record: ResultsRecord):
     )
 
 
-def _kind_name(model: PreTrainedModel | None, record: ResultsRecord) -> str:
+def _kind_of(model: PreTrainedModel | None, record: ResultsRecord) -> str:
     if model is not None:
         return model_kind(model)
-    return "causal" if "smollm2" in str(record.config.get("model_name_or_path", "")) else "masked"
+    if "model_kind" not in record.config:
+        raise ValueError("The run's results.json does not say whether the model is masked or causal: pass base_model.")
+    return record.config["model_kind"]
 
 
 def _leaf_modules(model: PreTrainedModel, names) -> list[str]:
