@@ -77,6 +77,17 @@ def test_a_model_that_cannot_be_found_says_what_was_tried(monkeypatch):
         load_model_and_tokenizer(JobConfig(model_name_or_path="no-such/model"))
 
 
+def test_cli_reports_bad_input_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["edit", "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--model_name_or_path", "no-such/model",
+              "--output_dir", str(tmp_path / "run")])
+    assert str(exit_info.value.code).startswith("memedit edit: error: Could not load model 'no-such/model'")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", str(tmp_path), "--repo_id", "me/x"])
+    assert str(exit_info.value.code).endswith("memedit_edit.safetensors does not exist.")
+
+
 def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["edit", "--help"])

@@ -26,7 +26,11 @@ from transformers import HfArgumentParser
 
 from .config import EditConfig
 from .job import JobConfig, RunOutcome, load_model_and_tokenizer, prepare_benchmark, run_edit
-from .results import METRIC_LABELS, format_percent
+from .metrics import edit_metrics, evaluate_splits
+from .model import EditModel
+from .results import METRIC_LABELS, ResultsRecord, format_percent
+from .sharing import push_edit, push_folder
+from .sweep import run_sweep
 
 COMMANDS = {
     "edit": "Run one edit in the configured setting and write the run folder (the default job).",
@@ -162,6 +166,13 @@ def main(argv: list[str] | None = None) -> None:
         print(usage)
         return
     command, rest = argv[0], argv[1:]
+    try:
+        _run(command, rest)
+    except (ValueError, FileNotFoundError, ImportError) as error:  # bad input: one line, no traceback
+        sys.exit(f"memedit {command}: error: {error}")
+
+
+def _run(command: str, rest: list[str]) -> None:
     if command == "push":
         _push(rest)
         return
@@ -171,8 +182,6 @@ def main(argv: list[str] | None = None) -> None:
         if outcome.trainer is None or outcome.trainer.is_world_process_zero():
             print(format_summary(outcome, args, job.show_examples))
     elif command == "sweep":
-        from .sweep import run_sweep
-
         run_sweep(job, args)
         print(open(os.path.join(args.output_dir, "sweep.md"), encoding="utf-8").read())
         print(f"plots: {os.path.join(args.output_dir, 'tradeoff.png')}, {os.path.join(args.output_dir, 'avg_acc_per_block.png')}")
@@ -181,8 +190,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _push(argv: list[str]) -> None:
-    from .sharing import push_edit, push_folder
-
     parser = argparse.ArgumentParser(prog="memedit push", description=COMMANDS["push"])
     parser.add_argument("folder", help="A run folder written by `memedit edit`, or (--repo_type dataset) an export_benchmark folder.")
     parser.add_argument("--repo_id", required=True, help="Target repo, e.g. your-name/smollm2-capitals-edit.")
@@ -206,10 +213,6 @@ def _push(argv: list[str]) -> None:
 
 
 def _evaluate(job: JobConfig, args: EditConfig, edit_dir: str | None) -> None:
-    from .metrics import edit_metrics, evaluate_splits
-    from .model import EditModel
-    from .results import ResultsRecord
-
     model, tokenizer = load_model_and_tokenizer(job)
     splits = prepare_benchmark(job, model, tokenizer)
     show = dict(batch_size=args.per_device_eval_batch_size, show_progress=True)
