@@ -108,14 +108,6 @@ def num_blocks(model: PreTrainedModel, layout: BlockLayout) -> int:
     return len(block_list(model, layout))
 
 
-def lm_head(model: PreTrainedModel) -> nn.Sequential | None:
-    """The modules mapping the base model's last hidden state to logits, or None when unknown."""
-    layout = ARCHITECTURES.get(getattr(model.config, "model_type", None))
-    if layout is None or not layout.head:
-        return None
-    return nn.Sequential(*(model.get_submodule(path) for path in layout.head))
-
-
 def model_kind(model: nn.Module) -> str:
     """`"masked"` or `"causal"`: which fact encoding and evaluation the model needs."""
     name = type(model).__name__

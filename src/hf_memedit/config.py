@@ -83,6 +83,29 @@ class EditConfig(TrainingArguments):
             "so evaluations report A_F before, retention and agreement (costs one evaluation)."
         },
     )
+    prefix_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the hidden states entering the lowest edited block once per fact and train and "
+            "evaluate only the blocks from there on (hf_memedit.prefix). The frozen blocks below then run "
+            "without dropout. Used when nothing below that block trains (not for embeddings or ALBERT)."
+        },
+    )
+    prefix_cache_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Storage dtype of the prefix cache: 'auto' (the model's), 'float32', or 'float16'/'bfloat16' "
+            "(half the memory, rounding the cached states).",
+            "choices": ["auto", "float32", "float16", "bfloat16"],
+        },
+    )
+    object_logits_only: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the LM head only at the object positions in training (same loss, less work); "
+            "needs the architecture in hf_memedit's block table."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: the fact collator needs the text and object columns."},

@@ -15,14 +15,17 @@ Optionally the argmax runs over a candidate vocabulary instead of the full one (
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .architectures import lm_head, model_kind
+from .architectures import model_kind
 from .collators import FactCollator
+from .heads import head_modules, logit_positions, object_positions_only, object_targets
+from .prefix import PrefixCache
 
 
 @dataclass
@@ -64,6 +67,7 @@ def evaluate_facts(
     text_key: str = "text",
     object_key: str = "object",
     full_logits: bool = False,
+    prefix: PrefixCache | None = None,
 ) -> FactResults:
     """Whether `model` predicts each fact's object, and what it predicts.
 
@@ -72,6 +76,7 @@ def evaluate_facts(
             a `datasets.Dataset`, or a list of dicts).
         candidates: token ids to take the argmax over (default: the full vocabulary).
         full_logits: compute the LM head at every position (the straightforward way, for comparison).
+        prefix: a `PrefixCache` of the model's frozen blocks: only the blocks above it run.
     Facts run in batches sorted by length (less padding); results come back in the input order.
     """
     facts = list(facts)
@@ -81,7 +86,7 @@ def evaluate_facts(
     collator = FactCollator(tokenizer, kind, text_key=text_key, object_key=object_key)
     device = next(model.parameters()).device
     allowed = _candidate_tensor(candidates, model, device)
-    head = None if full_logits else lm_head(model)
+    object_only = not full_logits and head_modules(model) is not None
     was_training = model.training
     model.eval()
     order = sorted(range(len(facts)), key=lambda i: len(facts[i][text_key]))
@@ -93,17 +98,18 @@ def evaluate_facts(
             batch = collator([facts[i] for i in index])
             labels = batch.pop("labels").to(device)
             inputs = {k: v.to(device) for k, v in batch.items()}
-            if kind == "causal":  # the logit at position i predicts token i + 1
-                labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-            mask = labels != -100
-            if head is None:
-                logits = model(**inputs).logits[mask]
-            else:
-                extra = {"use_cache": False} if kind == "causal" else {}
-                hidden = model.base_model(**inputs, **extra).last_hidden_state
-                logits = head(hidden[mask])
+            mask = logit_positions(labels, kind)  # causal: the logit at position i predicts token i + 1
+            targets = object_targets(labels, kind)
+            extra = {"use_cache": False} if kind == "causal" else {}
+            with ExitStack() as stack:
+                if prefix is not None:
+                    stack.enter_context(prefix.feeding(inputs["input_ids"], inputs["attention_mask"]))
+                if object_only:
+                    stack.enter_context(object_positions_only(model, mask))
+                logits = model(**inputs, **extra).logits
+            if not object_only:
+                logits = logits[mask]
             guesses = logits.argmax(-1) if allowed is None else allowed[logits[:, allowed].argmax(-1)]
-            targets = labels[mask]
             counts = mask.sum(1).tolist()
             for fact_index, ids, wanted in zip(index, guesses.split(counts), targets.split(counts)):
                 correct[fact_index] = bool(torch.equal(ids, wanted))

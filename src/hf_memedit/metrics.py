@@ -17,6 +17,7 @@ from typing import Any
 
 from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
 from .evaluation import FactResults, evaluate_facts
+from .prefix import PrefixCache
 
 
 def _share(flags: Sequence[bool]) -> float | None:
@@ -112,17 +113,22 @@ def evaluate_splits(
     original: bool = False,
     batch_size: int = 64,
     show_progress: bool = False,
+    prefix: PrefixCache | None = None,
 ) -> dict[str, FactResults]:
     """`evaluate_facts` on the benchmark splits that metrics use (modified_train/test, unmodified_test).
 
     With `original=True` the modified facts are scored on their original object: the before-edit view.
+    With `prefix`, the states entering the edited blocks are cached first (with a memory check).
     """
     results = {}
     for name in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST):
         if name in splits and len(splits[name]):
             object_key = "original_object" if original and name != UNMODIFIED_TEST else "object"
+            if prefix is not None:
+                prefix.add_facts(tokenizer, splits[name], batch_size, show_progress, object_key=object_key)
             results[name] = evaluate_facts(
-                model, tokenizer, splits[name], batch_size=batch_size, object_key=object_key, show_progress=show_progress
+                model, tokenizer, splits[name], batch_size=batch_size, object_key=object_key,
+                show_progress=show_progress, prefix=prefix,
             )
     if not results:
         raise ValueError(

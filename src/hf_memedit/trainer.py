@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from contextlib import ExitStack
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .architectures import model_kind
@@ -15,9 +17,11 @@ from .collators import FactCollator
 from .config import EditConfig
 from .evaluation import FactResults
 from .fisher import diagonal_fisher
+from .heads import head_modules, logit_positions, object_positions_only, object_targets
 from .io import load_tensors, save_tensors
 from .metrics import MODIFIED_TEST, UNMODIFIED_TEST, edit_metrics, evaluate_splits
 from .model import EditModel, get_edit_model
+from .prefix import PrefixCache, first_editable_block
 from .projection import NormBallProjector
 
 logger = logging.getLogger(__name__)
@@ -51,8 +55,12 @@ class ConstrainedEditTrainer(Trainer):
     checkpoint loading; it is written into each checkpoint and read back on
     `train(resume_from_checkpoint=...)`.
 
-    The loss is the model's own loss function normalised by the number of object tokens in the
-    whole effective batch, so gradient accumulation matches the equal large batch exactly.
+    The loss is cross-entropy on the object tokens normalised by their number in the whole
+    effective batch (the model's own loss function), so gradient accumulation matches the equal
+    large batch exactly. Two fast paths leave it unchanged up to float rounding:
+    `object_logits_only` runs the LM head only at object positions (`hf_memedit.heads`), and
+    `prefix_cache` runs only the blocks from the lowest edited one on (`hf_memedit.prefix`; the
+    frozen blocks below then run without dropout).
 
     Given benchmark splits as `eval_dataset` (a dict or `DatasetDict` holding `modified_test`
     and/or `unmodified_test`, optionally `modified_train`), `evaluate()` reports the fact
@@ -65,6 +73,8 @@ class ConstrainedEditTrainer(Trainer):
         args: an `EditConfig`.
         processing_class: the tokenizer; with no `data_collator`, facts are collated by `FactCollator`.
         fisher_dataset: unmodified facts for the diagonal Fisher of `norm: fisher`.
+        prefix_cache: a `PrefixCache` to reuse (a sweep shares one across its δ), else one is built
+            when `args.prefix_cache` is set and something below the edited blocks is frozen.
     """
 
     def __init__(
@@ -75,6 +85,7 @@ class ConstrainedEditTrainer(Trainer):
         processing_class=None,
         compute_loss_func=None,
         fisher_dataset=None,
+        prefix_cache: PrefixCache | None = None,
         **kwargs,
     ):
         if not isinstance(args, EditConfig):
@@ -83,8 +94,11 @@ class ConstrainedEditTrainer(Trainer):
         base = edit_model.model
         if data_collator is None and processing_class is not None:
             data_collator = FactCollator(processing_class, kind=model_kind(base))
+        kind = model_kind(base)
+        # Object-only logits need to know the loss: only with the trainer's own loss function.
+        object_only = args.object_logits_only and compute_loss_func is None and head_modules(base) is not None
         if compute_loss_func is None:
-            compute_loss_func = _object_token_loss(base)
+            compute_loss_func = _object_token_loss(base, kind)
         super().__init__(
             model=base,
             args=args,
@@ -94,6 +108,16 @@ class ConstrainedEditTrainer(Trainer):
             **kwargs,
         )
         self.edit_model = edit_model
+        self.kind = kind
+        self.object_logits_only = object_only
+        if prefix_cache is None and args.prefix_cache:
+            prefix_cache = PrefixCache.for_model(base, args.prefix_cache_dtype)
+        elif prefix_cache is not None and prefix_cache.block != first_editable_block(base):
+            raise ValueError(
+                f"The prefix cache given holds the inputs of block {prefix_cache.block}, but this edit trains "
+                f"from block {first_editable_block(base)}: build one for this selection (PrefixCache.for_model)."
+            )
+        self.prefix_cache = prefix_cache
         fisher = None
         if args.norm == "fisher":
             if fisher_dataset is None or processing_class is None:
@@ -127,6 +151,15 @@ class ConstrainedEditTrainer(Trainer):
             return
         self.projector.project_()
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with ExitStack() as stack:
+            if self.prefix_cache is not None:
+                stack.enter_context(self.prefix_cache.feeding(inputs["input_ids"], inputs["attention_mask"]))
+            if self.object_logits_only and not return_outputs and "labels" in inputs:
+                positions = logit_positions(inputs["labels"], self.kind)
+                stack.enter_context(object_positions_only(self.edit_model.model, positions))
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.args.stop_at_loss is not None and loss.item() < self.args.stop_at_loss:
@@ -134,6 +167,13 @@ class ConstrainedEditTrainer(Trainer):
         return loss
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        columns = getattr(self.train_dataset, "column_names", None) or []
+        if self.prefix_cache is not None and "text" in columns and self.processing_class is not None:
+            # Up front, with a memory check and a progress bar; other datasets fill the cache batch by batch.
+            self.prefix_cache.add_facts(
+                self.processing_class, self.train_dataset, self.args.per_device_eval_batch_size,
+                show_progress=not self.args.disable_tqdm,
+            )
         if resume_from_checkpoint:
             self._restore_theta0(resume_from_checkpoint)
         elif self.args.eval_before_edit and self.before_edit is None and _fact_splits(self.eval_dataset):
@@ -165,6 +205,7 @@ class ConstrainedEditTrainer(Trainer):
         return evaluate_splits(
             self.edit_model.model, self.processing_class, splits, original=original,
             batch_size=self.args.per_device_eval_batch_size, show_progress=not self.args.disable_tqdm,
+            prefix=self.prefix_cache,
         )
 
     def _restore_theta0(self, resume_from_checkpoint: str | bool) -> None:
@@ -203,12 +244,20 @@ def _fact_splits(dataset) -> bool:
     return isinstance(dataset, Mapping) and bool({MODIFIED_TEST, UNMODIFIED_TEST} & set(dataset))
 
 
-def _object_token_loss(model: PreTrainedModel):
-    """The model's own LM loss (shifted for causal LMs) summed over object tokens / `num_items_in_batch`."""
+def _object_token_loss(model: PreTrainedModel, kind: str):
+    """The model's own LM loss (shifted for causal LMs) summed over object tokens / `num_items_in_batch`.
+
+    Given object-position-only logits (`[n, vocab]`), the same loss on the object targets:
+    transformers' masked-LM loss takes flat logits and labels as they are.
+    """
     loss_function = model.loss_function
 
     def compute(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"]
+        if logits.dim() == 2:
+            return ForMaskedLMLoss(
+                logits, object_targets(labels, kind), vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch
+            )
         return loss_function(
             logits=logits, labels=labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch
         )

@@ -1,0 +1,223 @@
+"""Frozen-prefix cache: compute the hidden states entering block n once, then run only blocks ≥ n.
+
+An edit of block 25 of a 30-block model spends 25/30 of every forward on blocks whose weights
+never change. When every trainable parameter lies in blocks ≥ n (or in the LM head),
+`PrefixCache` stores, per distinct token sequence, the hidden states that enter block n, and
+`feeding` runs the model's own forward with blocks 0..n-1 taken out of its block list and those
+states handed to block n. The model's forward still builds its attention masks and position
+embeddings, so nothing architecture-specific is re-implemented; the cache is keyed by the token
+ids, so shuffling, padding and FTA's mixed batches need no bookkeeping, and one cache serves every
+point of a sweep that edits the same blocks of the same model.
+
+The frozen blocks run in eval mode when their states are cached: **no dropout below block n**
+(an explicit choice: their output is computed once). Training with dropout in the frozen blocks
+means turning the cache off (`EditConfig.prefix_cache: false`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+
+import psutil
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .architectures import block_list, layout_for, model_kind
+from .collators import FactCollator
+from .heads import head_modules
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MEMORY_SHARE = 0.8  # refuse a cache that would take more than this share of the available memory
+
+
+class _Captured(Exception):
+    """Stops a forward once the input of block n is captured."""
+
+
+def first_editable_block(model: PreTrainedModel) -> int:
+    """The n below which nothing trains: 0 when something before the blocks (e.g. the embeddings) trains.
+
+    Trainable parameters outside the blocks are allowed only in the LM head (they run after the
+    blocks); anything else — embeddings, or parameters the table does not place — means 0.
+    """
+    layout = layout_for(model)
+    if layout.shared_blocks:
+        return 0  # ALBERT: every layer runs the same weights, so nothing below an edited block is frozen
+    blocks = block_list(model, layout)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if not trainable:
+        return 0
+    in_head = {id(p) for module in head_modules(model) or [] for p in module.parameters()}
+    placed = set(in_head)
+    first = None
+    for index, block in enumerate(blocks):
+        ids = {id(p) for p in block.parameters()}
+        placed |= ids
+        if first is None and ids & trainable:
+            first = index
+    if trainable - placed:
+        return 0
+    return first if first is not None else len(blocks) - 1
+
+
+class PrefixCache:
+    """Hidden states entering block `block` of `model`, per token sequence, stored on the CPU.
+
+    Args:
+        model: the transformers LM; its embeddings and blocks below `block` must stay frozen and
+            unchanged while the cache is used (checked on every use).
+        block: n ≥ 1, the first block that runs.
+        dtype: storage dtype ('auto': the model's; 'float16'/'bfloat16' halve the memory, at that
+            precision's rounding of the cached states).
+    """
+
+    def __init__(self, model: PreTrainedModel, block: int, dtype: str = "auto"):
+        if dtype not in DTYPES:
+            raise ValueError(f"Unknown prefix cache dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
+        self.blocks = block_list(model, layout_for(model))
+        if not 1 <= block < len(self.blocks):
+            raise ValueError(f"The prefix cache needs a block in [1, {len(self.blocks)}); got {block}.")
+        self.model = model
+        self.block = block
+        self.dtype = DTYPES[dtype] or next(model.parameters()).dtype
+        self.kind = model_kind(model)
+        self.states: dict[tuple[int, ...], torch.Tensor] = {}
+        # The frozen prefix: every base-model parameter that does not run from block n on.
+        kept = {id(p) for b in list(self.blocks)[block:] for p in b.parameters()}
+        kept |= {id(p) for m in head_modules(model) or [] for p in m.parameters()}
+        self._prefix_params = [p for p in model.base_model.parameters() if id(p) not in kept]
+        self._signature = self._prefix_signature()
+
+    @classmethod
+    def for_model(cls, model: PreTrainedModel, dtype: str = "auto") -> PrefixCache | None:
+        """A cache for the model's current trainable set, or None when nothing below the edit is frozen."""
+        block = first_editable_block(model)
+        return cls(model, block, dtype) if block >= 1 else None
+
+    def _prefix_signature(self) -> list[tuple[int, int]]:
+        return [(p.data_ptr(), p._version) for p in self._prefix_params]
+
+    def check_unchanged(self) -> None:
+        if any(p.requires_grad for p in self._prefix_params):
+            raise ValueError(
+                f"The prefix cache holds the inputs of block {self.block}, but a parameter below it now trains: "
+                "build a new cache for this selection (or set prefix_cache: false)."
+            )
+        if self._prefix_signature() != self._signature:
+            raise ValueError(
+                f"The weights below block {self.block} changed since the prefix cache was built, so its states "
+                "are stale: build a new cache."
+            )
+
+    def estimate_bytes(self, tokens: int) -> int:
+        """Bytes the states of `tokens` tokens take in the cache."""
+        hidden = self.model.config.hidden_size
+        return tokens * hidden * torch.empty((), dtype=self.dtype).element_size()
+
+    def add_facts(
+        self, tokenizer, facts: Iterable[Mapping], batch_size: int = 64, show_progress: bool = False, object_key: str = "object"
+    ) -> None:
+        """Compute the states of every fact (or FTA group) not cached yet, in batches, after a memory check."""
+        collator = FactCollator(tokenizer, self.kind)
+        encoder, pad = collator.encoder, collator.pad_id
+        sequences: dict[tuple[int, ...], None] = {}
+        for fact in facts:
+            texts, objects = fact["text"], fact[object_key]
+            if not isinstance(texts, list):  # an FTA row is a group of facts
+                texts, objects = [texts], [objects]
+            for text, obj in zip(texts, objects):
+                key = tuple(encoder.encode(text, obj)["input_ids"])
+                if key not in self.states:
+                    sequences[key] = None
+        missing = sorted(sequences, key=len)
+        if not missing:
+            return
+        need = self.estimate_bytes(sum(len(s) for s in missing))
+        available = psutil.virtual_memory().available
+        logger.info("Prefix cache: %d sequences, %.1f MiB of block-%d inputs.", len(missing), need / 2**20, self.block)
+        if need > MEMORY_SHARE * available:
+            raise MemoryError(
+                f"The prefix cache for {len(missing)} facts needs {need / 2**30:.2f} GiB but only "
+                f"{available / 2**30:.2f} GiB of memory is available: set prefix_cache_dtype float16 (half the size), "
+                "evaluate fewer unmodified facts (max_unmodified_eval), or set prefix_cache: false."
+            )
+        for start in tqdm(range(0, len(missing), batch_size), desc=f"caching block-{self.block} inputs", disable=not show_progress):
+            chunk = missing[start : start + batch_size]
+            width = max(len(s) for s in chunk)
+            input_ids = torch.tensor([list(s) + [pad] * (width - len(s)) for s in chunk])
+            attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk])
+            self._compute(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def _compute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Run the model up to block n (eval mode, no dropout) and store each row's states."""
+        captured: list[torch.Tensor] = []
+
+        def capture(module, args):
+            captured.append(args[0])
+            raise _Captured
+
+        device = next(self.model.parameters()).device
+        handle = self.blocks[self.block].register_forward_pre_hook(capture)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            extra = {"use_cache": False} if self.kind == "causal" else {}
+            self.model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+            self.model.train(was_training)
+        if not captured:
+            raise RuntimeError(f"{type(self.model).__name__}'s forward never reached block {self.block}.")
+        hidden = captured[0].to("cpu", self.dtype)
+        for i, length in enumerate(attention_mask.sum(1).tolist()):
+            self.states[tuple(input_ids[i, :length].tolist())] = hidden[i, :length].clone()
+
+    def batch_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[batch, length, hidden] block-n inputs of a right-padded batch (computed now where missing)."""
+        lengths = attention_mask.sum(1).tolist()
+        keys = [tuple(row[:length].tolist()) for row, length in zip(input_ids.cpu(), lengths)]
+        if any(key not in self.states for key in keys):
+            self._compute(input_ids.cpu(), attention_mask.cpu())
+        first = self.states[keys[0]]
+        out = torch.zeros(len(keys), input_ids.shape[1], first.shape[-1], dtype=first.dtype)
+        for i, key in enumerate(keys):
+            out[i, : len(key)] = self.states[key]
+        return out
+
+    @contextmanager
+    def feeding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Iterator[None]:
+        """Inside: the model's forward on this batch runs blocks ≥ n only, from the cached states."""
+        self.check_unchanged()
+        if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+            raise ValueError("The prefix cache needs right-padded batches (hf_memedit's FactCollator pads on the right).")
+        parameter = next(self.model.parameters())
+        states = self.batch_states(input_ids, attention_mask).to(parameter.device, parameter.dtype)
+
+        def feed(module, args):
+            if args[0].shape != states.shape:
+                raise RuntimeError(
+                    f"Block {self.block} received hidden states of shape {tuple(args[0].shape)}, the cache has "
+                    f"{tuple(states.shape)}: this model's forward does not match hf_memedit's block table."
+                )
+            return (states,) + tuple(args[1:])
+
+        saved = self.blocks._modules
+        self.blocks._modules = OrderedDict((str(i), m) for i, m in enumerate(list(saved.values())[self.block :]))
+        handle = saved[str(self.block)].register_forward_pre_hook(feed)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self.blocks._modules = saved
+
+    def __len__(self) -> int:
+        return len(self.states)

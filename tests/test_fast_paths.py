@@ -1,0 +1,171 @@
+"""The two fast paths change no result: object-position-only logits and the frozen-prefix cache,
+in training (loss, gradients, final weights) and in evaluation, on every architecture of the table."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    AlbertConfig, AlbertForMaskedLM, BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM,
+    ElectraConfig, ElectraForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+    RobertaConfig, RobertaForMaskedLM,
+)
+
+from hf_memedit import BlockSelectorConfig, ConstrainedEditTrainer, EditConfig, evaluate_facts, get_edit_model
+from hf_memedit.collators import FactCollator
+from hf_memedit.prefix import PrefixCache, first_editable_block
+
+from .helpers import FACTS
+
+COMMON = dict(report_to="none", disable_tqdm=True, seed=0, data_seed=0, save_strategy="no")
+
+
+def build(name: str, vocab: int, layers: int = 4):
+    """A tiny random model without dropout (the cache runs frozen blocks without it; the slow path would not)."""
+    torch.manual_seed(0)
+    small = dict(
+        vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    if name == "bert":
+        return BertForMaskedLM(BertConfig(hidden_size=16, intermediate_size=32, **small))
+    if name == "roberta":
+        return RobertaForMaskedLM(RobertaConfig(hidden_size=16, intermediate_size=32, pad_token_id=0, **{**small, "max_position_embeddings": 70}))
+    if name == "electra":
+        return ElectraForMaskedLM(ElectraConfig(hidden_size=16, embedding_size=16, intermediate_size=32, **small))
+    if name == "albert":
+        return AlbertForMaskedLM(AlbertConfig(hidden_size=16, embedding_size=8, intermediate_size=32, **small))
+    if name == "distilbert":
+        return DistilBertForMaskedLM(DistilBertConfig(
+            vocab_size=vocab, n_layers=layers, n_heads=2, dim=16, hidden_dim=32, max_position_embeddings=64,
+            dropout=0.0, attention_dropout=0.0,
+        ))
+    if name == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(
+            vocab_size=vocab, n_layer=layers, n_head=2, n_embd=16, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        ))
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64,
+    ))
+
+
+MASKED = ["bert", "roberta", "electra", "albert", "distilbert"]
+CAUSAL = ["gpt2", "llama"]
+
+
+def tokenizer_for(name, bert_tokenizer, bpe_tokenizer):
+    return bert_tokenizer if name in MASKED else bpe_tokenizer
+
+
+def facts_for(name):
+    """Causal LMs need the object after some prompt: drop the fact that starts with it."""
+    return FACTS if name in MASKED else [f for f in FACTS if not f["text"].startswith("[Y]")]
+
+
+def train(name, tokenizer, out, fast: bool, blocks=("-1",), **kw):
+    model = build(name, len(tokenizer))
+    args = EditConfig(
+        output_dir=out, edit_blocks=list(blocks), norm="linf", delta=5e-2, learning_rate=1e-2, max_steps=4,
+        per_device_train_batch_size=4, logging_steps=1, prefix_cache=fast, object_logits_only=fast, **COMMON, **kw,
+    )
+    trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(facts_for(name)), processing_class=tokenizer)
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return trainer, losses
+
+
+@pytest.mark.parametrize("name", MASKED + CAUSAL)
+def test_fast_training_matches_the_straightforward_loop(name, tmp_out, bert_tokenizer, bpe_tokenizer):
+    tokenizer = tokenizer_for(name, bert_tokenizer, bpe_tokenizer)
+    blocks = ["all"] if name == "albert" else ["-1"]
+    slow, slow_losses = train(name, tokenizer, tmp_out, fast=False, blocks=blocks)
+    fast, fast_losses = train(name, tokenizer, tmp_out, fast=True, blocks=blocks)
+    assert fast.object_logits_only
+    if name == "albert":  # shared blocks: nothing below the edit is frozen, so no cache
+        assert fast.prefix_cache is None
+    else:
+        assert fast.prefix_cache is not None and fast.prefix_cache.block == 3 and len(fast.prefix_cache) == len(facts_for(name))
+    assert len(slow_losses) == 4 and fast_losses == pytest.approx(slow_losses, rel=1e-4, abs=1e-6)
+    slow_params, fast_params = slow.edit_model.trainable_parameters(), fast.edit_model.trainable_parameters()
+    moved = 0
+    for key, param in slow_params.items():
+        assert torch.allclose(param, fast_params[key], atol=1e-5), key
+        moved += int(not torch.equal(param, slow.edit_model.theta0[key]))
+    assert moved  # the edit changed something, so the equality is not vacuous
+    splits = {"modified_test": Dataset.from_list(facts_for(name))}
+    slow_eval = slow.fact_results(splits)["modified_test"]
+    fast_eval = fast.fact_results(splits)["modified_test"]
+    assert fast_eval.predicted == slow_eval.predicted
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_evaluation_from_the_prefix_equals_the_full_forward(name, bert_tokenizer, bpe_tokenizer):
+    tokenizer = tokenizer_for(name, bert_tokenizer, bpe_tokenizer)
+    model = build(name, len(tokenizer), layers=4).eval()
+    facts = facts_for(name) * 3  # batches with padding
+    full = evaluate_facts(model, tokenizer, facts, batch_size=5, full_logits=True)
+    edit = get_edit_model(model, BlockSelectorConfig(blocks=["2", "3"]))
+    cache = PrefixCache.for_model(model)
+    assert cache.block == 2
+    cache.add_facts(tokenizer, facts, batch_size=4)
+    assert len(cache) == len(facts_for(name))  # one entry per distinct token sequence
+    fast = evaluate_facts(model, tokenizer, facts, batch_size=5, prefix=cache)
+    assert fast.predicted == full.predicted and fast.correct == full.correct
+    # Half-precision storage: half the bytes, the same states up to that precision's rounding.
+    half = PrefixCache.for_model(model, dtype="float16")
+    assert len(evaluate_facts(model, tokenizer, facts, batch_size=5, prefix=half)) == len(facts)  # filled lazily
+    assert set(half.states) == set(cache.states)
+    for key, state in half.states.items():
+        assert state.dtype == torch.float16
+        torch.testing.assert_close(state.float(), cache.states[key], rtol=1e-3, atol=1e-3)
+    edit.unload()
+
+
+def test_cache_refuses_stale_or_misplaced_use(tmp_out, bert_tokenizer):
+    model = build("bert", bert_tokenizer.vocab_size)
+    get_edit_model(model, BlockSelectorConfig(blocks=["2"]))
+    cache = PrefixCache.for_model(model)
+    batch = FactCollator(bert_tokenizer, "masked")(FACTS[:3])
+    assert not batch["attention_mask"].all()  # padded
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.bias.add_(1.0)  # a frozen weight below the edit changes
+    with pytest.raises(ValueError, match="changed since the prefix cache was built"):
+        with cache.feeding(batch["input_ids"], batch["attention_mask"]):
+            pass
+    # A cache for block 2 given to an edit of block 1.
+    other = build("bert", bert_tokenizer.vocab_size)
+    args = EditConfig(output_dir=tmp_out, edit_blocks=["1"], **COMMON)
+    with pytest.raises(ValueError, match="holds the inputs of block 2"):
+        ConstrainedEditTrainer(other, args, processing_class=bert_tokenizer, prefix_cache=cache)
+    with pytest.raises(ValueError, match="Unknown prefix cache dtype"):
+        PrefixCache(model, 2, dtype="float8")
+    left = {k: v.flip(1) for k, v in batch.items()}
+    with pytest.raises(ValueError, match="right-padded"):
+        with PrefixCache(model, 2).feeding(left["input_ids"], left["attention_mask"]):
+            pass
+
+
+def test_what_is_frozen_decides_the_first_block(bert_tokenizer):
+    model = build("bert", bert_tokenizer.vocab_size)
+    for blocks, expected in ((["3"], 3), (["1", "3"], 1), (["embeddings", "3"], 0), (["0"], 0)):
+        edit = get_edit_model(model, BlockSelectorConfig(blocks=blocks))
+        assert first_editable_block(model) == expected, blocks
+        assert (PrefixCache.for_model(model) is None) == (expected == 0)
+        edit.unload()
+
+
+def test_memory_estimate_refuses_a_cache_that_does_not_fit(bert_tokenizer, monkeypatch):
+    model = build("bert", bert_tokenizer.vocab_size)
+    get_edit_model(model, BlockSelectorConfig(blocks=["3"]))
+    cache = PrefixCache.for_model(model)
+    assert cache.estimate_bytes(100) == 100 * 16 * 4
+    assert PrefixCache.for_model(model, dtype="float16").estimate_bytes(100) == 100 * 16 * 2
+
+    class Tight:
+        available = 1000
+
+    monkeypatch.setattr("hf_memedit.prefix.psutil.virtual_memory", lambda: Tight)
+    with pytest.raises(MemoryError, match="prefix_cache_dtype float16"):
+        cache.add_facts(bert_tokenizer, FACTS)
+    assert len(cache) == 0
