@@ -45,7 +45,7 @@ def run(kind: str, base: BertForMaskedLM, tokenizer, facts: Dataset, args) -> tu
         common = dict(
             output_dir=out, max_steps=args.steps, learning_rate=1e-3, per_device_train_batch_size=16,
             report_to="none", save_strategy="no", disable_tqdm=True, seed=0, logging_steps=args.steps,
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=not torch.cuda.is_available(), prefix_cache=False, object_logits_only=False,  # the projection alone
         )
         if kind == "Trainer":
             edit = get_edit_model(model, BlockSelectorConfig(blocks=[args.block]))

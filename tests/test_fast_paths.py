@@ -122,17 +122,25 @@ def test_evaluation_from_the_prefix_equals_the_full_forward(name, bert_tokenizer
     edit.unload()
 
 
-def test_cache_refuses_stale_or_misplaced_use(tmp_out, bert_tokenizer):
+def test_cache_refills_when_stale_and_refuses_misuse(tmp_out, bert_tokenizer):
     model = build("bert", bert_tokenizer.vocab_size)
     get_edit_model(model, BlockSelectorConfig(blocks=["2"]))
     cache = PrefixCache.for_model(model)
     batch = FactCollator(bert_tokenizer, "masked")(FACTS[:3])
     assert not batch["attention_mask"].all()  # padded
+    cache.add_facts(bert_tokenizer, FACTS[:3])
+    before = {key: state.clone() for key, state in cache.states.items()}
     with torch.no_grad():
-        model.bert.encoder.layer[0].output.dense.bias.add_(1.0)  # a frozen weight below the edit changes
-    with pytest.raises(ValueError, match="changed since the prefix cache was built"):
+        model.bert.encoder.layer[0].output.dense.weight.mul_(2.0)  # a frozen weight below the edit is written to
+    with cache.feeding(batch["input_ids"], batch["attention_mask"]):
+        pass  # the stale states were dropped and this batch's recomputed
+    assert set(cache.states) == set(before)
+    assert all(not torch.allclose(cache.states[key], before[key]) for key in before)
+    model.bert.encoder.layer[0].output.dense.bias.requires_grad_(True)  # something below the edit trains
+    with pytest.raises(ValueError, match="a parameter below it now trains"):
         with cache.feeding(batch["input_ids"], batch["attention_mask"]):
             pass
+    model.bert.encoder.layer[0].output.dense.bias.requires_grad_(False)
     # A cache for block 2 given to an edit of block 1.
     other = build("bert", bert_tokenizer.vocab_size)
     args = EditConfig(output_dir=tmp_out, edit_blocks=["1"], **COMMON)

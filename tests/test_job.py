@@ -162,8 +162,14 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monke
     argv = ["--config", str(CONFIGS / "bert_tiny_sweep.yaml"), "--output_dir", str(tmp_path / "sweep"),
             "--sweep_deltas", "1e-3", "2e-2", "--max_steps", "30", "--ft_epochs", "10", "--disable_tqdm", "true"]
     job, args, _ = parse("sweep", argv)
+    from hf_memedit import prefix as prefix_module
+
+    built = []
+    original_init = prefix_module.PrefixCache.__init__
+    monkeypatch.setattr(prefix_module.PrefixCache, "__init__", lambda self, model, block, *a, **k: built.append(block) or original_init(self, model, block, *a, **k))
     rows = run_sweep(job, args)
     assert len(rows) == 4  # 2 blocks × 2 δ
+    assert built == [1]  # block 0 has nothing frozen below it; block 1's cache serves both δ
     folder = tmp_path / "sweep"
     for name in ("sweep.md", "sweep.json", "points.jsonl", "tradeoff.png", "avg_acc_per_block.png"):
         assert (folder / name).is_file(), name

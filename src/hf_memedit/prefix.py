@@ -110,10 +110,11 @@ class PrefixCache:
                 "build a new cache for this selection (or set prefix_cache: false)."
             )
         if self._prefix_signature() != self._signature:
-            raise ValueError(
-                f"The weights below block {self.block} changed since the prefix cache was built, so its states "
-                "are stale: build a new cache."
-            )
+            # Written to since the states were computed (e.g. DDP's start-up broadcast from rank 0):
+            # they are derived data, so drop them and let batches refill the cache.
+            logger.info("The weights below block %d changed: the prefix cache is refilled.", self.block)
+            self.states.clear()
+            self._signature = self._prefix_signature()
 
     def estimate_bytes(self, tokens: int) -> int:
         """Bytes the states of `tokens` tokens take in the cache."""
@@ -195,7 +196,10 @@ class PrefixCache:
 
     @contextmanager
     def feeding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Iterator[None]:
-        """Inside: the model's forward on this batch runs blocks ≥ n only, from the cached states."""
+        """Inside: the model's forward on this batch runs blocks ≥ n only, from the cached states.
+
+        Fails when a parameter below block n trains; refills the cache when one was written to.
+        """
         self.check_unchanged()
         if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
             raise ValueError("The prefix cache needs right-padded batches (hf_memedit's FactCollator pads on the right).")

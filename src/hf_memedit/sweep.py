@@ -1,7 +1,8 @@
 """Sweeps over δ × blocks (× norms): pick the best Ā on a validation split, report test too, plot.
 
 The unmodified test facts are split once (seeded) into validation and test halves; every grid
-point is scored on both, with A_M on the modified facts. The paper picked on test; we report the
+point is scored on both, with A_M on the modified facts. The points of one block share one
+frozen-prefix cache, so the facts' states below that block are computed once, not once per δ. The paper picked on test; we report the
 pick by validation and, for comparison, the pick by test. Each finished point is appended to
 `points.jsonl`, so a resumed sweep recomputes nothing. FT (for ft+ settings) runs once.
 """
@@ -20,6 +21,7 @@ from .config import EditConfig
 from .io import atomic_write_text
 from .job import JobConfig, edit_train_dataset, holdout, load_model_and_tokenizer, prepare_benchmark, starting_model
 from .metrics import edit_metrics
+from .prefix import PrefixCache
 from .results import format_percent, library_versions
 from .trainer import ConstrainedEditTrainer
 
@@ -32,8 +34,8 @@ def grid(job: JobConfig, args: EditConfig) -> list[dict[str, Any]]:
     blocks = job.sweep_blocks or list(args.edit_blocks)
     deltas = job.sweep_deltas or [args.delta]
     points = []
-    for norm in norms:
-        for block in blocks:
+    for block in blocks:  # block outermost: consecutive points share one prefix cache
+        for norm in norms:
             for delta in ([None] if norm == "none" else deltas):
                 points.append({"norm": norm, "block": str(block), "delta": delta})
     return points
@@ -70,6 +72,7 @@ def run_sweep(job: JobConfig, args: EditConfig, model=None, tokenizer=None) -> l
     }
     done = load_points(folder)
     before: dict[str, Any] | None = None
+    cache: tuple[str, PrefixCache | None] | None = None  # (block, its prefix cache): every δ and norm reuses it
     for index, point in enumerate(grid(job, args)):
         if point_key(point) in done:
             continue
@@ -80,8 +83,10 @@ def run_sweep(job: JobConfig, args: EditConfig, model=None, tokenizer=None) -> l
         )
         train_dataset, train_args = edit_train_dataset(splits, job, point_args)
         trainer = ConstrainedEditTrainer(
-            model, train_args, train_dataset=train_dataset, processing_class=tokenizer, fisher_dataset=splits[UNMODIFIED_TRAIN]
+            model, train_args, train_dataset=train_dataset, processing_class=tokenizer,
+            fisher_dataset=splits[UNMODIFIED_TRAIN], prefix_cache=cache[1] if cache and cache[0] == point["block"] else None,
         )
+        cache = (point["block"], trainer.prefix_cache)
         if before is None:  # θ0 is the same for every point: evaluate it once
             before = {name: trainer.fact_results(view, original=True) for name, view in views.items()}
         trainer.train()
