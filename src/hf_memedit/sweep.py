@@ -19,9 +19,15 @@ import datasets
 from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from .config import EditConfig
 from .io import atomic_write_text
-from .job import JobConfig, edit_train_dataset, holdout, load_model_and_tokenizer, prepare_benchmark, starting_model
-from .metrics import edit_metrics
-from .prefix import PrefixCache
+from .blocks import BlockSelectorConfig
+from .fisher import diagonal_fisher
+from .job import (
+    FTA_SETTINGS, JobConfig, edit_train_dataset, holdout, load_model_and_tokenizer, prepare_benchmark, starting_model,
+)
+from .knn import KnnDatastore, epsilon_grid
+from .metrics import edit_metrics, evaluate_splits
+from .model import get_edit_model
+from .prefix import PrefixCache, first_editable_block
 from .results import format_percent, library_versions
 from .trainer import ConstrainedEditTrainer
 
@@ -57,49 +63,164 @@ def load_points(folder: str) -> dict[str, dict]:
     return done
 
 
+def save_points(folder: str, done: dict[str, dict]) -> None:
+    atomic_write_text(os.path.join(folder, POINTS), "".join(json.dumps(r) + "\n" for r in done.values()))
+
+
+class GridRunner:
+    """θ0 of one model on one benchmark, split into validation and test views: scores edits and kNN-LM.
+
+    Loads the model and the benchmark once, starts from the setting's θ0 (FT runs once), evaluates
+    θ0 once, and shares across points what does not change between them: the frozen-prefix cache
+    of each first edited block and the Fisher diagonal of each selection.
+    """
+
+    def __init__(self, job: JobConfig, args: EditConfig, model=None, tokenizer=None):
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(job)
+        self.job, self.args, self.tokenizer = job, args, tokenizer
+        self.splits = prepare_benchmark(job, model, tokenizer)
+        self.model = starting_model(model, tokenizer, self.splits, job, args)
+        validation, test = holdout(self.splits[UNMODIFIED_TEST], job.validation_fraction, job.benchmark_seed)
+        self.views = {
+            VALIDATION: datasets.DatasetDict({MODIFIED_TEST: self.splits[MODIFIED_TEST], UNMODIFIED_TEST: validation}),
+            TEST: datasets.DatasetDict({
+                MODIFIED_TRAIN: self.splits[MODIFIED_TRAIN], MODIFIED_TEST: self.splits[MODIFIED_TEST], UNMODIFIED_TEST: test,
+            }),
+        }
+        self._before: dict[str, dict] | None = None
+        self._caches: dict[int, PrefixCache] = {}
+        self._fishers: dict[tuple[str, ...], dict] = {}
+
+    def before(self) -> dict[str, dict]:
+        """θ0's results on both views (the modified facts on their original objects)."""
+        if self._before is None:
+            self._before = {
+                name: evaluate_splits(self.model, self.tokenizer, view, original=True,
+                                      batch_size=self.args.per_device_eval_batch_size, show_progress=True)
+                for name, view in self.views.items()
+            }
+        return self._before
+
+    def point_args(self, point: dict[str, Any], output_dir: str) -> tuple[datasets.Dataset, EditConfig]:
+        """The training data and args of an edit point: norm, block, delta, and optionally modules,
+        mixed (FTA batches), learning_rate, max_steps, stop_at_loss."""
+        args = dataclasses.replace(
+            self.args, output_dir=output_dir, edit_blocks=[point["block"]], norm=point["norm"], delta=point["delta"],
+            edit_modules=point.get("modules"), eval_strategy="no", save_strategy="no", eval_before_edit=False,
+            **{key: point[key] for key in ("learning_rate", "max_steps", "stop_at_loss") if key in point},
+        )
+        return edit_train_dataset(self.splits, point.get("mixed", self.job.setting in FTA_SETTINGS), args)
+
+    def selection_size(self, block: str) -> int:
+        """How many parameters an edit of `block` trains."""
+        edit = get_edit_model(self.model, BlockSelectorConfig(blocks=[block]))
+        size = edit.get_nb_trainable_parameters()[0]
+        edit.unload()
+        return size
+
+    def fisher(self, block: str) -> dict:
+        """The diagonal Fisher at θ0 of the parameters of `block`, estimated once."""
+        edit = get_edit_model(self.model, BlockSelectorConfig(blocks=[block]))
+        names = tuple(edit.theta0)
+        edit.unload()
+        if names not in self._fishers:
+            self._fishers[names] = diagonal_fisher(
+                self.model, self.tokenizer, self.splits[UNMODIFIED_TRAIN], list(names), samples=self.args.fisher_samples,
+                seed=self.args.seed, show_progress=True,
+            )
+        return self._fishers[names]
+
+    def edit(self, point: dict[str, Any], output_dir: str) -> dict:
+        """Train one point from θ0, score it on both views, and return the model to θ0."""
+        train_dataset, train_args = self.point_args(point, output_dir)
+        before = self.before()
+        edit = get_edit_model(self.model, train_args.block_selector_config())
+        first = first_editable_block(self.model)
+        fisher = self.fisher(point["block"]) if train_args.norm == "fisher" and not point.get("modules") else None
+        trainer = ConstrainedEditTrainer(
+            edit, train_args, train_dataset=train_dataset, processing_class=self.tokenizer,
+            fisher_dataset=self.splits[UNMODIFIED_TRAIN], fisher=fisher, prefix_cache=self._caches.get(first),
+        )
+        if trainer.prefix_cache is not None:
+            self._caches[first] = trainer.prefix_cache
+        trainer.train()
+        row = {"point": point, "distance": trainer.projector.distance()}
+        for name, view in self.views.items():
+            metrics = edit_metrics(view, trainer.fact_results(view), before[name])
+            row[name] = {k: v for k, v in metrics.items() if k != "per_relation"}
+        self.model = edit.unload()  # back to θ0 for the next point
+        return row
+
+    def knn(self, epsilons: list[float] | None, metric: str) -> list[dict]:
+        """kNN-LM at every ε (default: `epsilon_grid` over the distances seen): one row per ε, no training."""
+        before = self.before()
+        store = KnnDatastore.build(self.model, self.tokenizer, self.splits[MODIFIED_TRAIN], metric=metric)
+        lookups = {
+            name: {split: store.lookup(self.model, self.tokenizer, facts) for split, facts in view.items()}
+            for name, view in self.views.items()
+        }
+        if epsilons is None:
+            seen = lookups[VALIDATION][MODIFIED_TEST].distances + lookups[VALIDATION][UNMODIFIED_TEST].distances
+            epsilons = epsilon_grid(seen)
+        rows = []
+        for epsilon in epsilons:
+            row: dict[str, Any] = {"point": {"method": "knn", "metric": metric, "epsilon": epsilon}}
+            for name, view in self.views.items():
+                results = {split: found.at(epsilon) for split, found in lookups[name].items()}
+                metrics = edit_metrics(view, results, before[name])
+                row[name] = {k: v for k, v in metrics.items() if k != "per_relation"}
+            rows.append(row)
+        return rows
+
+
 def run_sweep(job: JobConfig, args: EditConfig, model=None, tokenizer=None) -> list[dict]:
-    """Run every grid point not yet in `<output_dir>/points.jsonl`; write the table and the plots."""
+    """Run every grid point not yet in `<output_dir>/points.jsonl`; write the table and the plots.
+
+    With `setting: knn` the grid is kNN-LM's ε (`knn_epsilons`, default: quantiles of the distances).
+    """
     folder = args.output_dir
     os.makedirs(folder, exist_ok=True)
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(job)
-    splits = prepare_benchmark(job, model, tokenizer)
-    model = starting_model(model, tokenizer, splits, job, args)
-    validation, test = holdout(splits[UNMODIFIED_TEST], job.validation_fraction, job.benchmark_seed)
-    views = {
-        VALIDATION: datasets.DatasetDict({MODIFIED_TEST: splits[MODIFIED_TEST], UNMODIFIED_TEST: validation}),
-        TEST: datasets.DatasetDict({MODIFIED_TRAIN: splits[MODIFIED_TRAIN], MODIFIED_TEST: splits[MODIFIED_TEST], UNMODIFIED_TEST: test}),
-    }
+    runner = GridRunner(job, args, model, tokenizer)
+    if job.setting == "knn":
+        rows = runner.knn(job.knn_epsilons, job.knn_metric)
+        save_points(folder, {point_key(r["point"]): r for r in rows})
+        write_report(folder, rows, job, args)
+        return rows
     done = load_points(folder)
-    before: dict[str, Any] | None = None
-    cache: tuple[str, PrefixCache | None] | None = None  # (block, its prefix cache): every δ and norm reuses it
     for index, point in enumerate(grid(job, args)):
         if point_key(point) in done:
             continue
         print(f"[sweep {index + 1}] norm={point['norm']} block={point['block']} delta={point['delta']}", flush=True)
-        point_args = dataclasses.replace(
-            args, output_dir=os.path.join(folder, "points", f"{index:03d}"), edit_blocks=[point["block"]],
-            norm=point["norm"], delta=point["delta"], eval_strategy="no", save_strategy="no", eval_before_edit=False,
-        )
-        train_dataset, train_args = edit_train_dataset(splits, job, point_args)
-        trainer = ConstrainedEditTrainer(
-            model, train_args, train_dataset=train_dataset, processing_class=tokenizer,
-            fisher_dataset=splits[UNMODIFIED_TRAIN], prefix_cache=cache[1] if cache and cache[0] == point["block"] else None,
-        )
-        cache = (point["block"], trainer.prefix_cache)
-        if before is None:  # θ0 is the same for every point: evaluate it once
-            before = {name: trainer.fact_results(view, original=True) for name, view in views.items()}
-        trainer.train()
-        row = {"point": point, "distance": trainer.projector.distance()}
-        for name, view in views.items():
-            metrics = edit_metrics(view, trainer.fact_results(view), before[name])
-            row[name] = {k: v for k, v in metrics.items() if k != "per_relation"}
-        model = trainer.edit_model.unload()  # back to θ0 for the next point
-        done[point_key(point)] = row
-        atomic_write_text(os.path.join(folder, POINTS), "".join(json.dumps(r) + "\n" for r in done.values()))
+        done[point_key(point)] = runner.edit(point, os.path.join(folder, "points", f"{index:03d}"))
+        save_points(folder, done)
     rows = [done[point_key(p)] for p in grid(job, args)]
     write_report(folder, rows, job, args)
     return rows
+
+
+def series_name(point: dict[str, Any]) -> str:
+    """The curve a point belongs to in the plots: one per block and norm, or kNN-LM's metric."""
+    if point.get("method") == "knn":
+        return f"kNN-LM ({point['metric']})"
+    return f"block {point['block']} ({point['norm']})"
+
+
+def radius(point: dict[str, Any]) -> float:
+    """What varies along a curve: δ (∞ when unconstrained) or kNN-LM's ε."""
+    if point.get("method") == "knn":
+        return point["epsilon"]
+    return point["delta"] if point["delta"] is not None else float("inf")
+
+
+def describe(point: dict[str, Any]) -> str:
+    """A grid point in words: 'linf, block 25, δ 0.01' or 'kNN l2, ε 3.2'."""
+    if point.get("method") == "knn":
+        return f"kNN {point['metric']}, ε {point['epsilon']:.4g}"
+    text = f"{point['norm']}, block {point['block']}"
+    if point.get("modules"):
+        text += f" ({', '.join(point['modules'])})"
+    return text + f", δ {point['delta']:.3g}" if point["delta"] is not None else text + ", δ ∞"
 
 
 def best(rows: list[dict], by: str) -> dict:
@@ -111,20 +232,19 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
     lines = [
         f"# Sweep: {job.model_name_or_path}, {job.benchmark} m={job.m}, setting {job.setting}",
         "",
-        "| norm | block | δ | A_M | A_F\\S val | Ā val | A_F\\S test | Ā test | retention test | agreement test |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| point | A_M | A_F\\S val | Ā val | A_F\\S test | Ā test | retention test | agreement test |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        p, v, t = r["point"], r[VALIDATION], r[TEST]
+        v, t = r[VALIDATION], r[TEST]
         lines.append(
-            f"| {p['norm']} | {p['block']} | {p['delta'] if p['delta'] is not None else '∞'} | {format_percent(t['a_m'])} | "
+            f"| {describe(r['point'])} | {format_percent(t['a_m'])} | "
             f"{format_percent(v['a_fs'])} | {format_percent(v['avg_acc'])} | {format_percent(t['a_fs'])} | "
             f"{format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} | {format_percent(t.get('agreement'))} |"
         )
     for label, by in (("picked on validation (reported on test)", VALIDATION), ("picked on test (as the paper did)", TEST)):
         chosen = best(rows, by)
-        p = chosen["point"]
-        lines += ["", f"Best {label}: norm {p['norm']}, block {p['block']}, δ {p['delta']} → "
+        lines += ["", f"Best {label}: {describe(chosen['point'])} → "
                   f"Ā test {format_percent(chosen[TEST]['avg_acc'])} (A_M {format_percent(chosen[TEST]['a_m'])}, "
                   f"A_F\\S {format_percent(chosen[TEST]['a_fs'])})."]
     lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()) + "."]
@@ -144,22 +264,22 @@ def plot_sweep(folder: str, rows: list[dict], job: JobConfig) -> tuple[str, str]
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("Sweep plots need matplotlib: pip install 'hf_memedit[demo]'.") from None
-    series: dict[tuple[str, str], list[dict]] = {}
+    series: dict[str, list[dict]] = {}
     for r in rows:
-        series.setdefault((r["point"]["norm"], r["point"]["block"]), []).append(r)
+        series.setdefault(series_name(r["point"]), []).append(r)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for (norm, block), points in series.items():
-        points = sorted(points, key=lambda r: r["point"]["delta"] or float("inf"))
+    for name, points in series.items():
+        points = sorted(points, key=lambda r: radius(r["point"]))
         xs = [100 * (r[TEST]["a_fs"] or 0) for r in points]
         ys = [100 * (r[TEST]["a_m"] or 0) for r in points]
-        ax.plot(xs, ys, marker="o", label=f"block {block} ({norm})")
+        ax.plot(xs, ys, marker="o", label=name)
         for x, y, r in zip(xs, ys, points):
-            ax.annotate(f"{r['point']['delta']:g}" if r["point"]["delta"] else "∞", (x, y), fontsize=7,
+            ax.annotate(f"{radius(r['point']):.3g}" if radius(r["point"]) != float("inf") else "∞", (x, y), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("A_F\\S, unmodified facts (%, test)")
     ax.set_ylabel("A_M, modified facts (%)")
-    ax.set_title(f"Trade-off over δ: {job.benchmark}, m = {job.m}, {job.setting}")
+    ax.set_title(f"Trade-off over {'ε' if job.setting == 'knn' else 'δ'}: {job.benchmark}, m = {job.m}, {job.setting}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     tradeoff = os.path.join(folder, "tradeoff.png")
@@ -169,16 +289,16 @@ def plot_sweep(folder: str, rows: list[dict], job: JobConfig) -> tuple[str, str]
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     labels, val_best, test_of_val = [], [], []
-    for (norm, block), points in series.items():
+    for name, points in series.items():
         chosen = best(points, VALIDATION)
-        labels.append(f"{block}\n{norm}")
+        labels.append(name.replace(" (", "\n("))
         val_best.append(100 * (chosen[VALIDATION]["avg_acc"] or 0))
         test_of_val.append(100 * (chosen[TEST]["avg_acc"] or 0))
     positions = range(len(labels))
     ax.bar([p - 0.2 for p in positions], val_best, width=0.4, label="Ā validation (δ picked here)")
     ax.bar([p + 0.2 for p in positions], test_of_val, width=0.4, label="Ā test at that δ")
     ax.set_xticks(list(positions), labels)
-    ax.set_xlabel("edited block (norm)")
+    ax.set_xlabel("edited block (norm), or kNN-LM")
     ax.set_ylabel("Ā = (A_M + A_F\\S) / 2 (%)")
     ax.set_title("Best Ā per block")
     ax.set_ylim(0, 100)

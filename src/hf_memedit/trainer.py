@@ -73,6 +73,7 @@ class ConstrainedEditTrainer(Trainer):
         args: an `EditConfig`.
         processing_class: the tokenizer; with no `data_collator`, facts are collated by `FactCollator`.
         fisher_dataset: unmodified facts for the diagonal Fisher of `norm: fisher`.
+        fisher: that Fisher already estimated (`diagonal_fisher`), e.g. shared by a sweep's points.
         prefix_cache: a `PrefixCache` to reuse (a sweep shares one across its δ), else one is built
             when `args.prefix_cache` is set and something below the edited blocks is frozen.
     """
@@ -85,6 +86,7 @@ class ConstrainedEditTrainer(Trainer):
         processing_class=None,
         compute_loss_func=None,
         fisher_dataset=None,
+        fisher: dict[str, torch.Tensor] | None = None,
         prefix_cache: PrefixCache | None = None,
         **kwargs,
     ):
@@ -118,8 +120,7 @@ class ConstrainedEditTrainer(Trainer):
                 f"from block {first_editable_block(base)}: build one for this selection (PrefixCache.for_model)."
             )
         self.prefix_cache = prefix_cache
-        fisher = None
-        if args.norm == "fisher":
+        if args.norm == "fisher" and fisher is None:
             if fisher_dataset is None or processing_class is None:
                 raise ValueError(
                     "norm 'fisher' needs fisher_dataset (unmodified facts, e.g. the benchmark's unmodified_train) "

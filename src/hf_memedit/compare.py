@@ -1,0 +1,156 @@
+"""`memedit compare`: the editing methods side by side on one model and benchmark, each tuned on validation.
+
+Every method gets a small sweep; its point with the best Ā on the validation half of the
+unmodified facts is reported on the test half (A_M on the modified facts' test phrasing):
+
+- `ftm_linf`: FTM under L∞, δ × blocks (`sweep_deltas` × `sweep_blocks`); its best block is
+  the block of the other FTM variants and of FTA;
+- `ftm_unconstrained`: FTM with no constraint (the paper's δ = ∞) on that block;
+- `ftm_l2`, `ftm_fisher`: FTM under L2 / the Fisher ellipsoid on that block; by default their
+  δ are the smallest ball / ellipsoid that holds each L∞ box (δ√n, δ²ΣF), so the scales match;
+- `fta`: L∞ with as many unmodified as modified evidences per batch, on that block;
+- `ftl`: FT-L as ROME and EasyEdit run it — the MLP output projection of `ftl_block`, lr 5e-4,
+  25 steps, early stop at loss 1e-2, ε swept (5e-4 is theirs);
+- `knn`: kNN-LM (Appendix F), ε swept over quantiles of the distances.
+
+Writes compare.md (the table, then every point), compare.json, points.jsonl (a resumed compare
+recomputes nothing) and compare.png (the A_M / A_F\\S trade-off of every point, picks marked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .config import EditConfig
+from .io import atomic_write_text
+from .job import COMPARE_METHODS, JobConfig
+from .results import format_percent, library_versions
+from .sweep import TEST, VALIDATION, GridRunner, best, describe, load_points, point_key, save_points
+
+FTL = {"modules": ["mlp_out"], "learning_rate": 5e-4, "max_steps": 25, "stop_at_loss": 1e-2}  # ROME's FT-L
+FTL_DELTA = 5e-4
+LABELS = {
+    "ftm_linf": "FTM, L∞", "ftm_unconstrained": "FTM, unconstrained", "ftm_l2": "FTM, L2", "ftm_fisher": "FTM, Fisher",
+    "fta": "FTA, L∞", "ftl": "FT-L (ROME/EasyEdit)", "knn": "kNN-LM",
+}
+
+
+def run_compare(job: JobConfig, args: EditConfig, model=None, tokenizer=None) -> dict[str, Any]:
+    """Run every method's sweep (resuming from points.jsonl); write the table and the plot; return the picks."""
+    folder = args.output_dir
+    os.makedirs(folder, exist_ok=True)
+    methods = list(job.compare_methods or COMPARE_METHODS)
+    runner = GridRunner(job, args, model, tokenizer)
+    done = load_points(folder)
+    rows: dict[str, list[dict]] = {}
+
+    def edit(method: str, point: dict[str, Any]) -> dict:
+        point = {"method": method, **point}
+        key = point_key(point)
+        if key not in done:
+            print(f"[compare] {LABELS[method]}: {describe(point)}", flush=True)
+            done[key] = runner.edit(point, os.path.join(folder, "points", f"{len(done):03d}"))
+            save_points(folder, done)
+        rows.setdefault(method, []).append(done[key])
+        return done[key]
+
+    grids = dict(job.compare_deltas or {})
+    linf = grids.get("linf") or job.sweep_deltas or [args.delta or 1e-3]
+    block = str(args.edit_blocks[0])
+    if "ftm_linf" in methods:
+        for candidate in job.sweep_blocks or list(args.edit_blocks):
+            for delta in linf:
+                edit("ftm_linf", {"norm": "linf", "block": str(candidate), "delta": delta, "mixed": False})
+        block = best(rows["ftm_linf"], VALIDATION)["point"]["block"]
+    if "ftm_unconstrained" in methods:
+        edit("ftm_unconstrained", {"norm": "none", "block": block, "delta": None, "mixed": False})
+    if "ftm_l2" in methods:
+        size = runner.selection_size(block)
+        for delta in grids.get("l2") or [d * size**0.5 for d in linf]:
+            edit("ftm_l2", {"norm": "l2", "block": block, "delta": delta, "mixed": False})
+    if "ftm_fisher" in methods:
+        total = sum(float(f.sum()) for f in runner.fisher(block).values())
+        for delta in grids.get("fisher") or [d * d * total for d in linf]:
+            edit("ftm_fisher", {"norm": "fisher", "block": block, "delta": delta, "mixed": False})
+    if "fta" in methods:
+        for delta in linf:
+            edit("fta", {"norm": "linf", "block": block, "delta": delta, "mixed": True})
+    if "ftl" in methods:
+        for delta in grids.get("ftl") or sorted({FTL_DELTA, *linf}):
+            edit("ftl", {"norm": "linf", "block": str(job.ftl_block), "delta": delta, "mixed": False, **FTL})
+    if "knn" in methods:
+        for row in runner.knn(job.knn_epsilons, job.knn_metric):
+            done[point_key(row["point"])] = row
+            rows.setdefault("knn", []).append(row)
+        save_points(folder, done)
+    picks = {method: best(method_rows, VALIDATION) for method, method_rows in rows.items()}
+    write_compare(folder, rows, picks, job, block)
+    return picks
+
+
+def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict], job: JobConfig, block: str) -> None:
+    lines = [
+        f"# Compare: {job.model_name_or_path}, {job.benchmark} m={job.m}, starting from {job.setting}",
+        "",
+        "Each method's point with the best Ā on the validation half of the unmodified facts; metrics on the test half.",
+        "",
+        "| method | picked on validation | A_M | A_F\\S | Ā | retention | agreement | points |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, chosen in picks.items():
+        t = chosen[TEST]
+        lines.append(
+            f"| {LABELS[method]} | {describe(chosen['point'])} | {format_percent(t['a_m'])} | {format_percent(t['a_fs'])} | "
+            f"{format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} | {format_percent(t.get('agreement'))} | "
+            f"{len(rows[method])} |"
+        )
+    before = next(iter(picks.values()))[TEST].get("a_fs_before")
+    lines += ["", f"A_F\\S before any edit: {format_percent(before)}. FTM variants and FTA edit block {block} "
+              "(the best L∞ block on validation).", "", "## Every point", "",
+              "| method | point | A_M | Ā val | A_F\\S test | Ā test | retention test |", "|---|---|---|---|---|---|---|"]
+    for method, method_rows in rows.items():
+        for r in method_rows:
+            v, t = r[VALIDATION], r[TEST]
+            lines.append(
+                f"| {LABELS[method]} | {describe(r['point'])} | {format_percent(t['a_m'])} | {format_percent(v['avg_acc'])} | "
+                f"{format_percent(t['a_fs'])} | {format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} |"
+            )
+    lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()) + "."]
+    atomic_write_text(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(folder, "compare.json"), json.dumps({"picks": picks, "rows": rows, "block": block}, indent=2))
+    plot_compare(folder, rows, picks, job)
+
+
+def plot_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict], job: JobConfig) -> str:
+    """A_M against A_F\\S (test) for every point of every method; each method's pick drawn large."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("Comparison plots need matplotlib: pip install 'hf_memedit[demo]'.") from None
+    fig, ax = plt.subplots(figsize=(7.2, 5.4))
+    for index, (method, method_rows) in enumerate(rows.items()):
+        color = f"C{index}"
+        xs = [100 * (r[TEST]["a_fs"] or 0) for r in method_rows]
+        ys = [100 * (r[TEST]["a_m"] or 0) for r in method_rows]
+        ax.scatter(xs, ys, color=color, alpha=0.45, s=22)
+        chosen = picks[method][TEST]
+        ax.scatter([100 * (chosen["a_fs"] or 0)], [100 * (chosen["a_m"] or 0)], color=color, s=110, edgecolor="black",
+                   label=f"{LABELS[method]} (Ā {format_percent(chosen['avg_acc'])})")
+    before = next(iter(picks.values()))[TEST].get("a_fs_before")
+    if before is not None:
+        ax.axvline(100 * before, color="grey", linestyle="--", linewidth=1, label="A_F\\S before the edit")
+    ax.set_xlabel("A_F\\S, unmodified facts (%, test)")
+    ax.set_ylabel("A_M, modified facts (%)")
+    ax.set_title(f"Methods compared: {job.benchmark}, m = {job.m}\n(small: every point swept; large: picked on validation)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    path = os.path.join(folder, "compare.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
