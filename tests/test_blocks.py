@@ -153,13 +153,17 @@ def test_mlp_out_selects_one_projection_per_block(arch):
         selected_parameter_names(model, BlockSelectorConfig(blocks=blocks, modules=["no.such"]))
 
 
-def test_stop_at_loss_ends_training_early(bert_tokenizer, tmp_out):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_stop_at_loss_ends_training_early(bert_tokenizer, tmp_out, accumulation):
     model = tiny_bert(bert_tokenizer.vocab_size, layers=2)
     args = EditConfig(
         output_dir=tmp_out, edit_blocks=["0"], edit_modules=["mlp_out"], norm="linf", delta=1e-3, max_steps=20,
-        stop_at_loss=100.0, report_to="none", save_strategy="no", disable_tqdm=True,
+        stop_at_loss=100.0, report_to="none", save_strategy="no", disable_tqdm=True, per_device_train_batch_size=2,
+        gradient_accumulation_steps=accumulation,
     )
     trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer)
     trainer.train()
     assert trainer.state.global_step == 1  # the first loss (≈ ln V ≈ 10) is already below 100
+    assert trainer.projector.num_projections == 1  # ... and that step was taken whole, not cut mid-accumulation
+    assert trainer.edit_model.changed_tensors()
     assert set(trainer.edit_model.theta0) == {n for n, _ in model.named_parameters() if ".layer.0.output.dense." in n}

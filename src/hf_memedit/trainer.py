@@ -41,6 +41,19 @@ class _SaveTheta0Callback(TrainerCallback):
             save_tensors(self.edit_model.theta0, os.path.join(folder, THETA0_NAME))
 
 
+class _StopAtLossCallback(TrainerCallback):
+    """FT-L's early stop, judged on a whole optimizer step's loss (the sum of its micro-batches' shares),
+    so gradient accumulation never stops with a step half accumulated."""
+
+    def __init__(self, trainer: ConstrainedEditTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.stop_at_loss is not None and self.trainer._step_loss < args.stop_at_loss:
+            control.should_training_stop = True
+        self.trainer._step_loss = 0.0
+
+
 class ConstrainedEditTrainer(Trainer):
     """Fine-tunes the selected blocks on the edit's facts, keeping ||θ − θ0|| ≤ δ.
 
@@ -135,7 +148,9 @@ class ConstrainedEditTrainer(Trainer):
         )
         self._hooked_optimizer: torch.optim.Optimizer | None = None
         self.before_edit: dict[str, FactResults] | None = None
+        self._step_loss = 0.0
         self.add_callback(_SaveTheta0Callback(edit_model))
+        self.add_callback(_StopAtLossCallback(self))
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -163,8 +178,8 @@ class ConstrainedEditTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.args.stop_at_loss is not None and loss.item() < self.args.stop_at_loss:
-            self.control.should_training_stop = True  # FT-L's early stop, checked on each micro-batch's loss
+        if self.args.stop_at_loss is not None:
+            self._step_loss += loss.item()  # judged once the optimizer step is complete (_StopAtLossCallback)
         return loss
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
