@@ -44,7 +44,8 @@ def first_editable_block(model: PreTrainedModel) -> int:
     """The n below which nothing trains: 0 when something before the blocks (e.g. the embeddings) trains.
 
     Trainable parameters outside the blocks are allowed only in the LM head (they run after the
-    blocks); anything else — embeddings, or parameters the table does not place — means 0.
+    blocks) when not tied to the embeddings; anything else — embeddings, or parameters the table
+    does not place — means 0.
     """
     layout = layout_for(model)
     if layout.shared_blocks:
@@ -53,8 +54,9 @@ def first_editable_block(model: PreTrainedModel) -> int:
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     if not trainable:
         return 0
-    in_head = {id(p) for module in head_modules(model) or [] for p in module.parameters()}
-    placed = set(in_head)
+    # Head parameters run after the blocks, unless tied to the embeddings (they live in the base model).
+    in_base = {id(p) for p in model.base_model.parameters()}
+    placed = {id(p) for module in head_modules(model) or [] for p in module.parameters()} - in_base
     first = None
     for index, block in enumerate(blocks):
         ids = {id(p) for p in block.parameters()}
@@ -89,9 +91,8 @@ class PrefixCache:
         self.kind = model_kind(model)
         self.states: dict[tuple[int, ...], torch.Tensor] = {}
         self.batch_size = 64  # of the prefix forward passes; add_facts sets it
-        # The frozen prefix: every base-model parameter that does not run from block n on.
+        # The frozen prefix: every base-model parameter outside blocks ≥ n (tied embeddings included).
         kept = {id(p) for b in list(self.blocks)[block:] for p in b.parameters()}
-        kept |= {id(p) for m in head_modules(model) or [] for p in m.parameters()}
         self._prefix_params = [p for p in model.base_model.parameters() if id(p) not in kept]
         self._signature = self._prefix_signature()
 
@@ -111,8 +112,8 @@ class PrefixCache:
                 "build a new cache for this selection (or set prefix_cache: false)."
             )
         if self._prefix_signature() != self._signature:
-            # Written to since the states were computed (e.g. DDP's start-up broadcast from rank 0):
-            # they are derived data, so drop them and let batches refill the cache.
+            # Written to since the states were computed (e.g. DDP's start-up broadcast from rank 0, or
+            # a resumed run loading its checkpoint): they are derived data, so compute them again.
             logger.info("The weights below block %d changed: the prefix cache is refilled.", self.block)
             keys = list(self.states)
             self.states.clear()
