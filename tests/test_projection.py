@@ -143,6 +143,27 @@ def test_fisher_projection_is_the_nearest_point_of_the_ellipsoid():
         assert (params["w"] - target).norm() <= best + 1e-9
 
 
+def test_fisher_projection_matches_an_exhaustive_search_in_two_dimensions():
+    """Against a generic solver: the nearest of 400,000 points spread along the ellipse's boundary."""
+    from hf_memedit.projection import project_fisher_
+
+    generator = torch.Generator().manual_seed(1)
+    angles = torch.linspace(0, 2 * torch.pi, 400_000, dtype=torch.float64)
+    for _ in range(20):
+        theta0 = {"w": torch.randn(2, generator=generator, dtype=torch.float64)}
+        fisher = {"w": torch.rand(2, generator=generator, dtype=torch.float64) * 5 + 0.05}
+        delta = float(torch.rand((), generator=generator)) * 0.5 + 0.01
+        boundary = theta0["w"] + delta**0.5 * torch.stack([angles.cos(), angles.sin()], 1) / fisher["w"].sqrt()
+        target = theta0["w"] + torch.randn(2, generator=generator, dtype=torch.float64) * 3
+        if float((fisher["w"] * (target - theta0["w"]).pow(2)).sum()) <= delta:
+            continue  # inside: nothing to search
+        nearest = boundary[(boundary - target).norm(dim=1).argmin()]
+        params = {"w": target.clone()}
+        project_fisher_(params, theta0, fisher, delta)
+        assert (params["w"] - target).norm() <= (nearest - target).norm() + 1e-9
+        assert torch.allclose(params["w"], nearest, atol=1e-4)
+
+
 def test_fisher_projection_refuses_negative_weights():
     from hf_memedit.projection import project_fisher_
 
