@@ -21,7 +21,12 @@ L2_SCOPES = ("global", "per_tensor")
 @torch.no_grad()
 def project_linf_(param: torch.Tensor, theta0: torch.Tensor, delta: float) -> None:
     """Clamp `param` in place into the box θ0 ± δ (idempotent: the bounds are recomputed identically)."""
-    param.clamp_(min=theta0 - delta, max=theta0 + delta)
+    param.clamp_(*linf_bounds(theta0, delta))
+
+
+def linf_bounds(theta0: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The box θ0 ± δ as (lower, upper) tensors: what the L∞ projection clamps to."""
+    return theta0 - delta, theta0 + delta
 
 
 @torch.no_grad()
@@ -128,6 +133,7 @@ class NormBallProjector:
         self.norm, self.delta, self.l2_scope = norm, delta, l2_scope
         self.fisher = dict(fisher) if fisher is not None else None
         self.num_projections = 0
+        self._bounds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # L∞: per θ0 tensor, its box
 
     def _theta0_on_device(self) -> dict[str, torch.Tensor]:
         for name, param in self.params.items():
@@ -142,9 +148,13 @@ class NormBallProjector:
         if self.norm == "none":
             return
         theta0 = self._theta0_on_device()
-        if self.norm == "linf":
+        if self.norm == "linf":  # the box is computed once per θ0 (not two temporaries per tensor and step)
             for name, param in self.params.items():
-                project_linf_(param, theta0[name], self.delta)
+                start, lower, upper = self._bounds.get(name) or (None, None, None)
+                if start is not theta0[name]:
+                    lower, upper = linf_bounds(theta0[name], self.delta)
+                    self._bounds[name] = (theta0[name], lower, upper)
+                param.clamp_(lower, upper)
         elif self.norm == "fisher":
             project_fisher_(self.params, theta0, self.fisher, self.delta)
         elif self.l2_scope == "global":
