@@ -129,26 +129,14 @@ class JobConfig:
     show_examples: int = field(default=5, metadata={"help": "How many edited facts (old -> new) the summary shows."})
 
     def __post_init__(self):
-        if isinstance(self.compare_deltas, str):
-            try:
-                self.compare_deltas = json.loads(self.compare_deltas)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"compare_deltas must be a JSON object, got {self.compare_deltas!r} ({error.msg}).") from None
-        if self.compare_deltas is not None and not isinstance(self.compare_deltas, dict):
-            raise ValueError(f"compare_deltas must be a mapping of norm to δ list, got {type(self.compare_deltas).__name__}.")
+        self.compare_deltas = _json_mapping(self.compare_deltas, "compare_deltas", "a mapping of norm to δ list")
         unknown = set(self.compare_deltas or {}) - {"linf", "l2", "fisher", "ftl"}
         if unknown:
             raise ValueError(f"compare_deltas has unknown keys {sorted(unknown)}: use linf, l2, fisher and ftl.")
         unknown = set(self.compare_methods or ()) - set(COMPARE_METHODS)
         if unknown:
             raise ValueError(f"Unknown compare_methods {sorted(unknown)}: choose among {', '.join(COMPARE_METHODS)}.")
-        if isinstance(self.benchmark_options, str):
-            try:
-                self.benchmark_options = json.loads(self.benchmark_options)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"benchmark_options must be a JSON object, got {self.benchmark_options!r} ({error.msg}).") from None
-        if self.benchmark_options is not None and not isinstance(self.benchmark_options, dict):
-            raise ValueError(f"benchmark_options must be a mapping, got {type(self.benchmark_options).__name__}.")
+        self.benchmark_options = _json_mapping(self.benchmark_options, "benchmark_options", "a mapping")
         if self.setting not in SETTINGS:
             raise ValueError(f"Unknown setting {self.setting!r}: choose one of {', '.join(SETTINGS)}.")
         if self.model_kind not in MODEL_KINDS:
@@ -157,6 +145,18 @@ class JobConfig:
             raise ValueError(f"m must be at least 1, got {self.m}.")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}.")
+
+
+def _json_mapping(value, name: str, what: str) -> dict | None:
+    """A mapping option given as a dict (YAML) or a JSON string (command line), or a clear error."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name} must be a JSON object, got {value!r} ({error.msg}).") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be {what}, got {type(value).__name__}.")
+    return value
 
 
 # ---------------------------------------------------------------------------------------- loading
