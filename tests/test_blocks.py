@@ -127,15 +127,37 @@ def test_print_trainable_parameters(capsys):
 
 @pytest.mark.parametrize("arch", sorted(TINY))
 def test_object_position_logits_equal_full_logits(arch, bert_tokenizer):
-    """The table's LM head, run on the object positions only, predicts what the full forward does."""
-    from hf_memedit import evaluate_facts
+    """The table's LM head, run on the object positions only, gives the full forward's logits there,
+    with the last block's feed-forward run on those rows only."""
+    from hf_memedit import evaluate_facts, object_positions_only
+    from hf_memedit.architectures import block_list, model_kind
+    from hf_memedit.collators import FactCollator
+    from hf_memedit.heads import logit_positions
 
     torch.manual_seed(0)
     model = TINY[arch](2).eval()
-    assert ARCHITECTURES[arch].head
+    layout = ARCHITECTURES[arch]
+    assert layout.head
     fast = evaluate_facts(model, bert_tokenizer, FACTS, batch_size=3)
     full = evaluate_facts(model, bert_tokenizer, FACTS, batch_size=3, full_logits=True)
     assert fast == full and all(fast.predicted)
+
+    kind = model_kind(model)
+    batch = FactCollator(bert_tokenizer, kind)(FACTS)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    positions = logit_positions(batch["labels"], kind)
+    seen = []
+    if not layout.shared_blocks:  # ALBERT's one layer runs at every depth: its feed-forward stays whole
+        first = block_list(model, layout)[-1].get_submodule(layout.ffn[0])
+        first.register_forward_hook(lambda module, args, output: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        expected = model(**inputs).logits[positions]
+        with object_positions_only(model, positions):
+            logits = model(**inputs).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    if not layout.shared_blocks:
+        rows = (1, int(positions.sum()), model.config.to_dict().get("dim") or model.config.hidden_size)
+        assert seen == [tuple(batch["input_ids"].shape) + rows[2:], rows]
 
 
 @pytest.mark.parametrize("arch", sorted(TINY))

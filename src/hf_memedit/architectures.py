@@ -26,6 +26,9 @@ class BlockLayout:
     the modules that turn the base model's last hidden state into vocabulary logits, applied in
     order: evaluation runs them on the object positions only. `mlp_out`, relative to a block, is
     the MLP's output projection (what ROME/EasyEdit's FT-L trains), selectable as "mlp_out".
+    `ffn`, relative to a block, lists the modules of its position-wise feed-forward in call order:
+    the first takes the block's hidden states, the last returns what the block adds to them (with
+    any further arguments, such as BERT's residual, shaped like them).
     """
 
     blocks: str
@@ -33,18 +36,26 @@ class BlockLayout:
     shared_blocks: bool = False
     head: tuple[str, ...] = ()
     mlp_out: str | None = None
+    ffn: tuple[str, ...] = ()
 
 
 ARCHITECTURES: dict[str, BlockLayout] = {
-    "bert": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",), head=("cls",), mlp_out="output.dense"),
-    "roberta": BlockLayout(blocks="encoder.layer", embeddings=("embeddings",), head=("lm_head",), mlp_out="output.dense"),
+    "bert": BlockLayout(
+        blocks="encoder.layer", embeddings=("embeddings",), head=("cls",), mlp_out="output.dense",
+        ffn=("intermediate", "output"),
+    ),
+    "roberta": BlockLayout(
+        blocks="encoder.layer", embeddings=("embeddings",), head=("lm_head",), mlp_out="output.dense",
+        ffn=("intermediate", "output"),
+    ),
     "electra": BlockLayout(
         blocks="encoder.layer", embeddings=("embeddings",), head=("generator_predictions", "generator_lm_head"),
-        mlp_out="output.dense",
+        mlp_out="output.dense", ffn=("intermediate", "output"),
     ),
     "distilbert": BlockLayout(
         blocks="transformer.layer", embeddings=("embeddings",),
         head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"), mlp_out="ffn.lin2",
+        ffn=("ffn",),
     ),
     "albert": BlockLayout(
         blocks="encoder.albert_layer_groups",
@@ -53,8 +64,10 @@ ARCHITECTURES: dict[str, BlockLayout] = {
         head=("predictions",),
         mlp_out="albert_layers.0.ffn_output",
     ),
-    "gpt2": BlockLayout(blocks="h", embeddings=("wte", "wpe"), head=("lm_head",), mlp_out="mlp.c_proj"),
-    "llama": BlockLayout(blocks="layers", embeddings=("embed_tokens",), head=("lm_head",), mlp_out="mlp.down_proj"),
+    "gpt2": BlockLayout(blocks="h", embeddings=("wte", "wpe"), head=("lm_head",), mlp_out="mlp.c_proj", ffn=("mlp",)),
+    "llama": BlockLayout(
+        blocks="layers", embeddings=("embed_tokens",), head=("lm_head",), mlp_out="mlp.down_proj", ffn=("mlp",)
+    ),
 }
 
 

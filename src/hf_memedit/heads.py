@@ -5,6 +5,10 @@ the largest single matmul of the forward. `object_positions_only` makes the mode
 return logits `[n_positions, vocab]` instead of `[batch, length, vocab]`, through a forward
 pre-hook on the first head module of the block table: the hook lives on the module, so the same
 code path works under DDP's wrapped forward, in training and in evaluation.
+
+The same reasoning reaches one block down: the head reads the last block's output only at those
+positions, and its feed-forward (two thirds of a block's work) is position-wise, so it runs on
+those rows only (`_LastFeedForward`). Attention still sees every position.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .architectures import ARCHITECTURES
+from .architectures import ARCHITECTURES, block_list
 
 
 def head_modules(model: PreTrainedModel) -> list[nn.Module] | None:
@@ -46,9 +50,69 @@ def object_targets(labels: torch.Tensor, kind: str) -> torch.Tensor:
     return labels[labels != -100]
 
 
+class _LastFeedForward:
+    """Runs the last block's feed-forward on the rows at `positions` only.
+
+    The first module's input and any other argument shaped like it are cut to those rows (as one
+    `[1, n, hidden]` sequence); the last module's output is scattered back into zeros. The last
+    block's output is then right at `positions` — the only rows the head reads — and not elsewhere.
+    A call on other shapes (e.g. a feed-forward chunked along the sequence) runs unchanged.
+    """
+
+    def __init__(self, modules: list[nn.Module], positions: torch.Tensor):
+        self.positions = positions
+        self.active = False
+        first, last = modules[0], modules[-1]
+        self.handles = [first.register_forward_pre_hook(self.gather_input)]
+        if last is not first:
+            self.handles.append(last.register_forward_pre_hook(self.gather_rest))
+        self.handles.append(last.register_forward_hook(self.scatter))
+
+    def rows(self, tensor):
+        return tensor[self.positions.to(tensor.device)].unsqueeze(0)
+
+    def fits(self, value) -> bool:
+        return isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[:2] == self.positions.shape
+
+    def gather_input(self, module, args):
+        self.active = bool(args) and self.fits(args[0])
+        if self.active:
+            return (self.rows(args[0]),) + tuple(args[1:])
+
+    def gather_rest(self, module, args):
+        if self.active:
+            return tuple(self.rows(arg) if self.fits(arg) else arg for arg in args)
+
+    def scatter(self, module, args, output):
+        if not self.active:
+            return None
+        self.active = False
+        full = output.new_zeros(*self.positions.shape, output.shape[-1])
+        full[self.positions.to(output.device)] = output[0]
+        return full
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _last_feed_forward(model: PreTrainedModel) -> list[nn.Module] | None:
+    """The last block's feed-forward modules, or None where its output feeds more than the head
+    (shared blocks: ALBERT runs the same module at every layer)."""
+    layout = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    if layout is None or not layout.ffn or layout.shared_blocks:
+        return None
+    last = block_list(model, layout)[-1]
+    return [last.get_submodule(path) for path in layout.ffn]
+
+
 @contextmanager
 def object_positions_only(model: PreTrainedModel, positions: torch.Tensor) -> Iterator[None]:
-    """Inside: `model(...)` returns logits only at `positions` ([batch, length] bool), as `[n, vocab]`."""
+    """Inside: `model(...)` returns logits only at `positions` ([batch, length] bool), as `[n, vocab]`.
+
+    The last block's feed-forward then runs at `positions` only, so the model's hidden states
+    after it are valid only there: take nothing but the logits from such a forward.
+    """
     heads = head_modules(model)
     if heads is None:
         raise ValueError(
@@ -66,7 +130,11 @@ def object_positions_only(model: PreTrainedModel, positions: torch.Tensor) -> It
         return (hidden[positions.to(hidden.device)],) + tuple(args[1:])
 
     handle = heads[0].register_forward_pre_hook(select)
+    feed_forward = _last_feed_forward(model)
+    last = _LastFeedForward(feed_forward, positions) if feed_forward else None
     try:
         yield
     finally:
         handle.remove()
+        if last is not None:
+            last.remove()
