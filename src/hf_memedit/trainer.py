@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
@@ -149,6 +149,7 @@ class ConstrainedEditTrainer(Trainer):
         self._hooked_optimizer: torch.optim.Optimizer | None = None
         self.before_edit: dict[str, FactResults] | None = None
         self._step_loss = 0.0
+        self._parameter_count: int | None = None
         self.add_callback(_SaveTheta0Callback(edit_model))
         self.add_callback(_StopAtLossCallback(self))
 
@@ -167,20 +168,41 @@ class ConstrainedEditTrainer(Trainer):
             return
         self.projector.project_()
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    @contextmanager
+    def _fast_paths(self, inputs, logits_only: bool) -> Iterator[None]:
+        """The prefix cache and (when only the loss is needed) object-position-only logits for this batch.
+
+        Held over forward *and* backward, so gradient checkpointing, which runs blocks again during
+        backward, runs them the same way.
+        """
         with ExitStack() as stack:
             if self.prefix_cache is not None:
                 stack.enter_context(self.prefix_cache.feeding(inputs["input_ids"], inputs["attention_mask"]))
-            if self.object_logits_only and not return_outputs and "labels" in inputs:
+            if self.object_logits_only and logits_only and "labels" in inputs:
                 positions = logit_positions(inputs["labels"], self.kind)
                 stack.enter_context(object_positions_only(self.edit_model.model, positions))
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            yield
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with self._fast_paths(inputs, logits_only=True):
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if self.args.stop_at_loss is not None:
             self._step_loss += loss.item()  # judged once the optimizer step is complete (_StopAtLossCallback)
         return loss
+
+    def floating_point_ops(self, inputs) -> int:
+        """Trainer's estimate, 6 × tokens × non-embedding parameters, with the parameters counted once:
+        counting walks every module, which on a step of one cached block is a noticeable cost."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs:
+            return 0
+        if self._parameter_count is None:
+            self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._parameter_count
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with self._fast_paths(inputs, logits_only=prediction_loss_only):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         columns = getattr(self.train_dataset, "column_names", None) or []
