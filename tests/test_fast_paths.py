@@ -97,6 +97,11 @@ def test_fast_training_matches_the_straightforward_loop(name, tmp_out, bert_toke
     slow_eval = slow.fact_results(splits)["modified_test"]
     fast_eval = fast.fact_results(splits)["modified_test"]
     assert fast_eval.predicted == slow_eval.predicted
+    # Trainer.evaluate on a plain dataset (the eval loss through prediction_step) agrees as well.
+    facts = Dataset.from_list(facts_for(name))
+    assert fast.evaluate(facts)["eval_loss"] == pytest.approx(slow.evaluate(facts)["eval_loss"], rel=1e-4)
+    fast.args.prediction_loss_only = True  # the object-position logits suffice then
+    assert fast.evaluate(facts)["eval_loss"] == pytest.approx(slow.evaluate(facts)["eval_loss"], rel=1e-4)
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
