@@ -66,6 +66,15 @@ def test_embeddings_selection(arch):
     assert names and all("emb" in n or "wte" in n or "wpe" in n for n in names), names
 
 
+def test_electra_embeddings_include_their_projection():
+    """ELECTRA narrower embeddings are projected to the hidden size: that projection is part of them."""
+    narrow = ElectraForMaskedLM(ElectraConfig(vocab_size=V, num_hidden_layers=2, embedding_size=8, **SMALL))
+    names = selected_parameter_names(narrow, BlockSelectorConfig(blocks=["embeddings"]))
+    assert {"electra.embeddings_project.weight", "electra.embeddings_project.bias"} <= set(names)
+    wide = TINY["electra"](2)  # embedding_size == hidden_size: no projection is built
+    assert not any("embeddings_project" in n for n in selected_parameter_names(wide, BlockSelectorConfig(blocks=["embeddings"])))
+
+
 def test_block_indices_match_exactly():
     model = tiny_bert(100, layers=22)
     for index, expected in ((2, "layer.2."), (1, "layer.1."), (-1, "layer.21."), (12, "layer.12.")):

@@ -26,13 +26,16 @@ class BlockLayout:
     the modules that turn the base model's last hidden state into vocabulary logits, applied in
     order: evaluation runs them on the object positions only. `mlp_out`, relative to a block, is
     the MLP's output projection (what ROME/EasyEdit's FT-L trains), selectable as "mlp_out".
-    `ffn`, relative to a block, lists the modules of its position-wise feed-forward in call order:
+    `optional_embeddings` are further embedding modules that only some configurations build
+    (ELECTRA projects its embeddings when they are narrower than the hidden size): selected with
+    'embeddings' where present. `ffn`, relative to a block, lists the modules of its position-wise feed-forward in call order:
     the first takes the block's hidden states, the last returns what the block adds to them (with
     any further arguments, such as BERT's residual, shaped like them).
     """
 
     blocks: str
     embeddings: tuple[str, ...]
+    optional_embeddings: tuple[str, ...] = ()
     shared_blocks: bool = False
     head: tuple[str, ...] = ()
     mlp_out: str | None = None
@@ -49,8 +52,8 @@ ARCHITECTURES: dict[str, BlockLayout] = {
         ffn=("intermediate", "output"),
     ),
     "electra": BlockLayout(
-        blocks="encoder.layer", embeddings=("embeddings",), head=("generator_predictions", "generator_lm_head"),
-        mlp_out="output.dense", ffn=("intermediate", "output"),
+        blocks="encoder.layer", embeddings=("embeddings",), optional_embeddings=("embeddings_project",),
+        head=("generator_predictions", "generator_lm_head"), mlp_out="output.dense", ffn=("intermediate", "output"),
     ),
     "distilbert": BlockLayout(
         blocks="transformer.layer", embeddings=("embeddings",),

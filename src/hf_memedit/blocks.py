@@ -105,6 +105,11 @@ def selected_modules(model: PreTrainedModel, config: BlockSelectorConfig) -> dic
                 )
             for path in layout.embeddings:
                 modules[f"embeddings ({path})"] = resolve_module(model, path)
+            for path in layout.optional_embeddings:
+                try:
+                    modules[f"embeddings ({path})"] = model.base_model.get_submodule(path)
+                except AttributeError:
+                    pass  # this configuration does not build it
         elif item == ALL:
             modules["all blocks"] = resolve_module(model, layout.blocks)
         elif layout.shared_blocks:
