@@ -215,10 +215,10 @@ ZSRE = str(Path(__file__).parent / "fixtures" / "kilt_zsre")
 
 
 def test_zsre_question_split_and_multi_token_answers():
-    from hf_memedit.benchmarks.zsre import ZsreModConfig, n_test_questions, read_zsre
+    from hf_memedit.benchmarks.zsre import ZsreMod, ZsreModConfig, n_test_questions
 
     assert [n_test_questions(n) for n in (1, 2, 3, 4, 7)] == [0, 1, 1, 2, 2]
-    facts = {f.uuid: f for f in read_zsre(ZsreModConfig(data_dir=ZSRE))}
+    facts = {f.uuid: f for f in ZsreMod.read_facts(ZsreModConfig(data_dir=ZSRE))}
     assert "q8" not in facts  # answer over 20 tokens
     assert (len(facts["q1"].train_texts), len(facts["q1"].test_texts)) == (1, 0)
     assert (len(facts["q3"].train_texts), len(facts["q3"].test_texts)) == (2, 1)
@@ -229,15 +229,15 @@ def test_zsre_question_split_and_multi_token_answers():
     _check_modification(dataset, facts)
     assert "q1" not in dataset["modified_test"]["uuid"]  # a fact without test question cannot be modified
     assert "q1" in dataset["unmodified_train"]["uuid"] and "q1" not in dataset["unmodified_test"]["uuid"]
-    shorter = {f.uuid for f in read_zsre(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=1))}
+    shorter = {f.uuid for f in ZsreMod.read_facts(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=1))}
     assert shorter == {"q1", "q2", "q3", "q4", "q5"}
 
 
 def test_zsre_counts_tokens_with_a_tokenizer(real_bert_dir):
-    from hf_memedit.benchmarks.zsre import ZsreModConfig, read_zsre
+    from hf_memedit.benchmarks.zsre import ZsreMod, ZsreModConfig
 
-    words = {f.uuid for f in read_zsre(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=2))}
-    pieces = {f.uuid for f in read_zsre(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=2, tokenizer=real_bert_dir))}
+    words = {f.uuid for f in ZsreMod.read_facts(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=2))}
+    pieces = {f.uuid for f in ZsreMod.read_facts(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=2, tokenizer=real_bert_dir))}
     assert "q6" in words and "q6" not in pieces  # "radioactivity research" is 2 words but more word pieces
 
 
@@ -246,7 +246,18 @@ def test_zsre_bad_input(tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl, line 1: input 'no separator' is not 'subject \\[SEP\\] relation'"):
         load_benchmark("zsre_mod", m=1, data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        load_benchmark("zsre_mod", m=1, data_dir=None)
+        load_benchmark("zsre_mod", m=1, data_dir=str(tmp_path / "missing"))
+
+
+def test_kilt_file_is_downloaded_from_its_url():
+    """With no data_dir the KILT file is fetched from data_url (here a file:// URL to the fixture)."""
+    from hf_memedit.benchmarks.zsre import ZsreMod, ZsreModConfig
+
+    url = (Path(ZSRE) / "structured_zeroshot-train-kilt.jsonl").as_uri()
+    downloaded = ZsreMod.read_facts(ZsreModConfig(data_dir=None, data_url=url))
+    assert downloaded == ZsreMod.read_facts(ZsreModConfig(data_dir=ZSRE))
+    dataset = load_benchmark("zsre_mod", m=3, seed=0, data_dir=None, data_url=url)
+    assert dataset["modified_test"]["uuid"] == load_benchmark("zsre_mod", m=3, seed=0, data_dir=ZSRE)["modified_test"]["uuid"]
 
 
 def test_a_code_change_changes_the_cache_hash(tmp_path):

@@ -1,4 +1,5 @@
-"""zsre_mod: zero-shot relation extraction (KILT `structured_zeroshot-train-kilt.jsonl`), the paper's way.
+"""zsre_mod: zero-shot relation extraction (KILT `structured_zeroshot-train-kilt.jsonl`, read from
+`data_dir` or downloaded from `data_url`), the paper's way.
 
 Each line: `id`, `input` = "subject [SEP] relation", `meta.template_questions`, `output[].answer`.
 A fact's questions are split as in the paper: 1 question -> train only; 2 or 3 -> one to test;
@@ -14,12 +15,15 @@ import os
 import random
 from dataclasses import dataclass, field
 
+import datasets
+
 from ..collators import PLACEHOLDER
 from .common import Fact, ModBenchmarkBuilder, ModBenchmarkConfig, read_jsonl, require_dir
 
 logger = logging.getLogger(__name__)
 
 KILT_FILE = "structured_zeroshot-train-kilt.jsonl"
+KILT_URL = f"http://dl.fbaipublicfiles.com/KILT/{KILT_FILE}"
 
 
 @dataclass
@@ -30,6 +34,7 @@ class ZsreModConfig(ModBenchmarkConfig):
         default=None,
         metadata={"help": "Tokenizer (local folder or Hub id) that counts tokens for the limits; None: whitespace words."},
     )
+    data_url: str = field(default=KILT_URL, metadata={"help": "Where the KILT zsRE file is fetched from when data_dir is None."})
 
 
 class ZsreMod(ModBenchmarkBuilder):
@@ -40,7 +45,14 @@ class ZsreMod(ModBenchmarkBuilder):
 
     @classmethod
     def read_facts(cls, config: ZsreModConfig, dl_manager=None) -> list[Fact]:
-        return read_zsre(config)
+        if config.data_dir is None:
+            dl_manager = dl_manager or datasets.DownloadManager()
+            return read_zsre([dl_manager.download(config.data_url)], config, config.data_url)
+        data_dir = require_dir(config.data_dir, f"point it at the folder holding {KILT_FILE} (or another *.jsonl in the KILT format).")
+        files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
+        if not files:
+            raise FileNotFoundError(f"{data_dir} holds no .jsonl file in the KILT zsRE format.")
+        return read_zsre(files, config, data_dir)
 
 
 def _counter(config: ZsreModConfig):
@@ -57,11 +69,8 @@ def n_test_questions(n_questions: int) -> int:
     return 0 if n_questions <= 1 else 1 if n_questions <= 3 else 2
 
 
-def read_zsre(config: ZsreModConfig) -> list[Fact]:
-    data_dir = require_dir(config.data_dir, f"point it at the folder holding {KILT_FILE} (or another *.jsonl in the KILT format).")
-    files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
-    if not files:
-        raise FileNotFoundError(f"{data_dir} holds no .jsonl file in the KILT zsRE format.")
+def read_zsre(files: list[str], config: ZsreModConfig, source: str) -> list[Fact]:
+    """The facts of these KILT zsRE files, in file order (`source` names them in errors)."""
     count = _counter(config)
     facts, too_long = [], 0
     for path in files:
@@ -85,5 +94,5 @@ def read_zsre(config: ZsreModConfig) -> list[Fact]:
     if too_long:
         logger.warning("Skipped %d facts whose answer is longer than %d tokens.", too_long, config.max_answer_tokens)
     if not facts:
-        raise ValueError(f"No usable zsRE facts in {data_dir}.")
+        raise ValueError(f"No usable zsRE facts in {source}.")
     return facts
