@@ -15,7 +15,6 @@ Optionally the argmax runs over a candidate vocabulary instead of the full one (
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +23,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .architectures import model_kind
 from .collators import FactCollator
-from .heads import head_modules, logit_positions, object_positions_only, object_targets
-from .prefix import PrefixCache
+from .heads import head_modules, logit_positions, object_targets
+from .prefix import PrefixCache, fast_forward
 
 
 @dataclass
@@ -101,11 +100,7 @@ def evaluate_facts(
             mask = logit_positions(labels, kind)  # causal: the logit at position i predicts token i + 1
             targets = object_targets(labels, kind)
             extra = {"use_cache": False} if kind == "causal" else {}
-            with ExitStack() as stack:
-                if prefix is not None:
-                    stack.enter_context(prefix.feeding(inputs["input_ids"], inputs["attention_mask"]))
-                if object_only:
-                    stack.enter_context(object_positions_only(model, mask))
+            with fast_forward(model, prefix, inputs["input_ids"], inputs["attention_mask"], mask if object_only else None):
                 logits = model(**inputs, **extra).logits
             if not object_only:
                 logits = logits[mask]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import psutil
 import torch
@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 
 from .architectures import block_list, layout_for, model_kind
 from .collators import FactCollator
-from .heads import head_modules
+from .heads import head_modules, object_positions_only
 
 logger = logging.getLogger(__name__)
 
@@ -238,3 +238,21 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self.states)
+
+
+@contextmanager
+def fast_forward(
+    model: PreTrainedModel,
+    prefix: PrefixCache | None,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+) -> Iterator[None]:
+    """Inside: the model's forward on this batch runs from `prefix` (when given) and returns logits
+    only at `positions` (when given) — the two fast paths, as training and evaluation use them."""
+    with ExitStack() as stack:
+        if prefix is not None:
+            stack.enter_context(prefix.feeding(input_ids, attention_mask))
+        if positions is not None:
+            stack.enter_context(object_positions_only(model, positions))
+        yield

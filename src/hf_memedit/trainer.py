@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
@@ -17,11 +17,11 @@ from .collators import FactCollator
 from .config import EditConfig
 from .evaluation import FactResults
 from .fisher import diagonal_fisher
-from .heads import head_modules, logit_positions, object_positions_only, object_targets
+from .heads import head_modules, logit_positions, object_targets
 from .io import load_tensors, save_tensors
 from .metrics import MODIFIED_TEST, UNMODIFIED_TEST, edit_metrics, evaluate_splits
 from .model import EditModel, get_edit_model
-from .prefix import PrefixCache, first_editable_block
+from .prefix import PrefixCache, fast_forward, first_editable_block
 from .projection import NormBallProjector
 
 logger = logging.getLogger(__name__)
@@ -175,12 +175,12 @@ class ConstrainedEditTrainer(Trainer):
         Held over forward *and* backward, so gradient checkpointing, which runs blocks again during
         backward, runs them the same way.
         """
-        with ExitStack() as stack:
-            if self.prefix_cache is not None:
-                stack.enter_context(self.prefix_cache.feeding(inputs["input_ids"], inputs["attention_mask"]))
-            if self.object_logits_only and logits_only and "labels" in inputs:
-                positions = logit_positions(inputs["labels"], self.kind)
-                stack.enter_context(object_positions_only(self.edit_model.model, positions))
+        positions = None
+        if self.object_logits_only and logits_only and "labels" in inputs:
+            positions = logit_positions(inputs["labels"], self.kind)
+        with fast_forward(
+            self.edit_model.model, self.prefix_cache, inputs.get("input_ids"), inputs.get("attention_mask"), positions
+        ):
             yield
 
     def training_step(self, model, inputs, num_items_in_batch=None):
