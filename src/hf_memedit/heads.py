@@ -20,12 +20,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .architectures import ARCHITECTURES, block_list
+from .architectures import ARCHITECTURES, BlockLayout, block_list
+
+
+def _table_layout(model: PreTrainedModel) -> BlockLayout | None:
+    return ARCHITECTURES.get(getattr(model.config, "model_type", None))
 
 
 def head_modules(model: PreTrainedModel) -> list[nn.Module] | None:
     """The modules mapping the base model's last hidden state to logits, in order, or None when unknown."""
-    layout = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    layout = _table_layout(model)
     if layout is None or not layout.head:
         return None
     return [model.get_submodule(path) for path in layout.head]
@@ -99,7 +103,7 @@ class _LastFeedForward:
 def _last_feed_forward(model: PreTrainedModel) -> list[nn.Module] | None:
     """The last block's feed-forward modules, or None where its output feeds more than the head
     (shared blocks: ALBERT runs the same module at every layer)."""
-    layout = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    layout = _table_layout(model)
     if layout is None or not layout.ffn or layout.shared_blocks:
         return None
     last = block_list(model, layout)[-1]
