@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "trainer_configs"
 TINY = [p.name for p in sorted(CONFIGS.glob("bert_tiny_*.yaml")) if p.name != "bert_tiny_sweep.yaml"]
 # Shrink the tiny-BERT runs for the test suite; the configs themselves stay as shipped.
-FAST = ["--max_steps", "40", "--ft_epochs", "10", "--disable_tqdm", "true"]
+FAST = ["--max_steps", "40", "--ft_epochs", "10", "--disable_tqdm", "true",
+            "--logging_steps", "10"]
 
 
 def _config(name: str, tmp_path, *extra: str):
@@ -158,9 +159,10 @@ def test_ft_then_ftm_edits_and_keeps_the_rest(tmp_path, real_bert_dir):
 
 
 @pytest.mark.slow
-def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monkeypatch):
+def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monkeypatch, capsys):
     argv = ["--config", str(CONFIGS / "bert_tiny_sweep.yaml"), "--output_dir", str(tmp_path / "sweep"),
-            "--sweep_deltas", "1e-3", "2e-2", "--max_steps", "30", "--ft_epochs", "10", "--disable_tqdm", "true"]
+            "--sweep_deltas", "1e-3", "2e-2", "--max_steps", "30", "--ft_epochs", "10", "--disable_tqdm", "true",
+            "--logging_steps", "10"]
     job, args, _ = parse("sweep", argv)
     from hf_memedit import prefix as prefix_module
 
@@ -169,6 +171,11 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monke
     monkeypatch.setattr(prefix_module.PrefixCache, "__init__", lambda self, model, block, *a, **k: built.append(block) or original_init(self, model, block, *a, **k))
     rows = run_sweep(job, args)
     assert len(rows) == 4  # 2 blocks × 2 δ
+    # One line per point on stdout, not the points' training logs (kept as each row's train_loss).
+    points_output = capsys.readouterr().out.split("[sweep 1]", 1)[1]
+    assert points_output.count("[sweep ") == 3
+    assert "'loss'" not in points_output and "train_runtime" not in points_output
+    assert all(row["train_loss"] > 0 for row in rows)
     assert built == [1]  # block 0 has nothing frozen below it; block 1's cache serves both δ
     folder = tmp_path / "sweep"
     for name in ("sweep.md", "sweep.json", "points.jsonl", "tradeoff.png", "avg_acc_per_block.png"):
@@ -225,7 +232,8 @@ def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypa
     from hf_memedit.compare import LABELS, run_compare
 
     argv = ["--config", str(CONFIGS / "compare_bert_tiny.yaml"), "--output_dir", str(tmp_path / "compare"),
-            "--max_steps", "20", "--ft_epochs", "10", "--disable_tqdm", "true"]
+            "--max_steps", "20", "--ft_epochs", "10", "--disable_tqdm", "true",
+            "--logging_steps", "10"]
     job, args, _ = parse("compare", argv)
     picks = run_compare(job, args)
     assert set(picks) == set(LABELS)

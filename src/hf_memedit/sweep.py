@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
 import datasets
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from .config import EditConfig
@@ -31,8 +33,18 @@ from .prefix import PrefixCache, first_editable_block
 from .results import format_percent, library_versions
 from .trainer import ConstrainedEditTrainer
 
+logger = logging.getLogger(__name__)
+
 POINTS = "points.jsonl"
 VALIDATION, TEST = "validation", "test"
+
+
+class _PointProgress(ProgressCallback):
+    """A grid point's training bar, with its log lines sent to the logger instead of stdout: a sweep
+    prints one line per point, and each point's training loss is kept in its row."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logger.info("step %d: %s", state.global_step, logs)
 
 
 def grid(job: JobConfig, args: EditConfig) -> list[dict[str, Any]]:
@@ -144,8 +156,12 @@ class GridRunner:
         )
         if trainer.prefix_cache is not None:
             self._caches[first] = trainer.prefix_cache
-        trainer.train()
-        row = {"point": point, "distance": trainer.projector.distance()}
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        if not train_args.disable_tqdm:
+            trainer.add_callback(_PointProgress)
+        trained = trainer.train()
+        row = {"point": point, "distance": trainer.projector.distance(), "train_loss": trained.training_loss}
         for name, view in self.views.items():
             metrics = edit_metrics(view, trainer.fact_results(view), before[name])
             row[name] = {k: v for k, v in metrics.items() if k != "per_relation"}
