@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
 import psutil
 import torch
 
+MARK = "PEAK_MIB "
+
 
 class PeakMemory:
     """Inside `with PeakMemory() as memory:`, `memory.peak` becomes the bytes in use above the start:
     peak GPU memory allocated on CUDA, else peak resident memory (sampled every 2 ms, a thread that
-    takes some CPU, so time the work in runs of its own where that matters)."""
+    takes some CPU, so time the work in runs of its own where that matters). Resident memory only
+    grows where the allocator has no freed memory to reuse: measure in a fresh process
+    (`peak_in_subprocess`)."""
 
     def __init__(self):
         self.cuda = torch.cuda.is_available()
@@ -42,3 +49,21 @@ class PeakMemory:
         else:
             self.running = False
             self.thread.join()
+
+
+def print_peak(peak_bytes: float) -> None:
+    """Worker side of `peak_in_subprocess`: report a peak on stdout."""
+    print(f"{MARK}{peak_bytes / 2**20:.1f}", flush=True)
+
+
+def peak_in_subprocess(script: str, *args: str) -> float:
+    """The peak MiB that `script *args` reports (`print_peak`) from a fresh process, so memory an
+    earlier run left in the allocator cannot hide a run's own."""
+    done = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
+    if done.returncode or not lines:
+        raise SystemExit(f"{script} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return float(lines[-1][len(MARK):])
