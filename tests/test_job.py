@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "trainer_configs"
 TINY = [p.name for p in sorted(CONFIGS.glob("bert_tiny_*.yaml")) if p.name != "bert_tiny_sweep.yaml"]
 # Shrink the tiny-BERT runs for the test suite; the configs themselves stay as shipped.
-FAST = ["--max_steps", "40", "--ft_epochs", "10", "--disable_tqdm", "true",
-            "--logging_steps", "10"]
+FAST = ["--max_steps", "40", "--ft_epochs", "10", "--disable_tqdm", "true"]
 
 
 def _config(name: str, tmp_path, *extra: str):
