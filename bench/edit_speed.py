@@ -26,13 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 import torch
-from peak_memory import PeakMemory
+from measure import PeakMemory, print_result, run_worker
 
 
 def build(model_name: str):
@@ -104,8 +102,10 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.logging_steps > args.steps:
+        parser.error("--logging-steps must not exceed --steps: the table compares the losses logged during training.")
     if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))))
+        print_result(worker(json.loads(args.worker)))
         return
 
     rows = []
@@ -119,14 +119,7 @@ def main(argv=None) -> None:
                         "model": model_name, "block": block, "variant": variant, "steps": args.steps,
                         "logging_steps": args.logging_steps,
                     }
-                    done = subprocess.run(
-                        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-                    )
-                    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                    if done.returncode or not lines:
-                        raise SystemExit(f"worker {spec} failed:\n{done.stderr[-3000:]}")
-                    result = json.loads(lines[-1][len("RESULT "):])
+                    result = run_worker(__file__, "--worker", json.dumps(spec))
                     if variant not in best or result["seconds"] < best[variant]["seconds"]:
                         best[variant] = result
             slow = best["slow"]

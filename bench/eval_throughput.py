@@ -19,7 +19,7 @@ import sys
 import time
 
 import torch
-from peak_memory import PeakMemory, peak_in_subprocess, print_peak
+from measure import PeakMemory, print_result, run_worker
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.helpers import naive_greedy_correct  # noqa: E402  (the reference loop the tests check against)
@@ -82,11 +82,11 @@ def main(argv=None) -> None:
     if args.memory_of:  # a worker: one run of one method in this fresh process
         with PeakMemory() as memory:
             runs[args.memory_of]()
-        print_peak(memory.peak)
+        print_result({"peak_mib": memory.peak / 2**20})
         return
     timed = {key: best_of(1 if key == "naive" else args.repeats, run) for key, run in runs.items()}
     options = ["--facts", str(args.facts), "--batch-size", str(args.batch_size)]
-    peaks = {key: peak_in_subprocess(__file__, "--memory-of", key, *options) for key in runs}
+    peaks = {key: run_worker(__file__, "--memory-of", key, *options)["peak_mib"] for key in runs}
     cache_mib = sum(t.numel() * t.element_size() for t in warm_cache.states.values()) / 2**20
     last = model.config.num_hidden_layers - 1
     names = {

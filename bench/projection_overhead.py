@@ -25,7 +25,7 @@ import time
 
 import torch
 from datasets import Dataset
-from peak_memory import PeakMemory, peak_in_subprocess, print_peak
+from measure import PeakMemory, print_result, run_worker
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, Trainer
 
 from hf_memedit import BlockSelectorConfig, ConstrainedEditTrainer, EditConfig, FactCollator, get_edit_model
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     base = build_model(args.small)
     if args.memory_of:  # a worker: one run of one trainer in this fresh process
         run(args.memory_of, base, tokenizer, facts, args, memory=(memory := PeakMemory()))
-        print_peak(memory.peak)
+        print_result({"peak_mib": memory.peak / 2**20})
         return
     best = {kind: (float("inf"), None) for kind in KINDS}
     for _ in range(args.repeats):
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
             if seconds < best[kind][0]:
                 best[kind] = (seconds, loss)
     options = ["--steps", str(args.steps), "--block", args.block] + (["--small"] if args.small else [])
-    peaks = {kind: peak_in_subprocess(__file__, "--memory-of", kind, *options) for kind in KINDS}
+    peaks = {kind: run_worker(__file__, "--memory-of", kind, *options)["peak_mib"] for kind in KINDS}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{'small' if args.small else 'BERT-base-sized'} model, block {args.block}, {args.steps} steps, batch 16")

@@ -1,7 +1,9 @@
-"""Peak memory of a block of work, as the bench tables report it."""
+"""What the bench scripts measure with: peak memory, and runs in a fresh process (a worker) that
+report back a JSON result."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import time
 import psutil
 import torch
 
-MARK = "PEAK_MIB "
+MARK = "RESULT "
 
 
 class PeakMemory:
@@ -19,7 +21,7 @@ class PeakMemory:
     peak GPU memory allocated on CUDA, else peak resident memory (sampled every 2 ms, a thread that
     takes some CPU, so time the work in runs of its own where that matters). Resident memory only
     grows where the allocator has no freed memory to reuse: measure in a fresh process
-    (`peak_in_subprocess`)."""
+    (`run_worker`)."""
 
     def __init__(self):
         self.cuda = torch.cuda.is_available()
@@ -51,14 +53,14 @@ class PeakMemory:
             self.thread.join()
 
 
-def print_peak(peak_bytes: float) -> None:
-    """Worker side of `peak_in_subprocess`: report a peak on stdout."""
-    print(f"{MARK}{peak_bytes / 2**20:.1f}", flush=True)
+def print_result(result: dict) -> None:
+    """Worker side of `run_worker`: report the result on stdout."""
+    print(MARK + json.dumps(result), flush=True)
 
 
-def peak_in_subprocess(script: str, *args: str) -> float:
-    """The peak MiB that `script *args` reports (`print_peak`) from a fresh process, so memory an
-    earlier run left in the allocator cannot hide a run's own."""
+def run_worker(script: str, *args: str) -> dict:
+    """The result that `script *args` reports (`print_result`) from a fresh process: its timing and
+    its peak memory are its own, not shaped by what an earlier run left in the allocator."""
     done = subprocess.run(
         [sys.executable, script, *args], capture_output=True, text=True,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
@@ -66,4 +68,4 @@ def peak_in_subprocess(script: str, *args: str) -> float:
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     if done.returncode or not lines:
         raise SystemExit(f"{script} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return float(lines[-1][len(MARK):])
+    return json.loads(lines[-1][len(MARK):])
