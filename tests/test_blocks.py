@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from datasets import Dataset
@@ -137,7 +139,8 @@ def test_print_trainable_parameters(capsys):
 @pytest.mark.parametrize("arch", sorted(TINY))
 def test_object_position_logits_equal_full_logits(arch, bert_tokenizer):
     """The table's LM head, run on the object positions only, gives the full forward's logits there,
-    with the last block's feed-forward run on those rows only."""
+    and the same gradients, with the last block's row-wise stages (query, attention output,
+    feed-forward) run on those rows only."""
     from hf_memedit import evaluate_facts, object_positions_only
     from hf_memedit.architectures import block_list, model_kind
     from hf_memedit.collators import FactCollator
@@ -147,6 +150,9 @@ def test_object_position_logits_equal_full_logits(arch, bert_tokenizer):
     model = TINY[arch](2).eval()
     layout = ARCHITECTURES[arch]
     assert layout.head
+    with torch.no_grad():  # weights large enough that attention is far from uniform: every key then counts
+        for parameter in block_list(model, layout)[-1].parameters():
+            parameter.normal_(0.0, 0.5)
     fast = evaluate_facts(model, bert_tokenizer, FACTS, batch_size=3)
     full = evaluate_facts(model, bert_tokenizer, FACTS, batch_size=3, full_logits=True)
     assert fast == full and all(fast.predicted)
@@ -155,18 +161,28 @@ def test_object_position_logits_equal_full_logits(arch, bert_tokenizer):
     batch = FactCollator(bert_tokenizer, kind)(FACTS)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     positions = logit_positions(batch["labels"], kind)
-    seen = []
-    if not layout.shared_blocks:  # ALBERT's one layer runs at every depth: its feed-forward stays whole
-        first = block_list(model, layout)[-1].get_submodule(layout.ffn[0])
-        first.register_forward_hook(lambda module, args, output: seen.append(tuple(args[0].shape)))
-    with torch.no_grad():
-        expected = model(**inputs).logits[positions]
-        with object_positions_only(model, positions):
+    seen = {stage: [] for stage in layout.row_wise}
+    if not layout.shared_blocks:  # ALBERT's one layer runs at every depth: it stays whole
+        assert layout.row_wise
+        for stage in layout.row_wise:
+            first = block_list(model, layout)[-1].get_submodule(stage[0])
+            first.register_forward_hook(lambda module, args, output, stage=stage: seen[stage].append(tuple(args[0].shape[:2])))
+    def logits_and_grads(restricted: bool):
+        model.zero_grad()
+        with object_positions_only(model, positions) if restricted else contextlib.nullcontext():
             logits = model(**inputs).logits
+            logits = logits if restricted else logits[positions]
+            logits.log_softmax(-1)[:, 0].sum().backward()  # any loss on these logits
+        return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    expected, expected_grads = logits_and_grads(restricted=False)
+    logits, grads = logits_and_grads(restricted=True)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    if not layout.shared_blocks:
-        rows = (1, int(positions.sum()), model.config.to_dict().get("dim") or model.config.hidden_size)
-        assert seen == [tuple(batch["input_ids"].shape) + rows[2:], rows]
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    for shapes in seen.values():
+        assert shapes == [tuple(batch["input_ids"].shape), (1, int(positions.sum()))]
 
 
 @pytest.mark.parametrize("arch", sorted(TINY))

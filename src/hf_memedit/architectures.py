@@ -28,9 +28,12 @@ class BlockLayout:
     the MLP's output projection (what ROME/EasyEdit's FT-L trains), selectable as "mlp_out".
     `optional_embeddings` are further embedding modules that only some configurations build
     (ELECTRA projects its embeddings when they are narrower than the hidden size): selected with
-    'embeddings' where present. `ffn`, relative to a block, lists the modules of its position-wise feed-forward in call order:
-    the first takes the block's hidden states, the last returns what the block adds to them (with
-    any further arguments, such as BERT's residual, shaped like them).
+    'embeddings' where present. `row_wise`, relative to a block, lists the block's stages that work
+    position by position and whose output at a position feeds only that position's output: the
+    query projection, the attention's output projection, the feed-forward. Each stage is a tuple
+    of modules in call order, the first taking `[batch, length, hidden]` states, the last returning
+    them (further arguments shaped like them, such as BERT's residual, go with them). Key and value
+    projections are not stages: attention reads them at every position.
     """
 
     blocks: str
@@ -39,26 +42,28 @@ class BlockLayout:
     shared_blocks: bool = False
     head: tuple[str, ...] = ()
     mlp_out: str | None = None
-    ffn: tuple[str, ...] = ()
+    row_wise: tuple[tuple[str, ...], ...] = ()
 
+
+_BERT_ROWS = (("attention.self.query",), ("attention.output",), ("intermediate", "output"))
 
 ARCHITECTURES: dict[str, BlockLayout] = {
     "bert": BlockLayout(
         blocks="encoder.layer", embeddings=("embeddings",), head=("cls",), mlp_out="output.dense",
-        ffn=("intermediate", "output"),
+        row_wise=_BERT_ROWS,
     ),
     "roberta": BlockLayout(
         blocks="encoder.layer", embeddings=("embeddings",), head=("lm_head",), mlp_out="output.dense",
-        ffn=("intermediate", "output"),
+        row_wise=_BERT_ROWS,
     ),
     "electra": BlockLayout(
         blocks="encoder.layer", embeddings=("embeddings",), optional_embeddings=("embeddings_project",),
-        head=("generator_predictions", "generator_lm_head"), mlp_out="output.dense", ffn=("intermediate", "output"),
+        head=("generator_predictions", "generator_lm_head"), mlp_out="output.dense", row_wise=_BERT_ROWS,
     ),
     "distilbert": BlockLayout(
         blocks="transformer.layer", embeddings=("embeddings",),
         head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"), mlp_out="ffn.lin2",
-        ffn=("ffn",),
+        row_wise=(("attention.q_lin",), ("attention.out_lin",), ("ffn",)),
     ),
     "albert": BlockLayout(
         blocks="encoder.albert_layer_groups",
@@ -67,9 +72,12 @@ ARCHITECTURES: dict[str, BlockLayout] = {
         head=("predictions",),
         mlp_out="albert_layers.0.ffn_output",
     ),
-    "gpt2": BlockLayout(blocks="h", embeddings=("wte", "wpe"), head=("lm_head",), mlp_out="mlp.c_proj", ffn=("mlp",)),
+    "gpt2": BlockLayout(  # its query shares one projection (c_attn) with the keys and values
+        blocks="h", embeddings=("wte", "wpe"), head=("lm_head",), mlp_out="mlp.c_proj", row_wise=(("attn.c_proj",), ("mlp",))
+    ),
     "llama": BlockLayout(
-        blocks="layers", embeddings=("embed_tokens",), head=("lm_head",), mlp_out="mlp.down_proj", ffn=("mlp",)
+        blocks="layers", embeddings=("embed_tokens",), head=("lm_head",), mlp_out="mlp.down_proj",
+        row_wise=(("self_attn.q_proj",), ("self_attn.o_proj",), ("mlp",)),
     ),
 }
 

@@ -102,9 +102,10 @@ class EditConfig(TrainingArguments):
     object_logits_only: bool = field(
         default=True,
         metadata={
-            "help": "Compute the LM head, and the last block's feed-forward, only at the object positions in "
-            "training (same loss, less work; dropout in that feed-forward then draws other random numbers than "
-            "the full computation); needs the architecture in hf_memedit's block table."
+            "help": "Compute the LM head, and the last block's query and attention-output projections and "
+            "feed-forward, only at the object positions in training (same loss, less work; dropout there then "
+            "draws other random numbers than the full computation); needs the architecture in hf_memedit's "
+            "block table."
         },
     )
     remove_unused_columns: bool = field(

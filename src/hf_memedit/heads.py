@@ -6,9 +6,10 @@ return logits `[n_positions, vocab]` instead of `[batch, length, vocab]`, throug
 pre-hook on the first head module of the block table: the hook lives on the module, so the same
 code path works under DDP's wrapped forward, in training and in evaluation.
 
-The same reasoning reaches one block down: the head reads the last block's output only at those
-positions, and its feed-forward (two thirds of a block's work) is position-wise, so it runs on
-those rows only (`_LastFeedForward`). Attention still sees every position.
+The same reasoning reaches into the last block: the head reads its output only at those
+positions, and everything in it but attention's mixing works position by position — the query
+projection, the attention's output projection, the feed-forward — so those run on those rows
+only (`_RowStage`). The keys and values stay whole: attention reads them at every position.
 """
 
 from __future__ import annotations
@@ -54,12 +55,12 @@ def object_targets(labels: torch.Tensor, kind: str) -> torch.Tensor:
     return labels[labels != -100]
 
 
-class _LastFeedForward:
-    """Runs the last block's feed-forward on the rows at `positions` only.
+class _RowStage:
+    """Runs one row-wise stage of the last block (`BlockLayout.row_wise`) on the rows at `positions` only.
 
-    The first module's input and any other argument shaped like it are cut to those rows (as one
-    `[1, n, hidden]` sequence); the last module's output is scattered back into zeros. The last
-    block's output is then right at `positions` — the only rows the head reads — and not elsewhere.
+    Every argument of the stage's modules shaped like the hidden states is cut to those rows (as
+    one `[1, n, hidden]` sequence); the last module's output is scattered back into zeros. What the
+    stage computes is then right at `positions` — the only rows the head reads — and not elsewhere.
     A call on other shapes (e.g. a feed-forward chunked along the sequence) runs unchanged.
     """
 
@@ -78,14 +79,17 @@ class _LastFeedForward:
     def fits(self, value) -> bool:
         return isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[:2] == self.positions.shape
 
+    def cut(self, args) -> tuple:
+        return tuple(self.rows(arg) if self.fits(arg) else arg for arg in args)
+
     def gather_input(self, module, args):
         self.active = bool(args) and self.fits(args[0])
         if self.active:
-            return (self.rows(args[0]),) + tuple(args[1:])
+            return self.cut(args)
 
     def gather_rest(self, module, args):
         if self.active:
-            return tuple(self.rows(arg) if self.fits(arg) else arg for arg in args)
+            return self.cut(args)
 
     def scatter(self, module, args, output):
         if not self.active:
@@ -100,22 +104,23 @@ class _LastFeedForward:
             handle.remove()
 
 
-def _last_feed_forward(model: PreTrainedModel) -> list[nn.Module] | None:
-    """The last block's feed-forward modules, or None where its output feeds more than the head
+def _last_block_stages(model: PreTrainedModel) -> list[list[nn.Module]]:
+    """The last block's row-wise stages, or none where its output feeds more than the head
     (shared blocks: ALBERT runs the same module at every layer)."""
     layout = _table_layout(model)
-    if layout is None or not layout.ffn or layout.shared_blocks:
-        return None
+    if layout is None or layout.shared_blocks:
+        return []
     last = block_list(model, layout)[-1]
-    return [last.get_submodule(path) for path in layout.ffn]
+    return [[last.get_submodule(path) for path in stage] for stage in layout.row_wise]
 
 
 @contextmanager
 def object_positions_only(model: PreTrainedModel, positions: torch.Tensor) -> Iterator[None]:
     """Inside: `model(...)` returns logits only at `positions` ([batch, length] bool), as `[n, vocab]`.
 
-    The last block's feed-forward then runs at `positions` only, so the model's hidden states
-    after it are valid only there: take nothing but the logits from such a forward.
+    The last block's row-wise stages (its query and attention-output projections and its
+    feed-forward) then run at `positions` only, so the model's hidden states after it are valid
+    only there: take nothing but the logits from such a forward.
     """
     heads = head_modules(model)
     if heads is None:
@@ -134,11 +139,10 @@ def object_positions_only(model: PreTrainedModel, positions: torch.Tensor) -> It
         return (hidden[positions.to(hidden.device)],) + tuple(args[1:])
 
     handle = heads[0].register_forward_pre_hook(select)
-    feed_forward = _last_feed_forward(model)
-    last = _LastFeedForward(feed_forward, positions) if feed_forward else None
+    stages = [_RowStage(modules, positions) for modules in _last_block_stages(model)]
     try:
         yield
     finally:
         handle.remove()
-        if last is not None:
-            last.remove()
+        for stage in stages:
+            stage.remove()
