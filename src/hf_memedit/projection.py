@@ -97,8 +97,8 @@ def project_fisher_(
 
 @torch.no_grad()
 def linf_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> float:
-    """max |θ − θ0| over all the given tensors."""
-    return max(float((param - theta0[name]).abs().max()) for name, param in params.items())
+    """max |θ − θ0| over all the given tensors (one temporary per tensor: it is logged every few steps)."""
+    return max(float((param - theta0[name]).abs_().max()) for name, param in params.items())
 
 
 class NormBallProjector:
