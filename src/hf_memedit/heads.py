@@ -79,17 +79,13 @@ class _RowStage:
     def fits(self, value) -> bool:
         return isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[:2] == self.positions.shape
 
-    def cut(self, args) -> tuple:
-        return tuple(self.rows(arg) if self.fits(arg) else arg for arg in args)
-
     def gather_input(self, module, args):
         self.active = bool(args) and self.fits(args[0])
-        if self.active:
-            return self.cut(args)
+        return self.gather_rest(module, args)
 
     def gather_rest(self, module, args):
         if self.active:
-            return self.cut(args)
+            return tuple(self.rows(arg) if self.fits(arg) else arg for arg in args)
 
     def scatter(self, module, args, output):
         if not self.active:
