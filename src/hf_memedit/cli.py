@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import gc
 import json
 import os
 import sys
@@ -174,8 +175,19 @@ def main(argv: list[str] | None = None) -> None:
         _run(command, rest)
     except (ValueError, FileNotFoundError, ImportError) as error:  # bad input: one line, no traceback
         sys.exit(f"memedit {command}: error: {error}")
-    # End a DDP run's process group while the interpreter is whole: left to interpreter exit,
-    # Gloo's worker threads can abort the process after a successful run (pytorch/pytorch#179291).
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """End a DDP run's process group while the interpreter is whole; call it once the run's trainer is released.
+
+    A finished trainer's DDP wrapper still holds the group (often inside a reference cycle), so it is
+    collected first: only then does destroying the group join Gloo's worker threads. Left to
+    interpreter exit, a worker that frees the last collective's tensors needs the GIL after
+    finalization began, and the process aborts after a successful run ("terminate called without
+    an active exception", pytorch/pytorch#179291).
+    """
+    gc.collect()
     PartialState().destroy_process_group()
 
 
