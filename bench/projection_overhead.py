@@ -9,7 +9,7 @@ the ratios hold on a noisy machine:
 - `ConstrainedEditTrainer`, L∞ (projection after every optimizer step).
 
 The table shows the ratio of each to the plain Trainer, the final training loss (equal without
-the projection: the runs are the same computation) and the peak memory of training, measured in
+the projection up to float rounding: the runs are the same computation) and the peak memory of training, measured in
 one more run of each in a fresh process.
 
     python bench/projection_overhead.py [--steps 30] [--repeats 3] [--block -1] [--small]

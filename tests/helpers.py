@@ -40,6 +40,21 @@ def assert_in_linf_ball(param: torch.Tensor, theta0: torch.Tensor, delta: float,
     assert excess <= 0, f"{name}: |θ − θ0| exceeds δ={delta} by {excess}"
 
 
+def assert_agree_up_to_reordering(actual: dict, expected: dict, ulps: int = 256) -> None:
+    """Two computations of the same tensors (one forward or backward pass) that differ only in the
+    order of their sums: every entry agrees to `ulps` units in the last place of the largest entry.
+
+    The scale is the largest entry of all tensors, not of each: rounding errs in proportion to the
+    terms summed, and some gradients are zero up to rounding (a key bias shifts every attention score
+    alike), so their own scale is noise. Not for weights after Adam steps, which amplify such noise.
+    """
+    assert actual.keys() == expected.keys() and expected
+    first = next(iter(expected.values()))
+    tolerance = ulps * torch.finfo(first.dtype).eps * max(value.abs().max().item() for value in expected.values())
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=0, atol=tolerance, msg=name)
+
+
 def naive_greedy_correct(model, tokenizer, facts) -> list[bool]:
     """The reference for causal LMs: per fact, greedy `generate` from the prompt alone, compared
     token for token with the object. One fact at a time, no batching, no teacher forcing."""

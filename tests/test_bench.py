@@ -25,5 +25,7 @@ def test_projection_overhead_bench_prints_its_table_with_equal_unprojected_losse
     rows = table_rows(done.stdout)
     assert [row[0] for row in rows] == ["Trainer", "no projection", "projection (L∞)"]
     losses = {row[0]: float(row[3]) for row in rows}
-    assert losses["Trainer"] == losses["no projection"]  # the same computation without the projection
+    # The same computation without the projection, up to the order of the loss's float32 sums
+    # (transformers' loss reduces all positions, the trainer's the object positions).
+    assert losses["no projection"] == pytest.approx(losses["Trainer"], rel=1e-5)
     assert rows[0][2] == "1.000x" and all(float(row[4]) >= 0 for row in rows)

@@ -7,16 +7,17 @@ from datasets import Dataset
 from transformers import (
     AlbertConfig, AlbertForMaskedLM, BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM,
     ElectraConfig, ElectraForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-    RobertaConfig, RobertaForMaskedLM,
+    RobertaConfig, RobertaForMaskedLM, TrainerCallback,
 )
 
 from hf_memedit import BlockSelectorConfig, ConstrainedEditTrainer, EditConfig, evaluate_facts, get_edit_model
 from hf_memedit.collators import FactCollator
 from hf_memedit.prefix import PrefixCache, first_editable_block
 
-from .helpers import FACTS
+from .helpers import FACTS, assert_agree_up_to_reordering
 
 COMMON = dict(report_to="none", disable_tqdm=True, seed=0, data_seed=0, save_strategy="no")
+LR = 1e-2
 
 
 def build(name: str, vocab: int, layers: int = 4):
@@ -63,34 +64,81 @@ def facts_for(name):
     return FACTS if name in MASKED else [f for f in FACTS if not f["text"].startswith("[Y]")]
 
 
-def train(name, tokenizer, out, fast: bool, blocks=("-1",), **kw):
-    model = build(name, len(tokenizer))
+class _FirstGradients(TrainerCallback):
+    """The trainable parameters' gradients right before the first optimizer step."""
+
+    def __init__(self):
+        self.grads: dict[str, torch.Tensor] | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def train(name, tokenizer, out, fast: bool, blocks=("-1",), dtype=torch.float64, max_steps=4, **kw):
+    """Trains a tiny model; returns the trainer, each step's unrounded loss and the first step's gradients.
+
+    float64 by default: then float reordering between two paths stays near 1e-16, far below what
+    Adam can amplify into a visible weight difference (see `adam_tolerance`).
+    """
+    model = build(name, len(tokenizer)).to(dtype)
     args = EditConfig(
-        output_dir=out, edit_blocks=list(blocks), norm="linf", delta=5e-2, learning_rate=1e-2, max_steps=4,
+        output_dir=out, edit_blocks=list(blocks), norm="linf", delta=5e-2, learning_rate=LR, max_steps=max_steps,
         per_device_train_batch_size=4, logging_steps=1, prefix_cache=fast, object_logits_only=fast, **COMMON, **kw,
     )
-    trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(facts_for(name)), processing_class=tokenizer)
+    capture = _FirstGradients()
+    trainer = ConstrainedEditTrainer(
+        model, args, train_dataset=Dataset.from_list(facts_for(name)), processing_class=tokenizer, callbacks=[capture]
+    )
+    losses = []
+    step = trainer.training_step
+
+    def recording_step(*args, **kwargs):
+        loss = step(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    trainer.training_step = recording_step
     trainer.train()
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return trainer, losses
+    return trainer, losses, capture.grads
+
+
+
+def adam_tolerance(steps: int, dtype: torch.dtype) -> float:
+    """How far two runs of the same Adam steps may drift when their gradients differ by reordering only.
+
+    Adam's first update lr·g/(|g| + ε) has slope lr/ε at g ≈ 0, so a gradient error e moves a weight by
+    up to (lr/ε)·e per step. A reordered sum of O(1) terms errs by a few hundred ulps at most
+    (256·eps here). In float64 that is (1e-2/1e-8)·256·2.2e-16 ≈ 6e-8 per step; a wrong fast path
+    moves weights by ~lr per step, 1e5 times more. (In float32 the same bound is ~1e2: no bound at all,
+    which is why weights after Adam are compared in float64 only.)
+    """
+    return steps * (LR / 1e-8) * 256 * torch.finfo(dtype).eps
 
 
 @pytest.mark.parametrize("name", MASKED + CAUSAL)
 def test_fast_training_matches_the_straightforward_loop(name, tmp_out, bert_tokenizer, bpe_tokenizer):
     tokenizer = tokenizer_for(name, bert_tokenizer, bpe_tokenizer)
     blocks = ["all"] if name == "albert" else ["-1"]
-    slow, slow_losses = train(name, tokenizer, tmp_out, fast=False, blocks=blocks)
-    fast, fast_losses = train(name, tokenizer, tmp_out, fast=True, blocks=blocks)
+    # In the dtype users train in: the first step's loss and gradients, the well-conditioned quantities.
+    _, slow_losses, slow_grads = train(name, tokenizer, tmp_out, fast=False, blocks=blocks, dtype=torch.float32, max_steps=1)
+    _, fast_losses, fast_grads = train(name, tokenizer, tmp_out, fast=True, blocks=blocks, dtype=torch.float32, max_steps=1)
+    assert fast_losses == pytest.approx(slow_losses, rel=1e-6)
+    assert_agree_up_to_reordering(fast_grads, slow_grads)
+    # Four Adam steps and everything downstream, in float64 (see adam_tolerance).
+    slow, slow_losses, slow_grads = train(name, tokenizer, tmp_out, fast=False, blocks=blocks)
+    fast, fast_losses, fast_grads = train(name, tokenizer, tmp_out, fast=True, blocks=blocks)
     assert fast.object_logits_only
     if name == "albert":  # shared blocks: nothing below the edit is frozen, so no cache
         assert fast.prefix_cache is None
     else:
         assert fast.prefix_cache is not None and fast.prefix_cache.block == 3 and len(fast.prefix_cache) == len(facts_for(name))
-    assert len(slow_losses) == 4 and fast_losses == pytest.approx(slow_losses, rel=1e-4, abs=1e-6)
+    assert len(slow_losses) == 4 and fast_losses == pytest.approx(slow_losses, rel=1e-12)
+    assert_agree_up_to_reordering(fast_grads, slow_grads)
     slow_params, fast_params = slow.edit_model.trainable_parameters(), fast.edit_model.trainable_parameters()
     moved = 0
     for key, param in slow_params.items():
-        assert torch.allclose(param, fast_params[key], atol=1e-5), key
+        torch.testing.assert_close(fast_params[key], param, rtol=0, atol=adam_tolerance(4, torch.float64), msg=key)
         moved += int(not torch.equal(param, slow.edit_model.theta0[key]))
     assert moved  # the edit changed something, so the equality is not vacuous
     splits = {"modified_test": Dataset.from_list(facts_for(name))}
@@ -99,22 +147,26 @@ def test_fast_training_matches_the_straightforward_loop(name, tmp_out, bert_toke
     assert fast_eval.predicted == slow_eval.predicted
     # Trainer.evaluate on a plain dataset (the eval loss through prediction_step) agrees as well.
     facts = Dataset.from_list(facts_for(name))
-    assert fast.evaluate(facts)["eval_loss"] == pytest.approx(slow.evaluate(facts)["eval_loss"], rel=1e-4)
+    assert fast.evaluate(facts)["eval_loss"] == pytest.approx(slow.evaluate(facts)["eval_loss"], rel=1e-9)
     fast.args.prediction_loss_only = True  # the object-position logits suffice then
-    assert fast.evaluate(facts)["eval_loss"] == pytest.approx(slow.evaluate(facts)["eval_loss"], rel=1e-4)
+    assert fast.evaluate(facts)["eval_loss"] == pytest.approx(slow.evaluate(facts)["eval_loss"], rel=1e-9)
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_fast_paths_hold_under_activation_checkpointing(name, tmp_out, bert_tokenizer, bpe_tokenizer):
     """Checkpointing runs the edited blocks again during backward: they must be fed and cut the same way."""
     tokenizer = tokenizer_for(name, bert_tokenizer, bpe_tokenizer)
-    _, slow_losses = train(name, tokenizer, tmp_out, fast=False, blocks=["2", "3"])
-    fast, fast_losses = train(
+    slow, slow_losses, slow_grads = train(name, tokenizer, tmp_out, fast=False, blocks=["2", "3"])
+    fast, fast_losses, fast_grads = train(
         name, tokenizer, tmp_out, fast=True, blocks=["2", "3"], activation_checkpointing=True,
         activation_checkpointing_kwargs={"use_reentrant": False},
     )
     assert fast.prefix_cache.block == 2 and fast.model.is_activation_checkpointing
-    assert fast_losses == pytest.approx(slow_losses, rel=1e-4, abs=1e-6)
+    assert len(slow_losses) == 4 and fast_losses == pytest.approx(slow_losses, rel=1e-12)
+    assert_agree_up_to_reordering(fast_grads, slow_grads)
+    fast_params = fast.edit_model.trainable_parameters()
+    for key, param in slow.edit_model.trainable_parameters().items():
+        torch.testing.assert_close(fast_params[key], param, rtol=0, atol=adam_tolerance(4, torch.float64), msg=key)
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
@@ -201,7 +253,7 @@ def test_flos_are_the_trainers_estimate(tmp_out, bert_tokenizer):
     """The parameter count is taken once, the estimate is transformers' own."""
     from transformers import Trainer
 
-    trainer, _ = train("bert", bert_tokenizer, tmp_out, fast=True)
+    trainer, _, _ = train("bert", bert_tokenizer, tmp_out, fast=True, dtype=torch.float32)
     batch = FactCollator(bert_tokenizer, "masked")(FACTS[:3])
     expected = Trainer.floating_point_ops(trainer, batch)
     assert expected > 0 and trainer.floating_point_ops(batch) == expected

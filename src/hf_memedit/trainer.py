@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.loss.loss_utils import ForMaskedLMLoss
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .architectures import model_kind
@@ -69,7 +69,7 @@ class ConstrainedEditTrainer(Trainer):
     `train(resume_from_checkpoint=...)`.
 
     The loss is cross-entropy on the object tokens normalised by their number in the whole
-    effective batch (the model's own loss function), so gradient accumulation matches the equal
+    effective batch (transformers' `fixed_cross_entropy`, as the models' own losses), so gradient accumulation matches the equal
     large batch exactly. Two fast paths leave it unchanged up to float rounding:
     `object_logits_only` runs the LM head only at object positions (`hf_memedit.heads`), and
     `prefix_cache` runs only the blocks from the lowest edited one on (`hf_memedit.prefix`; the
@@ -113,7 +113,7 @@ class ConstrainedEditTrainer(Trainer):
         # Object-only logits need to know the loss: only with the trainer's own loss function.
         object_only = args.object_logits_only and compute_loss_func is None and head_modules(base) is not None
         if compute_loss_func is None:
-            compute_loss_func = _object_token_loss(base, kind)
+            compute_loss_func = _object_token_loss(kind)
         super().__init__(
             model=base,
             args=args,
@@ -282,22 +282,22 @@ def _fact_splits(dataset) -> bool:
     return isinstance(dataset, Mapping) and bool({MODIFIED_TEST, UNMODIFIED_TEST} & set(dataset))
 
 
-def _object_token_loss(model: PreTrainedModel, kind: str):
-    """The model's own LM loss (shifted for causal LMs) summed over object tokens / `num_items_in_batch`.
+def _object_token_loss(kind: str):
+    """Cross-entropy summed over the object tokens / `num_items_in_batch` (transformers' `fixed_cross_entropy`).
 
-    Given object-position-only logits (`[n, vocab]`), the same loss on the object targets:
-    transformers' masked-LM loss takes flat logits and labels as they are.
+    Full logits (`[batch, length, vocab]`) are cut to the object positions first, so both fast and
+    straightforward forwards reduce the same `[n, vocab]` rows in the same order. Half-precision
+    logits are upcast to float32 as transformers' LM losses do; float64 logits keep their precision
+    (transformers' losses would round them to float32).
     """
-    loss_function = model.loss_function
 
     def compute(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"]
-        if logits.dim() == 2:
-            return ForMaskedLMLoss(
-                logits, object_targets(labels, kind), vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch
-            )
-        return loss_function(
-            logits=logits, labels=labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch
-        )
+        if logits.dim() == 3:
+            logits = logits[logit_positions(labels, kind).to(logits.device)]
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        targets = object_targets(labels, kind).to(logits.device)
+        return fixed_cross_entropy(logits, targets, num_items_in_batch=num_items_in_batch)
 
     return compute
