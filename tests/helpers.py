@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -53,6 +54,35 @@ def assert_agree_up_to_reordering(actual: dict, expected: dict, ulps: int = 256)
     tolerance = ulps * torch.finfo(first.dtype).eps * max(value.abs().max().item() for value in expected.values())
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, rtol=0, atol=tolerance, msg=name)
+
+
+DELTA = 1e-2  # how far make_run_folder moves block 1
+
+
+def make_run_folder(folder, base_model, seed: int, facts=None):
+    """A run folder as `run_edit` writes it: edit/ (block 1 moved within ±δ) and results.json."""
+    from hf_memedit import BlockSelectorConfig, get_edit_model
+    from hf_memedit.results import ResultsRecord
+    from hf_memedit.run_folder import seal_run
+
+    edit = get_edit_model(base_model, BlockSelectorConfig(blocks=["1"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in edit.trainable_parameters().values():
+            param.add_((torch.rand(param.shape, generator=generator) * 2 - 1) * DELTA)
+    edit.save_pretrained(os.path.join(folder, "edit"))
+    ResultsRecord(
+        metrics={"a_m": 0.75, "a_fs": 0.5, "avg_acc": 0.625, "retention": 0.9, "n_modified": 2, "n_unmodified": 4},
+        config={"model_name_or_path": base_model.name_or_path, "setting": "ftm", "norm": "linf", "delta": DELTA,
+                "benchmark": "geo_mod", "m": 2, "model_kind": "masked"},
+        seed=seed,
+        facts=facts or [
+            {"uuid": "geo-P36-NO", "relation": "P36", "subject": "Norway", "text": "The capital of Norway is [Y].",
+             "old": "Oslo", "new": "Lima", "predicted": "lima", "correct": True},
+        ],
+    ).save(folder)
+    seal_run(folder)
+    return edit.merge_and_unload()
 
 
 def naive_greedy_correct(model, tokenizer, facts) -> list[bool]:

@@ -1,5 +1,6 @@
 """The main job: configs for every setting parse and run, the CLI's errors and help, sweeps, DDP."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -55,10 +56,15 @@ def test_config_errors_are_clear(tmp_path, capsys):
     def error_of(text: str) -> str:
         path = tmp_path / "bad.yaml"
         path.write_text(f"base_config: {CONFIGS / 'bert_tiny_ftm.yaml'}\n{text}\n")
-        with pytest.raises(SystemExit) as exit_info:
+        with pytest.raises(SystemExit) as exit_info:  # through the CLI: one line, no usage (#17)
+            main(["edit", "--config", str(path), "--output_dir", str(tmp_path / "run")])
+        assert capsys.readouterr().err == ""
+        message = str(exit_info.value.code)
+        assert message.startswith("memedit edit: error: ") and "\n" not in message and "usage:" not in message
+        with pytest.raises(ValueError) as error:  # and as a ValueError from the parser itself
             parse("edit", ["--config", str(path)])
-        assert exit_info.value.code == 2
-        return capsys.readouterr().err.splitlines()[-1]
+        assert str(error.value) in message
+        return message
 
     assert "unknown key 'learnig_rate'. Did you mean 'learning_rate'?" in error_of("learnig_rate: 1.0e-3")
     assert "invalid int value: 'ten'" in error_of("max_steps: ten")
@@ -66,9 +72,17 @@ def test_config_errors_are_clear(tmp_path, capsys):
     assert "m takes a single value, not a list" in error_of("m: [1, 2]")
     assert "invalid choice: 'magic'" in error_of("setting: magic")
     assert "unknown key" in error_of("edit_block: [0]")
-    with pytest.raises(SystemExit):
+    assert "key 'delta' is given twice (lines 2 and 3)" in error_of("delta: 1.0e-3\ndelta: 2.0e-3")
+    assert "learning_rate must be positive, got 0.0" in error_of("learning_rate: 0.0")
+    assert "per_device_train_batch_size must be at least 1, got 0" in error_of("per_device_train_batch_size: 0")
+    assert "sweep_deltas must all be positive" in error_of("sweep_deltas: [1.0e-3, 0.0]")
+    with pytest.raises(ValueError, match="does not exist"):
         parse("edit", ["--config", str(tmp_path / "missing.yaml")])
-    assert "does not exist" in capsys.readouterr().err
+    # A negative number in exponent form is a value, so the option's own check speaks.
+    with pytest.raises(ValueError, match="delta must be a positive finite number, got -0.001"):
+        parse("edit", ["--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--delta", "-1e-3"])
+    _, args, _ = parse("edit", ["--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--delta", "2e-3", "--edit_blocks", "-1"])
+    assert args.delta == 2e-3 and args.edit_blocks == ["-1"]
 
 
 def test_a_model_that_cannot_be_found_says_what_was_tried(monkeypatch):
@@ -85,7 +99,7 @@ def test_cli_reports_bad_input_in_one_line(monkeypatch, tmp_path):
     assert str(exit_info.value.code).startswith("memedit edit: error: Could not load model 'no-such/model'")
     with pytest.raises(SystemExit) as exit_info:
         main(["push", str(tmp_path), "--repo_id", "me/x"])
-    assert str(exit_info.value.code).endswith("memedit_edit.safetensors does not exist.")
+    assert "has no memedit_run.json: the run did not finish writing its outputs" in str(exit_info.value.code)
 
 
 def test_help_documents_every_option(capsys):
@@ -151,10 +165,10 @@ def test_ft_then_ftm_edits_and_keeps_the_rest(tmp_path, real_bert_dir):
     edited = EditModel.from_pretrained(ft_model, tmp_path / "run" / "edit").merge_and_unload()
     for name, param in outcome.trainer.edit_model.trainable_parameters().items():
         assert torch.equal(dict(edited.named_parameters())[name], param.detach())
-    # A second run with the same inputs reuses the saved FT model.
+    # A second run with the same inputs, replacing the first, reuses the saved FT model.
     marker = tmp_path / "run" / "ft" / "model.safetensors"
     stamp = marker.stat().st_mtime_ns
-    run_edit(job, args)
+    run_edit(job, dataclasses.replace(args, overwrite_output_dir=True))
     assert marker.stat().st_mtime_ns == stamp
 
 

@@ -76,9 +76,9 @@ def test_wrong_base_is_refused_and_left_untouched(tmp_path):
     for key, value in _state(other).items():
         assert torch.equal(value, before[key])
     assert all(p.requires_grad for p in other.parameters())
-    # An edit already applied is a different base too: stacking it twice is refused.
+    # An edit already applied is refused too, and said so: stacking it twice would be wrong.
     applied = EditModel.from_pretrained(tiny_bert(100, layers=2, seed=0), tmp_path).merge_and_unload()
-    with pytest.raises(ValueError, match="different base model"):
+    with pytest.raises(ValueError, match="is already applied to the given model"):
         EditModel.from_pretrained(applied, tmp_path)
 
 

@@ -9,17 +9,14 @@ import torch
 import yaml
 from transformers import AutoModelForMaskedLM
 
-from hf_memedit import BlockSelectorConfig, evaluate_facts, get_edit_model
+from hf_memedit import evaluate_facts
 from hf_memedit.cli import main
 from hf_memedit.manifest import MANIFEST_NAME, ManifestError, manifest_id, read_manifest
-from hf_memedit.results import ResultsRecord
 from hf_memedit.sharing import apply_edit, package_edit, push_edit, push_folder, revert_edit
 
-from .helpers import FACTS, tiny_bert
+from .helpers import DELTA, FACTS, tiny_bert
+from .helpers import make_run_folder as _make_run
 from .hub_server import FakeHub
-
-DELTA = 1e-2
-
 
 def _state(model):
     return {name: p.detach().clone() for name, p in model.state_dict().items()}
@@ -27,35 +24,6 @@ def _state(model):
 
 def _same(model, state) -> bool:
     return all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
-
-
-def _make_run(folder, base_model, seed: int, facts=None):
-    """A run folder as `run_edit` writes it: edit/ (block 1 moved within ±δ) and results.json."""
-    edit = get_edit_model(base_model, BlockSelectorConfig(blocks=["1"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in edit.trainable_parameters().values():
-            param.add_((torch.rand(param.shape, generator=generator) * 2 - 1) * DELTA)
-    edit.save_pretrained(os.path.join(folder, "edit"))
-    ResultsRecord(
-        metrics={"a_m": 0.75, "a_fs": 0.5, "avg_acc": 0.625, "retention": 0.9, "n_modified": 2, "n_unmodified": 4},
-        config={"model_name_or_path": base_model.name_or_path, "setting": "ftm", "norm": "linf", "delta": DELTA,
-                "benchmark": "geo_mod", "m": 2, "model_kind": "masked"},
-        seed=seed,
-        facts=facts or [
-            {"uuid": "geo-P36-NO", "relation": "P36", "subject": "Norway", "text": "The capital of Norway is [Y].",
-             "old": "Oslo", "new": "Lima", "predicted": "lima", "correct": True},
-        ],
-    ).save(folder)
-    return edit.merge_and_unload()
-
-
-@pytest.fixture
-def base_dir(tmp_path, bert_tokenizer):
-    folder = tmp_path / "base"
-    tiny_bert(bert_tokenizer.vocab_size, layers=2, seed=1).save_pretrained(folder)
-    bert_tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import gc
 import json
 import os
 import sys
+import time
 import types
 import typing
 from dataclasses import fields
@@ -25,13 +27,15 @@ from typing import Any
 
 import yaml
 from accelerate import PartialState
+from huggingface_hub.errors import HfHubHTTPError
 from transformers import HfArgumentParser
 
 from .config import EditConfig
 from .job import JobConfig, RunOutcome, load_model_and_tokenizer, prepare_benchmark, run_edit
 from .metrics import edit_metrics, evaluate_splits
 from .model import EditModel
-from .results import METRIC_LABELS, ResultsRecord, format_percent
+from .results import METRIC_LABELS, RESULTS_JSON, ResultsRecord, format_percent
+from .run_folder import check_writable
 from .sharing import push_edit, push_folder
 from .compare import run_compare
 from .sweep import run_sweep
@@ -45,14 +49,25 @@ COMMANDS = {
 }
 
 
+class MemeditParser(HfArgumentParser):
+    """`HfArgumentParser` whose errors are one line naming the command (usage only with --help)."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} (`{self.prog} --help` lists every option)")
+
+
 def build_parser(command: str) -> HfArgumentParser:
-    parser = HfArgumentParser(
+    parser = MemeditParser(
         (JobConfig, EditConfig), prog=f"memedit {command}", description=COMMANDS[command],
         epilog="Every option can also be a key of the --config YAML; the command line wins.",
     )
     parser.add_argument("--config", default=None, help="YAML file of options (see trainer_configs/).")
     if command == "eval":
         parser.add_argument("--edit_dir", default=None, help="An edit folder (save_pretrained of EditModel) to apply first.")
+        parser.add_argument(
+            "--eval_name", default=None,
+            help="Results go to <output_dir>/eval/<eval_name> (default: the UTC time), never over a run's own record.",
+        )
     return parser
 
 
@@ -70,17 +85,33 @@ def _accepts(annotation: Any, kind: type) -> bool:
     return (origin or annotation) is kind
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}): keep one", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """A YAML config; `base_config: other.yaml` (relative to this file) supplies defaults it overrides."""
     if os.path.abspath(path) in _seen:
         raise ValueError(f"{path}: base_config chain loops back to itself.")
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+            data = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ValueError(f"Config file {path} does not exist.") from None
     except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from None
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of option: value, not a {type(data).__name__}.")
     base = data.pop("base_config", None)
@@ -124,21 +155,32 @@ def yaml_to_argv(path: str) -> tuple[list[str], dict[str, None]]:
 def parse(command: str, argv: list[str]) -> tuple[JobConfig, EditConfig, argparse.Namespace]:
     """Parse `--config` YAML + overrides into (JobConfig, EditConfig, the command's own options)."""
     parser = build_parser(command)
+    argv = _join_negative_values(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     yaml_argv: list[str] = []
     if known.config and not {"-h", "--help"} & set(argv):
-        try:
-            yaml_argv, nulls = yaml_to_argv(known.config)
-        except ValueError as error:
-            parser.error(str(error))
+        yaml_argv, nulls = yaml_to_argv(known.config)
         parser.set_defaults(**nulls)
-    try:
-        job, args, extra = parser.parse_args_into_dataclasses(yaml_argv + argv)
-    except ValueError as error:  # raised by a config's own checks (δ ≤ 0, unknown setting...)
-        parser.error(str(error))
+    # A config's own checks (δ ≤ 0, unknown setting...) raise ValueError: everything is checked before loading.
+    job, args, extra = parser.parse_args_into_dataclasses(yaml_argv + argv)
     return job, args, extra
+
+
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--delta -1e-3` as `--delta=-1e-3`: argparse reads a negative number in exponent form as an
+    option, so the option's own check ("δ must be positive") could never speak."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and _NUMBER.match(token) and joined[-1].startswith("--") and "=" not in joined[-1]:
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
 
 
 def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5) -> str:
@@ -173,9 +215,27 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     try:
         _run(command, rest)
-    except (ValueError, FileNotFoundError, ImportError) as error:  # bad input: one line, no traceback
-        sys.exit(f"memedit {command}: error: {error}")
+    except ONE_LINE_ERRORS as error:  # bad input, a missing file, no network: one line, no traceback
+        sys.exit(f"memedit {command}: error: {_describe(error)}")
     end_process_group()
+
+
+# What a user can fix gets one line; a bug still shows its traceback.
+ONE_LINE_ERRORS = (ValueError, ImportError, OSError, MemoryError, HfHubHTTPError)
+
+
+def _describe(error: BaseException) -> str:
+    """The error's message, with the file and the fix for the OS errors that carry a path."""
+    if isinstance(error, PermissionError):
+        return f"permission denied: {error.filename or error} (choose a path you can read and write)"
+    if isinstance(error, HfHubHTTPError):
+        return f"the Hugging Face Hub refused the request ({error}). Check the repo id, your token (`hf auth login`) and the network."
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.filename:
+        return f"{error.strerror or error}: {error.filename}"
+    text = str(error) or type(error).__name__
+    if isinstance(error, ConnectionError):
+        return f"no connection to the Hugging Face Hub ({text}). Check the network, or unset HF_HUB_OFFLINE."
+    return text
 
 
 def end_process_group() -> None:
@@ -209,11 +269,16 @@ def _run(command: str, rest: list[str]) -> None:
         print(open(os.path.join(args.output_dir, "compare.md"), encoding="utf-8").read())
         print(f"plot: {os.path.join(args.output_dir, 'compare.png')}")
     else:
-        _evaluate(job, args, extra.edit_dir)
+        _evaluate(job, args, extra.edit_dir, extra.eval_name)
+
+
+class _OneLineArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ValueError(f"{message} (`{self.prog} --help` lists every option)")
 
 
 def _push(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="memedit push", description=COMMANDS["push"])
+    parser = _OneLineArgumentParser(prog="memedit push", description=COMMANDS["push"])
     parser.add_argument("folder", help="A run folder written by `memedit edit`, or (--repo_type dataset) an export_benchmark folder.")
     parser.add_argument("--repo_id", required=True, help="Target repo, e.g. your-name/smollm2-capitals-edit.")
     parser.add_argument("--format", default="delta", choices=["delta", "full", "peft"],
@@ -225,7 +290,7 @@ def _push(argv: list[str]) -> None:
     parser.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
     options = parser.parse_args(argv)
     if not os.path.isdir(options.folder):
-        parser.error(f"{options.folder} is not a folder.")
+        raise ValueError(f"{options.folder} is not a folder.")
     if options.repo_type == "dataset":
         url = push_folder(options.folder, options.repo_id, repo_type="dataset", private=options.private,
                           token=options.token, endpoint=options.endpoint)
@@ -235,7 +300,11 @@ def _push(argv: list[str]) -> None:
     print(f"pushed: {url}")
 
 
-def _evaluate(job: JobConfig, args: EditConfig, edit_dir: str | None) -> None:
+def _evaluate(job: JobConfig, args: EditConfig, edit_dir: str | None, name: str | None) -> None:
+    folder = os.path.join(args.output_dir, "eval", name or time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    if os.path.exists(os.path.join(folder, RESULTS_JSON)):
+        raise ValueError(f"{folder} already holds an evaluation: choose another --eval_name.")
+    check_writable(folder)
     model, tokenizer = load_model_and_tokenizer(job)
     splits = prepare_benchmark(job, model, tokenizer)
     show = dict(batch_size=args.per_device_eval_batch_size, show_progress=True)
@@ -246,5 +315,6 @@ def _evaluate(job: JobConfig, args: EditConfig, edit_dir: str | None) -> None:
     metrics = edit_metrics(splits, evaluate_splits(model, tokenizer, splits, **show), before)
     record = ResultsRecord(metrics, config={"edit_dir": edit_dir}, seed=args.seed, model=job.model_name_or_path,
                            benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed})
-    record.save(args.output_dir)
+    record.save(folder)
     print(record.to_markdown())
+    print(f"results: {os.path.join(folder, RESULTS_JSON)}")

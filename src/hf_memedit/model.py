@@ -21,6 +21,7 @@ from .io import load_tensors, save_tensors, tensor_sha256
 WEIGHTS_NAME = "memedit_edit.safetensors"
 BASE_WEIGHTS_NAME = "memedit_base.safetensors"  # the base values of the changed tensors: revert without the base checkpoint
 _BASE_HASHES_KEY = "memedit_base_sha256"
+_EDIT_HASHES_KEY = "memedit_edit_sha256"
 
 
 class EditModel(nn.Module):
@@ -100,16 +101,19 @@ class EditModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write the changed tensors (edited values, and their base values for revert) and the selection config.
 
-        The edit file's metadata records the sha256 of each changed tensor's base value, so
-        `from_pretrained` refuses a base model the edit was not made for.
+        The edit file's metadata records the sha256 of each changed tensor's base value and of its
+        edited value, so `from_pretrained` refuses a base model the edit was not made for, and an
+        edit file whose bytes changed since it was written.
         """
         changed = self.changed_tensors()
         base_hashes = {name: tensor_sha256(self.theta0[name]) for name in changed}
+        edit_hashes = {name: tensor_sha256(value) for name, value in changed.items()}
         os.makedirs(save_directory, exist_ok=True)
         save_tensors(
             changed,
             os.path.join(save_directory, WEIGHTS_NAME),
-            metadata={_BASE_HASHES_KEY: json.dumps(base_hashes, sort_keys=True)},
+            metadata={_BASE_HASHES_KEY: json.dumps(base_hashes, sort_keys=True),
+                      _EDIT_HASHES_KEY: json.dumps(edit_hashes, sort_keys=True)},
         )
         save_tensors({name: self.theta0[name] for name in changed}, os.path.join(save_directory, BASE_WEIGHTS_NAME))
         self.selector_config.save_pretrained(save_directory)
@@ -121,7 +125,9 @@ class EditModel(nn.Module):
         path = os.path.join(edit_directory, WEIGHTS_NAME)
         tensors = load_tensors(path)
         with safe_open(path, framework="pt") as handle:
-            base_hashes = json.loads((handle.metadata() or {}).get(_BASE_HASHES_KEY, "{}"))
+            metadata = handle.metadata() or {}
+        base_hashes = json.loads(metadata.get(_BASE_HASHES_KEY, "{}"))
+        _check_edited_values(tensors, json.loads(metadata.get(_EDIT_HASHES_KEY, "null")), path)
         edit = cls(model, config)
         try:
             edit._check_applicable(tensors, base_hashes, path)
@@ -147,12 +153,30 @@ class EditModel(nn.Module):
                     f"{path}: {name!r} is {value.dtype} {tuple(value.shape)} but the model's is "
                     f"{params[name].dtype} {tuple(params[name].shape)}: the edit was made for another model."
                 )
+            if base_hashes.get(name) != tensor_sha256(self.theta0[name]) and all(
+                torch.equal(params[other].detach().cpu(), edited) for other, edited in tensors.items()
+            ):
+                raise ValueError(f"{path} is already applied to the given model: its weights hold the edited values.")
             if base_hashes.get(name) != tensor_sha256(self.theta0[name]):
                 raise ValueError(
                     f"{path} was made for a different base model: {name!r} of the given model differs "
                     f"from the base the edit recorded ({self.selector_config.base_model_name_or_path!r}). Load that "
                     "base model, or revert an edit already applied to this one."
                 )
+
+
+def _check_edited_values(tensors: dict[str, torch.Tensor], hashes: dict[str, str] | None, path: str) -> None:
+    """Every edited tensor as it was saved: its sha256 against the one recorded when saving."""
+    if hashes is None:
+        raise ValueError(
+            f"{path} records no hashes of its edited tensors, so a damaged file could not be told apart: "
+            "save the edit again with this version of hf_memedit."
+        )
+    if set(hashes) != set(tensors):
+        raise ValueError(f"{path} holds other tensors than its recorded hashes list: the file was altered. Refused.")
+    for name, value in tensors.items():
+        if tensor_sha256(value) != hashes[name]:
+            raise ValueError(f"{path}: the edited tensor {name!r} differs from the one saved (damaged or altered file). Refused.")
 
 
 def get_edit_model(model: PreTrainedModel, config: BlockSelectorConfig | None = None) -> EditModel:

@@ -31,10 +31,16 @@ from transformers import PreTrainedModel
 
 from .architectures import model_kind
 from .blocks import BlockSelectorConfig
-from .io import atomic_directory, load_tensors, tensor_sha256
+from .io import atomic_directory, check_target, load_tensors, tensor_sha256
 from .manifest import MANIFEST_NAME, ManifestError, build_manifest, read_manifest, safe_path, write_manifest
 from .model import BASE_WEIGHTS_NAME, WEIGHTS_NAME, EditModel
 from .results import METRIC_LABELS, ResultsRecord, format_percent
+from .run_folder import verify_run
+
+try:  # the HTTP client huggingface_hub uses (httpx2 in huggingface_hub 2.x, httpx before)
+    from httpx2 import TransportError as _TransportError
+except ImportError:  # pragma: no cover - older huggingface_hub
+    from httpx import TransportError as _TransportError
 
 CHAIN_ATTRIBUTE = "memedit_chain"
 CARD_TEMPLATE = "memedit_edit_card.md"
@@ -72,11 +78,17 @@ def package_edit(
     tokenizer=None,
     repo_id: str | None = None,
     license: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Turn a run folder (`edit/` + `results.json`) into a shareable folder; returns its manifest.
 
-    `full` and `peft` need the base model (loaded from the run's config unless given).
+    `full` and `peft` need the base model (loaded from the run's config unless given). `out_dir`
+    must be new or empty; `overwrite=True` replaces an earlier package, never another folder.
     """
+    out_dir = check_target(
+        out_dir, [run_dir], lambda folder: os.path.isfile(os.path.join(folder, MANIFEST_NAME)), "package", overwrite
+    )
+    verify_run(run_dir)
     edit_dir = os.path.join(run_dir, "edit")
     after = load_tensors(os.path.join(edit_dir, WEIGHTS_NAME))
     base = load_tensors(os.path.join(edit_dir, BASE_WEIGHTS_NAME))
@@ -238,8 +250,13 @@ def _numel(shape: list[int]) -> int:
 
 
 def _resolve(repo_or_dir: str, revision: str | None, token: str | None, endpoint: str | None) -> str:
+    """A local folder as it is, else a Hub repo id downloaded; a clear error for a path that does not exist."""
     if os.path.isdir(repo_or_dir):
         return repo_or_dir
+    if os.path.exists(repo_or_dir):
+        raise ValueError(f"{repo_or_dir} is a file: give the folder of a shared edit (or its Hub repo id).")
+    if repo_or_dir.startswith(("/", ".", "~")) or repo_or_dir.count("/") != 1:
+        raise FileNotFoundError(f"The edit folder {os.path.abspath(repo_or_dir)} does not exist (nor is {repo_or_dir!r} a Hub repo id).")
     return snapshot_download(repo_or_dir, revision=revision, token=token, endpoint=endpoint)
 
 
@@ -289,6 +306,8 @@ def apply_edit(
             raise ValueError(f"{folder}: {name!r} is {value.dtype} {tuple(value.shape)}, the model's is "
                              f"{params[name].dtype} {tuple(params[name].shape)}: the edit is for another model.")
     chain = chain_of(model)
+    if manifest["id"] in chain:
+        raise ValueError(f"{folder} is already applied to this model (its edits: {chain}): nothing was changed.")
     if chain != manifest["chain"]:
         raise ValueError(
             f"{folder} was made on top of the edits {manifest['chain'] or 'none'}, but this model carries "
@@ -314,7 +333,9 @@ def revert_edit(
     folder = _resolve(repo_or_dir, revision, token, endpoint)
     manifest = read_manifest(folder)
     chain = chain_of(model)
-    if not chain or chain[-1] != manifest["id"]:
+    if manifest["id"] not in chain:
+        raise ValueError(f"{folder} was never applied to this model (its edits: {chain or 'none'}): nothing to revert.")
+    if chain[-1] != manifest["id"]:
         raise ValueError(
             f"{folder} is not the last edit applied to this model (applied: {chain or 'none'}); revert the later edits first."
         )
@@ -337,8 +358,11 @@ def push_folder(folder: str, repo_id: str, repo_type: str = "model", private: bo
                 endpoint: str | None = None, commit_message: str = "Upload with hf_memedit") -> str:
     """Create the repo (if needed) and upload the folder; the token comes from the HF login or HF_TOKEN."""
     api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-    api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=repo_type, commit_message=commit_message)
+    try:
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=repo_type, commit_message=commit_message)
+    except _TransportError as error:  # huggingface_hub's HTTP client could not connect
+        raise ConnectionError(f"could not reach {api.endpoint} to push {repo_id} ({error}); nothing was uploaded") from None
     prefix = "" if repo_type == "model" else f"{repo_type}s/"
     return f"{api.endpoint}/{prefix}{repo_id}"
 

@@ -16,11 +16,12 @@ import os
 from typing import Any
 
 import datasets
+from accelerate import PartialState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
+from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN, data_fingerprint
 from .config import EditConfig
-from .io import atomic_write_text
+from .io import atomic_write_text, read_json
 from .blocks import BlockSelectorConfig
 from .fisher import diagonal_fisher
 from .job import (
@@ -31,11 +32,13 @@ from .metrics import edit_metrics, evaluate_splits
 from .model import get_edit_model
 from .prefix import PrefixCache, first_editable_block
 from .results import format_percent, library_versions
+from .run_folder import claim_run_folder
 from .trainer import ConstrainedEditTrainer
 
 logger = logging.getLogger(__name__)
 
 POINTS = "points.jsonl"
+CONTEXT = "points_context.json"  # the settings every point of points.jsonl was made with
 VALIDATION, TEST = "validation", "test"
 
 
@@ -72,6 +75,50 @@ def load_points(folder: str) -> dict[str, dict]:
                 if line.strip():
                     row = json.loads(line)
                     done[point_key(row["point"])] = row
+    return done
+
+
+# What never changes a point's result: where and how things are written and shown, and the grid
+# itself (each point carries its own block, norm and δ). Every other field keys the points.
+_UNKEYED = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "disable_tqdm", "report_to", "run_name", "project",
+    "local_rank", "skip_memory_metrics", "debug", "do_train", "do_eval", "do_predict", "push_to_hub",
+    "per_device_eval_batch_size", "prefix_cache", "prefix_cache_dtype", "edit_blocks", "norm", "delta",
+    "show_examples", "ft_dir", "sweep_deltas", "sweep_blocks", "sweep_norms", "compare_methods", "compare_deltas",
+    "knn_epsilons", "ddp_timeout", "use_cpu",
+}
+_UNKEYED_PREFIXES = ("logging_", "log_", "save_", "eval_", "hub_", "trackio_", "dataloader_")
+
+
+def point_context(job: JobConfig, args: EditConfig) -> dict[str, Any]:
+    """Every setting that changes a grid point's result, and the benchmark's identity (its files' hash)."""
+    values = {**dataclasses.asdict(job), **args.to_dict(), "data_fingerprint": data_fingerprint(job.data_dir)}
+    values["eval_before_edit"] = args.eval_before_edit  # a prefix above would drop it; it does not change a point
+    kept = {key: value for key, value in values.items() if key not in _UNKEYED and not key.startswith(_UNKEYED_PREFIXES)}
+    return json.loads(json.dumps(kept, sort_keys=True, default=str))
+
+
+def open_points(folder: str, job: JobConfig, args: EditConfig) -> dict[str, dict]:
+    """The finished points of `folder` when they were made with these settings; refuses to mix others in.
+
+    With `overwrite_output_dir` points made with other settings are discarded instead.
+    """
+    context = point_context(job, args)
+    path = os.path.join(folder, CONTEXT)
+    done = load_points(folder)
+    earlier = read_json(path, "") if os.path.isfile(path) else None
+    if (done or earlier is not None) and earlier != context:
+        if not args.overwrite_output_dir:
+            earlier = earlier or {}
+            differ = sorted(key for key in set(earlier) | set(context) if earlier.get(key) != context.get(key))
+            raise ValueError(
+                f"{folder} holds points made with other settings (they differ in {', '.join(differ[:6]) or 'unknown settings'}): "
+                "choose another --output_dir, or pass --overwrite_output_dir true to discard them."
+            )
+        logger.warning("overwrite_output_dir: discarding the %d points in %s made with other settings.", len(done), folder)
+        done = {}
+        save_points(folder, done)
+    atomic_write_text(path, json.dumps(context, indent=2, sort_keys=True) + "\n")
     return done
 
 
@@ -196,23 +243,23 @@ def run_sweep(job: JobConfig, args: EditConfig, model=None, tokenizer=None) -> l
     With `setting: knn` the grid is kNN-LM's ε (`knn_epsilons`, default: quantiles of the distances).
     """
     folder = args.output_dir
-    os.makedirs(folder, exist_ok=True)
-    runner = GridRunner(job, args, model, tokenizer)
-    if job.setting == "knn":
-        rows = runner.knn(job.knn_epsilons, job.knn_metric)
-        save_points(folder, {point_key(r["point"]): r for r in rows})
+    with claim_run_folder(folder, args.overwrite_output_dir, resuming=True, lock=PartialState().is_main_process):
+        done = open_points(folder, job, args)
+        runner = GridRunner(job, args, model, tokenizer)
+        if job.setting == "knn":
+            rows = runner.knn(job.knn_epsilons, job.knn_metric)
+            save_points(folder, {point_key(r["point"]): r for r in rows})
+            write_report(folder, rows, job, args)
+            return rows
+        for index, point in enumerate(grid(job, args)):
+            if point_key(point) in done:
+                continue
+            print(f"[sweep {index + 1}] norm={point['norm']} block={point['block']} delta={point['delta']}", flush=True)
+            done[point_key(point)] = runner.edit(point, os.path.join(folder, "points", f"{index:03d}"))
+            save_points(folder, done)
+        rows = [done[point_key(p)] for p in grid(job, args)]
         write_report(folder, rows, job, args)
         return rows
-    done = load_points(folder)
-    for index, point in enumerate(grid(job, args)):
-        if point_key(point) in done:
-            continue
-        print(f"[sweep {index + 1}] norm={point['norm']} block={point['block']} delta={point['delta']}", flush=True)
-        done[point_key(point)] = runner.edit(point, os.path.join(folder, "points", f"{index:03d}"))
-        save_points(folder, done)
-    rows = [done[point_key(p)] for p in grid(job, args)]
-    write_report(folder, rows, job, args)
-    return rows
 
 
 def series_name(point: dict[str, Any]) -> str:

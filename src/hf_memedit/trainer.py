@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.loss.loss_utils import fixed_cross_entropy
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .architectures import model_kind
 from .collators import FactCollator
@@ -27,10 +29,15 @@ from .projection import NormBallProjector
 logger = logging.getLogger(__name__)
 
 THETA0_NAME = "memedit_theta0.safetensors"
+PARAMS_NAME = "memedit_params.safetensors"
 
 
 class _SaveTheta0Callback(TrainerCallback):
-    """Writes θ0 into every checkpoint, so a resumed run projects around the original centre."""
+    """Writes the trainable parameters and θ0 into every checkpoint, θ0 last: a checkpoint without
+    it was cut short while saving. A resumed run projects around the original centre and takes the
+    trained values from our own file, by the names the trainer uses (transformers may save a model
+    under its original checkpoint's names, e.g. BERT's LayerNorm gamma/beta, which Trainer's resume
+    then silently skips)."""
 
     def __init__(self, edit_model: EditModel):
         self.edit_model = edit_model
@@ -38,7 +45,29 @@ class _SaveTheta0Callback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            save_tensors(self.edit_model.trainable_parameters(), os.path.join(folder, PARAMS_NAME))
             save_tensors(self.edit_model.theta0, os.path.join(folder, THETA0_NAME))
+
+
+def is_complete_checkpoint(folder: str) -> bool:
+    """Whether a checkpoint folder was written to the end (trainer state, trained values, θ0)."""
+    return all(os.path.isfile(os.path.join(folder, name)) for name in (TRAINER_STATE_NAME, PARAMS_NAME, THETA0_NAME))
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint in `output_dir` that was saved completely; cut-short ones are skipped, with a warning."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(match.group(1)), name) for name in os.listdir(output_dir)
+        if (match := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name))
+    )
+    for _, name in reversed(steps):
+        folder = os.path.join(output_dir, name)
+        if is_complete_checkpoint(folder):
+            return folder
+        logger.warning("Skipping %s: it was cut short while saving (no %s or %s).", folder, TRAINER_STATE_NAME, THETA0_NAME)
+    return None
 
 
 class _StopAtLossCallback(TrainerCallback):
@@ -213,9 +242,12 @@ class ConstrainedEditTrainer(Trainer):
                 show_progress=not self.args.disable_tqdm,
             )
         if resume_from_checkpoint:
+            resume_from_checkpoint = self._checkpoint_folder(resume_from_checkpoint)
             self._restore_theta0(resume_from_checkpoint)
-        elif self.args.eval_before_edit and self.before_edit is None and _fact_splits(self.eval_dataset):
-            self.before_edit = self.fact_results(self.eval_dataset, original=True)
+            logger.warning("Resuming the edit from %s.", resume_from_checkpoint)
+        if self.args.eval_before_edit and self.before_edit is None and _fact_splits(self.eval_dataset):
+            with self._at_theta0():  # a resumed run reports A_F before, retention and agreement too
+                self.before_edit = self.fact_results(self.eval_dataset, original=True)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -246,12 +278,47 @@ class ConstrainedEditTrainer(Trainer):
             prefix=self.prefix_cache,
         )
 
-    def _restore_theta0(self, resume_from_checkpoint: str | bool) -> None:
-        folder = resume_from_checkpoint
-        if folder is True:
-            folder = get_last_checkpoint(self.args.output_dir)
+    def _checkpoint_folder(self, resume_from_checkpoint: str | bool) -> str:
+        """The checkpoint to resume from: the newest complete one for `True`, else the folder given, checked."""
+        if resume_from_checkpoint is True:
+            folder = last_complete_checkpoint(self.args.output_dir)
             if folder is None:
-                raise ValueError(f"No checkpoint to resume from in {self.args.output_dir}.")
+                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
+            return folder
+        folder = os.fspath(resume_from_checkpoint)
+        if not os.path.isdir(folder):
+            raise ValueError(f"resume_from_checkpoint {folder} does not exist: give a checkpoint-N folder, or true for the last one.")
+        return folder
+
+    @contextmanager
+    def _at_theta0(self) -> Iterator[None]:
+        """The trainable parameters at θ0 inside (they are restored after)."""
+        params = self.edit_model.trainable_parameters()
+        current = {name: param.detach().clone() for name, param in params.items()}
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(self.edit_model.theta0[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(current[name])
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, PARAMS_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"{resume_from_checkpoint} has no {PARAMS_NAME}: it was cut short while saving. Resume from an earlier checkpoint.")
+        saved = load_tensors(path)
+        params = self.edit_model.trainable_parameters()
+        if set(saved) != set(params):
+            raise ValueError(f"{path} holds other parameters than this run trains ({self.args.edit_blocks}).")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved[name])
+
+    def _restore_theta0(self, folder: str) -> None:
         path = os.path.join(folder, THETA0_NAME)
         if not os.path.isfile(path):
             raise ValueError(

@@ -20,9 +20,9 @@ import yaml
 from ..architectures import model_kind
 from ..collators import FactEncoder, filter_encodable
 from ..evaluation import evaluate_facts
-from ..io import atomic_directory
+from ..io import atomic_directory, check_target
 from . import geo, trex, zsre
-from .common import SPLITS, Fact, ModBenchmarkBuilder, source_hash
+from .common import SPLITS, Fact, ModBenchmarkBuilder, data_fingerprint, source_hash
 from .geo import GeoMod, GeoModConfig
 from .trex import TrexMod, TrexModConfig
 from .zsre import ZsreMod, ZsreModConfig
@@ -40,7 +40,7 @@ def _config_fields(name: str, m: int, seed: int, data_dir: str | None, options: 
     unknown = sorted(set(options) - set(fields))
     if unknown:
         raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields))}.")
-    fields.update(options, m=m, seed=seed, data_dir=data_dir)
+    fields.update(options, m=m, seed=seed, data_dir=os.path.abspath(data_dir) if data_dir else None)
     for key in ("relations", "eligible_uuids"):
         if fields.get(key) is not None:
             fields[key] = tuple(sorted(fields[key]))
@@ -75,24 +75,30 @@ def load_benchmark(
     """Build (or reuse from the cache) a benchmark with m modified facts.
 
     With `model` and `tokenizer`, only facts the model already predicts may be modified. The
-    cache is keyed by every config field and a hash of the builders' code.
+    cache is keyed by every config field (`data_dir` as an absolute path), a hash of the builders'
+    code and a hash of the files in `data_dir`.
     """
     if model is not None:
         if tokenizer is None:
             raise ValueError("Filtering by a model's known facts needs its tokenizer too.")
         options["eligible_uuids"] = known_uuids(benchmark_facts(name, data_dir, **options), model, tokenizer)
     fields = _config_fields(name, m, seed, data_dir, options)
-    builder = BUILDERS[name](cache_dir=cache_dir, hash=source_hash(*_SOURCES[name]), **fields)
+    digest = source_hash(*_SOURCES[name]) + data_fingerprint(fields["data_dir"])  # code and data both key the cache
+    builder = BUILDERS[name](cache_dir=cache_dir, hash=digest, **fields)
     builder.download_and_prepare()
     return builder.as_dataset()
 
 
 def export_benchmark(
-    name: str, folder: str, ms: Sequence[int] = (32, 128, 512), seed: int = 0, data_dir: str | None = None, **options
+    name: str, folder: str, ms: Sequence[int] = (32, 128, 512), seed: int = 0, data_dir: str | None = None,
+    overwrite: bool = False, **options,
 ) -> str:
     """Write `folder/m{m}/{split}.parquet` and a README whose `configs:` lets
-    `load_dataset(folder, "m128")` read them; the folder pushes to the Hub as a dataset repo."""
-    target = os.path.abspath(folder)
+    `load_dataset(folder, "m128")` read them; the folder pushes to the Hub as a dataset repo.
+
+    `folder` must be new or empty; `overwrite=True` replaces an earlier export, never another folder.
+    """
+    target = check_target(folder, [data_dir] if data_dir else [], _is_export, "benchmark export", overwrite)
     configs = []
     with atomic_directory(target) as staging:
         for m in ms:
@@ -109,6 +115,20 @@ def export_benchmark(
             handle.write(f"---\n{card}---\n\n# {name}\n\nModified-facts benchmark exported by hf_memedit "
                          f"(seed {seed}, options {options or 'default'}). Splits: {', '.join(SPLITS)}.\n")
     return target
+
+
+def _is_export(folder: str) -> bool:
+    """Whether `folder` holds an `export_benchmark` folder (its README's front matter is ours)."""
+    readme = os.path.join(folder, "README.md")
+    if not os.path.isfile(readme):
+        return False
+    with open(readme, encoding="utf-8", errors="replace") as handle:
+        parts = handle.read().split("---", 2)
+    try:
+        card = yaml.safe_load(parts[1]) if len(parts) == 3 and not parts[0].strip() else None
+    except yaml.YAMLError:
+        return False
+    return isinstance(card, dict) and "hf_memedit" in (card.get("tags") or []) and "configs" in card
 
 
 __all__ = [

@@ -64,8 +64,15 @@ class ModBenchmarkConfig(datasets.BuilderConfig):
 
 def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[dict]:
     """Yield the JSON objects of a JSONL file; a bad line raises an error naming file and line."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}, line {number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}). "
+                    "Re-save the file as UTF-8."
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -178,6 +185,24 @@ def source_hash(*modules) -> str:
             digest.update(handle.read())
     with open(__file__, "rb") as handle:
         digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(data_dir: str | None) -> str:
+    """sha256 of what `data_dir` holds (every file's relative path and content), so the cache never
+    returns facts from files that have changed since it was built."""
+    digest = hashlib.sha256()
+    if data_dir is None:
+        return ""
+    paths = [data_dir] if os.path.isfile(data_dir) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(data_dir) for name in names
+    )
+    for path in paths:
+        digest.update(os.path.relpath(path, data_dir).encode() + b"\0")
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
     return digest.hexdigest()[:16]
 
 
