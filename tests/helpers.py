@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 # Facts with objects of 1 to 3 word pieces under the bert-base-uncased vocabulary.

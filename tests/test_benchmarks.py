@@ -15,6 +15,7 @@ from hf_memedit.benchmarks.common import modify_facts
 
 from .helpers import SHARED
 
+
 TREX = str(SHARED / "data" / "trex")
 LAMA = str(Path(__file__).parent / "fixtures" / "lama")
 
@@ -56,7 +57,7 @@ def test_trex_split_sizes_and_new_objects(m):
 
 @pytest.mark.shared
 def test_trex_new_objects_follow_the_frequency_of_the_relation():
-    facts = [f for f in benchmark_facts("trex_mod", TREX, relations=["P36"]) ]
+    facts = list(benchmark_facts("trex_mod", TREX, relations=["P36"]))
     counts = Counter(f.object for f in facts)
     # A large draw: many seeds, all facts of P36 each time.
     drawn = Counter()

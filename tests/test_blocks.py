@@ -4,15 +4,29 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import (
-    AlbertConfig, AlbertForMaskedLM, BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM,
-    ElectraConfig, ElectraForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-    RobertaConfig, RobertaForMaskedLM, T5Config, T5ForConditionalGeneration,
+    AlbertConfig,
+    AlbertForMaskedLM,
+    BertConfig,
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    ElectraConfig,
+    ElectraForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 from hf_memedit import ARCHITECTURES, BlockSelectorConfig, ConstrainedEditTrainer, EditConfig, get_edit_model
 from hf_memedit.blocks import selected_parameter_names
 
 from .helpers import FACTS, assert_agree_up_to_reordering, assert_in_linf_ball, tiny_bert
+
 
 V = 30522  # the bert-base-uncased vocabulary of the real tokenizer used to collate facts
 SMALL = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)

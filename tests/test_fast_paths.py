@@ -5,9 +5,21 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import (
-    AlbertConfig, AlbertForMaskedLM, BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM,
-    ElectraConfig, ElectraForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-    RobertaConfig, RobertaForMaskedLM, TrainerCallback,
+    AlbertConfig,
+    AlbertForMaskedLM,
+    BertConfig,
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    ElectraConfig,
+    ElectraForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    TrainerCallback,
 )
 
 from hf_memedit import BlockSelectorConfig, ConstrainedEditTrainer, EditConfig, evaluate_facts, get_edit_model
@@ -15,6 +27,7 @@ from hf_memedit.collators import FactCollator
 from hf_memedit.prefix import PrefixCache, first_editable_block
 
 from .helpers import FACTS, assert_agree_up_to_reordering
+
 
 COMMON = dict(report_to="none", disable_tqdm=True, seed=0, data_seed=0, save_strategy="no")
 LR = 1e-2

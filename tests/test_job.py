@@ -20,6 +20,7 @@ from hf_memedit.sweep import run_sweep
 
 from .helpers import assert_in_linf_ball
 
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "trainer_configs"
 TINY = [p.name for p in sorted(CONFIGS.glob("bert_tiny_*.yaml")) if p.name != "bert_tiny_sweep.yaml"]

@@ -10,6 +10,7 @@ from hf_memedit import AVG_ACC_METRIC_PATH, ConstrainedEditTrainer, EditConfig, 
 
 from .helpers import tiny_bert
 
+
 BEFORE = dict(
     original_correct_before=[True, True],
     unmodified_correct_before=[True, True, False, True],

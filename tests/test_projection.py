@@ -8,6 +8,7 @@ from hypothesis.extra.numpy import arrays
 
 from hf_memedit.projection import NormBallProjector, l2_distance, project_l2_, project_linf_, validate_delta
 
+
 finite = st.floats(-10, 10, allow_nan=False, width=32)
 deltas = st.floats(0.0009765625, 4.0, allow_nan=False, width=32)
 

@@ -26,6 +26,7 @@ from hf_memedit.trainer import PARAMS_NAME, THETA0_NAME, last_complete_checkpoin
 
 from .helpers import SHARED, make_run_folder, tiny_bert
 
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "trainer_configs"
 

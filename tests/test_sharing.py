@@ -18,6 +18,7 @@ from .helpers import DELTA, FACTS, tiny_bert
 from .helpers import make_run_folder as _make_run
 from .hub_server import FakeHub
 
+
 def _state(model):
     return {name: p.detach().clone() for name, p in model.state_dict().items()}
 
@@ -38,9 +39,9 @@ def run(tmp_path, base_dir):
 def test_round_trip_apply_and_revert(format, run, base_dir, tmp_path):
     run_dir, edited_state, base_state = run
     manifest = package_edit(run_dir, str(tmp_path / "out"), format=format)
-    assert manifest["format"] == format and set(manifest["tensors"]) == set(
+    assert manifest["format"] == format and set(manifest["tensors"]) == {
         n for n in edited_state if not torch.equal(edited_state[n], base_state[n])
-    )
+    }
     for entry in manifest["tensors"].values():
         assert 0 < entry["max_abs_delta"] <= DELTA and entry["l2_delta"] > 0
     files = set(os.listdir(tmp_path / "out"))

@@ -11,6 +11,7 @@ from hf_memedit.trainer import THETA0_NAME
 
 from .helpers import FACTS, assert_agree_up_to_reordering, assert_in_linf_ball, tiny_bert
 
+
 COMMON = dict(report_to="none", disable_tqdm=True, seed=0, data_seed=0)
 
 

@@ -1,6 +1,9 @@
 """hf_memedit: edit the facts a Transformer language model has memorised, and nothing else."""
 
+from importlib.metadata import version
+
 from .architectures import ARCHITECTURES, BlockLayout, model_kind
+from .benchmarks import load_benchmark
 from .blocks import BlockSelectorConfig
 from .collators import FactCollator, FactEncoder, FactEncodingError, filter_encodable
 from .config import EditConfig
@@ -15,7 +18,8 @@ from .results import ResultsRecord, library_versions
 from .sharing import apply_edit, package_edit, push_edit, revert_edit
 from .trainer import ConstrainedEditTrainer
 
-__version__ = "0.1.0"
+
+__version__ = version("hf_memedit")
 
 __all__ = [
     "ARCHITECTURES",
@@ -42,6 +46,7 @@ __all__ = [
     "filter_encodable",
     "get_edit_model",
     "library_versions",
+    "load_benchmark",
     "package_edit",
     "model_kind",
     "object_positions_only",

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from .architectures import block_list, layout_for, num_blocks, resolve_module
 from .io import atomic_write_text, read_json
 
+
 CONFIG_NAME = "memedit_config.json"
 ALL = "all"
 EMBEDDINGS = "embeddings"
@@ -88,7 +89,7 @@ class BlockSelectorConfig:
         data = read_json(
             os.path.join(directory, CONFIG_NAME), f"No {CONFIG_NAME} in {directory}: it is not an edit saved by hf_memedit."
         )
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in data.items() if key in known})
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import re
 import gc
 import json
 import os
+import re
 import sys
 import time
 import types
@@ -30,6 +30,7 @@ from accelerate import PartialState
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import HfArgumentParser
 
+from .compare import run_compare
 from .config import EditConfig
 from .job import JobConfig, RunOutcome, load_model_and_tokenizer, prepare_benchmark, run_edit
 from .metrics import edit_metrics, evaluate_splits
@@ -37,8 +38,8 @@ from .model import EditModel
 from .results import METRIC_LABELS, RESULTS_JSON, ResultsRecord, format_percent
 from .run_folder import check_writable
 from .sharing import push_edit, push_folder
-from .compare import run_compare
 from .sweep import run_sweep
+
 
 COMMANDS = {
     "edit": "Run one edit in the configured setting and write the run folder (the default job).",

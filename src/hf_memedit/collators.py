@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER = "[Y]"

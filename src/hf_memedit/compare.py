@@ -32,6 +32,7 @@ from .results import format_percent, library_versions
 from .run_folder import claim_run_folder
 from .sweep import TEST, VALIDATION, GridRunner, best, describe, open_points, point_key, save_points
 
+
 FTL = {"modules": ["mlp_out"], "learning_rate": 5e-4, "max_steps": 25, "stop_at_loss": 1e-2}  # ROME's FT-L
 FTL_DELTA = 5e-4
 LABELS = {

@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-
 from transformers import TrainingArguments
 
 from .blocks import BlockSelectorConfig, parse_block_spec

@@ -117,7 +117,7 @@ def evaluate_facts(
 def _candidate_tensor(candidates: Sequence[int] | None, model: PreTrainedModel, device) -> torch.Tensor | None:
     if candidates is None:
         return None
-    ids = sorted(set(int(i) for i in candidates))
+    ids = sorted({int(i) for i in candidates})
     vocab = model.get_output_embeddings().weight.shape[0]
     if not ids:
         raise ValueError("The candidate vocabulary is empty: pass None for the full vocabulary.")

@@ -44,6 +44,7 @@ from .results import ResultsRecord
 from .run_folder import begin_outputs, claim_run_folder, seal_run
 from .trainer import ConstrainedEditTrainer
 
+
 logger = logging.getLogger(__name__)
 
 SETTINGS = ("ftm", "ft", "ft+ftm", "ri+ftm", "fta", "ft+fta", "knn")

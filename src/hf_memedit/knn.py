@@ -20,6 +20,7 @@ from .architectures import model_kind
 from .collators import FactCollator
 from .evaluation import FactResults, evaluate_facts
 
+
 METRICS = ("l2", "cosine")
 
 

@@ -28,6 +28,7 @@ import torch
 
 from .io import atomic_write_text, tensor_sha256
 
+
 MANIFEST_NAME = "memedit_manifest.json"
 SCHEMA = "hf_memedit/manifest"
 VERSION = 1

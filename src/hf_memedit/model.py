@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from .blocks import BlockSelectorConfig, selected_parameter_names
 from .io import load_tensors, save_tensors, tensor_sha256
 
+
 WEIGHTS_NAME = "memedit_edit.safetensors"
 BASE_WEIGHTS_NAME = "memedit_base.safetensors"  # the base values of the changed tensors: revert without the base checkpoint
 _BASE_HASHES_KEY = "memedit_base_sha256"

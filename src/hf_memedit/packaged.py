@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

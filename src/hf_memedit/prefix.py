@@ -30,6 +30,7 @@ from .architectures import block_list, layout_for, model_kind
 from .collators import FactCollator
 from .heads import head_modules, object_positions_only
 
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

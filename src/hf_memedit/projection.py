@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
+
 NORMS = ("linf", "l2", "fisher", "none")
 L2_SCOPES = ("global", "per_tensor")
 

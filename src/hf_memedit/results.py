@@ -13,6 +13,7 @@ from typing import Any
 
 from .io import atomic_write_text, read_json
 
+
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 _LIBRARIES = ("hf_memedit", "torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "huggingface_hub")

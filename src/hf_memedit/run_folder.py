@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 from .io import atomic_write_text, read_json
 
+
 logger = logging.getLogger(__name__)
 
 RUN_MANIFEST = "memedit_run.json"

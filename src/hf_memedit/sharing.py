@@ -37,6 +37,7 @@ from .model import BASE_WEIGHTS_NAME, WEIGHTS_NAME, EditModel
 from .results import METRIC_LABELS, ResultsRecord, format_percent
 from .run_folder import verify_run
 
+
 try:  # the HTTP client huggingface_hub uses (httpx2 in huggingface_hub 2.x, httpx before)
     from httpx2 import TransportError as _TransportError
 except ImportError:  # pragma: no cover - older huggingface_hub

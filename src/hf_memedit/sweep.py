@@ -20,12 +20,18 @@ from accelerate import PartialState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN, data_fingerprint
-from .config import EditConfig
-from .io import atomic_write_text, read_json
 from .blocks import BlockSelectorConfig
+from .config import EditConfig
 from .fisher import diagonal_fisher
+from .io import atomic_write_text, read_json
 from .job import (
-    FTA_SETTINGS, JobConfig, edit_train_dataset, holdout, load_model_and_tokenizer, prepare_benchmark, starting_model,
+    FTA_SETTINGS,
+    JobConfig,
+    edit_train_dataset,
+    holdout,
+    load_model_and_tokenizer,
+    prepare_benchmark,
+    starting_model,
 )
 from .knn import KnnDatastore, epsilon_grid
 from .metrics import edit_metrics, evaluate_splits
@@ -34,6 +40,7 @@ from .prefix import PrefixCache, first_editable_block
 from .results import format_percent, library_versions
 from .run_folder import claim_run_folder
 from .trainer import ConstrainedEditTrainer
+
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from .model import EditModel, get_edit_model
 from .prefix import PrefixCache, fast_forward, first_editable_block
 from .projection import NormBallProjector
 
+
 logger = logging.getLogger(__name__)
 
 THETA0_NAME = "memedit_theta0.safetensors"

@@ -27,6 +27,7 @@ from .geo import GeoMod, GeoModConfig
 from .trex import TrexMod, TrexModConfig
 from .zsre import ZsreMod, ZsreModConfig
 
+
 BUILDERS: dict[str, type[ModBenchmarkBuilder]] = {"trex_mod": TrexMod, "zsre_mod": ZsreMod, "geo_mod": GeoMod}
 _SOURCES = {"trex_mod": (trex,), "zsre_mod": (zsre,), "geo_mod": (trex, geo)}  # common.py is always hashed
 _BASE_FIELDS = {f.name for f in dataclasses.fields(datasets.BuilderConfig)} - {"data_dir"}

@@ -17,6 +17,7 @@ import datasets
 
 from ..collators import PLACEHOLDER
 
+
 logger = logging.getLogger(__name__)
 
 # The four splits of every benchmark.

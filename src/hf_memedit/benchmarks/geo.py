@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from .common import Fact, ModBenchmarkBuilder, ModBenchmarkConfig, choose_evidence, fill_subject
 from .trex import object_last
 
+
 CONTINENTS = {
     "AF": "Africa", "AN": "Antarctica", "AS": "Asia", "EU": "Europe",
     "NA": "North America", "OC": "Oceania", "SA": "South America",

@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 
 import datasets
 
-from .common import Fact, ModBenchmarkBuilder, ModBenchmarkConfig, choose_evidence, fill_subject, read_jsonl, require_dir
+from .common import (
+    Fact,
+    ModBenchmarkBuilder,
+    ModBenchmarkConfig,
+    choose_evidence,
+    fill_subject,
+    read_jsonl,
+    require_dir,
+)
+
 
 logger = logging.getLogger(__name__)
 

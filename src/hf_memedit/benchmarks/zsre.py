@@ -20,6 +20,7 @@ import datasets
 from ..collators import PLACEHOLDER
 from .common import Fact, ModBenchmarkBuilder, ModBenchmarkConfig, read_jsonl, require_dir
 
+
 logger = logging.getLogger(__name__)
 
 KILT_FILE = "structured_zeroshot-train-kilt.jsonl"
