@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 
 # Facts with objects of 1 to 3 word pieces under the bert-base-uncased vocabulary.
 FACTS = [
@@ -103,3 +107,20 @@ def naive_greedy_correct(model, tokenizer, facts) -> list[bool]:
             )
         correct.append(out[0, len(prompt_ids) :].tolist() == object_ids)
     return correct
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(script: Path, *args: str, processes: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu` of `script` on `processes` CPU ranks (gloo), from the repository root."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(script), *args,
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)

@@ -2,11 +2,6 @@
 
 import dataclasses
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,10 +13,9 @@ from hf_memedit.job import JobConfig, load_model_and_tokenizer, run_edit
 from hf_memedit.results import ResultsRecord
 from hf_memedit.sweep import run_sweep
 
-from .helpers import assert_in_linf_ball
+from .helpers import ROOT, accelerate_launch, assert_in_linf_ball
 
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "trainer_configs"
 TINY = [p.name for p in sorted(CONFIGS.glob("bert_tiny_*.yaml")) if p.name != "bert_tiny_sweep.yaml"]
 # Shrink the tiny-BERT runs for the test suite; the configs themselves stay as shipped.
@@ -215,24 +209,12 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monke
     assert len(rows) == 6 and trained == [5e-3, 5e-3]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_train_edit_under_two_cpu_ranks(tmp_path, real_bert_dir):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(ROOT / "train_edit.py"),
-        "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--output_dir", str(tmp_path / "run"),
-        "--max_steps", "6", "--disable_tqdm", "true",
-    ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    result = accelerate_launch(
+        ROOT / "train_edit.py", "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--output_dir", str(tmp_path / "run"),
+        "--max_steps", "6", "--disable_tqdm", "true", env={"HF_DATASETS_CACHE": str(tmp_path / "cache")},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("A_M (modified facts, test phrasing)") == 1  # one summary, from rank 0
     record = json.loads((tmp_path / "run" / "results.json").read_text())

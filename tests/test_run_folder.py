@@ -221,7 +221,7 @@ def _edit_process(args: list[str], kill_at: int | None = None, tmp_path=None) ->
     if kill_at:
         env["MEMEDIT_KILL_AT"] = str(kill_at)
     return subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "resume_edit.py"), *args], capture_output=True, text=True,
+        [sys.executable, str(ROOT / "tests" / "utils" / "resume_edit.py"), *args], capture_output=True, text=True,
         timeout=900, env=env, cwd=ROOT,
     )
 

@@ -16,7 +16,7 @@ from hf_memedit.sharing import apply_edit, package_edit, push_edit, push_folder,
 
 from .helpers import DELTA, FACTS, tiny_bert
 from .helpers import make_run_folder as _make_run
-from .hub_server import FakeHub
+from .utils.hub_server import FakeHub
 
 
 def _state(model):

