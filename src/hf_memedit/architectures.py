@@ -6,10 +6,13 @@ works with module objects, so block 2 is `blocks[2]` and never a substring match
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
@@ -132,14 +135,70 @@ def num_blocks(model: PreTrainedModel, layout: BlockLayout) -> int:
     return len(block_list(model, layout))
 
 
-def model_kind(model: nn.Module) -> str:
-    """`"masked"` or `"causal"`: which fact encoding and evaluation the model needs."""
+class ModelKind(str, Enum):
+    """Masked or causal LM: the one place that knows what the two kinds do differently.
+
+    A `str` enum, so `kind == "causal"` and JSON records keep working.
+    """
+
+    MASKED = "masked"
+    CAUSAL = "causal"
+
+    def __str__(self) -> str:  # "masked", not "ModelKind.MASKED", in f-strings and records
+        return self.value
+
+    @property
+    def auto_class(self) -> type:
+        return AutoModelForMaskedLM if self is ModelKind.MASKED else AutoModelForCausalLM
+
+    @property
+    def forward_kwargs(self) -> dict[str, bool]:
+        """What every scoring forward passes: a causal LM builds no KV cache for a single pass."""
+        return {"use_cache": False} if self is ModelKind.CAUSAL else {}
+
+    @property
+    def logit_shift(self) -> int:
+        """How many positions before an object token its logit stands (a causal LM predicts the next token)."""
+        return 1 if self is ModelKind.CAUSAL else 0
+
+    @property
+    def pipeline_tag(self) -> str:
+        return "fill-mask" if self is ModelKind.MASKED else "text-generation"
+
+    @classmethod
+    def of_config(cls, config) -> ModelKind:
+        """The kind a model config describes (its architectures, else its model type), or a clear error."""
+        for architecture in getattr(config, "architectures", None) or []:
+            if architecture in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values():
+                return cls.MASKED
+            if architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+                return cls.CAUSAL
+        causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        masked = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        if causal != masked:
+            return cls.CAUSAL if causal else cls.MASKED
+        raise ValueError(f"Cannot tell whether {config.model_type!r} is a masked or causal LM: set model_kind.")
+
+
+def model_kind(model: nn.Module) -> ModelKind:
+    """Which fact encoding and evaluation the model needs."""
     name = type(model).__name__
     if name in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values():
-        return "masked"
+        return ModelKind.MASKED
     if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        return "causal"
+        return ModelKind.CAUSAL
     raise ValueError(
         f"{name} is neither a masked nor a causal language model: hf_memedit edits facts through an "
         "LM head. Load the model with AutoModelForMaskedLM or AutoModelForCausalLM."
     )
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model.eval()` inside, the train/eval mode it had restored after (also on an error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

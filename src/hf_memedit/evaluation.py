@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .architectures import model_kind
+from .architectures import eval_mode, model_kind
 from .collators import FactCollator
 from .heads import head_modules, logit_positions, object_targets
 from .prefix import PrefixCache, fast_forward
@@ -86,12 +86,10 @@ def evaluate_facts(
     device = next(model.parameters()).device
     allowed = _candidate_tensor(candidates, model, device)
     object_only = not full_logits and head_modules(model) is not None
-    was_training = model.training
-    model.eval()
     order = sorted(range(len(facts)), key=lambda i: len(facts[i][text_key]))
     correct: list[bool] = [False] * len(facts)
     predicted: list[list[int]] = [[] for _ in facts]
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(order), batch_size), desc="evaluating facts", disable=not show_progress):
             index = order[start : start + batch_size]
             batch = collator([facts[i] for i in index])
@@ -99,9 +97,8 @@ def evaluate_facts(
             inputs = {k: v.to(device) for k, v in batch.items()}
             mask = logit_positions(labels, kind)  # causal: the logit at position i predicts token i + 1
             targets = object_targets(labels, kind)
-            extra = {"use_cache": False} if kind == "causal" else {}
             with fast_forward(model, prefix, inputs["input_ids"], inputs["attention_mask"], mask if object_only else None):
-                logits = model(**inputs, **extra).logits
+                logits = model(**inputs, **kind.forward_kwargs).logits
             if not object_only:
                 logits = logits[mask]
             guesses = logits.argmax(-1) if allowed is None else allowed[logits[:, allowed].argmax(-1)]
@@ -109,8 +106,6 @@ def evaluate_facts(
             for fact_index, ids, wanted in zip(index, guesses.split(counts), targets.split(counts)):
                 correct[fact_index] = bool(torch.equal(ids, wanted))
                 predicted[fact_index] = ids.tolist()
-    finally:
-        model.train(was_training)
     return FactResults(correct, predicted)
 
 

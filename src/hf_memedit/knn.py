@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .architectures import model_kind
+from .architectures import eval_mode, model_kind
 from .collators import FactCollator
 from .evaluation import FactResults, evaluate_facts
 
@@ -30,19 +30,14 @@ def object_states(model: PreTrainedModel, tokenizer, facts: Sequence[Mapping], b
     kind = model_kind(model)
     collator = FactCollator(tokenizer, kind)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     states = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(facts), batch_size):
             batch = {k: v.to(device) for k, v in collator(list(facts[start : start + batch_size])).items()}
             labels = batch.pop("labels")
-            extra = {"use_cache": False} if kind == "causal" else {}
-            hidden = model.base_model(**batch, **extra).last_hidden_state
-            first = (labels != -100).int().argmax(dim=1) - (1 if kind == "causal" else 0)
+            hidden = model.base_model(**batch, **kind.forward_kwargs).last_hidden_state
+            first = (labels != -100).int().argmax(dim=1) - kind.logit_shift
             states.append(hidden[torch.arange(len(first), device=device), first].float().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(states)
 
 

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .architectures import block_list, layout_for, model_kind
+from .architectures import block_list, eval_mode, layout_for, model_kind
 from .collators import FactCollator
 from .heads import head_modules, object_positions_only
 
@@ -179,16 +179,15 @@ class PrefixCache:
 
         device = next(self.model.parameters()).device
         handle = self.blocks[self.block].register_forward_pre_hook(capture)
-        was_training = self.model.training
-        self.model.eval()
         try:
-            extra = {"use_cache": False} if self.kind == "causal" else {}
-            self.model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra)
+            with eval_mode(self.model):
+                self.model.base_model(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **self.kind.forward_kwargs
+                )
         except _Captured:
             pass
         finally:
             handle.remove()
-            self.model.train(was_training)
         if not captured:
             raise RuntimeError(f"{type(self.model).__name__}'s forward never reached block {self.block}.")
         hidden = captured[0].to("cpu", self.dtype)

@@ -29,7 +29,7 @@ from huggingface_hub.repocard_data import EvalResult
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from .architectures import model_kind
+from .architectures import ModelKind, model_kind
 from .blocks import BlockSelectorConfig
 from .io import atomic_directory, check_target, load_tensors, tensor_sha256
 from .manifest import MANIFEST_NAME, ManifestError, build_manifest, read_manifest, safe_path, write_manifest
@@ -186,7 +186,7 @@ def render_card(manifest: dict[str, Any], repo_id: str, kind: str, license: str 
     metrics = manifest["metrics"]
     benchmark = manifest["config"].get("benchmark", "facts")
     m = manifest["config"].get("m", len(manifest["facts"]))
-    task = "fill-mask" if kind == "masked" else "text-generation"
+    task = ModelKind(kind).pipeline_tag
     eval_results = [
         EvalResult(task_type=task, dataset_type=f"hf_memedit/{benchmark}", dataset_name=f"{benchmark} (m = {m})",
                    metric_type=key, metric_name=METRIC_LABELS[key], metric_value=round(100 * metrics[key], 2))
@@ -199,7 +199,7 @@ def render_card(manifest: dict[str, Any], repo_id: str, kind: str, license: str 
     )
     constraint = manifest["constraint"]
     tensors = manifest["tensors"]
-    auto_class = "AutoModelForMaskedLM" if kind == "masked" else "AutoModelForCausalLM"
+    auto_class = ModelKind(kind).auto_class.__name__
     base_label = base_id or manifest["config"].get("model_name_or_path", "the base model")
     plain = {
         "delta": "Without hf_memedit: load `memedit_edit.safetensors` with `safetensors.torch.load_file` and copy "
