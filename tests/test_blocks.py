@@ -226,3 +226,35 @@ def test_stop_at_loss_ends_training_early(bert_tokenizer, tmp_out, accumulation)
     assert trainer.projector.num_projections == 1  # ... and that step was taken whole, not cut mid-accumulation
     assert trainer.edit_model.changed_tensors()
     assert set(trainer.edit_model.theta0) == {n for n, _ in model.named_parameters() if ".layer.0.output.dense." in n}
+
+
+def test_a_blocks_path_model_trains_with_the_full_head_and_says_so(tmp_out, bpe_tokenizer, caplog):
+    """An architecture outside the table (OPT, through blocks_path) has no known head: the trainer says
+    it runs the full head instead of silently dropping object-position logits; its prefix cache is
+    read against the user's layout and trains the same weights as without it."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    def train(prefix_cache: bool):
+        torch.manual_seed(0)
+        model = OPTForCausalLM(OPTConfig(
+            vocab_size=len(bpe_tokenizer), hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+            word_embed_proj_dim=16, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+        )).double()
+        args = EditConfig(
+            output_dir=tmp_out, edit_blocks=["1"], blocks_path="decoder.layers", norm="linf", delta=1e-2, max_steps=3,
+            learning_rate=1e-2, report_to="none", disable_tqdm=True, save_strategy="no", prefix_cache=prefix_cache,
+        )
+        facts = [f for f in FACTS if not f["text"].startswith("[Y]")]
+        return ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(facts), processing_class=bpe_tokenizer)
+
+    with caplog.at_level("WARNING", logger="hf_memedit.trainer"):
+        cached = train(prefix_cache=True)
+    assert not cached.object_logits_only and cached.prefix_cache is not None and cached.prefix_cache.block == 1
+    assert "is not in hf_memedit's block table" in caplog.text and "OPTForCausalLM" in caplog.text
+    plain = train(prefix_cache=False)
+    for trainer in (cached, plain):
+        trainer.train()
+    changed = cached.edit_model.changed_tensors()
+    assert changed and changed.keys() == plain.edit_model.changed_tensors().keys()
+    for name, value in changed.items():  # float64: reordering stays far below a wrong cache's effect
+        torch.testing.assert_close(value, plain.edit_model.trainable_parameters()[name], rtol=0, atol=1e-9, msg=name)

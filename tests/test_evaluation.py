@@ -6,7 +6,7 @@ import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import MaskedLMOutput
 
-from hf_memedit import FactEncoder, FactEncodingError, evaluate_facts
+from hf_memedit import FactEncoder, FactEncodingError, candidate_vocabulary, evaluate_facts
 from hf_memedit.benchmarks import load_benchmark
 
 from .helpers import naive_greedy_correct, tiny_bert
@@ -59,6 +59,12 @@ def test_hand_computed_accuracy_with_multi_token_objects(kind, bert_tokenizer, b
     # Restricted to candidates without "Paris", the runner-up wins.
     restricted = evaluate_facts(model, tokenizer, facts, candidates=[other, paris + 1], full_logits=True)
     assert restricted.correct == [False, False, False, True]
+    # The LAMA-style vocabulary of the objects "capital" and "Lyon" holds no "Paris" either.
+    vocabulary = candidate_vocabulary(tokenizer, ["capital", "Lyon"])
+    assert other in vocabulary and paris not in vocabulary
+    assert vocabulary == sorted(set(vocabulary))
+    lama = evaluate_facts(model, tokenizer, facts, candidates=vocabulary, full_logits=True)
+    assert lama.correct == restricted.correct and all(set(ids) <= set(vocabulary) for ids in lama.predicted)
 
 
 def test_causal_padding_never_shifts_positions(bpe_tokenizer):

@@ -21,17 +21,28 @@ def _pairs(size=st.integers(1, 20)):
     return size.flatmap(lambda n: st.tuples(vectors(n), vectors(n), vectors(n)))
 
 
+def _trainer_linf_(param: torch.Tensor, theta0: torch.Tensor, delta: float) -> None:
+    """The L∞ projection as the trainer runs it (NormBallProjector, with its cached box), checked
+    against the public `project_linf_` bit for bit."""
+    reference = param.clone()
+    project_linf_(reference, theta0, delta)
+    projector = NormBallProjector({"w": param}, {"w": theta0}, "linf", delta)
+    projector.project_()
+    projector.project_()  # the second step reuses the cached box
+    assert torch.equal(param, reference)
+
+
 @settings(max_examples=200, deadline=None)
 @given(_pairs(), deltas)
 def test_linf_in_ball_idempotent_and_nearest(arrays3, delta):
     theta, theta0, other = (torch.from_numpy(a.copy()) for a in arrays3)
     projected = theta.clone()
-    project_linf_(projected, theta0, delta)
+    _trainer_linf_(projected, theta0, delta)
     # In the ball, up to float32 rounding of θ0 ± δ.
     assert torch.all((projected - theta0).abs() <= delta * (1 + 1e-6) + 1e-6 * theta0.abs())
     # Projecting twice changes nothing, bit for bit.
     again = projected.clone()
-    project_linf_(again, theta0, delta)
+    _trainer_linf_(again, theta0, delta)
     assert torch.equal(again, projected)
     # Nearest point: no point of the ball is closer to θ (here: a random one, clamped into the ball).
     candidate = theta0 + (other - theta0).clamp(-delta, delta)
@@ -39,7 +50,7 @@ def test_linf_in_ball_idempotent_and_nearest(arrays3, delta):
     # Points already inside are untouched.
     inside = theta0 + (theta - theta0).clamp(-delta / 2, delta / 2)
     kept = inside.clone()
-    project_linf_(kept, theta0, delta)
+    _trainer_linf_(kept, theta0, delta)
     assert torch.equal(kept, inside)
 
 

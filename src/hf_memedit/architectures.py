@@ -105,6 +105,12 @@ def layout_for(
     return ARCHITECTURES[model_type]
 
 
+def table_layout(model: PreTrainedModel) -> BlockLayout | None:
+    """The table's row for `model`, or None: the head and row-wise stages are known only for the table's
+    architectures (a layout from `blocks_path` names the blocks alone)."""
+    return ARCHITECTURES.get(getattr(model.config, "model_type", None))
+
+
 def resolve_module(model: PreTrainedModel, path: str) -> nn.Module:
     """`model.base_model.<path>`, with an error that lists what exists there when it does not."""
     base = model.base_model

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 from transformers import PreTrainedModel
 
-from .architectures import block_list, layout_for, num_blocks, resolve_module
+from .architectures import BlockLayout, block_list, layout_for, num_blocks, resolve_module
 from .io import atomic_write_text, read_json
 
 
@@ -81,6 +81,10 @@ class BlockSelectorConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def layout(self, model: PreTrainedModel) -> BlockLayout:
+        """The block layout this selection is read against: the table's, or the user's `blocks_path`."""
+        return layout_for(model, self.blocks_path, self.embeddings_paths)
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -95,7 +99,7 @@ class BlockSelectorConfig:
 
 def selected_modules(model: PreTrainedModel, config: BlockSelectorConfig) -> dict[str, nn.Module]:
     """The modules the selection trains, keyed by a readable label ("block 2", "embeddings")."""
-    layout = layout_for(model, config.blocks_path, config.embeddings_paths)
+    layout = config.layout(model)
     count = num_blocks(model, layout)
     modules: dict[str, nn.Module] = {}
     for item in config.blocks:

@@ -28,7 +28,7 @@ from accelerate import PartialState
 from .config import EditConfig
 from .io import atomic_write_text
 from .job import COMPARE_METHODS, JobConfig
-from .results import format_percent, library_versions
+from .results import format_percent, format_versions, plotting
 from .run_folder import claim_run_folder
 from .sweep import TEST, VALIDATION, GridRunner, best, describe, open_points, point_key, save_points
 
@@ -124,7 +124,7 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
                 f"| {LABELS[method]} | {describe(r['point'])} | {format_percent(t['a_m'])} | {format_percent(v['avg_acc'])} | "
                 f"{format_percent(t['a_fs'])} | {format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} |"
             )
-    lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()) + "."]
+    lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(folder, "compare.json"), json.dumps({"picks": picks, "rows": rows, "block": block}, indent=2))
     plot_compare(folder, rows, picks, job)
@@ -132,13 +132,7 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
 
 def plot_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict], job: JobConfig) -> str:
     """A_M against A_F\\S (test) for every point of every method; each method's pick drawn large."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("Comparison plots need matplotlib: pip install 'hf_memedit[demo]'.") from None
+    plt = plotting()
     fig, ax = plt.subplots(figsize=(7.2, 5.4))
     for index, (method, method_rows) in enumerate(rows.items()):
         color = f"C{index}"

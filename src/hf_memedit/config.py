@@ -9,7 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 from .blocks import BlockSelectorConfig, parse_block_spec
-from .projection import L2_SCOPES, NORMS, validate_delta
+from .projection import L2_SCOPES, NORMS, validate_constraint
 
 
 @dataclass
@@ -120,18 +120,7 @@ class EditConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.norm not in NORMS:
-            raise ValueError(f"Unknown norm {self.norm!r}: choose one of {', '.join(NORMS)}.")
-        if self.l2_scope not in L2_SCOPES:
-            raise ValueError(f"Unknown l2_scope {self.l2_scope!r}: choose one of {', '.join(L2_SCOPES)}.")
-        if self.norm == "none":
-            if self.delta is not None:
-                raise ValueError(
-                    f"norm 'none' is unconstrained but delta={self.delta!r} is set: remove delta (null), "
-                    "or choose norm 'linf' or 'l2'."
-                )
-        else:
-            self.delta = validate_delta(self.delta)
+        self.delta = validate_constraint(self.norm, self.delta, self.l2_scope)
         self.edit_blocks = [str(block) for block in parse_block_spec(self.edit_blocks)]
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")

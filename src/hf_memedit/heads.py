@@ -21,16 +21,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .architectures import ARCHITECTURES, BlockLayout, ModelKind, block_list
-
-
-def _table_layout(model: PreTrainedModel) -> BlockLayout | None:
-    return ARCHITECTURES.get(getattr(model.config, "model_type", None))
+from .architectures import ModelKind, block_list, table_layout
 
 
 def head_modules(model: PreTrainedModel) -> list[nn.Module] | None:
     """The modules mapping the base model's last hidden state to logits, in order, or None when unknown."""
-    layout = _table_layout(model)
+    layout = table_layout(model)
     if layout is None or not layout.head:
         return None
     return [model.get_submodule(path) for path in layout.head]
@@ -101,7 +97,7 @@ class _RowStage:
 def _last_block_stages(model: PreTrainedModel) -> list[list[nn.Module]]:
     """The last block's row-wise stages, or none where its output feeds more than the head
     (shared blocks: ALBERT runs the same module at every layer)."""
-    layout = _table_layout(model)
+    layout = table_layout(model)
     if layout is None or layout.shared_blocks:
         return []
     last = block_list(model, layout)[-1]

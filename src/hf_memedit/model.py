@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 
 import torch
 from safetensors import safe_open
@@ -143,17 +144,8 @@ class EditModel(nn.Module):
 
     def _check_applicable(self, tensors: dict[str, torch.Tensor], base_hashes: dict[str, str], path: str) -> None:
         params = self.trainable_parameters()
-        for name, value in tensors.items():
-            if name not in params:
-                raise ValueError(
-                    f"{path} changes {name!r}, which is not a parameter of the blocks {self.selector_config.blocks} in "
-                    f"{type(self.model).__name__}: the edit was made for another architecture."
-                )
-            if value.shape != params[name].shape or value.dtype != params[name].dtype:
-                raise ValueError(
-                    f"{path}: {name!r} is {value.dtype} {tuple(value.shape)} but the model's is "
-                    f"{params[name].dtype} {tuple(params[name].shape)}: the edit was made for another model."
-                )
+        check_fits(params, tensors, path, f"the blocks {self.selector_config.blocks} of {type(self.model).__name__}")
+        for name in tensors:
             if base_hashes.get(name) != tensor_sha256(self.theta0[name]) and all(
                 torch.equal(params[other].detach().cpu(), edited) for other, edited in tensors.items()
             ):
@@ -164,6 +156,18 @@ class EditModel(nn.Module):
                     f"from the base the edit recorded ({self.selector_config.base_model_name_or_path!r}). Load that "
                     "base model, or revert an edit already applied to this one."
                 )
+
+
+def check_fits(params: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], where: str, what: str) -> None:
+    """Every edited tensor names one of `params` (`what` they are), with its shape and dtype."""
+    for name, value in tensors.items():
+        if name not in params:
+            raise ValueError(f"{where} changes {name!r}, which {what} do not have: the edit was made for another architecture.")
+        if tuple(value.shape) != tuple(params[name].shape) or value.dtype != params[name].dtype:
+            raise ValueError(
+                f"{where}: {name!r} is {value.dtype} {tuple(value.shape)} but the model's is "
+                f"{params[name].dtype} {tuple(params[name].shape)}: the edit was made for another model."
+            )
 
 
 def _check_edited_values(tensors: dict[str, torch.Tensor], hashes: dict[str, str] | None, path: str) -> None:

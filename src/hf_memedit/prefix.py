@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .architectures import block_list, eval_mode, layout_for, model_kind
+from .architectures import BlockLayout, block_list, eval_mode, layout_for, model_kind
 from .collators import FactCollator
 from .heads import head_modules, object_positions_only
 
@@ -41,14 +41,14 @@ class _Captured(Exception):
     """Stops a forward once the input of block n is captured."""
 
 
-def first_editable_block(model: PreTrainedModel) -> int:
+def first_editable_block(model: PreTrainedModel, layout: BlockLayout | None = None) -> int:
     """The n below which nothing trains: 0 when something before the blocks (e.g. the embeddings) trains.
 
     Trainable parameters outside the blocks are allowed only in the LM head (they run after the
     blocks) when not tied to the embeddings; anything else — embeddings, or parameters the table
-    does not place — means 0.
+    does not place — means 0. `layout`: the edit's (a user's `blocks_path`), else the table's.
     """
-    layout = layout_for(model)
+    layout = layout or layout_for(model)
     if layout.shared_blocks:
         return 0  # ALBERT: every layer runs the same weights, so nothing below an edited block is frozen
     blocks = block_list(model, layout)
@@ -80,10 +80,10 @@ class PrefixCache:
             precision's rounding of the cached states).
     """
 
-    def __init__(self, model: PreTrainedModel, block: int, dtype: str = "auto"):
+    def __init__(self, model: PreTrainedModel, block: int, dtype: str = "auto", layout: BlockLayout | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"Unknown prefix cache dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
-        self.blocks = block_list(model, layout_for(model))
+        self.blocks = block_list(model, layout or layout_for(model))
         if not 1 <= block < len(self.blocks):
             raise ValueError(f"The prefix cache needs a block in [1, {len(self.blocks)}); got {block}.")
         self.model = model
@@ -98,10 +98,10 @@ class PrefixCache:
         self._signature = self._prefix_signature()
 
     @classmethod
-    def for_model(cls, model: PreTrainedModel, dtype: str = "auto") -> PrefixCache | None:
+    def for_model(cls, model: PreTrainedModel, dtype: str = "auto", layout: BlockLayout | None = None) -> PrefixCache | None:
         """A cache for the model's current trainable set, or None when nothing below the edit is frozen."""
-        block = first_editable_block(model)
-        return cls(model, block, dtype) if block >= 1 else None
+        block = first_editable_block(model, layout)
+        return cls(model, block, dtype, layout) if block >= 1 else None
 
     def _prefix_signature(self) -> list[tuple[int, int]]:
         return [(p.data_ptr(), p._version) for p in self._prefix_params]

@@ -118,12 +118,7 @@ class NormBallProjector:
         l2_scope: str = "global",
         fisher: Mapping[str, torch.Tensor] | None = None,
     ):
-        if norm not in NORMS:
-            raise ValueError(f"Unknown norm {norm!r}: choose one of {', '.join(NORMS)}.")
-        if l2_scope not in L2_SCOPES:
-            raise ValueError(f"Unknown l2_scope {l2_scope!r}: choose one of {', '.join(L2_SCOPES)}.")
-        if norm != "none":
-            validate_delta(delta)
+        validate_constraint(norm, delta, l2_scope)
         missing = sorted(set(params) - set(theta0))
         if missing:
             raise ValueError(f"θ0 has no snapshot of {missing[:5]}: it was taken for other parameters.")
@@ -175,6 +170,21 @@ class NormBallProjector:
         if self.norm == "l2":
             return max(float(l2_distance({n: p}, {n: theta0[n]})) for n, p in self.params.items())
         return linf_distance(self.params, theta0)
+
+
+def validate_constraint(norm: str, delta: object, l2_scope: str = "global") -> float | None:
+    """The constraint's norm, scope and δ checked together; returns δ as a float (None for norm 'none')."""
+    if norm not in NORMS:
+        raise ValueError(f"Unknown norm {norm!r}: choose one of {', '.join(NORMS)}.")
+    if l2_scope not in L2_SCOPES:
+        raise ValueError(f"Unknown l2_scope {l2_scope!r}: choose one of {', '.join(L2_SCOPES)}.")
+    if norm != "none":
+        return validate_delta(delta)
+    if delta is not None:
+        raise ValueError(
+            f"norm 'none' is unconstrained but delta={delta!r} is set: remove delta (null), or choose norm 'linf' or 'l2'."
+        )
+    return None
 
 
 def validate_delta(delta: object, name: str = "delta") -> float:

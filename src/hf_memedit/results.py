@@ -43,6 +43,23 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def format_versions(versions: dict[str, str] | None = None) -> str:
+    """"hf_memedit 0.1.0, torch 2.13.0, ...": the versions given, or those installed now."""
+    return ", ".join(f"{name} {number}" for name, number in (library_versions() if versions is None else versions).items())
+
+
+def plotting():
+    """matplotlib's pyplot on the Agg backend (files, no screen), or an error saying how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("Plots need matplotlib: pip install 'hf_memedit[demo]'.") from None
+    return plt
+
+
 def format_percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}%"
 
@@ -89,7 +106,7 @@ class ResultsRecord:
         lines += ["", "| run | value |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in about.items() if value is not None]
         lines += [f"| {key} | {value} |" for key, value in sorted(self.config.items())]
-        lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()) + "."]
+        lines += ["", f"Library versions: {format_versions(self.versions)}."]
         return "\n".join(lines) + "\n"
 
     def save(self, folder: str | os.PathLike) -> tuple[str, str]:

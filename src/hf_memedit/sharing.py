@@ -33,8 +33,8 @@ from .architectures import ModelKind, model_kind
 from .blocks import BlockSelectorConfig
 from .io import atomic_directory, check_target, load_tensors, tensor_sha256
 from .manifest import MANIFEST_NAME, ManifestError, build_manifest, read_manifest, safe_path, write_manifest
-from .model import BASE_WEIGHTS_NAME, WEIGHTS_NAME, EditModel
-from .results import METRIC_LABELS, ResultsRecord, format_percent
+from .model import BASE_WEIGHTS_NAME, WEIGHTS_NAME, EditModel, check_fits
+from .results import METRIC_LABELS, ResultsRecord, format_percent, format_versions
 from .run_folder import verify_run
 
 
@@ -236,7 +236,7 @@ def render_card(manifest: dict[str, Any], repo_id: str, kind: str, license: str 
         repo_id=repo_id,
         plain_usage=plain,
         config=manifest["config"],
-        versions=", ".join(f"{k} {v}" for k, v in manifest["versions"].items()),
+        versions=format_versions(manifest["versions"]),
     )
 
 
@@ -300,12 +300,7 @@ def apply_edit(
     tensors = _tensors_of(folder, manifest, expected_after)
     _check(tensors, expected_after, "edited", folder)
     params = dict(model.named_parameters())
-    for name, value in tensors.items():
-        if name not in params:
-            raise ValueError(f"{folder} changes {name!r}, which {type(model).__name__} does not have: the edit is for another architecture.")
-        if tuple(params[name].shape) != tuple(value.shape) or params[name].dtype != value.dtype:
-            raise ValueError(f"{folder}: {name!r} is {value.dtype} {tuple(value.shape)}, the model's is "
-                             f"{params[name].dtype} {tuple(params[name].shape)}: the edit is for another model.")
+    check_fits(params, tensors, folder, f"the parameters of {type(model).__name__}")
     chain = chain_of(model)
     if manifest["id"] in chain:
         raise ValueError(f"{folder} is already applied to this model (its edits: {chain}): nothing was changed.")

@@ -37,7 +37,7 @@ from .knn import KnnDatastore, epsilon_grid
 from .metrics import edit_metrics, evaluate_splits
 from .model import get_edit_model
 from .prefix import PrefixCache, first_editable_block
-from .results import format_percent, library_versions
+from .results import format_percent, format_versions, plotting
 from .run_folder import claim_run_folder
 from .trainer import ConstrainedEditTrainer
 
@@ -202,7 +202,7 @@ class GridRunner:
         train_dataset, train_args = self.point_args(point, output_dir)
         before = self.before()
         edit = get_edit_model(self.model, train_args.block_selector_config())
-        first = first_editable_block(self.model)
+        first = first_editable_block(self.model, edit.selector_config.layout(self.model))
         fisher = self.fisher(point["block"]) if train_args.norm == "fisher" and not point.get("modules") else None
         trainer = ConstrainedEditTrainer(
             edit, train_args, train_dataset=train_dataset, processing_class=self.tokenizer,
@@ -317,7 +317,7 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
         lines += ["", f"Best {label}: {describe(chosen['point'])} → "
                   f"Ā test {format_percent(chosen[TEST]['avg_acc'])} (A_M {format_percent(chosen[TEST]['a_m'])}, "
                   f"A_F\\S {format_percent(chosen[TEST]['a_fs'])})."]
-    lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()) + "."]
+    lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "sweep.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(folder, "sweep.json"), json.dumps(
         {"rows": rows, "best_by_validation": best(rows, VALIDATION)["point"], "best_by_test": best(rows, TEST)["point"]}, indent=2
@@ -327,13 +327,7 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
 
 def plot_sweep(folder: str, rows: list[dict], job: JobConfig) -> tuple[str, str]:
     """The A_M-vs-A_F\\S trade-off per block (one point per δ) and the best Ā per block."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("Sweep plots need matplotlib: pip install 'hf_memedit[demo]'.") from None
+    plt = plotting()
     series: dict[str, list[dict]] = {}
     for r in rows:
         series.setdefault(series_name(r["point"]), []).append(r)

@@ -142,6 +142,11 @@ class ConstrainedEditTrainer(Trainer):
         kind = model_kind(base)
         # Object-only logits need to know the loss: only with the trainer's own loss function.
         object_only = args.object_logits_only and compute_loss_func is None and head_modules(base) is not None
+        if args.object_logits_only and compute_loss_func is None and not object_only:
+            logger.warning(
+                "object_logits_only: the LM head of %s is not in hf_memedit's block table (a blocks_path layout names "
+                "the blocks only), so the full head runs: the same loss, without the speed-up.", type(base).__name__,
+            )
         if compute_loss_func is None:
             compute_loss_func = _object_token_loss(kind)
         super().__init__(
@@ -155,12 +160,13 @@ class ConstrainedEditTrainer(Trainer):
         self.edit_model = edit_model
         self.kind = kind
         self.object_logits_only = object_only
+        layout = edit_model.selector_config.layout(base)
         if prefix_cache is None and args.prefix_cache:
-            prefix_cache = PrefixCache.for_model(base, args.prefix_cache_dtype)
-        elif prefix_cache is not None and prefix_cache.block != first_editable_block(base):
+            prefix_cache = PrefixCache.for_model(base, args.prefix_cache_dtype, layout)
+        elif prefix_cache is not None and prefix_cache.block != first_editable_block(base, layout):
             raise ValueError(
                 f"The prefix cache given holds the inputs of block {prefix_cache.block}, but this edit trains "
-                f"from block {first_editable_block(base)}: build one for this selection (PrefixCache.for_model)."
+                f"from block {first_editable_block(base, layout)}: build one for this selection (PrefixCache.for_model)."
             )
         self.prefix_cache = prefix_cache
         if args.norm == "fisher" and fisher is None:
