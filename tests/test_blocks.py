@@ -158,7 +158,7 @@ def test_object_position_logits_equal_full_logits(arch, bert_tokenizer):
     from hf_memedit import evaluate_facts, object_positions_only
     from hf_memedit.architectures import block_list, model_kind
     from hf_memedit.collators import FactCollator
-    from hf_memedit.heads import logit_positions
+    from hf_memedit.fast_paths.heads import logit_positions
 
     torch.manual_seed(0)
     model = TINY[arch](2).eval()

@@ -24,7 +24,7 @@ from transformers import (
 
 from hf_memedit import BlockSelectorConfig, ConstrainedEditTrainer, EditConfig, evaluate_facts, get_edit_model
 from hf_memedit.collators import FactCollator
-from hf_memedit.prefix import PrefixCache, first_editable_block
+from hf_memedit.fast_paths.prefix import PrefixCache, first_editable_block
 
 from .helpers import FACTS, assert_agree_up_to_reordering
 
@@ -256,7 +256,7 @@ def test_memory_estimate_refuses_a_cache_that_does_not_fit(bert_tokenizer, monke
     class Tight:
         available = 1000
 
-    monkeypatch.setattr("hf_memedit.prefix.psutil.virtual_memory", lambda: Tight)
+    monkeypatch.setattr("hf_memedit.fast_paths.prefix.psutil.virtual_memory", lambda: Tight)
     with pytest.raises(MemoryError, match="prefix_cache_dtype float16"):
         cache.add_facts(bert_tokenizer, FACTS)
     assert len(cache) == 0

@@ -8,11 +8,11 @@ from .blocks import BlockSelectorConfig
 from .collators import FactCollator, FactEncoder, FactEncodingError, filter_encodable
 from .config import EditConfig
 from .evaluation import FactResults, candidate_vocabulary, evaluate_facts
-from .heads import object_positions_only
+from .fast_paths.heads import object_positions_only
+from .fast_paths.prefix import PrefixCache
 from .knn import KnnDatastore
 from .metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
 from .model import EditModel, get_edit_model
-from .prefix import PrefixCache
 from .projection import NormBallProjector, project_fisher_, project_l2_, project_linf_
 from .results import ResultsRecord, library_versions
 from .sharing import apply_edit, package_edit, push_edit, revert_edit

@@ -86,7 +86,7 @@ class EditConfig(TrainingArguments):
         default=True,
         metadata={
             "help": "Compute the hidden states entering the lowest edited block once per fact and train and "
-            "evaluate only the blocks from there on (hf_memedit.prefix). The frozen blocks below then run "
+            "evaluate only the blocks from there on (hf_memedit.fast_paths.prefix). The frozen blocks below then run "
             "without dropout. Used when nothing below that block trains (not for embeddings or ALBERT)."
         },
     )

@@ -23,8 +23,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .architectures import eval_mode, model_kind
 from .collators import FactCollator
-from .heads import head_modules, logit_positions, object_targets
-from .prefix import PrefixCache, fast_forward
+from .fast_paths.heads import head_modules, logit_positions, object_targets
+from .fast_paths.prefix import PrefixCache, fast_forward
 
 
 @dataclass

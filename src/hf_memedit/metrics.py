@@ -17,7 +17,7 @@ from typing import Any
 
 from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
 from .evaluation import FactResults, evaluate_facts
-from .prefix import PrefixCache
+from .fast_paths.prefix import PrefixCache
 
 
 def _share(flags: Sequence[bool]) -> float | None:

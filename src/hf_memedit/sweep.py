@@ -22,6 +22,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN, data_fingerprint
 from .blocks import BlockSelectorConfig
 from .config import EditConfig
+from .fast_paths.prefix import PrefixCache, first_editable_block
 from .fisher import diagonal_fisher
 from .io import atomic_write_text, read_json
 from .job import (
@@ -36,7 +37,6 @@ from .job import (
 from .knn import KnnDatastore, epsilon_grid
 from .metrics import edit_metrics, evaluate_splits
 from .model import get_edit_model
-from .prefix import PrefixCache, first_editable_block
 from .results import format_percent, format_versions, plotting
 from .run_folder import claim_run_folder
 from .trainer import ConstrainedEditTrainer

@@ -18,12 +18,12 @@ from .architectures import model_kind
 from .collators import FactCollator
 from .config import EditConfig
 from .evaluation import FactResults
+from .fast_paths.heads import head_modules, logit_positions, object_targets
+from .fast_paths.prefix import PrefixCache, fast_forward, first_editable_block
 from .fisher import diagonal_fisher
-from .heads import head_modules, logit_positions, object_targets
 from .io import load_tensors, save_tensors
 from .metrics import MODIFIED_TEST, UNMODIFIED_TEST, edit_metrics, evaluate_splits
 from .model import EditModel, get_edit_model
-from .prefix import PrefixCache, fast_forward, first_editable_block
 from .projection import NormBallProjector
 
 
@@ -101,8 +101,8 @@ class ConstrainedEditTrainer(Trainer):
     The loss is cross-entropy on the object tokens normalised by their number in the whole
     effective batch (transformers' `fixed_cross_entropy`, as the models' own losses), so gradient accumulation matches the equal
     large batch exactly. Two fast paths leave it unchanged up to float rounding:
-    `object_logits_only` runs the LM head only at object positions (`hf_memedit.heads`), and
-    `prefix_cache` runs only the blocks from the lowest edited one on (`hf_memedit.prefix`; the
+    `object_logits_only` runs the LM head only at object positions (`hf_memedit.fast_paths.heads`), and
+    `prefix_cache` runs only the blocks from the lowest edited one on (`hf_memedit.fast_paths.prefix`; the
     frozen blocks below then run without dropout).
 
     Given benchmark splits as `eval_dataset` (a dict or `DatasetDict` holding `modified_test`

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .architectures import ModelKind, block_list, table_layout
+from ..architectures import ModelKind, block_list, table_layout
 
 
 def head_modules(model: PreTrainedModel) -> list[nn.Module] | None:

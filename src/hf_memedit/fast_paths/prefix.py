@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .architectures import BlockLayout, block_list, eval_mode, layout_for, model_kind
-from .collators import FactCollator
+from ..architectures import BlockLayout, block_list, eval_mode, layout_for, model_kind
+from ..collators import FactCollator
 from .heads import head_modules, object_positions_only
 
 
