@@ -67,7 +67,7 @@ DELTA = 1e-2  # how far make_run_folder moves block 1
 def make_run_folder(folder, base_model, seed: int, facts=None):
     """A run folder as `run_edit` writes it: edit/ (block 1 moved within ±δ) and results.json."""
     from hf_memedit import BlockSelectorConfig, get_edit_model
-    from hf_memedit.results import ResultsRecord
+    from hf_memedit.evaluation.results import ResultsRecord
     from hf_memedit.run_folder import seal_run
 
     edit = get_edit_model(base_model, BlockSelectorConfig(blocks=["1"]))

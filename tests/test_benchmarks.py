@@ -198,7 +198,7 @@ def test_filter_to_facts_the_model_knows(bert_tokenizer, real_bert_dir):
     from transformers import AutoModelForMaskedLM
 
     from hf_memedit.benchmarks import known_uuids
-    from hf_memedit.evaluation import evaluate_facts
+    from hf_memedit.evaluation.scoring import evaluate_facts
 
     model = AutoModelForMaskedLM.from_pretrained(real_bert_dir)
     facts = benchmark_facts("geo_mod", max_facts_per_relation=50)

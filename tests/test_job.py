@@ -9,8 +9,8 @@ from transformers import AlbertConfig, AlbertForMaskedLM, BertConfig, BertForMas
 
 from hf_memedit import BlockSelectorConfig, EditModel, get_edit_model
 from hf_memedit.cli import main, parse, read_config
+from hf_memedit.evaluation.results import ResultsRecord
 from hf_memedit.job import JobConfig, load_model_and_tokenizer, run_edit
-from hf_memedit.results import ResultsRecord
 from hf_memedit.sweep import run_sweep
 
 from .helpers import ROOT, accelerate_launch, assert_in_linf_ball

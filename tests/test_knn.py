@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_memedit.evaluation import evaluate_facts
+from hf_memedit.evaluation.scoring import evaluate_facts
 from hf_memedit.knn import KnnDatastore, object_states, pairwise_distance
 
 from .helpers import FACTS, tiny_bert

@@ -7,14 +7,14 @@ from .benchmarks import load_benchmark
 from .blocks import BlockSelectorConfig
 from .collators import FactCollator, FactEncoder, FactEncodingError, filter_encodable
 from .config import EditConfig
-from .evaluation import FactResults, candidate_vocabulary, evaluate_facts
+from .evaluation.metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
+from .evaluation.results import ResultsRecord, library_versions
+from .evaluation.scoring import FactResults, candidate_vocabulary, evaluate_facts
 from .fast_paths.heads import object_positions_only
 from .fast_paths.prefix import PrefixCache
 from .knn import KnnDatastore
-from .metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
 from .model import EditModel, get_edit_model
 from .projection import NormBallProjector, project_fisher_, project_l2_, project_linf_
-from .results import ResultsRecord, library_versions
 from .sharing import apply_edit, package_edit, push_edit, revert_edit
 from .trainer import ConstrainedEditTrainer
 

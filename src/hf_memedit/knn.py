@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from .architectures import eval_mode, model_kind
 from .collators import FactCollator
-from .evaluation import FactResults, evaluate_facts
+from .evaluation.scoring import FactResults, evaluate_facts
 
 
 METRICS = ("l2", "cosine")

@@ -31,10 +31,10 @@ from transformers import PreTrainedModel
 
 from .architectures import ModelKind, model_kind
 from .blocks import BlockSelectorConfig
+from .evaluation.results import METRIC_LABELS, ResultsRecord, format_percent, format_versions
 from .io import atomic_directory, check_target, load_tensors, tensor_sha256
 from .manifest import MANIFEST_NAME, ManifestError, build_manifest, read_manifest, safe_path, write_manifest
 from .model import BASE_WEIGHTS_NAME, WEIGHTS_NAME, EditModel, check_fits
-from .results import METRIC_LABELS, ResultsRecord, format_percent, format_versions
 from .run_folder import verify_run
 
 

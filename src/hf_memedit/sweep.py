@@ -22,6 +22,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN, data_fingerprint
 from .blocks import BlockSelectorConfig
 from .config import EditConfig
+from .evaluation.metrics import edit_metrics, evaluate_splits
+from .evaluation.results import format_percent, format_versions, plotting
 from .fast_paths.prefix import PrefixCache, first_editable_block
 from .fisher import diagonal_fisher
 from .io import atomic_write_text, read_json
@@ -35,9 +37,7 @@ from .job import (
     starting_model,
 )
 from .knn import KnnDatastore, epsilon_grid
-from .metrics import edit_metrics, evaluate_splits
 from .model import get_edit_model
-from .results import format_percent, format_versions, plotting
 from .run_folder import claim_run_folder
 from .trainer import ConstrainedEditTrainer
 

@@ -17,12 +17,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .architectures import model_kind
 from .collators import FactCollator
 from .config import EditConfig
-from .evaluation import FactResults
+from .evaluation.metrics import MODIFIED_TEST, UNMODIFIED_TEST, edit_metrics, evaluate_splits
+from .evaluation.scoring import FactResults
 from .fast_paths.heads import head_modules, logit_positions, object_targets
 from .fast_paths.prefix import PrefixCache, fast_forward, first_editable_block
 from .fisher import diagonal_fisher
 from .io import load_tensors, save_tensors
-from .metrics import MODIFIED_TEST, UNMODIFIED_TEST, edit_metrics, evaluate_splits
 from .model import EditModel, get_edit_model
 from .projection import NormBallProjector
 
@@ -107,7 +107,7 @@ class ConstrainedEditTrainer(Trainer):
 
     Given benchmark splits as `eval_dataset` (a dict or `DatasetDict` holding `modified_test`
     and/or `unmodified_test`, optionally `modified_train`), `evaluate()` reports the fact
-    metrics of `hf_memedit.metrics.avg_acc` (eval_a_m, eval_a_fs, eval_avg_acc, ...) through the
+    metrics of `hf_memedit.evaluation.metrics.avg_acc` (eval_a_m, eval_a_fs, eval_avg_acc, ...) through the
     Trainer's own evaluation schedule and loggers (TensorBoard, ...). With
     `args.eval_before_edit`, `train()` first evaluates θ0, so retention and agreement are reported.
 

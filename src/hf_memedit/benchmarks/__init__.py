@@ -19,7 +19,7 @@ import yaml
 
 from ..architectures import model_kind
 from ..collators import FactEncoder, filter_encodable
-from ..evaluation import evaluate_facts
+from ..evaluation.scoring import evaluate_facts
 from ..io import atomic_directory, check_target
 from . import geo, trex, zsre
 from .common import SPLITS, Fact, ModBenchmarkBuilder, data_fingerprint, source_hash

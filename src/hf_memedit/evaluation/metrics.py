@@ -15,9 +15,9 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
-from .evaluation import FactResults, evaluate_facts
-from .fast_paths.prefix import PrefixCache
+from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
+from ..fast_paths.prefix import PrefixCache
+from .scoring import FactResults, evaluate_facts
 
 
 def _share(flags: Sequence[bool]) -> float | None:

@@ -21,10 +21,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .architectures import eval_mode, model_kind
-from .collators import FactCollator
-from .fast_paths.heads import head_modules, logit_positions, object_targets
-from .fast_paths.prefix import PrefixCache, fast_forward
+from ..architectures import eval_mode, model_kind
+from ..collators import FactCollator
+from ..fast_paths.heads import head_modules, logit_positions, object_targets
+from ..fast_paths.prefix import PrefixCache, fast_forward
 
 
 @dataclass

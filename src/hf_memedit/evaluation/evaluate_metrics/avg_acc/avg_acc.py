@@ -1,13 +1,13 @@
 """avg_acc: the knowledge-editing metric of Zhu et al., "Modifying Memories in Transformer Models".
 
-An `evaluate` module over per-fact results; the arithmetic lives in `hf_memedit.metrics.avg_acc`.
+An `evaluate` module over per-fact results; the arithmetic lives in `hf_memedit.evaluation.metrics.avg_acc`.
 Load it offline with `evaluate.load(hf_memedit.AVG_ACC_METRIC_PATH)`.
 """
 
 import datasets
 import evaluate
 
-from hf_memedit.metrics import avg_acc
+from hf_memedit.evaluation.metrics import avg_acc
 
 _DESCRIPTION = """\
 A_M (accuracy on the modified facts, with their new objects), A_F\\S (accuracy on the unmodified
