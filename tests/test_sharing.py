@@ -9,10 +9,10 @@ import torch
 import yaml
 from transformers import AutoModelForMaskedLM
 
-from hf_memedit import evaluate_facts
+from hf_memedit import EditModel, evaluate_facts
 from hf_memedit.cli import main
-from hf_memedit.manifest import MANIFEST_NAME, ManifestError, manifest_id, read_manifest
-from hf_memedit.sharing import apply_edit, package_edit, push_edit, push_folder, revert_edit
+from hf_memedit.hub import apply_edit, package_edit, push_edit, push_folder, revert_edit
+from hf_memedit.hub.manifest import MANIFEST_NAME, ManifestError, manifest_id, read_manifest
 
 from .helpers import DELTA, FACTS, tiny_bert
 from .helpers import make_run_folder as _make_run
@@ -38,7 +38,8 @@ def run(tmp_path, base_dir):
 @pytest.mark.parametrize("format", ["delta", "full"])
 def test_round_trip_apply_and_revert(format, run, base_dir, tmp_path):
     run_dir, edited_state, base_state = run
-    manifest = package_edit(run_dir, str(tmp_path / "out"), format=format)
+    base = {} if format == "delta" else {"base_model": AutoModelForMaskedLM.from_pretrained(base_dir)}
+    manifest = package_edit(run_dir, str(tmp_path / "out"), format=format, **base)
     assert manifest["format"] == format and set(manifest["tensors"]) == {
         n for n in edited_state if not torch.equal(edited_state[n], base_state[n])
     }
@@ -65,7 +66,9 @@ def test_peft_format_loads_with_stock_peft(run, base_dir, tmp_path):
     from peft import PeftModel
 
     run_dir, edited_state, _ = run
-    package_edit(run_dir, str(tmp_path / "out"), format="peft")
+    with pytest.raises(ValueError, match="format 'peft' writes the edited model, so package_edit needs base_model"):
+        package_edit(run_dir, str(tmp_path / "out"), format="peft")
+    package_edit(run_dir, str(tmp_path / "out"), format="peft", base_model=AutoModelForMaskedLM.from_pretrained(base_dir))
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LN_TUNING"
     merged = PeftModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(base_dir), tmp_path / "out").merge_and_unload()
@@ -171,6 +174,10 @@ def test_push_to_a_loopback_hub_download_and_apply(run, base_dir, tmp_path, bert
         apply_edit(model, "me/edit", token="hf_secret", endpoint=hub.endpoint)
         assert evaluate_facts(model, bert_tokenizer, FACTS) == evaluate_facts(edited, bert_tokenizer, FACTS)
         assert _same(model, edited_state)
+        # EditModel.from_pretrained takes the Hub id too, as PEFT's from_pretrained does.
+        edit = EditModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(base_dir), "me/edit", token="hf_secret",
+                                         endpoint=hub.endpoint)
+        assert _same(edit.merge_and_unload(), edited_state)
 
         # The CLI pushes the same way, and a benchmark export goes up as a dataset repo.
         main(["push", run_dir, "--repo_id", "me/edit-full", "--format", "full", "--endpoint", hub.endpoint, "--token", "t"])

@@ -12,10 +12,10 @@ from .evaluation.results import ResultsRecord, library_versions
 from .evaluation.scoring import FactResults, candidate_vocabulary, evaluate_facts
 from .fast_paths.heads import object_positions_only
 from .fast_paths.prefix import PrefixCache
+from .hub import apply_edit, package_edit, push_edit, revert_edit
 from .knn import KnnDatastore
 from .model import EditModel, get_edit_model
 from .projection import NormBallProjector, project_fisher_, project_l2_, project_linf_
-from .sharing import apply_edit, package_edit, push_edit, revert_edit
 from .trainer import ConstrainedEditTrainer
 
 

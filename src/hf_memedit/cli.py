@@ -34,10 +34,10 @@ from .compare import run_compare
 from .config import EditConfig
 from .evaluation.metrics import edit_metrics, evaluate_splits
 from .evaluation.results import METRIC_LABELS, RESULTS_JSON, ResultsRecord, format_percent
-from .job import JobConfig, RunOutcome, load_model_and_tokenizer, prepare_benchmark, run_edit
+from .hub import push_edit, push_folder
+from .job import JobConfig, RunOutcome, load_model_and_tokenizer, load_run_base, prepare_benchmark, run_edit
 from .model import EditModel
-from .run_folder import check_writable
-from .sharing import push_edit, push_folder
+from .run_folder import check_writable, verify_run
 from .sweep import run_sweep
 
 
@@ -296,8 +296,13 @@ def _push(argv: list[str]) -> None:
         url = push_folder(options.folder, options.repo_id, repo_type="dataset", private=options.private,
                           token=options.token, endpoint=options.endpoint)
     else:
+        base_model, tokenizer = None, None
+        if options.format in ("full", "peft"):  # the package holds the edited model: load its base
+            verify_run(options.folder)
+            base_model, tokenizer = load_run_base(options.folder, ResultsRecord.load(options.folder))
         url = push_edit(options.folder, options.repo_id, format=options.format, private=options.private,
-                        token=options.token, endpoint=options.endpoint, license=options.license)
+                        token=options.token, endpoint=options.endpoint, license=options.license,
+                        base_model=base_model, tokenizer=tokenizer)
     print(f"pushed: {url}")
 
 

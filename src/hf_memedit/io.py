@@ -144,3 +144,21 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     digest = hashlib.sha256(f"{data.dtype}:{tuple(data.shape)}:".encode())
     digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def edit_folder(
+    repo_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None, endpoint: str | None = None,
+    allow_patterns: list[str] | None = None,
+) -> str:
+    """A local edit folder as it is, else a Hub repo id downloaded (as PEFT's `from_pretrained` resolves an
+    adapter); a clear error for a path that does not exist."""
+    name = os.fspath(repo_or_dir)
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise ValueError(f"{name} is a file: give the folder of an edit (or its Hub repo id).")
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"The edit folder {os.path.abspath(name)} does not exist (nor is {name!r} a Hub repo id).")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, revision=revision, token=token, endpoint=endpoint, allow_patterns=allow_patterns)

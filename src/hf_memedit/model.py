@@ -16,8 +16,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
 
-from .blocks import BlockSelectorConfig, selected_parameter_names
-from .io import load_tensors, save_tensors, tensor_sha256
+from .blocks import CONFIG_NAME, BlockSelectorConfig, selected_parameter_names
+from .io import edit_folder, load_tensors, save_tensors, tensor_sha256
 
 
 WEIGHTS_NAME = "memedit_edit.safetensors"
@@ -121,8 +121,16 @@ class EditModel(nn.Module):
         self.selector_config.save_pretrained(save_directory)
 
     @classmethod
-    def from_pretrained(cls, model: PreTrainedModel, edit_directory: str | os.PathLike) -> EditModel:
-        """Apply a saved edit to `model`; checks every tensor before changing any."""
+    def from_pretrained(
+        cls, model: PreTrainedModel, edit_directory: str | os.PathLike, revision: str | None = None,
+        token: str | None = None, endpoint: str | None = None,
+    ) -> EditModel:
+        """Apply a saved edit to `model`; checks every tensor before changing any.
+
+        `edit_directory` is a local folder if it exists, otherwise a Hub repo id (a `delta` package
+        pushed by `memedit push`), downloaded as PEFT downloads an adapter.
+        """
+        edit_directory = edit_folder(edit_directory, revision, token, endpoint, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME])
         config = BlockSelectorConfig.from_pretrained(edit_directory)
         path = os.path.join(edit_directory, WEIGHTS_NAME)
         tensors = load_tensors(path)

