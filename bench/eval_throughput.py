@@ -25,8 +25,8 @@ from measure import PeakMemory, print_result, run_worker
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hf_memedit import BlockSelectorConfig, evaluate_facts, get_edit_model  # noqa: E402
 from hf_memedit.benchmarks import load_benchmark  # noqa: E402
+from hf_memedit.experiments import JobConfig, load_model_and_tokenizer  # noqa: E402
 from hf_memedit.fast_paths.prefix import PrefixCache  # noqa: E402
-from hf_memedit.job import JobConfig, load_model_and_tokenizer  # noqa: E402
 from tests.helpers import naive_greedy_correct  # noqa: E402  (the reference loop the tests check against)
 
 

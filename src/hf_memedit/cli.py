@@ -30,15 +30,22 @@ from accelerate import PartialState
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import HfArgumentParser
 
-from .compare import run_compare
 from .config import EditConfig
 from .evaluation.metrics import edit_metrics, evaluate_splits
 from .evaluation.results import METRIC_LABELS, RESULTS_JSON, ResultsRecord, format_percent
+from .experiments import (
+    JobConfig,
+    RunOutcome,
+    load_model_and_tokenizer,
+    load_run_base,
+    prepare_benchmark,
+    run_edit,
+)
+from .experiments.compare import run_compare
+from .experiments.grid import run_sweep
 from .hub import push_edit, push_folder
-from .job import JobConfig, RunOutcome, load_model_and_tokenizer, load_run_base, prepare_benchmark, run_edit
 from .model import EditModel
 from .run_folder import check_writable, verify_run
-from .sweep import run_sweep
 
 
 COMMANDS = {

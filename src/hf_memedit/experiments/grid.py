@@ -19,34 +19,27 @@ import datasets
 from accelerate import PartialState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN, data_fingerprint
-from .blocks import BlockSelectorConfig
-from .config import EditConfig
-from .evaluation.metrics import edit_metrics, evaluate_splits
-from .evaluation.results import format_percent, format_versions, plotting
-from .fast_paths.prefix import PrefixCache, first_editable_block
-from .fisher import diagonal_fisher
-from .io import atomic_write_text, read_json
-from .job import (
-    FTA_SETTINGS,
-    JobConfig,
-    edit_train_dataset,
-    holdout,
-    load_model_and_tokenizer,
-    prepare_benchmark,
-    starting_model,
-)
-from .knn import KnnDatastore, epsilon_grid
-from .model import get_edit_model
-from .run_folder import claim_run_folder
-from .trainer import ConstrainedEditTrainer
+from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN, data_fingerprint
+from ..blocks import BlockSelectorConfig
+from ..config import EditConfig
+from ..evaluation.metrics import edit_metrics, evaluate_splits
+from ..fast_paths.prefix import PrefixCache, first_editable_block
+from ..fisher import diagonal_fisher
+from ..io import atomic_write_text, read_json
+from ..knn import KnnDatastore, epsilon_grid
+from ..model import get_edit_model
+from ..run_folder import claim_run_folder
+from ..trainer import ConstrainedEditTrainer
+from .job_config import FTA_SETTINGS, JobConfig
+from .loading import holdout, load_model_and_tokenizer, prepare_benchmark
+from .reports import TEST, VALIDATION, write_report
+from .settings import edit_train_dataset, starting_model
 
 
 logger = logging.getLogger(__name__)
 
 POINTS = "points.jsonl"
 CONTEXT = "points_context.json"  # the settings every point of points.jsonl was made with
-VALIDATION, TEST = "validation", "test"
 
 
 class _PointProgress(ProgressCallback):
@@ -267,109 +260,3 @@ def run_sweep(job: JobConfig, args: EditConfig, model=None, tokenizer=None) -> l
         rows = [done[point_key(p)] for p in grid(job, args)]
         write_report(folder, rows, job, args)
         return rows
-
-
-def series_name(point: dict[str, Any]) -> str:
-    """The curve a point belongs to in the plots: one per block and norm, or kNN-LM's metric."""
-    if point.get("method") == "knn":
-        return f"kNN-LM ({point['metric']})"
-    return f"block {point['block']} ({point['norm']})"
-
-
-def radius(point: dict[str, Any]) -> float:
-    """What varies along a curve: δ (∞ when unconstrained) or kNN-LM's ε."""
-    if point.get("method") == "knn":
-        return point["epsilon"]
-    return point["delta"] if point["delta"] is not None else float("inf")
-
-
-def describe(point: dict[str, Any]) -> str:
-    """A grid point in words: 'linf, block 25, δ 0.01' or 'kNN l2, ε 3.2'."""
-    if point.get("method") == "knn":
-        return f"kNN {point['metric']}, ε {point['epsilon']:.4g}"
-    text = f"{point['norm']}, block {point['block']}"
-    if point.get("modules"):
-        text += f" ({', '.join(point['modules'])})"
-    return text + f", δ {point['delta']:.3g}" if point["delta"] is not None else text + ", δ ∞"
-
-
-def best(rows: list[dict], by: str) -> dict:
-    return max(rows, key=lambda r: (r[by]["avg_acc"] if r[by]["avg_acc"] is not None else -1.0))
-
-
-def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig) -> None:
-    """`sweep.md` (every point, the picks) and the plots `tradeoff.png`, `avg_acc_per_block.png`."""
-    lines = [
-        f"# Sweep: {job.model_name_or_path}, {job.benchmark} m={job.m}, setting {job.setting}",
-        "",
-        "| point | A_M | A_F\\S val | Ā val | A_F\\S test | Ā test | retention test | agreement test |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        v, t = r[VALIDATION], r[TEST]
-        lines.append(
-            f"| {describe(r['point'])} | {format_percent(t['a_m'])} | "
-            f"{format_percent(v['a_fs'])} | {format_percent(v['avg_acc'])} | {format_percent(t['a_fs'])} | "
-            f"{format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} | {format_percent(t.get('agreement'))} |"
-        )
-    for label, by in (("picked on validation (reported on test)", VALIDATION), ("picked on test (as the paper did)", TEST)):
-        chosen = best(rows, by)
-        lines += ["", f"Best {label}: {describe(chosen['point'])} → "
-                  f"Ā test {format_percent(chosen[TEST]['avg_acc'])} (A_M {format_percent(chosen[TEST]['a_m'])}, "
-                  f"A_F\\S {format_percent(chosen[TEST]['a_fs'])})."]
-    lines += ["", f"Library versions: {format_versions()}."]
-    atomic_write_text(os.path.join(folder, "sweep.md"), "\n".join(lines) + "\n")
-    atomic_write_text(os.path.join(folder, "sweep.json"), json.dumps(
-        {"rows": rows, "best_by_validation": best(rows, VALIDATION)["point"], "best_by_test": best(rows, TEST)["point"]}, indent=2
-    ))
-    plot_sweep(folder, rows, job)
-
-
-def plot_sweep(folder: str, rows: list[dict], job: JobConfig) -> tuple[str, str]:
-    """The A_M-vs-A_F\\S trade-off per block (one point per δ) and the best Ā per block."""
-    plt = plotting()
-    series: dict[str, list[dict]] = {}
-    for r in rows:
-        series.setdefault(series_name(r["point"]), []).append(r)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for name, points in series.items():
-        points = sorted(points, key=lambda r: radius(r["point"]))
-        xs = [100 * (r[TEST]["a_fs"] or 0) for r in points]
-        ys = [100 * (r[TEST]["a_m"] or 0) for r in points]
-        ax.plot(xs, ys, marker="o", label=name)
-        for x, y, r in zip(xs, ys, points):
-            ax.annotate(f"{radius(r['point']):.3g}" if radius(r["point"]) != float("inf") else "∞", (x, y), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("A_F\\S, unmodified facts (%, test)")
-    ax.set_ylabel("A_M, modified facts (%)")
-    ax.set_title(f"Trade-off over {'ε' if job.setting == 'knn' else 'δ'}: {job.benchmark}, m = {job.m}, {job.setting}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    tradeoff = os.path.join(folder, "tradeoff.png")
-    fig.tight_layout()
-    fig.savefig(tradeoff, dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    labels, val_best, test_of_val = [], [], []
-    for name, points in series.items():
-        chosen = best(points, VALIDATION)
-        labels.append(name.replace(" (", "\n("))
-        val_best.append(100 * (chosen[VALIDATION]["avg_acc"] or 0))
-        test_of_val.append(100 * (chosen[TEST]["avg_acc"] or 0))
-    positions = range(len(labels))
-    ax.bar([p - 0.2 for p in positions], val_best, width=0.4, label="Ā validation (δ picked here)")
-    ax.bar([p + 0.2 for p in positions], test_of_val, width=0.4, label="Ā test at that δ")
-    ax.set_xticks(list(positions), labels)
-    ax.set_xlabel("edited block (norm), or kNN-LM")
-    ax.set_ylabel("Ā = (A_M + A_F\\S) / 2 (%)")
-    ax.set_title("Best Ā per block")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, loc="lower center")
-    ax.grid(axis="y", alpha=0.3)
-    per_block = os.path.join(folder, "avg_acc_per_block.png")
-    fig.tight_layout()
-    fig.savefig(per_block, dpi=120)
-    plt.close(fig)
-    return tradeoff, per_block

@@ -25,12 +25,13 @@ from typing import Any
 
 from accelerate import PartialState
 
-from .config import EditConfig
-from .evaluation.results import format_percent, format_versions, plotting
-from .io import atomic_write_text
-from .job import COMPARE_METHODS, JobConfig
-from .run_folder import claim_run_folder
-from .sweep import TEST, VALIDATION, GridRunner, best, describe, open_points, point_key, save_points
+from ..config import EditConfig
+from ..evaluation.results import format_percent, format_versions, plotting
+from ..io import atomic_write_text
+from ..run_folder import claim_run_folder
+from .grid import GridRunner, open_points, point_key, save_points
+from .job_config import COMPARE_METHODS, JobConfig
+from .reports import TEST, VALIDATION, best, describe
 
 
 FTL = {"modules": ["mlp_out"], "learning_rate": 5e-4, "max_steps": 25, "stop_at_loss": 1e-2}  # ROME's FT-L

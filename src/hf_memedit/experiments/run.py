@@ -1,0 +1,122 @@
+"""One run of the main job: load, build the benchmark, start (FTM / FT / RI), evaluate before, edit,
+evaluate after, and write the run folder as one whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+from accelerate import PartialState
+
+from ..architectures import model_kind
+from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
+from ..config import EditConfig
+from ..evaluation.metrics import edit_metrics, evaluate_splits
+from ..evaluation.results import ResultsRecord
+from ..io import atomic_directory, atomic_write_text
+from ..run_folder import begin_outputs, claim_run_folder, seal_run
+from ..trainer import ConstrainedEditTrainer
+from .job_config import FT_SETTINGS, FTA_SETTINGS, JobConfig
+from .loading import load_model_and_tokenizer, prepare_benchmark
+from .settings import edit_train_dataset, starting_model
+
+
+@dataclass
+class RunOutcome:
+    record: ResultsRecord
+    examples: list[dict]
+    trainer: ConstrainedEditTrainer | None
+
+
+def run_edit(job: JobConfig, args: EditConfig, model=None, tokenizer=None, splits=None) -> RunOutcome:
+    """Load, build the benchmark, start (FTM / FT / RI), evaluate before, edit, evaluate after, write the run folder."""
+    if job.setting == "knn":
+        raise ValueError(
+            "setting 'knn' trains nothing and needs its ε chosen on validation facts: run `memedit sweep` "
+            "(an ε sweep) or `memedit compare` with it."
+        )
+    resume = resume_target(args.resume_from_checkpoint)
+    with claim_run_folder(args.output_dir, args.overwrite_output_dir, resuming=resume is not None,
+                          lock=PartialState().is_main_process):
+        return _run_edit(job, args, model, tokenizer, splits, resume)
+
+
+def resume_target(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint`: None (start afresh), True ('true': the newest complete checkpoint), or a folder that exists."""
+    if value is None or value is False or str(value).lower() in ("", "false", "none"):
+        return None
+    if value is True or str(value).lower() == "true":
+        return True
+    if not os.path.isdir(value):
+        raise ValueError(f"resume_from_checkpoint {value} does not exist: give a checkpoint-N folder, or true for the last one.")
+    return value
+
+
+def _run_edit(job, args, model, tokenizer, splits, resume) -> RunOutcome:
+    start = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(job)
+    if splits is None:
+        splits = prepare_benchmark(job, model, tokenizer)
+    model = starting_model(model, tokenizer, splits, job, args)
+    eval_splits = datasets.DatasetDict({k: splits[k] for k in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST)})
+    if job.setting == "ft":  # nothing to edit: report what FT reached
+        results = evaluate_splits(model, tokenizer, eval_splits, batch_size=args.per_device_eval_batch_size, show_progress=True)
+        return _finish(job, args, model, edit_metrics(eval_splits, results), [], None, start)
+    train_dataset, train_args = edit_train_dataset(splits, job.setting in FTA_SETTINGS, args)
+    trainer = ConstrainedEditTrainer(
+        model, train_args, train_dataset=train_dataset, eval_dataset=eval_splits, processing_class=tokenizer,
+        fisher_dataset=splits[UNMODIFIED_TRAIN],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    results = trainer.fact_results(eval_splits)
+    metrics = edit_metrics(eval_splits, results, trainer.before_edit)
+    after = results[MODIFIED_TEST]
+    examples = [
+        {"uuid": row["uuid"], "relation": row["relation"], "subject": row["subject"], "text": row["text"],
+         "old": row["original_object"], "new": row["object"], "predicted": tokenizer.decode(ids).strip(), "correct": ok}
+        for row, ids, ok in zip(splits[MODIFIED_TEST], after.predicted, after.correct)
+    ]
+    return _finish(job, args, model, metrics, examples, trainer, start)
+
+
+def _finish(job, args, model, metrics, examples, trainer, start) -> RunOutcome:
+    """Write the run's outputs; the folder is sealed (memedit_run.json) only once all of them are in place."""
+    record = ResultsRecord(
+        metrics=metrics,
+        config=run_config(job, args, model_kind(model)),
+        seed=args.seed,
+        model=job.model_name_or_path,
+        benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
+        facts=examples,
+        seconds=round(time.perf_counter() - start, 2),
+    )
+    if PartialState().is_main_process:
+        begin_outputs(args.output_dir)
+        if trainer is not None:
+            with atomic_directory(os.path.join(args.output_dir, "edit")) as staging:
+                trainer.edit_model.save_pretrained(staging)
+        record.save(args.output_dir)
+        if trainer is not None:
+            atomic_write_text(os.path.join(args.output_dir, "log_history.json"), json.dumps(trainer.state.log_history, indent=2))
+        seal_run(args.output_dir)
+    return RunOutcome(record, examples, trainer)
+
+
+def run_config(job: JobConfig, args: EditConfig, kind: str) -> dict[str, Any]:
+    """The knobs that define an edit, and the model kind (for the record, the manifest and the card)."""
+    keys = ("setting", "model_name_or_path", "gguf_file", "benchmark", "m", "benchmark_seed", "modify_known")
+    config = {key: getattr(job, key) for key in keys}
+    config["model_kind"] = kind
+    config.update(
+        edit_blocks=list(args.edit_blocks), norm=args.norm, delta=args.delta, learning_rate=args.learning_rate,
+        max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
+        per_device_train_batch_size=args.per_device_train_batch_size, seed=args.seed,
+    )
+    if job.setting in FT_SETTINGS:
+        config.update(ft_blocks=list(job.ft_blocks), ft_learning_rate=job.ft_learning_rate, ft_epochs=job.ft_epochs)
+    return config
