@@ -247,7 +247,7 @@ def test_a_blocks_path_model_trains_with_the_full_head_and_says_so(tmp_out, bpe_
         facts = [f for f in FACTS if not f["text"].startswith("[Y]")]
         return ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(facts), processing_class=bpe_tokenizer)
 
-    with caplog.at_level("WARNING", logger="hf_memedit.trainer"):
+    with caplog.at_level("WARNING", logger="hf_memedit.edit_trainer"):
         cached = train(prefix_cache=True)
     assert not cached.object_logits_only and cached.prefix_cache is not None and cached.prefix_cache.block == 1
     assert "is not in hf_memedit's block table" in caplog.text and "OPTForCausalLM" in caplog.text

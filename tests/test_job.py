@@ -199,7 +199,7 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monke
     assert sum(r["test"]["a_m"] for r in bigger) >= sum(r["test"]["a_m"] for r in smaller)
 
     # Resumed with one more δ: only the two new points train.
-    from hf_memedit import trainer as trainer_module
+    from hf_memedit import edit_trainer as trainer_module
 
     trained = []
     original_train = trainer_module.ConstrainedEditTrainer.train
@@ -257,7 +257,7 @@ def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypa
     assert knn[0]["point"]["epsilon"] == 0.0 and knn[0]["test"]["a_m"] == 0.0  # ε = 0: the model alone
     assert knn[-1]["test"]["a_m"] >= knn[0]["test"]["a_m"]
 
-    from hf_memedit import trainer as trainer_module
+    from hf_memedit import edit_trainer as trainer_module
 
     monkeypatch.setattr(trainer_module.ConstrainedEditTrainer, "train", lambda *a, **k: pytest.fail("a done point retrained"))
     again = run_compare(job, args)

@@ -16,13 +16,13 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM
 from hf_memedit import BlockSelectorConfig, EditConfig, EditModel, get_edit_model
 from hf_memedit.benchmarks import export_benchmark, load_benchmark
 from hf_memedit.cli import main, parse
+from hf_memedit.edit_trainer import PARAMS_NAME, THETA0_NAME, last_complete_checkpoint
 from hf_memedit.experiments import JobConfig
 from hf_memedit.experiments.grid import POINTS, open_points, save_points
 from hf_memedit.hub import apply_edit, package_edit, revert_edit
 from hf_memedit.io import atomic_directory, atomic_write_text, save_tensors, tensor_sha256
 from hf_memedit.model import WEIGHTS_NAME
 from hf_memedit.run_folder import RUN_MANIFEST, begin_outputs, claim_run_folder
-from hf_memedit.trainer import PARAMS_NAME, THETA0_NAME, last_complete_checkpoint
 
 from .helpers import SHARED, make_run_folder, tiny_bert
 

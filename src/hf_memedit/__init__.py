@@ -6,7 +6,8 @@ from .architectures import ARCHITECTURES, BlockLayout, model_kind
 from .benchmarks import load_benchmark
 from .blocks import BlockSelectorConfig
 from .collators import FactCollator, FactEncoder, FactEncodingError, filter_encodable
-from .config import EditConfig
+from .edit_config import EditConfig
+from .edit_trainer import ConstrainedEditTrainer
 from .evaluation.metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
 from .evaluation.results import ResultsRecord, library_versions
 from .evaluation.scoring import FactResults, candidate_vocabulary, evaluate_facts
@@ -16,7 +17,6 @@ from .hub import apply_edit, package_edit, push_edit, revert_edit
 from .knn import KnnDatastore
 from .model import EditModel, get_edit_model
 from .projection import NormBallProjector, project_fisher_, project_l2_, project_linf_
-from .trainer import ConstrainedEditTrainer
 
 
 __version__ = version("hf_memedit")

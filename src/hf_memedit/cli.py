@@ -30,7 +30,7 @@ from accelerate import PartialState
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import HfArgumentParser
 
-from .config import EditConfig
+from .edit_config import EditConfig
 from .evaluation.metrics import edit_metrics, evaluate_splits
 from .evaluation.results import METRIC_LABELS, RESULTS_JSON, ResultsRecord, format_percent
 from .experiments import (

@@ -9,7 +9,7 @@ import sys
 from transformers import TrainerCallback
 
 from hf_memedit.cli import main
-from hf_memedit.trainer import ConstrainedEditTrainer
+from hf_memedit.edit_trainer import ConstrainedEditTrainer
 
 
 class _Kill(TrainerCallback):

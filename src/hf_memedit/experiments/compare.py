@@ -25,7 +25,7 @@ from typing import Any
 
 from accelerate import PartialState
 
-from ..config import EditConfig
+from ..edit_config import EditConfig
 from ..evaluation.results import format_percent, format_versions, plotting
 from ..io import atomic_write_text
 from ..run_folder import claim_run_folder

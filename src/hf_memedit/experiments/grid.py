@@ -21,7 +21,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN, data_fingerprint
 from ..blocks import BlockSelectorConfig
-from ..config import EditConfig
+from ..edit_config import EditConfig
+from ..edit_trainer import ConstrainedEditTrainer
 from ..evaluation.metrics import edit_metrics, evaluate_splits
 from ..fast_paths.prefix import PrefixCache, first_editable_block
 from ..fisher import diagonal_fisher
@@ -29,7 +30,6 @@ from ..io import atomic_write_text, read_json
 from ..knn import KnnDatastore, epsilon_grid
 from ..model import get_edit_model
 from ..run_folder import claim_run_folder
-from ..trainer import ConstrainedEditTrainer
 from .job_config import FTA_SETTINGS, JobConfig
 from .loading import holdout, load_model_and_tokenizer, prepare_benchmark
 from .reports import TEST, VALIDATION, write_report

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from ..config import EditConfig
+from ..edit_config import EditConfig
 from ..evaluation.results import format_percent, format_versions, plotting
 from ..io import atomic_write_text
 from .job_config import JobConfig

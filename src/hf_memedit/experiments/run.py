@@ -14,12 +14,12 @@ from accelerate import PartialState
 
 from ..architectures import model_kind
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
-from ..config import EditConfig
+from ..edit_config import EditConfig
+from ..edit_trainer import ConstrainedEditTrainer
 from ..evaluation.metrics import edit_metrics, evaluate_splits
 from ..evaluation.results import ResultsRecord
 from ..io import atomic_directory, atomic_write_text
 from ..run_folder import begin_outputs, claim_run_folder, seal_run
-from ..trainer import ConstrainedEditTrainer
 from .job_config import FT_SETTINGS, FTA_SETTINGS, JobConfig
 from .loading import load_model_and_tokenizer, prepare_benchmark
 from .settings import edit_train_dataset, starting_model

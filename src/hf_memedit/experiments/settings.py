@@ -14,9 +14,9 @@ from accelerate import PartialState
 from transformers import PreTrainedModel
 
 from ..benchmarks.common import MODIFIED_TRAIN, UNMODIFIED_TRAIN
-from ..config import EditConfig
+from ..edit_config import EditConfig
+from ..edit_trainer import ConstrainedEditTrainer
 from ..io import atomic_write_text
-from ..trainer import ConstrainedEditTrainer
 from .job_config import FT_SETTINGS, JobConfig
 
 

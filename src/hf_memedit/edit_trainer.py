@@ -16,7 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .architectures import model_kind
 from .collators import FactCollator
-from .config import EditConfig
+from .edit_config import EditConfig
 from .evaluation.metrics import MODIFIED_TEST, UNMODIFIED_TEST, edit_metrics, evaluate_splits
 from .evaluation.scoring import FactResults
 from .fast_paths.heads import head_modules, logit_positions, object_targets
