@@ -6,10 +6,12 @@
 - `run`: one run of the main job, written as one whole run folder;
 - `grid`: sweeps (`GridRunner`, the points and their keys, the validation/test pick);
 - `reports`: the sweep's table and plots;
-- `compare`: the editing methods side by side.
+- `compare`: the editing methods side by side;
+- `evaluate`: `memedit eval`'s scoring of a model, with or without an edit.
 """
 
 from .compare import run_compare
+from .evaluate import run_eval
 from .grid import GridRunner, run_sweep
 from .job_config import COMPARE_METHODS, FT_SETTINGS, FTA_SETTINGS, MODEL_KINDS, SETTINGS, JobConfig
 from .loading import holdout, load_model_and_tokenizer, load_run_base, prepare_benchmark
@@ -20,6 +22,6 @@ from .settings import edit_train_dataset, finetune, mixed_batches, random_init, 
 __all__ = [
     "COMPARE_METHODS", "FTA_SETTINGS", "FT_SETTINGS", "MODEL_KINDS", "SETTINGS", "GridRunner", "JobConfig",
     "RunOutcome", "edit_train_dataset", "finetune", "holdout", "load_model_and_tokenizer", "load_run_base",
-    "mixed_batches", "prepare_benchmark", "random_init", "resume_target", "run_compare", "run_config", "run_edit",
+    "mixed_batches", "prepare_benchmark", "random_init", "resume_target", "run_compare", "run_config", "run_edit", "run_eval",
     "run_sweep", "starting_model",
 ]

@@ -1,0 +1,37 @@
+"""`memedit edit` (and `train_edit.py`): one edit in the configured setting, written as a run folder."""
+
+from __future__ import annotations
+
+import os
+
+from ..edit_config import EditConfig
+from ..evaluation.results import METRIC_LABELS, format_percent
+from ..experiments import RunOutcome, run_edit
+from .parser import parse
+
+
+def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5) -> str:
+    metrics = outcome.record.metrics
+    rows = [(label, format_percent(metrics[key])) for key, label in METRIC_LABELS.items() if key in metrics]
+    if outcome.trainer is not None:
+        rows.append(("constraint", f"{args.norm}, δ = {args.delta if args.delta is not None else '∞'}, blocks {', '.join(args.edit_blocks)}"))
+        rows.append((f"max ‖θ − θ0‖ ({args.norm if args.norm != 'none' else 'linf'})", f"{outcome.trainer.projector.distance():.3g}"))
+    rows.append(("facts (modified / unmodified)", f"{metrics.get('n_modified')} / {metrics.get('n_unmodified')}"))
+    rows.append(("wall time", f"{outcome.record.seconds:.1f} s"))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    if outcome.examples:
+        lines += ["", "edited facts (old -> new) [prediction after the edit], learned ones first:"]
+        for fact in sorted(outcome.examples, key=lambda f: not f["correct"])[:show_examples]:
+            mark = "ok" if fact["correct"] else "missed"
+            lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['old']} -> {fact['new']}  [{fact['predicted']}, {mark}]")
+    lines += ["", f"run folder: {os.path.abspath(args.output_dir)}"]
+    return "\n".join(lines)
+
+
+
+def main(argv: list[str]) -> None:
+    job, args, _ = parse("edit", argv)
+    outcome = run_edit(job, args)
+    if outcome.trainer is None or outcome.trainer.is_world_process_zero():
+        print(format_summary(outcome, args, job.show_examples))

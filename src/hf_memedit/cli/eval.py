@@ -1,0 +1,26 @@
+"""`memedit eval`: the model (optionally with an edit applied) on the benchmark, into its own folder."""
+
+from __future__ import annotations
+
+import os
+
+from transformers import HfArgumentParser
+
+from ..evaluation.results import RESULTS_JSON
+from ..experiments import run_eval
+from .parser import parse
+
+
+def add_arguments(parser: HfArgumentParser) -> None:
+    parser.add_argument("--edit_dir", default=None, help="An edit folder (save_pretrained of EditModel) to apply first.")
+    parser.add_argument(
+        "--eval_name", default=None,
+        help="Results go to <output_dir>/eval/<eval_name> (default: the UTC time), never over a run's own record.",
+    )
+
+
+def main(argv: list[str]) -> None:
+    job, args, extra = parse("eval", argv)
+    record, folder = run_eval(job, args, extra.edit_dir, extra.eval_name)
+    print(record.to_markdown())
+    print(f"results: {os.path.join(folder, RESULTS_JSON)}")

@@ -1,0 +1,164 @@
+"""The one parser of every `memedit` command: `HfArgumentParser` over `JobConfig` + `EditConfig` that reads
+a YAML (`--config`, with `base_config` inheritance) and the command line over it, as TRL's `TrlParser` does,
+and whose errors are one line."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import fields
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from ..edit_config import EditConfig
+from ..experiments import JobConfig
+
+
+class MemeditParser(HfArgumentParser):
+    """`HfArgumentParser` whose errors are one line naming the command (usage only with --help)."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} (`{self.prog} --help` lists every option)")
+
+
+def build_parser(command: str, description: str) -> HfArgumentParser:
+    parser = MemeditParser(
+        (JobConfig, EditConfig), prog=f"memedit {command}", description=description,
+        epilog="Every option can also be a key of the --config YAML; the command line wins.",
+    )
+    parser.add_argument("--config", default=None, help="YAML file of options (see trainer_configs/).")
+    if command == "eval":
+        from .eval import add_arguments
+
+        add_arguments(parser)
+    return parser
+
+
+def _field_types() -> dict[str, Any]:
+    # The declared hints, not `field.type`: HfArgumentParser rewrites the latter (dict | str -> str).
+    return {
+        f.name: typing.get_type_hints(cls)[f.name] for cls in (JobConfig, EditConfig) for f in fields(cls) if f.init
+    }
+
+
+def _accepts(annotation: Any, kind: type) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, kind) for a in typing.get_args(annotation))
+    return (origin or annotation) is kind
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}): keep one", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_config(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML config; `base_config: other.yaml` (relative to this file) supplies defaults it overrides."""
+    if os.path.abspath(path) in _seen:
+        raise ValueError(f"{path}: base_config chain loops back to itself.")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
+    except FileNotFoundError:
+        raise ValueError(f"Config file {path} does not exist.") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of option: value, not a {type(data).__name__}.")
+    base = data.pop("base_config", None)
+    if base is None:
+        return data
+    merged = read_config(os.path.join(os.path.dirname(path), base), _seen + (os.path.abspath(path),))
+    merged.update(data)
+    return merged
+
+
+def yaml_to_argv(path: str) -> tuple[list[str], dict[str, None]]:
+    """The YAML as command-line arguments (so argparse checks every value's type), plus the keys set to null."""
+    data = read_config(path)
+    known = _field_types()
+    argv, nulls = [], {}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{path}: unknown key {key!r}.{hint} `memedit edit --help` lists every option.")
+        annotation = known[key]
+        if value is None:
+            nulls[key] = None
+        elif isinstance(value, dict):
+            if not _accepts(annotation, dict):
+                raise ValueError(f"{path}: {key} takes a single value, not a mapping.")
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, list):
+            if not _accepts(annotation, list):
+                raise ValueError(f"{path}: {key} takes a single value, not a list ({value!r}).")
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            if _accepts(annotation, list) and not _accepts(annotation, str):
+                value = [value]
+                argv += [f"--{key}", *map(str, value)]
+            else:
+                argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv, nulls
+
+
+def parse(command: str, argv: list[str]) -> tuple[JobConfig, EditConfig, argparse.Namespace]:
+    """Parse `--config` YAML + overrides into (JobConfig, EditConfig, the command's own options)."""
+    from . import COMMANDS
+
+    parser = build_parser(command, COMMANDS[command])
+    argv = _join_negative_values(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    yaml_argv: list[str] = []
+    if known.config and not {"-h", "--help"} & set(argv):
+        yaml_argv, nulls = yaml_to_argv(known.config)
+        parser.set_defaults(**nulls)
+    # A config's own checks (δ ≤ 0, unknown setting...) raise ValueError: everything is checked before loading.
+    job, args, extra = parser.parse_args_into_dataclasses(yaml_argv + argv)
+    return job, args, extra
+
+
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--delta -1e-3` as `--delta=-1e-3`: argparse reads a negative number in exponent form as an
+    option, so the option's own check ("δ must be positive") could never speak."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and _NUMBER.match(token) and joined[-1].startswith("--") and "=" not in joined[-1]:
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """A plain argparse parser (for commands that take no config) whose errors are one line too."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} (`{self.prog} --help` lists every option)")

@@ -1,0 +1,35 @@
+"""`memedit eval`'s job: score a model, optionally with an edit applied, on the benchmark."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..edit_config import EditConfig
+from ..evaluation.metrics import edit_metrics, evaluate_splits
+from ..evaluation.results import RESULTS_JSON, ResultsRecord
+from ..model import EditModel
+from ..run_folder import check_writable
+from .job_config import JobConfig
+from .loading import load_model_and_tokenizer, prepare_benchmark
+
+
+def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name: str | None = None) -> tuple[ResultsRecord, str]:
+    """The model (with `edit_dir` applied first, if given) on the benchmark; written to
+    `<output_dir>/eval/<name or the UTC time>`, never over a run's own record. Returns (record, folder)."""
+    folder = os.path.join(args.output_dir, "eval", name or time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    if os.path.exists(os.path.join(folder, RESULTS_JSON)):
+        raise ValueError(f"{folder} already holds an evaluation: choose another --eval_name.")
+    check_writable(folder)
+    model, tokenizer = load_model_and_tokenizer(job)
+    splits = prepare_benchmark(job, model, tokenizer)
+    show = dict(batch_size=args.per_device_eval_batch_size, show_progress=True)
+    before = None
+    if edit_dir:
+        before = evaluate_splits(model, tokenizer, splits, original=True, **show)
+        model = EditModel.from_pretrained(model, edit_dir).merge_and_unload()
+    metrics = edit_metrics(splits, evaluate_splits(model, tokenizer, splits, **show), before)
+    record = ResultsRecord(metrics, config={"edit_dir": edit_dir}, seed=args.seed, model=job.model_name_or_path,
+                           benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed})
+    record.save(folder)
+    return record, folder
