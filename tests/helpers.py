@@ -27,6 +27,48 @@ FACTS = [
 ]
 
 
+V = 30522  # the bert-base-uncased vocabulary of the real tokenizer used to collate facts
+SMALL = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+
+
+def _tiny_models():
+    from transformers import (
+        AlbertConfig,
+        AlbertForMaskedLM,
+        BertConfig,
+        BertForMaskedLM,
+        DistilBertConfig,
+        DistilBertForMaskedLM,
+        ElectraConfig,
+        ElectraForMaskedLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
+
+    TINY = {
+        "bert": lambda n: BertForMaskedLM(BertConfig(vocab_size=V, num_hidden_layers=n, **SMALL)),
+        "roberta": lambda n: RobertaForMaskedLM(RobertaConfig(vocab_size=V, num_hidden_layers=n, **SMALL)),
+        "electra": lambda n: ElectraForMaskedLM(ElectraConfig(vocab_size=V, num_hidden_layers=n, embedding_size=16, **SMALL)),
+        "distilbert": lambda n: DistilBertForMaskedLM(
+            DistilBertConfig(vocab_size=V, n_layers=n, dim=16, n_heads=2, hidden_dim=32, max_position_embeddings=64)
+        ),
+        "albert": lambda n: AlbertForMaskedLM(AlbertConfig(vocab_size=V, num_hidden_layers=n, embedding_size=8, **SMALL)),
+        "gpt2": lambda n: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_layer=n, n_embd=16, n_head=2, n_positions=64)),
+        "llama": lambda n: LlamaForCausalLM(
+            LlamaConfig(vocab_size=V, num_hidden_layers=n, num_key_value_heads=1, **SMALL)
+        ),
+    }
+    return TINY
+
+
+# One tiny random model per architecture of the block table, by its model_type: n blocks.
+TINY = _tiny_models()
+
+
 def tiny_bert(vocab_size: int, layers: int = 3, dropout: float = 0.0, seed: int = 0):
     from transformers import BertConfig, BertForMaskedLM
 

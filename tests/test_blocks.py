@@ -1,23 +1,10 @@
-import contextlib
 
 import pytest
 import torch
 from datasets import Dataset
 from transformers import (
-    AlbertConfig,
-    AlbertForMaskedLM,
-    BertConfig,
-    BertForMaskedLM,
-    DistilBertConfig,
-    DistilBertForMaskedLM,
     ElectraConfig,
     ElectraForMaskedLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    RobertaConfig,
-    RobertaForMaskedLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -25,25 +12,7 @@ from transformers import (
 from hf_memedit import ARCHITECTURES, BlockSelectorConfig, ConstrainedEditTrainer, EditConfig, get_edit_model
 from hf_memedit.blocks import selected_parameter_names
 
-from .helpers import FACTS, assert_agree_up_to_reordering, assert_in_linf_ball, tiny_bert
-
-
-V = 30522  # the bert-base-uncased vocabulary of the real tokenizer used to collate facts
-SMALL = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
-
-TINY = {
-    "bert": lambda n: BertForMaskedLM(BertConfig(vocab_size=V, num_hidden_layers=n, **SMALL)),
-    "roberta": lambda n: RobertaForMaskedLM(RobertaConfig(vocab_size=V, num_hidden_layers=n, **SMALL)),
-    "electra": lambda n: ElectraForMaskedLM(ElectraConfig(vocab_size=V, num_hidden_layers=n, embedding_size=16, **SMALL)),
-    "distilbert": lambda n: DistilBertForMaskedLM(
-        DistilBertConfig(vocab_size=V, n_layers=n, dim=16, n_heads=2, hidden_dim=32, max_position_embeddings=64)
-    ),
-    "albert": lambda n: AlbertForMaskedLM(AlbertConfig(vocab_size=V, num_hidden_layers=n, embedding_size=8, **SMALL)),
-    "gpt2": lambda n: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_layer=n, n_embd=16, n_head=2, n_positions=64)),
-    "llama": lambda n: LlamaForCausalLM(
-        LlamaConfig(vocab_size=V, num_hidden_layers=n, num_key_value_heads=1, **SMALL)
-    ),
-}
+from .helpers import FACTS, SMALL, TINY, V, assert_in_linf_ball, tiny_bert
 
 
 def test_every_table_entry_has_a_tiny_model():
@@ -148,53 +117,6 @@ def test_print_trainable_parameters(capsys):
     trainable, total = edit.get_nb_trainable_parameters()
     assert f"trainable params: {trainable:,d} || all params: {total:,d}" in out
     assert 0 < trainable < total
-
-
-@pytest.mark.parametrize("arch", sorted(TINY))
-def test_object_position_logits_equal_full_logits(arch, bert_tokenizer):
-    """The table's LM head, run on the object positions only, gives the full forward's logits there,
-    and the same gradients, with the last block's row-wise stages (query, attention output,
-    feed-forward) run on those rows only."""
-    from hf_memedit import evaluate_facts, object_positions_only
-    from hf_memedit.architectures import block_list, model_kind
-    from hf_memedit.collators import FactCollator
-    from hf_memedit.fast_paths.heads import logit_positions
-
-    torch.manual_seed(0)
-    model = TINY[arch](2).eval()
-    layout = ARCHITECTURES[arch]
-    assert layout.head
-    with torch.no_grad():  # weights large enough that attention is far from uniform: every key then counts
-        for parameter in block_list(model, layout)[-1].parameters():
-            parameter.normal_(0.0, 0.5)
-    fast = evaluate_facts(model, bert_tokenizer, FACTS, batch_size=3)
-    full = evaluate_facts(model, bert_tokenizer, FACTS, batch_size=3, full_logits=True)
-    assert fast == full and all(fast.predicted)
-
-    kind = model_kind(model)
-    batch = FactCollator(bert_tokenizer, kind)(FACTS)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    positions = logit_positions(batch["labels"], kind)
-    seen = {stage: [] for stage in layout.row_wise}
-    if not layout.shared_blocks:  # ALBERT's one layer runs at every depth: it stays whole
-        assert layout.row_wise
-        for stage in layout.row_wise:
-            first = block_list(model, layout)[-1].get_submodule(stage[0])
-            first.register_forward_hook(lambda module, args, output, stage=stage: seen[stage].append(tuple(args[0].shape[:2])))
-    def logits_and_grads(restricted: bool):
-        model.zero_grad()
-        with object_positions_only(model, positions) if restricted else contextlib.nullcontext():
-            logits = model(**inputs).logits
-            logits = logits if restricted else logits[positions]
-            logits.log_softmax(-1)[:, 0].sum().backward()  # any loss on these logits
-        return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    expected, expected_grads = logits_and_grads(restricted=False)
-    logits, grads = logits_and_grads(restricted=True)
-    assert_agree_up_to_reordering({"logits": logits}, {"logits": expected})
-    assert_agree_up_to_reordering(grads, expected_grads)
-    for shapes in seen.values():
-        assert shapes == [tuple(batch["input_ids"].shape), (1, int(positions.sum()))]
 
 
 @pytest.mark.parametrize("arch", sorted(TINY))

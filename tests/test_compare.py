@@ -1,0 +1,52 @@
+"""`memedit compare`: every method side by side, each tuned on validation, resumable."""
+
+import json
+
+import pytest
+
+from hf_memedit.cli import parse
+
+from .helpers import ROOT
+
+
+CONFIGS = ROOT / "trainer_configs"
+
+
+@pytest.mark.slow
+def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypatch):
+    from hf_memedit.experiments.compare import LABELS, run_compare
+
+    argv = ["--config", str(CONFIGS / "compare_bert_tiny.yaml"), "--output_dir", str(tmp_path / "compare"),
+            "--max_steps", "20", "--ft_epochs", "10", "--disable_tqdm", "true",
+            "--logging_steps", "10"]
+    job, args, _ = parse("compare", argv)
+    picks = run_compare(job, args)
+    assert set(picks) == set(LABELS)
+    folder = tmp_path / "compare"
+    table = (folder / "compare.md").read_text()
+    for label in LABELS.values():
+        assert f"| {label} |" in table
+    assert (folder / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    result = json.loads((folder / "compare.json").read_text())
+    linf = result["rows"]["ftm_linf"]
+    assert len(linf) == 4  # 2 blocks × 2 δ
+    best_block = max(linf, key=lambda r: r["validation"]["avg_acc"])["point"]["block"]
+    assert result["block"] == best_block
+    for method in ("ftm_unconstrained", "ftm_l2", "ftm_fisher", "fta"):
+        assert {r["point"]["block"] for r in result["rows"][method]} == {best_block}, method
+    assert all(r["point"]["modules"] == ["mlp_out"] and r["point"]["max_steps"] == 25 for r in result["rows"]["ftl"])
+    assert {r["point"]["delta"] for r in result["rows"]["ftl"]} == {5e-4, 1e-3, 1e-2}
+    # L2 δ: the smallest ball holding each L∞ box, so it grows with the L∞ δ by √n.
+    l2 = sorted(r["point"]["delta"] for r in result["rows"]["ftm_l2"])
+    assert l2[1] / l2[0] == pytest.approx(10.0)
+    for name, pick in picks.items():  # the pick is the best on validation among the method's points
+        assert pick["validation"]["avg_acc"] == max(r["validation"]["avg_acc"] for r in result["rows"][name])
+    knn = result["rows"]["knn"]
+    assert knn[0]["point"]["epsilon"] == 0.0 and knn[0]["test"]["a_m"] == 0.0  # ε = 0: the model alone
+    assert knn[-1]["test"]["a_m"] >= knn[0]["test"]["a_m"]
+
+    from hf_memedit import edit_trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.ConstrainedEditTrainer, "train", lambda *a, **k: pytest.fail("a done point retrained"))
+    again = run_compare(job, args)
+    assert {m: p["point"] for m, p in again.items()} == {m: p["point"] for m, p in picks.items()}
