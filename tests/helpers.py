@@ -32,34 +32,19 @@ SMALL = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32, max_po
 
 
 def _tiny_models():
-    from transformers import (
-        AlbertConfig,
-        AlbertForMaskedLM,
-        BertConfig,
-        BertForMaskedLM,
-        DistilBertConfig,
-        DistilBertForMaskedLM,
-        ElectraConfig,
-        ElectraForMaskedLM,
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        RobertaConfig,
-        RobertaForMaskedLM,
-    )
+    import transformers as tf
 
     TINY = {
-        "bert": lambda n: BertForMaskedLM(BertConfig(vocab_size=V, num_hidden_layers=n, **SMALL)),
-        "roberta": lambda n: RobertaForMaskedLM(RobertaConfig(vocab_size=V, num_hidden_layers=n, **SMALL)),
-        "electra": lambda n: ElectraForMaskedLM(ElectraConfig(vocab_size=V, num_hidden_layers=n, embedding_size=16, **SMALL)),
-        "distilbert": lambda n: DistilBertForMaskedLM(
-            DistilBertConfig(vocab_size=V, n_layers=n, dim=16, n_heads=2, hidden_dim=32, max_position_embeddings=64)
+        "bert": lambda n: tf.BertForMaskedLM(tf.BertConfig(vocab_size=V, num_hidden_layers=n, **SMALL)),
+        "roberta": lambda n: tf.RobertaForMaskedLM(tf.RobertaConfig(vocab_size=V, num_hidden_layers=n, **SMALL)),
+        "electra": lambda n: tf.ElectraForMaskedLM(tf.ElectraConfig(vocab_size=V, num_hidden_layers=n, embedding_size=16, **SMALL)),
+        "distilbert": lambda n: tf.DistilBertForMaskedLM(
+            tf.DistilBertConfig(vocab_size=V, n_layers=n, dim=16, n_heads=2, hidden_dim=32, max_position_embeddings=64)
         ),
-        "albert": lambda n: AlbertForMaskedLM(AlbertConfig(vocab_size=V, num_hidden_layers=n, embedding_size=8, **SMALL)),
-        "gpt2": lambda n: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_layer=n, n_embd=16, n_head=2, n_positions=64)),
-        "llama": lambda n: LlamaForCausalLM(
-            LlamaConfig(vocab_size=V, num_hidden_layers=n, num_key_value_heads=1, **SMALL)
+        "albert": lambda n: tf.AlbertForMaskedLM(tf.AlbertConfig(vocab_size=V, num_hidden_layers=n, embedding_size=8, **SMALL)),
+        "gpt2": lambda n: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_layer=n, n_embd=16, n_head=2, n_positions=64)),
+        "llama": lambda n: tf.LlamaForCausalLM(
+            tf.LlamaConfig(vocab_size=V, num_hidden_layers=n, num_key_value_heads=1, **SMALL)
         ),
     }
     return TINY
