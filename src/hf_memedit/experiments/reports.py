@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..edit_config import EditConfig
 from ..evaluation.results import format_percent, format_versions, plotting
 from ..io import atomic_write_text
-from .job_config import JobConfig
+
+
+if TYPE_CHECKING:
+    from .job_config import JobConfig
 
 
 VALIDATION, TEST = "validation", "test"  # the two halves of the unmodified test facts

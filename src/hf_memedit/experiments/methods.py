@@ -1,0 +1,107 @@
+"""The editing methods `memedit compare` runs, as one table: name → label and how its points are made.
+
+As ROME's `ALG_DICT` and PEFT's method registry, a method registers itself with `@method(name,
+label)`; `memedit compare` and `compare_methods` take the table as it is. A method gets the
+compare's `MethodContext` and `edit(point) -> row` (which trains a point once and caches it in
+points.jsonl) and returns its rows. `ftm_linf` runs first and picks the block the others use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .reports import VALIDATION, best
+
+
+if TYPE_CHECKING:
+    from ..edit_config import EditConfig
+    from .grid import GridRunner
+    from .job_config import JobConfig
+
+FTL = {"modules": ["mlp_out"], "learning_rate": 5e-4, "max_steps": 25, "stop_at_loss": 1e-2}  # ROME's FT-L
+FTL_DELTA = 5e-4
+
+
+@dataclass
+class MethodContext:
+    """What every method of one compare shares: the job, its grid runner, the L∞ δ grid and the block."""
+
+    job: JobConfig
+    args: EditConfig
+    runner: GridRunner
+    linf: list[float]  # compare_deltas['linf'], else sweep_deltas, else δ
+    grids: dict[str, list[float]]  # compare_deltas
+    block: str  # ftm_linf's best block once it ran, else the first of edit_blocks
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    run: Callable[[MethodContext, Callable[[dict[str, Any]], dict]], list[dict]]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def method(name: str, label: str):
+    """Register a compare method under `name` (in the order the compare runs them)."""
+
+    def register(run):
+        METHODS[name] = Method(label, run)
+        return run
+
+    return register
+
+
+@method("ftm_linf", "FTM, L∞")
+def _ftm_linf(ctx: MethodContext, edit) -> list[dict]:
+    """δ × blocks under L∞; its best block on validation becomes the others' block."""
+    rows = [
+        edit({"norm": "linf", "block": str(block), "delta": delta, "mixed": False})
+        for block in ctx.job.sweep_blocks or list(ctx.args.edit_blocks) for delta in ctx.linf
+    ]
+    ctx.block = best(rows, VALIDATION)["point"]["block"]
+    return rows
+
+
+@method("ftm_unconstrained", "FTM, unconstrained")
+def _ftm_unconstrained(ctx: MethodContext, edit) -> list[dict]:
+    return [edit({"norm": "none", "block": ctx.block, "delta": None, "mixed": False})]
+
+
+@method("ftm_l2", "FTM, L2")
+def _ftm_l2(ctx: MethodContext, edit) -> list[dict]:
+    """By default the smallest L2 ball holding each L∞ box: δ√n."""
+    size = ctx.runner.selection_size(ctx.block)
+    deltas = ctx.grids.get("l2") or [d * size**0.5 for d in ctx.linf]
+    return [edit({"norm": "l2", "block": ctx.block, "delta": delta, "mixed": False}) for delta in deltas]
+
+
+@method("ftm_fisher", "FTM, Fisher")
+def _ftm_fisher(ctx: MethodContext, edit) -> list[dict]:
+    """By default the smallest Fisher ellipsoid holding each L∞ box: δ²ΣF."""
+    total = sum(float(f.sum()) for f in ctx.runner.fisher(ctx.block).values())
+    deltas = ctx.grids.get("fisher") or [d * d * total for d in ctx.linf]
+    return [edit({"norm": "fisher", "block": ctx.block, "delta": delta, "mixed": False}) for delta in deltas]
+
+
+@method("fta", "FTA, L∞")
+def _fta(ctx: MethodContext, edit) -> list[dict]:
+    return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "mixed": True}) for delta in ctx.linf]
+
+
+@method("ftl", "FT-L (ROME/EasyEdit)")
+def _ftl(ctx: MethodContext, edit) -> list[dict]:
+    deltas = ctx.grids.get("ftl") or sorted({FTL_DELTA, *ctx.linf})
+    return [
+        edit({"norm": "linf", "block": str(ctx.job.ftl_block), "delta": delta, "mixed": False, **FTL})
+        for delta in deltas
+    ]
+
+
+@method("knn", "kNN-LM")
+def _knn(ctx: MethodContext, edit) -> list[dict]:
+    """No training: the ε sweep of the datastore (its rows carry their own points)."""
+    return ctx.runner.knn(ctx.job.knn_epsilons, ctx.job.knn_metric)
