@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
+import datasets
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.loss.loss_utils import fixed_cross_entropy
@@ -271,11 +272,11 @@ class ConstrainedEditTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logged)
         return logged
 
-    def fact_metrics(self, splits) -> dict:
+    def fact_metrics(self, splits: Mapping[str, datasets.Dataset]) -> dict:
         """Every `avg_acc` metric (per relation included) of the model now, against `before_edit`."""
         return edit_metrics(splits, self.fact_results(splits), self.before_edit)
 
-    def fact_results(self, splits, original: bool = False) -> dict[str, FactResults]:
+    def fact_results(self, splits: Mapping[str, datasets.Dataset], original: bool = False) -> dict[str, FactResults]:
         """Per-fact results on the benchmark splits (`original=True`: modified facts on their old object)."""
         if self.processing_class is None:
             raise ValueError("Fact evaluation needs the tokenizer: pass processing_class=tokenizer to the trainer.")
@@ -312,7 +313,7 @@ class ConstrainedEditTrainer(Trainer):
                 for name, param in params.items():
                     param.copy_(current[name])
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: PreTrainedModel | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, PARAMS_NAME)
         if not os.path.isfile(path):

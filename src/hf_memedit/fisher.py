@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .architectures import eval_mode, model_kind
 from .collators import FactCollator
@@ -20,7 +20,7 @@ from .collators import FactCollator
 
 def diagonal_fisher(
     model: PreTrainedModel,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     facts: Sequence[Mapping],
     names: Sequence[str],
     samples: int = 256,

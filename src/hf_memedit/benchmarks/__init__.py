@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import datasets
 import yaml
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import model_kind
 from ..collators import FactEncoder, filter_encodable
@@ -55,7 +56,7 @@ def benchmark_facts(name: str, data_dir: str | None = None, **options) -> list[F
     return builder.read_facts(builder.BUILDER_CONFIG_CLASS(**fields))
 
 
-def known_uuids(facts: Sequence[Fact], model, tokenizer, batch_size: int = 64) -> tuple[str, ...]:
+def known_uuids(facts: Sequence[Fact], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64) -> tuple[str, ...]:
     """The uuids of the facts `model` already predicts on their test phrasing (the authors' filter)."""
     rows = [{"uuid": f.uuid, "text": f.test_texts[0], "object": f.object} for f in facts if f.test_texts]
     rows, _ = filter_encodable(rows, FactEncoder(tokenizer, model_kind(model)))
@@ -69,8 +70,8 @@ def load_benchmark(
     seed: int = 0,
     data_dir: str | None = None,
     cache_dir: str | None = None,
-    model=None,
-    tokenizer=None,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     **options,
 ) -> datasets.DatasetDict:
     """Build (or reuse from the cache) a benchmark with m modified facts.

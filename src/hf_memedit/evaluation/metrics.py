@@ -15,6 +15,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from transformers import PreTrainedTokenizerBase
+
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
 from ..fast_paths.prefix import PrefixCache
 from .scoring import FactResults, evaluate_facts
@@ -107,7 +109,7 @@ def _per_relation(modified_correct, modified_relations, unmodified_correct, unmo
 
 def evaluate_splits(
     model,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     splits: Mapping[str, Any],
     *,
     original: bool = False,

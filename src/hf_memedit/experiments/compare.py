@@ -24,6 +24,7 @@ import os
 from typing import Any
 
 from accelerate import PartialState
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..edit_config import EditConfig
 from ..evaluation.results import format_percent, format_versions, plotting
@@ -38,7 +39,7 @@ from .reports import TEST, VALIDATION, best, describe
 LABELS = {name: entry.label for name, entry in METHODS.items()}
 
 
-def run_compare(job: JobConfig, args: EditConfig, model=None, tokenizer=None) -> dict[str, Any]:
+def run_compare(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
     """Run every method's sweep (resuming from points.jsonl); write the table and the plot; return the picks."""
     folder = args.output_dir
     with claim_run_folder(folder, args.overwrite_output_dir, resuming=True, lock=PartialState().is_main_process):

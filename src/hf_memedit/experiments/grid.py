@@ -17,6 +17,7 @@ from typing import Any
 
 import datasets
 from accelerate import PartialState
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN, data_fingerprint
@@ -134,7 +135,7 @@ class GridRunner:
     of each first edited block and the Fisher diagonal of each selection.
     """
 
-    def __init__(self, job: JobConfig, args: EditConfig, model=None, tokenizer=None):
+    def __init__(self, job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None):
         if model is None:
             model, tokenizer = load_model_and_tokenizer(job)
         self.job, self.args, self.tokenizer = job, args, tokenizer
@@ -237,7 +238,7 @@ class GridRunner:
         return rows
 
 
-def run_sweep(job: JobConfig, args: EditConfig, model=None, tokenizer=None) -> list[dict]:
+def run_sweep(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> list[dict]:
     """Run every grid point not yet in `<output_dir>/points.jsonl`; write the table and the plots.
 
     With `setting: knn` the grid is kNN-LM's ε (`knn_epsilons`, default: quantiles of the distances).

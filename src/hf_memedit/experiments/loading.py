@@ -10,7 +10,7 @@ from typing import Any
 
 import datasets
 from accelerate import PartialState
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import ModelKind, model_kind
 from ..benchmarks import load_benchmark
@@ -92,7 +92,7 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
-def prepare_benchmark(job: JobConfig, model: PreTrainedModel, tokenizer) -> datasets.DatasetDict:
+def prepare_benchmark(job: JobConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> datasets.DatasetDict:
     """The benchmark, built once per machine (main process first), with facts the tokenizer cannot encode dropped."""
     options = dict(job.benchmark_options or {})
     known = {"model": model, "tokenizer": tokenizer} if job.modify_known else {}

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
 from accelerate import PartialState
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import model_kind
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
@@ -32,7 +34,7 @@ class RunOutcome:
     trainer: ConstrainedEditTrainer | None
 
 
-def run_edit(job: JobConfig, args: EditConfig, model=None, tokenizer=None, splits=None) -> RunOutcome:
+def run_edit(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None, splits: datasets.DatasetDict | None = None) -> RunOutcome:
     """Load, build the benchmark, start (FTM / FT / RI), evaluate before, edit, evaluate after, write the run folder."""
     if job.setting == "knn":
         raise ValueError(
@@ -56,7 +58,7 @@ def resume_target(value: str | bool | None) -> str | bool | None:
     return value
 
 
-def _run_edit(job, args, model, tokenizer, splits, resume) -> RunOutcome:
+def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset], resume) -> RunOutcome:
     start = time.perf_counter()
     if model is None:
         model, tokenizer = load_model_and_tokenizer(job)

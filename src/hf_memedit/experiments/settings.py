@@ -7,11 +7,12 @@ import json
 import logging
 import os
 import random
+from collections.abc import Mapping
 
 import datasets
 import torch
 from accelerate import PartialState
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..benchmarks.common import MODIFIED_TRAIN, UNMODIFIED_TRAIN
 from ..edit_config import EditConfig
@@ -49,7 +50,7 @@ def random_init(model: PreTrainedModel, seed: int) -> PreTrainedModel:
     return type(model)(model.config).to(model.device)
 
 
-def finetune(model: PreTrainedModel, tokenizer, splits, job: JobConfig, args: EditConfig) -> PreTrainedModel:
+def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset], job: JobConfig, args: EditConfig) -> PreTrainedModel:
     """FT: unconstrained fine-tuning on the unmodified facts' evidence, saved to `ft_dir` and reused."""
     folder = job.ft_dir or os.path.join(args.output_dir, "ft")
     key = {
@@ -85,7 +86,7 @@ def finetune(model: PreTrainedModel, tokenizer, splits, job: JobConfig, args: Ed
     return model
 
 
-def starting_model(model: PreTrainedModel, tokenizer, splits, job: JobConfig, args: EditConfig) -> PreTrainedModel:
+def starting_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset], job: JobConfig, args: EditConfig) -> PreTrainedModel:
     """The model the edit starts from in this setting (θ0)."""
     if job.setting in FT_SETTINGS:
         return finetune(model, tokenizer, splits, job, args)
@@ -94,7 +95,7 @@ def starting_model(model: PreTrainedModel, tokenizer, splits, job: JobConfig, ar
     return model
 
 
-def edit_train_dataset(splits, mixed: bool, args: EditConfig) -> tuple[datasets.Dataset, EditConfig]:
+def edit_train_dataset(splits: Mapping[str, datasets.Dataset], mixed: bool, args: EditConfig) -> tuple[datasets.Dataset, EditConfig]:
     """The training data of the edit, and the args to train it with (FTA, `mixed`: one group per batch)."""
     if mixed:
         per_side = args.per_device_train_batch_size

@@ -24,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 import psutil
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import BlockLayout, block_list, eval_mode, layout_for, model_kind
 from ..collators import FactCollator
@@ -127,7 +127,7 @@ class PrefixCache:
         return tokens * hidden * torch.empty((), dtype=self.dtype).element_size()
 
     def add_facts(
-        self, tokenizer, facts: Iterable[Mapping], batch_size: int = 64, show_progress: bool = False, object_key: str = "object"
+        self, tokenizer: PreTrainedTokenizerBase, facts: Iterable[Mapping], batch_size: int = 64, show_progress: bool = False, object_key: str = "object"
     ) -> None:
         """Compute the states of every fact (or FTA group) not cached yet, in batches, after a memory check."""
         encoder = FactCollator(tokenizer, self.kind).encoder

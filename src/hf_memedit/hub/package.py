@@ -8,7 +8,7 @@ import shutil
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import model_kind
 from ..blocks import BlockSelectorConfig
@@ -27,7 +27,7 @@ def package_edit(
     out_dir: str,
     format: str = "delta",
     base_model: PreTrainedModel | None = None,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     repo_id: str | None = None,
     license: str | None = None,
     overwrite: bool = False,

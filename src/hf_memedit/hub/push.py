@@ -6,7 +6,7 @@ import os
 import tempfile
 
 from huggingface_hub import HfApi
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .package import package_edit
 
@@ -32,7 +32,7 @@ def push_folder(folder: str, repo_id: str, repo_type: str = "model", private: bo
 
 def push_edit(run_dir: str, repo_id: str, format: str = "delta", private: bool = False, token: str | None = None,
               endpoint: str | None = None, license: str | None = None, base_model: PreTrainedModel | None = None,
-              tokenizer=None) -> str:
+              tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """Package a run folder in `format` and push it as a model repo; returns its URL.
 
     `full` and `peft` need the base model the edit was made on (see `package_edit`)."""
