@@ -23,12 +23,8 @@ from huggingface_hub.errors import HfHubHTTPError
 from .parser import parse, read_config
 
 
-COMMANDS = {
-    "edit": "Run one edit in the configured setting and write the run folder (the default job).",
-    "sweep": "Run a grid over δ × blocks (× norms), or kNN-LM's ε; pick on validation, report test, write a table and plots.",
-    "compare": "Run every editing method with a small validation sweep each; write a table and a plot side by side.",
-    "eval": "Evaluate the model (optionally with an edit applied) on the benchmark; write results.",
-    "push": "Share a run folder on the Hub as delta, full or peft (or an exported benchmark as a dataset repo).",
+COMMANDS = {  # name -> what it does, from each command's module (its make_parser() and main(argv))
+    name: importlib.import_module(f"{__name__}.{name}").DESCRIPTION for name in ("edit", "sweep", "compare", "eval", "push")
 }
 
 

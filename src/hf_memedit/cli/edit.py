@@ -7,7 +7,7 @@ import os
 from ..edit_config import EditConfig
 from ..evaluation.results import METRIC_LABELS, format_percent
 from ..experiments import RunOutcome, run_edit
-from .parser import parse
+from .parser import MemeditParser
 
 
 def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5) -> str:
@@ -30,8 +30,15 @@ def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5
 
 
 
+DESCRIPTION = "Run one edit in the configured setting and write the run folder (the default job)."
+
+
+def make_parser() -> MemeditParser:
+    return MemeditParser("edit", DESCRIPTION)
+
+
 def main(argv: list[str]) -> None:
-    job, args, _ = parse("edit", argv)
+    job, args, _ = make_parser().parse_args_and_config(argv)
     outcome = run_edit(job, args)
     if outcome.trainer is None or outcome.trainer.is_world_process_zero():
         print(format_summary(outcome, args, job.show_examples))

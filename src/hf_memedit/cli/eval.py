@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import os
 
-from transformers import HfArgumentParser
-
 from ..evaluation.results import RESULTS_JSON
 from ..experiments import run_eval
-from .parser import parse
+from .parser import MemeditParser
 
 
-def add_arguments(parser: HfArgumentParser) -> None:
+DESCRIPTION = "Evaluate the model (optionally with an edit applied) on the benchmark; write results."
+
+
+def make_parser() -> MemeditParser:
+    parser = MemeditParser("eval", DESCRIPTION)
     parser.add_argument("--edit_dir", default=None, help="An edit folder (save_pretrained of EditModel) to apply first.")
     parser.add_argument(
         "--eval_name", default=None,
         help="Results go to <output_dir>/eval/<eval_name> (default: the UTC time), never over a run's own record.",
     )
+    return parser
 
 
 def main(argv: list[str]) -> None:
-    job, args, extra = parse("eval", argv)
+    job, args, extra = make_parser().parse_args_and_config(argv)
     record, folder = run_eval(job, args, extra.edit_dir, extra.eval_name)
     print(record.to_markdown())
     print(f"results: {os.path.join(folder, RESULTS_JSON)}")

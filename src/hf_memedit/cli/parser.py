@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import json
 import os
 import re
@@ -22,23 +23,34 @@ from ..experiments import JobConfig
 
 
 class MemeditParser(HfArgumentParser):
-    """`HfArgumentParser` whose errors are one line naming the command (usage only with --help)."""
+    """`HfArgumentParser` over `JobConfig` + `EditConfig` with `--config`: the YAML (and its
+    `base_config` chain) under the command line, as TRL's `TrlParser`; errors are one line."""
+
+    def __init__(self, command: str, description: str):
+        super().__init__(
+            (JobConfig, EditConfig), prog=f"memedit {command}", description=description,
+            epilog="Every option can also be a key of the --config YAML; the command line wins.",
+        )
+        self.add_argument("--config", default=None, help="YAML file of options (see trainer_configs/).")
 
     def error(self, message: str):
         raise ValueError(f"{message} (`{self.prog} --help` lists every option)")
 
+    def parse_args_and_config(self, argv: list[str]) -> tuple[JobConfig, EditConfig, argparse.Namespace]:
+        """(JobConfig, EditConfig, the command's own options) from `--config` YAML + overrides.
 
-def build_parser(command: str, description: str) -> HfArgumentParser:
-    parser = MemeditParser(
-        (JobConfig, EditConfig), prog=f"memedit {command}", description=description,
-        epilog="Every option can also be a key of the --config YAML; the command line wins.",
-    )
-    parser.add_argument("--config", default=None, help="YAML file of options (see trainer_configs/).")
-    if command == "eval":
-        from .eval import add_arguments
-
-        add_arguments(parser)
-    return parser
+        A config's own checks (δ ≤ 0, unknown setting...) raise ValueError: everything that can be
+        checked without the model is checked here, before anything loads."""
+        argv = _join_negative_values(argv)
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config", default=None)
+        known, _ = pre.parse_known_args(argv)
+        yaml_argv: list[str] = []
+        if known.config and not {"-h", "--help"} & set(argv):
+            yaml_argv, nulls = yaml_to_argv(known.config)
+            self.set_defaults(**nulls)
+        job, args, extra = self.parse_args_into_dataclasses(yaml_argv + argv)
+        return job, args, extra
 
 
 def _field_types() -> dict[str, Any]:
@@ -123,21 +135,8 @@ def yaml_to_argv(path: str) -> tuple[list[str], dict[str, None]]:
 
 
 def parse(command: str, argv: list[str]) -> tuple[JobConfig, EditConfig, argparse.Namespace]:
-    """Parse `--config` YAML + overrides into (JobConfig, EditConfig, the command's own options)."""
-    from . import COMMANDS
-
-    parser = build_parser(command, COMMANDS[command])
-    argv = _join_negative_values(argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    yaml_argv: list[str] = []
-    if known.config and not {"-h", "--help"} & set(argv):
-        yaml_argv, nulls = yaml_to_argv(known.config)
-        parser.set_defaults(**nulls)
-    # A config's own checks (δ ≤ 0, unknown setting...) raise ValueError: everything is checked before loading.
-    job, args, extra = parser.parse_args_into_dataclasses(yaml_argv + argv)
-    return job, args, extra
+    """`memedit <command>`'s parser (its module's `make_parser()`) applied to `argv`."""
+    return importlib.import_module(f"{__package__}.{command}").make_parser().parse_args_and_config(argv)
 
 
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)

@@ -14,7 +14,7 @@ from .parser import OneLineArgumentParser
 DESCRIPTION = "Share a run folder on the Hub as delta, full or peft (or an exported benchmark as a dataset repo)."
 
 
-def main(argv: list[str]) -> None:
+def make_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(prog="memedit push", description=DESCRIPTION)
     parser.add_argument("folder", help="A run folder written by `memedit edit`, or (--repo_type dataset) an export_benchmark folder.")
     parser.add_argument("--repo_id", required=True, help="Target repo, e.g. your-name/smollm2-capitals-edit.")
@@ -25,7 +25,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--license", default=None, help="Licence for the card (default: the base model's when known).")
     parser.add_argument("--token", default=None, help="Hub token (default: the `hf auth login` token or HF_TOKEN).")
     parser.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
-    options = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    options = make_parser().parse_args(argv)
     if not os.path.isdir(options.folder):
         raise ValueError(f"{options.folder} is not a folder.")
     if options.repo_type == "dataset":
