@@ -146,6 +146,11 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether `name` can only be a local path, never a Hub id ("gpt2", "org/model")."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
 def edit_folder(
     repo_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None, endpoint: str | None = None,
     allow_patterns: list[str] | None = None,
@@ -157,7 +162,7 @@ def edit_folder(
         return name
     if os.path.exists(name):
         raise ValueError(f"{name} is a file: give the folder of an edit (or its Hub repo id).")
-    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+    if looks_like_path(name) or name.count("/") != 1:  # a shared edit's repo id is always "owner/name"
         raise FileNotFoundError(f"The edit folder {os.path.abspath(name)} does not exist (nor is {name!r} a Hub repo id).")
     from huggingface_hub import snapshot_download
 

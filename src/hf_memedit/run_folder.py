@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from .io import atomic_write_text, read_json
 
@@ -67,7 +67,7 @@ def claim_run_folder(folder: str, overwrite: bool, resuming: bool, lock: bool = 
     reused only when its inputs match).
     """
     folder = check_writable(folder)
-    with _locked(folder) if lock else _nothing():
+    with _locked(folder) if lock else nullcontext():
         earlier = holds_run(folder)
         if earlier and not resuming:
             if not overwrite:
@@ -81,11 +81,6 @@ def claim_run_folder(folder: str, overwrite: bool, resuming: bool, lock: bool = 
                 shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
             logger.warning("overwrite_output_dir: removed the earlier run's %s from %s.", ", ".join(earlier), folder)
         yield folder
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 @contextmanager

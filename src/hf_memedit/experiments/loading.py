@@ -17,6 +17,7 @@ from ..benchmarks import load_benchmark
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
 from ..collators import FactEncoder, filter_encodable
 from ..evaluation.results import ResultsRecord
+from ..io import looks_like_path
 from ..packaged import PACKAGED_MODELS
 from .job_config import FT_SETTINGS, JobConfig
 
@@ -30,7 +31,7 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
     common: dict[str, Any] = {"revision": job.revision, "trust_remote_code": job.trust_remote_code}
     if gguf_file:
         common["gguf_file"] = gguf_file
-    if not os.path.isdir(name) and _is_path(name):
+    if not os.path.isdir(name) and looks_like_path(name):
         raise FileNotFoundError(f"Could not load model {job.model_name_or_path!r}: the folder {os.path.abspath(name)} does not exist.")
     if os.path.isdir(name) and not gguf_file and not glob.glob(os.path.join(name, "*.safetensors")):
         found = ", ".join(sorted(os.path.basename(f) for f in glob.glob(os.path.join(name, "*.bin")))) or "no weights"
@@ -67,11 +68,6 @@ def load_run_base(run_dir: str, record: ResultsRecord) -> tuple[PreTrainedModel,
     return load_model_and_tokenizer(
         JobConfig(model_name_or_path=record.config["model_name_or_path"], gguf_file=record.config.get("gguf_file"))
     )
-
-
-def _is_path(name: str) -> bool:
-    """Whether `name` can only be a local path, never a Hub id ("org/model")."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def _hub_unreachable(error: BaseException) -> bool:
