@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 PLACEHOLDER = "[Y]"
 KINDS = ("masked", "causal")
+WEIGHT_KEY = "weight"  # in a group of facts (a list per key): each fact's loss weight
+WEIGHTS_INPUT = "object_weights"  # the batch's per-row loss weights, when a group carries them
 
 
 class FactEncodingError(ValueError):
@@ -152,13 +154,17 @@ class FactCollator:
         return self.encoder.encode(fact[self.text_key], fact[self.object_key])
 
     def __call__(self, facts: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        # A row whose text and object are lists is a group of facts that must share a batch (FTA).
+        # A row whose text and object are lists is a group of facts that must share a batch (FTA,
+        # preservation); its optional `weight` list becomes the batch's `object_weights`.
         flat: list[Mapping] = []
+        weights: list[float] = []
         for fact in facts:
             if isinstance(fact.get(self.text_key), list):
                 flat += [{self.text_key: t, self.object_key: o} for t, o in zip(fact[self.text_key], fact[self.object_key])]
+                weights += list(fact.get(WEIGHT_KEY) or [1.0] * len(fact[self.text_key]))
             else:
                 flat.append(fact)
+                weights.append(1.0)
         facts = flat
         encoded = [self.encode(fact) for fact in facts]
         width = max(len(item["input_ids"]) for item in encoded)
@@ -167,4 +173,7 @@ class FactCollator:
             gap = width - len(item["input_ids"])
             for key, fill in (("input_ids", self.pad_id), ("attention_mask", 0), ("labels", -100)):
                 batch[key].append(item[key] + [fill] * gap)
-        return {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}
+        out = {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}
+        if any(weight != 1.0 for weight in weights):
+            out[WEIGHTS_INPUT] = torch.tensor(weights, dtype=torch.float32)
+        return out

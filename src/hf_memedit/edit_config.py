@@ -9,6 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 from .blocks import BlockSelectorConfig, parse_block_spec
+from .preservation import PRESERVE_OBJECTIVES
 from .projection import L2_SCOPES, NORMS, validate_constraint
 
 
@@ -75,6 +76,36 @@ class EditConfig(TrainingArguments):
         default=256,
         metadata={"help": "norm 'fisher': how many unmodified facts estimate the diagonal Fisher (one backward each)."},
     )
+    preserve_objective: str = field(
+        default="none",
+        metadata={
+            "help": "What every batch mixes in to keep the model's other knowledge (hf_memedit.preservation): 'none'; "
+            "'evidence' (the unmodified facts' evidence with their benchmark objects: the paper's FTA, what "
+            "setting fta selects); 'answers' (evidence of unmodified facts θ0 predicts right, labelled with θ0's "
+            "own answer: it keeps behaviour instead of teaching labels).",
+            "choices": list(PRESERVE_OBJECTIVES),
+        },
+    )
+    preserve_ratio: float = field(
+        default=1.0,
+        metadata={"help": "Preservation facts per edit fact in every batch (1: as many as the edit's, the paper's FTA)."},
+    )
+    preserve_weight: float = field(
+        default=1.0,
+        metadata={"help": "Loss weight λ of each preservation fact's object tokens (edit facts weigh 1): the loss is "
+                  "(Σ CE_edit + λ Σ CE_preserve) / all object tokens."},
+    )
+    preserve_same_relation: bool = field(
+        default=True,
+        metadata={"help": "preserve_objective 'answers': draw each edit fact's neighbours from its own relation, "
+                  "where a new object most easily leaks."},
+    )
+    preserve_fraction: float = field(
+        default=0.5,
+        metadata={"help": "When preservation data comes from the benchmark (FTA, 'answers', norm fisher), the share "
+                  "of unmodified facts (a seeded hash of the uuid) it may use; locality is then scored only on the "
+                  "others whose subjects it never touched. 0 uses all facts for both, flagged as not disjoint."},
+    )
     eval_before_edit: bool = field(
         default=True,
         metadata={
@@ -122,6 +153,14 @@ class EditConfig(TrainingArguments):
     def __post_init__(self):
         self.delta = validate_constraint(self.norm, self.delta, self.l2_scope)
         self.edit_blocks = [str(block) for block in parse_block_spec(self.edit_blocks)]
+        if self.preserve_objective not in PRESERVE_OBJECTIVES:
+            raise ValueError(f"Unknown preserve_objective {self.preserve_objective!r}: choose one of {', '.join(PRESERVE_OBJECTIVES)}.")
+        if not self.preserve_ratio > 0:
+            raise ValueError(f"preserve_ratio must be positive (preservation facts per edit fact), got {self.preserve_ratio}.")
+        if not self.preserve_weight > 0:
+            raise ValueError(f"preserve_weight must be positive, got {self.preserve_weight}: for no preservation set preserve_objective none.")
+        if not 0 <= self.preserve_fraction < 1:
+            raise ValueError(f"preserve_fraction must lie in [0, 1), got {self.preserve_fraction}.")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

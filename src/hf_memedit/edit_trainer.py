@@ -16,7 +16,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .architectures import model_kind
-from .collators import FactCollator
+from .collators import WEIGHTS_INPUT, FactCollator
 from .edit_config import EditConfig
 from .evaluation.metrics import MODIFIED_TEST, UNMODIFIED_TEST, edit_metrics, evaluate_splits
 from .evaluation.scoring import FactResults
@@ -148,8 +148,9 @@ class ConstrainedEditTrainer(Trainer):
                 "object_logits_only: the LM head of %s is not in hf_memedit's block table (a blocks_path layout names "
                 "the blocks only), so the full head runs: the same loss, without the speed-up.", type(base).__name__,
             )
+        self._weighted_loss = None
         if compute_loss_func is None:
-            compute_loss_func = _object_token_loss(kind)
+            compute_loss_func = self._weighted_loss = ObjectTokenLoss(kind)
         super().__init__(
             model=base,
             args=args,
@@ -227,6 +228,22 @@ class ConstrainedEditTrainer(Trainer):
             self._step_loss += loss.item()  # judged once the optimizer step is complete (_StopAtLossCallback)
         return loss
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss; a batch's `object_weights` (a preservation mix) weight its rows in the object-token loss."""
+        weights = inputs.pop(WEIGHTS_INPUT, None)
+        if weights is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._weighted_loss is None:
+            raise ValueError(
+                "This batch carries per-fact loss weights (a preservation mix), which a custom compute_loss_func "
+                "cannot see: leave compute_loss_func unset, or give batches without weights."
+            )
+        self._weighted_loss.row_weights = weights
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._weighted_loss.row_weights = None
+
     def floating_point_ops(self, inputs) -> int:
         """Trainer's estimate, 6 × tokens × non-embedding parameters, with the parameters counted once:
         counting walks every module, which on a step of one cached block is a noticeable cost."""
@@ -274,7 +291,7 @@ class ConstrainedEditTrainer(Trainer):
 
     def fact_metrics(self, splits: Mapping[str, datasets.Dataset]) -> dict:
         """Every `avg_acc` metric (per relation included) of the model now, against `before_edit`."""
-        return edit_metrics(splits, self.fact_results(splits), self.before_edit)
+        return edit_metrics(splits, self.fact_results(splits), self.before_edit, self.processing_class, self.kind)
 
     def fact_results(self, splits: Mapping[str, datasets.Dataset], original: bool = False) -> dict[str, FactResults]:
         """Per-fact results on the benchmark splits (`original=True`: modified facts on their old object)."""
@@ -357,22 +374,34 @@ def _fact_splits(dataset) -> bool:
     return isinstance(dataset, Mapping) and bool({MODIFIED_TEST, UNMODIFIED_TEST} & set(dataset))
 
 
-def _object_token_loss(kind: str):
+class ObjectTokenLoss:
     """Cross-entropy summed over the object tokens / `num_items_in_batch` (transformers' `fixed_cross_entropy`).
 
     Full logits (`[batch, length, vocab]`) are cut to the object positions first, so both fast and
     straightforward forwards reduce the same `[n, vocab]` rows in the same order. Half-precision
     logits are upcast to float32 as transformers' LM losses do; float64 logits keep their precision
-    (transformers' losses would round them to float32).
+    (transformers' losses would round them to float32). With `row_weights` (set by the trainer for
+    one batch) each row's tokens count with its weight: Σ w·CE / num_items.
     """
 
-    def compute(outputs, labels, num_items_in_batch=None):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.row_weights: torch.Tensor | None = None
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"]
+        positions = logit_positions(labels, self.kind).to(logits.device)
         if logits.dim() == 3:
-            logits = logits[logit_positions(labels, kind).to(logits.device)]
+            logits = logits[positions]
         if logits.dtype != torch.float64:
             logits = logits.float()
-        targets = object_targets(labels, kind).to(logits.device)
-        return fixed_cross_entropy(logits, targets, num_items_in_batch=num_items_in_batch)
-
-    return compute
+        targets = object_targets(labels, self.kind).to(logits.device)
+        if self.row_weights is None:
+            return fixed_cross_entropy(logits, targets, num_items_in_batch=num_items_in_batch)
+        rows = positions.nonzero()[:, 0]
+        weights = self.row_weights.to(device=logits.device, dtype=logits.dtype)[rows]
+        total = (torch.nn.functional.cross_entropy(logits, targets, reduction="none") * weights).sum()
+        count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+        if torch.is_tensor(count):
+            count = count.to(total.device)
+        return total / count

@@ -17,6 +17,8 @@ def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5
         rows.append(("constraint", f"{args.norm}, δ = {args.delta if args.delta is not None else '∞'}, blocks {', '.join(args.edit_blocks)}"))
         rows.append((f"max ‖θ − θ0‖ ({args.norm if args.norm != 'none' else 'linf'})", f"{outcome.trainer.projector.distance():.3g}"))
     rows.append(("facts (modified / unmodified)", f"{metrics.get('n_modified')} / {metrics.get('n_unmodified')}"))
+    if outcome.record.locality.get("description"):
+        rows.append(("locality measured on", outcome.record.locality["description"]))
     rows.append(("wall time", f"{outcome.record.seconds:.1f} s"))
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]

@@ -2,8 +2,10 @@
 
 A fine-tune on cloze prompts can raise A_F\\S by teaching the answer format while it flips
 individual facts, so beside the accuracies this reports, when the before-edit evaluation is
-given, **retention** (of the unmodified facts right before, the share still right) and
-**agreement** (the share of unmodified facts whose predicted tokens did not change at all).
+given, **retention** (of the unmodified facts right before, the share still right), **agreement** (the
+share of unmodified facts whose predicted tokens did not change at all) and **bleed** (of the
+facts lost, the share now predicting one of the edit's new objects: whether the edit leaks to
+neighbours; judged on the first object token).
 
 All values are fractions in [0, 1]; a ratio with an empty denominator is None.
 """
@@ -18,6 +20,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
+from ..collators import FactEncoder
 from ..fast_paths.prefix import PrefixCache
 from .scoring import FactResults, evaluate_facts
 
@@ -40,6 +43,7 @@ def avg_acc(
     unmodified_correct_before: Sequence[bool] | None = None,
     unmodified_predicted: Sequence[Sequence[int]] | None = None,
     unmodified_predicted_before: Sequence[Sequence[int]] | None = None,
+    unmodified_bleeds: Sequence[bool] | None = None,
     modified_relations: Sequence[str] | None = None,
     unmodified_relations: Sequence[str] | None = None,
 ) -> dict[str, Any]:
@@ -54,6 +58,8 @@ def avg_acc(
         unmodified_correct_before: per unmodified fact, right before the edit.
         unmodified_predicted / unmodified_predicted_before: predicted object token ids after and
             before, for agreement.
+        unmodified_bleeds: per unmodified fact, whether its prediction after the edit is one of the
+            edit's new objects (with `unmodified_correct_before`, for bleed).
         modified_relations / unmodified_relations: relation ids, for a per-relation breakdown.
     """
     n_m, n_u = len(modified_correct), len(unmodified_correct)
@@ -65,6 +71,7 @@ def avg_acc(
         ("unmodified_correct_before", unmodified_correct_before, n_u, "unmodified"),
         ("unmodified_predicted", unmodified_predicted, n_u, "unmodified"),
         ("unmodified_predicted_before", unmodified_predicted_before, n_u, "unmodified"),
+        ("unmodified_bleeds", unmodified_bleeds, n_u, "unmodified"),
         ("unmodified_relations", unmodified_relations, n_u, "unmodified"),
     ):
         _check_length(name, values, expected, of)
@@ -84,6 +91,10 @@ def avg_acc(
         result["a_fs_drop"] = None if a_fs_before is None or a_fs is None else a_fs_before - a_fs
         kept = [after for before, after in zip(unmodified_correct_before, unmodified_correct) if before]
         result["retention"] = _share(kept)
+        lost = [i for i, (before, after) in enumerate(zip(unmodified_correct_before, unmodified_correct)) if before and not after]
+        result["n_lost"] = len(lost)
+        if unmodified_bleeds is not None:
+            result["bleed"] = _share([bool(unmodified_bleeds[i]) for i in lost])
         if original_correct_before is not None:
             result["a_f_before"] = _share(list(original_correct_before) + list(unmodified_correct_before))
     if (unmodified_predicted is None) != (unmodified_predicted_before is None):
@@ -92,19 +103,29 @@ def avg_acc(
         same = [list(a) == list(b) for a, b in zip(unmodified_predicted, unmodified_predicted_before)]
         result["agreement"] = _share(same)
     if modified_relations is not None or unmodified_relations is not None:
-        result["per_relation"] = _per_relation(modified_correct, modified_relations, unmodified_correct, unmodified_relations)
+        result["per_relation"] = _per_relation(
+            modified_correct, modified_relations, unmodified_correct, unmodified_relations,
+            unmodified_correct_before, unmodified_bleeds,
+        )
     return result
 
 
-def _per_relation(modified_correct, modified_relations, unmodified_correct, unmodified_relations) -> dict[str, dict]:
-    groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: {"m": [], "u": []})
+def _per_relation(modified_correct, modified_relations, unmodified_correct, unmodified_relations,
+                  unmodified_correct_before=None, unmodified_bleeds=None) -> dict[str, dict]:
+    groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: {"m": [], "u": [], "bleed": []})
     for key, flags, relations in (("m", modified_correct, modified_relations), ("u", unmodified_correct, unmodified_relations)):
         for flag, relation in zip(flags, relations or ()):
             groups[relation][key].append(bool(flag))
-    return {
-        relation: {"a_m": _share(g["m"]), "n_modified": len(g["m"]), "a_fs": _share(g["u"]), "n_unmodified": len(g["u"])}
-        for relation, g in sorted(groups.items())
-    }
+    if unmodified_correct_before is not None and unmodified_bleeds is not None:
+        for before, after, bleeds, relation in zip(unmodified_correct_before, unmodified_correct, unmodified_bleeds, unmodified_relations or ()):
+            if before and not after:
+                groups[relation]["bleed"].append(bool(bleeds))
+    rows = {}
+    for relation, g in sorted(groups.items()):
+        rows[relation] = {"a_m": _share(g["m"]), "n_modified": len(g["m"]), "a_fs": _share(g["u"]), "n_unmodified": len(g["u"])}
+        if unmodified_bleeds is not None:
+            rows[relation].update(bleed=_share(g["bleed"]), n_lost=len(g["bleed"]))
+    return rows
 
 
 def evaluate_splits(
@@ -140,12 +161,33 @@ def evaluate_splits(
     return results
 
 
+def bleed_flags(
+    tokenizer: PreTrainedTokenizerBase, kind: str, modified: Sequence[Mapping], unmodified: Sequence[Mapping],
+    predicted: Sequence[Sequence[int]],
+) -> list[bool]:
+    """Per unmodified fact: whether its predicted first object token starts one of the edit's new objects
+    (and not its own object), i.e. the edit's answer leaked onto it."""
+    encoder = FactEncoder(tokenizer, kind)
+
+    def first(row) -> int:
+        labels = encoder.encode(row["text"], row["object"])["labels"]
+        return next(label for label in labels if label != -100)
+
+    new_objects = {first(row) for row in modified}
+    return [bool(ids) and ids[0] in new_objects and ids[0] != first(row) for row, ids in zip(unmodified, predicted)]
+
+
 def edit_metrics(
     splits: Mapping[str, Any],
     after: Mapping[str, FactResults],
     before: Mapping[str, FactResults] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    kind: str | None = None,
 ) -> dict[str, Any]:
-    """`avg_acc` from `evaluate_splits` results after (and optionally before, `original=True`) the edit."""
+    """`avg_acc` from `evaluate_splits` results after (and optionally before, `original=True`) the edit.
+
+    With the `tokenizer` (and the model's `kind`), bleed is reported too.
+    """
     empty = FactResults([], [])
     modified, unmodified = after.get(MODIFIED_TEST, empty), after.get(UNMODIFIED_TEST, empty)
     kwargs: dict[str, Any] = {
@@ -162,6 +204,10 @@ def edit_metrics(
             unmodified_predicted=unmodified.predicted,
             unmodified_predicted_before=previous.predicted,
         )
+        if tokenizer is not None and kind is not None and len(unmodified) and len(modified):
+            kwargs["unmodified_bleeds"] = bleed_flags(
+                tokenizer, kind, list(splits[MODIFIED_TEST]), list(splits[UNMODIFIED_TEST]), unmodified.predicted
+            )
     return avg_acc(modified.correct, unmodified.correct, **kwargs)
 
 

@@ -29,6 +29,7 @@ METRIC_LABELS = {
     "a_fs_drop": "drop in A_F\\S",
     "retention": "retention (unmodified, right before → still right)",
     "agreement": "agreement (unmodified, same prediction)",
+    "bleed": "bleed (lost facts now predicting a new object)",
 }
 
 
@@ -74,6 +75,7 @@ class ResultsRecord:
     model: str | None = None
     benchmark: dict[str, Any] = field(default_factory=dict)
     facts: list[dict[str, Any]] = field(default_factory=list)  # the edited facts: uuid, relation, subject, old, new
+    locality: dict[str, Any] = field(default_factory=dict)  # which unmodified facts were scored (preservation.Locality)
     seconds: float | None = None
     versions: dict[str, str] = field(default_factory=library_versions)
 
@@ -88,6 +90,8 @@ class ResultsRecord:
         counts = ", ".join(f"{key} = {self.metrics[key]}" for key in ("n_modified", "n_unmodified") if key in self.metrics)
         if counts:
             lines += ["", f"Facts: {counts}."]
+        if self.locality.get("description"):
+            lines += ["", f"Locality (A_F\\S, retention, agreement, bleed) measured on {self.locality['description']}."]
         if self.facts:
             lines += ["", "| edited fact | old → new | predicted after the edit |", "|---|---|---|"]
             for fact in self.facts:

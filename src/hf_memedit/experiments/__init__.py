@@ -16,12 +16,12 @@ from .grid import GridRunner, run_sweep
 from .job_config import COMPARE_METHODS, FT_SETTINGS, FTA_SETTINGS, MODEL_KINDS, SETTINGS, JobConfig
 from .loading import holdout, load_model_and_tokenizer, load_run_base, prepare_benchmark
 from .run import RunOutcome, resume_target, run_config, run_edit
-from .settings import edit_train_dataset, finetune, mixed_batches, random_init, starting_model
+from .settings import edit_train_dataset, finetune, locality_split, preserve_objective, random_init, starting_model
 
 
 __all__ = [
     "COMPARE_METHODS", "FTA_SETTINGS", "FT_SETTINGS", "MODEL_KINDS", "SETTINGS", "GridRunner", "JobConfig",
     "RunOutcome", "edit_train_dataset", "finetune", "holdout", "load_model_and_tokenizer", "load_run_base",
-    "mixed_batches", "prepare_benchmark", "random_init", "resume_target", "run_compare", "run_config", "run_edit", "run_eval",
+    "locality_split", "preserve_objective", "prepare_benchmark", "random_init", "resume_target", "run_compare", "run_config", "run_edit", "run_eval",
     "run_sweep", "starting_model",
 ]

@@ -1,6 +1,7 @@
 """`memedit compare`: the editing methods side by side on one model and benchmark, each tuned on validation.
 
-Every method gets a small sweep; its point with the best Ā on the validation half of the
+Every method is scored on the same unmodified facts, disjoint from any preservation data
+(`preserve_fraction`, see `hf_memedit.preservation`). Every method gets a small sweep; its point with the best Ā on the validation half of the
 unmodified facts is reported on the test half (A_M on the modified facts' test phrasing):
 
 - `ftm_linf`: FTM under L∞, δ × blocks (`sweep_deltas` × `sweep_blocks`); its best block is
@@ -9,6 +10,8 @@ unmodified facts is reported on the test half (A_M on the modified facts' test p
 - `ftm_l2`, `ftm_fisher`: FTM under L2 / the Fisher ellipsoid on that block; by default their
   δ are the smallest ball / ellipsoid that holds each L∞ box (δ√n, δ²ΣF), so the scales match;
 - `fta`: L∞ with as many unmodified as modified evidences per batch, on that block;
+- `ftm_answers`: L∞ with known same-relation neighbours, labelled with θ0's own answers, in every
+  batch (`preserve_objective: answers`), on that block;
 - `ftl`: FT-L as ROME and EasyEdit run it — the MLP output projection of `ftl_block`, lr 5e-4,
   25 steps, early stop at loss 1e-2, ε swept (5e-4 is theirs);
 - `knn`: kNN-LM (Appendix F), ε swept over quantiles of the distances.
@@ -29,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..edit_config import EditConfig
 from ..evaluation.results import format_percent, format_versions, plotting
 from ..io import atomic_write_text
+from ..preservation import Locality
 from ..run_folder import claim_run_folder
 from .grid import GridRunner, open_points, point_key, save_points
 from .job_config import COMPARE_METHODS, JobConfig
@@ -70,25 +74,27 @@ def _compare(job: JobConfig, args: EditConfig, runner: GridRunner, done: dict[st
             save_points(folder, done)
     block = ctx.block
     picks = {method: best(method_rows, VALIDATION) for method, method_rows in rows.items()}
-    write_compare(folder, rows, picks, job, block)
+    write_compare(folder, rows, picks, job, block, runner.locality)
     return picks
 
 
-def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict], job: JobConfig, block: str) -> None:
+def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict], job: JobConfig, block: str,
+                  locality: Locality) -> None:
     lines = [
         f"# Compare: {job.model_name_or_path}, {job.benchmark} m={job.m}, starting from {job.setting}",
         "",
         "Each method's point with the best Ā on the validation half of the unmodified facts; metrics on the test half.",
+        f"Locality measured on {locality.describe()}, split into validation and test halves.",
         "",
-        "| method | picked on validation | A_M | A_F\\S | Ā | retention | agreement | points |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | picked on validation | A_M | A_F\\S | Ā | retention | agreement | bleed | points |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, chosen in picks.items():
         t = chosen[TEST]
         lines.append(
             f"| {LABELS[method]} | {describe(chosen['point'])} | {format_percent(t['a_m'])} | {format_percent(t['a_fs'])} | "
             f"{format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} | {format_percent(t.get('agreement'))} | "
-            f"{len(rows[method])} |"
+            f"{format_percent(t.get('bleed'))} | {len(rows[method])} |"
         )
     before = next(iter(picks.values()))[TEST].get("a_fs_before")
     lines += ["", f"A_F\\S before any edit: {format_percent(before)}. FTM variants and FTA edit block {block} "
@@ -103,7 +109,7 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
             )
     lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")
-    atomic_write_text(os.path.join(folder, "compare.json"), json.dumps({"picks": picks, "rows": rows, "block": block}, indent=2))
+    atomic_write_text(os.path.join(folder, "compare.json"), json.dumps({"picks": picks, "rows": rows, "block": block, "locality": locality.to_dict()}, indent=2))
     plot_compare(folder, rows, picks, job)
 
 

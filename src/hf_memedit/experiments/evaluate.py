@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from ..architectures import model_kind
 from ..edit_config import EditConfig
 from ..evaluation.metrics import edit_metrics, evaluate_splits
 from ..evaluation.results import RESULTS_JSON, ResultsRecord
@@ -28,7 +29,7 @@ def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name
     if edit_dir:
         before = evaluate_splits(model, tokenizer, splits, original=True, **show)
         model = EditModel.from_pretrained(model, edit_dir).merge_and_unload()
-    metrics = edit_metrics(splits, evaluate_splits(model, tokenizer, splits, **show), before)
+    metrics = edit_metrics(splits, evaluate_splits(model, tokenizer, splits, **show), before, tokenizer, model_kind(model))
     record = ResultsRecord(metrics, config={"edit_dir": edit_dir}, seed=args.seed, model=job.model_name_or_path,
                            benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed})
     record.save(folder)

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN, data_fingerprint
+from ..architectures import model_kind
 from ..blocks import BlockSelectorConfig
 from ..edit_config import EditConfig
 from ..edit_trainer import ConstrainedEditTrainer
@@ -30,11 +31,12 @@ from ..fisher import diagonal_fisher
 from ..io import atomic_write_text, read_json
 from ..knn import KnnDatastore, epsilon_grid
 from ..model import get_edit_model
+from ..preservation import known_evidence
 from ..run_folder import claim_run_folder
-from .job_config import FTA_SETTINGS, JobConfig
+from .job_config import JobConfig
 from .loading import holdout, load_model_and_tokenizer, prepare_benchmark
 from .reports import TEST, VALIDATION, write_report
-from .settings import edit_train_dataset, starting_model
+from .settings import edit_train_dataset, locality_split, preserve_objective, starting_model
 
 
 logger = logging.getLogger(__name__)
@@ -139,8 +141,10 @@ class GridRunner:
         if model is None:
             model, tokenizer = load_model_and_tokenizer(job)
         self.job, self.args, self.tokenizer = job, args, tokenizer
-        self.splits = prepare_benchmark(job, model, tokenizer)
-        self.model = starting_model(model, tokenizer, self.splits, job, args)
+        splits = prepare_benchmark(job, model, tokenizer)
+        self.model = starting_model(model, tokenizer, splits, job, args)
+        # Every point is scored on the same facts, disjoint from what any point may preserve.
+        self.splits, self.locality = locality_split(splits, job, args, always=True)
         validation, test = holdout(self.splits[UNMODIFIED_TEST], job.validation_fraction, job.benchmark_seed)
         self.views = {
             VALIDATION: datasets.DatasetDict({MODIFIED_TEST: self.splits[MODIFIED_TEST], UNMODIFIED_TEST: validation}),
@@ -151,6 +155,13 @@ class GridRunner:
         self._before: dict[str, dict] | None = None
         self._caches: dict[int, PrefixCache] = {}
         self._fishers: dict[tuple[str, ...], dict] = {}
+        self._known: datasets.Dataset | None = None
+
+    def known(self) -> datasets.Dataset:
+        """The preservation evidence θ0 answers right (for preserve 'answers'), found once."""
+        if self._known is None:
+            self._known = known_evidence(self.model, self.tokenizer, self.splits[UNMODIFIED_TRAIN], self.args.per_device_eval_batch_size)
+        return self._known
 
     def before(self) -> dict[str, dict]:
         """θ0's results on both views (the modified facts on their original objects)."""
@@ -164,13 +175,14 @@ class GridRunner:
 
     def point_args(self, point: dict[str, Any], output_dir: str) -> tuple[datasets.Dataset, EditConfig]:
         """The training data and args of an edit point: norm, block, delta, and optionally modules,
-        mixed (FTA batches), learning_rate, max_steps, stop_at_loss."""
+        preserve (a preservation objective), learning_rate, max_steps, stop_at_loss."""
         args = dataclasses.replace(
             self.args, output_dir=output_dir, edit_blocks=[point["block"]], norm=point["norm"], delta=point["delta"],
             edit_modules=point.get("modules"), eval_strategy="no", save_strategy="no", eval_before_edit=False,
             **{key: point[key] for key in ("learning_rate", "max_steps", "stop_at_loss") if key in point},
         )
-        return edit_train_dataset(self.splits, point.get("mixed", self.job.setting in FTA_SETTINGS), args)
+        objective = point.get("preserve", preserve_objective(self.job, self.args))
+        return edit_train_dataset(self.splits, objective, args, self.known() if objective == "answers" else None)
 
     def selection_size(self, block: str) -> int:
         """How many parameters an edit of `block` trains."""
@@ -211,7 +223,7 @@ class GridRunner:
         trained = trainer.train()
         row = {"point": point, "distance": trainer.projector.distance(), "train_loss": trained.training_loss}
         for name, view in self.views.items():
-            metrics = edit_metrics(view, trainer.fact_results(view), before[name])
+            metrics = edit_metrics(view, trainer.fact_results(view), before[name], self.tokenizer, trainer.kind)
             row[name] = {k: v for k, v in metrics.items() if k != "per_relation"}
         self.model = edit.unload()  # back to θ0 for the next point
         return row
@@ -232,7 +244,7 @@ class GridRunner:
             row: dict[str, Any] = {"point": {"method": "knn", "metric": metric, "epsilon": epsilon}}
             for name, view in self.views.items():
                 results = {split: found.at(epsilon) for split, found in lookups[name].items()}
-                metrics = edit_metrics(view, results, before[name])
+                metrics = edit_metrics(view, results, before[name], self.tokenizer, model_kind(self.model))
                 row[name] = {k: v for k, v in metrics.items() if k != "per_relation"}
             rows.append(row)
         return rows
@@ -250,7 +262,7 @@ def run_sweep(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = 
         if job.setting == "knn":
             rows = runner.knn(job.knn_epsilons, job.knn_metric)
             save_points(folder, {point_key(r["point"]): r for r in rows})
-            write_report(folder, rows, job, args)
+            write_report(folder, rows, job, args, runner.locality)
             return rows
         for index, point in enumerate(grid(job, args)):
             if point_key(point) in done:
@@ -259,5 +271,5 @@ def run_sweep(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = 
             done[point_key(point)] = runner.edit(point, os.path.join(folder, "points", f"{index:03d}"))
             save_points(folder, done)
         rows = [done[point_key(p)] for p in grid(job, args)]
-        write_report(folder, rows, job, args)
+        write_report(folder, rows, job, args, runner.locality)
         return rows

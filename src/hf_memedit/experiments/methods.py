@@ -59,7 +59,7 @@ def method(name: str, label: str):
 def _ftm_linf(ctx: MethodContext, edit) -> list[dict]:
     """δ × blocks under L∞; its best block on validation becomes the others' block."""
     rows = [
-        edit({"norm": "linf", "block": str(block), "delta": delta, "mixed": False})
+        edit({"norm": "linf", "block": str(block), "delta": delta, "preserve": "none"})
         for block in ctx.job.sweep_blocks or list(ctx.args.edit_blocks) for delta in ctx.linf
     ]
     ctx.block = best(rows, VALIDATION)["point"]["block"]
@@ -68,7 +68,7 @@ def _ftm_linf(ctx: MethodContext, edit) -> list[dict]:
 
 @method("ftm_unconstrained", "FTM, unconstrained")
 def _ftm_unconstrained(ctx: MethodContext, edit) -> list[dict]:
-    return [edit({"norm": "none", "block": ctx.block, "delta": None, "mixed": False})]
+    return [edit({"norm": "none", "block": ctx.block, "delta": None, "preserve": "none"})]
 
 
 @method("ftm_l2", "FTM, L2")
@@ -76,7 +76,7 @@ def _ftm_l2(ctx: MethodContext, edit) -> list[dict]:
     """By default the smallest L2 ball holding each L∞ box: δ√n."""
     size = ctx.runner.selection_size(ctx.block)
     deltas = ctx.grids.get("l2") or [d * size**0.5 for d in ctx.linf]
-    return [edit({"norm": "l2", "block": ctx.block, "delta": delta, "mixed": False}) for delta in deltas]
+    return [edit({"norm": "l2", "block": ctx.block, "delta": delta, "preserve": "none"}) for delta in deltas]
 
 
 @method("ftm_fisher", "FTM, Fisher")
@@ -84,19 +84,25 @@ def _ftm_fisher(ctx: MethodContext, edit) -> list[dict]:
     """By default the smallest Fisher ellipsoid holding each L∞ box: δ²ΣF."""
     total = sum(float(f.sum()) for f in ctx.runner.fisher(ctx.block).values())
     deltas = ctx.grids.get("fisher") or [d * d * total for d in ctx.linf]
-    return [edit({"norm": "fisher", "block": ctx.block, "delta": delta, "mixed": False}) for delta in deltas]
+    return [edit({"norm": "fisher", "block": ctx.block, "delta": delta, "preserve": "none"}) for delta in deltas]
 
 
 @method("fta", "FTA, L∞")
 def _fta(ctx: MethodContext, edit) -> list[dict]:
-    return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "mixed": True}) for delta in ctx.linf]
+    return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "evidence"}) for delta in ctx.linf]
+
+
+@method("ftm_answers", "FTM + θ0's answers, L∞")
+def _ftm_answers(ctx: MethodContext, edit) -> list[dict]:
+    """L∞ with known same-relation neighbours (labelled with θ0's own answers) in every batch."""
+    return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "answers"}) for delta in ctx.linf]
 
 
 @method("ftl", "FT-L (ROME/EasyEdit)")
 def _ftl(ctx: MethodContext, edit) -> list[dict]:
     deltas = ctx.grids.get("ftl") or sorted({FTL_DELTA, *ctx.linf})
     return [
-        edit({"norm": "linf", "block": str(ctx.job.ftl_block), "delta": delta, "mixed": False, **FTL})
+        edit({"norm": "linf", "block": str(ctx.job.ftl_block), "delta": delta, "preserve": "none", **FTL})
         for delta in deltas
     ]
 

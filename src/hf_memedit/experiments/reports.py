@@ -13,6 +13,7 @@ from ..io import atomic_write_text
 
 
 if TYPE_CHECKING:
+    from ..preservation import Locality
     from .job_config import JobConfig
 
 
@@ -47,10 +48,12 @@ def best(rows: list[dict], by: str) -> dict:
     return max(rows, key=lambda r: (r[by]["avg_acc"] if r[by]["avg_acc"] is not None else -1.0))
 
 
-def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig) -> None:
+def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig, locality: Locality) -> None:
     """`sweep.md` (every point, the picks) and the plots `tradeoff.png`, `avg_acc_per_block.png`."""
     lines = [
         f"# Sweep: {job.model_name_or_path}, {job.benchmark} m={job.m}, setting {job.setting}",
+        "",
+        f"Locality measured on {locality.describe()}, split into validation and test halves.",
         "",
         "| point | A_M | A_F\\S val | Ā val | A_F\\S test | Ā test | retention test | agreement test |",
         "|---|---|---|---|---|---|---|---|",
@@ -70,7 +73,7 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
     lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "sweep.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(folder, "sweep.json"), json.dumps(
-        {"rows": rows, "best_by_validation": best(rows, VALIDATION)["point"], "best_by_test": best(rows, TEST)["point"]}, indent=2
+        {"rows": rows, "locality": locality.to_dict(), "best_by_validation": best(rows, VALIDATION)["point"], "best_by_test": best(rows, TEST)["point"]}, indent=2
     ))
     plot_sweep(folder, rows, job)
 

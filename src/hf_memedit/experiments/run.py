@@ -21,10 +21,11 @@ from ..edit_trainer import ConstrainedEditTrainer
 from ..evaluation.metrics import edit_metrics, evaluate_splits
 from ..evaluation.results import ResultsRecord
 from ..io import atomic_directory, atomic_write_text
+from ..preservation import Locality, known_evidence
 from ..run_folder import begin_outputs, claim_run_folder, seal_run
-from .job_config import FT_SETTINGS, FTA_SETTINGS, JobConfig
+from .job_config import FT_SETTINGS, JobConfig
 from .loading import load_model_and_tokenizer, prepare_benchmark
-from .settings import edit_train_dataset, starting_model
+from .settings import edit_train_dataset, locality_split, preserve_objective, starting_model
 
 
 @dataclass
@@ -65,28 +66,31 @@ def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapp
     if splits is None:
         splits = prepare_benchmark(job, model, tokenizer)
     model = starting_model(model, tokenizer, splits, job, args)
+    splits, locality = locality_split(splits, job, args)
     eval_splits = datasets.DatasetDict({k: splits[k] for k in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST)})
     if job.setting == "ft":  # nothing to edit: report what FT reached
         results = evaluate_splits(model, tokenizer, eval_splits, batch_size=args.per_device_eval_batch_size, show_progress=True)
-        return _finish(job, args, model, edit_metrics(eval_splits, results), [], None, start)
-    train_dataset, train_args = edit_train_dataset(splits, job.setting in FTA_SETTINGS, args)
+        return _finish(job, args, model, edit_metrics(eval_splits, results), [], None, start, locality)
+    objective = preserve_objective(job, args)
+    known = known_evidence(model, tokenizer, splits[UNMODIFIED_TRAIN], args.per_device_eval_batch_size) if objective == "answers" else None
+    train_dataset, train_args = edit_train_dataset(splits, objective, args, known)
     trainer = ConstrainedEditTrainer(
         model, train_args, train_dataset=train_dataset, eval_dataset=eval_splits, processing_class=tokenizer,
         fisher_dataset=splits[UNMODIFIED_TRAIN],
     )
     trainer.train(resume_from_checkpoint=resume)
     results = trainer.fact_results(eval_splits)
-    metrics = edit_metrics(eval_splits, results, trainer.before_edit)
+    metrics = edit_metrics(eval_splits, results, trainer.before_edit, tokenizer, trainer.kind)
     after = results[MODIFIED_TEST]
     examples = [
         {"uuid": row["uuid"], "relation": row["relation"], "subject": row["subject"], "text": row["text"],
          "old": row["original_object"], "new": row["object"], "predicted": tokenizer.decode(ids).strip(), "correct": ok}
         for row, ids, ok in zip(splits[MODIFIED_TEST], after.predicted, after.correct)
     ]
-    return _finish(job, args, model, metrics, examples, trainer, start)
+    return _finish(job, args, model, metrics, examples, trainer, start, locality)
 
 
-def _finish(job, args, model, metrics, examples, trainer, start) -> RunOutcome:
+def _finish(job, args, model, metrics, examples, trainer, start, locality: Locality) -> RunOutcome:
     """Write the run's outputs; the folder is sealed (memedit_run.json) only once all of them are in place."""
     record = ResultsRecord(
         metrics=metrics,
@@ -95,6 +99,7 @@ def _finish(job, args, model, metrics, examples, trainer, start) -> RunOutcome:
         model=job.model_name_or_path,
         benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
         facts=examples,
+        locality=locality.to_dict(),
         seconds=round(time.perf_counter() - start, 2),
     )
     if PartialState().is_main_process:
@@ -118,7 +123,11 @@ def run_config(job: JobConfig, args: EditConfig, kind: str) -> dict[str, Any]:
         edit_blocks=list(args.edit_blocks), norm=args.norm, delta=args.delta, learning_rate=args.learning_rate,
         max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
         per_device_train_batch_size=args.per_device_train_batch_size, seed=args.seed,
+        preserve_objective=preserve_objective(job, args),
     )
+    if config["preserve_objective"] != "none":
+        config.update(preserve_ratio=args.preserve_ratio, preserve_weight=args.preserve_weight,
+                      preserve_fraction=args.preserve_fraction)
     if job.setting in FT_SETTINGS:
         config.update(ft_blocks=list(job.ft_blocks), ft_learning_rate=job.ft_learning_rate, ft_epochs=job.ft_epochs)
     return config

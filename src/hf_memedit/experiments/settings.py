@@ -1,4 +1,5 @@
-"""The paper's settings: the model an edit starts from (FT, RI, as loaded) and the edit's training data (FTA mixes)."""
+"""The paper's settings: the model an edit starts from (FT, RI, as loaded), the facts locality is scored
+on, and the edit's training data (preservation mixes, FTA's among them)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 from collections.abc import Mapping
 
 import datasets
@@ -18,30 +18,14 @@ from ..benchmarks.common import MODIFIED_TRAIN, UNMODIFIED_TRAIN
 from ..edit_config import EditConfig
 from ..edit_trainer import ConstrainedEditTrainer
 from ..io import atomic_write_text
-from .job_config import FT_SETTINGS, JobConfig
+from ..preservation import Locality, disjoint_split, no_split, preservation_batches
+from .job_config import FT_SETTINGS, FTA_SETTINGS, JobConfig
 
 
 logger = logging.getLogger(__name__)
 
 
 FT_MARKER = "memedit_ft.json"
-
-
-def mixed_batches(modified: datasets.Dataset, unmodified: datasets.Dataset, per_side: int, epochs: float, seed: int) -> datasets.Dataset:
-    """FTA: groups of `per_side` modified + `per_side` unmodified evidences, each collated as one batch."""
-    if len(unmodified) == 0:
-        raise ValueError("FTA needs unmodified training evidence, and the benchmark has none.")
-    rng = random.Random(seed)
-    groups = []
-    passes = max(1, round(epochs))
-    for _ in range(passes):
-        order = list(range(len(modified)))
-        rng.shuffle(order)
-        for start in range(0, len(order), per_side):
-            chosen = [modified[i] for i in order[start : start + per_side]]
-            chosen += [unmodified[i] for i in rng.sample(range(len(unmodified)), min(per_side, len(unmodified)))]
-            groups.append({"text": [row["text"] for row in chosen], "object": [row["object"] for row in chosen]})
-    return datasets.Dataset.from_list(groups)
 
 
 def random_init(model: PreTrainedModel, seed: int) -> PreTrainedModel:
@@ -95,12 +79,43 @@ def starting_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
     return model
 
 
-def edit_train_dataset(splits: Mapping[str, datasets.Dataset], mixed: bool, args: EditConfig) -> tuple[datasets.Dataset, EditConfig]:
-    """The training data of the edit, and the args to train it with (FTA, `mixed`: one group per batch)."""
-    if mixed:
-        per_side = args.per_device_train_batch_size
-        groups = mixed_batches(splits[MODIFIED_TRAIN], splits[UNMODIFIED_TRAIN], per_side, args.num_train_epochs, args.seed)
-        return groups, dataclasses.replace(args, per_device_train_batch_size=1, num_train_epochs=1.0)
-    return splits[MODIFIED_TRAIN], args
+def preserve_objective(job: JobConfig, args: EditConfig) -> str:
+    """The preservation objective of this edit: the config's, or FTA's unmodified evidence for setting fta."""
+    if args.preserve_objective == "none" and job.setting in FTA_SETTINGS:
+        return "evidence"
+    return args.preserve_objective
 
 
+def uses_benchmark_facts(job: JobConfig, args: EditConfig) -> bool:
+    """Whether the edit trains on, or is constrained by, the benchmark's unmodified facts."""
+    return preserve_objective(job, args) != "none" or args.norm == "fisher"
+
+
+def locality_split(splits: Mapping[str, datasets.Dataset], job: JobConfig, args: EditConfig, always: bool = False) -> tuple[datasets.DatasetDict, Locality]:
+    """The splits an edit trains and is scored on: disjoint preservation and locality facts when the
+    edit uses the benchmark's unmodified facts (or `always`, for a sweep or compare whose points may)."""
+    if always or uses_benchmark_facts(job, args):
+        if args.preserve_fraction == 0:
+            logger.warning("preserve_fraction 0: locality is scored on the same facts the edit preserves (not disjoint).")
+        return disjoint_split(splits, args.preserve_fraction, job.benchmark_seed)
+    return no_split(splits)
+
+
+def edit_train_dataset(
+    splits: Mapping[str, datasets.Dataset], objective: str, args: EditConfig, known: datasets.Dataset | None = None,
+) -> tuple[datasets.Dataset, EditConfig]:
+    """The edit's training data, and the args to train it with (a preservation mix: one group per batch).
+
+    `objective` 'evidence' mixes in the unmodified evidence (FTA); 'answers' mixes in `known`, the
+    unmodified evidence θ0 predicts right (`preservation.known_evidence`).
+    """
+    if objective == "none":
+        return splits[MODIFIED_TRAIN], args
+    if objective == "answers" and known is None:
+        raise ValueError("preserve_objective 'answers' needs the evidence θ0 answers right (preservation.known_evidence).")
+    neighbours = known if objective == "answers" else splits[UNMODIFIED_TRAIN]
+    groups = preservation_batches(
+        splits[MODIFIED_TRAIN], neighbours, args.per_device_train_batch_size, args.preserve_ratio,
+        args.preserve_weight, args.num_train_epochs, args.seed, args.preserve_same_relation and objective == "answers",
+    )
+    return groups, dataclasses.replace(args, per_device_train_batch_size=1, num_train_epochs=1.0)

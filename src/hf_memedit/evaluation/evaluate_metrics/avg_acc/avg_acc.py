@@ -12,7 +12,7 @@ from hf_memedit.evaluation.metrics import avg_acc
 _DESCRIPTION = """\
 A_M (accuracy on the modified facts, with their new objects), A_F\\S (accuracy on the unmodified
 facts) and their mean Ā; with the before-edit results also A_F before the edit, the drop in
-A_F\\S, retention and agreement; and a per-relation breakdown when relations are given.
+A_F\\S, retention, agreement and bleed; and a per-relation breakdown when relations are given.
 """
 
 _KWARGS_DESCRIPTION = """\
@@ -23,12 +23,14 @@ Args:
         on its original object).
     predicted, predicted_before (`list` of `list` of `int`, optional): per fact, the predicted object
         token ids after and before the edit (for agreement).
+    bleeds (`list` of `bool`, optional): per fact, whether its prediction after the edit is one of the
+        edit's new objects (`hf_memedit.evaluation.metrics.bleed_flags`; with correct_before: bleed).
     relations (`list` of `str`, optional): per fact, its relation id (per-relation breakdown).
     train_correct (`list` of `bool`, optional): per training phrasing of the modified facts (A_M on
         the training phrasing, i.e. reliability).
 Returns:
     a_m, a_fs, avg_acc, n_modified, n_unmodified; with correct_before: a_fs_before, a_fs_drop,
-    retention, a_f_before; with predicted(_before): agreement; with relations: per_relation;
+    retention, n_lost, a_f_before; with predicted(_before): agreement; with bleeds: bleed; with relations: per_relation;
     with train_correct: a_m_train. Fractions in [0, 1]; None where a denominator is empty.
 Examples:
     >>> metric = evaluate.load(hf_memedit.AVG_ACC_METRIC_PATH)
@@ -57,8 +59,8 @@ class AvgAcc(evaluate.Metric):
         )
 
     def _compute(self, correct, modified, correct_before=None, predicted=None, predicted_before=None,
-                 relations=None, train_correct=None):
-        for name, values in (("correct_before", correct_before), ("predicted", predicted),
+                 relations=None, train_correct=None, bleeds=None):
+        for name, values in (("correct_before", correct_before), ("predicted", predicted), ("bleeds", bleeds),
                              ("predicted_before", predicted_before), ("relations", relations)):
             if values is not None and len(values) != len(correct):
                 raise ValueError(f"{name} has {len(values)} entries for {len(correct)} facts: give one per fact.")
@@ -74,6 +76,7 @@ class AvgAcc(evaluate.Metric):
             unmodified_correct_before=pick(correct_before, False),
             unmodified_predicted=pick(predicted, False),
             unmodified_predicted_before=pick(predicted_before, False),
+            unmodified_bleeds=pick(bleeds, False),
             modified_relations=pick(relations, True),
             unmodified_relations=pick(relations, False),
         )

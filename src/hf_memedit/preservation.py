@@ -1,0 +1,154 @@
+"""What an edit must keep: an honest locality split, the neighbours θ0 knows, and batches that mix them in.
+
+An edit that trains on preservation data from the benchmark (FTA's unmodified evidence, θ0's own
+answers on neighbour facts, a Fisher estimated on unmodified facts) would flatter its own retention
+if that were measured on the same facts. `disjoint_split` therefore sets a seeded share of the
+unmodified facts aside as the only preservation data (`preserve_fraction`, by a hash of the uuid)
+and measures locality on the others, minus every fact whose subject the preservation facts share.
+Every results file records the `Locality` it was measured on.
+
+Preservation objectives (`EditConfig.preserve_objective`), mixed into every batch of the edit:
+- `evidence`: the unmodified facts' training evidence with their benchmark objects (the paper's FTA);
+- `answers`: evidence of unmodified facts that θ0 predicts right, so the label is θ0's own answer:
+  the objective keeps behaviour rather than teaching labels. Drawn from the edit facts' own
+  relations (`preserve_same_relation`), where an edit's new objects most easily leak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import datasets
+
+from .benchmarks.common import UNMODIFIED_TEST, UNMODIFIED_TRAIN
+from .collators import WEIGHT_KEY
+from .evaluation.scoring import evaluate_facts
+
+
+PRESERVE_OBJECTIVES = ("none", "evidence", "answers")
+
+
+@dataclass(frozen=True)
+class Locality:
+    """Which unmodified facts locality (A_F\\S, retention, agreement, bleed) was measured on."""
+
+    disjoint: bool  # no preservation data touched a scored fact or its subject
+    preserve_fraction: float  # share of the unmodified facts set aside as preservation data
+    n_preservation_facts: int
+    n_locality_facts: int
+    n_shared_subject_dropped: int  # unmodified facts not scored because a preservation fact has their subject
+
+    def describe(self) -> str:
+        if self.n_preservation_facts == 0:
+            return f"all {self.n_locality_facts} unmodified facts (no preservation data from the benchmark)"
+        if not self.disjoint:
+            return (f"{self.n_locality_facts} unmodified facts, NOT disjoint from the preservation data "
+                    "(preserve_fraction 0): retention is overstated")
+        return (f"{self.n_locality_facts} unmodified facts disjoint from the {self.n_preservation_facts} preservation facts "
+                f"and their subjects (preserve_fraction {self.preserve_fraction}; "
+                f"{self.n_shared_subject_dropped} sharing a subject not scored)")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "description": self.describe()}
+
+
+def _rank(uuid: str, seed: int) -> str:
+    return hashlib.sha256(f"preserve:{seed}:{uuid}".encode()).hexdigest()
+
+
+def disjoint_split(splits: Mapping[str, datasets.Dataset], fraction: float, seed: int) -> tuple[datasets.DatasetDict, Locality]:
+    """Unmodified facts split by a seeded hash of their uuid: `fraction` of them keep their training
+    evidence as the only preservation data; the others keep their test phrasing for locality, less
+    those whose subject a preservation fact shares. `fraction` 0 keeps everything, flagged not disjoint."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"preserve_fraction must lie in [0, 1), got {fraction}.")
+    out = datasets.DatasetDict(dict(splits))
+    train, test = splits[UNMODIFIED_TRAIN], splits[UNMODIFIED_TEST]
+    uuids = sorted(set(train["uuid"]) | set(test["uuid"]), key=lambda u: _rank(u, seed))
+    if fraction == 0:
+        return out, Locality(False, 0.0, len(set(train["uuid"])), len(test), 0)
+    pool = set(uuids[: round(fraction * len(uuids))])
+    subjects = {s for u, s in zip(train["uuid"], train["subject"]) if u in pool}
+    subjects |= {s for u, s in zip(test["uuid"], test["subject"]) if u in pool}
+    out[UNMODIFIED_TRAIN] = train.select([i for i, u in enumerate(train["uuid"]) if u in pool])
+    scored = [i for i, (u, s) in enumerate(zip(test["uuid"], test["subject"])) if u not in pool and s not in subjects]
+    shared = sum(1 for u, s in zip(test["uuid"], test["subject"]) if u not in pool and s in subjects)
+    out[UNMODIFIED_TEST] = test.select(scored)
+    return out, Locality(True, fraction, len(set(out[UNMODIFIED_TRAIN]["uuid"])), len(scored), shared)
+
+
+def no_split(splits: Mapping[str, datasets.Dataset]) -> tuple[datasets.DatasetDict, Locality]:
+    """The splits as they are, for an edit that uses no preservation data from the benchmark."""
+    return datasets.DatasetDict(dict(splits)), Locality(True, 0.0, 0, len(splits[UNMODIFIED_TEST]), 0)
+
+
+def known_evidence(model, tokenizer, evidence: datasets.Dataset, batch_size: int = 64) -> datasets.Dataset:
+    """The evidence rows `model` predicts right: their objects are the model's own answers."""
+    if len(evidence) == 0:
+        return evidence
+    correct = evaluate_facts(model, tokenizer, evidence, batch_size=batch_size, show_progress=True).correct
+    return evidence.select([i for i, ok in enumerate(correct) if ok])
+
+
+def preservation_batches(
+    edit: datasets.Dataset,
+    neighbours: datasets.Dataset,
+    per_batch: int,
+    ratio: float,
+    weight: float,
+    epochs: float,
+    seed: int,
+    same_relation: bool,
+) -> datasets.Dataset:
+    """Groups of `per_batch` edit facts plus `round(ratio × per_batch)` neighbours, each collated as one batch.
+
+    Neighbours carry the loss weight `weight` (edit facts 1). With `same_relation` each edit fact
+    brings neighbours of its own relation (any relation where it has none). Deterministic in `seed`.
+    """
+    if len(neighbours) == 0:
+        raise ValueError(
+            "The preservation objective has no neighbour facts to mix in (no unmodified evidence, or none that the "
+            "model predicts right): set preserve_objective none, or a larger preserve_fraction."
+        )
+    rng = random.Random(seed)
+    rows = list(neighbours)
+    by_relation: dict[str, list[int]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        by_relation[row["relation"]].append(index)
+    count = round(ratio * per_batch)
+    groups = []
+    for _ in range(max(1, round(epochs))):
+        order = list(range(len(edit)))
+        rng.shuffle(order)
+        for start in range(0, len(order), per_batch):
+            chosen = [edit[i] for i in order[start : start + per_batch]]
+            drawn = _draw(rng, chosen, by_relation, len(rows), count, same_relation)
+            facts = chosen + [rows[i] for i in drawn]
+            groups.append({
+                "text": [row["text"] for row in facts],
+                "object": [row["object"] for row in facts],
+                WEIGHT_KEY: [1.0] * len(chosen) + [float(weight)] * len(drawn),
+            })
+    return datasets.Dataset.from_list(groups)
+
+
+def _draw(rng: random.Random, chosen: Sequence[Mapping], by_relation: Mapping[str, list[int]], total: int,
+          count: int, same_relation: bool) -> list[int]:
+    """`count` distinct neighbour indices (fewer when there are fewer), spread over the chosen facts' relations."""
+    if not same_relation:
+        return rng.sample(range(total), min(count, total))
+    drawn: list[int] = []
+    taken: set[int] = set()
+    for slot in range(count):
+        relation = chosen[slot % len(chosen)]["relation"]
+        free = [i for i in by_relation.get(relation, ()) if i not in taken] or [i for i in range(total) if i not in taken]
+        if not free:
+            break
+        pick = rng.choice(free)
+        taken.add(pick)
+        drawn.append(pick)
+    return drawn

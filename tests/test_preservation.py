@@ -1,0 +1,163 @@
+"""Preservation: the disjoint locality split, the neighbour mix and its weighted loss, bleed, and the options' errors."""
+
+import datasets
+import pytest
+import torch
+
+from hf_memedit import EditConfig, FactCollator
+from hf_memedit.benchmarks.common import FEATURES, MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
+from hf_memedit.cli import parse
+from hf_memedit.edit_trainer import ConstrainedEditTrainer, ObjectTokenLoss
+from hf_memedit.evaluation.metrics import avg_acc, bleed_flags
+from hf_memedit.evaluation.results import ResultsRecord
+from hf_memedit.experiments import run_edit
+from hf_memedit.preservation import disjoint_split, preservation_batches
+
+from .helpers import ROOT, tiny_bert
+
+
+def _row(uuid, relation, subject, text, obj):
+    return {"uuid": uuid, "relation": relation, "subject": subject, "text": text, "object": obj, "original_object": obj}
+
+
+def _splits(n=40):
+    """n unmodified facts over two relations sharing subjects (as geo's capital and continent do)."""
+    train, test = [], []
+    for i in range(n):
+        relation, subject = ("P36", "P30")[i % 2], f"country{i // 2}"
+        train += [_row(f"u{i}", relation, subject, f"Of {subject} the {relation} is [Y].", "Paris")] * 2
+        test.append(_row(f"u{i}", relation, subject, f"The {relation} of {subject} is [Y].", "Paris"))
+    modified = [_row("m0", "P36", "countryX", "The capital of countryX is [Y].", "Lima")]
+    make = lambda rows: datasets.Dataset.from_list(rows, features=FEATURES)  # noqa: E731
+    return datasets.DatasetDict({MODIFIED_TRAIN: make(modified), MODIFIED_TEST: make(modified),
+                                 UNMODIFIED_TRAIN: make(train), UNMODIFIED_TEST: make(test)})
+
+
+def test_the_locality_facts_share_nothing_with_the_preservation_facts():
+    splits = _splits()
+    out, locality = disjoint_split(splits, 0.5, seed=0)
+    kept, scored = out[UNMODIFIED_TRAIN], out[UNMODIFIED_TEST]
+    assert set(kept["uuid"]).isdisjoint(scored["uuid"]) and set(kept["subject"]).isdisjoint(scored["subject"])
+    assert locality.disjoint and locality.n_preservation_facts == 20
+    assert locality.n_locality_facts == len(scored) > 0
+    assert locality.n_locality_facts + locality.n_shared_subject_dropped == 20
+    assert str(len(scored)) in locality.describe() and "disjoint" in locality.describe()
+    # The same seed gives the same split whatever the row order; another seed another split.
+    shuffled = datasets.DatasetDict({k: v.shuffle(seed=3) for k, v in splits.items()})
+    assert set(disjoint_split(shuffled, 0.5, seed=0)[0][UNMODIFIED_TEST]["uuid"]) == set(scored["uuid"])
+    assert set(disjoint_split(splits, 0.5, seed=1)[0][UNMODIFIED_TEST]["uuid"]) != set(scored["uuid"])
+    # The modified facts are untouched.
+    assert out[MODIFIED_TRAIN]["uuid"] == ["m0"]
+
+
+def test_no_split_is_flagged_and_a_bad_fraction_refused():
+    out, locality = disjoint_split(_splits(), 0.0, seed=0)
+    assert not locality.disjoint and "NOT disjoint" in locality.describe()
+    assert len(out[UNMODIFIED_TEST]) == 40
+    with pytest.raises(ValueError, match="preserve_fraction"):
+        disjoint_split(_splits(), 1.0, seed=0)
+
+
+def test_preservation_batches_mix_neighbours_of_the_same_relation_with_their_weight():
+    splits = _splits()
+    edit = datasets.Dataset.from_list([_row(f"m{i}", "P36", f"c{i}", "The capital of c is [Y].", "Lima") for i in range(5)])
+    groups = preservation_batches(edit, splits[UNMODIFIED_TRAIN], per_batch=2, ratio=1.5, weight=0.25, epochs=2, seed=0,
+                                  same_relation=True)
+    assert len(groups) == 6  # 3 batches (2, 2, 1 edit facts) per epoch
+    neighbours = {row["text"]: row["relation"] for row in splits[UNMODIFIED_TRAIN]}
+    for group in groups:
+        n_edit = group["weight"].count(1.0)
+        assert group["weight"] == [1.0] * n_edit + [0.25] * 3  # round(1.5 × 2) neighbours, whatever the batch's size
+        assert all(neighbours[text] == "P36" for text in group["text"][n_edit:])
+    again = preservation_batches(edit, splits[UNMODIFIED_TRAIN], 2, 1.5, 0.25, 2, 0, True)
+    assert again.to_list() == groups.to_list()
+    with pytest.raises(ValueError, match="no neighbour facts"):
+        preservation_batches(edit, splits[UNMODIFIED_TRAIN].select([]), 2, 1.0, 1.0, 1, 0, True)
+
+
+def test_weighted_loss_is_the_weighted_sum_over_object_tokens(bert_tokenizer):
+    collator = FactCollator(bert_tokenizer, "masked")
+    group = {"text": ["The capital of France is [Y].", "The capital of Peru is [Y]."], "object": ["Paris", "Kitchener-Waterloo"]}
+    plain = collator([group])
+    assert "object_weights" not in plain  # all weights 1: the batch is the FTA batch it always was
+    weighted = collator([{**group, "weight": [1.0, 0.3]}])
+    assert weighted["object_weights"].tolist() == pytest.approx([1.0, 0.3])
+    torch.manual_seed(0)
+    logits = torch.randn(*plain["input_ids"].shape, 50, dtype=torch.float64)
+    labels = weighted["labels"].clamp(max=49).where(weighted["labels"] >= 0, torch.tensor(-100))
+    loss = ObjectTokenLoss("masked")
+    unweighted = loss({"logits": logits}, labels, num_items_in_batch=7)
+    loss.row_weights = torch.tensor([1.0, 1.0])
+    assert loss({"logits": logits}, labels, num_items_in_batch=7).item() == pytest.approx(unweighted.item(), rel=1e-12)
+    loss.row_weights = weighted["object_weights"]
+    per_token = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="none")
+    rows = (labels != -100).nonzero()[:, 0]
+    expected = (per_token * weighted["object_weights"].double()[rows]).sum() / 7
+    assert loss({"logits": logits}, labels, num_items_in_batch=7).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_the_trainer_trains_on_weighted_groups_and_weight_matters(bert_tokenizer, tmp_path):
+    group = {"text": ["The capital of France is [Y].", "The capital of Peru is [Y]."], "object": ["Lima", "Lima"]}
+    results = {}
+    for weight in (1.0, 1e-6):
+        args = EditConfig(output_dir=str(tmp_path / str(weight)), edit_blocks=["0"], norm="none", delta=None,
+                          learning_rate=1e-2, max_steps=3, per_device_train_batch_size=1, report_to="none",
+                          save_strategy="no", disable_tqdm=True, use_cpu=True)
+        data = datasets.Dataset.from_list([{**group, "weight": [1.0, weight]}] * 3)
+        trainer = ConstrainedEditTrainer(tiny_bert(bert_tokenizer.vocab_size, seed=0), args, train_dataset=data,
+                                         processing_class=bert_tokenizer)
+        trainer.train()
+        results[weight] = {n: p.detach().clone() for n, p in trainer.edit_model.trainable_parameters().items()}
+    assert any(not torch.equal(results[1.0][n], results[1e-6][n]) for n in results[1.0])
+
+
+def test_bleed_counts_lost_facts_that_now_predict_a_new_object(bert_tokenizer):
+    modified = [{"text": "The capital of Peru is [Y].", "object": "Paris"}]
+    unmodified = [{"text": "The capital of Norway is [Y].", "object": "Oslo"},
+                  {"text": "The capital of Greece is [Y].", "object": "Athens"},
+                  {"text": "The capital of Chile is [Y].", "object": "Paris"}]
+    paris, lima = bert_tokenizer.convert_tokens_to_ids(["paris", "lima"])
+    flags = bleed_flags(bert_tokenizer, "masked", modified, unmodified, [[paris], [lima], [paris]])
+    assert flags == [True, False, False]  # the third predicts its own object, which happens to be a new one
+    metrics = avg_acc([True], [False, False, True], unmodified_correct_before=[True, True, False],
+                      unmodified_bleeds=flags, modified_relations=["P36"], unmodified_relations=["P36", "P30", "P36"])
+    assert metrics["n_lost"] == 2 and metrics["bleed"] == 0.5
+    assert metrics["per_relation"]["P36"]["bleed"] == 1.0 and metrics["per_relation"]["P30"]["bleed"] == 0.0
+    with pytest.raises(ValueError, match="unmodified_bleeds"):
+        avg_acc([True], [False], unmodified_correct_before=[True], unmodified_bleeds=[True, False])
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("preserve_objective", "kl2", "Unknown preserve_objective"), ("preserve_ratio", 0, "preserve_ratio"),
+     ("preserve_weight", -1.0, "preserve_weight"), ("preserve_fraction", 1.0, "preserve_fraction")],
+)
+def test_preservation_options_are_checked(option, value, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        EditConfig(output_dir=str(tmp_path), **{option: value})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, fraction", [("answers", 0.5), ("evidence", 0.0)])
+def test_a_preserving_edit_reports_locality_on_disjoint_facts(objective, fraction, tmp_path, tmp_path_factory, real_bert_dir):
+    ft_dir = tmp_path_factory.getbasetemp() / "preserving_ft"  # both cases start from one FT model
+    job, args, _ = parse("edit", [
+        "--config", str(ROOT / "trainer_configs" / "bert_tiny_ft_ftm.yaml"), "--output_dir", str(tmp_path / "run"),
+        "--ft_dir", str(ft_dir),
+        "--preserve_objective", objective, "--preserve_fraction", str(fraction), "--max_steps", "20", "--ft_epochs", "10",
+        "--disable_tqdm", "true",
+    ])
+    outcome = run_edit(job, args)
+    record = ResultsRecord.load(tmp_path / "run")
+    locality = record.locality
+    assert record.config["preserve_objective"] == objective and record.config["preserve_fraction"] == fraction
+    assert locality["n_locality_facts"] == record.metrics["n_unmodified"]
+    assert {"bleed", "n_lost"} <= set(record.metrics)
+    text = (tmp_path / "run" / "results.md").read_text()
+    assert locality["description"] in text
+    if fraction:
+        assert locality["disjoint"] and 0 < locality["n_locality_facts"] < 120 - 8
+    else:
+        assert not locality["disjoint"] and "NOT disjoint" in text
+    # Every batch held the edit's facts and as many preservation facts.
+    assert all(len(group) == 2 * args.per_device_train_batch_size for group in outcome.trainer.train_dataset["text"][:-1])
