@@ -8,6 +8,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from hf_memedit import FactEncoder, FactEncodingError, candidate_vocabulary, evaluate_facts
 from hf_memedit.benchmarks import load_benchmark
+from hf_memedit.evaluation.scoring import generate_facts, normalize_answer
 
 from .helpers import naive_greedy_correct, tiny_bert
 
@@ -123,3 +124,23 @@ def test_smollm2_matches_a_naive_greedy_generate_loop(smollm2):
     # A real model that knows capitals: some right (originals), none of the new capitals (modified).
     assert 0.1 < sum(naive[8:]) / len(naive[8:]) < 0.9
     assert not any(naive[:8])
+
+
+@pytest.mark.slow
+def test_generation_scoring_is_stricter_than_teacher_forcing(smollm2):
+    """Greedy generation must produce the object and then stop (EOS, newline or period): every fact it scores right
+    is right under teacher forcing too, and a real model gets some right."""
+    model, tokenizer = smollm2
+    splits = load_benchmark("geo_mod", m=8, relations=["P36"], object_last=True, max_facts_per_relation=64)
+    facts = list(splits["unmodified_test"])
+    forced = evaluate_facts(model, tokenizer, facts, batch_size=16).correct
+    generated = generate_facts(model, tokenizer, facts, batch_size=7)
+    assert generated == generate_facts(model, tokenizer, facts, batch_size=32)  # batching (left padding) changes nothing
+    assert all(f for g, f in zip(generated, forced) if g)
+    assert 0 < sum(generated) <= sum(forced)
+
+
+def test_answers_are_normalised_as_squad_does(bert_tokenizer):
+    assert normalize_answer("  The Paris, ") == "paris" and normalize_answer("St. John's") == "st johns"
+    with pytest.raises(ValueError, match="causal LM"):
+        generate_facts(tiny_bert(bert_tokenizer.vocab_size), bert_tokenizer, [{"text": "[Y] is big.", "object": "a"}])

@@ -58,10 +58,13 @@ class FactEncoder:
     kind: str
     placeholder: str = PLACEHOLDER
     max_length: int | None = None
+    append_eos: bool = False  # causal: the EOS token follows the object and is labelled (LocFT-BF's targets)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"Unknown model kind {self.kind!r}: choose 'masked' or 'causal'.")
+        if self.append_eos and (self.kind != "causal" or self.tokenizer.eos_token_id is None):
+            raise ValueError("Appending EOS to the targets (eos_target) needs a causal LM whose tokenizer has an EOS token.")
         if self.kind == "masked" and self.tokenizer.mask_token_id is None:
             raise ValueError(
                 f"{type(self.tokenizer).__name__} has no mask token, so it cannot encode facts for a "
@@ -98,6 +101,9 @@ class FactEncoder:
                 )
             # Drop anything after the object (e.g. an EOS the tokenizer appends).
             ids = ids[: positions[-1] + 1]
+            if self.append_eos:
+                positions.append(len(ids))
+                ids.append(self.tokenizer.eos_token_id)
         if self.max_length is not None and len(ids) > self.max_length:
             raise FactEncodingError(f"{text!r} is {len(ids)} tokens long, more than max_length={self.max_length}")
         labels = [-100] * len(ids)
@@ -141,9 +147,10 @@ class FactCollator:
     text_key: str = "text"
     object_key: str = "object"
     max_length: int | None = None
+    append_eos: bool = False
 
     def __post_init__(self):
-        self.encoder = FactEncoder(self.tokenizer, self.kind, self.placeholder, self.max_length)
+        self.encoder = FactEncoder(self.tokenizer, self.kind, self.placeholder, self.max_length, self.append_eos)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 

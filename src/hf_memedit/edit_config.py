@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 
 from .blocks import BlockSelectorConfig, parse_block_spec
 from .preservation import PRESERVE_OBJECTIVES
-from .projection import L2_SCOPES, NORMS, validate_constraint
+from .projection import KEY_CONSTRAINTS, L2_SCOPES, NORMS, validate_constraint, validate_delta
 
 
 @dataclass
@@ -39,6 +39,26 @@ class EditConfig(TrainingArguments):
     stop_at_loss: float | None = field(
         default=None,
         metadata={"help": "Stop training once a step's loss falls below this (FT-L's early stop; EasyEdit: 1e-2)."},
+    )
+    eos_target: bool = field(
+        default=False,
+        metadata={"help": "Causal LMs: append the EOS token to every training target, so the edited model stops after "
+                  "the new object (LocFT-BF; 'The Mirage of Model Editing')."},
+    )
+    loss_reduction: str = field(
+        default="token",
+        metadata={"help": "'token': cross-entropy summed over the batch's object tokens / their number (exact under "
+                  "gradient accumulation); 'sequence': the mean over facts of each fact's mean token loss (LocFT-BF's).",
+                  "choices": ["token", "sequence"]},
+    )
+    skip_below_loss: float | None = field(
+        default=None,
+        metadata={"help": "Skip the update of a batch whose loss is already below this (LocFT-BF: 1e-2): no gradient, "
+                  "so Adam leaves every parameter and its moments alone."},
+    )
+    stop_at_epoch_loss: float | None = field(
+        default=None,
+        metadata={"help": "Stop once an epoch's mean batch loss falls below this (LocFT-BF's early stop: 1e-2)."},
     )
     blocks_path: str | None = field(
         default=None,
@@ -106,6 +126,57 @@ class EditConfig(TrainingArguments):
                   "of unmodified facts (a seeded hash of the uuid) it may use; locality is then scored only on the "
                   "others whose subjects it never touched. 0 uses all facts for both, flagged as not disjoint."},
     )
+    key_constraint: str = field(
+        default="none",
+        metadata={
+            "help": "A constraint on the preserved keys (the edited linear layers' inputs on preserve_corpus; "
+            "hf_memedit.keys), intersected with the norm ball: 'nullspace' (AlphaEdit: updates only along the "
+            "directions the keys barely use), 'output' (E‖ΔW k‖² ≤ output_rho·E‖W0 k‖² per layer) or 'none'. "
+            "Biases and norms of the edited modules then stay at θ0.",
+            "choices": list(KEY_CONSTRAINTS),
+        },
+    )
+    nullspace_threshold: float = field(
+        default=2e-2,
+        metadata={"help": "key_constraint nullspace: keep the eigen-directions of E[k kᵀ] with eigenvalue below this "
+                  "(AlphaEdit's 2e-2)."},
+    )
+    nullspace_energy: float | None = field(
+        default=None,
+        metadata={"help": "key_constraint nullspace, instead of the threshold: remove the largest directions holding "
+                  "this share of E[k kᵀ]'s trace (e.g. 0.99)."},
+    )
+    output_rho: float = field(
+        default=1e-2, metadata={"help": "key_constraint output: the bound ρ of E‖ΔW k‖² ≤ ρ·E‖W0 k‖² per layer."}
+    )
+    preserve_corpus: str = field(
+        default="samples",
+        metadata={"help": "Where the preserved keys come from: 'samples' (the model's own seeded samples: data-free, "
+                  "causal LMs), 'benchmark' (the unmodified facts set aside by preserve_fraction), or a datasets "
+                  "folder, data file (.jsonl/.csv/.parquet/.txt) or Hub id (e.g. wikitext where the Hub is reachable)."},
+    )
+    preserve_corpus_column: str = field(default="text", metadata={"help": "The text column of a datasets preserve_corpus."})
+    preserve_corpus_samples: int = field(
+        default=256, metadata={"help": "How many texts of preserve_corpus (or samples of the model) the keys are taken over."}
+    )
+    preserve_corpus_length: int = field(default=64, metadata={"help": "Tokens per sample of preserve_corpus 'samples'."})
+    preserve_keys_file: str | None = field(
+        default=None,
+        metadata={"help": "safetensors file of the preserved keys: read when it exists (refused unless made for this "
+                  "model, layers and corpus), else written. Default: named by those hashes under HF_HOME/hf_memedit/keys."},
+    )
+    projection_iterations: int = field(
+        default=20, metadata={"help": "Dykstra iterations when a key constraint meets a ball it is not exact with."}
+    )
+    projection_tolerance: float = field(
+        default=1e-3,
+        metadata={"help": "Dykstra stops once the ball is exceeded by at most this × δ (the result always lies in the key set)."},
+    )
+    generation_eval: bool = field(
+        default=False,
+        metadata={"help": "Causal LMs: also score A_M, A_F\\S and retention by greedy generation until EOS, newline "
+                  "or period with normalised exact match (gen_a_m, gen_retention), beside the teacher-forced scores."},
+    )
     eval_before_edit: bool = field(
         default=True,
         metadata={
@@ -159,6 +230,20 @@ class EditConfig(TrainingArguments):
             raise ValueError(f"preserve_ratio must be positive (preservation facts per edit fact), got {self.preserve_ratio}.")
         if not self.preserve_weight > 0:
             raise ValueError(f"preserve_weight must be positive, got {self.preserve_weight}: for no preservation set preserve_objective none.")
+        if self.loss_reduction not in ("token", "sequence"):
+            raise ValueError(f"Unknown loss_reduction {self.loss_reduction!r}: choose token or sequence.")
+        for name in ("skip_below_loss", "stop_at_epoch_loss", "stop_at_loss"):
+            if getattr(self, name) is not None:
+                validate_delta(getattr(self, name), name)
+        if self.key_constraint not in KEY_CONSTRAINTS:
+            raise ValueError(f"Unknown key_constraint {self.key_constraint!r}: choose one of {', '.join(KEY_CONSTRAINTS)}.")
+        validate_delta(self.nullspace_threshold, "nullspace_threshold")
+        validate_delta(self.output_rho, "output_rho")
+        if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:
+            raise ValueError(f"nullspace_energy must lie in (0, 1), got {self.nullspace_energy}.")
+        for name in ("preserve_corpus_samples", "preserve_corpus_length", "projection_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if not 0 <= self.preserve_fraction < 1:
             raise ValueError(f"preserve_fraction must lie in [0, 1), got {self.preserve_fraction}.")
         if not self.learning_rate > 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import datasets
@@ -24,8 +24,9 @@ from .fast_paths.heads import head_modules, logit_positions, object_targets
 from .fast_paths.prefix import PrefixCache, fast_forward, first_editable_block
 from .fisher import diagonal_fisher
 from .io import load_tensors, save_tensors
+from .keys import KeyStatistics, corpus_texts, key_layers, preserved_keys
 from .model import EditModel, get_edit_model
-from .projection import NormBallProjector
+from .projection import KeyProjector, NormBallProjector
 
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,19 @@ class _StopAtLossCallback(TrainerCallback):
         self.trainer._step_loss = 0.0
 
 
+class _StopAtEpochLossCallback(TrainerCallback):
+    """LocFT-BF's early stop: the mean loss of an epoch's batches below `stop_at_epoch_loss`."""
+
+    def __init__(self, trainer: ConstrainedEditTrainer):
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        losses = self.trainer._epoch_losses
+        if args.stop_at_epoch_loss is not None and losses and sum(losses) / len(losses) < args.stop_at_epoch_loss:
+            control.should_training_stop = True
+        self.trainer._epoch_losses = []
+
+
 class ConstrainedEditTrainer(Trainer):
     """Fine-tunes the selected blocks on the edit's facts, keeping ||θ − θ0|| ≤ δ.
 
@@ -120,6 +134,9 @@ class ConstrainedEditTrainer(Trainer):
         fisher: that Fisher already estimated (`diagonal_fisher`), e.g. shared by a sweep's points.
         prefix_cache: a `PrefixCache` to reuse (a sweep shares one across its δ), else one is built
             when `args.prefix_cache` is set and something below the edited blocks is frozen.
+        keys: the preserved keys (`hf_memedit.keys.preserved_keys`) of `args.key_constraint`, else they are
+            taken (or read from the cache) on `args.preserve_corpus`.
+        preserve_texts: the texts of `preserve_corpus: benchmark` (the unmodified facts set aside).
     """
 
     def __init__(
@@ -132,6 +149,8 @@ class ConstrainedEditTrainer(Trainer):
         fisher_dataset=None,
         fisher: dict[str, torch.Tensor] | None = None,
         prefix_cache: PrefixCache | None = None,
+        keys: KeyStatistics | None = None,
+        preserve_texts: Sequence[str] | None = None,
         **kwargs,
     ):
         if not isinstance(args, EditConfig):
@@ -139,7 +158,7 @@ class ConstrainedEditTrainer(Trainer):
         edit_model = model if isinstance(model, EditModel) else get_edit_model(model, args.block_selector_config())
         base = edit_model.model
         if data_collator is None and processing_class is not None:
-            data_collator = FactCollator(processing_class, kind=model_kind(base))
+            data_collator = FactCollator(processing_class, kind=model_kind(base), append_eos=args.eos_target)
         kind = model_kind(base)
         # Object-only logits need to know the loss: only with the trainer's own loss function.
         object_only = args.object_logits_only and compute_loss_func is None and head_modules(base) is not None
@@ -150,7 +169,7 @@ class ConstrainedEditTrainer(Trainer):
             )
         self._weighted_loss = None
         if compute_loss_func is None:
-            compute_loss_func = self._weighted_loss = ObjectTokenLoss(kind)
+            compute_loss_func = self._weighted_loss = ObjectTokenLoss(kind, args.loss_reduction, args.gradient_accumulation_steps)
         super().__init__(
             model=base,
             args=args,
@@ -181,15 +200,32 @@ class ConstrainedEditTrainer(Trainer):
                 base, processing_class, fisher_dataset, list(edit_model.theta0), samples=args.fisher_samples,
                 seed=args.seed, show_progress=not args.disable_tqdm,
             )
+        key_projector = None
+        if args.key_constraint != "none":
+            if keys is None:
+                if processing_class is None:
+                    raise ValueError("key_constraint needs processing_class (the tokenizer) to take the preserved keys.")
+                texts = corpus_texts(args.preserve_corpus, args.preserve_corpus_column, args.preserve_corpus_samples, preserve_texts)
+                spec = {"corpus": args.preserve_corpus, "samples": args.preserve_corpus_samples,
+                        "length": args.preserve_corpus_length, "seed": args.seed}
+                keys = preserved_keys(base, processing_class, list(edit_model.theta0), texts, spec, args.preserve_keys_file)
+            key_projector = KeyProjector(
+                args.key_constraint, keys.moments, key_layers(base, list(edit_model.theta0)), list(edit_model.theta0),
+                edit_model.theta0, threshold=args.nullspace_threshold, energy=args.nullspace_energy, rho=args.output_rho,
+            )
+        self.keys = keys
         self.projector = NormBallProjector(
-            edit_model.trainable_parameters(), edit_model.theta0, args.norm, args.delta, args.l2_scope, fisher=fisher
+            edit_model.trainable_parameters(), edit_model.theta0, args.norm, args.delta, args.l2_scope, fisher=fisher,
+            keys=key_projector, iterations=args.projection_iterations, tolerance=args.projection_tolerance,
         )
         self._hooked_optimizer: torch.optim.Optimizer | None = None
         self.before_edit: dict[str, FactResults] | None = None
         self._step_loss = 0.0
         self._parameter_count: int | None = None
         self.add_callback(_SaveTheta0Callback(edit_model))
+        self._epoch_losses: list[float] = []
         self.add_callback(_StopAtLossCallback(self))
+        self.add_callback(_StopAtEpochLossCallback(self))
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -232,7 +268,7 @@ class ConstrainedEditTrainer(Trainer):
         """Trainer's loss; a batch's `object_weights` (a preservation mix) weight its rows in the object-token loss."""
         weights = inputs.pop(WEIGHTS_INPUT, None)
         if weights is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self._maybe_skip(super().compute_loss(model, inputs, return_outputs, num_items_in_batch))
         if self._weighted_loss is None:
             raise ValueError(
                 "This batch carries per-fact loss weights (a preservation mix), which a custom compute_loss_func "
@@ -240,9 +276,20 @@ class ConstrainedEditTrainer(Trainer):
             )
         self._weighted_loss.row_weights = weights
         try:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self._maybe_skip(super().compute_loss(model, inputs, return_outputs, num_items_in_batch))
         finally:
             self._weighted_loss.row_weights = None
+
+    def _maybe_skip(self, result):
+        """`skip_below_loss`: a training batch already below it gives no gradient (a leaf copy of its loss), so
+        the optimizer, which skips parameters without gradients, changes nothing; its loss is still logged."""
+        loss = result[0] if isinstance(result, tuple) else result
+        if self.model.training:
+            self._epoch_losses.append(float(loss.detach()))
+        if not self.model.training or self.args.skip_below_loss is None or float(loss.detach()) >= self.args.skip_below_loss:
+            return result
+        skipped = loss.detach().clone().requires_grad_()
+        return (skipped, *result[1:]) if isinstance(result, tuple) else skipped
 
     def floating_point_ops(self, inputs) -> int:
         """Trainer's estimate, 6 × tokens × non-embedding parameters, with the parameters counted once:
@@ -366,6 +413,8 @@ class ConstrainedEditTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
             logs["constraint_distance"] = self.projector.distance()
+            if self.projector.keys is not None and self.args.norm != "none":
+                logs["ball_violation"] = self.projector.ball_violation
         super().log(logs, *args, **kwargs)
 
 
@@ -381,11 +430,13 @@ class ObjectTokenLoss:
     straightforward forwards reduce the same `[n, vocab]` rows in the same order. Half-precision
     logits are upcast to float32 as transformers' LM losses do; float64 logits keep their precision
     (transformers' losses would round them to float32). With `row_weights` (set by the trainer for
-    one batch) each row's tokens count with its weight: Σ w·CE / num_items.
+    one batch) each row's tokens count with its weight: Σ w·CE / num_items. `reduction` 'sequence'
+    is LocFT-BF's loss instead: the (weighted) mean over facts of each fact's mean token loss, divided
+    by the accumulation steps as Trainer expects of a per-batch mean.
     """
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, reduction: str = "token", accumulation_steps: int = 1):
+        self.kind, self.reduction, self.accumulation_steps = kind, reduction, accumulation_steps
         self.row_weights: torch.Tensor | None = None
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
@@ -396,11 +447,19 @@ class ObjectTokenLoss:
         if logits.dtype != torch.float64:
             logits = logits.float()
         targets = object_targets(labels, self.kind).to(logits.device)
-        if self.row_weights is None:
+        if self.row_weights is None and self.reduction == "token":
             return fixed_cross_entropy(logits, targets, num_items_in_batch=num_items_in_batch)
         rows = positions.nonzero()[:, 0]
-        weights = self.row_weights.to(device=logits.device, dtype=logits.dtype)[rows]
-        total = (torch.nn.functional.cross_entropy(logits, targets, reduction="none") * weights).sum()
+        weights = torch.ones(len(positions), dtype=logits.dtype, device=logits.device) if self.row_weights is None else (
+            self.row_weights.to(device=logits.device, dtype=logits.dtype))
+        per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        if self.reduction == "sequence":  # each fact's mean token loss, averaged over the batch's facts
+            sums = torch.zeros(len(positions), dtype=per_token.dtype, device=per_token.device).index_add_(0, rows, per_token)
+            counts = positions.sum(1).to(per_token.dtype)
+            present = counts > 0
+            means = sums[present] / counts[present]
+            return (means * weights[present]).sum() / weights[present].sum() / self.accumulation_steps
+        total = (per_token * weights[rows]).sum()
         count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
         if torch.is_tensor(count):
             count = count.to(total.device)

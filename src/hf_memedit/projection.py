@@ -1,22 +1,39 @@
-"""Projection onto the norm ball ||θ − θ0|| ≤ δ (the paper's constrained fine-tuning).
+"""Projection onto the norm ball ||θ − θ0|| ≤ δ (the paper's constrained fine-tuning), and onto the
+preserved-key sets, alone or intersected with the ball.
 
 The projections are exact Euclidean nearest points of the ball:
 L∞ clamps every element into [θ0 − δ, θ0 + δ]; L2 rescales Δ = θ − θ0 by min(1, δ / ||Δ||₂),
 either over all trainable tensors together (the paper's θ) or tensor by tensor.
 `fisher` projects onto the paper's Appendix C ellipsoid Σᵢ Fᵢ Δᵢ² ≤ δ, F the diagonal Fisher
 information at θ0 (see `hf_memedit.fisher`).
+
+Key constraints, on the second moment C = E[k kᵀ] of each edited linear layer's inputs
+(`hf_memedit.keys`); parameters of the edited modules that have no keys (biases, norms) stay at θ0:
+- `nullspace` (AlphaEdit): ΔW = ΔW P with P = ÛÛᵀ, Û the eigenvectors of C with eigenvalue below
+  `nullspace_threshold` (or outside a kept-energy fraction): exact, a linear subspace.
+- `output`: E‖ΔW k‖² = tr(ΔW C ΔWᵀ) ≤ ρ·tr(W0 C W0ᵀ) per layer, projected exactly in C's eigenbasis
+  by the same 1-D multiplier search as the Fisher ellipsoid.
+With a ball as well: L2 (global) ∩ nullspace is exact (project onto the subspace, then rescale);
+every other pair is projected by Dykstra's alternating projections, which end on the key set
+(so the result lies in it exactly) and stop once the ball is violated by at most
+`projection_tolerance × δ` (or after `projection_iterations`; the violation left is logged).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
 import torch
 
 
+logger = logging.getLogger(__name__)
+
+
 NORMS = ("linf", "l2", "fisher", "none")
 L2_SCOPES = ("global", "per_tensor")
+KEY_CONSTRAINTS = ("none", "nullspace", "output")
 
 
 @torch.no_grad()
@@ -102,6 +119,102 @@ def linf_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch
     return max(float((param - theta0[name]).abs_().max()) for name, param in params.items())
 
 
+def nullspace_projector(moment: torch.Tensor, threshold: float | None = 2e-2, energy: float | None = None) -> torch.Tensor:
+    """P = ÛÛᵀ (float64) onto the eigen-directions of C below `threshold`, or, with `energy`, onto the
+    smallest ones that hold at most a 1 − energy share of C's trace (so `energy` of it is removed)."""
+    values, vectors = torch.linalg.eigh(moment.double())
+    if energy is not None:
+        keep = values.clamp(min=0).cumsum(0) <= (1 - energy) * values.clamp(min=0).sum()
+    else:
+        keep = values < validate_delta(threshold, "nullspace_threshold")
+    basis = vectors[:, keep]
+    return basis @ basis.T
+
+
+def _step(param: torch.Tensor, theta0: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Δ = θ − θ0 in float64, as [out, in] (a Conv1D weight is stored [in, out])."""
+    step = param.double() - theta0.double()
+    return step.T if transposed else step
+
+
+def _write(param: torch.Tensor, theta0: torch.Tensor, step: torch.Tensor, transposed: bool) -> None:
+    param.copy_((theta0.double() + (step.T if transposed else step)).to(param.dtype))
+
+
+@torch.no_grad()
+def project_nullspace_(param: torch.Tensor, theta0: torch.Tensor, projector: torch.Tensor, transposed: bool = False) -> None:
+    """ΔW ← ΔW P: the nearest update whose output on every preserved key is unchanged (P from `nullspace_projector`)."""
+    _write(param, theta0, _step(param, theta0, transposed) @ projector.to(param.device), transposed)
+
+
+def output_radius(theta0: torch.Tensor, moment: torch.Tensor, rho: float, transposed: bool = False) -> float:
+    """ρ·tr(W0 C W0ᵀ) = ρ·E‖W0 k‖²: the `output` constraint's bound for this layer."""
+    weight = theta0.double().T if transposed else theta0.double()
+    return float(rho * torch.einsum("oi,ij,oj->", weight, moment.double().to(weight.device), weight))
+
+
+@torch.no_grad()
+def project_output_(param: torch.Tensor, theta0: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor, radius: float,
+                    transposed: bool = False) -> float:
+    """Nearest update with tr(ΔW C ΔWᵀ) ≤ radius, C = V diag(λ) Vᵀ; returns the multiplier.
+
+    In the eigenbasis D = ΔW V the set is the ellipsoid Σⱼ λⱼ ‖D₋ⱼ‖² ≤ radius (rotations keep
+    distances), projected by `project_fisher_` with weight λⱼ on column j.
+    """
+    vectors = vectors.to(param.device)
+    rotated = _step(param, theta0, transposed) @ vectors
+    weights = values.clamp(min=0).to(param.device).expand_as(rotated)
+    zero = torch.zeros_like(rotated)
+    holder = {"d": rotated}
+    multiplier = project_fisher_(holder, {"d": zero}, {"d": weights}, radius)
+    _write(param, theta0, holder["d"] @ vectors.T, transposed)
+    return multiplier
+
+
+class KeyProjector:
+    """Projects the edited parameters onto a preserved-key set (`nullspace` or `output`) around θ0.
+
+    Built from `hf_memedit.keys.KeyStatistics`; the eigendecompositions are computed once.
+    """
+
+    def __init__(self, kind: str, moments: Mapping[str, torch.Tensor], layers: Mapping[str, tuple[str, bool]],
+                 names: list[str], theta0: Mapping[str, torch.Tensor], threshold: float | None = 2e-2,
+                 energy: float | None = None, rho: float = 1e-2):
+        if kind not in KEY_CONSTRAINTS or kind == "none":
+            raise ValueError(f"Unknown key constraint {kind!r}: choose nullspace or output.")
+        if energy is not None and not 0 < energy < 1:
+            raise ValueError(f"nullspace_energy must lie in (0, 1), got {energy}.")
+        validate_delta(rho, "output_rho")
+        missing = sorted(set(layers) - set(moments))
+        if missing:
+            raise ValueError(f"The preserved keys hold no statistics for {missing[:3]}: they were made for other layers.")
+        self.kind, self.layers, self.names = kind, dict(layers), list(names)
+        self.frozen = [name for name in names if name not in layers]  # biases, norms: no keys, kept at θ0
+        self.projectors: dict[str, torch.Tensor] = {}
+        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for name, (_, transposed) in self.layers.items():
+            if kind == "nullspace":
+                self.projectors[name] = nullspace_projector(moments[name], None if energy is not None else threshold, energy)
+            else:
+                values, vectors = torch.linalg.eigh(moments[name].double())
+                self.bases[name] = (values, vectors, output_radius(theta0[name], moments[name], rho, transposed))
+
+    def kept_dimensions(self) -> dict[str, int]:
+        """nullspace: per layer, how many input directions an update may still use."""
+        return {name: int(round(float(p.trace()))) for name, p in self.projectors.items()}
+
+    @torch.no_grad()
+    def project_(self, params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> None:
+        for name in self.frozen:
+            params[name].copy_(theta0[name])
+        for name, (_, transposed) in self.layers.items():
+            if self.kind == "nullspace":
+                project_nullspace_(params[name], theta0[name], self.projectors[name], transposed)
+            else:
+                values, vectors, radius = self.bases[name]
+                project_output_(params[name], theta0[name], values, vectors, radius, transposed)
+
+
 class NormBallProjector:
     """Holds θ0 and projects a set of parameters back onto the δ-ball around it.
 
@@ -117,6 +230,9 @@ class NormBallProjector:
         delta: float | None,
         l2_scope: str = "global",
         fisher: Mapping[str, torch.Tensor] | None = None,
+        keys: KeyProjector | None = None,
+        iterations: int = 20,
+        tolerance: float = 1e-3,
     ):
         validate_constraint(norm, delta, l2_scope)
         missing = sorted(set(params) - set(theta0))
@@ -130,6 +246,8 @@ class NormBallProjector:
         self.fisher = dict(fisher) if fisher is not None else None
         self.num_projections = 0
         self._bounds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # L∞: per θ0 tensor, its box
+        self.keys, self.iterations, self.tolerance = keys, iterations, tolerance
+        self.ball_violation = 0.0  # after the last Dykstra projection: how far outside the ball it stopped
 
     def _theta0_on_device(self) -> dict[str, torch.Tensor]:
         for name, param in self.params.items():
@@ -140,7 +258,47 @@ class NormBallProjector:
 
     @torch.no_grad()
     def project_(self) -> None:
-        """Project the parameters in place; a no-op for the unconstrained norm `none`."""
+        """Project the parameters in place onto the ball (∩ the key set); a no-op for `none` without keys."""
+        if self.keys is None:
+            self._project_ball()
+            return
+        theta0 = self._theta0_on_device()
+        if self.norm == "none":
+            self.keys.project_(self.params, theta0)
+        elif self.norm == "l2" and self.l2_scope == "global" and self.keys.kind == "nullspace":
+            self.keys.project_(self.params, theta0)
+            project_l2_(self.params, theta0, self.delta)  # a ball around θ0 and a subspace through it: exact
+        else:
+            self._dykstra(theta0)
+        self.num_projections += 1
+
+    def _dykstra(self, theta0: Mapping[str, torch.Tensor]) -> None:
+        """Dykstra's alternating projections onto ball ∩ key set, ending on the key set."""
+        y = {name: param.detach().clone() for name, param in self.params.items()}
+        p = {name: torch.zeros_like(value) for name, value in y.items()}
+        q = {name: torch.zeros_like(value) for name, value in y.items()}
+        for _ in range(self.iterations):
+            for name, param in self.params.items():
+                param.copy_(y[name] + p[name])
+            self._project_ball(count=False)
+            a = {name: param.detach().clone() for name, param in self.params.items()}
+            for name, param in self.params.items():
+                p[name] = y[name] + p[name] - a[name]
+                param.copy_(a[name] + q[name])
+            self.keys.project_(self.params, theta0)
+            for name, param in self.params.items():
+                q[name] = a[name] + q[name] - param
+                y[name] = param.detach().clone()
+            self.ball_violation = self.excess()
+            if self.ball_violation <= self.tolerance * self.delta:
+                return
+        logger.debug("Dykstra stopped after %d iterations, %.3g outside the ball.", self.iterations, self.ball_violation)
+
+    def excess(self) -> float:
+        """How far the parameters lie outside the ball, in its own measure (0 inside)."""
+        return max(0.0, self.distance() - self.delta) if self.delta is not None else 0.0
+
+    def _project_ball(self, count: bool = True) -> None:
         if self.norm == "none":
             return
         theta0 = self._theta0_on_device()
@@ -158,7 +316,8 @@ class NormBallProjector:
         else:
             for name, param in self.params.items():
                 project_l2_({name: param}, {name: theta0[name]}, self.delta)
-        self.num_projections += 1
+        if count:
+            self.num_projections += 1
 
     def distance(self) -> float:
         """The current ||θ − θ0|| in the projector's norm (Σ FΔ² for fisher, L∞ for `none`), for logging."""

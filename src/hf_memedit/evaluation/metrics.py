@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
 from ..collators import FactEncoder
 from ..fast_paths.prefix import PrefixCache
-from .scoring import FactResults, evaluate_facts
+from .scoring import FactResults, evaluate_facts, generate_facts
 
 
 def _share(flags: Sequence[bool]) -> float | None:
@@ -209,6 +209,21 @@ def edit_metrics(
                 tokenizer, kind, list(splits[MODIFIED_TEST]), list(splits[UNMODIFIED_TEST]), unmodified.predicted
             )
     return avg_acc(modified.correct, unmodified.correct, **kwargs)
+
+
+def generate_splits(model, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, Any], batch_size: int = 32) -> dict[str, list[bool]]:
+    """Generation-based correctness on the modified and unmodified test facts (the modified ones on their new object)."""
+    return {name: generate_facts(model, tokenizer, splits[name], batch_size=batch_size, show_progress=True)
+            for name in (MODIFIED_TEST, UNMODIFIED_TEST) if name in splits and len(splits[name])}
+
+
+def generation_metrics(
+    modified_correct: Sequence[bool], unmodified_correct: Sequence[bool], unmodified_correct_before: Sequence[bool],
+) -> dict[str, Any]:
+    """A_M, A_F\\S and retention by greedy generation (`scoring.generate_facts`), beside the teacher-forced ones."""
+    kept = [after for before, after in zip(unmodified_correct_before, unmodified_correct) if before]
+    return {"gen_a_m": _share(modified_correct), "gen_a_fs": _share(unmodified_correct),
+            "gen_a_fs_before": _share(unmodified_correct_before), "gen_retention": _share(kept)}
 
 
 AVG_ACC_METRIC_PATH = os.path.join(os.path.dirname(__file__), "evaluate_metrics", "avg_acc")

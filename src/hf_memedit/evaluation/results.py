@@ -30,6 +30,8 @@ METRIC_LABELS = {
     "retention": "retention (unmodified, right before → still right)",
     "agreement": "agreement (unmodified, same prediction)",
     "bleed": "bleed (lost facts now predicting a new object)",
+    "gen_a_m": "A_M by greedy generation",
+    "gen_retention": "retention by greedy generation",
 }
 
 

@@ -14,6 +14,8 @@ Optionally the argmax runs over a candidate vocabulary instead of the full one (
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import eval_mode, model_kind
-from ..collators import FactCollator
+from ..collators import PLACEHOLDER, FactCollator
 from ..fast_paths.heads import head_modules, logit_positions, object_targets
 from ..fast_paths.prefix import PrefixCache, fast_forward
 
@@ -119,3 +121,66 @@ def _candidate_tensor(candidates: Sequence[int] | None, model: PreTrainedModel, 
     if ids[0] < 0 or ids[-1] >= vocab:
         raise ValueError(f"Candidate token ids must lie in [0, {vocab}); got {ids[0]}..{ids[-1]}.")
     return torch.tensor(ids, device=device)
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _answer_span(generated: str, obj: str) -> str:
+    """The answer in a continuation: up to the first newline, and the first period unless the object has one."""
+    answer = generated.split("\n", 1)[0]
+    if "." not in obj:
+        answer = answer.split(".", 1)[0]
+    return answer
+
+
+@torch.no_grad()
+def generate_facts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Iterable[Mapping],
+    batch_size: int = 32,
+    object_key: str = "object",
+    extra_tokens: int = 4,
+    show_progress: bool = False,
+) -> list[bool]:
+    """Generation-based scoring ("The Mirage of Model Editing"; LocFT-BF's): greedy decoding from the prompt
+    (the text before the object) until EOS, a newline or a period, then normalised exact match with the object.
+
+    Unlike teacher forcing, the answer's length and content are not given: the model must stop by itself.
+    Causal LMs only; at most the object's length plus `extra_tokens` tokens are generated.
+    """
+    facts = list(facts)
+    if model_kind(model) != "causal":
+        raise ValueError("Generation-based scoring needs a causal LM; a masked LM is scored by its masks.")
+    if not facts:
+        raise ValueError("No facts to generate for: the split is empty.")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts, lengths = [], []
+    for fact in facts:
+        prefix = fact["text"].split(PLACEHOLDER, 1)[0].rstrip(" ")
+        prompts.append(tokenizer(prefix)["input_ids"])
+        lengths.append(len(tokenizer(" " + fact[object_key], add_special_tokens=False)["input_ids"]))
+    correct = [False] * len(facts)
+    order = sorted(range(len(facts)), key=lambda i: len(prompts[i]))
+    with eval_mode(model):
+        for start in tqdm(range(0, len(order), batch_size), desc="generating answers", disable=not show_progress):
+            index = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in index)
+            ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in index], device=device)
+            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in index], device=device)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max(lengths[i] for i in index) + extra_tokens,
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            )
+            for row, i in enumerate(index):
+                generated = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+                correct[i] = normalize_answer(_answer_span(generated, facts[i][object_key])) == normalize_answer(facts[i][object_key])
+    return correct

@@ -20,15 +20,16 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN, data_fingerprint
 from ..architectures import model_kind
+from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN, data_fingerprint
 from ..blocks import BlockSelectorConfig
 from ..edit_config import EditConfig
 from ..edit_trainer import ConstrainedEditTrainer
-from ..evaluation.metrics import edit_metrics, evaluate_splits
+from ..evaluation.metrics import edit_metrics, evaluate_splits, generate_splits, generation_metrics
 from ..fast_paths.prefix import PrefixCache, first_editable_block
 from ..fisher import diagonal_fisher
 from ..io import atomic_write_text, read_json
+from ..keys import KeyStatistics
 from ..knn import KnnDatastore, epsilon_grid
 from ..model import get_edit_model
 from ..preservation import known_evidence
@@ -36,7 +37,7 @@ from ..run_folder import claim_run_folder
 from .job_config import JobConfig
 from .loading import holdout, load_model_and_tokenizer, prepare_benchmark
 from .reports import TEST, VALIDATION, write_report
-from .settings import edit_train_dataset, locality_split, preserve_objective, starting_model
+from .settings import edit_train_dataset, locality_split, preservation_texts, preserve_objective, starting_model
 
 
 logger = logging.getLogger(__name__)
@@ -153,9 +154,11 @@ class GridRunner:
             }),
         }
         self._before: dict[str, dict] | None = None
+        self._generated_before: dict[str, dict] | None = None
         self._caches: dict[int, PrefixCache] = {}
         self._fishers: dict[tuple[str, ...], dict] = {}
         self._known: datasets.Dataset | None = None
+        self._keys: dict[tuple, KeyStatistics] = {}
 
     def known(self) -> datasets.Dataset:
         """The preservation evidence θ0 answers right (for preserve 'answers'), found once."""
@@ -171,15 +174,27 @@ class GridRunner:
                                       batch_size=self.args.per_device_eval_batch_size, show_progress=True)
                 for name, view in self.views.items()
             }
+        if self.args.generation_eval and self._generated_before is None:
+            self._generated_before = {
+                name: generate_splits(self.model, self.tokenizer, view, self.args.per_device_eval_batch_size)
+                for name, view in self.views.items()
+            }
         return self._before
+
+    def generation(self, name: str, view: datasets.DatasetDict) -> dict:
+        """Generation-based A_M and retention of the model now on one view, against θ0's (`before`)."""
+        generated = generate_splits(self.model, self.tokenizer, view, self.args.per_device_eval_batch_size)
+        return generation_metrics(generated.get(MODIFIED_TEST, []), generated.get(UNMODIFIED_TEST, []),
+                                  self._generated_before[name].get(UNMODIFIED_TEST, []))
 
     def point_args(self, point: dict[str, Any], output_dir: str) -> tuple[datasets.Dataset, EditConfig]:
         """The training data and args of an edit point: norm, block, delta, and optionally modules,
-        preserve (a preservation objective), learning_rate, max_steps, stop_at_loss."""
+        preserve (a preservation objective), keys (a key constraint) and any of `POINT_ARGS`."""
         args = dataclasses.replace(
             self.args, output_dir=output_dir, edit_blocks=[point["block"]], norm=point["norm"], delta=point["delta"],
             edit_modules=point.get("modules"), eval_strategy="no", save_strategy="no", eval_before_edit=False,
-            **{key: point[key] for key in ("learning_rate", "max_steps", "stop_at_loss") if key in point},
+            key_constraint=point.get("keys", self.args.key_constraint),
+            **{key: point[key] for key in POINT_ARGS if key in point},
         )
         objective = point.get("preserve", preserve_objective(self.job, self.args))
         return edit_train_dataset(self.splits, objective, args, self.known() if objective == "answers" else None)
@@ -213,7 +228,10 @@ class GridRunner:
         trainer = ConstrainedEditTrainer(
             edit, train_args, train_dataset=train_dataset, processing_class=self.tokenizer,
             fisher_dataset=self.splits[UNMODIFIED_TRAIN], fisher=fisher, prefix_cache=self._caches.get(first),
+            keys=self._keys.get(_keys_key(edit, train_args)), preserve_texts=preservation_texts(self.splits),
         )
+        if trainer.keys is not None:
+            self._keys[_keys_key(edit, train_args)] = trainer.keys
         if trainer.prefix_cache is not None:
             self._caches[first] = trainer.prefix_cache
         trainer.remove_callback(PrinterCallback)
@@ -224,6 +242,8 @@ class GridRunner:
         row = {"point": point, "distance": trainer.projector.distance(), "train_loss": trained.training_loss}
         for name, view in self.views.items():
             metrics = edit_metrics(view, trainer.fact_results(view), before[name], self.tokenizer, trainer.kind)
+            if self.args.generation_eval:
+                metrics.update(self.generation(name, view))
             row[name] = {k: v for k, v in metrics.items() if k != "per_relation"}
         self.model = edit.unload()  # back to θ0 for the next point
         return row
@@ -248,6 +268,18 @@ class GridRunner:
                 row[name] = {k: v for k, v in metrics.items() if k != "per_relation"}
             rows.append(row)
         return rows
+
+
+# Training knobs a grid point may set for itself (compare methods such as FT-L and LocFT-BF).
+POINT_ARGS = ("learning_rate", "max_steps", "stop_at_loss", "num_train_epochs", "per_device_train_batch_size",
+              "nullspace_threshold", "nullspace_energy", "output_rho", "eos_target", "skip_below_loss", "stop_at_epoch_loss",
+              "loss_reduction")
+
+
+def _keys_key(edit, args: EditConfig) -> tuple:
+    """What the preserved keys of a point depend on: its layers and its corpus."""
+    return (tuple(edit.theta0), args.preserve_corpus, args.preserve_corpus_column, args.preserve_corpus_samples,
+            args.preserve_corpus_length)
 
 
 def run_sweep(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> list[dict]:

@@ -102,6 +102,10 @@ class JobConfig:
     ftl_block: str = field(
         default="0", metadata={"help": "memedit compare: the block whose MLP output FT-L trains (ROME's GPT-2 XL default: 0)."}
     )
+    locft_blocks: list[str] | None = field(
+        default=None,
+        metadata={"help": "memedit compare: the layers LocFT-BF is swept over (default: 20%, 45% and 70% of the depth)."},
+    )
     show_examples: int = field(default=5, metadata={"help": "How many edited facts (old -> new) the summary shows."})
 
     def __post_init__(self):

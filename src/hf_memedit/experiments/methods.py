@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..architectures import ModelKind, model_kind, num_blocks
 from .reports import VALIDATION, best
 
 
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
 
 FTL = {"modules": ["mlp_out"], "learning_rate": 5e-4, "max_steps": 25, "stop_at_loss": 1e-2}  # ROME's FT-L
 FTL_DELTA = 5e-4
+# LocFT-BF (Yang et al., ICLR 2026; ICT-STAR/LocFT): one MLP output projection, unconstrained, Adam at 5e-4,
+# batch 100, 25 epochs, a batch below loss 1e-2 skipped, early stop at epoch-mean loss 1e-2, their per-fact loss.
+LOCFT = {"modules": ["mlp_out"], "learning_rate": 5e-4, "per_device_train_batch_size": 100, "num_train_epochs": 25,
+         "max_steps": -1, "skip_below_loss": 1e-2, "stop_at_epoch_loss": 1e-2, "loss_reduction": "sequence",
+         "preserve": "none"}
+LOCFT_DEPTHS = (0.2, 0.45, 0.7)  # default layers, as shares of the depth (their picks: 22 of 32, 6 of 28)
 
 
 @dataclass
@@ -96,6 +103,26 @@ def _fta(ctx: MethodContext, edit) -> list[dict]:
 def _ftm_answers(ctx: MethodContext, edit) -> list[dict]:
     """L∞ with known same-relation neighbours (labelled with θ0's own answers) in every batch."""
     return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "answers"}) for delta in ctx.linf]
+
+
+@method("ftm_nullspace", "FTM + null space (AlphaEdit's projection), L∞")
+def _ftm_nullspace(ctx: MethodContext, edit) -> list[dict]:
+    """The MLP output projection of the block under L∞ ∩ the null space of its preserved keys (threshold 2e-2)."""
+    return [
+        edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "none", "modules": ["mlp_out"], "keys": "nullspace"})
+        for delta in ctx.linf
+    ]
+
+
+@method("locft_bf", "LocFT-BF (ICLR 2026)")
+def _locft_bf(ctx: MethodContext, edit) -> list[dict]:
+    """Their recipe with their layer swept (`locft_blocks`; default 20%, 45% and 70% of the depth); EOS is
+    appended to the targets of a causal LM, as theirs."""
+    model = ctx.runner.model
+    depth = num_blocks(model, ctx.args.block_selector_config().layout(model))
+    blocks = ctx.job.locft_blocks or sorted({str(round(d * (depth - 1))) for d in LOCFT_DEPTHS}, key=int)
+    causal = model_kind(model) == ModelKind.CAUSAL
+    return [edit({"norm": "none", "block": str(block), "delta": None, **LOCFT, "eos_target": causal}) for block in blocks]
 
 
 @method("ftl", "FT-L (ROME/EasyEdit)")

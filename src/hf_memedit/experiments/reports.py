@@ -41,6 +41,10 @@ def describe(point: dict[str, Any]) -> str:
     text = f"{point['norm']}, block {point['block']}"
     if point.get("modules"):
         text += f" ({', '.join(point['modules'])})"
+    if point.get("keys") not in (None, "none"):
+        text += f", {point['keys']} keys"
+    if point.get("preserve") not in (None, "none"):
+        text += f", preserve {point['preserve']}"
     return text + f", δ {point['delta']:.3g}" if point["delta"] is not None else text + ", δ ∞"
 
 

@@ -15,6 +15,7 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..benchmarks.common import MODIFIED_TRAIN, UNMODIFIED_TRAIN
+from ..collators import PLACEHOLDER
 from ..edit_config import EditConfig
 from ..edit_trainer import ConstrainedEditTrainer
 from ..io import atomic_write_text
@@ -88,7 +89,13 @@ def preserve_objective(job: JobConfig, args: EditConfig) -> str:
 
 def uses_benchmark_facts(job: JobConfig, args: EditConfig) -> bool:
     """Whether the edit trains on, or is constrained by, the benchmark's unmodified facts."""
-    return preserve_objective(job, args) != "none" or args.norm == "fisher"
+    keys_from_benchmark = args.key_constraint != "none" and args.preserve_corpus == "benchmark"
+    return preserve_objective(job, args) != "none" or args.norm == "fisher" or keys_from_benchmark
+
+
+def preservation_texts(splits: Mapping[str, datasets.Dataset]) -> list[str]:
+    """The unmodified evidence set aside for preservation, with its objects written in: `preserve_corpus: benchmark`."""
+    return [row["text"].replace(PLACEHOLDER, row["object"]) for row in splits[UNMODIFIED_TRAIN]]
 
 
 def locality_split(splits: Mapping[str, datasets.Dataset], job: JobConfig, args: EditConfig, always: bool = False) -> tuple[datasets.DatasetDict, Locality]:

@@ -1,0 +1,76 @@
+"""What the LocFT-BF baseline needs of the trainer: EOS targets, their per-fact loss, skipped batches, the epoch stop."""
+
+import datasets
+import pytest
+import torch
+
+from hf_memedit import EditConfig, FactCollator
+from hf_memedit.edit_trainer import ConstrainedEditTrainer, ObjectTokenLoss
+from hf_memedit.experiments.methods import METHODS
+
+from .helpers import TINY
+
+
+def _args(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path), edit_blocks=["1"], edit_modules=["mlp_out"], norm="none", delta=None,
+                learning_rate=1e-2, per_device_train_batch_size=2, report_to="none", save_strategy="no",
+                disable_tqdm=True, use_cpu=True, logging_steps=1)
+    return EditConfig(**{**base, **overrides})
+
+
+FACTS = [{"text": "The capital of France is [Y].", "object": "Paris"}, {"text": "The capital of Peru is [Y].", "object": "Lima"}]
+
+
+def test_eos_is_appended_and_labelled_for_causal_lms_only(bpe_tokenizer, bert_tokenizer):
+    plain = FactCollator(bpe_tokenizer, "causal")([FACTS[0]])
+    eos = FactCollator(bpe_tokenizer, "causal", append_eos=True)([FACTS[0]])
+    assert eos["input_ids"][0, :-1].tolist() == plain["input_ids"][0].tolist()
+    assert eos["input_ids"][0, -1] == bpe_tokenizer.eos_token_id == eos["labels"][0, -1]
+    assert (eos["labels"] != -100).sum() == (plain["labels"] != -100).sum() + 1
+    with pytest.raises(ValueError, match="causal LM"):
+        FactCollator(bert_tokenizer, "masked", append_eos=True)
+
+
+def test_the_sequence_loss_is_the_mean_of_each_facts_mean(bpe_tokenizer):
+    batch = FactCollator(bpe_tokenizer, "causal")(FACTS)
+    torch.manual_seed(0)
+    logits = torch.randn(*batch["input_ids"].shape, bpe_tokenizer.vocab_size + 1, dtype=torch.float64)
+    labels = batch["labels"]
+    per_fact = []
+    for row in range(len(labels)):
+        wanted = (labels[row, 1:] != -100).nonzero()[:, 0]
+        ce = torch.nn.functional.cross_entropy(logits[row, wanted], labels[row, 1:][wanted], reduction="none")
+        per_fact.append(ce.mean())
+    expected = torch.stack(per_fact).mean().item()
+    assert ObjectTokenLoss("causal", "sequence")({"logits": logits}, labels).item() == pytest.approx(expected, rel=1e-12)
+    assert ObjectTokenLoss("causal", "sequence", accumulation_steps=2)({"logits": logits}, labels).item() == pytest.approx(expected / 2)
+    assert ObjectTokenLoss("causal")({"logits": logits}, labels).item() != pytest.approx(expected, rel=1e-6)  # FACTS differ in length
+
+
+def test_a_batch_below_skip_below_loss_changes_nothing(tmp_path, bpe_tokenizer):
+    data = datasets.Dataset.from_list(FACTS * 2)
+    moved = {}
+    for threshold in (None, 1e9):  # 1e9: every batch is "already learned"
+        torch.manual_seed(0)
+        model = TINY["llama"](2)
+        trainer = ConstrainedEditTrainer(model, _args(tmp_path / str(threshold), max_steps=2, skip_below_loss=threshold),
+                                         train_dataset=data, processing_class=bpe_tokenizer)
+        trainer.train()
+        moved[threshold] = any(not torch.equal(p, trainer.edit_model.theta0[n]) for n, p in trainer.edit_model.trainable_parameters().items())
+    assert moved[None] and not moved[1e9]
+
+
+def test_training_stops_once_an_epoch_mean_loss_is_low(tmp_path, bpe_tokenizer):
+    data = datasets.Dataset.from_list(FACTS * 2)
+    model = TINY["llama"](2)
+    trainer = ConstrainedEditTrainer(model, _args(tmp_path, num_train_epochs=5, stop_at_epoch_loss=1e9, eos_target=True,
+                                                  loss_reduction="sequence"), train_dataset=data, processing_class=bpe_tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.state.epoch == pytest.approx(1.0)  # one epoch of 2 batches
+
+
+def test_the_method_table_holds_the_2026_baselines():
+    assert {"locft_bf", "ftm_nullspace", "ftm_answers"} <= set(METHODS)
+    for name in ("skip_below_loss", "stop_at_epoch_loss"):
+        with pytest.raises(ValueError, match=name):
+            EditConfig(output_dir="x", **{name: 0})

@@ -1,0 +1,228 @@
+"""Preserved keys and their constraints: the projections' properties, the cache, the corpora, the trainer."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_memedit import EditConfig
+from hf_memedit.edit_trainer import ConstrainedEditTrainer
+from hf_memedit.keys import KeyStatistics, collect_keys, corpus_texts, key_layers, preserved_keys
+from hf_memedit.projection import (
+    KeyProjector,
+    NormBallProjector,
+    nullspace_projector,
+    output_radius,
+    project_nullspace_,
+    project_output_,
+)
+
+from .helpers import FACTS, TINY, tiny_bert
+
+
+def _moment(n_in: int, seed: int, rank: int | None = None) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(64, n_in, generator=generator, dtype=torch.float64)
+    if rank is not None:  # keys in a subspace: a true null space exists
+        keys = keys @ torch.randn(n_in, rank, generator=generator, dtype=torch.float64) @ torch.randn(rank, n_in, generator=generator, dtype=torch.float64) / n_in
+    return keys.T @ keys / len(keys)
+
+
+def _feasible_points(project, theta0, shape, count=40, seed=0):
+    """Random points of the set: projections of random points (a projection's range is the set)."""
+    generator = torch.Generator().manual_seed(seed)
+    points = []
+    for scale in torch.logspace(-3, 1, count).tolist():
+        z = theta0 + scale * torch.randn(*shape, generator=generator, dtype=torch.float64)
+        project(z)
+        points.append(z)
+    return points
+
+
+def _assert_nearest(y, p, points):
+    """p is the Euclidean projection of y onto a closed convex set iff ⟨y − p, z − p⟩ ≤ 0 for every z in it."""
+    for z in points:
+        assert torch.sum((y - p) * (z - p)).item() <= 1e-9 * (1 + (y - p).norm().item() * (z - p).norm().item())
+        assert (y - p).norm() <= (y - z).norm() + 1e-12
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n_out=st.integers(1, 5), n_in=st.integers(2, 6), transposed=st.booleans())
+def test_nullspace_projection_is_exact(seed, n_out, n_in, transposed):
+    moment = _moment(n_in, seed, rank=max(1, n_in // 2))
+    projector = nullspace_projector(moment, threshold=1e-8)
+    shape = (n_in, n_out) if transposed else (n_out, n_in)
+    generator = torch.Generator().manual_seed(seed + 1)
+    theta0 = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    y = theta0 + torch.randn(*shape, generator=generator, dtype=torch.float64)
+    p = y.clone()
+    project_nullspace_(p, theta0, projector, transposed)
+    step = (p - theta0).T if transposed else p - theta0
+    assert torch.allclose(step @ moment @ step.T, torch.zeros(n_out, n_out, dtype=torch.float64), atol=1e-10)  # ΔW k = 0
+    again = p.clone()
+    project_nullspace_(again, theta0, projector, transposed)
+    assert torch.allclose(again, p, atol=1e-12)  # idempotent
+    _assert_nearest(y, p, _feasible_points(lambda z: project_nullspace_(z, theta0, projector, transposed), theta0, shape))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n_out=st.integers(1, 4), n_in=st.integers(2, 5), rho=st.floats(1e-4, 0.5))
+def test_output_projection_is_exact(seed, n_out, n_in, rho):
+    moment = _moment(n_in, seed)
+    values, vectors = torch.linalg.eigh(moment)
+    generator = torch.Generator().manual_seed(seed + 1)
+    theta0 = torch.randn(n_out, n_in, generator=generator, dtype=torch.float64)
+    radius = output_radius(theta0, moment, rho)
+    y = theta0 + 2 * torch.randn(n_out, n_in, generator=generator, dtype=torch.float64)
+    p = y.clone()
+    project_output_(p, theta0, values, vectors, radius)
+    step = p - theta0
+    assert torch.trace(step @ moment @ step.T).item() <= radius * (1 + 1e-9)  # in the set
+    again = p.clone()
+    project_output_(again, theta0, values, vectors, radius)
+    assert torch.allclose(again, p, atol=1e-9)  # idempotent
+    _assert_nearest(y, p, _feasible_points(lambda z: project_output_(z, theta0, values, vectors, radius), theta0, (n_out, n_in)))
+
+
+def _generic_nearest(y, project_all, iterations=20000):
+    """A generic solver for small dimensions: Dykstra with very many iterations over the two sets' own projections."""
+    x, p, q = y.clone(), torch.zeros_like(y), torch.zeros_like(y)
+    for _ in range(iterations):
+        a = project_all[0](x + p)
+        p = x + p - a
+        x = project_all[1](a + q)
+        q = a + q - x
+    return x
+
+
+@pytest.mark.parametrize("norm, kind", [("linf", "nullspace"), ("linf", "output"), ("l2", "nullspace"), ("l2", "output")])
+def test_a_key_set_and_a_ball_compose_to_the_nearest_point_of_both(norm, kind):
+    torch.manual_seed(0)
+    n_out, n_in, delta = 3, 4, 0.05
+    moment = _moment(n_in, 7, rank=2)
+    theta0 = torch.randn(n_out, n_in, dtype=torch.float64)
+    layers = {"w": ("layer", False)}
+    keys = KeyProjector(kind, {"w": moment}, layers, ["w"], {"w": theta0}, threshold=1e-8, rho=1e-3)
+    param = torch.nn.Parameter(theta0 + 0.3 * torch.randn(n_out, n_in, dtype=torch.float64))
+    y = param.detach().clone()
+    projector = NormBallProjector({"w": param}, {"w": theta0}, norm, delta, keys=keys, iterations=2000, tolerance=1e-9)
+    projector.project_()
+    result = param.detach().clone()
+    # In the key set exactly, in the ball up to the stated tolerance.
+    step = result - theta0
+    if kind == "nullspace":
+        assert torch.allclose(step @ moment @ step.T, torch.zeros(n_out, n_out, dtype=torch.float64), atol=1e-10)
+    else:
+        assert torch.trace(step @ moment @ step.T).item() <= keys.bases["w"][2] * (1 + 1e-9)
+    assert projector.distance() <= delta * (1 + 1e-6)
+
+    def ball(z):
+        holder = {"w": torch.nn.Parameter(z.clone())}
+        NormBallProjector(holder, {"w": theta0}, norm, delta).project_()
+        return holder["w"].detach()
+
+    def key_set(z):
+        holder = {"w": torch.nn.Parameter(z.clone())}
+        keys.project_(holder, {"w": theta0})
+        return holder["w"].detach()
+
+    expected = _generic_nearest(y, (ball, key_set))
+    assert torch.allclose(result, expected, atol=1e-6), (result - expected).abs().max()
+    again = torch.nn.Parameter(result.clone())
+    NormBallProjector({"w": again}, {"w": theta0}, norm, delta, keys=keys, iterations=2000, tolerance=1e-9).project_()
+    assert torch.allclose(again.detach(), result, atol=1e-8)  # idempotent
+
+
+def test_nullspace_by_kept_energy_and_bad_thresholds():
+    moment = torch.diag(torch.tensor([10.0, 1.0, 0.1, 0.001], dtype=torch.float64))
+    assert round(float(nullspace_projector(moment, energy=0.99).trace())) == 2  # 0.1 + 0.001 ≤ 1% of 11.101
+    assert round(float(nullspace_projector(moment, threshold=0.5).trace())) == 2
+    for bad in (0.0, -1e-2):
+        with pytest.raises(ValueError, match="nullspace_threshold"):
+            nullspace_projector(moment, threshold=bad)
+        with pytest.raises(ValueError, match="nullspace_threshold"):
+            EditConfig(output_dir="x", key_constraint="nullspace", nullspace_threshold=bad)
+    with pytest.raises(ValueError, match="output_rho"):
+        EditConfig(output_dir="x", key_constraint="output", output_rho=0)
+    with pytest.raises(ValueError, match="key_constraint"):
+        EditConfig(output_dir="x", key_constraint="rome")
+
+
+def test_keys_are_the_second_moment_of_the_layer_inputs(bert_tokenizer):
+    model = TINY["gpt2"](2).double().eval()
+    layers = key_layers(model, ["transformer.h.1.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.bias", "transformer.h.1.ln_2.weight"])
+    assert layers == {"transformer.h.1.mlp.c_proj.weight": ("transformer.h.1.mlp.c_proj", True)}
+    texts = [f["text"].replace("[Y]", f["object"]) for f in FACTS]
+    moments, tokens = collect_keys(model, bert_tokenizer, texts, layers, batch_size=3)
+    seen = []
+    handle = model.transformer.h[1].mlp.c_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][0]))
+    for text in texts:  # one at a time: no padding
+        model(input_ids=torch.tensor([bert_tokenizer(text)["input_ids"]]))
+    handle.remove()
+    keys = torch.cat(seen).double()
+    assert tokens == len(keys)
+    assert torch.allclose(moments["transformer.h.1.mlp.c_proj.weight"], keys.T @ keys / len(keys), atol=1e-10)
+
+
+def test_the_keys_cache_is_used_and_refused_for_another_model(tmp_path, bpe_tokenizer):
+    model = TINY["llama"](2)
+    names = ["model.layers.1.mlp.down_proj.weight"]
+    spec = {"corpus": "samples", "samples": 4, "length": 6, "seed": 0}
+    path = str(tmp_path / "keys.safetensors")
+    first = preserved_keys(model, bpe_tokenizer, names, None, spec, path)
+    assert first.tokens == 4 * 7 and set(first.moments) == set(names)  # the start token and 6 sampled ones
+    again = preserved_keys(model, bpe_tokenizer, names, None, spec, path)  # read back, not recomputed
+    assert torch.equal(again.moments[names[0]], first.moments[names[0]])
+    other = TINY["llama"](2)  # same architecture, other weights
+    with pytest.raises(ValueError, match="made for another model"):
+        preserved_keys(other, bpe_tokenizer, names, None, spec, path)
+    with pytest.raises(ValueError, match="made for another corpus"):
+        preserved_keys(model, bpe_tokenizer, names, None, {**spec, "seed": 1}, path)
+    # Without a path, the file is named by the hashes in the cache folder: a new model gets a new file.
+    cached = preserved_keys(model, bpe_tokenizer, names, None, spec, cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(cached.moments[names[0]], first.moments[names[0]])
+    preserved_keys(other, bpe_tokenizer, names, None, spec, cache_dir=str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert isinstance(KeyStatistics.load(path, first.model_hash, names, first.corpus_hash), KeyStatistics)
+
+
+def test_corpora_and_their_errors(tmp_path):
+    assert corpus_texts("samples", "text", 5) is None
+    assert corpus_texts("benchmark", "text", 2, ["a b", "c d", "e f"]) == ["a b", "c d"]
+    with pytest.raises(ValueError, match="preserve_fraction"):
+        corpus_texts("benchmark", "text", 2, [])
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("\n".join(json.dumps({"body": f"Sentence number {i}."}) for i in range(5)) + "\n")
+    assert corpus_texts(str(data), "body", 3) == [f"Sentence number {i}." for i in range(3)]
+    with pytest.raises(ValueError, match="no column 'text' .*its columns: body.*preserve_corpus_column"):
+        corpus_texts(str(data), "text", 3)
+    with pytest.raises(ValueError, match="Could not load the preservation corpus"):
+        corpus_texts(str(tmp_path / "missing_folder"), "text", 3)
+
+
+def test_the_trainer_keeps_preserved_outputs_under_the_nullspace(tmp_path, bert_tokenizer):
+    """Trained under a nullspace constraint with keys from the texts themselves, the edited layer's output on
+    those texts' keys does not move, while the weights do."""
+    texts = [f["text"].replace("[Y]", f["object"]) for f in FACTS]
+    model = tiny_bert(bert_tokenizer.vocab_size, layers=2, seed=0)
+    args = EditConfig(output_dir=str(tmp_path), edit_blocks=["1"], edit_modules=["mlp_out"], norm="linf", delta=1e-2,
+                      key_constraint="nullspace", nullspace_threshold=1e-6, preserve_corpus="benchmark",
+                      preserve_keys_file=str(tmp_path / "keys.safetensors"), learning_rate=1e-2, max_steps=5,
+                      per_device_train_batch_size=4, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True)
+    import datasets
+
+    data = datasets.Dataset.from_list([{"text": "The capital of Peru is [Y].", "object": "Oslo"}] * 8)
+    trainer = ConstrainedEditTrainer(model, args, train_dataset=data, processing_class=bert_tokenizer, preserve_texts=texts[:2])
+    trainer.train()
+    name = "bert.encoder.layer.1.output.dense.weight"
+    step = (trainer.edit_model.trainable_parameters()[name] - trainer.edit_model.theta0[name]).double()
+    moment = trainer.keys.moments[name]
+    assert step.abs().max() > 0
+    assert (step @ moment @ step.T).trace().item() <= 1e-10 * (step.norm() ** 2).item()
+    bias = "bert.encoder.layer.1.output.dense.bias"
+    assert torch.equal(trainer.edit_model.trainable_parameters()[bias], trainer.edit_model.theta0[bias])
+    # In the box up to what Dykstra reports it left (and the float32 rounding of θ0 ± δ).
+    left = trainer.projector.ball_violation
+    assert left < 1e-3 and step.abs().max().item() <= 1e-2 + left + 1e-6, left
