@@ -26,16 +26,23 @@ def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypa
     table = (folder / "compare.md").read_text()
     for label in LABELS.values():
         assert f"| {label} |" in table
-    assert (folder / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    for plot in ("compare.png", "frontier.png"):
+        assert (folder / plot).read_bytes()[:4] == b"\x89PNG"
+    assert "disjoint from the" in table and "| bleed |" in table
     result = json.loads((folder / "compare.json").read_text())
     linf = result["rows"]["ftm_linf"]
     assert len(linf) == 4  # 2 blocks × 2 δ
     best_block = max(linf, key=lambda r: r["validation"]["avg_acc"])["point"]["block"]
     assert result["block"] == best_block
-    for method in ("ftm_unconstrained", "ftm_l2", "ftm_fisher", "fta"):
+    for method in ("ftm_unconstrained", "ftm_l2", "ftm_fisher", "fta", "ftm_answers", "ftm_nullspace"):
         assert {r["point"]["block"] for r in result["rows"][method]} == {best_block}, method
     assert all(r["point"]["modules"] == ["mlp_out"] and r["point"]["max_steps"] == 25 for r in result["rows"]["ftl"])
     assert {r["point"]["delta"] for r in result["rows"]["ftl"]} == {5e-4, 1e-3, 1e-2}
+    locft = result["rows"]["locft_bf"]
+    assert {r["point"]["block"] for r in locft} == {"0", "1"} and all(r["point"]["num_train_epochs"] == 25 for r in locft)
+    assert all(r["point"]["eos_target"] is False for r in locft)  # a masked LM has no EOS target
+    assert all(r["point"]["preserve_corpus"] == "benchmark" for r in result["rows"]["ftm_nullspace"])
+    assert result["locality"]["disjoint"] and result["locality"]["n_locality_facts"] == linf[0]["test"]["n_unmodified"] + linf[0]["validation"]["n_unmodified"]
     # L2 δ: the smallest ball holding each L∞ box, so it grows with the L∞ δ by √n.
     l2 = sorted(r["point"]["delta"] for r in result["rows"]["ftm_l2"])
     assert l2[1] / l2[0] == pytest.approx(10.0)

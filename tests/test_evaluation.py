@@ -144,3 +144,45 @@ def test_answers_are_normalised_as_squad_does(bert_tokenizer):
     assert normalize_answer("  The Paris, ") == "paris" and normalize_answer("St. John's") == "st johns"
     with pytest.raises(ValueError, match="causal LM"):
         generate_facts(tiny_bert(bert_tokenizer.vocab_size), bert_tokenizer, [{"text": "[Y] is big.", "object": "a"}])
+
+
+def test_next_token_drift_is_zero_at_theta0_and_the_kl_of_the_two_models(bpe_tokenizer):
+    from contextlib import contextmanager
+
+    from hf_memedit.evaluation.metrics import next_token_drift
+
+    from .helpers import TINY
+
+    torch.manual_seed(0)
+    model = TINY["llama"](2).double()
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @contextmanager
+    def at_theta0():
+        current = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(theta0[n])
+        yield
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(current[n])
+
+    sequences = [[5, 9, 11, 3], [7, 2, 8]]
+    same = next_token_drift(model, bpe_tokenizer, sequences, at_theta0)
+    assert same["drift_kl"] == pytest.approx(0.0, abs=1e-12) and same["perplexity_ratio"] == pytest.approx(1.0)
+    assert same["n_drift_tokens"] == 5  # the next tokens of both sequences, not the padding
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.add_(0.5)
+    moved = next_token_drift(model, bpe_tokenizer, sequences, at_theta0)
+    ids = torch.tensor([sequences[0]])
+    lp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    with at_theta0():
+        lp0 = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    one = float((lp0.exp() * (lp0 - lp)).sum())
+    ids = torch.tensor([sequences[1]])
+    lp_b = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    with at_theta0():
+        lp0_b = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    two = float((lp0_b.exp() * (lp0_b - lp_b)).sum())
+    assert moved["drift_kl"] == pytest.approx((one + two) / 5, rel=1e-9) and moved["drift_kl"] > 0

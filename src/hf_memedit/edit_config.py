@@ -177,6 +177,11 @@ class EditConfig(TrainingArguments):
         metadata={"help": "Causal LMs: also score A_M, A_F\\S and retention by greedy generation until EOS, newline "
                   "or period with normalised exact match (gen_a_m, gen_retention), beside the teacher-forced scores."},
     )
+    drift_eval: bool = field(
+        default=False,
+        metadata={"help": "Causal LMs: also report general drift, the mean next-token KL(θ0 ‖ θ) and the perplexity "
+                  "ratio on 32 held-out samples of θ0 (seed + 1: never the keys' samples)."},
+    )
     eval_before_edit: bool = field(
         default=True,
         metadata={

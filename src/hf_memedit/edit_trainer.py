@@ -318,7 +318,7 @@ class ConstrainedEditTrainer(Trainer):
             self._restore_theta0(resume_from_checkpoint)
             logger.warning("Resuming the edit from %s.", resume_from_checkpoint)
         if self.args.eval_before_edit and self.before_edit is None and _fact_splits(self.eval_dataset):
-            with self._at_theta0():  # a resumed run reports A_F before, retention and agreement too
+            with self.at_theta0():  # a resumed run reports A_F before, retention and agreement too
                 self.before_edit = self.fact_results(self.eval_dataset, original=True)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
@@ -363,7 +363,7 @@ class ConstrainedEditTrainer(Trainer):
         return folder
 
     @contextmanager
-    def _at_theta0(self) -> Iterator[None]:
+    def at_theta0(self) -> Iterator[None]:
         """The trainable parameters at θ0 inside (they are restored after)."""
         params = self.edit_model.trainable_parameters()
         current = {name: param.detach().clone() for name, param in params.items()}

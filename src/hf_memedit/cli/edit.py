@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..edit_config import EditConfig
-from ..evaluation.results import METRIC_LABELS, format_percent
+from ..evaluation.results import DRIFT_LABELS, METRIC_LABELS, format_percent
 from ..experiments import RunOutcome, run_edit
 from .parser import MemeditParser
 
@@ -13,6 +13,7 @@ from .parser import MemeditParser
 def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5) -> str:
     metrics = outcome.record.metrics
     rows = [(label, format_percent(metrics[key])) for key, label in METRIC_LABELS.items() if key in metrics]
+    rows += [(label, f"{metrics[key]:.4g}") for key, label in DRIFT_LABELS.items() if key in metrics]
     if outcome.trainer is not None:
         rows.append(("constraint", f"{args.norm}, δ = {args.delta if args.delta is not None else '∞'}, blocks {', '.join(args.edit_blocks)}"))
         rows.append((f"max ‖θ − θ0‖ ({args.norm if args.norm != 'none' else 'linf'})", f"{outcome.trainer.projector.distance():.3g}"))

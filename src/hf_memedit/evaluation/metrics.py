@@ -12,13 +12,16 @@ All values are fractions in [0, 1]; a ratio with an empty denominator is None.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..architectures import eval_mode
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
 from ..collators import FactEncoder
 from ..fast_paths.prefix import PrefixCache
@@ -228,3 +231,34 @@ def generation_metrics(
 
 AVG_ACC_METRIC_PATH = os.path.join(os.path.dirname(__file__), "evaluate_metrics", "avg_acc")
 """Folder of the `avg_acc` evaluate module: `evaluate.load(AVG_ACC_METRIC_PATH)` works offline."""
+
+
+@torch.no_grad()
+def next_token_drift(model, tokenizer: PreTrainedTokenizerBase, sequences: Sequence[list[int]], at_theta0, batch_size: int = 16) -> dict[str, float]:
+    """General drift on held-out text: the mean next-token KL(θ0 ‖ θ) per token and the perplexity ratio ppl(θ) / ppl(θ0).
+
+    `sequences` are token ids (e.g. θ0's own samples that no key or objective saw); `at_theta0` is a context
+    manager that puts θ0's weights in place (the trainer's), so both models run on the same batches.
+    """
+    if not sequences:
+        raise ValueError("No held-out text to measure drift on.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = next(model.parameters()).device
+    kl_sum, nll, nll0, count = 0.0, 0.0, 0.0, 0
+    with eval_mode(model):
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.tensor([list(s) + [pad] * (width - len(s)) for s in chunk], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double().log_softmax(-1)
+            with at_theta0():
+                logits0 = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double().log_softmax(-1)
+            valid = mask[:, 1:].bool()
+            targets = ids[:, 1:][valid]
+            lp, lp0 = logits[valid], logits0[valid]
+            kl_sum += float((lp0.exp() * (lp0 - lp)).sum())
+            nll -= float(lp.gather(1, targets[:, None]).sum())
+            nll0 -= float(lp0.gather(1, targets[:, None]).sum())
+            count += int(valid.sum())
+    return {"drift_kl": kl_sum / count, "perplexity_ratio": math.exp((nll - nll0) / count), "n_drift_tokens": count}

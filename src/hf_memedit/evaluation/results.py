@@ -33,6 +33,8 @@ METRIC_LABELS = {
     "gen_a_m": "A_M by greedy generation",
     "gen_retention": "retention by greedy generation",
 }
+# General drift (not fractions): the mean next-token KL(θ0 ‖ θ) and ppl(θ) / ppl(θ0) on held-out samples.
+DRIFT_LABELS = {"drift_kl": "next-token KL(θ0 ‖ θ), held-out text", "perplexity_ratio": "perplexity ratio θ / θ0, held-out text"}
 
 
 def library_versions() -> dict[str, str]:
@@ -89,6 +91,9 @@ class ResultsRecord:
         for key, label in METRIC_LABELS.items():
             if key in self.metrics:
                 lines.append(f"| {label} | {format_percent(self.metrics[key])} |")
+        for key, label in DRIFT_LABELS.items():
+            if key in self.metrics:
+                lines.append(f"| {label} | {self.metrics[key]:.4g} |")
         counts = ", ".join(f"{key} = {self.metrics[key]}" for key in ("n_modified", "n_unmodified") if key in self.metrics)
         if counts:
             lines += ["", f"Facts: {counts}."]

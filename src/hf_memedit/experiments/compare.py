@@ -17,7 +17,8 @@ unmodified facts is reported on the test half (A_M on the modified facts' test p
 - `knn`: kNN-LM (Appendix F), ε swept over quantiles of the distances.
 
 Writes compare.md (the table, then every point), compare.json, points.jsonl (a resumed compare
-recomputes nothing) and compare.png (the A_M / A_F\\S trade-off of every point, picks marked).
+recomputes nothing), compare.png (the A_M / A_F\\S trade-off of every point, picks marked) and
+frontier.png (per method: A_M against retention, its Pareto front and its pick).
 """
 
 from __future__ import annotations
@@ -111,6 +112,46 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
     atomic_write_text(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(folder, "compare.json"), json.dumps({"picks": picks, "rows": rows, "block": block, "locality": locality.to_dict()}, indent=2))
     plot_compare(folder, rows, picks, job)
+    plot_frontier(folder, rows, picks, job)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both coordinates (both maximised), by increasing first coordinate."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+def plot_frontier(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict], job: JobConfig) -> str:
+    """frontier.png: per method, A_M against retention (test) of every point, its Pareto front and its pick."""
+    plt = plotting()
+    methods = [m for m in rows if any(r[TEST].get("retention") is not None for r in rows[m])]
+    columns = min(3, max(1, len(methods)))
+    lines = -(-len(methods) // columns) if methods else 1
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.6 * lines), squeeze=False)
+    for ax in axes.flat[len(methods):]:
+        ax.axis("off")
+    for ax, method in zip(axes.flat, methods):
+        points = [(100 * r[TEST]["retention"], 100 * (r[TEST]["a_m"] or 0)) for r in rows[method] if r[TEST].get("retention") is not None]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=18, alpha=0.6)
+        front = pareto_front(points)
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="C1", linewidth=1.2, label="Pareto front")
+        chosen = picks[method][TEST]
+        if chosen.get("retention") is not None:
+            ax.scatter([100 * chosen["retention"]], [100 * (chosen["a_m"] or 0)], marker="*", s=160, color="C3",
+                       edgecolor="black", zorder=3, label="picked on validation")
+        ax.set_title(LABELS[method], fontsize=9)
+        ax.set_xlabel("retention (%, test)", fontsize=8)
+        ax.set_ylabel("A_M (%)", fontsize=8)
+        ax.set_xlim(0, 102)
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower left")
+    fig.suptitle(f"A_M against retention: {job.benchmark}, m = {job.m}", fontsize=10)
+    path = os.path.join(folder, "frontier.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict], job: JobConfig) -> str:

@@ -107,9 +107,14 @@ def _ftm_answers(ctx: MethodContext, edit) -> list[dict]:
 
 @method("ftm_nullspace", "FTM + null space (AlphaEdit's projection), L∞")
 def _ftm_nullspace(ctx: MethodContext, edit) -> list[dict]:
-    """The MLP output projection of the block under L∞ ∩ the null space of its preserved keys (threshold 2e-2)."""
+    """The MLP output projection of the block under L∞ ∩ the null space of its preserved keys (threshold 2e-2).
+    A masked LM cannot sample its own corpus: its keys come from the preservation facts instead."""
+    corpus = ctx.args.preserve_corpus
+    if corpus == "samples" and model_kind(ctx.runner.model) != ModelKind.CAUSAL:
+        corpus = "benchmark"
     return [
-        edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "none", "modules": ["mlp_out"], "keys": "nullspace"})
+        edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "none", "modules": ["mlp_out"],
+              "keys": "nullspace", "preserve_corpus": corpus})
         for delta in ctx.linf
     ]
 

@@ -18,14 +18,18 @@ from ..architectures import model_kind
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from ..edit_config import EditConfig
 from ..edit_trainer import ConstrainedEditTrainer
-from ..evaluation.metrics import edit_metrics, evaluate_splits, generate_splits, generation_metrics
+from ..evaluation.metrics import edit_metrics, evaluate_splits, generate_splits, generation_metrics, next_token_drift
 from ..evaluation.results import ResultsRecord
 from ..io import atomic_directory, atomic_write_text
+from ..keys import model_samples
 from ..preservation import Locality, known_evidence
 from ..run_folder import begin_outputs, claim_run_folder, seal_run
 from .job_config import FT_SETTINGS, JobConfig
 from .loading import load_model_and_tokenizer, prepare_benchmark
 from .settings import edit_train_dataset, locality_split, preservation_texts, preserve_objective, starting_model
+
+
+DRIFT_SAMPLES = 32  # held-out samples of θ0 that general drift is measured on
 
 
 @dataclass
@@ -78,6 +82,8 @@ def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapp
         model, train_args, train_dataset=train_dataset, eval_dataset=eval_splits, processing_class=tokenizer,
         fisher_dataset=splits[UNMODIFIED_TRAIN], preserve_texts=preservation_texts(splits),
     )
+    held_out = (model_samples(model, tokenizer, DRIFT_SAMPLES, args.preserve_corpus_length, args.seed + 1)
+                if args.drift_eval and trainer.kind == "causal" else None)
     generated_before = generate_splits(model, tokenizer, eval_splits, args.per_device_eval_batch_size) if args.generation_eval else None
     trainer.train(resume_from_checkpoint=resume)
     results = trainer.fact_results(eval_splits)
@@ -86,6 +92,8 @@ def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapp
         generated = generate_splits(trainer.edit_model.model, tokenizer, eval_splits, args.per_device_eval_batch_size)
         metrics.update(generation_metrics(generated.get(MODIFIED_TEST, []), generated.get(UNMODIFIED_TEST, []),
                                           generated_before.get(UNMODIFIED_TEST, [])))
+    if held_out is not None:
+        metrics.update(next_token_drift(trainer.edit_model.model, tokenizer, held_out, trainer.at_theta0))
     after = results[MODIFIED_TEST]
     examples = [
         {"uuid": row["uuid"], "relation": row["relation"], "subject": row["subject"], "text": row["text"],
