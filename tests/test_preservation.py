@@ -161,3 +161,52 @@ def test_a_preserving_edit_reports_locality_on_disjoint_facts(objective, fractio
         assert not locality["disjoint"] and "NOT disjoint" in text
     # Every batch held the edit's facts and as many preservation facts.
     assert all(len(group) == 2 * args.per_device_train_batch_size for group in outcome.trainer.train_dataset["text"][:-1])
+
+
+def test_kl_rows_score_the_distance_to_theta0s_distribution(bert_tokenizer):
+    collator = FactCollator(bert_tokenizer, "masked")
+    group = {"text": ["The capital of France is [Y].", "The capital of Peru is [Y]."], "object": ["Paris", "Lima"],
+             "weight": [1.0, 2.0], "preserve": [False, True]}
+    batch = collator([group])
+    assert batch["preserve_rows"].tolist() == [False, True]
+    torch.manual_seed(0)
+    logits = torch.randn(*batch["input_ids"].shape, 40, dtype=torch.float64, requires_grad=True)
+    labels = batch["labels"].clamp(max=39).where(batch["labels"] >= 0, torch.tensor(-100))
+    positions = labels != -100
+    loss = ObjectTokenLoss("masked")
+    loss.row_weights, loss.kl_rows = batch["object_weights"], batch["preserve_rows"]
+    loss.reference = logits[positions].detach().log_softmax(-1)  # θ = θ0: the KL rows cost nothing
+    value = loss({"logits": logits}, labels, num_items_in_batch=2)
+    ce = torch.nn.functional.cross_entropy(logits[positions][:1], labels[positions][:1])
+    assert value.item() == pytest.approx(ce.item() / 2, rel=1e-12)
+    value.backward()
+    assert logits.grad[1].abs().max().item() < 1e-15 and logits.grad[0].abs().max().item() > 0
+    reference = torch.randn(2, 40, dtype=torch.float64).log_softmax(-1)
+    loss.reference = reference
+    kl = (reference[1].exp() * (reference[1] - logits[positions][1].log_softmax(-1))).sum()
+    assert loss({"logits": logits}, labels, num_items_in_batch=2).item() == pytest.approx((ce + 2 * kl).item() / 2, rel=1e-12)
+
+
+def test_the_trainer_keeps_the_kl_rows_near_theta0(bert_tokenizer, tmp_path):
+    """Trained on an edit and a KL row of another fact, the model's distribution on that fact moves less than
+    when the same row is trained as an edit (a hard label)."""
+    neighbour = "The capital of Norway is [Y]."
+    moves = {}
+    for objective, preserve in (("kl", True), ("none", False)):
+        model = tiny_bert(bert_tokenizer.vocab_size, seed=0)
+        args = EditConfig(output_dir=str(tmp_path / objective), edit_blocks=["0"], norm="none", delta=None,
+                          learning_rate=1e-2, max_steps=8, per_device_train_batch_size=1, report_to="none",
+                          save_strategy="no", disable_tqdm=True, use_cpu=True, preserve_objective=objective)
+        group = {"text": ["The capital of Peru is [Y].", neighbour], "object": ["Oslo", "Lima"],
+                 "weight": [1.0, 1.0], "preserve": [False, preserve]}
+        batch = FactCollator(bert_tokenizer, "masked")([{"text": neighbour, "object": "Oslo"}])
+        with torch.no_grad():
+            before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
+        trainer = ConstrainedEditTrainer(model, args, train_dataset=datasets.Dataset.from_list([group] * 8),
+                                         processing_class=bert_tokenizer)
+        trainer.train()
+        with torch.no_grad():
+            after = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
+        at = batch["labels"] != -100
+        moves[objective] = float((before[at].exp() * (before[at] - after[at])).sum())
+    assert moves["kl"] < moves["none"]

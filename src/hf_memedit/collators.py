@@ -25,6 +25,8 @@ PLACEHOLDER = "[Y]"
 KINDS = ("masked", "causal")
 WEIGHT_KEY = "weight"  # in a group of facts (a list per key): each fact's loss weight
 WEIGHTS_INPUT = "object_weights"  # the batch's per-row loss weights, when a group carries them
+PRESERVE_KEY = "preserve"  # in a group: whether each fact is preservation data (not an edit)
+PRESERVE_INPUT = "preserve_rows"  # the batch's per-row preservation flags, when a group carries them
 
 
 class FactEncodingError(ValueError):
@@ -165,13 +167,16 @@ class FactCollator:
         # preservation); its optional `weight` list becomes the batch's `object_weights`.
         flat: list[Mapping] = []
         weights: list[float] = []
+        preserve: list[bool] = []
         for fact in facts:
             if isinstance(fact.get(self.text_key), list):
                 flat += [{self.text_key: t, self.object_key: o} for t, o in zip(fact[self.text_key], fact[self.object_key])]
                 weights += list(fact.get(WEIGHT_KEY) or [1.0] * len(fact[self.text_key]))
+                preserve += list(fact.get(PRESERVE_KEY) or [False] * len(fact[self.text_key]))
             else:
                 flat.append(fact)
                 weights.append(1.0)
+                preserve.append(False)
         facts = flat
         encoded = [self.encode(fact) for fact in facts]
         width = max(len(item["input_ids"]) for item in encoded)
@@ -183,4 +188,6 @@ class FactCollator:
         out = {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}
         if any(weight != 1.0 for weight in weights):
             out[WEIGHTS_INPUT] = torch.tensor(weights, dtype=torch.float32)
+        if any(preserve):
+            out[PRESERVE_INPUT] = torch.tensor(preserve, dtype=torch.bool)
         return out

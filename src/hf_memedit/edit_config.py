@@ -102,7 +102,8 @@ class EditConfig(TrainingArguments):
             "help": "What every batch mixes in to keep the model's other knowledge (hf_memedit.preservation): 'none'; "
             "'evidence' (the unmodified facts' evidence with their benchmark objects: the paper's FTA, what "
             "setting fta selects); 'answers' (evidence of unmodified facts θ0 predicts right, labelled with θ0's "
-            "own answer: it keeps behaviour instead of teaching labels).",
+            "own answer: it keeps behaviour instead of teaching labels); 'kl' (the unmodified evidence, with KL(θ0 ‖ θ) of "
+            "the next-token distribution at its object positions as the loss).",
             "choices": list(PRESERVE_OBJECTIVES),
         },
     )
@@ -117,7 +118,7 @@ class EditConfig(TrainingArguments):
     )
     preserve_same_relation: bool = field(
         default=True,
-        metadata={"help": "preserve_objective 'answers': draw each edit fact's neighbours from its own relation, "
+        metadata={"help": "preserve_objective 'answers' / 'kl': draw each edit fact's neighbours from its own relation, "
                   "where a new object most easily leaks."},
     )
     preserve_fraction: float = field(

@@ -16,7 +16,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .architectures import model_kind
-from .collators import WEIGHTS_INPUT, FactCollator
+from .collators import PRESERVE_INPUT, WEIGHTS_INPUT, FactCollator
 from .edit_config import EditConfig
 from .evaluation.metrics import MODIFIED_TEST, UNMODIFIED_TEST, edit_metrics, evaluate_splits
 from .evaluation.scoring import FactResults
@@ -265,20 +265,35 @@ class ConstrainedEditTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Trainer's loss; a batch's `object_weights` (a preservation mix) weight its rows in the object-token loss."""
+        """Trainer's loss; a batch's `object_weights` (a preservation mix) weight its rows in the object-token loss,
+        and with `preserve_objective: kl` its preservation rows are scored by KL(θ0 ‖ θ) instead of cross-entropy."""
         weights = inputs.pop(WEIGHTS_INPUT, None)
-        if weights is None:
+        preserve = inputs.pop(PRESERVE_INPUT, None)
+        kl_rows = preserve if self.args.preserve_objective == "kl" and model.training else None
+        if weights is None and kl_rows is None:
             return self._maybe_skip(super().compute_loss(model, inputs, return_outputs, num_items_in_batch))
         if self._weighted_loss is None:
             raise ValueError(
-                "This batch carries per-fact loss weights (a preservation mix), which a custom compute_loss_func "
-                "cannot see: leave compute_loss_func unset, or give batches without weights."
+                "This batch carries per-fact loss weights or preservation rows (a preservation mix), which a custom "
+                "compute_loss_func cannot see: leave compute_loss_func unset, or give batches without them."
             )
         self._weighted_loss.row_weights = weights
+        if kl_rows is not None:
+            self._weighted_loss.kl_rows = kl_rows
+            self._weighted_loss.reference = self._theta0_log_probs(model, inputs)
         try:
             return self._maybe_skip(super().compute_loss(model, inputs, return_outputs, num_items_in_batch))
         finally:
-            self._weighted_loss.row_weights = None
+            self._weighted_loss.row_weights = self._weighted_loss.kl_rows = self._weighted_loss.reference = None
+
+    @torch.no_grad()
+    def _theta0_log_probs(self, model, inputs) -> torch.Tensor:
+        """θ0's log-probabilities at the batch's object positions (`[n, vocab]`, float32 or float64), for the KL."""
+        with self.at_theta0():
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        if logits.dim() == 3:
+            logits = logits[logit_positions(inputs["labels"], self.kind).to(logits.device)]
+        return (logits if logits.dtype == torch.float64 else logits.float()).log_softmax(-1)
 
     def _maybe_skip(self, result):
         """`skip_below_loss`: a training batch already below it gives no gradient (a leaf copy of its loss), so
@@ -364,8 +379,9 @@ class ConstrainedEditTrainer(Trainer):
 
     @contextmanager
     def at_theta0(self) -> Iterator[None]:
-        """The trainable parameters at θ0 inside (they are restored after)."""
-        params = self.edit_model.trainable_parameters()
+        """The trainable parameters at θ0 inside (they are restored after). Usable inside the fast paths, which
+        rearrange the block list (the parameters are the projector's, held by reference)."""
+        params = self.projector.params
         current = {name: param.detach().clone() for name, param in params.items()}
         with torch.no_grad():
             for name, param in params.items():
@@ -432,12 +448,15 @@ class ObjectTokenLoss:
     (transformers' losses would round them to float32). With `row_weights` (set by the trainer for
     one batch) each row's tokens count with its weight: Σ w·CE / num_items. `reduction` 'sequence'
     is LocFT-BF's loss instead: the (weighted) mean over facts of each fact's mean token loss, divided
-    by the accumulation steps as Trainer expects of a per-batch mean.
+    by the accumulation steps as Trainer expects of a per-batch mean. With `kl_rows` and `reference`
+    (θ0's log-probabilities at the same positions) those rows' tokens contribute KL(θ0 ‖ θ) instead of CE.
     """
 
     def __init__(self, kind: str, reduction: str = "token", accumulation_steps: int = 1):
         self.kind, self.reduction, self.accumulation_steps = kind, reduction, accumulation_steps
         self.row_weights: torch.Tensor | None = None
+        self.kl_rows: torch.Tensor | None = None  # rows scored by KL(θ0 ‖ θ) against `reference` instead of CE
+        self.reference: torch.Tensor | None = None
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"]
@@ -447,12 +466,16 @@ class ObjectTokenLoss:
         if logits.dtype != torch.float64:
             logits = logits.float()
         targets = object_targets(labels, self.kind).to(logits.device)
-        if self.row_weights is None and self.reduction == "token":
+        if self.row_weights is None and self.reduction == "token" and self.kl_rows is None:
             return fixed_cross_entropy(logits, targets, num_items_in_batch=num_items_in_batch)
         rows = positions.nonzero()[:, 0]
         weights = torch.ones(len(positions), dtype=logits.dtype, device=logits.device) if self.row_weights is None else (
             self.row_weights.to(device=logits.device, dtype=logits.dtype))
         per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        if self.kl_rows is not None:
+            reference = self.reference.to(device=logits.device, dtype=logits.dtype)
+            kl = (reference.exp() * (reference - logits.log_softmax(-1))).sum(-1)
+            per_token = torch.where(self.kl_rows.to(logits.device)[rows], kl, per_token)
         if self.reduction == "sequence":  # each fact's mean token loss, averaged over the batch's facts
             sums = torch.zeros(len(positions), dtype=per_token.dtype, device=per_token.device).index_add_(0, rows, per_token)
             counts = positions.sum(1).to(per_token.dtype)

@@ -10,8 +10,12 @@ Every results file records the `Locality` it was measured on.
 Preservation objectives (`EditConfig.preserve_objective`), mixed into every batch of the edit:
 - `evidence`: the unmodified facts' training evidence with their benchmark objects (the paper's FTA);
 - `answers`: evidence of unmodified facts that θ0 predicts right, so the label is θ0's own answer:
-  the objective keeps behaviour rather than teaching labels. Drawn from the edit facts' own
-  relations (`preserve_same_relation`), where an edit's new objects most easily leak.
+  the objective keeps behaviour rather than teaching labels.
+- `kl`: the unmodified evidence with KL(θ0 ‖ θ) of the whole next-token distribution at its object
+  positions as the loss (the trainer runs θ0 on those rows): it also keeps the edit's new objects
+  as unlikely there as θ0 had them, where a hard label only pushes the right token up.
+`answers` and `kl` draw from the edit facts' own relations (`preserve_same_relation`), where an
+edit's new objects most easily leak.
 """
 
 from __future__ import annotations
@@ -25,11 +29,11 @@ from dataclasses import asdict, dataclass
 import datasets
 
 from .benchmarks.common import UNMODIFIED_TEST, UNMODIFIED_TRAIN
-from .collators import WEIGHT_KEY
+from .collators import PRESERVE_KEY, WEIGHT_KEY
 from .evaluation.scoring import evaluate_facts
 
 
-PRESERVE_OBJECTIVES = ("none", "evidence", "answers")
+PRESERVE_OBJECTIVES = ("none", "evidence", "answers", "kl")
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,7 @@ def preservation_batches(
                 "text": [row["text"] for row in facts],
                 "object": [row["object"] for row in facts],
                 WEIGHT_KEY: [1.0] * len(chosen) + [float(weight)] * len(drawn),
+                PRESERVE_KEY: [False] * len(chosen) + [True] * len(drawn),
             })
     return datasets.Dataset.from_list(groups)
 

@@ -197,6 +197,7 @@ class GridRunner:
             **{key: point[key] for key in POINT_ARGS if key in point},
         )
         objective = point.get("preserve", preserve_objective(self.job, self.args))
+        args = dataclasses.replace(args, preserve_objective=objective)
         return edit_train_dataset(self.splits, objective, args, self.known() if objective == "answers" else None)
 
     def selection_size(self, block: str) -> int:

@@ -105,6 +105,12 @@ def _ftm_answers(ctx: MethodContext, edit) -> list[dict]:
     return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "answers"}) for delta in ctx.linf]
 
 
+@method("ftm_kl", "FTM + KL to θ0 on neighbours, L∞")
+def _ftm_kl(ctx: MethodContext, edit) -> list[dict]:
+    """L∞ with same-relation neighbours in every batch, scored by KL(θ0 ‖ θ) of their next-token distribution."""
+    return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "kl"}) for delta in ctx.linf]
+
+
 @method("ftm_nullspace", "FTM + null space (AlphaEdit's projection), L∞")
 def _ftm_nullspace(ctx: MethodContext, edit) -> list[dict]:
     """The MLP output projection of the block under L∞ ∩ the null space of its preserved keys (threshold 2e-2).

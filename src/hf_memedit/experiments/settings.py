@@ -123,6 +123,6 @@ def edit_train_dataset(
     neighbours = known if objective == "answers" else splits[UNMODIFIED_TRAIN]
     groups = preservation_batches(
         splits[MODIFIED_TRAIN], neighbours, args.per_device_train_batch_size, args.preserve_ratio,
-        args.preserve_weight, args.num_train_epochs, args.seed, args.preserve_same_relation and objective == "answers",
+        args.preserve_weight, args.num_train_epochs, args.seed, args.preserve_same_relation and objective in ("answers", "kl"),
     )
     return groups, dataclasses.replace(args, per_device_train_batch_size=1, num_train_epochs=1.0)
