@@ -274,7 +274,7 @@ class GridRunner:
 # Training knobs a grid point may set for itself (compare methods such as FT-L and LocFT-BF).
 POINT_ARGS = ("learning_rate", "max_steps", "stop_at_loss", "num_train_epochs", "per_device_train_batch_size",
               "nullspace_threshold", "nullspace_energy", "output_rho", "eos_target", "skip_below_loss", "stop_at_epoch_loss",
-              "loss_reduction", "preserve_corpus")
+              "loss_reduction", "preserve_corpus", "preserve_ratio", "preserve_weight")
 
 
 def _keys_key(edit, args: EditConfig) -> tuple:

@@ -104,7 +104,7 @@ class JobConfig:
     )
     locft_blocks: list[str] | None = field(
         default=None,
-        metadata={"help": "memedit compare: the layers LocFT-BF is swept over (default: 20%, 45% and 70% of the depth)."},
+        metadata={"help": "memedit compare: the layers LocFT-BF is swept over (default: at 20, 45 and 70 percent of the depth)."},
     )
     show_examples: int = field(default=5, metadata={"help": "How many edited facts (old -> new) the summary shows."})
 

@@ -96,7 +96,8 @@ def _ftm_fisher(ctx: MethodContext, edit) -> list[dict]:
 
 @method("fta", "FTA, L∞")
 def _fta(ctx: MethodContext, edit) -> list[dict]:
-    return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "evidence"}) for delta in ctx.linf]
+    return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "evidence", "preserve_ratio": 1.0,
+                  "preserve_weight": 1.0}) for delta in ctx.linf]  # the paper's: as many unmodified as modified
 
 
 @method("ftm_answers", "FTM + θ0's answers, L∞")
