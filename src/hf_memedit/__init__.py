@@ -10,13 +10,15 @@ from .edit_config import EditConfig
 from .edit_trainer import ConstrainedEditTrainer
 from .evaluation.metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
 from .evaluation.results import ResultsRecord, library_versions
-from .evaluation.scoring import FactResults, candidate_vocabulary, evaluate_facts
+from .evaluation.scoring import FactResults, candidate_vocabulary, evaluate_facts, generate_facts
 from .fast_paths.heads import object_positions_only
 from .fast_paths.prefix import PrefixCache
 from .hub import apply_edit, package_edit, push_edit, revert_edit
+from .keys import KeyStatistics, preserved_keys
 from .knn import KnnDatastore
 from .model import EditModel, get_edit_model
-from .projection import NormBallProjector, project_fisher_, project_l2_, project_linf_
+from .preservation import Locality, disjoint_split, preservation_batches
+from .projection import KeyProjector, NormBallProjector, project_fisher_, project_l2_, project_linf_
 
 
 __version__ = version("hf_memedit")
@@ -33,21 +35,28 @@ __all__ = [
     "FactEncoder",
     "FactEncodingError",
     "FactResults",
+    "KeyProjector",
+    "KeyStatistics",
     "KnnDatastore",
+    "Locality",
     "NormBallProjector",
     "PrefixCache",
     "ResultsRecord",
     "apply_edit",
     "avg_acc",
     "candidate_vocabulary",
+    "disjoint_split",
     "edit_metrics",
     "evaluate_facts",
     "evaluate_splits",
     "filter_encodable",
+    "generate_facts",
     "get_edit_model",
     "library_versions",
     "load_benchmark",
     "package_edit",
+    "preservation_batches",
+    "preserved_keys",
     "model_kind",
     "object_positions_only",
     "project_fisher_",

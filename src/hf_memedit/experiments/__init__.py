@@ -2,7 +2,7 @@
 
 - `job_config`: `JobConfig` (model, benchmark, setting, sweeps and compares) and the settings' names;
 - `loading`: the model, a run's base and the benchmark;
-- `settings`: FT / RI / as loaded, and FTA's mixed batches;
+- `settings`: FT / RI / as loaded, the disjoint locality split, and the preservation mixes (FTA's among them);
 - `run`: one run of the main job, written as one whole run folder;
 - `grid`: sweeps (`GridRunner`, the points and their keys, the validation/test pick);
 - `reports`: the sweep's table and plots;

@@ -12,6 +12,9 @@ unmodified facts is reported on the test half (A_M on the modified facts' test p
 - `fta`: L∞ with as many unmodified as modified evidences per batch, on that block;
 - `ftm_answers`: L∞ with known same-relation neighbours, labelled with θ0's own answers, in every
   batch (`preserve_objective: answers`), on that block;
+- `ftm_kl`: L∞ with same-relation neighbours scored by KL(θ0 ‖ θ) (`preserve_objective: kl`);
+- `ftm_nullspace`: L∞ ∩ AlphaEdit's null space of the block's MLP output projection (`key_constraint`);
+- `locft_bf`: LocFT-BF (ICLR 2026), its recipe on one MLP output projection, its layer swept;
 - `ftl`: FT-L as ROME and EasyEdit run it — the MLP output projection of `ftl_block`, lr 5e-4,
   25 steps, early stop at loss 1e-2, ε swept (5e-4 is theirs);
 - `knn`: kNN-LM (Appendix F), ε swept over quantiles of the distances.
