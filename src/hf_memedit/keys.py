@@ -129,10 +129,10 @@ def model_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, co
         for first in tqdm(range(0, count, batch_size), desc="sampling the preservation corpus"):
             n = min(batch_size, count - first)
             ids = torch.full((n, 1), start, dtype=torch.long, device=device)
-            past = None
+            cache = None
             for _ in range(length):
-                out = model(input_ids=ids[:, -1:] if past is not None else ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(input_ids=ids[:, -1:] if cache is not None else ids, cache=cache, use_cache=True)
+                cache = out.cache
                 probs = torch.softmax(out.logits[:, -1].float().cpu(), dim=-1)
                 ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator).to(device)], dim=1)
             samples += ids.tolist()
