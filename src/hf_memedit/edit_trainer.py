@@ -298,10 +298,12 @@ class ConstrainedEditTrainer(Trainer):
     def _maybe_skip(self, result):
         """`skip_below_loss`: a training batch already below it gives no gradient (a leaf copy of its loss), so
         the optimizer, which skips parameters without gradients, changes nothing; its loss is still logged."""
+        if not self.model.training or (self.args.skip_below_loss is None and self.args.stop_at_epoch_loss is None):
+            return result  # no stop asks for the loss: no device sync on the hot path
         loss = result[0] if isinstance(result, tuple) else result
-        if self.model.training:
-            self._epoch_losses.append(float(loss.detach()))
-        if not self.model.training or self.args.skip_below_loss is None or float(loss.detach()) >= self.args.skip_below_loss:
+        value = float(loss.detach())
+        self._epoch_losses.append(value)
+        if self.args.skip_below_loss is None or value >= self.args.skip_below_loss:
             return result
         skipped = loss.detach().clone().requires_grad_()
         return (skipped, *result[1:]) if isinstance(result, tuple) else skipped
