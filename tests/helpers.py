@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -31,27 +32,95 @@ V = 30522  # the bert-base-uncased vocabulary of the real tokenizer used to coll
 SMALL = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
 
 
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _decoder(config_class, n: int, vocab: int, **kw):
+    """A config of a decoder that takes Llama's argument names: 2 heads sharing 1 key/value head."""
+    return config_class(vocab_size=vocab, num_hidden_layers=n, num_key_value_heads=1, **SMALL, **kw)
+
+
 def _tiny_models():
+    """model_type -> (n, vocab) -> a tiny random LM without dropout (the fast paths run frozen blocks without
+    it, so the straightforward loop they are compared with must too)."""
     import transformers as tf
 
-    TINY = {
-        "bert": lambda n: tf.BertForMaskedLM(tf.BertConfig(vocab_size=V, num_hidden_layers=n, **SMALL)),
-        "roberta": lambda n: tf.RobertaForMaskedLM(tf.RobertaConfig(vocab_size=V, num_hidden_layers=n, **SMALL)),
-        "electra": lambda n: tf.ElectraForMaskedLM(tf.ElectraConfig(vocab_size=V, num_hidden_layers=n, embedding_size=16, **SMALL)),
-        "distilbert": lambda n: tf.DistilBertForMaskedLM(
-            tf.DistilBertConfig(vocab_size=V, n_layers=n, dim=16, n_heads=2, hidden_dim=32, max_position_embeddings=64)
+    return {
+        # Masked LMs
+        "bert": lambda n, v: tf.BertForMaskedLM(tf.BertConfig(vocab_size=v, num_hidden_layers=n, **SMALL, **NO_DROPOUT)),
+        "roberta": lambda n, v: tf.RobertaForMaskedLM(
+            tf.RobertaConfig(vocab_size=v, num_hidden_layers=n, pad_token_id=0, **{**SMALL, "max_position_embeddings": 70}, **NO_DROPOUT)
         ),
-        "albert": lambda n: tf.AlbertForMaskedLM(tf.AlbertConfig(vocab_size=V, num_hidden_layers=n, embedding_size=8, **SMALL)),
-        "gpt2": lambda n: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_layer=n, n_embd=16, n_head=2, n_positions=64)),
-        "llama": lambda n: tf.LlamaForCausalLM(
-            tf.LlamaConfig(vocab_size=V, num_hidden_layers=n, num_key_value_heads=1, **SMALL)
+        "xlm-roberta": lambda n, v: tf.XLMRobertaForMaskedLM(
+            tf.XLMRobertaConfig(vocab_size=v, num_hidden_layers=n, pad_token_id=0, **{**SMALL, "max_position_embeddings": 70}, **NO_DROPOUT)
         ),
+        "electra": lambda n, v: tf.ElectraForMaskedLM(
+            tf.ElectraConfig(vocab_size=v, num_hidden_layers=n, embedding_size=16, **SMALL, **NO_DROPOUT)
+        ),
+        "distilbert": lambda n, v: tf.DistilBertForMaskedLM(tf.DistilBertConfig(
+            vocab_size=v, n_layers=n, dim=16, n_heads=2, hidden_dim=32, max_position_embeddings=64, dropout=0.0,
+            attention_dropout=0.0,
+        )),
+        "albert": lambda n, v: tf.AlbertForMaskedLM(
+            tf.AlbertConfig(vocab_size=v, num_hidden_layers=n, embedding_size=8, **SMALL, **NO_DROPOUT)
+        ),
+        "deberta-v2": lambda n, v: tf.DebertaV2ForMaskedLM(tf.DebertaV2Config(
+            vocab_size=v, num_hidden_layers=n, relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=8,
+            **SMALL, **NO_DROPOUT,
+        )),
+        "modernbert": lambda n, v: tf.ModernBertForMaskedLM(tf.ModernBertConfig(
+            vocab_size=v, num_hidden_layers=n, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+            max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=4, pad_token_id=0,
+            bos_token_id=None, eos_token_id=None, cls_token_id=None, sep_token_id=None,
+        )),
+        # Causal LMs
+        "gpt2": lambda n, v: tf.GPT2LMHeadModel(tf.GPT2Config(
+            vocab_size=v, n_layer=n, n_embd=16, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )),
+        "llama": lambda n, v: tf.LlamaForCausalLM(_decoder(tf.LlamaConfig, n, v)),
+        "mistral": lambda n, v: tf.MistralForCausalLM(_decoder(tf.MistralConfig, n, v)),
+        "gemma": lambda n, v: tf.GemmaForCausalLM(_decoder(tf.GemmaConfig, n, v, head_dim=8)),
+        "olmo2": lambda n, v: tf.Olmo2ForCausalLM(_decoder(tf.Olmo2Config, n, v, pad_token_id=0, eos_token_id=None)),
+        "granite": lambda n, v: tf.GraniteForCausalLM(_decoder(tf.GraniteConfig, n, v)),
+        "stablelm": lambda n, v: tf.StableLmForCausalLM(_decoder(tf.StableLmConfig, n, v)),
+        "qwen2": lambda n, v: tf.Qwen2ForCausalLM(_decoder(tf.Qwen2Config, n, v)),
+        "qwen3": lambda n, v: tf.Qwen3ForCausalLM(_decoder(tf.Qwen3Config, n, v, head_dim=8)),
+        # Sliding windows shorter than the longest fact (30 tokens), so the alternating layer types matter, and
+        # longer than any padding (float64 attention turns an all-masked row into NaN).
+        "gemma2": lambda n, v: tf.Gemma2ForCausalLM(_decoder(tf.Gemma2Config, n, v, head_dim=8, sliding_window=24)),
+        "gemma3_text": lambda n, v: tf.Gemma3ForCausalLM(
+            _decoder(tf.Gemma3TextConfig, n, v, head_dim=8, sliding_window=24, sliding_window_pattern=2)
+        ),
+        "mixtral": lambda n, v: tf.MixtralForCausalLM(
+            _decoder(tf.MixtralConfig, n, v, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager")
+        ),
+        "phi3": lambda n, v: tf.Phi3ForCausalLM(_decoder(tf.Phi3Config, n, v, pad_token_id=0, eos_token_id=None)),
+        "gpt_neox": lambda n, v: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+            vocab_size=v, num_hidden_layers=n, **SMALL, bos_token_id=None, eos_token_id=None,
+        )),
+        "gptj": lambda n, v: tf.GPTJForCausalLM(tf.GPTJConfig(
+            vocab_size=v, n_layer=n, n_embd=16, n_head=2, n_positions=64, rotary_dim=4, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+        )),
+        "falcon": lambda n, v: tf.FalconForCausalLM(tf.FalconConfig(
+            vocab_size=v, num_hidden_layers=n, hidden_size=16, num_attention_heads=2, max_position_embeddings=64,
+            bos_token_id=None, eos_token_id=None,
+        )),
+        "opt": lambda n, v: tf.OPTForCausalLM(tf.OPTConfig(
+            vocab_size=v, num_hidden_layers=n, hidden_size=16, ffn_dim=32, num_attention_heads=2, max_position_embeddings=64,
+            word_embed_proj_dim=8, dropout=0.0, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        )),
     }
-    return TINY
 
 
-# One tiny random model per architecture of the block table, by its model_type: n blocks.
-TINY = _tiny_models()
+def _seeded(build, n: int, vocab: int = V, seed: int = 0):
+    torch.manual_seed(seed)
+    return build(n, vocab)
+
+
+# One tiny random model per architecture of the block table, by its model_type: TINY[type](n blocks, vocab=V).
+TINY = {name: functools.partial(_seeded, build) for name, build in _tiny_models().items()}
+MASKED = ["albert", "bert", "deberta-v2", "distilbert", "electra", "modernbert", "roberta", "xlm-roberta"]
 
 
 def tiny_bert(vocab_size: int, layers: int = 3, dropout: float = 0.0, seed: int = 0):

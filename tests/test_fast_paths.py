@@ -4,29 +4,13 @@ in training (loss, gradients, final weights) and in evaluation, on every archite
 import pytest
 import torch
 from datasets import Dataset
-from transformers import (
-    AlbertConfig,
-    AlbertForMaskedLM,
-    BertConfig,
-    BertForMaskedLM,
-    DistilBertConfig,
-    DistilBertForMaskedLM,
-    ElectraConfig,
-    ElectraForMaskedLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    RobertaConfig,
-    RobertaForMaskedLM,
-    TrainerCallback,
-)
+from transformers import TrainerCallback
 
 from hf_memedit import BlockSelectorConfig, ConstrainedEditTrainer, EditConfig, evaluate_facts, get_edit_model
 from hf_memedit.collators import FactCollator
-from hf_memedit.fast_paths.prefix import PrefixCache, first_editable_block
+from hf_memedit.fast_paths.prefix import PrefixCache, first_editable_block, unsafe_reason
 
-from .helpers import FACTS, assert_agree_up_to_reordering
+from .helpers import FACTS, MASKED, TINY, assert_agree_up_to_reordering
 
 
 COMMON = dict(report_to="none", disable_tqdm=True, seed=0, data_seed=0, save_strategy="no")
@@ -35,37 +19,10 @@ LR = 1e-2
 
 def build(name: str, vocab: int, layers: int = 4):
     """A tiny random model without dropout (the cache runs frozen blocks without it; the slow path would not)."""
-    torch.manual_seed(0)
-    small = dict(
-        vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    if name == "bert":
-        return BertForMaskedLM(BertConfig(hidden_size=16, intermediate_size=32, **small))
-    if name == "roberta":
-        return RobertaForMaskedLM(RobertaConfig(hidden_size=16, intermediate_size=32, pad_token_id=0, **{**small, "max_position_embeddings": 70}))
-    if name == "electra":
-        return ElectraForMaskedLM(ElectraConfig(hidden_size=16, embedding_size=16, intermediate_size=32, **small))
-    if name == "albert":
-        return AlbertForMaskedLM(AlbertConfig(hidden_size=16, embedding_size=8, intermediate_size=32, **small))
-    if name == "distilbert":
-        return DistilBertForMaskedLM(DistilBertConfig(
-            vocab_size=vocab, n_layers=layers, n_heads=2, dim=16, hidden_dim=32, max_position_embeddings=64,
-            dropout=0.0, attention_dropout=0.0,
-        ))
-    if name == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(
-            vocab_size=vocab, n_layer=layers, n_head=2, n_embd=16, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        ))
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64,
-    ))
+    return TINY[name](layers, vocab=vocab)
 
 
-MASKED = ["bert", "roberta", "electra", "albert", "distilbert"]
-CAUSAL = ["gpt2", "llama"]
+CAUSAL = sorted(set(TINY) - set(MASKED))
 
 
 def tokenizer_for(name, bert_tokenizer, bpe_tokenizer):
@@ -144,6 +101,8 @@ def test_fast_training_matches_the_straightforward_loop(name, tmp_out, bert_toke
     assert fast.object_logits_only
     if name == "albert":  # shared blocks: nothing below the edit is frozen, so no cache
         assert fast.prefix_cache is None
+    elif unsafe_reason(fast.model, 3) is not None:  # Gemma's alternating layer types do not repeat from block 3
+        assert name in {"gemma2", "gemma3_text"} and fast.prefix_cache is None
     else:
         assert fast.prefix_cache is not None and fast.prefix_cache.block == 3 and len(fast.prefix_cache) == len(facts_for(name))
     assert len(slow_losses) == 4 and fast_losses == pytest.approx(slow_losses, rel=1e-12)
@@ -182,7 +141,7 @@ def test_fast_paths_hold_under_activation_checkpointing(name, tmp_out, bert_toke
         torch.testing.assert_close(fast_params[key], param, rtol=0, atol=adam_tolerance(4, torch.float64), msg=key)
 
 
-@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("name", [n for n in MASKED + CAUSAL if n != "albert"])  # ALBERT: no frozen prefix
 def test_evaluation_from_the_prefix_equals_the_full_forward(name, bert_tokenizer, bpe_tokenizer):
     tokenizer = tokenizer_for(name, bert_tokenizer, bpe_tokenizer)
     model = build(name, len(tokenizer), layers=4).eval()
@@ -203,6 +162,52 @@ def test_evaluation_from_the_prefix_equals_the_full_forward(name, bert_tokenizer
         assert state.dtype == torch.float16
         torch.testing.assert_close(state.float(), cache.states[key], rtol=1e-3, atol=1e-3)
     edit.unload()
+
+
+@pytest.mark.parametrize("name, block, config", [("gemma2", 3, {}), ("deberta-v2", 2, {"conv_kernel_size": 3})])
+def test_a_forward_the_cache_cannot_wrap_runs_the_straightforward_loop(name, block, config, bert_tokenizer, bpe_tokenizer,
+                                                                       tmp_out, caplog, monkeypatch):
+    """Gemma-2 picks each block's attention (sliding or full) by its index in the list; DeBERTa-v2 with a
+    convolution adds it after block 0. Taking blocks out of the list would run them wrong: the trainer runs
+    the straightforward loop, says so once, and the cache refuses to be built."""
+    from hf_memedit.fast_paths import prefix
+
+    tokenizer = tokenizer_for(name, bert_tokenizer, bpe_tokenizer)
+
+    def model():
+        m = build(name, len(tokenizer)).eval()
+        if config:  # DeBERTa-v2's encoder builds its convolution from the config
+            m = type(m)(type(m.config)(**{**m.config.to_dict(), **config})).eval()
+        return m
+
+    facts = facts_for(name)
+    batch = FactCollator(tokenizer, "causal" if name in CAUSAL else "masked")(facts)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    real = batch["attention_mask"].bool()
+    # Without the guard, the cut forward computes something else: the guard is what keeps results right.
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(prefix, "unsafe_reason", lambda model, block: None)
+        wrong = model()
+        full = wrong(**inputs).logits[real]
+        get_edit_model(wrong, BlockSelectorConfig(blocks=[str(block)]))
+        cache = PrefixCache.for_model(wrong)
+        assert cache.block == block
+        with cache.feeding(**inputs):
+            cut = wrong(**inputs).logits[real]
+        assert (cut - full).abs().max() > 1e-3
+    edited = model()
+    get_edit_model(edited, BlockSelectorConfig(blocks=[str(block)]))
+    with pytest.raises(ValueError, match="No prefix cache for .*Set prefix_cache: false"):
+        PrefixCache(edited, block)
+    prefix._say_once.cache_clear()
+    with caplog.at_level("WARNING", logger=prefix.__name__):
+        assert PrefixCache.for_model(edited) is None
+        args = EditConfig(output_dir=tmp_out, edit_blocks=[str(block)], norm="linf", delta=1e-2, max_steps=1,
+                          per_device_train_batch_size=4, **COMMON)
+        trainer = ConstrainedEditTrainer(model(), args, train_dataset=Dataset.from_list(facts), processing_class=tokenizer)
+        assert trainer.prefix_cache is None
+    said = [r for r in caplog.records if "runs without the prefix cache" in r.getMessage()]
+    assert len(said) == 1, said
 
 
 def test_cache_refills_when_stale_and_refuses_misuse(tmp_out, bert_tokenizer):

@@ -55,3 +55,24 @@ def test_object_position_logits_equal_full_logits(arch, bert_tokenizer):
     assert_agree_up_to_reordering(grads, expected_grads)
     for shapes in seen.values():
         assert shapes == [tuple(batch["input_ids"].shape), (1, int(positions.sum()))]
+
+
+def test_a_head_the_configuration_does_not_build_runs_in_full(bert_tokenizer):
+    """DeBERTa-v2 with legacy=False builds `lm_predictions` instead of the table's `cls`: no head is
+    assumed, and evaluation runs the full head."""
+    from transformers import DebertaV2ForMaskedLM
+
+    from hf_memedit.fast_paths.heads import head_modules
+
+    from .helpers import TINY
+
+    legacy = TINY["deberta-v2"](2).eval()
+    assert head_modules(legacy) is not None
+    model = DebertaV2ForMaskedLM(type(legacy.config)(**{**legacy.config.to_dict(), "legacy": False})).eval()
+    assert head_modules(model) is None
+    with pytest.raises(ValueError, match="does not know the LM head of DebertaV2ForMaskedLM"):
+        from hf_memedit import object_positions_only
+
+        with object_positions_only(model, torch.ones(1, 1, dtype=torch.bool)):
+            pass
+    assert len(evaluate_facts(model, bert_tokenizer, FACTS, batch_size=3)) == len(FACTS)  # it falls back, no error

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from torch import nn
@@ -37,6 +37,13 @@ class BlockLayout:
     of modules in call order, the first taking `[batch, length, hidden]` states, the last returning
     them (further arguments shaped like them, such as BERT's residual, go with them). Key and value
     projections are not stages: attention reads them at every position.
+
+    The frozen-prefix cache takes blocks 0..n-1 out of the block list and runs the model's own
+    forward on the rest, which is exact only where that forward treats every block alike.
+    `positional_config` names config lists the forward reads by a block's index in the list (Qwen2's
+    and Gemma's `layer_types`): the cache then runs only from a block where the list repeats.
+    `prefix_breakers` names config attributes that, when set, make the forward mix states across
+    blocks outside them (DeBERTa-v2's convolution after block 0): the cache is off for such a model.
     """
 
     blocks: str
@@ -46,19 +53,29 @@ class BlockLayout:
     head: tuple[str, ...] = ()
     mlp_out: str | None = None
     row_wise: tuple[tuple[str, ...], ...] = ()
+    positional_config: tuple[str, ...] = ()
+    prefix_breakers: tuple[str, ...] = ()
 
 
 _BERT_ROWS = (("attention.self.query",), ("attention.output",), ("intermediate", "output"))
+_ROBERTA = BlockLayout(
+    blocks="encoder.layer", embeddings=("embeddings",), head=("lm_head",), mlp_out="output.dense", row_wise=_BERT_ROWS,
+)
+# Llama and the decoders that copy its module names (transformers generates most of them from Llama's code).
+_LLAMA_ROWS = (("self_attn.q_proj",), ("self_attn.o_proj",), ("mlp",))
+_LLAMA = BlockLayout(
+    blocks="layers", embeddings=("embed_tokens",), head=("lm_head",), mlp_out="mlp.down_proj", row_wise=_LLAMA_ROWS,
+)
+_LLAMA_BY_LAYER_TYPE = replace(_LLAMA, positional_config=("layer_types",))  # their forward indexes layer_types
 
 ARCHITECTURES: dict[str, BlockLayout] = {
+    # Masked LMs
     "bert": BlockLayout(
         blocks="encoder.layer", embeddings=("embeddings",), head=("cls",), mlp_out="output.dense",
         row_wise=_BERT_ROWS,
     ),
-    "roberta": BlockLayout(
-        blocks="encoder.layer", embeddings=("embeddings",), head=("lm_head",), mlp_out="output.dense",
-        row_wise=_BERT_ROWS,
-    ),
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
     "electra": BlockLayout(
         blocks="encoder.layer", embeddings=("embeddings",), optional_embeddings=("embeddings_project",),
         head=("generator_predictions", "generator_lm_head"), mlp_out="output.dense", row_wise=_BERT_ROWS,
@@ -75,12 +92,48 @@ ARCHITECTURES: dict[str, BlockLayout] = {
         head=("predictions",),
         mlp_out="albert_layers.0.ffn_output",
     ),
+    "deberta-v2": BlockLayout(  # its query also projects the relative positions: not a row-wise stage
+        blocks="encoder.layer", embeddings=("embeddings",), head=("cls",), mlp_out="output.dense",
+        row_wise=(("attention.output",), ("intermediate", "output")), prefix_breakers=("conv_kernel_size",),
+    ),
+    "modernbert": BlockLayout(  # one fused Wqkv: no query stage
+        blocks="layers", embeddings=("embeddings",), head=("head", "decoder"), mlp_out="mlp.Wo",
+        row_wise=(("attn.Wo",), ("mlp",)),
+    ),
+    # Causal LMs
     "gpt2": BlockLayout(  # its query shares one projection (c_attn) with the keys and values
         blocks="h", embeddings=("wte", "wpe"), head=("lm_head",), mlp_out="mlp.c_proj", row_wise=(("attn.c_proj",), ("mlp",))
     ),
-    "llama": BlockLayout(
-        blocks="layers", embeddings=("embed_tokens",), head=("lm_head",), mlp_out="mlp.down_proj",
-        row_wise=(("self_attn.q_proj",), ("self_attn.o_proj",), ("mlp",)),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "gemma": _LLAMA,
+    "olmo2": _LLAMA,
+    "granite": _LLAMA,
+    "stablelm": _LLAMA,
+    "qwen2": _LLAMA_BY_LAYER_TYPE,
+    "qwen3": _LLAMA_BY_LAYER_TYPE,
+    "gemma2": _LLAMA_BY_LAYER_TYPE,
+    "gemma3_text": _LLAMA_BY_LAYER_TYPE,
+    # Mixtral's experts hold every expert's projections in two fused tensors (mlp.experts): no single
+    # MLP output projection. Its router picks experts token by token, so the MoE is a row-wise stage.
+    "mixtral": replace(_LLAMA, mlp_out=None),
+    "phi3": replace(_LLAMA, row_wise=(("self_attn.o_proj",), ("mlp",))),  # fused qkv_proj
+    "gpt_neox": BlockLayout(  # fused query_key_value
+        blocks="layers", embeddings=("embed_in",), head=("lm_head",), mlp_out="mlp.dense_4h_to_h",
+        row_wise=(("attention.dense",), ("mlp",)),
+    ),
+    "gptj": BlockLayout(
+        blocks="h", embeddings=("wte",), head=("lm_head",), mlp_out="mlp.fc_out",
+        row_wise=(("attn.q_proj",), ("attn.out_proj",), ("mlp",)),
+    ),
+    "falcon": BlockLayout(  # fused query_key_value
+        blocks="h", embeddings=("word_embeddings",), head=("lm_head",), mlp_out="mlp.dense_4h_to_h",
+        row_wise=(("self_attention.dense",), ("mlp",)),
+    ),
+    "opt": BlockLayout(  # its feed-forward (fc1, fc2 on the block itself) runs on flattened rows: not a stage
+        blocks="decoder.layers", embeddings=("decoder.embed_tokens", "decoder.embed_positions"),
+        optional_embeddings=("decoder.project_in",), head=("lm_head",), mlp_out="fc2",
+        row_wise=(("self_attn.q_proj",), ("self_attn.out_proj",)),
     ),
 }
 
@@ -122,6 +175,17 @@ def resolve_module(model: PreTrainedModel, path: str) -> nn.Module:
             f"{type(model).__name__} has no module {path!r} under its base model "
             f"({type(base).__name__}; its children: {children}). Check `blocks_path` / `embeddings_paths`."
         ) from None
+
+
+def embedding_modules(model: PreTrainedModel, layout: BlockLayout) -> dict[str, nn.Module]:
+    """Path → module of the layout's embeddings: every required one, and the optional ones this config built."""
+    modules = {path: resolve_module(model, path) for path in layout.embeddings}
+    for path in layout.optional_embeddings:
+        try:
+            modules[path] = model.base_model.get_submodule(path)
+        except AttributeError:
+            pass  # this configuration does not build it
+    return modules
 
 
 def block_list(model: PreTrainedModel, layout: BlockLayout) -> nn.ModuleList:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 from transformers import PreTrainedModel
 
-from .architectures import BlockLayout, block_list, layout_for, num_blocks, resolve_module
+from .architectures import BlockLayout, block_list, embedding_modules, layout_for, num_blocks, resolve_module
 from .io import atomic_write_text, read_json
 
 
@@ -108,13 +108,8 @@ def selected_modules(model: PreTrainedModel, config: BlockSelectorConfig) -> dic
                 raise ValueError(
                     f"No embedding modules are known for {type(model).__name__}: pass `embeddings_paths`."
                 )
-            for path in layout.embeddings:
-                modules[f"embeddings ({path})"] = resolve_module(model, path)
-            for path in layout.optional_embeddings:
-                try:
-                    modules[f"embeddings ({path})"] = model.base_model.get_submodule(path)
-                except AttributeError:
-                    pass  # this configuration does not build it
+            for path, module in embedding_modules(model, layout).items():
+                modules[f"embeddings ({path})"] = module
         elif item == ALL:
             modules["all blocks"] = resolve_module(model, layout.blocks)
         elif layout.shared_blocks:
@@ -148,7 +143,11 @@ def _block_submodules(model, layout, modules: dict[str, nn.Module], paths: list[
             for path in paths:
                 real = layout.mlp_out if path == "mlp_out" else path
                 if real is None:
-                    raise ValueError(f"No MLP output projection is known for {type(model).__name__}: give its path in the block.")
+                    raise ValueError(
+                        f"No MLP output projection is known for {type(model).__name__} (the block table has none: "
+                        "a mixture of experts holds every expert's projections in one module): give a path in the block "
+                        "instead, e.g. edit_modules: [mlp]."
+                    )
                 try:
                     narrowed[f"{label}{'' if len(blocks) == 1 else f' {number}'} {path}"] = block.get_submodule(real)
                 except AttributeError:

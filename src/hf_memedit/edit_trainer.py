@@ -164,8 +164,9 @@ class ConstrainedEditTrainer(Trainer):
         object_only = args.object_logits_only and compute_loss_func is None and head_modules(base) is not None
         if args.object_logits_only and compute_loss_func is None and not object_only:
             logger.warning(
-                "object_logits_only: the LM head of %s is not in hf_memedit's block table (a blocks_path layout names "
-                "the blocks only), so the full head runs: the same loss, without the speed-up.", type(base).__name__,
+                "object_logits_only: hf_memedit's block table does not hold the LM head of %s (a blocks_path layout "
+                "names the blocks only; some configurations build another head than the table's), so the full head "
+                "runs: the same loss, without the speed-up.", type(base).__name__,
             )
         self._weighted_loss = None
         if compute_loss_func is None:

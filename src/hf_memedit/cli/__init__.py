@@ -5,6 +5,7 @@
     memedit compare --config trainer_configs/compare_smollm2_geo.yaml
     memedit eval  --config trainer_configs/demo_smollm2.yaml [--edit_dir runs/x/edit]
     memedit push  runs/x --repo_id you/x-edit
+    memedit inspect Qwen/Qwen2.5-7B [--edit_blocks 20]   (the layout hf_memedit would use; config only)
     accelerate launch train_edit.py --config ...        (= memedit edit; DDP with --multi_gpu)
 
 Every key of the YAML is a field of `JobConfig` or `EditConfig` (`memedit edit --help` lists them
@@ -24,7 +25,7 @@ from .parser import parse, read_config
 
 
 COMMANDS = {  # name -> what it does, from each command's module (its make_parser() and main(argv))
-    name: importlib.import_module(f"{__name__}.{name}").DESCRIPTION for name in ("edit", "sweep", "compare", "eval", "push")
+    name: importlib.import_module(f"{__name__}.{name}").DESCRIPTION for name in ("edit", "sweep", "compare", "eval", "push", "inspect")
 }
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import datasets
 from accelerate import PartialState
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import ModelKind, model_kind
 from ..benchmarks import load_benchmark
@@ -22,8 +22,8 @@ from ..packaged import PACKAGED_MODELS
 from .job_config import FT_SETTINGS, JobConfig
 
 
-def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
-    """The model (safetensors or GGUF only) and its tokenizer, with an error that says what was tried."""
+def _source(job: JobConfig) -> tuple[str, dict[str, Any]]:
+    """(folder or Hub id, the from_pretrained kwargs) of the job's model: packaged names resolved."""
     name, gguf_file = job.model_name_or_path, job.gguf_file
     if name in PACKAGED_MODELS:
         name, packaged_gguf = PACKAGED_MODELS[name].locate()
@@ -33,6 +33,34 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
         common["gguf_file"] = gguf_file
     if not os.path.isdir(name) and looks_like_path(name):
         raise FileNotFoundError(f"Could not load model {job.model_name_or_path!r}: the folder {os.path.abspath(name)} does not exist.")
+    return name, common
+
+
+def _load_failed(job: JobConfig, name: str, error: BaseException) -> FileNotFoundError:
+    if os.path.isdir(name):
+        return FileNotFoundError(f"Could not load model {job.model_name_or_path!r} from the folder {name} ({error})")
+    offline = (" The Hugging Face Hub is unreachable or HF_HUB_OFFLINE is set: download the model elsewhere and pass its folder."
+               if _hub_unreachable(error) else "")
+    return FileNotFoundError(
+        f"Could not load model {job.model_name_or_path!r}: tried no local folder {os.path.abspath(name)!r}, so the "
+        f"Hub id {name!r}.{offline} ({error})"
+    )
+
+
+def load_config(job: JobConfig) -> tuple[PretrainedConfig, ModelKind]:
+    """The model's config and kind, without its weights (what `memedit inspect` needs)."""
+    name, common = _source(job)
+    try:
+        config = AutoConfig.from_pretrained(name, **common)
+    except (OSError, ValueError) as error:
+        raise _load_failed(job, name, error) from None
+    return config, ModelKind(job.model_kind) if job.model_kind != "auto" else ModelKind.of_config(config)
+
+
+def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
+    """The model (safetensors or GGUF only) and its tokenizer, with an error that says what was tried."""
+    name, common = _source(job)
+    gguf_file = common.get("gguf_file")
     if os.path.isdir(name) and not gguf_file and not glob.glob(os.path.join(name, "*.safetensors")):
         found = ", ".join(sorted(os.path.basename(f) for f in glob.glob(os.path.join(name, "*.bin")))) or "no weights"
         raise ValueError(
@@ -40,19 +68,11 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
             "checkpoint can run code when loaded. Convert it where you trust it (from_pretrained, then "
             "save_pretrained(safe_serialization=True))."
         )
+    config, kind = load_config(job)
     try:
-        config = AutoConfig.from_pretrained(name, **common)
         tokenizer = AutoTokenizer.from_pretrained(name, **common)
     except (OSError, ValueError) as error:
-        if os.path.isdir(name):
-            raise FileNotFoundError(f"Could not load model {job.model_name_or_path!r} from the folder {name} ({error})") from None
-        offline = (" The Hugging Face Hub is unreachable or HF_HUB_OFFLINE is set: download the model elsewhere and pass its folder."
-                   if _hub_unreachable(error) else "")
-        raise FileNotFoundError(
-            f"Could not load model {job.model_name_or_path!r}: tried no local folder {os.path.abspath(name)!r}, so the "
-            f"Hub id {name!r}.{offline} ({error})"
-        ) from None
-    kind = ModelKind(job.model_kind) if job.model_kind != "auto" else ModelKind.of_config(config)
+        raise _load_failed(job, name, error) from None
     model = kind.auto_class.from_pretrained(name, **common, **({} if gguf_file else {"use_safetensors": True}))
     if gguf_file:
         _forget_gguf_quantization(model)

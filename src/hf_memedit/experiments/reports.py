@@ -43,6 +43,8 @@ def describe(point: dict[str, Any]) -> str:
         text += f" ({', '.join(point['modules'])})"
     if point.get("keys") not in (None, "none"):
         text += f", {point['keys']} keys"
+        if point.get("nullspace_energy") is not None:
+            text += f" ({point['nullspace_energy']:.3g} of their energy removed)"
     if point.get("preserve") not in (None, "none"):
         text += f", preserve {point['preserve']}"
     return text + f", δ {point['delta']:.3g}" if point["delta"] is not None else text + ", δ ∞"

@@ -25,11 +25,15 @@ from ..architectures import ModelKind, block_list, table_layout
 
 
 def head_modules(model: PreTrainedModel) -> list[nn.Module] | None:
-    """The modules mapping the base model's last hidden state to logits, in order, or None when unknown."""
+    """The modules mapping the base model's last hidden state to logits, in order, or None when unknown
+    (also where a configuration builds another head than the table's, e.g. DeBERTa-v2 with legacy=False)."""
     layout = table_layout(model)
     if layout is None or not layout.head:
         return None
-    return [model.get_submodule(path) for path in layout.head]
+    try:
+        return [model.get_submodule(path) for path in layout.head]
+    except AttributeError:
+        return None
 
 
 def logit_positions(labels: torch.Tensor, kind: str) -> torch.Tensor:

@@ -16,6 +16,7 @@ means turning the cache off (`EditConfig.prefix_cache: false`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..architectures import BlockLayout, block_list, eval_mode, layout_for, model_kind
+from ..architectures import BlockLayout, block_list, eval_mode, layout_for, model_kind, table_layout
 from ..collators import FactCollator
 from .heads import head_modules, object_positions_only
 
@@ -69,6 +70,30 @@ def first_editable_block(model: PreTrainedModel, layout: BlockLayout | None = No
     return first if first is not None else len(blocks) - 1
 
 
+def unsafe_reason(model: PreTrainedModel, block: int) -> str | None:
+    """Why the model's forward, with blocks 0..block-1 taken out of its list, would not compute what the
+    full forward computes from block `block` on (the table's `positional_config` / `prefix_breakers`),
+    or None when it would."""
+    layout = table_layout(model)
+    if layout is None:
+        return None
+    config = model.config
+    for name in layout.prefix_breakers:
+        if getattr(config, name, None):
+            return f"its forward mixes states across blocks outside them when {name} is set ({getattr(config, name)!r})"
+    for name in layout.positional_config:
+        values = list(getattr(config, name, None) or [])
+        if values and values[block:] != values[: len(values) - block]:
+            return (f"its forward reads config.{name} by block index, and {name} does not repeat from block {block} "
+                    f"({values[block:]} after the cut, {values[: len(values) - block]} before)")
+    return None
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    logger.warning(message)
+
+
 class PrefixCache:
     """Hidden states entering block `block` of `model`, per token sequence, stored on the CPU.
 
@@ -86,6 +111,9 @@ class PrefixCache:
         self.blocks = block_list(model, layout or layout_for(model))
         if not 1 <= block < len(self.blocks):
             raise ValueError(f"The prefix cache needs a block in [1, {len(self.blocks)}); got {block}.")
+        reason = unsafe_reason(model, block)
+        if reason is not None:
+            raise ValueError(f"No prefix cache for {type(model).__name__}: {reason}. Set prefix_cache: false.")
         self.model = model
         self.block = block
         self.dtype = DTYPES[dtype] or next(model.parameters()).dtype
@@ -101,7 +129,13 @@ class PrefixCache:
     def for_model(cls, model: PreTrainedModel, dtype: str = "auto", layout: BlockLayout | None = None) -> PrefixCache | None:
         """A cache for the model's current trainable set, or None when nothing below the edit is frozen."""
         block = first_editable_block(model, layout)
-        return cls(model, block, dtype, layout) if block >= 1 else None
+        if block < 1:
+            return None
+        reason = unsafe_reason(model, block)
+        if reason is not None:
+            _say_once(f"{type(model).__name__} runs without the prefix cache (the straightforward loop, same results): {reason}.")
+            return None
+        return cls(model, block, dtype, layout)
 
     def _prefix_signature(self) -> list[tuple[int, int]]:
         return [(p.data_ptr(), p._version) for p in self._prefix_params]
