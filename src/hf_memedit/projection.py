@@ -43,8 +43,27 @@ def project_linf_(param: torch.Tensor, theta0: torch.Tensor, delta: float) -> No
 
 
 def linf_bounds(theta0: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The box θ0 ± δ as (lower, upper) tensors: what the L∞ projection clamps to."""
-    return theta0 - delta, theta0 + delta
+    """The box θ0 ± δ as (lower, upper) tensors in θ0's dtype: what the L∞ projection clamps to.
+
+    Each bound is the value of that dtype nearest θ0 ± δ on θ0's side, so |θ − θ0| ≤ δ holds exactly
+    for the stored values, in bfloat16 or float16 as in float32 (rounding θ0 + δ to the nearest value
+    can step outside the box by half a unit in the last place). Where δ is below the dtype's resolution
+    at |θ0|, both bounds are θ0 itself: see `frozen_by_resolution`.
+    """
+    if theta0.dtype == torch.float64:
+        return theta0 - delta, theta0 + delta
+    exact = theta0.double()
+    lower, upper = (exact - delta).to(theta0.dtype), (exact + delta).to(theta0.dtype)
+    lower = torch.where(lower.double() < exact - delta, torch.nextafter(lower, theta0), lower)
+    upper = torch.where(upper.double() > exact + delta, torch.nextafter(upper, theta0), upper)
+    return lower, upper
+
+
+def frozen_by_resolution(theta0: torch.Tensor, delta: float) -> int:
+    """How many entries of θ0 cannot move at all within ±δ in their dtype (its next value either way is
+    farther than δ): an L∞ edit leaves them at θ0 whatever the optimizer does."""
+    lower, upper = linf_bounds(theta0, delta)
+    return int(((lower == theta0) & (upper == theta0)).sum())
 
 
 @torch.no_grad()
@@ -58,14 +77,22 @@ def l2_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.T
 
 @torch.no_grad()
 def project_l2_(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor], delta: float) -> None:
-    """Rescale Δ of all the given tensors together so that ||Δ||₂ ≤ δ."""
-    norm = l2_distance(params, theta0).item()
-    if norm <= delta:
-        return
-    scale = delta / norm
-    for name, param in params.items():
-        start = theta0[name]
-        param.copy_(start + (param - start) * scale)
+    """Rescale Δ of all the given tensors together so that ||Δ||₂ ≤ δ, for the stored values.
+
+    The norm is measured in float64; storing θ0 + sΔ rounds, which in bfloat16 can leave the result a
+    little outside, so the rescale repeats, each time by a further unit of the dtype's rounding, until
+    the stored values lie in the ball (one pass in float32 and float64 but for rare last-bit cases).
+    """
+    rounding = max(torch.finfo(param.dtype).eps for param in params.values())
+    for attempt in range(8):
+        norm = l2_distance(params, theta0).item()
+        if norm <= delta:
+            return
+        scale = delta / norm * (1 - attempt * rounding)
+        for name, param in params.items():
+            start = theta0[name]
+            param.copy_(start + (param - start) * scale)
+    logger.warning("The L2 projection stopped %.3g outside the ball after 8 rescales.", l2_distance(params, theta0).item() - delta)
 
 
 @torch.no_grad()
@@ -248,6 +275,25 @@ class NormBallProjector:
         self._bounds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # L∞: per θ0 tensor, its box
         self.keys, self.iterations, self.tolerance = keys, iterations, tolerance
         self.ball_violation = 0.0  # after the last Dykstra projection: how far outside the ball it stopped
+        if norm == "linf":
+            self._check_resolution()
+
+    def _check_resolution(self) -> None:
+        """A δ below the stored dtype's resolution freezes weights silently: refuse it when nothing could
+        move, say how much when part of the selection cannot."""
+        frozen = {name: frozen_by_resolution(self.theta0[name], self.delta) for name in self.params}
+        total = sum(t.numel() for t in self.theta0.values())
+        stuck = sum(frozen.values())
+        if not stuck:
+            return
+        dtypes = sorted({str(self.theta0[n].dtype).replace("torch.", "") for n in self.params})
+        what = (f"δ={self.delta:g} is below {'/'.join(dtypes)}'s resolution at the magnitude of {stuck:,d} of the "
+                f"{total:,d} selected weights ({stuck / total:.1%})")
+        if stuck == total:
+            raise ValueError(f"{what}: no weight can move, so the edit would change nothing. Raise delta, or load "
+                             "the model in float32 (torch_dtype: float32).")
+        logger.warning("%s: those stay at θ0. Raise delta, or load the model in float32 (torch_dtype: float32), to "
+                       "let them move.", what)
 
     def _theta0_on_device(self) -> dict[str, torch.Tensor]:
         for name, param in self.params.items():

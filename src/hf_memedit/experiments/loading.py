@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 import datasets
+import torch
 from accelerate import PartialState
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -73,9 +74,13 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
         tokenizer = AutoTokenizer.from_pretrained(name, **common)
     except (OSError, ValueError) as error:
         raise _load_failed(job, name, error) from None
-    model = kind.auto_class.from_pretrained(name, **common, **({} if gguf_file else {"use_safetensors": True}))
+    model = kind.auto_class.from_pretrained(
+        name, dtype=job.torch_dtype, **common, **({} if gguf_file else {"use_safetensors": True})
+    )
     if gguf_file:
         _forget_gguf_quantization(model)
+        if job.torch_dtype != "auto":  # transformers dequantises GGUF to float32
+            model.to(getattr(torch, job.torch_dtype))
     return model, tokenizer
 
 
