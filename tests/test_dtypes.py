@@ -12,6 +12,7 @@ from hf_memedit.projection import frozen_by_resolution, linf_bounds
 
 from .helpers import FACTS, TINY
 
+
 CAUSAL_FACTS = [f for f in FACTS if not f["text"].startswith("[Y]")]
 
 
