@@ -42,7 +42,8 @@ def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypa
     assert {r["point"]["block"] for r in locft} == {"0", "1"} and all(r["point"]["num_train_epochs"] == 25 for r in locft)
     assert all(r["point"]["eos_target"] is False for r in locft)  # a masked LM has no EOS target
     assert all(r["point"]["preserve_corpus"] == "benchmark" for r in result["rows"]["ftm_nullspace"])
-    assert {r["point"].get("nullspace_energy") for r in result["rows"]["ftm_nullspace"]} == {None, 0.99, 0.9}
+    nullspace = {(r["point"].get("nullspace_energy"), tuple(r["point"].get("modules") or ())) for r in result["rows"]["ftm_nullspace"]}
+    assert nullspace == {(None, ("mlp_out",)), (0.99, ()), (0.9, ()), (0.8, ())}  # AlphaEdit's, then whole blocks
     assert result["locality"]["disjoint"] and result["locality"]["n_locality_facts"] == linf[0]["test"]["n_unmodified"] + linf[0]["validation"]["n_unmodified"]
     # L2 δ: the smallest ball holding each L∞ box, so it grows with the L∞ δ by √n.
     l2 = sorted(r["point"]["delta"] for r in result["rows"]["ftm_l2"])

@@ -53,6 +53,15 @@ class JobConfig:
         metadata={"help": "The dtype the model is loaded and edited in; 'auto': the checkpoint's own (a bfloat16 "
                   "model stays bfloat16, and the L∞ bound holds in it).", "choices": list(TORCH_DTYPES)},
     )
+    device_map: dict | str | None = field(
+        default=None,
+        metadata={"help": "Spread a model that does not fit one device (accelerate): 'auto', 'balanced', ... or a JSON "
+                  "object of module -> device ('cpu', 0, 'disk'). The edited blocks need a device; frozen ones may "
+                  "be offloaded. None: one device."},
+    )
+    offload_folder: str | None = field(
+        default=None, metadata={"help": "Where device_map's 'disk' offload writes the offloaded weights."}
+    )
     benchmark: str = field(default="geo_mod", metadata={"help": f"One of {', '.join(BUILDERS)}.", "choices": list(BUILDERS)})
     m: int = field(default=32, metadata={"help": "How many facts to modify."})
     benchmark_seed: int = field(default=0, metadata={"help": "Seed of the modified facts and their new objects."})
@@ -123,6 +132,8 @@ class JobConfig:
         if unknown:
             raise ValueError(f"Unknown compare_methods {sorted(unknown)}: choose among {', '.join(COMPARE_METHODS)}.")
         self.benchmark_options = _json_mapping(self.benchmark_options, "benchmark_options", "a mapping")
+        if isinstance(self.device_map, str) and self.device_map.lstrip().startswith("{"):
+            self.device_map = _json_mapping(self.device_map, "device_map", "a mapping of module -> device")
         if self.setting not in SETTINGS:
             raise ValueError(f"Unknown setting {self.setting!r}: choose one of {', '.join(SETTINGS)}.")
         if self.model_kind not in MODEL_KINDS:

@@ -29,7 +29,7 @@ LOCFT = {"modules": ["mlp_out"], "learning_rate": 5e-4, "per_device_train_batch_
          "max_steps": -1, "skip_below_loss": 1e-2, "stop_at_epoch_loss": 1e-2, "loss_reduction": "sequence",
          "preserve": "none"}
 LOCFT_DEPTHS = (0.2, 0.45, 0.7)  # default layers, as shares of the depth (their picks: 22 of 32, 6 of 28)
-NULLSPACE_ENERGIES = (0.99, 0.9)  # ftm_nullspace beyond AlphaEdit's threshold: the shares of E[k kᵀ] removed
+NULLSPACE_ENERGIES = (0.99, 0.9, 0.8)  # ftm_nullspace on the whole block: the shares of E[k kᵀ] removed
 
 
 @dataclass
@@ -115,19 +115,18 @@ def _ftm_kl(ctx: MethodContext, edit) -> list[dict]:
 
 @method("ftm_nullspace", "FTM + null space (AlphaEdit's projection), L∞")
 def _ftm_nullspace(ctx: MethodContext, edit) -> list[dict]:
-    """The MLP output projection of the block under L∞ ∩ the null space of its preserved keys: AlphaEdit's
-    absolute threshold 2e-2, then the null spaces left by removing `NULLSPACE_ENERGIES` of the keys' second
-    moment (a threshold fit for one model can leave another no null space at all). A masked LM cannot sample
-    its own corpus: its keys come from the preservation facts instead."""
+    """L∞ ∩ the null space of the preserved keys: AlphaEdit's own choice (the block's MLP output projection,
+    absolute threshold 2e-2), then every linear layer of the block with the directions holding
+    `NULLSPACE_ENERGIES` of the keys' second moment removed (a threshold fit for one model can leave another
+    no null space at all). A masked LM cannot sample its own corpus: its keys come from the preservation facts."""
     corpus = ctx.args.preserve_corpus
     if corpus == "samples" and model_kind(ctx.runner.model) != ModelKind.CAUSAL:
         corpus = "benchmark"
-    point = {"norm": "linf", "block": ctx.block, "preserve": "none", "modules": ["mlp_out"], "keys": "nullspace",
-             "preserve_corpus": corpus}
+    point = {"norm": "linf", "block": ctx.block, "preserve": "none", "keys": "nullspace", "preserve_corpus": corpus}
     return [
         edit({**point, "delta": delta, **extra})
         for delta in ctx.linf
-        for extra in [{}] + [{"nullspace_energy": energy} for energy in NULLSPACE_ENERGIES]
+        for extra in [{"modules": ["mlp_out"]}] + [{"nullspace_energy": energy} for energy in NULLSPACE_ENERGIES]
     ]
 
 
