@@ -12,6 +12,7 @@ from hf_memedit.experiments import JobConfig, load_model_and_tokenizer
 
 from .helpers import FACTS, TINY
 
+
 CAUSAL_FACTS = [f for f in FACTS if not f["text"].startswith("[Y]")]
 OFFLOADED = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "disk", "model.layers.2": "cpu",
              "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
