@@ -30,3 +30,11 @@ def test_projection_overhead_bench_prints_its_table_with_equal_unprojected_losse
     # (transformers' loss reduces all positions, the trainer's the object positions).
     assert losses["no projection"] == pytest.approx(losses["Trainer"], rel=1e-5)
     assert rows[0][2] == "1.000x" and all(float(row[4]) >= 0 for row in rows)
+
+
+def test_fsdp_check_needs_a_gpu_and_says_so():
+    """accelerate runs FSDP on accelerators only: without one the GPU check stops with the reason."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is here: run bench/fsdp_check.py itself")
+    done = subprocess.run([sys.executable, "bench/fsdp_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "no CUDA device. accelerate runs FSDP on accelerators only" in done.stderr

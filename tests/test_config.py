@@ -47,9 +47,15 @@ def test_unknown_key_is_refused(tmp_path):
         _parse(tmp_path, delt=1e-3)
 
 
-def test_fsdp_and_deepspeed_are_refused_clearly(tmp_path):
-    with pytest.raises(ValueError, match="does not support FSDP"):
-        EditConfig(output_dir=str(tmp_path), fsdp="full_shard")
+def test_fsdp1_and_deepspeed_are_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match=r"supports FSDP2 only \(fsdp_config: \{fsdp_version: 2\}\)"):
+        EditConfig(output_dir=str(tmp_path), fsdp=True)
+    fsdp2 = EditConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config={"fsdp_version": 2}, norm="l2", delta=1.0)
+    assert fsdp2.fsdp_config["version"] == 2
+    with pytest.raises(ValueError, match="Under FSDP, norm 'fisher'.*work on whole tensors"):
+        EditConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config={"fsdp_version": 2}, norm="fisher")
+    with pytest.raises(ValueError, match="key_constraint 'nullspace' is refused"):
+        EditConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config={"fsdp_version": 2}, key_constraint="nullspace")
     with pytest.raises(ValueError, match="does not support DeepSpeed"):
         EditConfig(output_dir=str(tmp_path), deepspeed={"zero_optimization": {"stage": 2}})
 

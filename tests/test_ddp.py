@@ -18,3 +18,34 @@ def test_two_rank_ddp_keeps_the_bound_and_identical_parameters(tmp_path):
         assert 0 < record["distance"] <= 1e-3 + 1e-6  # the bound, to float32 rounding at |θ0| ≈ 1
         assert record["changed"]
         assert record["threads_joined"] >= 2  # Gloo's worker threads ended before interpreter exit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm, delta", [("linf", 1e-2), ("l2", 5e-2)])
+def test_two_rank_fsdp2_keeps_the_bound_and_equals_one_process(norm, delta, tmp_path):
+    """FSDP2 shards every block over 2 CPU ranks: L∞ projects each shard, L2 all-reduces one norm; the edit is
+    the one-process edit (float64: reordered sums only), saved and reverted through the gathered tensors."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    script = ROOT / "tests" / "utils" / "fsdp_edit.py"
+    whole = subprocess.run([sys.executable, str(script), str(tmp_path), norm, str(delta), "whole"], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT)
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    sharded = accelerate_launch(script, str(tmp_path), norm, str(delta), "shard")
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    records = {mode: json.loads((tmp_path / f"{mode}.json").read_text()) for mode in ("whole", "shard")}
+    assert records["shard"]["world_size"] == 2
+    for record in records.values():
+        assert record["projections"] == 4 and record["changed"] and record["reverted"]
+        assert record["distance"] <= delta * (1 + 1e-12)
+    assert records["shard"]["distance"] == pytest.approx(records["whole"]["distance"], rel=1e-9)
+    expected, actual = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "shard.safetensors")
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=0, atol=1e-9, msg=name)
+    saved = load_file(tmp_path / "edit_shard" / "memedit_edit.safetensors")
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[n], actual[n]) for n in saved)

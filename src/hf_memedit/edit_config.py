@@ -257,12 +257,6 @@ class EditConfig(TrainingArguments):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.fsdp:
-            raise ValueError(
-                "ConstrainedEditTrainer does not support FSDP: the projection needs each trainable tensor "
-                "whole on every rank. Use DDP (accelerate launch --multi_gpu); an edit trains one or a few "
-                "blocks, which fit on one device."
-            )
         if self.deepspeed:
             raise ValueError(
                 "ConstrainedEditTrainer does not support DeepSpeed: ZeRO partitions the parameters the "
@@ -273,6 +267,24 @@ class EditConfig(TrainingArguments):
             # (transformers would otherwise run each process alone).
             self.use_cpu = True
         super().__post_init__()
+        if self.fsdp:  # checked on transformers' normalised fsdp_config
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """FSDP2 shards the parameters: the L∞ box projects each shard, the L2 ball all-reduces one norm. The Fisher
+        ellipsoid and the key constraints need whole tensors, and FSDP1's flat parameters hide the tensors."""
+        version = int((self.fsdp_config or {}).get("version", 1))
+        if version != 2:
+            raise ValueError(
+                "ConstrainedEditTrainer supports FSDP2 only (fsdp_config: {fsdp_version: 2}): FSDP1 flattens the "
+                "parameters, so the projection cannot find its tensors. Or use DDP (accelerate launch --multi_gpu)."
+            )
+        if self.norm == "fisher" or self.key_constraint != "none":
+            raise ValueError(
+                f"Under FSDP, norm {self.norm!r} with key_constraint {self.key_constraint!r} is refused: the Fisher and "
+                "preserved-key projections work on whole tensors, which FSDP shards across ranks. Use norm linf, l2 or "
+                "none without a key constraint, or DDP when the edited blocks fit on one device."
+            )
 
     def block_selector_config(self) -> BlockSelectorConfig:
         return BlockSelectorConfig(

@@ -230,6 +230,10 @@ class ConstrainedEditTrainer(Trainer):
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
+        # FSDP2 (accelerate prepares the model before the optimizer) replaced the parameters with sharded ones.
+        current = dict(self.model.named_parameters())
+        if any(current.get(name) is not param for name, param in self.projector.params.items()):
+            self.projector.rebind(current)
         if optimizer is not self._hooked_optimizer:
             optimizer.register_step_post_hook(self._project_after_step)
             self._hooked_optimizer = optimizer
@@ -384,11 +388,11 @@ class ConstrainedEditTrainer(Trainer):
     def at_theta0(self) -> Iterator[None]:
         """The trainable parameters at θ0 inside (they are restored after). Usable inside the fast paths, which
         rearrange the block list (the parameters are the projector's, held by reference)."""
-        params = self.projector.params
+        params, theta0 = self.projector.params, self.projector.theta0_like_params()
         current = {name: param.detach().clone() for name, param in params.items()}
         with torch.no_grad():
             for name, param in params.items():
-                param.copy_(self.edit_model.theta0[name])
+                param.copy_(theta0[name])
         try:
             yield
         finally:

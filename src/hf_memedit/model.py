@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from .blocks import CONFIG_NAME, BlockSelectorConfig, selected_parameter_names
 from .io import edit_folder, load_tensors, save_tensors, tensor_sha256
+from .sharding import like, whole
 
 
 WEIGHTS_NAME = "memedit_edit.safetensors"
@@ -83,18 +84,18 @@ class EditModel(nn.Module):
         )
 
     def changed_tensors(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors whose values differ from θ0."""
+        """The trainable tensors whose values differ from θ0 (whole: under FSDP2 a collective, for every rank)."""
+        values = {name: whole(param.detach()) for name, param in self.trainable_parameters().items()}
         return {
-            name: param
-            for name, param in self.trainable_parameters().items()
-            if not torch.equal(param.detach().to(self.theta0[name].device), self.theta0[name])
+            name: value for name, value in values.items()
+            if not torch.equal(value.to(self.theta0[name].device), self.theta0[name])
         }
 
     @torch.no_grad()
     def revert(self) -> None:
         """Restore θ0 exactly; the model stays wrapped and can be edited again."""
         for name, param in self.trainable_parameters().items():
-            param.copy_(self.theta0[name])
+            param.copy_(like(param, self.theta0[name]))
 
     def _restore_requires_grad(self) -> PreTrainedModel:
         for name, param in self.model.named_parameters():
@@ -110,14 +111,18 @@ class EditModel(nn.Module):
         self.revert()
         return self._restore_requires_grad()
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True) -> None:
         """Write the changed tensors (edited values, and their base values for revert) and the selection config.
+
+        Under FSDP2 every rank calls it (the shards are gathered) and only `is_main_process` writes, as in PEFT.
 
         The edit file's metadata records the sha256 of each changed tensor's base value and of its
         edited value, so `from_pretrained` refuses a base model the edit was not made for, and an
         edit file whose bytes changed since it was written.
         """
         changed = self.changed_tensors()
+        if not is_main_process:
+            return
         base_hashes = {name: tensor_sha256(self.theta0[name]) for name in changed}
         edit_hashes = {name: tensor_sha256(value) for name, value in changed.items()}
         os.makedirs(save_directory, exist_ok=True)

@@ -26,6 +26,9 @@ import math
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
+
+from .sharding import all_reduce_, is_sharded, like, local
 
 
 logger = logging.getLogger(__name__)
@@ -68,11 +71,16 @@ def frozen_by_resolution(theta0: torch.Tensor, delta: float) -> int:
 
 @torch.no_grad()
 def l2_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """||θ − θ0||₂ over all the given tensors together, accumulated in float64."""
-    total = torch.zeros((), dtype=torch.float64, device=next(iter(params.values())).device)
+    """||θ − θ0||₂ over all the given tensors together, accumulated in float64 (FSDP2 shards: one all-reduce)."""
+    device = local(next(iter(params.values()))).device
+    sharded, plain = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64, device=device)
     for name, param in params.items():
-        total += (param.double() - theta0[name].double()).pow(2).sum().to(total.device)
-    return total.sqrt()
+        square = (local(param).double() - local(theta0[name]).double()).pow(2).sum().to(device)
+        if is_sharded(param):
+            sharded += square
+        else:
+            plain += square
+    return (all_reduce_(sharded, params.values(), dist.ReduceOp.SUM) + plain).sqrt()
 
 
 @torch.no_grad()
@@ -90,8 +98,8 @@ def project_l2_(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.T
             return
         scale = delta / norm * (1 - attempt * rounding)
         for name, param in params.items():
-            start = theta0[name]
-            param.copy_(start + (param - start) * scale)
+            start, values = local(theta0[name]), local(param)
+            values.copy_(start + (values - start) * scale)
     logger.warning("The L2 projection stopped %.3g outside the ball after 8 rescales.", l2_distance(params, theta0).item() - delta)
 
 
@@ -143,7 +151,9 @@ def project_fisher_(
 @torch.no_grad()
 def linf_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> float:
     """max |θ − θ0| over all the given tensors (one temporary per tensor: it is logged every few steps)."""
-    return max(float((param - theta0[name]).abs_().max()) for name, param in params.items())
+    largest = torch.tensor([max(float((local(param) - local(theta0[name])).abs_().max()) for name, param in params.items())],
+                           dtype=torch.float64, device=local(next(iter(params.values()))).device)
+    return float(all_reduce_(largest, params.values(), dist.ReduceOp.MAX))
 
 
 def nullspace_projector(moment: torch.Tensor, threshold: float | None = 2e-2, energy: float | None = None) -> torch.Tensor:
@@ -295,11 +305,21 @@ class NormBallProjector:
         logger.warning("%s: those stay at θ0. Raise delta, or load the model in float32 (torch_dtype: float32), to "
                        "let them move.", what)
 
-    def _theta0_on_device(self) -> dict[str, torch.Tensor]:
+    def rebind(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Project these parameters from now on (the same names): after FSDP2's `fully_shard` replaced them
+        with sharded ones, whose θ0 is then laid out like them."""
+        missing = sorted(set(self.params) - set(params))
+        if missing:
+            raise ValueError(f"The wrapped model has no parameter {missing[0]!r} of the edit: it cannot be projected.")
+        self.params = {name: params[name] for name in self.params}
+        self._bounds.clear()
+
+    def theta0_like_params(self) -> dict[str, torch.Tensor]:
+        """θ0 on the parameters' devices and in their dtype and layout (sharded like them under FSDP2)."""
         for name, param in self.params.items():
             start = self.theta0[name]
-            if start.device != param.device or start.dtype != param.dtype:
-                self.theta0[name] = start.to(device=param.device, dtype=param.dtype)
+            if is_sharded(param) != is_sharded(start) or local(start).device != local(param).device or start.dtype != param.dtype:
+                self.theta0[name] = like(param, start)
         return self.theta0
 
     @torch.no_grad()
@@ -308,7 +328,7 @@ class NormBallProjector:
         if self.keys is None:
             self._project_ball()
             return
-        theta0 = self._theta0_on_device()
+        theta0 = self.theta0_like_params()
         if self.norm == "none":
             self.keys.project_(self.params, theta0)
         elif self.norm == "l2" and self.l2_scope == "global" and self.keys.kind == "nullspace":
@@ -347,14 +367,14 @@ class NormBallProjector:
     def _project_ball(self, count: bool = True) -> None:
         if self.norm == "none":
             return
-        theta0 = self._theta0_on_device()
+        theta0 = self.theta0_like_params()
         if self.norm == "linf":  # the box is computed once per θ0 (not two temporaries per tensor and step)
-            for name, param in self.params.items():
+            for name, param in self.params.items():  # element-wise: each FSDP2 shard on its own
                 start, lower, upper = self._bounds.get(name) or (None, None, None)
                 if start is not theta0[name]:
-                    lower, upper = linf_bounds(theta0[name], self.delta)
+                    lower, upper = linf_bounds(local(theta0[name]), self.delta)
                     self._bounds[name] = (theta0[name], lower, upper)
-                param.clamp_(lower, upper)
+                local(param).clamp_(lower, upper)
         elif self.norm == "fisher":
             project_fisher_(self.params, theta0, self.fisher, self.delta)
         elif self.l2_scope == "global":
@@ -367,7 +387,7 @@ class NormBallProjector:
 
     def distance(self) -> float:
         """The current ||θ − θ0|| in the projector's norm (Σ FΔ² for fisher, L∞ for `none`), for logging."""
-        theta0 = self._theta0_on_device()
+        theta0 = self.theta0_like_params()
         if self.norm == "fisher":
             return fisher_distance(self.params, theta0, self.fisher)
         if self.norm == "l2" and self.l2_scope == "global":

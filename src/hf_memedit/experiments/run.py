@@ -24,6 +24,7 @@ from ..io import atomic_directory, atomic_write_text
 from ..keys import model_samples
 from ..preservation import Locality, known_evidence
 from ..run_folder import begin_outputs, claim_run_folder, seal_run
+from ..sharding import is_sharded
 from .job_config import FT_SETTINGS, JobConfig
 from .loading import load_model_and_tokenizer, prepare_benchmark
 from .settings import edit_train_dataset, locality_split, preservation_texts, preserve_objective, starting_model
@@ -115,7 +116,11 @@ def _finish(job, args, model, metrics, examples, trainer, start, locality: Local
         locality=locality.to_dict(),
         seconds=round(time.perf_counter() - start, 2),
     )
-    if PartialState().is_main_process:
+    main = PartialState().is_main_process
+    sharded = trainer is not None and any(map(is_sharded, trainer.edit_model.trainable_parameters().values()))
+    if sharded and not main:
+        trainer.edit_model.save_pretrained(args.output_dir, is_main_process=False)  # FSDP2: its part of the gather
+    if main:
         begin_outputs(args.output_dir)
         if trainer is not None:
             with atomic_directory(os.path.join(args.output_dir, "edit")) as staging:
