@@ -227,6 +227,10 @@ class KeyProjector:
             raise ValueError(f"The preserved keys hold no statistics for {missing[:3]}: they were made for other layers.")
         self.kind, self.layers, self.names = kind, dict(layers), list(names)
         self.frozen = [name for name in names if name not in layers]  # biases, norms: no keys, kept at θ0
+        matrices = [name for name in self.frozen if theta0[name].dim() >= 2]
+        if matrices:  # e.g. a mixture of experts' fused tensors: not a linear layer, so no keys of its own
+            logger.warning("key_constraint %s: %d trained tensors are not the weights of a linear layer (%s, ...) and stay "
+                           "at θ0; edit_modules can leave them out.", kind, len(matrices), matrices[0])
         self.projectors: dict[str, torch.Tensor] = {}
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for name, (_, transposed) in self.layers.items():
