@@ -59,3 +59,27 @@ def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypa
     monkeypatch.setattr(trainer_module.ConstrainedEditTrainer, "train", lambda *a, **k: pytest.fail("a done point retrained"))
     again = run_compare(job, args)
     assert {m: p["point"] for m, p in again.items()} == {m: p["point"] for m, p in picks.items()}
+
+
+def test_compare_of_a_causal_lm_reports_general_drift(tmp_path, bpe_tokenizer):
+    """drift_eval in a compare: each point's next-token KL to θ0 and perplexity ratio on θ0's held-out samples,
+    in compare.json and in the table (a tiny random Llama, two methods, a few steps)."""
+    from hf_memedit import EditConfig
+    from hf_memedit.experiments import JobConfig, run_compare
+
+    from .helpers import TINY
+
+    model = TINY["llama"](2, vocab=len(bpe_tokenizer))
+    job = JobConfig(model_name_or_path="tiny-llama", benchmark="geo_mod", m=4, compare_methods=["ftm_linf", "ftm_unconstrained"],
+                    benchmark_options={"relations": ["P36"], "max_facts_per_relation": 40})
+    args = EditConfig(output_dir=str(tmp_path / "compare"), edit_blocks=["1"], norm="linf", delta=1e-2, max_steps=3,
+                      learning_rate=1e-2, report_to="none", disable_tqdm=True, drift_eval=True, preserve_corpus_length=8,
+                      per_device_train_batch_size=4)
+    picks = run_compare(job, args, model=model, tokenizer=bpe_tokenizer)
+    for pick in picks.values():
+        drift = pick["drift"]
+        assert drift["drift_kl"] > 0 and drift["perplexity_ratio"] > 0 and drift["n_drift_tokens"] == 32 * 8
+    assert picks["ftm_unconstrained"]["drift"]["drift_kl"] > picks["ftm_linf"]["drift"]["drift_kl"]  # a free edit moves more
+    table = (tmp_path / "compare" / "compare.md").read_text()
+    assert "| drift KL | ppl ratio |" in table
+    assert f"{picks['ftm_linf']['drift']['drift_kl']:.3g}" in table

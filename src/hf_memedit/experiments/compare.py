@@ -90,15 +90,17 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
         "Each method's point with the best Ā on the validation half of the unmodified facts; metrics on the test half.",
         f"Locality measured on {locality.describe()}, split into validation and test halves.",
         "",
-        "| method | picked on validation | A_M | A_F\\S | Ā | retention | agreement | bleed | points |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | picked on validation | A_M | A_F\\S | Ā | retention | agreement | bleed | gen A_M | gen retention "
+        "| drift KL | ppl ratio | points |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, chosen in picks.items():
-        t = chosen[TEST]
+        t, drift = chosen[TEST], chosen.get("drift") or {}
         lines.append(
             f"| {LABELS[method]} | {describe(chosen['point'])} | {format_percent(t['a_m'])} | {format_percent(t['a_fs'])} | "
             f"{format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} | {format_percent(t.get('agreement'))} | "
-            f"{format_percent(t.get('bleed'))} | {len(rows[method])} |"
+            f"{format_percent(t.get('bleed'))} | {format_percent(t.get('gen_a_m'))} | {format_percent(t.get('gen_retention'))} | "
+            f"{_number(drift.get('drift_kl'))} | {_number(drift.get('perplexity_ratio'))} | {len(rows[method])} |"
         )
     before = next(iter(picks.values()))[TEST].get("a_fs_before")
     lines += ["", f"A_F\\S before any edit: {format_percent(before)}. FTM variants and FTA edit block {block} "
@@ -116,6 +118,10 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
     atomic_write_text(os.path.join(folder, "compare.json"), json.dumps({"picks": picks, "rows": rows, "block": block, "locality": locality.to_dict()}, indent=2))
     plot_compare(folder, rows, picks, job)
     plot_frontier(folder, rows, picks, job)
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

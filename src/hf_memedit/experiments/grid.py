@@ -25,7 +25,7 @@ from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, 
 from ..blocks import BlockSelectorConfig
 from ..edit_config import EditConfig
 from ..edit_trainer import ConstrainedEditTrainer
-from ..evaluation.metrics import edit_metrics, evaluate_splits, generate_splits, generation_metrics
+from ..evaluation.metrics import edit_metrics, evaluate_splits, generate_splits, generation_metrics, next_token_drift
 from ..fast_paths.prefix import PrefixCache, first_editable_block
 from ..fisher import diagonal_fisher
 from ..io import atomic_write_text, read_json
@@ -37,7 +37,14 @@ from ..run_folder import claim_run_folder
 from .job_config import JobConfig
 from .loading import holdout, load_model_and_tokenizer, prepare_benchmark
 from .reports import TEST, VALIDATION, write_report
-from .settings import edit_train_dataset, locality_split, preservation_texts, preserve_objective, starting_model
+from .settings import (
+    drift_samples,
+    edit_train_dataset,
+    locality_split,
+    preservation_texts,
+    preserve_objective,
+    starting_model,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -174,6 +181,7 @@ class GridRunner:
         self._fishers: dict[tuple[str, ...], dict] = {}
         self._known: datasets.Dataset | None = None
         self._keys: dict[tuple, KeyStatistics] = {}
+        self._drift_samples: list[list[int]] | None = None
 
     def known(self) -> datasets.Dataset:
         """The preservation evidence θ0 answers right (for preserve 'answers'), found once."""
@@ -254,8 +262,12 @@ class GridRunner:
         trainer.remove_callback(ProgressCallback)
         if not train_args.disable_tqdm:
             trainer.add_callback(_PointProgress)
+        held_out = self._drift_samples = self._drift_samples or drift_samples(self.model, self.tokenizer, self.args)
         trained = trainer.train()
         row = {"point": point, "distance": trainer.projector.distance(), "train_loss": trained.training_loss}
+        if held_out is not None:
+            row["drift"] = next_token_drift(self.model, self.tokenizer, held_out, trainer.at_theta0,
+                                            self.args.per_device_eval_batch_size)
         for name, view in self.views.items():
             metrics = edit_metrics(view, trainer.fact_results(view), before[name], self.tokenizer, trainer.kind)
             if self.args.generation_eval:

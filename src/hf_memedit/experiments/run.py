@@ -21,16 +21,19 @@ from ..edit_trainer import ConstrainedEditTrainer
 from ..evaluation.metrics import edit_metrics, evaluate_splits, generate_splits, generation_metrics, next_token_drift
 from ..evaluation.results import ResultsRecord
 from ..io import atomic_directory, atomic_write_text
-from ..keys import model_samples
 from ..preservation import Locality, known_evidence
 from ..run_folder import begin_outputs, claim_run_folder, seal_run
 from ..sharding import is_sharded
 from .job_config import FT_SETTINGS, JobConfig
 from .loading import load_model_and_tokenizer, prepare_benchmark
-from .settings import edit_train_dataset, locality_split, preservation_texts, preserve_objective, starting_model
-
-
-DRIFT_SAMPLES = 32  # held-out samples of θ0 that general drift is measured on
+from .settings import (
+    drift_samples,
+    edit_train_dataset,
+    locality_split,
+    preservation_texts,
+    preserve_objective,
+    starting_model,
+)
 
 
 @dataclass
@@ -83,8 +86,7 @@ def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapp
         model, train_args, train_dataset=train_dataset, eval_dataset=eval_splits, processing_class=tokenizer,
         fisher_dataset=splits[UNMODIFIED_TRAIN], preserve_texts=preservation_texts(splits),
     )
-    held_out = (model_samples(model, tokenizer, DRIFT_SAMPLES, args.preserve_corpus_length, args.seed + 1)
-                if args.drift_eval and trainer.kind == "causal" else None)
+    held_out = drift_samples(model, tokenizer, args)
     generated_before = generate_splits(model, tokenizer, eval_splits, args.per_device_eval_batch_size) if args.generation_eval else None
     trainer.train(resume_from_checkpoint=resume)
     results = trainer.fact_results(eval_splits)

@@ -14,11 +14,13 @@ import torch
 from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..architectures import ModelKind, model_kind
 from ..benchmarks.common import MODIFIED_TRAIN, UNMODIFIED_TRAIN
 from ..collators import PLACEHOLDER
 from ..edit_config import EditConfig
 from ..edit_trainer import ConstrainedEditTrainer
 from ..io import atomic_write_text
+from ..keys import model_samples
 from ..preservation import Locality, disjoint_split, no_split, preservation_batches
 from .job_config import FT_SETTINGS, FTA_SETTINGS, JobConfig
 
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 FT_MARKER = "memedit_ft.json"
+DRIFT_SAMPLES = 32  # held-out samples of θ0 that general drift is measured on
 
 
 def random_init(model: PreTrainedModel, seed: int) -> PreTrainedModel:
@@ -78,6 +81,14 @@ def starting_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
     if job.setting == "ri+ftm":
         return random_init(model, args.seed)
     return model
+
+
+def drift_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: EditConfig) -> list[list[int]] | None:
+    """θ0's own samples that general drift is measured on (`drift_eval`, causal LMs): seeded apart from the
+    preservation corpus's samples (seed + 1), so no key or objective saw them. None where drift is off."""
+    if not args.drift_eval or model_kind(model) != ModelKind.CAUSAL:
+        return None
+    return model_samples(model, tokenizer, DRIFT_SAMPLES, args.preserve_corpus_length, args.seed + 1)
 
 
 def preserve_objective(job: JobConfig, args: EditConfig) -> str:
