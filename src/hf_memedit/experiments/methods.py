@@ -30,6 +30,7 @@ LOCFT = {"modules": ["mlp_out"], "learning_rate": 5e-4, "per_device_train_batch_
          "preserve": "none"}
 LOCFT_DEPTHS = (0.2, 0.45, 0.7)  # default layers, as shares of the depth (their picks: 22 of 32, 6 of 28)
 NULLSPACE_ENERGIES = (0.99, 0.9, 0.8)  # ftm_nullspace on the whole block: the shares of E[k kᵀ] removed
+KL_NULLSPACE_ENERGIES = (0.9, 0.8)  # ftm_kl_nullspace: where ftm_nullspace alone still learns the edits
 
 
 @dataclass
@@ -127,6 +128,20 @@ def _ftm_nullspace(ctx: MethodContext, edit) -> list[dict]:
         edit({**point, "delta": delta, **extra})
         for delta in ctx.linf
         for extra in [{"modules": ["mlp_out"]}] + [{"nullspace_energy": energy} for energy in NULLSPACE_ENERGIES]
+    ]
+
+
+@method("ftm_kl_nullspace", "FTM + KL on neighbours + null space, L∞")
+def _ftm_kl_nullspace(ctx: MethodContext, edit) -> list[dict]:
+    """Both ways of keeping what the model knew at once: the KL objective on same-relation neighbours (the facts
+    that leak) and the whole block's updates kept out of the directions ordinary text uses (general drift)."""
+    corpus = ctx.args.preserve_corpus
+    if corpus == "samples" and model_kind(ctx.runner.model) != ModelKind.CAUSAL:
+        corpus = "benchmark"
+    return [
+        edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "kl", "keys": "nullspace",
+              "preserve_corpus": corpus, "nullspace_energy": energy})
+        for delta in ctx.linf for energy in KL_NULLSPACE_ENERGIES
     ]
 
 
