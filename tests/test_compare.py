@@ -70,7 +70,7 @@ def test_compare_of_a_causal_lm_reports_general_drift(tmp_path, bpe_tokenizer):
     from .helpers import TINY
 
     model = TINY["llama"](2, vocab=len(bpe_tokenizer))
-    job = JobConfig(model_name_or_path="tiny-llama", benchmark="geo_mod", m=4, compare_methods=["ftm_linf", "ftm_unconstrained"],
+    job = JobConfig(model_name_or_path="tiny-llama", benchmark="geo_mod", m=4, compare_methods=["ftm_linf", "ftm_unconstrained", "ftm_kl"],
                     benchmark_options={"relations": ["P36"], "max_facts_per_relation": 40})
     args = EditConfig(output_dir=str(tmp_path / "compare"), edit_blocks=["1"], norm="linf", delta=1e-2, max_steps=3,
                       learning_rate=1e-2, report_to="none", disable_tqdm=True, drift_eval=True, preserve_corpus_length=8,
@@ -80,6 +80,8 @@ def test_compare_of_a_causal_lm_reports_general_drift(tmp_path, bpe_tokenizer):
         drift = pick["drift"]
         assert drift["drift_kl"] > 0 and drift["perplexity_ratio"] > 0 and drift["n_drift_tokens"] == 32 * 8
     assert picks["ftm_unconstrained"]["drift"]["drift_kl"] > picks["ftm_linf"]["drift"]["drift_kl"]  # a free edit moves more
+    rows = json.loads((tmp_path / "compare" / "compare.json").read_text())["rows"]
+    assert [r["point"].get("eos_target") for r in rows["ftm_kl"]] == [None, True]  # a causal LM: also with EOS targets
     table = (tmp_path / "compare" / "compare.md").read_text()
     assert "| drift KL | ppl ratio |" in table
     assert f"{picks['ftm_linf']['drift']['drift_kl']:.3g}" in table

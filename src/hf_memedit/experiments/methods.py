@@ -110,8 +110,11 @@ def _ftm_answers(ctx: MethodContext, edit) -> list[dict]:
 
 @method("ftm_kl", "FTM + KL to θ0 on neighbours, L∞")
 def _ftm_kl(ctx: MethodContext, edit) -> list[dict]:
-    """L∞ with same-relation neighbours in every batch, scored by KL(θ0 ‖ θ) of their next-token distribution."""
-    return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "kl"}) for delta in ctx.linf]
+    """L∞ with same-relation neighbours in every batch, scored by KL(θ0 ‖ θ) of their next-token distribution;
+    for a causal LM also with EOS appended to the edit targets, so that greedy generation stops after the object."""
+    causal = model_kind(ctx.runner.model) == ModelKind.CAUSAL
+    return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "kl", **extra})
+            for delta in ctx.linf for extra in [{}] + ([{"eos_target": True}] if causal else [])]
 
 
 @method("ftm_nullspace", "FTM + null space (AlphaEdit's projection), L∞")
