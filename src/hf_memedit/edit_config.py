@@ -171,7 +171,8 @@ class EditConfig(TrainingArguments):
     )
     projection_tolerance: float = field(
         default=1e-3,
-        metadata={"help": "Dykstra stops once the ball is exceeded by at most this × δ (the result always lies in the key set)."},
+        metadata={"help": "Dykstra stops once the ball is exceeded by at most this × δ; the result is then scaled toward "
+                  "θ0 into the ball, so it lies in the ball and the key set exactly."},
     )
     generation_eval: bool = field(
         default=False,

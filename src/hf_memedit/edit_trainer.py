@@ -437,7 +437,7 @@ class ConstrainedEditTrainer(Trainer):
         if "loss" in logs:
             logs["constraint_distance"] = self.projector.distance()
             if self.projector.keys is not None and self.args.norm != "none":
-                logs["ball_violation"] = self.projector.ball_violation
+                logs["dykstra_excess"] = self.projector.dykstra_excess
         super().log(logs, *args, **kwargs)
 
 

@@ -14,9 +14,11 @@ Key constraints, on the second moment C = E[k kᵀ] of each edited linear layer'
 - `output`: E‖ΔW k‖² = tr(ΔW C ΔWᵀ) ≤ ρ·tr(W0 C W0ᵀ) per layer, projected exactly in C's eigenbasis
   by the same 1-D multiplier search as the Fisher ellipsoid.
 With a ball as well: L2 (global) ∩ nullspace is exact (project onto the subspace, then rescale);
-every other pair is projected by Dykstra's alternating projections, which end on the key set
-(so the result lies in it exactly) and stop once the ball is violated by at most
-`projection_tolerance × δ` (or after `projection_iterations`; the violation left is logged).
+every other pair is projected by Dykstra's alternating projections, which end on the key set and
+stop once the ball is violated by at most `projection_tolerance × δ` (or after
+`projection_iterations`); Δ is then scaled toward θ0 into the ball, which keeps it in the key set (a
+subspace or an ellipsoid around θ0). So the result lies in both sets exactly; it is the nearest
+point of their intersection once Dykstra has converged (what it left is logged as `dykstra_excess`).
 """
 
 from __future__ import annotations
@@ -288,7 +290,7 @@ class NormBallProjector:
         self.num_projections = 0
         self._bounds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # L∞: per θ0 tensor, its box
         self.keys, self.iterations, self.tolerance = keys, iterations, tolerance
-        self.ball_violation = 0.0  # after the last Dykstra projection: how far outside the ball it stopped
+        self.dykstra_excess = 0.0  # how far outside the ball the last Dykstra run stopped, before the pull-in
         if norm == "linf":
             self._check_resolution()
 
@@ -359,10 +361,28 @@ class NormBallProjector:
             for name, param in self.params.items():
                 q[name] = a[name] + q[name] - param
                 y[name] = param.detach().clone()
-            self.ball_violation = self.excess()
-            if self.ball_violation <= self.tolerance * self.delta:
+            self.dykstra_excess = self.excess()
+            if self.dykstra_excess <= self.tolerance * self.delta:
+                break
+        else:
+            logger.debug("Dykstra stopped after %d iterations, %.3g outside the ball.", self.iterations, self.dykstra_excess)
+        self._pull_into_ball()
+
+    def _pull_into_ball(self) -> None:
+        """Scale Δ toward θ0 until the stored values lie in the ball. Every key set is a subspace or an ellipsoid
+        around θ0, so the scaled point stays in it: the result lies in both sets exactly, at most
+        `dykstra_excess` from where Dykstra stopped (the nearest point, once Dykstra converged)."""
+        theta0 = self.theta0_like_params()
+        for attempt in range(8):  # a rescale in float32 can round a hair outside: again, a little further in
+            distance = self.distance()
+            if distance <= self.delta:
                 return
-        logger.debug("Dykstra stopped after %d iterations, %.3g outside the ball.", self.iterations, self.ball_violation)
+            ratio = math.sqrt(self.delta / distance) if self.norm == "fisher" else self.delta / distance
+            scale = ratio * (1 - attempt * 1e-6)
+            for name, param in self.params.items():
+                start, values = local(theta0[name]), local(param)
+                values.copy_(start + (values - start) * scale)
+        logger.warning("The projection onto the ball ∩ key set stopped %.3g outside the ball.", self.excess())
 
     def excess(self) -> float:
         """How far the parameters lie outside the ball, in its own measure (0 inside)."""
