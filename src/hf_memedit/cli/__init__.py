@@ -8,7 +8,7 @@
     memedit inspect Qwen/Qwen2.5-7B [--edit_blocks 20]   (the layout hf_memedit would use; config only)
     accelerate launch train_edit.py --config ...        (= memedit edit; DDP with --multi_gpu)
 
-Every key of the YAML is a field of `JobConfig` or `EditConfig` (`memedit edit --help` lists them
+Every key of the YAML is a field of `JobConfig` (its four groups) or `EditConfig` (`memedit edit --help` lists them
 all); a command-line option overrides the YAML. One module per command, each with its `main(argv)`.
 """
 

