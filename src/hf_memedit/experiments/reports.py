@@ -47,6 +47,8 @@ def describe(point: dict[str, Any]) -> str:
             text += f" ({point['nullspace_energy']:.3g} of their energy removed)"
     if point.get("preserve") not in (None, "none"):
         text += f", preserve {point['preserve']}"
+    if point.get("eos_target"):
+        text += ", EOS targets"
     return text + f", δ {point['delta']:.3g}" if point["delta"] is not None else text + ", δ ∞"
 
 
