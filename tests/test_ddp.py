@@ -49,3 +49,23 @@ def test_two_rank_fsdp2_keeps_the_bound_and_equals_one_process(norm, delta, tmp_
         torch.testing.assert_close(actual[name], value, rtol=0, atol=1e-9, msg=name)
     saved = load_file(tmp_path / "edit_shard" / "memedit_edit.safetensors")
     assert saved.keys() == expected.keys() and all(torch.equal(saved[n], actual[n]) for n in saved)
+
+
+@pytest.mark.slow
+def test_the_trainer_rebinds_its_projection_to_fsdp2_shards(tmp_path):
+    """The trainer on a model whose blocks fully_shard wrapped (one gloo rank): the projector follows the sharded
+    parameters when the optimizer is built, projects every step, and the edit is gathered and saved."""
+    import os
+    import subprocess
+    import sys
+
+    from .helpers import free_port
+
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "utils" / "fsdp_trainer.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["sharded"] and record["same_objects"] and record["projections"] == 3
+    assert 0 < record["distance"] <= 1e-2 * (1 + 1e-6)
+    assert record["changed"] and "memedit_edit.safetensors" in record["saved"]
