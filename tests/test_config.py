@@ -50,12 +50,15 @@ def test_unknown_key_is_refused(tmp_path):
 def test_fsdp1_and_deepspeed_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match=r"supports FSDP2 only \(fsdp_config: \{fsdp_version: 2\}\)"):
         EditConfig(output_dir=str(tmp_path), fsdp=True)
-    fsdp2 = EditConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config={"fsdp_version": 2}, norm="l2", delta=1.0)
+    fsdp = dict(fsdp=True, fsdp_config={"fsdp_version": 2}, save_strategy="no")
+    fsdp2 = EditConfig(output_dir=str(tmp_path), norm="l2", delta=1.0, **fsdp)
     assert fsdp2.fsdp_config["version"] == 2
     with pytest.raises(ValueError, match="Under FSDP, norm 'fisher'.*work on whole tensors"):
-        EditConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config={"fsdp_version": 2}, norm="fisher")
+        EditConfig(output_dir=str(tmp_path), norm="fisher", **fsdp)
     with pytest.raises(ValueError, match="key_constraint 'nullspace' is refused"):
-        EditConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config={"fsdp_version": 2}, key_constraint="nullspace")
+        EditConfig(output_dir=str(tmp_path), key_constraint="nullspace", **fsdp)
+    with pytest.raises(ValueError, match="checkpoints during the edit are not supported yet.*save_strategy: no"):
+        EditConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config={"fsdp_version": 2})
     with pytest.raises(ValueError, match="does not support DeepSpeed"):
         EditConfig(output_dir=str(tmp_path), deepspeed={"zero_optimization": {"stage": 2}})
 

@@ -280,6 +280,11 @@ class EditConfig(TrainingArguments):
                 "ConstrainedEditTrainer supports FSDP2 only (fsdp_config: {fsdp_version: 2}): FSDP1 flattens the "
                 "parameters, so the projection cannot find its tensors. Or use DDP (accelerate launch --multi_gpu)."
             )
+        if self.save_strategy != "no":
+            raise ValueError(
+                "Under FSDP, checkpoints during the edit are not supported yet (θ0 and the trained tensors would need "
+                "gathering from every rank): set save_strategy: no. The finished edit is still saved whole."
+            )
         if self.norm == "fisher" or self.key_constraint != "none":
             raise ValueError(
                 f"Under FSDP, norm {self.norm!r} with key_constraint {self.key_constraint!r} is refused: the Fisher and "
