@@ -117,15 +117,19 @@ def _ftm_kl(ctx: MethodContext, edit) -> list[dict]:
             for delta in ctx.linf for extra in [{}] + ([{"eos_target": True}] if causal else [])]
 
 
+def _key_corpus(ctx: MethodContext) -> str:
+    """The preserved keys' corpus: a masked LM cannot sample its own, so it takes the preservation facts."""
+    corpus = ctx.args.preserve_corpus
+    return "benchmark" if corpus == "samples" and model_kind(ctx.runner.model) != ModelKind.CAUSAL else corpus
+
+
 @method("ftm_nullspace", "FTM + null space (AlphaEdit's projection), L∞")
 def _ftm_nullspace(ctx: MethodContext, edit) -> list[dict]:
     """L∞ ∩ the null space of the preserved keys: AlphaEdit's own choice (the block's MLP output projection,
     absolute threshold 2e-2), then every linear layer of the block with the directions holding
     `NULLSPACE_ENERGIES` of the keys' second moment removed (a threshold fit for one model can leave another
     no null space at all). A masked LM cannot sample its own corpus: its keys come from the preservation facts."""
-    corpus = ctx.args.preserve_corpus
-    if corpus == "samples" and model_kind(ctx.runner.model) != ModelKind.CAUSAL:
-        corpus = "benchmark"
+    corpus = _key_corpus(ctx)
     point = {"norm": "linf", "block": ctx.block, "preserve": "none", "keys": "nullspace", "preserve_corpus": corpus}
     return [
         edit({**point, "delta": delta, **extra})
@@ -138,9 +142,7 @@ def _ftm_nullspace(ctx: MethodContext, edit) -> list[dict]:
 def _ftm_kl_nullspace(ctx: MethodContext, edit) -> list[dict]:
     """Both ways of keeping what the model knew at once: the KL objective on same-relation neighbours (the facts
     that leak) and the whole block's updates kept out of the directions ordinary text uses (general drift)."""
-    corpus = ctx.args.preserve_corpus
-    if corpus == "samples" and model_kind(ctx.runner.model) != ModelKind.CAUSAL:
-        corpus = "benchmark"
+    corpus = _key_corpus(ctx)
     return [
         edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "kl", "keys": "nullspace",
               "preserve_corpus": corpus, "nullspace_energy": energy})
