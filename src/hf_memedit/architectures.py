@@ -235,6 +235,49 @@ class ModelKind(str, Enum):
     def pipeline_tag(self) -> str:
         return "fill-mask" if self is ModelKind.MASKED else "text-generation"
 
+    @property
+    def generates(self) -> bool:
+        """Whether the model writes text: it can be sampled (a data-free preservation corpus), scored by
+        greedy generation, measured by next-token drift, and taught to stop after an object (EOS targets)."""
+        return self is ModelKind.CAUSAL
+
+    def tokenizer_problem(self, tokenizer, append_eos: bool) -> str | None:
+        """Why `tokenizer` cannot encode facts for this kind of model, or None."""
+        if append_eos and (not self.generates or tokenizer.eos_token_id is None):
+            return "Appending EOS to the targets (eos_target) needs a causal LM whose tokenizer has an EOS token."
+        if self is ModelKind.MASKED and tokenizer.mask_token_id is None:
+            return (
+                f"{type(tokenizer).__name__} has no mask token, so it cannot encode facts for a masked LM. "
+                "Use the tokenizer that belongs to the masked LM."
+            )
+        return None
+
+    def write_object(self, prefix: str, obj: str, suffix: str) -> tuple[str, int, int]:
+        """The fact's text with the object written in, and the object's character span in it.
+
+        A causal LM predicts the object from the text before it, so its text ends with the object, and
+        the space before the object goes into it, as a BPE tokenizer writes a word (" Paris")."""
+        if self is ModelKind.CAUSAL:
+            suffix = ""
+            if prefix.endswith(" "):
+                prefix, obj = prefix.rstrip(" "), " " + obj
+        start = len(prefix)
+        return prefix + obj + suffix, start, start + len(obj)
+
+    def model_inputs(self, ids: list[int], positions: list[int], tokenizer, append_eos: bool) -> tuple[list[int], list[int]]:
+        """The input ids the model sees and the labelled positions, from the ids of the text with the object in.
+
+        A masked LM sees a mask at each object token. A causal LM sees the object itself, with anything
+        after it cut (e.g. an EOS the tokenizer appends), and with `append_eos` the EOS token as one more target.
+        """
+        if self is ModelKind.MASKED:
+            masked = set(positions)
+            return [tokenizer.mask_token_id if i in masked else t for i, t in enumerate(ids)], positions
+        ids = ids[: positions[-1] + 1]
+        if append_eos:
+            return ids + [tokenizer.eos_token_id], positions + [len(ids)]
+        return ids, positions
+
     @classmethod
     def of_config(cls, config) -> ModelKind:
         """The kind a model config describes (its architectures, else its model type), or a clear error."""

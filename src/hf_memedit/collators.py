@@ -18,11 +18,13 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .architectures import ModelKind
+
 
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER = "[Y]"
-KINDS = ("masked", "causal")
+KINDS = tuple(kind.value for kind in ModelKind)
 WEIGHT_KEY = "weight"  # in a group of facts (a list per key): each fact's loss weight
 WEIGHTS_INPUT = "object_weights"  # the batch's per-row loss weights, when a group carries them
 PRESERVE_KEY = "preserve"  # in a group: whether each fact is preservation data (not an edit)
@@ -33,7 +35,7 @@ class FactEncodingError(ValueError):
     """A fact that cannot become a training or evaluation example."""
 
 
-def _object_span_text(text: str, obj: str, placeholder: str, kind: str) -> tuple[str, int, int]:
+def _object_span_text(text: str, obj: str, placeholder: str, kind: ModelKind) -> tuple[str, int, int]:
     """The text with the object written in, and the object's character span in it."""
     if placeholder not in text:
         raise FactEncodingError(f"text {text!r} has no placeholder {placeholder!r} where the object goes")
@@ -42,14 +44,7 @@ def _object_span_text(text: str, obj: str, placeholder: str, kind: str) -> tuple
     if not obj or not obj.strip():
         raise FactEncodingError(f"the object of {text!r} is empty")
     prefix, suffix = text.split(placeholder)
-    if kind == "causal":
-        suffix = ""
-        # A BPE model writes the space before a word into the word's token: keep it with the object.
-        if prefix.endswith(" "):
-            prefix = prefix.rstrip(" ")
-            obj = " " + obj
-    start = len(prefix)
-    return prefix + obj + suffix, start, start + len(obj)
+    return kind.write_object(prefix, obj, suffix)
 
 
 @dataclass
@@ -57,21 +52,18 @@ class FactEncoder:
     """Encodes one fact for a masked or causal LM; raises `FactEncodingError` naming the fact."""
 
     tokenizer: PreTrainedTokenizerBase
-    kind: str
+    kind: ModelKind | str
     placeholder: str = PLACEHOLDER
     max_length: int | None = None
     append_eos: bool = False  # causal: the EOS token follows the object and is labelled (LocFT-BF's targets)
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"Unknown model kind {self.kind!r}: choose 'masked' or 'causal'.")
-        if self.append_eos and (self.kind != "causal" or self.tokenizer.eos_token_id is None):
-            raise ValueError("Appending EOS to the targets (eos_target) needs a causal LM whose tokenizer has an EOS token.")
-        if self.kind == "masked" and self.tokenizer.mask_token_id is None:
-            raise ValueError(
-                f"{type(self.tokenizer).__name__} has no mask token, so it cannot encode facts for a "
-                "masked LM. Use the tokenizer that belongs to the masked LM."
-            )
+            raise ValueError(f"Unknown model kind {self.kind!r}: choose one of {', '.join(KINDS)}.")
+        self.kind = ModelKind(self.kind)
+        problem = self.kind.tokenizer_problem(self.tokenizer, self.append_eos)
+        if problem:
+            raise ValueError(problem)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(
                 f"{type(self.tokenizer).__name__} gives no character offsets; load a fast tokenizer "
@@ -95,24 +87,18 @@ class FactEncoder:
             raise FactEncodingError(
                 f"the tokenizer cannot encode the object {obj!r} of {text!r} (it maps to {self.tokenizer.unk_token})"
             )
-        if self.kind == "causal":
-            if positions[0] == 0:
-                raise FactEncodingError(
-                    f"the object {obj!r} of {text!r} is the first token and the tokenizer adds no BOS token, "
-                    "so a causal LM has nothing to predict it from. Use a phrasing with the object last."
-                )
-            # Drop anything after the object (e.g. an EOS the tokenizer appends).
-            ids = ids[: positions[-1] + 1]
-            if self.append_eos:
-                positions.append(len(ids))
-                ids.append(self.tokenizer.eos_token_id)
+        if positions[0] < self.kind.logit_shift:
+            raise FactEncodingError(
+                f"the object {obj!r} of {text!r} is the first token and the tokenizer adds no BOS token, "
+                "so a causal LM has nothing to predict it from. Use a phrasing with the object last."
+            )
+        labelled = dict(zip(positions, object_ids))
+        ids, positions = self.kind.model_inputs(ids, positions, self.tokenizer, self.append_eos)
         if self.max_length is not None and len(ids) > self.max_length:
             raise FactEncodingError(f"{text!r} is {len(ids)} tokens long, more than max_length={self.max_length}")
         labels = [-100] * len(ids)
         for i in positions:
-            labels[i] = ids[i]
-            if self.kind == "masked":
-                ids[i] = self.tokenizer.mask_token_id
+            labels[i] = labelled.get(i, ids[i])  # the object's ids (under the masks of a masked LM), then any EOS
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
@@ -144,7 +130,7 @@ class FactCollator:
     """
 
     tokenizer: PreTrainedTokenizerBase
-    kind: str
+    kind: ModelKind | str
     placeholder: str = PLACEHOLDER
     text_key: str = "text"
     object_key: str = "object"

@@ -157,7 +157,7 @@ def generate_facts(
     Causal LMs only; at most the object's length plus `extra_tokens` tokens are generated.
     """
     facts = list(facts)
-    if model_kind(model) != "causal":
+    if not model_kind(model).generates:
         raise ValueError("Generation-based scoring needs a causal LM; a masked LM is scored by its masks.")
     if not facts:
         raise ValueError("No facts to generate for: the split is empty.")

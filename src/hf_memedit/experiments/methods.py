@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..architectures import ModelKind, model_kind, num_blocks
+from ..architectures import model_kind, num_blocks
 from .reports import VALIDATION, best
 
 
@@ -112,15 +112,15 @@ def _ftm_answers(ctx: MethodContext, edit) -> list[dict]:
 def _ftm_kl(ctx: MethodContext, edit) -> list[dict]:
     """L∞ with same-relation neighbours in every batch, scored by KL(θ0 ‖ θ) of their next-token distribution;
     for a causal LM also with EOS appended to the edit targets, so that greedy generation stops after the object."""
-    causal = model_kind(ctx.runner.model) == ModelKind.CAUSAL
+    eos = [{"eos_target": True}] if model_kind(ctx.runner.model).generates else []
     return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "kl", **extra})
-            for delta in ctx.linf for extra in [{}] + ([{"eos_target": True}] if causal else [])]
+            for delta in ctx.linf for extra in [{}] + eos]
 
 
 def _key_corpus(ctx: MethodContext) -> str:
     """The preserved keys' corpus: a masked LM cannot sample its own, so it takes the preservation facts."""
     corpus = ctx.args.preserve_corpus
-    return "benchmark" if corpus == "samples" and model_kind(ctx.runner.model) != ModelKind.CAUSAL else corpus
+    return "benchmark" if corpus == "samples" and not model_kind(ctx.runner.model).generates else corpus
 
 
 @method("ftm_nullspace", "FTM + null space (AlphaEdit's projection), L∞")
@@ -157,8 +157,8 @@ def _locft_bf(ctx: MethodContext, edit) -> list[dict]:
     model = ctx.runner.model
     depth = num_blocks(model, ctx.args.block_selector_config().layout(model))
     blocks = ctx.job.locft_blocks or sorted({str(round(d * (depth - 1))) for d in LOCFT_DEPTHS}, key=int)
-    causal = model_kind(model) == ModelKind.CAUSAL
-    return [edit({"norm": "none", "block": str(block), "delta": None, **LOCFT, "eos_target": causal}) for block in blocks]
+    eos = model_kind(model).generates
+    return [edit({"norm": "none", "block": str(block), "delta": None, **LOCFT, "eos_target": eos}) for block in blocks]
 
 
 @method("ftl", "FT-L (ROME/EasyEdit)")

@@ -14,7 +14,7 @@ import torch
 from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..architectures import ModelKind, model_kind
+from ..architectures import model_kind
 from ..benchmarks.common import MODIFIED_TRAIN, UNMODIFIED_TRAIN
 from ..collators import PLACEHOLDER
 from ..edit_config import EditConfig
@@ -86,7 +86,7 @@ def starting_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
 def drift_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: EditConfig) -> list[list[int]] | None:
     """θ0's own samples that general drift is measured on (`drift_eval`, causal LMs): seeded apart from the
     preservation corpus's samples (seed + 1), so no key or objective saw them. None where drift is off."""
-    if not args.drift_eval or model_kind(model) != ModelKind.CAUSAL:
+    if not args.drift_eval or not model_kind(model).generates:
         return None
     return model_samples(model, tokenizer, DRIFT_SAMPLES, args.preserve_corpus_length, args.seed + 1)
 
