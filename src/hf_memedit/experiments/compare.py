@@ -26,6 +26,7 @@ frontier.png (per method: A_M against retention, its Pareto front and its pick).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -38,10 +39,11 @@ from ..evaluation.results import format_percent, format_versions, plotting
 from ..io import atomic_write_text
 from ..preservation import Locality
 from ..run_folder import claim_run_folder
-from .grid import GridRunner, open_points, point_key, save_points
+from .grid import GridRunner
 from .job_config import COMPARE_METHODS, JobConfig
 from .methods import METHODS, MethodContext
-from .reports import TEST, VALIDATION, best, describe
+from .points import GridPoint, open_points, point_of, save_points
+from .reports import TEST, VALIDATION, best
 
 
 LABELS = {name: entry.label for name, entry in METHODS.items()}
@@ -59,11 +61,11 @@ def _compare(job: JobConfig, args: EditConfig, runner: GridRunner, done: dict[st
     methods = list(job.compare_methods or COMPARE_METHODS)
     rows: dict[str, list[dict]] = {}
 
-    def edit(method: str, point: dict[str, Any]) -> dict:
-        point = {"method": method, **point}
-        key = point_key(point)
+    def edit(method: str, point: GridPoint) -> dict:
+        point = dataclasses.replace(point, method=method)
+        key = point.key
         if key not in done:
-            print(f"[compare] {LABELS[method]}: {describe(point)}", flush=True)
+            print(f"[compare] {LABELS[method]}: {point.describe()}", flush=True)
             done[key] = runner.edit(point, os.path.join(folder, "points", f"{len(done):03d}"))
             save_points(folder, done)
         return done[key]
@@ -74,7 +76,7 @@ def _compare(job: JobConfig, args: EditConfig, runner: GridRunner, done: dict[st
     for name, entry in METHODS.items():  # in the table's order: ftm_linf picks the block first
         if name in methods:
             rows[name] = entry.run(ctx, lambda point, name=name: edit(name, point))
-            done.update((point_key(row["point"]), row) for row in rows[name])  # kNN's rows are made, not edited
+            done.update((point_of(row).key, row) for row in rows[name])  # kNN's rows are made, not edited
             save_points(folder, done)
     block = ctx.block
     picks = {method: best(method_rows, VALIDATION) for method, method_rows in rows.items()}
@@ -97,7 +99,7 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
     for method, chosen in picks.items():
         t, drift = chosen[TEST], chosen.get("drift") or {}
         lines.append(
-            f"| {LABELS[method]} | {describe(chosen['point'])} | {format_percent(t['a_m'])} | {format_percent(t['a_fs'])} | "
+            f"| {LABELS[method]} | {point_of(chosen).describe()} | {format_percent(t['a_m'])} | {format_percent(t['a_fs'])} | "
             f"{format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} | {format_percent(t.get('agreement'))} | "
             f"{format_percent(t.get('bleed'))} | {format_percent(t.get('gen_a_m'))} | {format_percent(t.get('gen_retention'))} | "
             f"{_number(drift.get('drift_kl'))} | {_number(drift.get('perplexity_ratio'))} | {len(rows[method])} |"
@@ -110,7 +112,7 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
         for r in method_rows:
             v, t = r[VALIDATION], r[TEST]
             lines.append(
-                f"| {LABELS[method]} | {describe(r['point'])} | {format_percent(t['a_m'])} | {format_percent(v['avg_acc'])} | "
+                f"| {LABELS[method]} | {point_of(r).describe()} | {format_percent(t['a_m'])} | {format_percent(v['avg_acc'])} | "
                 f"{format_percent(t['a_fs'])} | {format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} |"
             )
     lines += ["", f"Library versions: {format_versions()}."]

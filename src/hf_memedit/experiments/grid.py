@@ -4,13 +4,12 @@ The unmodified test facts are split once (seeded) into validation and test halve
 point is scored on both, with A_M on the modified facts. The points of one block share one
 frozen-prefix cache, so the facts' states below that block are computed once, not once per δ. The paper picked on test; we report the
 pick by validation and, for comparison, the pick by test. Each finished point is appended to
-`points.jsonl`, so a resumed sweep recomputes nothing. FT (for ft+ settings) runs once.
+`points.jsonl` (experiments.points), so a resumed sweep recomputes nothing. FT (for ft+ settings) runs once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any
@@ -21,14 +20,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..architectures import model_kind
-from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN, data_fingerprint
+from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from ..blocks import BlockSelectorConfig
 from ..edit_config import EditConfig
 from ..edit_trainer import ConstrainedEditTrainer
 from ..evaluation.metrics import edit_metrics, evaluate_splits, generate_splits, generation_metrics, next_token_drift
 from ..fast_paths.prefix import PrefixCache, first_editable_block
 from ..fisher import diagonal_fisher
-from ..io import atomic_write_text, read_json
 from ..keys import KeyStatistics
 from ..knn import KnnDatastore, epsilon_grid
 from ..model import get_edit_model
@@ -36,6 +34,7 @@ from ..preservation import known_evidence
 from ..run_folder import claim_run_folder
 from .job_config import JobConfig
 from .loading import holdout, load_model_and_tokenizer, prepare_benchmark
+from .points import KNN, GridPoint, open_points, point_of, save_points
 from .reports import TEST, VALIDATION, write_report
 from .settings import (
     drift_samples,
@@ -49,10 +48,6 @@ from .settings import (
 
 logger = logging.getLogger(__name__)
 
-POINTS = "points.jsonl"
-CONTEXT = "points_context.json"  # the settings every point of points.jsonl was made with
-
-
 class _PointProgress(ProgressCallback):
     """A grid point's training bar, with its log lines sent to the logger instead of stdout: a sweep
     prints one line per point, and each point's training loss is kept in its row."""
@@ -61,95 +56,14 @@ class _PointProgress(ProgressCallback):
         logger.info("step %d: %s", state.global_step, logs)
 
 
-def grid(job: JobConfig, args: EditConfig) -> list[dict[str, Any]]:
+def grid(job: JobConfig, args: EditConfig) -> list[GridPoint]:
     norms = job.sweep_norms or [args.norm]
     blocks = job.sweep_blocks or list(args.edit_blocks)
     deltas = job.sweep_deltas or [args.delta]
-    points = []
-    for block in blocks:  # block outermost: consecutive points share one prefix cache
-        for norm in norms:
-            for delta in ([None] if norm == "none" else deltas):
-                points.append({"norm": norm, "block": str(block), "delta": delta})
-    return points
-
-
-def point_key(point: dict[str, Any]) -> str:
-    return json.dumps(point, sort_keys=True)
-
-
-def load_points(folder: str) -> dict[str, dict]:
-    path = os.path.join(folder, POINTS)
-    done = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    row = json.loads(line)
-                    done[point_key(row["point"])] = row
-    return done
-
-
-# What never changes a point's result: where and how things are written and shown, and the grid
-# itself (each point carries its own block, norm and δ). Every other field keys the points.
-_UNKEYED = {
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "disable_tqdm", "report_to", "run_name", "project",
-    "local_rank", "skip_memory_metrics", "debug", "do_train", "do_eval", "do_predict", "push_to_hub",
-    "per_device_eval_batch_size", "prefix_cache", "prefix_cache_dtype", "edit_blocks", "norm", "delta",
-    "show_examples", "ft_dir", "sweep_deltas", "sweep_blocks", "sweep_norms", "compare_methods", "compare_deltas",
-    "knn_epsilons", "ddp_timeout", "use_cpu", "device_map", "offload_folder",
-}
-_UNKEYED_PREFIXES = ("logging_", "log_", "save_", "eval_", "hub_", "trackio_", "dataloader_")
-
-
-def point_context(job: JobConfig, args: EditConfig) -> dict[str, Any]:
-    """Every setting that changes a grid point's result, and the benchmark's identity (its files' hash)."""
-    values = {**dataclasses.asdict(job), **args.to_dict(), "data_fingerprint": data_fingerprint(job.data_dir)}
-    values["eval_before_edit"] = args.eval_before_edit  # a prefix above would drop it; it does not change a point
-    kept = {key: value for key, value in values.items() if key not in _UNKEYED and not key.startswith(_UNKEYED_PREFIXES)}
-    return json.loads(json.dumps(kept, sort_keys=True, default=str))
-
-
-def _field_defaults() -> dict[str, Any]:
-    """Each JobConfig / EditConfig field's default, as `point_context` writes values."""
-    defaults = {}
-    for cls in (JobConfig, EditConfig):
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                defaults[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                defaults[f.name] = f.default_factory()
-    return json.loads(json.dumps(defaults, default=str))
-
-
-def open_points(folder: str, job: JobConfig, args: EditConfig) -> dict[str, dict]:
-    """The finished points of `folder` when they were made with these settings; refuses to mix others in.
-
-    With `overwrite_output_dir` points made with other settings are discarded instead.
-    """
-    context = point_context(job, args)
-    path = os.path.join(folder, CONTEXT)
-    done = load_points(folder)
-    earlier = read_json(path, "") if os.path.isfile(path) else None
-    if earlier is not None:  # a setting added since those points were made: they ran with its default
-        defaults = _field_defaults()
-        earlier = {**{key: defaults[key] for key in set(context) - set(earlier) if key in defaults}, **earlier}
-    if (done or earlier is not None) and earlier != context:
-        if not args.overwrite_output_dir:
-            earlier = earlier or {}
-            differ = sorted(key for key in set(earlier) | set(context) if earlier.get(key) != context.get(key))
-            raise ValueError(
-                f"{folder} holds points made with other settings (they differ in {', '.join(differ[:6]) or 'unknown settings'}): "
-                "choose another --output_dir, or pass --overwrite_output_dir true to discard them."
-            )
-        logger.warning("overwrite_output_dir: discarding the %d points in %s made with other settings.", len(done), folder)
-        done = {}
-        save_points(folder, done)
-    atomic_write_text(path, json.dumps(context, indent=2, sort_keys=True) + "\n")
-    return done
-
-
-def save_points(folder: str, done: dict[str, dict]) -> None:
-    atomic_write_text(os.path.join(folder, POINTS), "".join(json.dumps(r) + "\n" for r in done.values()))
+    return [  # block outermost: consecutive points share one prefix cache
+        GridPoint(norm=norm, block=block, delta=delta)
+        for block in blocks for norm in norms for delta in ([None] if norm == "none" else deltas)
+    ]
 
 
 class GridRunner:
@@ -210,16 +124,15 @@ class GridRunner:
         return generation_metrics(generated.get(MODIFIED_TEST, []), generated.get(UNMODIFIED_TEST, []),
                                   self._generated_before[name].get(UNMODIFIED_TEST, []))
 
-    def point_args(self, point: dict[str, Any], output_dir: str) -> tuple[datasets.Dataset, EditConfig]:
-        """The training data and args of an edit point: norm, block, delta, and optionally modules,
-        preserve (a preservation objective), keys (a key constraint) and any of `POINT_ARGS`."""
+    def point_args(self, point: GridPoint, output_dir: str) -> tuple[datasets.Dataset, EditConfig]:
+        """The training data and args of an edit point: its norm, block and δ, and whatever else it sets."""
         args = dataclasses.replace(
-            self.args, output_dir=output_dir, edit_blocks=[point["block"]], norm=point["norm"], delta=point["delta"],
-            edit_modules=point.get("modules"), eval_strategy="no", save_strategy="no", eval_before_edit=False,
-            key_constraint=point.get("keys", self.args.key_constraint),
-            **{key: point[key] for key in POINT_ARGS if key in point},
+            self.args, output_dir=output_dir, edit_blocks=[point.block], norm=point.norm, delta=point.delta,
+            edit_modules=list(point.modules) if point.modules else None, eval_strategy="no", save_strategy="no",
+            eval_before_edit=False, key_constraint=point.keys if point.keys is not None else self.args.key_constraint,
+            **point.overrides(),
         )
-        objective = point.get("preserve", preserve_objective(self.job, self.args))
+        objective = point.preserve if point.preserve is not None else preserve_objective(self.job, self.args)
         args = dataclasses.replace(args, preserve_objective=objective)
         return edit_train_dataset(self.splits, objective, args, self.known() if objective == "answers" else None)
 
@@ -242,13 +155,13 @@ class GridRunner:
             )
         return self._fishers[names]
 
-    def edit(self, point: dict[str, Any], output_dir: str) -> dict:
+    def edit(self, point: GridPoint, output_dir: str) -> dict:
         """Train one point from θ0, score it on both views, and return the model to θ0."""
         train_dataset, train_args = self.point_args(point, output_dir)
         before = self.before()
         edit = get_edit_model(self.model, train_args.block_selector_config())
         first = first_editable_block(self.model, edit.selector_config.layout(self.model))
-        fisher = self.fisher(point["block"]) if train_args.norm == "fisher" and not point.get("modules") else None
+        fisher = self.fisher(point.block) if train_args.norm == "fisher" and not point.modules else None
         trainer = ConstrainedEditTrainer(
             edit, train_args, train_dataset=train_dataset, processing_class=self.tokenizer,
             fisher_dataset=self.splits[UNMODIFIED_TRAIN], fisher=fisher, prefix_cache=self._caches.get(first),
@@ -264,7 +177,7 @@ class GridRunner:
             trainer.add_callback(_PointProgress)
         held_out = self._drift_samples = self._drift_samples or drift_samples(self.model, self.tokenizer, self.args)
         trained = trainer.train()
-        row = {"point": point, "distance": trainer.projector.distance(), "train_loss": trained.training_loss}
+        row = {"point": point.to_dict(), "distance": trainer.projector.distance(), "train_loss": trained.training_loss}
         if held_out is not None:
             row["drift"] = next_token_drift(self.model, self.tokenizer, held_out, trainer.at_theta0,
                                             self.args.per_device_eval_batch_size)
@@ -289,19 +202,13 @@ class GridRunner:
             epsilons = epsilon_grid(seen)
         rows = []
         for epsilon in epsilons:
-            row: dict[str, Any] = {"point": {"method": "knn", "metric": metric, "epsilon": epsilon}}
+            row: dict[str, Any] = {"point": GridPoint(method=KNN, metric=metric, epsilon=epsilon).to_dict()}
             for name, view in self.views.items():
                 results = {split: found.at(epsilon) for split, found in lookups[name].items()}
                 metrics = edit_metrics(view, results, before[name], self.tokenizer, model_kind(self.model))
                 row[name] = {k: v for k, v in metrics.items() if k != "per_relation"}
             rows.append(row)
         return rows
-
-
-# Training knobs a grid point may set for itself (compare methods such as FT-L and LocFT-BF).
-POINT_ARGS = ("learning_rate", "max_steps", "stop_at_loss", "num_train_epochs", "per_device_train_batch_size",
-              "nullspace_threshold", "nullspace_energy", "output_rho", "eos_target", "skip_below_loss", "stop_at_epoch_loss",
-              "loss_reduction", "preserve_corpus", "preserve_ratio", "preserve_weight")
 
 
 def _keys_key(edit, args: EditConfig) -> tuple:
@@ -321,15 +228,15 @@ def run_sweep(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = 
         runner = GridRunner(job, args, model, tokenizer)
         if job.setting == "knn":
             rows = runner.knn(job.knn_epsilons, job.knn_metric)
-            save_points(folder, {point_key(r["point"]): r for r in rows})
+            save_points(folder, {point_of(r).key: r for r in rows})
             write_report(folder, rows, job, args, runner.locality)
             return rows
         for index, point in enumerate(grid(job, args)):
-            if point_key(point) in done:
+            if point.key in done:
                 continue
-            print(f"[sweep {index + 1}] norm={point['norm']} block={point['block']} delta={point['delta']}", flush=True)
-            done[point_key(point)] = runner.edit(point, os.path.join(folder, "points", f"{index:03d}"))
+            print(f"[sweep {index + 1}] norm={point.norm} block={point.block} delta={point.delta}", flush=True)
+            done[point.key] = runner.edit(point, os.path.join(folder, "points", f"{index:03d}"))
             save_points(folder, done)
-        rows = [done[point_key(p)] for p in grid(job, args)]
+        rows = [done[p.key] for p in grid(job, args)]
         write_report(folder, rows, job, args, runner.locality)
         return rows

@@ -2,17 +2,19 @@
 
 As ROME's `ALG_DICT` and PEFT's method registry, a method registers itself with `@method(name,
 label)`; `memedit compare` and `compare_methods` take the table as it is. A method gets the
-compare's `MethodContext` and `edit(point) -> row` (which trains a point once and caches it in
+compare's `MethodContext` and `edit(GridPoint) -> row` (which trains a point once and caches it in
 points.jsonl) and returns its rows. `ftm_linf` runs first and picks the block the others use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..architectures import model_kind, num_blocks
+from .points import GridPoint, point_of
 from .reports import VALIDATION, best
 
 
@@ -48,7 +50,7 @@ class MethodContext:
 @dataclass(frozen=True)
 class Method:
     label: str
-    run: Callable[[MethodContext, Callable[[dict[str, Any]], dict]], list[dict]]
+    run: Callable[[MethodContext, Callable[[GridPoint], dict]], list[dict]]
 
 
 METHODS: dict[str, Method] = {}
@@ -68,16 +70,16 @@ def method(name: str, label: str):
 def _ftm_linf(ctx: MethodContext, edit) -> list[dict]:
     """δ × blocks under L∞; its best block on validation becomes the others' block."""
     rows = [
-        edit({"norm": "linf", "block": str(block), "delta": delta, "preserve": "none"})
+        edit(GridPoint(norm="linf", block=str(block), delta=delta, preserve="none"))
         for block in ctx.job.sweep_blocks or list(ctx.args.edit_blocks) for delta in ctx.linf
     ]
-    ctx.block = best(rows, VALIDATION)["point"]["block"]
+    ctx.block = point_of(best(rows, VALIDATION)).block
     return rows
 
 
 @method("ftm_unconstrained", "FTM, unconstrained")
 def _ftm_unconstrained(ctx: MethodContext, edit) -> list[dict]:
-    return [edit({"norm": "none", "block": ctx.block, "delta": None, "preserve": "none"})]
+    return [edit(GridPoint(norm="none", block=ctx.block, delta=None, preserve="none"))]
 
 
 @method("ftm_l2", "FTM, L2")
@@ -85,7 +87,7 @@ def _ftm_l2(ctx: MethodContext, edit) -> list[dict]:
     """By default the smallest L2 ball holding each L∞ box: δ√n."""
     size = ctx.runner.selection_size(ctx.block)
     deltas = ctx.grids.get("l2") or [d * size**0.5 for d in ctx.linf]
-    return [edit({"norm": "l2", "block": ctx.block, "delta": delta, "preserve": "none"}) for delta in deltas]
+    return [edit(GridPoint(norm="l2", block=ctx.block, delta=delta, preserve="none")) for delta in deltas]
 
 
 @method("ftm_fisher", "FTM, Fisher")
@@ -93,19 +95,19 @@ def _ftm_fisher(ctx: MethodContext, edit) -> list[dict]:
     """By default the smallest Fisher ellipsoid holding each L∞ box: δ²ΣF."""
     total = sum(float(f.sum()) for f in ctx.runner.fisher(ctx.block).values())
     deltas = ctx.grids.get("fisher") or [d * d * total for d in ctx.linf]
-    return [edit({"norm": "fisher", "block": ctx.block, "delta": delta, "preserve": "none"}) for delta in deltas]
+    return [edit(GridPoint(norm="fisher", block=ctx.block, delta=delta, preserve="none")) for delta in deltas]
 
 
 @method("fta", "FTA, L∞")
 def _fta(ctx: MethodContext, edit) -> list[dict]:
-    return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "evidence", "preserve_ratio": 1.0,
-                  "preserve_weight": 1.0}) for delta in ctx.linf]  # the paper's: as many unmodified as modified
+    return [edit(GridPoint(norm="linf", block=ctx.block, delta=delta, preserve="evidence", preserve_ratio=1.0,
+                  preserve_weight=1.0)) for delta in ctx.linf]  # the paper's: as many unmodified as modified
 
 
 @method("ftm_answers", "FTM + θ0's answers, L∞")
 def _ftm_answers(ctx: MethodContext, edit) -> list[dict]:
     """L∞ with known same-relation neighbours (labelled with θ0's own answers) in every batch."""
-    return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "answers"}) for delta in ctx.linf]
+    return [edit(GridPoint(norm="linf", block=ctx.block, delta=delta, preserve="answers")) for delta in ctx.linf]
 
 
 @method("ftm_kl", "FTM + KL to θ0 on neighbours, L∞")
@@ -113,7 +115,7 @@ def _ftm_kl(ctx: MethodContext, edit) -> list[dict]:
     """L∞ with same-relation neighbours in every batch, scored by KL(θ0 ‖ θ) of their next-token distribution;
     for a causal LM also with EOS appended to the edit targets, so that greedy generation stops after the object."""
     eos = [{"eos_target": True}] if model_kind(ctx.runner.model).generates else []
-    return [edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "kl", **extra})
+    return [edit(GridPoint(norm="linf", block=ctx.block, delta=delta, preserve="kl", **extra))
             for delta in ctx.linf for extra in [{}] + eos]
 
 
@@ -130,9 +132,9 @@ def _ftm_nullspace(ctx: MethodContext, edit) -> list[dict]:
     `NULLSPACE_ENERGIES` of the keys' second moment removed (a threshold fit for one model can leave another
     no null space at all). A masked LM cannot sample its own corpus: its keys come from the preservation facts."""
     corpus = _key_corpus(ctx)
-    point = {"norm": "linf", "block": ctx.block, "preserve": "none", "keys": "nullspace", "preserve_corpus": corpus}
+    point = GridPoint(norm="linf", block=ctx.block, preserve="none", keys="nullspace", preserve_corpus=corpus)
     return [
-        edit({**point, "delta": delta, **extra})
+        edit(dataclasses.replace(point, delta=delta, **extra))
         for delta in ctx.linf
         for extra in [{"modules": ["mlp_out"]}] + [{"nullspace_energy": energy} for energy in NULLSPACE_ENERGIES]
     ]
@@ -144,8 +146,8 @@ def _ftm_kl_nullspace(ctx: MethodContext, edit) -> list[dict]:
     that leak) and the whole block's updates kept out of the directions ordinary text uses (general drift)."""
     corpus = _key_corpus(ctx)
     return [
-        edit({"norm": "linf", "block": ctx.block, "delta": delta, "preserve": "kl", "keys": "nullspace",
-              "preserve_corpus": corpus, "nullspace_energy": energy})
+        edit(GridPoint(norm="linf", block=ctx.block, delta=delta, preserve="kl", keys="nullspace",
+              preserve_corpus=corpus, nullspace_energy=energy))
         for delta in ctx.linf for energy in KL_NULLSPACE_ENERGIES
     ]
 
@@ -158,14 +160,14 @@ def _locft_bf(ctx: MethodContext, edit) -> list[dict]:
     depth = num_blocks(model, ctx.args.block_selector_config().layout(model))
     blocks = ctx.job.locft_blocks or sorted({str(round(d * (depth - 1))) for d in LOCFT_DEPTHS}, key=int)
     eos = model_kind(model).generates
-    return [edit({"norm": "none", "block": str(block), "delta": None, **LOCFT, "eos_target": eos}) for block in blocks]
+    return [edit(GridPoint(norm="none", block=str(block), delta=None, **LOCFT, eos_target=eos)) for block in blocks]
 
 
 @method("ftl", "FT-L (ROME/EasyEdit)")
 def _ftl(ctx: MethodContext, edit) -> list[dict]:
     deltas = ctx.grids.get("ftl") or sorted({FTL_DELTA, *ctx.linf})
     return [
-        edit({"norm": "linf", "block": str(ctx.job.ftl_block), "delta": delta, "preserve": "none", **FTL})
+        edit(GridPoint(norm="linf", block=str(ctx.job.ftl_block), delta=delta, preserve="none", **FTL))
         for delta in deltas
     ]
 

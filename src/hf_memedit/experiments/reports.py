@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..edit_config import EditConfig
 from ..evaluation.results import format_percent, format_versions, plotting
 from ..io import atomic_write_text
+from .points import point_of
 
 
 if TYPE_CHECKING:
@@ -18,38 +19,6 @@ if TYPE_CHECKING:
 
 
 VALIDATION, TEST = "validation", "test"  # the two halves of the unmodified test facts
-
-
-def series_name(point: dict[str, Any]) -> str:
-    """The curve a point belongs to in the plots: one per block and norm, or kNN-LM's metric."""
-    if point.get("method") == "knn":
-        return f"kNN-LM ({point['metric']})"
-    return f"block {point['block']} ({point['norm']})"
-
-
-def radius(point: dict[str, Any]) -> float:
-    """What varies along a curve: δ (∞ when unconstrained) or kNN-LM's ε."""
-    if point.get("method") == "knn":
-        return point["epsilon"]
-    return point["delta"] if point["delta"] is not None else float("inf")
-
-
-def describe(point: dict[str, Any]) -> str:
-    """A grid point in words: 'linf, block 25, δ 0.01' or 'kNN l2, ε 3.2'."""
-    if point.get("method") == "knn":
-        return f"kNN {point['metric']}, ε {point['epsilon']:.4g}"
-    text = f"{point['norm']}, block {point['block']}"
-    if point.get("modules"):
-        text += f" ({', '.join(point['modules'])})"
-    if point.get("keys") not in (None, "none"):
-        text += f", {point['keys']} keys"
-        if point.get("nullspace_energy") is not None:
-            text += f" ({point['nullspace_energy']:.3g} of their energy removed)"
-    if point.get("preserve") not in (None, "none"):
-        text += f", preserve {point['preserve']}"
-    if point.get("eos_target"):
-        text += ", EOS targets"
-    return text + f", δ {point['delta']:.3g}" if point["delta"] is not None else text + ", δ ∞"
 
 
 def best(rows: list[dict], by: str) -> dict:
@@ -69,13 +38,13 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
     for r in rows:
         v, t = r[VALIDATION], r[TEST]
         lines.append(
-            f"| {describe(r['point'])} | {format_percent(t['a_m'])} | "
+            f"| {point_of(r).describe()} | {format_percent(t['a_m'])} | "
             f"{format_percent(v['a_fs'])} | {format_percent(v['avg_acc'])} | {format_percent(t['a_fs'])} | "
             f"{format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} | {format_percent(t.get('agreement'))} |"
         )
     for label, by in (("picked on validation (reported on test)", VALIDATION), ("picked on test (as the paper did)", TEST)):
         chosen = best(rows, by)
-        lines += ["", f"Best {label}: {describe(chosen['point'])} → "
+        lines += ["", f"Best {label}: {point_of(chosen).describe()} → "
                   f"Ā test {format_percent(chosen[TEST]['avg_acc'])} (A_M {format_percent(chosen[TEST]['a_m'])}, "
                   f"A_F\\S {format_percent(chosen[TEST]['a_fs'])})."]
     lines += ["", f"Library versions: {format_versions()}."]
@@ -91,16 +60,17 @@ def plot_sweep(folder: str, rows: list[dict], job: JobConfig) -> tuple[str, str]
     plt = plotting()
     series: dict[str, list[dict]] = {}
     for r in rows:
-        series.setdefault(series_name(r["point"]), []).append(r)
+        series.setdefault(point_of(r).series, []).append(r)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for name, points in series.items():
-        points = sorted(points, key=lambda r: radius(r["point"]))
+        points = sorted(points, key=lambda r: point_of(r).radius)
         xs = [100 * (r[TEST]["a_fs"] or 0) for r in points]
         ys = [100 * (r[TEST]["a_m"] or 0) for r in points]
         ax.plot(xs, ys, marker="o", label=name)
         for x, y, r in zip(xs, ys, points):
-            ax.annotate(f"{radius(r['point']):.3g}" if radius(r["point"]) != float("inf") else "∞", (x, y), fontsize=7,
+            radius = point_of(r).radius
+            ax.annotate(f"{radius:.3g}" if radius != float("inf") else "∞", (x, y), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("A_F\\S, unmodified facts (%, test)")
     ax.set_ylabel("A_M, modified facts (%)")
