@@ -12,7 +12,13 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
@@ -241,7 +247,7 @@ class ModelKind(str, Enum):
         greedy generation, measured by next-token drift, and taught to stop after an object (EOS targets)."""
         return self is ModelKind.CAUSAL
 
-    def tokenizer_problem(self, tokenizer, append_eos: bool) -> str | None:
+    def tokenizer_problem(self, tokenizer: PreTrainedTokenizerBase, append_eos: bool) -> str | None:
         """Why `tokenizer` cannot encode facts for this kind of model, or None."""
         if append_eos and (not self.generates or tokenizer.eos_token_id is None):
             return "Appending EOS to the targets (eos_target) needs a causal LM whose tokenizer has an EOS token."
@@ -264,7 +270,7 @@ class ModelKind(str, Enum):
         start = len(prefix)
         return prefix + obj + suffix, start, start + len(obj)
 
-    def model_inputs(self, ids: list[int], positions: list[int], tokenizer, append_eos: bool) -> tuple[list[int], list[int]]:
+    def model_inputs(self, ids: list[int], positions: list[int], tokenizer: PreTrainedTokenizerBase, append_eos: bool) -> tuple[list[int], list[int]]:
         """The input ids the model sees and the labelled positions, from the ids of the text with the object in.
 
         A masked LM sees a mask at each object token. A causal LM sees the object itself, with anything
@@ -279,7 +285,7 @@ class ModelKind(str, Enum):
         return ids, positions
 
     @classmethod
-    def of_config(cls, config) -> ModelKind:
+    def of_config(cls, config: PretrainedConfig) -> ModelKind:
         """The kind a model config describes (its architectures, else its model type), or a clear error."""
         for architecture in getattr(config, "architectures", None) or []:
             if architecture in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values():

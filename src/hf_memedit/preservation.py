@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import datasets
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .benchmarks.common import UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from .collators import PRESERVE_KEY, WEIGHT_KEY
@@ -90,7 +91,7 @@ def no_split(splits: Mapping[str, datasets.Dataset]) -> tuple[datasets.DatasetDi
     return datasets.DatasetDict(dict(splits)), Locality(True, 0.0, 0, len(splits[UNMODIFIED_TEST]), 0)
 
 
-def known_evidence(model, tokenizer, evidence: datasets.Dataset, batch_size: int = 64) -> datasets.Dataset:
+def known_evidence(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, evidence: datasets.Dataset, batch_size: int = 64) -> datasets.Dataset:
     """The evidence rows `model` predicts right: their objects are the model's own answers."""
     if len(evidence) == 0:
         return evidence

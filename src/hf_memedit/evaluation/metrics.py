@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import eval_mode
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
@@ -132,7 +133,7 @@ def _per_relation(modified_correct, modified_relations, unmodified_correct, unmo
 
 
 def evaluate_splits(
-    model,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     splits: Mapping[str, Any],
     *,
@@ -214,7 +215,7 @@ def edit_metrics(
     return avg_acc(modified.correct, unmodified.correct, **kwargs)
 
 
-def generate_splits(model, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, Any], batch_size: int = 32) -> dict[str, list[bool]]:
+def generate_splits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, Any], batch_size: int = 32) -> dict[str, list[bool]]:
     """Generation-based correctness on the modified and unmodified test facts (the modified ones on their new object)."""
     return {name: generate_facts(model, tokenizer, splits[name], batch_size=batch_size, show_progress=True)
             for name in (MODIFIED_TEST, UNMODIFIED_TEST) if name in splits and len(splits[name])}
@@ -234,7 +235,8 @@ AVG_ACC_METRIC_PATH = os.path.join(os.path.dirname(__file__), "evaluate_metrics"
 
 
 @torch.no_grad()
-def next_token_drift(model, tokenizer: PreTrainedTokenizerBase, sequences: Sequence[list[int]], at_theta0, batch_size: int = 16) -> dict[str, float]:
+def next_token_drift(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sequences: Sequence[list[int]],
+                     at_theta0: Callable[[], AbstractContextManager], batch_size: int = 16) -> dict[str, float]:
     """General drift on held-out text: the mean next-token KL(θ0 ‖ θ) per token and the perplexity ratio ppl(θ) / ppl(θ0).
 
     `sequences` are token ids (e.g. θ0's own samples that no key or objective saw); `at_theta0` is a context
