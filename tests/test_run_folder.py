@@ -19,7 +19,7 @@ from hf_memedit.benchmarks import export_benchmark, load_benchmark
 from hf_memedit.cli import main, parse
 from hf_memedit.edit_trainer import PARAMS_NAME, THETA0_NAME, last_complete_checkpoint
 from hf_memedit.experiments import JobConfig
-from hf_memedit.experiments.points import POINTS, open_points, save_points
+from hf_memedit.experiments.points import POINTS, GridPoint, load_points, open_points, save_points
 from hf_memedit.hub import apply_edit, package_edit, revert_edit
 from hf_memedit.io import atomic_directory, atomic_write_text, save_tensors, tensor_sha256
 from hf_memedit.model import WEIGHTS_NAME
@@ -344,8 +344,6 @@ def test_grid_points_keep_the_json_earlier_runs_wrote(tmp_path):
         {"method": "knn", "metric": "l2", "epsilon": 3.5},
     ]
     save_points(str(tmp_path), {str(i): {"point": p, "test": {}} for i, p in enumerate(written)})
-    from hf_memedit.experiments.points import GridPoint, load_points
-
     done = load_points(str(tmp_path))
     for record in written:
         point = GridPoint.from_dict(record)

@@ -271,18 +271,22 @@ class ModelKind(str, Enum):
         return prefix + obj + suffix, start, start + len(obj)
 
     def model_inputs(self, ids: list[int], positions: list[int], tokenizer: PreTrainedTokenizerBase, append_eos: bool) -> tuple[list[int], list[int]]:
-        """The input ids the model sees and the labelled positions, from the ids of the text with the object in.
+        """The input ids the model sees and their labels (-100 but at the object's tokens), from the ids of the
+        text with the object written in and the object's positions in them.
 
         A masked LM sees a mask at each object token. A causal LM sees the object itself, with anything
         after it cut (e.g. an EOS the tokenizer appends), and with `append_eos` the EOS token as one more target.
         """
+        if self is ModelKind.CAUSAL:
+            ids = ids[: positions[-1] + 1]
+            if append_eos:
+                ids, positions = ids + [tokenizer.eos_token_id], positions + [len(ids)]
+        labels = [-100] * len(ids)
+        for i in positions:
+            labels[i] = ids[i]
         if self is ModelKind.MASKED:
-            masked = set(positions)
-            return [tokenizer.mask_token_id if i in masked else t for i, t in enumerate(ids)], positions
-        ids = ids[: positions[-1] + 1]
-        if append_eos:
-            return ids + [tokenizer.eos_token_id], positions + [len(ids)]
-        return ids, positions
+            ids = [tokenizer.mask_token_id if label != -100 else t for t, label in zip(ids, labels)]
+        return ids, labels
 
     @classmethod
     def of_config(cls, config: PretrainedConfig) -> ModelKind:

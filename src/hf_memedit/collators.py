@@ -92,13 +92,9 @@ class FactEncoder:
                 f"the object {obj!r} of {text!r} is the first token and the tokenizer adds no BOS token, "
                 "so a causal LM has nothing to predict it from. Use a phrasing with the object last."
             )
-        labelled = dict(zip(positions, object_ids))
-        ids, positions = self.kind.model_inputs(ids, positions, self.tokenizer, self.append_eos)
+        ids, labels = self.kind.model_inputs(ids, positions, self.tokenizer, self.append_eos)
         if self.max_length is not None and len(ids) > self.max_length:
             raise FactEncodingError(f"{text!r} is {len(ids)} tokens long, more than max_length={self.max_length}")
-        labels = [-100] * len(ids)
-        for i in positions:
-            labels[i] = labelled.get(i, ids[i])  # the object's ids (under the masks of a masked LM), then any EOS
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
