@@ -85,3 +85,32 @@ def test_compare_of_a_causal_lm_reports_general_drift(tmp_path, bpe_tokenizer):
     table = (tmp_path / "compare" / "compare.md").read_text()
     assert "| drift KL | ppl ratio |" in table
     assert f"{picks['ftm_linf']['drift']['drift_kl']:.3g}" in table
+
+
+def test_a_grid_draws_risky_neighbours_from_one_ranking(tmp_path, bpe_tokenizer):
+    """preserve_risk in a sweep or compare: θ0 ranks each objective's neighbours once, and the points' batches
+    hold other neighbours than uniform draws (a tiny random Llama on geo_mod)."""
+    from hf_memedit import EditConfig
+    from hf_memedit.benchmarks.common import UNMODIFIED_TRAIN
+    from hf_memedit.experiments import JobConfig
+    from hf_memedit.experiments.grid import GridRunner
+    from hf_memedit.experiments.points import GridPoint
+
+    from .helpers import TINY
+
+    model = TINY["llama"](2, vocab=len(bpe_tokenizer))
+    job = JobConfig(model_name_or_path="tiny-llama", benchmark="geo_mod", m=4,
+                    benchmark_options={"relations": ["P36"], "max_facts_per_relation": 40})
+    point = GridPoint(norm="linf", block="1", delta=1e-2, preserve="kl")
+    batches = {}
+    for risk in (0.0, 1.0):
+        args = EditConfig(output_dir=str(tmp_path / str(risk)), edit_blocks=["1"], max_steps=3, report_to="none",
+                          disable_tqdm=True, per_device_train_batch_size=4, preserve_ratio=2, preserve_risk=risk)
+        runner = GridRunner(job, args, model=model, tokenizer=bpe_tokenizer)
+        batches[risk] = runner.point_args(point, str(tmp_path / "point"))[0]["text"]
+        if risk:
+            ranking = runner.risk("kl")
+            assert runner.point_args(point, str(tmp_path / "point"))[0]["text"] == batches[risk]
+            assert runner.risk("kl") is ranking and runner.risk("none") is None
+            assert ranking.by_token.shape[0] == len(runner.splits[UNMODIFIED_TRAIN])
+    assert batches[1.0] != batches[0.0]

@@ -11,7 +11,7 @@ from hf_memedit.edit_trainer import ConstrainedEditTrainer, ObjectTokenLoss
 from hf_memedit.evaluation.metrics import avg_acc, bleed_flags
 from hf_memedit.evaluation.results import ResultsRecord
 from hf_memedit.experiments import run_edit
-from hf_memedit.preservation import disjoint_split, preservation_batches
+from hf_memedit.preservation import NeighbourRisk, disjoint_split, neighbour_risk, preservation_batches
 
 from .helpers import ROOT, tiny_bert
 
@@ -75,6 +75,57 @@ def test_preservation_batches_mix_neighbours_of_the_same_relation_with_their_wei
         preservation_batches(edit, splits[UNMODIFIED_TRAIN].select([]), 2, 1.0, 1.0, 1, 0, True)
 
 
+def test_risky_neighbours_are_drawn_by_the_new_objects_probability_on_them():
+    """preserve_risk 1: each edit row's neighbours come from those where θ0 gives its new object mass (while any
+    is free); 0 draws exactly as without risk; any share is deterministic in the seed."""
+    splits = _splits()
+    neighbours = splits[UNMODIFIED_TRAIN]
+    edit = datasets.Dataset.from_list([_row(f"m{i}", "P36", f"c{i}", f"The capital of c{i} is [Y].", "Lima") for i in range(4)])
+    by_token = torch.zeros(len(neighbours), 2)
+    risky = {0: {0, 4, 8}, 1: {12, 16, 20}}  # P36 neighbours (even rows) where each new object's first token has mass
+    for token, rows in risky.items():
+        by_token[sorted(rows), token] = torch.tensor([0.5, 0.3, 0.2])
+    risk = NeighbourRisk(by_token, column=(0, 0, 1, 1))
+    uniform = preservation_batches(edit, neighbours, 2, 1.0, 1.0, 3, 0, True)
+    assert preservation_batches(edit, neighbours, 2, 1.0, 1.0, 3, 0, True, risk, 0.0).to_list() == uniform.to_list()
+    by_risk = preservation_batches(edit, neighbours, 2, 1.0, 1.0, 3, 0, True, risk, 1.0)
+    row_of = {f"The capital of c{i} is [Y].": i for i in range(4)}
+    for group in by_risk:
+        for edit_text, neighbour_text in zip(group["text"][:2], group["text"][2:]):
+            wanted = {neighbours[i]["text"] for i in risky[risk.column[row_of[edit_text]]]}
+            assert neighbour_text in wanted, (edit_text, neighbour_text)
+    assert by_risk.to_list() != uniform.to_list()
+    half = preservation_batches(edit, neighbours, 2, 4.0, 1.0, 3, 0, True, risk, 0.5)
+    assert half.to_list() == preservation_batches(edit, neighbours, 2, 4.0, 1.0, 3, 0, True, risk, 0.5).to_list()
+    with pytest.raises(ValueError, match="neighbour_risk of these"):
+        preservation_batches(edit, neighbours, 2, 1.0, 1.0, 1, 0, True, None, 0.5)
+    with pytest.raises(ValueError, match="neighbour_risk of these"):
+        preservation_batches(edit.select([0]), neighbours, 2, 1.0, 1.0, 1, 0, True, risk, 0.5)
+
+
+def test_neighbour_risk_is_theta0s_probability_of_the_new_objects_first_token(bert_tokenizer):
+    """Against the straightforward computation: the full forward's softmax at each neighbour's first mask."""
+    model = tiny_bert(bert_tokenizer.vocab_size, seed=0)
+    edit = datasets.Dataset.from_list([_row("m0", "P36", "Peru", "The capital of Peru is [Y].", "Kitchener-Waterloo"),
+                                       _row("m1", "P36", "Chile", "[Y] is the capital of Chile.", "Lima"),
+                                       _row("m2", "P36", "Peru", "Peru has its capital in [Y].", "Kitchener-Waterloo")])
+    neighbours = datasets.Dataset.from_list([_row("n0", "P36", "France", "The capital of France is [Y].", "Paris"),
+                                             _row("n1", "P36", "Ontario", "The largest city of Ontario is [Y].", "Kitchener-Waterloo"),
+                                             _row("n2", "P36", "Norway", "[Y] is the capital of Norway, it is said.", "Oslo")])
+    risk = neighbour_risk(model, bert_tokenizer, neighbours, edit, batch_size=2)
+    assert risk.column[0] == risk.column[2] != risk.column[1]
+    collator = FactCollator(bert_tokenizer, "masked")
+    model.eval()
+    for n, neighbour in enumerate(neighbours):
+        batch = collator([neighbour])
+        labels = batch.pop("labels")[0]
+        with torch.no_grad():
+            probabilities = model(**batch).logits[0, (labels != -100).nonzero()[0, 0]].softmax(-1)
+        for row, fact in enumerate(edit):
+            first = bert_tokenizer(fact["object"], add_special_tokens=False)["input_ids"][0]
+            assert risk.weights([n], row)[0] == pytest.approx(probabilities[first].item(), rel=1e-4, abs=1e-9)
+
+
 def test_weighted_loss_is_the_weighted_sum_over_object_tokens(bert_tokenizer):
     collator = FactCollator(bert_tokenizer, "masked")
     group = {"text": ["The capital of France is [Y].", "The capital of Peru is [Y]."], "object": ["Paris", "Kitchener-Waterloo"]}
@@ -130,7 +181,8 @@ def test_bleed_counts_lost_facts_that_now_predict_a_new_object(bert_tokenizer):
 @pytest.mark.parametrize(
     "option, value, message",
     [("preserve_objective", "kl2", "Unknown preserve_objective"), ("preserve_ratio", 0, "preserve_ratio"),
-     ("preserve_weight", -1.0, "preserve_weight"), ("preserve_fraction", 1.0, "preserve_fraction")],
+     ("preserve_weight", -1.0, "preserve_weight"), ("preserve_fraction", 1.0, "preserve_fraction"),
+     ("preserve_risk", 1.5, "preserve_risk must lie in"), ("preserve_risk", -0.1, "preserve_risk must lie in")],
 )
 def test_preservation_options_are_checked(option, value, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -138,19 +190,21 @@ def test_preservation_options_are_checked(option, value, message, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective, fraction", [("answers", 0.5), ("evidence", 0.0)])
-def test_a_preserving_edit_reports_locality_on_disjoint_facts(objective, fraction, tmp_path, tmp_path_factory, real_bert_dir):
+@pytest.mark.parametrize("objective, fraction, risk", [("answers", 0.5, 0.0), ("evidence", 0.0, 0.0), ("kl", 0.5, 0.5)])
+def test_a_preserving_edit_reports_locality_on_disjoint_facts(objective, fraction, risk, tmp_path, tmp_path_factory, real_bert_dir):
     ft_dir = tmp_path_factory.getbasetemp() / "preserving_ft"  # both cases start from one FT model
     job, args, _ = parse("edit", [
         "--config", str(ROOT / "trainer_configs" / "bert_tiny_ft_ftm.yaml"), "--output_dir", str(tmp_path / "run"),
         "--ft_dir", str(ft_dir),
-        "--preserve_objective", objective, "--preserve_fraction", str(fraction), "--max_steps", "20", "--ft_epochs", "10",
+        "--preserve_objective", objective, "--preserve_fraction", str(fraction), "--preserve_risk", str(risk),
+        "--max_steps", "20", "--ft_epochs", "10",
         "--disable_tqdm", "true",
     ])
     outcome = run_edit(job, args)
     record = ResultsRecord.load(tmp_path / "run")
     locality = record.locality
     assert record.config["preserve_objective"] == objective and record.config["preserve_fraction"] == fraction
+    assert record.config["preserve_risk"] == risk
     assert locality["n_locality_facts"] == record.metrics["n_unmodified"]
     assert {"bleed", "n_lost"} <= set(record.metrics)
     text = (tmp_path / "run" / "results.md").read_text()

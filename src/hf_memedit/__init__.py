@@ -17,7 +17,7 @@ from .hub import apply_edit, package_edit, push_edit, revert_edit
 from .keys import KeyStatistics, preserved_keys
 from .knn import KnnDatastore
 from .model import EditModel, get_edit_model
-from .preservation import Locality, disjoint_split, preservation_batches
+from .preservation import Locality, NeighbourRisk, disjoint_split, neighbour_risk, preservation_batches
 from .projection import KeyProjector, NormBallProjector, project_fisher_, project_l2_, project_linf_
 
 
@@ -39,6 +39,7 @@ __all__ = [
     "KeyStatistics",
     "KnnDatastore",
     "Locality",
+    "NeighbourRisk",
     "NormBallProjector",
     "PrefixCache",
     "ResultsRecord",
@@ -55,6 +56,7 @@ __all__ = [
     "library_versions",
     "load_benchmark",
     "package_edit",
+    "neighbour_risk",
     "preservation_batches",
     "preserved_keys",
     "model_kind",

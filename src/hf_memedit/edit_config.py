@@ -121,6 +121,13 @@ class EditConfig(TrainingArguments):
         metadata={"help": "preserve_objective 'answers' / 'kl': draw each edit fact's neighbours from its own relation, "
                   "where a new object most easily leaks."},
     )
+    preserve_risk: float = field(
+        default=0.0,
+        metadata={"help": "Share of each edit fact's neighbours drawn by risk instead of uniformly: in proportion to "
+                  "θ0's probability of that fact's new object (its first token) on the neighbour's prompt, the "
+                  "neighbours a new object would most readily take over (hf_memedit.preservation.neighbour_risk; "
+                  "one extra pass of θ0 over them). 0: all uniform; 1: all by risk."},
+    )
     preserve_fraction: float = field(
         default=0.5,
         metadata={"help": "When preservation data comes from the benchmark (FTA, 'answers', norm fisher), the share "
@@ -237,6 +244,8 @@ class EditConfig(TrainingArguments):
             raise ValueError(f"preserve_ratio must be positive (preservation facts per edit fact), got {self.preserve_ratio}.")
         if not self.preserve_weight > 0:
             raise ValueError(f"preserve_weight must be positive, got {self.preserve_weight}: for no preservation set preserve_objective none.")
+        if not 0 <= self.preserve_risk <= 1:
+            raise ValueError(f"preserve_risk must lie in [0, 1] (the share of neighbours drawn by risk), got {self.preserve_risk}.")
         if self.loss_reduction not in ("token", "sequence"):
             raise ValueError(f"Unknown loss_reduction {self.loss_reduction!r}: choose token or sequence.")
         for name in ("skip_below_loss", "stop_at_epoch_loss", "stop_at_loss"):

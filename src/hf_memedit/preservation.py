@@ -15,7 +15,11 @@ Preservation objectives (`EditConfig.preserve_objective`), mixed into every batc
   positions as the loss (the trainer runs θ0 on those rows): it also keeps the edit's new objects
   as unlikely there as θ0 had them, where a hard label only pushes the right token up.
 `answers` and `kl` draw from the edit facts' own relations (`preserve_same_relation`), where an
-edit's new objects most easily leak.
+edit's new objects most easily leak. With `preserve_risk` a share of each edit fact's neighbours is
+drawn by risk instead of uniformly: in proportion to θ0's probability of that fact's new object
+(its first token) on the neighbour's prompt (`neighbour_risk`). Most facts an edit loses are taken
+over by a new object whose first token θ0 already ranked high there, so those are the neighbours
+worth holding down; the uniform share keeps the rest of the relation covered.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import datasets
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .benchmarks.common import UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from .collators import PRESERVE_KEY, WEIGHT_KEY
-from .evaluation.scoring import evaluate_facts
+from .evaluation.scoring import evaluate_facts, object_logits
 
 
 PRESERVE_OBJECTIVES = ("none", "evidence", "answers", "kl")
@@ -99,6 +104,35 @@ def known_evidence(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, e
     return evidence.select([i for i, ok in enumerate(correct) if ok])
 
 
+@dataclass(frozen=True)
+class NeighbourRisk:
+    """θ0's probability of each edit row's new object (its first token) at each neighbour's first object
+    position: how readily the edit's new object would take the neighbour over. Stored per distinct token."""
+
+    by_token: torch.Tensor  # [neighbours, distinct first tokens of the new objects]
+    column: tuple[int, ...]  # edit row → its first token's column
+
+    def weights(self, neighbours: Sequence[int], row: int) -> list[float]:
+        return self.by_token[list(neighbours), self.column[row]].tolist()
+
+
+@torch.no_grad()
+def neighbour_risk(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, neighbours: datasets.Dataset,
+                   edit: datasets.Dataset, batch_size: int = 64) -> NeighbourRisk:
+    """One teacher-forced pass over the edit rows (their new objects' first tokens) and one over the neighbours."""
+    first = [0] * len(edit)
+    for index, _, targets in object_logits(model, tokenizer, list(edit), batch_size):
+        first[index] = int(targets[0])
+    tokens = sorted(set(first))
+    wanted = torch.tensor(tokens, dtype=torch.long)
+    by_token = torch.zeros(len(neighbours), len(tokens))
+    if len(neighbours):
+        for index, logits, _ in object_logits(model, tokenizer, list(neighbours), batch_size, show_progress=True,
+                                              desc="ranking neighbours by risk"):
+            by_token[index] = logits[0].float().softmax(-1)[wanted.to(logits.device)].cpu()
+    return NeighbourRisk(by_token, tuple(tokens.index(t) for t in first))
+
+
 def preservation_batches(
     edit: datasets.Dataset,
     neighbours: datasets.Dataset,
@@ -108,17 +142,24 @@ def preservation_batches(
     epochs: float,
     seed: int,
     same_relation: bool,
+    risk: NeighbourRisk | None = None,
+    risk_share: float = 0.0,
 ) -> datasets.Dataset:
     """Groups of `per_batch` edit facts plus `round(ratio × per_batch)` neighbours, each collated as one batch.
 
     Neighbours carry the loss weight `weight` (edit facts 1). With `same_relation` each edit fact
-    brings neighbours of its own relation (any relation where it has none). Deterministic in `seed`.
+    brings neighbours of its own relation (any relation where it has none). A `risk_share` of the
+    neighbour slots is drawn in proportion to θ0's probability of the row's new object there (`risk`), the
+    others uniformly. Deterministic in `seed`.
     """
     if len(neighbours) == 0:
         raise ValueError(
             "The preservation objective has no neighbour facts to mix in (no unmodified evidence, or none that the "
             "model predicts right): set preserve_objective none, or a larger preserve_fraction."
         )
+    if risk_share > 0 and (risk is None or risk.by_token.shape[0] != len(neighbours) or len(risk.column) != len(edit)):
+        raise ValueError(f"preserve_risk {risk_share} needs the neighbour_risk of these {len(neighbours)} neighbours "
+                         f"and {len(edit)} edit rows.")
     rng = random.Random(seed)
     rows = list(neighbours)
     by_relation: dict[str, list[int]] = defaultdict(list)
@@ -130,9 +171,10 @@ def preservation_batches(
         order = list(range(len(edit)))
         rng.shuffle(order)
         for start in range(0, len(order), per_batch):
-            chosen = [edit[i] for i in order[start : start + per_batch]]
-            drawn = _draw(rng, chosen, by_relation, len(rows), count, same_relation)
-            facts = chosen + [rows[i] for i in drawn]
+            chosen = order[start : start + per_batch]
+            relations = [edit[i]["relation"] for i in chosen] if same_relation else None
+            drawn = _draw(rng, chosen, relations, by_relation, len(rows), count, risk if risk_share > 0 else None, risk_share)
+            facts = [edit[i] for i in chosen] + [rows[i] for i in drawn]
             groups.append({
                 "text": [row["text"] for row in facts],
                 "object": [row["object"] for row in facts],
@@ -142,19 +184,23 @@ def preservation_batches(
     return datasets.Dataset.from_list(groups)
 
 
-def _draw(rng: random.Random, chosen: Sequence[Mapping], by_relation: Mapping[str, list[int]], total: int,
-          count: int, same_relation: bool) -> list[int]:
-    """`count` distinct neighbour indices (fewer when there are fewer), spread over the chosen facts' relations."""
-    if not same_relation:
+def _draw(rng: random.Random, chosen: Sequence[int], relations: Sequence[str] | None, by_relation: Mapping[str, list[int]],
+          total: int, count: int, risk: NeighbourRisk | None, risk_share: float) -> list[int]:
+    """`count` distinct neighbour indices (fewer when there are fewer), spread over the chosen edit rows:
+    from each row's relation when `relations` are given, a `risk_share` of them by that row's risk."""
+    if relations is None and risk is None:
         return rng.sample(range(total), min(count, total))
     drawn: list[int] = []
     taken: set[int] = set()
-    for slot in range(count):
-        relation = chosen[slot % len(chosen)]["relation"]
-        free = [i for i in by_relation.get(relation, ()) if i not in taken] or [i for i in range(total) if i not in taken]
-        if not free:
-            break
-        pick = rng.choice(free)
+    everyone = range(total)
+    for slot in range(min(count, total)):
+        pool = by_relation.get(relations[slot % len(chosen)], ()) if relations is not None else everyone
+        free = [i for i in pool if i not in taken] or [i for i in everyone if i not in taken]
+        if risk is not None and rng.random() < risk_share:
+            mass = risk.weights(free, chosen[slot % len(chosen)])
+            pick = rng.choices(free, weights=mass)[0] if sum(mass) > 0 else rng.choice(free)
+        else:
+            pick = rng.choice(free)
         taken.add(pick)
         drawn.append(pick)
     return drawn

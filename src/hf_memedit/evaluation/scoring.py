@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -81,18 +81,44 @@ def evaluate_facts(
     Facts run in batches sorted by length (less padding); results come back in the input order.
     """
     facts = list(facts)
+    allowed = _candidate_tensor(candidates, model, next(model.parameters()).device)
+    correct: list[bool] = [False] * len(facts)
+    predicted: list[list[int]] = [[] for _ in facts]
+    for fact_index, logits, wanted in object_logits(model, tokenizer, facts, batch_size, show_progress, text_key,
+                                                    object_key, full_logits, prefix):
+        ids = logits.argmax(-1) if allowed is None else allowed[logits[:, allowed].argmax(-1)]
+        correct[fact_index] = bool(torch.equal(ids, wanted))
+        predicted[fact_index] = ids.tolist()
+    return FactResults(correct, predicted)
+
+
+@torch.no_grad()
+def object_logits(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Sequence[Mapping],
+    batch_size: int = 64,
+    show_progress: bool = False,
+    text_key: str = "text",
+    object_key: str = "object",
+    full_logits: bool = False,
+    prefix: PrefixCache | None = None,
+    desc: str = "evaluating facts",
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(fact index, logits `[object tokens, vocab]`, object token ids) for every fact, teacher-forced.
+
+    The one forward loop of scoring: facts run in batches sorted by length (less padding), with the
+    LM head only at the object positions where the block table knows the head.
+    """
     if not facts:
         raise ValueError("No facts to evaluate: the split is empty. Check the benchmark split or its filter.")
     kind = model_kind(model)
     collator = FactCollator(tokenizer, kind, text_key=text_key, object_key=object_key)
     device = next(model.parameters()).device
-    allowed = _candidate_tensor(candidates, model, device)
     object_only = not full_logits and head_modules(model) is not None
     order = sorted(range(len(facts)), key=lambda i: len(facts[i][text_key]))
-    correct: list[bool] = [False] * len(facts)
-    predicted: list[list[int]] = [[] for _ in facts]
     with eval_mode(model):
-        for start in tqdm(range(0, len(order), batch_size), desc="evaluating facts", disable=not show_progress):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress):
             index = order[start : start + batch_size]
             batch = collator([facts[i] for i in index])
             labels = batch.pop("labels").to(device)
@@ -103,12 +129,8 @@ def evaluate_facts(
                 logits = model(**inputs, **kind.forward_kwargs).logits
             if not object_only:
                 logits = logits[mask]
-            guesses = logits.argmax(-1) if allowed is None else allowed[logits[:, allowed].argmax(-1)]
             counts = mask.sum(1).tolist()
-            for fact_index, ids, wanted in zip(index, guesses.split(counts), targets.split(counts)):
-                correct[fact_index] = bool(torch.equal(ids, wanted))
-                predicted[fact_index] = ids.tolist()
-    return FactResults(correct, predicted)
+            yield from zip(index, logits.split(counts), targets.split(counts))
 
 
 def _candidate_tensor(candidates: Sequence[int] | None, model: PreTrainedModel, device) -> torch.Tensor | None:

@@ -30,7 +30,7 @@ from ..fisher import diagonal_fisher
 from ..keys import KeyStatistics
 from ..knn import KnnDatastore, epsilon_grid
 from ..model import get_edit_model
-from ..preservation import known_evidence
+from ..preservation import NeighbourRisk, known_evidence, neighbour_risk
 from ..run_folder import claim_run_folder
 from .job_config import JobConfig
 from .loading import holdout, load_model_and_tokenizer, prepare_benchmark
@@ -40,6 +40,7 @@ from .settings import (
     drift_samples,
     edit_train_dataset,
     locality_split,
+    preservation_neighbours,
     preservation_texts,
     preserve_objective,
     starting_model,
@@ -94,6 +95,7 @@ class GridRunner:
         self._caches: dict[int, PrefixCache] = {}
         self._fishers: dict[tuple[str, ...], dict] = {}
         self._known: datasets.Dataset | None = None
+        self._risks: dict[str, NeighbourRisk] = {}
         self._keys: dict[tuple, KeyStatistics] = {}
         self._drift_samples: list[list[int]] | None = None
 
@@ -102,6 +104,16 @@ class GridRunner:
         if self._known is None:
             self._known = known_evidence(self.model, self.tokenizer, self.splits[UNMODIFIED_TRAIN], self.args.per_device_eval_batch_size)
         return self._known
+
+    def risk(self, objective: str) -> NeighbourRisk | None:
+        """How readily the edit's new objects take each neighbour of `objective` over (for preserve_risk), found once."""
+        if objective == "none" or self.args.preserve_risk == 0:
+            return None
+        if objective not in self._risks:
+            neighbours = preservation_neighbours(self.splits, objective, self.known() if objective == "answers" else None)
+            self._risks[objective] = neighbour_risk(self.model, self.tokenizer, neighbours, self.splits[MODIFIED_TRAIN],
+                                                    self.args.per_device_eval_batch_size)
+        return self._risks[objective]
 
     def before(self) -> dict[str, dict]:
         """θ0's results on both views (the modified facts on their original objects)."""
@@ -134,7 +146,8 @@ class GridRunner:
         )
         objective = point.preserve if point.preserve is not None else preserve_objective(self.job, self.args)
         args = dataclasses.replace(args, preserve_objective=objective)
-        return edit_train_dataset(self.splits, objective, args, self.known() if objective == "answers" else None)
+        known = self.known() if objective == "answers" else None
+        return edit_train_dataset(self.splits, objective, args, known, self.risk(objective))
 
     def selection_size(self, block: str) -> int:
         """How many parameters an edit of `block` trains."""

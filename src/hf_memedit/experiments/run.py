@@ -21,7 +21,7 @@ from ..edit_trainer import ConstrainedEditTrainer
 from ..evaluation.metrics import edit_metrics, evaluate_splits, generate_splits, generation_metrics, next_token_drift
 from ..evaluation.results import ResultsRecord
 from ..io import atomic_directory, atomic_write_text
-from ..preservation import Locality, known_evidence
+from ..preservation import Locality, known_evidence, neighbour_risk
 from ..run_folder import begin_outputs, claim_run_folder, seal_run
 from ..sharding import is_sharded
 from .job_config import FT_SETTINGS, JobConfig
@@ -30,6 +30,7 @@ from .settings import (
     drift_samples,
     edit_train_dataset,
     locality_split,
+    preservation_neighbours,
     preservation_texts,
     preserve_objective,
     starting_model,
@@ -81,7 +82,11 @@ def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapp
         return _finish(job, args, model, edit_metrics(eval_splits, results), [], None, start, locality)
     objective = preserve_objective(job, args)
     known = known_evidence(model, tokenizer, splits[UNMODIFIED_TRAIN], args.per_device_eval_batch_size) if objective == "answers" else None
-    train_dataset, train_args = edit_train_dataset(splits, objective, args, known)
+    risk = None
+    if objective != "none" and args.preserve_risk > 0:
+        risk = neighbour_risk(model, tokenizer, preservation_neighbours(splits, objective, known), splits[MODIFIED_TRAIN],
+                              args.per_device_eval_batch_size)
+    train_dataset, train_args = edit_train_dataset(splits, objective, args, known, risk)
     trainer = ConstrainedEditTrainer(
         model, train_args, train_dataset=train_dataset, eval_dataset=eval_splits, processing_class=tokenizer,
         fisher_dataset=splits[UNMODIFIED_TRAIN], preserve_texts=preservation_texts(splits),
@@ -147,7 +152,7 @@ def run_config(job: JobConfig, args: EditConfig, kind: str) -> dict[str, Any]:
     )
     if config["preserve_objective"] != "none":
         config.update(preserve_ratio=args.preserve_ratio, preserve_weight=args.preserve_weight,
-                      preserve_fraction=args.preserve_fraction)
+                      preserve_fraction=args.preserve_fraction, preserve_risk=args.preserve_risk)
     if job.setting in FT_SETTINGS:
         config.update(ft_blocks=list(job.ft_blocks), ft_learning_rate=job.ft_learning_rate, ft_epochs=job.ft_epochs)
     return config

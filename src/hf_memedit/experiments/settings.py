@@ -21,7 +21,7 @@ from ..edit_config import EditConfig
 from ..edit_trainer import ConstrainedEditTrainer
 from ..io import atomic_write_text
 from ..keys import model_samples
-from ..preservation import Locality, disjoint_split, no_split, preservation_batches
+from ..preservation import Locality, NeighbourRisk, disjoint_split, no_split, preservation_batches
 from .job_config import FT_SETTINGS, FTA_SETTINGS, JobConfig
 
 
@@ -119,21 +119,30 @@ def locality_split(splits: Mapping[str, datasets.Dataset], job: JobConfig, args:
     return no_split(splits)
 
 
+def preservation_neighbours(splits: Mapping[str, datasets.Dataset], objective: str, known: datasets.Dataset | None) -> datasets.Dataset:
+    """The facts a preservation objective mixes in: `known` (θ0's right answers) for 'answers', else the unmodified evidence."""
+    if objective == "answers":
+        if known is None:
+            raise ValueError("preserve_objective 'answers' needs the evidence θ0 answers right (preservation.known_evidence).")
+        return known
+    return splits[UNMODIFIED_TRAIN]
+
+
 def edit_train_dataset(
     splits: Mapping[str, datasets.Dataset], objective: str, args: EditConfig, known: datasets.Dataset | None = None,
+    risk: NeighbourRisk | None = None,
 ) -> tuple[datasets.Dataset, EditConfig]:
     """The edit's training data, and the args to train it with (a preservation mix: one group per batch).
 
     `objective` 'evidence' mixes in the unmodified evidence (FTA); 'answers' mixes in `known`, the
-    unmodified evidence θ0 predicts right (`preservation.known_evidence`).
+    unmodified evidence θ0 predicts right (`preservation.known_evidence`). With `preserve_risk`, `risk` is
+    `preservation.neighbour_risk` of those neighbours.
     """
     if objective == "none":
         return splits[MODIFIED_TRAIN], args
-    if objective == "answers" and known is None:
-        raise ValueError("preserve_objective 'answers' needs the evidence θ0 answers right (preservation.known_evidence).")
-    neighbours = known if objective == "answers" else splits[UNMODIFIED_TRAIN]
     groups = preservation_batches(
-        splits[MODIFIED_TRAIN], neighbours, args.per_device_train_batch_size, args.preserve_ratio,
-        args.preserve_weight, args.num_train_epochs, args.seed, args.preserve_same_relation and objective in ("answers", "kl"),
+        splits[MODIFIED_TRAIN], preservation_neighbours(splits, objective, known), args.per_device_train_batch_size,
+        args.preserve_ratio, args.preserve_weight, args.num_train_epochs, args.seed,
+        args.preserve_same_relation and objective in ("answers", "kl"), risk, args.preserve_risk,
     )
     return groups, dataclasses.replace(args, per_device_train_batch_size=1, num_train_epochs=1.0)
