@@ -114,3 +114,27 @@ def test_a_grid_draws_risky_neighbours_from_one_ranking(tmp_path, bpe_tokenizer)
             assert runner.risk("kl") is ranking and runner.risk("none") is None
             assert ranking.by_token.shape[0] == len(runner.splits[UNMODIFIED_TRAIN])
     assert batches[1.0] != batches[0.0]
+
+
+def test_a_retention_floor_picks_the_most_edits_among_the_points_that_keep_enough():
+    """Ā picks a point that learns everything and keeps little; pick_min_retention 0.9 the one learning the most
+    among those keeping 90%; with no point that high, the one keeping the most. The floor does not key points."""
+    from hf_memedit import EditConfig
+    from hf_memedit.experiments import JobConfig
+    from hf_memedit.experiments.points import point_context
+    from hf_memedit.experiments.reports import VALIDATION, best, pick_rule
+
+    def row(name, a_m, a_fs, retention):
+        return {"name": name, VALIDATION: {"a_m": a_m, "a_fs": a_fs, "avg_acc": (a_m + a_fs) / 2, "retention": retention}}
+
+    rows = [row("greedy", 1.0, 0.05, 0.2), row("careful", 0.6, 0.14, 0.95), row("balanced", 0.9, 0.13, 0.92),
+            row("tied", 0.9, 0.12, 0.97)]
+    assert best(rows, VALIDATION)["name"] == "greedy"
+    assert best(rows, VALIDATION, 0.9)["name"] == "balanced"  # A_M 0.9 twice: the better Ā
+    assert best(rows, VALIDATION, 0.96)["name"] == "tied"
+    assert best(rows, VALIDATION, 0.99)["name"] == "tied"  # nothing keeps 99%: the point keeping the most
+    assert "90.00%" in pick_rule(0.9) and "Ā" in pick_rule(None)
+    with pytest.raises(ValueError, match="pick_min_retention"):
+        JobConfig(pick_min_retention=1.5)
+    args = EditConfig(output_dir="unused", report_to="none")
+    assert point_context(JobConfig(pick_min_retention=0.9), args) == point_context(JobConfig(), args)

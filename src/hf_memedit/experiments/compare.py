@@ -43,7 +43,7 @@ from .grid import GridRunner
 from .job_config import COMPARE_METHODS, JobConfig
 from .methods import METHODS, MethodContext
 from .points import GridPoint, open_points, point_of, save_points
-from .reports import TEST, VALIDATION, best
+from .reports import TEST, VALIDATION, best, pick_rule
 
 
 LABELS = {name: entry.label for name, entry in METHODS.items()}
@@ -79,7 +79,7 @@ def _compare(job: JobConfig, args: EditConfig, runner: GridRunner, done: dict[st
             done.update((point_of(row).key, row) for row in rows[name])  # kNN's rows are made, not edited
             save_points(folder, done)
     block = ctx.block
-    picks = {method: best(method_rows, VALIDATION) for method, method_rows in rows.items()}
+    picks = {method: best(method_rows, VALIDATION, job.pick_min_retention) for method, method_rows in rows.items()}
     write_compare(folder, rows, picks, job, block, runner.locality)
     return picks
 
@@ -89,7 +89,8 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
     lines = [
         f"# Compare: {job.model_name_or_path}, {job.benchmark} m={job.m}, starting from {job.setting}",
         "",
-        "Each method's point with the best Ā on the validation half of the unmodified facts; metrics on the test half.",
+        f"Each method's point with {pick_rule(job.pick_min_retention)} on the validation half of the unmodified facts; "
+        "metrics on the test half.",
         f"Locality measured on {locality.describe()}, split into validation and test halves.",
         "",
         "| method | picked on validation | A_M | A_F\\S | Ā | retention | agreement | bleed | gen A_M | gen retention "

@@ -134,6 +134,13 @@ class GridArguments:
         default=0.5,
         metadata={"help": "Sweeps: share of the unmodified test facts held out to pick δ and block (the rest is test)."},
     )
+    pick_min_retention: float | None = field(
+        default=None,
+        metadata={"help": "Sweeps and compares: pick each method's point with the most A_M among those keeping at least "
+                  "this share of what the model knew on validation (e.g. 0.9; ties: Ā; where none does, the one keeping "
+                  "the most). Default: the best Ā = (A_M + A_F\\S) / 2, the paper's, which rewards A_M almost alone "
+                  "when the model knew few of the unmodified facts."},
+    )
     sweep_deltas: list[float] | None = field(default=None, metadata={"help": "Sweeps: the δ values."})
     sweep_blocks: list[str] | None = field(default=None, metadata={"help": "Sweeps: the blocks, one per grid point."})
     sweep_norms: list[str] | None = field(default=None, metadata={"help": "Sweeps: the norms (default: the config's)."})
@@ -180,6 +187,8 @@ class GridArguments:
         for norm, deltas in (self.compare_deltas or {}).items():
             if not isinstance(deltas, list) or not all(isinstance(d, (int, float)) and d > 0 for d in deltas):
                 raise ValueError(f"compare_deltas[{norm!r}] must be a list of positive δ, got {deltas!r}.")
+        if self.pick_min_retention is not None and not 0 < self.pick_min_retention <= 1:
+            raise ValueError(f"pick_min_retention must lie in (0, 1] (a share of the known facts kept), got {self.pick_min_retention}.")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}.")
 

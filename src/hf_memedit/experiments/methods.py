@@ -73,7 +73,7 @@ def _ftm_linf(ctx: MethodContext, edit) -> list[dict]:
         edit(GridPoint(norm="linf", block=str(block), delta=delta, preserve="none"))
         for block in ctx.job.sweep_blocks or list(ctx.args.edit_blocks) for delta in ctx.linf
     ]
-    ctx.block = point_of(best(rows, VALIDATION)).block
+    ctx.block = point_of(best(rows, VALIDATION, ctx.job.pick_min_retention)).block
     return rows
 
 

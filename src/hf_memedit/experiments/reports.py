@@ -21,8 +21,27 @@ if TYPE_CHECKING:
 VALIDATION, TEST = "validation", "test"  # the two halves of the unmodified test facts
 
 
-def best(rows: list[dict], by: str) -> dict:
-    return max(rows, key=lambda r: (r[by]["avg_acc"] if r[by]["avg_acc"] is not None else -1.0))
+def best(rows: list[dict], by: str, min_retention: float | None = None) -> dict:
+    """The pick on the half `by`: the best Ā; with `min_retention`, the most A_M among the points that keep at
+    least that share of what the model knew (ties: Ā), or, when none does, the point that keeps the most."""
+    def score(name: str, row: dict) -> float:
+        value = row[by].get(name)
+        return value if value is not None else -1.0
+
+    if min_retention is None:
+        return max(rows, key=lambda r: score("avg_acc", r))
+    kept = [r for r in rows if score("retention", r) >= min_retention]
+    if not kept:
+        return max(rows, key=lambda r: (score("retention", r), score("avg_acc", r)))
+    return max(kept, key=lambda r: (score("a_m", r), score("avg_acc", r)))
+
+
+def pick_rule(min_retention: float | None) -> str:
+    """How `best` picks, in words, for the reports."""
+    if min_retention is None:
+        return "the best Ā = (A_M + A_F\\S) / 2"
+    return (f"the most A_M among the points keeping at least {format_percent(min_retention)} of what the model knew "
+            "(ties: Ā; where none does, the one keeping the most)")
 
 
 def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig, locality: Locality) -> None:
@@ -30,7 +49,8 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
     lines = [
         f"# Sweep: {job.model_name_or_path}, {job.benchmark} m={job.m}, setting {job.setting}",
         "",
-        f"Locality measured on {locality.describe()}, split into validation and test halves.",
+        f"Locality measured on {locality.describe()}, split into validation and test halves. "
+        f"A pick is {pick_rule(job.pick_min_retention)}.",
         "",
         "| point | A_M | A_F\\S val | Ā val | A_F\\S test | Ā test | retention test | agreement test |",
         "|---|---|---|---|---|---|---|---|",
@@ -43,14 +63,15 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
             f"{format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} | {format_percent(t.get('agreement'))} |"
         )
     for label, by in (("picked on validation (reported on test)", VALIDATION), ("picked on test (as the paper did)", TEST)):
-        chosen = best(rows, by)
+        chosen = best(rows, by, job.pick_min_retention)
         lines += ["", f"Best {label}: {point_of(chosen).describe()} → "
                   f"Ā test {format_percent(chosen[TEST]['avg_acc'])} (A_M {format_percent(chosen[TEST]['a_m'])}, "
                   f"A_F\\S {format_percent(chosen[TEST]['a_fs'])})."]
     lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "sweep.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(folder, "sweep.json"), json.dumps(
-        {"rows": rows, "locality": locality.to_dict(), "best_by_validation": best(rows, VALIDATION)["point"], "best_by_test": best(rows, TEST)["point"]}, indent=2
+        {"rows": rows, "locality": locality.to_dict(), "best_by_validation": best(rows, VALIDATION, job.pick_min_retention)["point"],
+         "best_by_test": best(rows, TEST, job.pick_min_retention)["point"]}, indent=2
     ))
     plot_sweep(folder, rows, job)
 
@@ -85,7 +106,7 @@ def plot_sweep(folder: str, rows: list[dict], job: JobConfig) -> tuple[str, str]
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     labels, val_best, test_of_val = [], [], []
     for name, points in series.items():
-        chosen = best(points, VALIDATION)
+        chosen = best(points, VALIDATION, job.pick_min_retention)
         labels.append(name.replace(" (", "\n("))
         val_best.append(100 * (chosen[VALIDATION]["avg_acc"] or 0))
         test_of_val.append(100 * (chosen[TEST]["avg_acc"] or 0))
