@@ -1,5 +1,6 @@
 """`memedit compare`: every method side by side, each tuned on validation, resumable."""
 
+import dataclasses
 import json
 
 import pytest
@@ -138,3 +139,55 @@ def test_a_retention_floor_picks_the_most_edits_among_the_points_that_keep_enoug
         JobConfig(pick_min_retention=1.5)
     args = EditConfig(output_dir="unused", report_to="none")
     assert point_context(JobConfig(pick_min_retention=0.9), args) == point_context(JobConfig(), args)
+
+
+def test_compares_run_as_lanes_merge_into_one_table_without_training(tmp_path):
+    """`memedit compare --merge_lanes`: the points of lanes (same settings, each its own compare_methods) make one
+    compare.md, compare.json and plots, picked as one compare picks; lanes of other settings or other locality
+    facts are refused."""
+    from hf_memedit import EditConfig
+    from hf_memedit.cli import main
+    from hf_memedit.experiments import JobConfig
+    from hf_memedit.experiments.compare import merge_compares
+    from hf_memedit.experiments.points import CONTEXT, GridPoint, point_context, save_points
+    from hf_memedit.preservation import Locality
+
+    def row(point, a_m, retention):
+        half = {"a_m": a_m, "a_fs": retention / 4, "avg_acc": (a_m + retention / 4) / 2, "retention": retention,
+                "agreement": 0.5, "bleed": 0.5, "a_fs_before": 0.25}
+        return {"point": point.to_dict(), "distance": 0.01, "validation": half, "test": dict(half)}
+
+    job = JobConfig(model_name_or_path="tiny", benchmark="geo_mod", m=4)
+    args = EditConfig(output_dir=str(tmp_path / "merged"), edit_blocks=["1"], report_to="none")
+    locality = Locality(True, 0.5, 10, 20, 2)
+    lanes = {
+        "a": [row(GridPoint(norm="linf", block="1", delta=d, preserve="none", method="ftm_linf"), a, r)
+              for d, a, r in ((1e-2, 0.5, 0.9), (3e-2, 1.0, 0.6))],
+        "b": [row(GridPoint(norm="linf", block="1", delta=d, preserve="kl", method="ftm_kl"), a, r)
+              for d, a, r in ((1e-2, 0.7, 0.95), (3e-2, 0.9, 0.9))],
+    }
+    for name, rows in lanes.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        save_points(str(folder), {GridPoint(**r["point"]).key: r for r in rows})
+        (folder / CONTEXT).write_text(json.dumps(point_context(job, args)))  # as a lane's compare writes it
+        (folder / "compare.json").write_text(json.dumps({"locality": locality.to_dict()}))
+    picks = merge_compares([str(tmp_path / "a"), str(tmp_path / "b")], job, args)
+    assert picks["ftm_linf"]["point"]["delta"] == 3e-2 and picks["ftm_kl"]["point"]["delta"] == 3e-2  # best Ā
+    merged = tmp_path / "merged"
+    result = json.loads((merged / "compare.json").read_text())
+    assert list(result["rows"]) == ["ftm_linf", "ftm_kl"] and result["locality"] == locality.to_dict()
+    assert len((merged / "points.jsonl").read_text().splitlines()) == 4
+    table = (merged / "compare.md").read_text()
+    assert "| FTM, L∞ | linf, block 1, δ 0.03 |" in table and "| FTM + KL to θ0 on neighbours, L∞ |" in table
+    assert all((merged / plot).read_bytes()[:4] == b"\x89PNG" for plot in ("compare.png", "frontier.png"))
+
+    other = dataclasses.replace(job, m=8)  # a lane made with other settings
+    with pytest.raises(ValueError, match="other settings"):
+        merge_compares([str(tmp_path / "a")], other, dataclasses.replace(args, output_dir=str(tmp_path / "m2")))
+    (tmp_path / "b" / "compare.json").write_text(json.dumps({"locality": Locality(True, 0.5, 10, 18, 4).to_dict()}))
+    with pytest.raises(ValueError, match="different locality facts"):
+        merge_compares([str(tmp_path / "a"), str(tmp_path / "b")], job, args)
+    with pytest.raises(SystemExit, match="holds no compare.json"):
+        main(["compare", "--model_name_or_path", "tiny", "--benchmark", "geo_mod", "--m", "4", "--edit_blocks", "1",
+              "--output_dir", str(merged), "--merge_lanes", str(tmp_path)])

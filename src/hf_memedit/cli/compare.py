@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..experiments import run_compare
+from ..experiments.compare import merge_compares
 from .parser import MemeditParser
 
 
@@ -12,11 +13,20 @@ DESCRIPTION = "Run every editing method with a small validation sweep each; writ
 
 
 def make_parser() -> MemeditParser:
-    return MemeditParser("compare", DESCRIPTION)
+    parser = MemeditParser("compare", DESCRIPTION)
+    parser.add_argument(
+        "--merge_lanes", nargs="+", default=None, metavar="FOLDER",
+        help="Train nothing: merge these finished compares, run with the same options but each with its own "
+             "--compare_methods (lanes, e.g. side by side on one GPU), into --output_dir and write its table and plots.",
+    )
+    return parser
 
 
 def main(argv: list[str]) -> None:
-    job, args, _ = make_parser().parse_args_and_config(argv)
-    run_compare(job, args)
+    job, args, own = make_parser().parse_args_and_config(argv)
+    if own.merge_lanes:
+        merge_compares(own.merge_lanes, job, args)
+    else:
+        run_compare(job, args)
     print(open(os.path.join(args.output_dir, "compare.md"), encoding="utf-8").read())
     print(f"plot: {os.path.join(args.output_dir, 'compare.png')}")

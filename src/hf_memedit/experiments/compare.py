@@ -84,6 +84,44 @@ def _compare(job: JobConfig, args: EditConfig, runner: GridRunner, done: dict[st
     return picks
 
 
+def merge_compares(lanes: list[str], job: JobConfig, args: EditConfig) -> dict[str, Any]:
+    """Merge compares run as lanes (one process per group of `compare_methods`, e.g. side by side on one GPU)
+    into `args.output_dir`, and write its table and plots without training anything.
+
+    Every lane must hold points made with the settings of `job` and `args` (the same check a resumed compare
+    makes) and have scored the same locality facts; the picks are made as `memedit compare` makes them."""
+    if not lanes:
+        raise ValueError("merge_compares needs the folders of at least one compare lane.")
+    done: dict[str, dict] = {}
+    localities = []
+    for lane in lanes:
+        path = os.path.join(lane, "compare.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{lane} holds no compare.json: let that lane's compare finish (it resumes) first.")
+        done.update(open_points(lane, job, args))
+        localities.append(json.loads(open(path, encoding="utf-8").read())["locality"])
+    if any(locality != localities[0] for locality in localities):
+        raise ValueError(f"The lanes {', '.join(lanes)} scored different locality facts: they are not one compare.")
+    fields = {f.name for f in dataclasses.fields(Locality)}
+    locality = Locality(**{key: value for key, value in localities[0].items() if key in fields})
+    folder = args.output_dir
+    with claim_run_folder(folder, args.overwrite_output_dir, resuming=True, lock=PartialState().is_main_process):
+        merged = {**open_points(folder, job, args), **done}
+        rows: dict[str, list[dict]] = {}
+        for row in merged.values():
+            rows.setdefault(point_of(row).method, []).append(row)
+        unknown = sorted(set(rows) - set(METHODS))
+        if unknown:
+            raise ValueError(f"Points of unknown compare methods ({', '.join(map(str, unknown))}) in {', '.join(lanes)}.")
+        rows = {name: rows[name] for name in METHODS if name in rows}  # the table's order
+        linf = rows.get("ftm_linf")
+        block = point_of(best(linf, VALIDATION, job.pick_min_retention)).block if linf else str(args.edit_blocks[0])
+        picks = {method: best(method_rows, VALIDATION, job.pick_min_retention) for method, method_rows in rows.items()}
+        save_points(folder, merged)
+        write_compare(folder, rows, picks, job, block, locality)
+    return picks
+
+
 def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict], job: JobConfig, block: str,
                   locality: Locality) -> None:
     lines = [
