@@ -88,7 +88,7 @@ def main() -> None:
     gpus = min(2, torch.cuda.device_count())
     common = [__file__, "--norm", options.norm, "--delta", str(options.delta), "--steps", str(options.steps)]
     with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH")]))}
         runs = [("plain", [sys.executable, *common, "--worker", "plain", "--out", out]),
                 ("fsdp", [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", *common,
                           "--worker", "fsdp", "--out", out])]
