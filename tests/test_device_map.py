@@ -57,3 +57,16 @@ def test_editing_an_offloaded_block_is_refused(base, tmp_path, bpe_tokenizer):
     model, tokenizer = load_model_and_tokenizer(job)
     with pytest.raises(ValueError, match=r"offloaded by the device_map \(to disk\).*Give the edited blocks a device"):
         _train(model, tokenizer, tmp_path / "out", block="1")
+
+
+def test_hub_kernels_stay_off_unless_asked(base, monkeypatch):
+    """transformers ≥ 5.2x swaps layers for kernels fetched from the Hub on GPUs unless told not to: offline that
+    load fails ("not available in the local cache"), online it runs code from the Hub. hf_memedit loads with them
+    off, and `use_kernels` turns them on."""
+    from transformers import PreTrainedModel
+
+    asked = []
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", lambda self, use, *a, **k: asked.append(use))
+    load_model_and_tokenizer(JobConfig(model_name_or_path=str(base)))
+    load_model_and_tokenizer(JobConfig(model_name_or_path=str(base), use_kernels=True))
+    assert asked == [False, True]

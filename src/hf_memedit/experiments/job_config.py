@@ -50,6 +50,12 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run code shipped with the model. Only for models you trust."}
     )
+    use_kernels: bool = field(
+        default=False,
+        metadata={"help": "Let transformers swap layers for compiled kernels fetched from the Hub (the `kernels` package, "
+                  "on GPUs). Off by default: they are code from the Hub, they need the network when the model loads, "
+                  "and their numbers differ from the PyTorch layers an edit is reproduced with."},
+    )
     torch_dtype: str = field(
         default="auto",
         metadata={"help": "The dtype the model is loaded and edited in; 'auto': the checkpoint's own (a bfloat16 "

@@ -76,7 +76,8 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
         raise _load_failed(job, name, error) from None
     placement = {"device_map": job.device_map, "offload_folder": job.offload_folder} if job.device_map is not None else {}
     model = kind.auto_class.from_pretrained(
-        name, dtype=job.torch_dtype, **placement, **common, **({} if gguf_file else {"use_safetensors": True})
+        name, dtype=job.torch_dtype, use_kernels=job.use_kernels, **placement, **common,
+        **({} if gguf_file else {"use_safetensors": True}),
     )
     if gguf_file:
         _forget_gguf_quantization(model)

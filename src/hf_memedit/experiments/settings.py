@@ -54,7 +54,7 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits:
         with open(marker, encoding="utf-8") as handle:
             if json.load(handle) == key:
                 logger.info("Reusing the FT model in %s.", folder)
-                return type(model).from_pretrained(folder, use_safetensors=True).to(model.device)
+                return type(model).from_pretrained(folder, use_safetensors=True, use_kernels=job.use_kernels).to(model.device)
         logger.warning("%s holds an FT model made from other inputs; fine-tuning afresh.", folder)
     if len(splits[UNMODIFIED_TRAIN]) == 0:
         raise ValueError("FT needs unmodified training evidence, and the benchmark has none.")
