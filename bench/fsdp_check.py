@@ -112,6 +112,9 @@ def main() -> None:
     bound = max(record["distance"] for record in records.values())
     if bound > options.delta * (1 + 1e-3):
         sys.exit(f"fsdp_check: the bound does not hold: {bound} > δ {options.delta}")
+    if records["fsdp"]["distance"] == 0 or gap > 2 * options.delta * (1 + 1e-3):
+        sys.exit(f"fsdp_check: FSDP2's edit is not the one-process edit: ‖θ − θ0‖ {records['fsdp']['distance']:.3g}, "
+                 f"{gap:.3g} from it where both boxes allow at most 2δ = {2 * options.delta:g}.")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,17 @@ class _StopAtEpochLossCallback(TrainerCallback):
         self.trainer._epoch_losses = []
 
 
+class _FollowParametersCallback(TrainerCallback):
+    """accelerate's FSDP2 plugin shards the model when `train()` prepares it, after the optimizer was made, and
+    hands the optimizer the new sharded parameters: the projector follows them before the first step."""
+
+    def __init__(self, trainer: ConstrainedEditTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._follow_parameters()
+
+
 class ConstrainedEditTrainer(Trainer):
     """Fine-tunes the selected blocks on the edit's facts, keeping ||θ − θ0|| ≤ δ.
 
@@ -227,17 +238,22 @@ class ConstrainedEditTrainer(Trainer):
         self._epoch_losses: list[float] = []
         self.add_callback(_StopAtLossCallback(self))
         self.add_callback(_StopAtEpochLossCallback(self))
+        self.add_callback(_FollowParametersCallback(self))
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
-        # FSDP2 (accelerate prepares the model before the optimizer) replaced the parameters with sharded ones.
-        current = dict(self.model.named_parameters())
-        if any(current.get(name) is not param for name, param in self.projector.params.items()):
-            self.projector.rebind(current)
+        self._follow_parameters()
         if optimizer is not self._hooked_optimizer:
             optimizer.register_step_post_hook(self._project_after_step)
             self._hooked_optimizer = optimizer
         return optimizer
+
+    def _follow_parameters(self) -> None:
+        """Project the model's parameters as they are now: FSDP2's `fully_shard` replaces them with sharded ones,
+        before the optimizer is made (a model wrapped by hand) or after (accelerate's plugin, in `train()`)."""
+        current = dict(self.model.named_parameters())
+        if any(current.get(name) is not param for name, param in self.projector.params.items()):
+            self.projector.rebind(current)
 
     def _project_after_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         # A fused optimizer under the fp16 grad scaler is stepped even on overflow and skips the

@@ -1,8 +1,12 @@
 """ConstrainedEditTrainer on a model whose blocks FSDP2's `fully_shard` wrapped (one gloo rank on the CPU): the
-trainer's own path — the projector rebound to the sharded parameters when the optimizer is built, the box
-kept on them, the edit gathered and saved. accelerate's FSDP plugin needs a GPU; this wraps as it would.
+trainer's own path — the projector rebound to the sharded parameters, the box kept on them, the edit gathered
+and saved. accelerate's FSDP plugin needs a GPU; this wraps as it would, in either order:
 
-    python tests/utils/fsdp_trainer.py OUT
+- `before`: the model is wrapped by hand before the trainer is made;
+- `prepared`: as accelerate's plugin in `train()`: the optimizer is made first, then `prepare(model, optimizer)`
+  shards the model in place and hands the optimizer the new parameters.
+
+    python tests/utils/fsdp_trainer.py OUT [before|prepared]
 """
 
 import json
@@ -20,7 +24,29 @@ from hf_memedit.sharding import is_sharded  # noqa: E402
 from tests.helpers import FACTS, TINY  # noqa: E402
 
 
-def main(out: str) -> None:
+def shard(model) -> None:
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def shard_when_prepared(trainer, model) -> None:
+    """What accelerate's FSDP2 plugin does in `prepare(model, optimizer)`, after the Trainer made the optimizer."""
+    prepare = trainer.accelerator.prepare
+
+    def sharding_prepare(*objects, **kwargs):
+        if len(objects) == 2 and objects[0] is model:
+            names = {id(p): n for n, p in model.named_parameters()}
+            shard(model)
+            current = dict(model.named_parameters())
+            for group in objects[1].param_groups:
+                group["params"] = [current[names[id(p)]] for p in group["params"]]
+        return prepare(*objects, **kwargs)
+
+    trainer.accelerator.prepare = sharding_prepare
+
+
+def main(out: str, order: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0", WORLD_SIZE="1")
     dist.init_process_group("gloo", rank=0, world_size=1)
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -38,9 +64,10 @@ def main(out: str) -> None:
                       per_device_train_batch_size=4, report_to="none", save_strategy="no", disable_tqdm=True,
                       prefix_cache=False, use_cpu=True)
     trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(facts), processing_class=tokenizer)
-    for block in model.model.layers:
-        fully_shard(block)
-    fully_shard(model)
+    if order == "before":
+        shard(model)
+    else:
+        shard_when_prepared(trainer, model)
     trainer.train()
     params = trainer.projector.params
     record = {
@@ -58,4 +85,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "before")
