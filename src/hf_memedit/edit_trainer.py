@@ -100,8 +100,8 @@ class _StopAtEpochLossCallback(TrainerCallback):
 
 
 class _FollowParametersCallback(TrainerCallback):
-    """accelerate's FSDP2 plugin shards the model when `train()` prepares it, after the optimizer was made, and
-    hands the optimizer the new sharded parameters: the projector follows them before the first step."""
+    """The projector follows the parameters before the first step: FSDP2 may have replaced them with sharded ones,
+    by hand or in `train()` (accelerate's plugin shards after the optimizer is made and hands it the new ones)."""
 
     def __init__(self, trainer: ConstrainedEditTrainer):
         self.trainer = trainer
@@ -242,15 +242,14 @@ class ConstrainedEditTrainer(Trainer):
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
-        self._follow_parameters()
         if optimizer is not self._hooked_optimizer:
             optimizer.register_step_post_hook(self._project_after_step)
             self._hooked_optimizer = optimizer
         return optimizer
 
     def _follow_parameters(self) -> None:
-        """Project the model's parameters as they are now: FSDP2's `fully_shard` replaces them with sharded ones,
-        before the optimizer is made (a model wrapped by hand) or after (accelerate's plugin, in `train()`)."""
+        """Project the model's parameters as they are when training begins: FSDP2's `fully_shard` replaces them with
+        sharded ones, by hand before `train()` or in it (accelerate's plugin, after the optimizer is made)."""
         current = dict(self.model.named_parameters())
         if any(current.get(name) is not param for name, param in self.projector.params.items()):
             self.projector.rebind(current)

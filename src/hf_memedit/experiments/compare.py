@@ -36,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..edit_config import EditConfig
 from ..evaluation.results import format_percent, format_versions, plotting
-from ..io import atomic_write_text
+from ..io import atomic_write_text, read_json
 from ..preservation import Locality
 from ..run_folder import claim_run_folder
 from .grid import GridRunner
@@ -95,11 +95,10 @@ def merge_compares(lanes: list[str], job: JobConfig, args: EditConfig) -> dict[s
     done: dict[str, dict] = {}
     localities = []
     for lane in lanes:
-        path = os.path.join(lane, "compare.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{lane} holds no compare.json: let that lane's compare finish (it resumes) first.")
+        written = read_json(os.path.join(lane, "compare.json"),
+                            f"{lane} holds no compare.json: let that lane's compare finish (it resumes) first.")
         done.update(open_points(lane, job, args))
-        localities.append(json.loads(open(path, encoding="utf-8").read())["locality"])
+        localities.append(written["locality"])
     if any(locality != localities[0] for locality in localities):
         raise ValueError(f"The lanes {', '.join(lanes)} scored different locality facts: they are not one compare.")
     fields = {f.name for f in dataclasses.fields(Locality)}
