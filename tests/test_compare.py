@@ -191,3 +191,32 @@ def test_compares_run_as_lanes_merge_into_one_table_without_training(tmp_path):
     with pytest.raises(SystemExit, match="holds no compare.json"):
         main(["compare", "--model_name_or_path", "tiny", "--benchmark", "geo_mod", "--m", "4", "--edit_blocks", "1",
               "--output_dir", str(merged), "--merge_lanes", str(tmp_path)])
+
+
+def test_nullspace_energies_set_the_null_space_methods_grid(bpe_tokenizer):
+    """`nullspace_energies`: both null-space methods make one point per δ and share of the keys' energy removed
+    (ftm_nullspace after AlphaEdit's own point); a share outside (0, 1) is refused; the grid does not key points."""
+    from types import SimpleNamespace
+
+    from hf_memedit import EditConfig
+    from hf_memedit.experiments import JobConfig
+    from hf_memedit.experiments.methods import METHODS, MethodContext
+    from hf_memedit.experiments.points import point_context
+
+    from .helpers import TINY
+
+    job = JobConfig(nullspace_energies=[0.5, 0.7])
+    args = EditConfig(output_dir="unused", report_to="none")
+    runner = SimpleNamespace(model=TINY["llama"](2, vocab=len(bpe_tokenizer)))
+    ctx = MethodContext(job, args, runner, linf=[1e-2, 2e-2], grids={}, block="1")
+    kl = METHODS["ftm_kl_nullspace"].run(ctx, lambda point: point)
+    assert [(p.delta, p.nullspace_energy, p.preserve) for p in kl] == [
+        (1e-2, 0.5, "kl"), (1e-2, 0.7, "kl"), (2e-2, 0.5, "kl"), (2e-2, 0.7, "kl")]
+    plain = METHODS["ftm_nullspace"].run(ctx, lambda point: point)
+    assert [(p.nullspace_energy, p.modules) for p in plain[:3]] == [(None, ("mlp_out",)), (0.5, None), (0.7, None)]
+    default = METHODS["ftm_kl_nullspace"].run(dataclasses.replace(ctx, job=JobConfig()), lambda point: point)
+    assert [p.nullspace_energy for p in default] == [0.9, 0.8, 0.9, 0.8]
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="nullspace_energies"):
+            JobConfig(nullspace_energies=[0.5, bad])
+    assert point_context(job, args) == point_context(JobConfig(), args)

@@ -178,6 +178,12 @@ class GridArguments:
         default=None,
         metadata={"help": "memedit compare: the layers LocFT-BF is swept over (default: at 20, 45 and 70 percent of the depth)."},
     )
+    nullspace_energies: list[float] | None = field(
+        default=None,
+        metadata={"help": "memedit compare: the shares of the preserved keys' second moment that ftm_nullspace and "
+                  "ftm_kl_nullspace remove from the whole block's updates, each one point per δ (default: 0.99 0.9 0.8 "
+                  "and 0.9 0.8; less removed learns more and keeps less)."},
+    )
 
     def __post_init__(self):
         self.compare_deltas = _json_mapping(self.compare_deltas, "compare_deltas", "a mapping of norm to δ list")
@@ -193,6 +199,9 @@ class GridArguments:
         for norm, deltas in (self.compare_deltas or {}).items():
             if not isinstance(deltas, list) or not all(isinstance(d, (int, float)) and d > 0 for d in deltas):
                 raise ValueError(f"compare_deltas[{norm!r}] must be a list of positive δ, got {deltas!r}.")
+        bad = [value for value in self.nullspace_energies or () if not 0 < value < 1]
+        if bad:
+            raise ValueError(f"nullspace_energies are shares of the keys' energy removed, each in (0, 1), got {bad}.")
         if self.pick_min_retention is not None and not 0 < self.pick_min_retention <= 1:
             raise ValueError(f"pick_min_retention must lie in (0, 1] (a share of the known facts kept), got {self.pick_min_retention}.")
         if not 0 <= self.validation_fraction < 1:

@@ -129,14 +129,15 @@ def _key_corpus(ctx: MethodContext) -> str:
 def _ftm_nullspace(ctx: MethodContext, edit) -> list[dict]:
     """L∞ ∩ the null space of the preserved keys: AlphaEdit's own choice (the block's MLP output projection,
     absolute threshold 2e-2), then every linear layer of the block with the directions holding
-    `NULLSPACE_ENERGIES` of the keys' second moment removed (a threshold fit for one model can leave another
-    no null space at all). A masked LM cannot sample its own corpus: its keys come from the preservation facts."""
+    `nullspace_energies` (default `NULLSPACE_ENERGIES`) of the keys' second moment removed (a threshold fit for
+    one model can leave another no null space at all). A masked LM cannot sample its own corpus: its keys come from the preservation facts."""
     corpus = _key_corpus(ctx)
     point = GridPoint(norm="linf", block=ctx.block, preserve="none", keys="nullspace", preserve_corpus=corpus)
     return [
         edit(dataclasses.replace(point, delta=delta, **extra))
         for delta in ctx.linf
-        for extra in [{"modules": ["mlp_out"]}] + [{"nullspace_energy": energy} for energy in NULLSPACE_ENERGIES]
+        for extra in [{"modules": ["mlp_out"]}]
+        + [{"nullspace_energy": energy} for energy in ctx.job.nullspace_energies or NULLSPACE_ENERGIES]
     ]
 
 
@@ -148,7 +149,7 @@ def _ftm_kl_nullspace(ctx: MethodContext, edit) -> list[dict]:
     return [
         edit(GridPoint(norm="linf", block=ctx.block, delta=delta, preserve="kl", keys="nullspace",
               preserve_corpus=corpus, nullspace_energy=energy))
-        for delta in ctx.linf for energy in KL_NULLSPACE_ENERGIES
+        for delta in ctx.linf for energy in ctx.job.nullspace_energies or KL_NULLSPACE_ENERGIES
     ]
 
 

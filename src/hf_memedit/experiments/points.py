@@ -157,7 +157,7 @@ _UNKEYED = {
     "local_rank", "skip_memory_metrics", "debug", "do_train", "do_eval", "do_predict", "push_to_hub",
     "per_device_eval_batch_size", "prefix_cache", "prefix_cache_dtype", "edit_blocks", "norm", "delta",
     "show_examples", "ft_dir", "sweep_deltas", "sweep_blocks", "sweep_norms", "compare_methods", "compare_deltas",
-    "knn_epsilons", "pick_min_retention", "ddp_timeout", "use_cpu", "device_map", "offload_folder",
+    "knn_epsilons", "nullspace_energies", "pick_min_retention", "ddp_timeout", "use_cpu", "device_map", "offload_folder",
 }
 _UNKEYED_PREFIXES = ("logging_", "log_", "save_", "eval_", "hub_", "trackio_", "dataloader_")
 
