@@ -180,7 +180,11 @@ def test_compares_run_as_lanes_merge_into_one_table_without_training(tmp_path):
     assert len((merged / "points.jsonl").read_text().splitlines()) == 4
     table = (merged / "compare.md").read_text()
     assert "| FTM, L∞ | linf, block 1, δ 0.03 |" in table and "| FTM + KL to θ0 on neighbours, L∞ |" in table
+    assert "edit block 1 (the best L∞ block on validation)" in table
     assert all((merged / plot).read_bytes()[:4] == b"\x89PNG" for plot in ("compare.png", "frontier.png"))
+
+    alone = merge_compares([str(tmp_path / "b")], job, dataclasses.replace(args, output_dir=str(tmp_path / "kl")))
+    assert set(alone) == {"ftm_kl"} and "No FTM, L∞ row here" in (tmp_path / "kl" / "compare.md").read_text()
 
     other = dataclasses.replace(job, m=8)  # a lane made with other settings
     with pytest.raises(ValueError, match="other settings"):

@@ -143,8 +143,9 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
             f"{_number(drift.get('drift_kl'))} | {_number(drift.get('perplexity_ratio'))} | {len(rows[method])} |"
         )
     before = next(iter(picks.values()))[TEST].get("a_fs_before")
-    lines += ["", f"A_F\\S before any edit: {format_percent(before)}. FTM variants and FTA edit block {block} "
-              "(the best L∞ block on validation).", "", "## Every point", "",
+    where = (f"FTM variants and FTA edit block {block} (the best L∞ block on validation)." if "ftm_linf" in rows else
+             f"No FTM, L∞ row here: each point edits the block it names (edit_blocks' first, {block}, unless set).")
+    lines += ["", f"A_F\\S before any edit: {format_percent(before)}. {where}", "", "## Every point", "",
               "| method | point | A_M | Ā val | A_F\\S test | Ā test | retention test |", "|---|---|---|---|---|---|---|"]
     for method, method_rows in rows.items():
         for r in method_rows:
