@@ -78,3 +78,18 @@ def test_base_config_chain(tmp_path):
     (tmp_path / "b.yaml").write_text("base_config: a.yaml\n")
     with pytest.raises(ValueError, match="loops back"):
         read_config(str(tmp_path / "a.yaml"))
+
+
+def test_the_edit_summary_names_the_whole_constraint():
+    """The summary's constraint line names the key constraint the edit also met, not only the norm ball."""
+    from hf_memedit import EditConfig
+    from hf_memedit.cli.edit import describe_constraint
+
+    def line(**options):
+        return describe_constraint(EditConfig(output_dir="unused", report_to="none", edit_blocks=["25"], delta=3e-2, **options))
+
+    assert line() == "linf, δ = 0.03, blocks 25"
+    assert line(key_constraint="nullspace", nullspace_energy=0.7) == (
+        "linf, δ = 0.03 ∩ null space of the preserved keys (0.7 of their energy removed), blocks 25")
+    assert "eigenvalues below 0.02 kept" in line(key_constraint="nullspace")
+    assert "output ellipsoid on the preserved keys (ρ = 0.001)" in line(key_constraint="output", output_rho=1e-3)

@@ -10,12 +10,24 @@ from ..experiments import RunOutcome, run_edit
 from .parser import MemeditParser
 
 
+def describe_constraint(args: EditConfig) -> str:
+    """The set the edit was kept in, as one line: the norm ball, the key constraint it meets, the blocks."""
+    text = f"{args.norm}, δ = {args.delta if args.delta is not None else '∞'}"
+    if args.key_constraint == "nullspace":
+        kept = (f"{args.nullspace_energy:g} of their energy removed" if args.nullspace_energy is not None
+                else f"eigenvalues below {args.nullspace_threshold:g} kept")
+        text += f" ∩ null space of the preserved keys ({kept})"
+    elif args.key_constraint == "output":
+        text += f" ∩ output ellipsoid on the preserved keys (ρ = {args.output_rho:g})"
+    return f"{text}, blocks {', '.join(args.edit_blocks)}"
+
+
 def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5) -> str:
     metrics = outcome.record.metrics
     rows = [(label, format_percent(metrics[key])) for key, label in METRIC_LABELS.items() if key in metrics]
     rows += [(label, f"{metrics[key]:.4g}") for key, label in DRIFT_LABELS.items() if key in metrics]
     if outcome.trainer is not None:
-        rows.append(("constraint", f"{args.norm}, δ = {args.delta if args.delta is not None else '∞'}, blocks {', '.join(args.edit_blocks)}"))
+        rows.append(("constraint", describe_constraint(args)))
         rows.append((f"max ‖θ − θ0‖ ({args.norm if args.norm != 'none' else 'linf'})", f"{outcome.trainer.projector.distance():.3g}"))
     rows.append(("facts (modified / unmodified)", f"{metrics.get('n_modified')} / {metrics.get('n_unmodified')}"))
     if outcome.record.locality.get("description"):
@@ -30,7 +42,6 @@ def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5
             lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['old']} -> {fact['new']}  [{fact['predicted']}, {mark}]")
     lines += ["", f"run folder: {os.path.abspath(args.output_dir)}"]
     return "\n".join(lines)
-
 
 
 DESCRIPTION = "Run one edit in the configured setting and write the run folder (the default job)."
