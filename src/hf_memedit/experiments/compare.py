@@ -184,7 +184,8 @@ def plot_frontier(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
         points = [(100 * r[TEST]["retention"], 100 * (r[TEST]["a_m"] or 0)) for r in rows[method] if r[TEST].get("retention") is not None]
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=18, alpha=0.6)
         front = pareto_front(points)
-        ax.plot([p[0] for p in front], [p[1] for p in front], color="C1", linewidth=1.2, label="Pareto front")
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="C1", linewidth=1.2, marker="o", markersize=7,
+                markerfacecolor="none", label="Pareto front")  # circled, so a front of one point shows too
         chosen = picks[method][TEST]
         if chosen.get("retention") is not None:
             ax.scatter([100 * chosen["retention"]], [100 * (chosen["a_m"] or 0)], marker="*", s=160, color="C3",
