@@ -130,7 +130,8 @@ def _ftm_nullspace(ctx: MethodContext, edit) -> list[dict]:
     """L∞ ∩ the null space of the preserved keys: AlphaEdit's own choice (the block's MLP output projection,
     absolute threshold 2e-2), then every linear layer of the block with the directions holding
     `nullspace_energies` (default `NULLSPACE_ENERGIES`) of the keys' second moment removed (a threshold fit for
-    one model can leave another no null space at all). A masked LM cannot sample its own corpus: its keys come from the preservation facts."""
+    one model can leave another no null space at all). A masked LM cannot sample its own corpus: its keys come
+    from the preservation facts."""
     corpus = _key_corpus(ctx)
     point = GridPoint(norm="linf", block=ctx.block, preserve="none", keys="nullspace", preserve_corpus=corpus)
     return [
