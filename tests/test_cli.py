@@ -80,16 +80,31 @@ def test_base_config_chain(tmp_path):
         read_config(str(tmp_path / "a.yaml"))
 
 
-def test_the_edit_summary_names_the_whole_constraint():
-    """The summary's constraint line names the key constraint the edit also met, not only the norm ball."""
+def test_the_constraint_record_and_its_line_name_the_whole_set():
+    """The recorded constraint (results.json, manifest, card, edit summary) names the key constraint the edit
+    also met, its parameter and its keys' corpus, not only the norm ball."""
     from hf_memedit import EditConfig
-    from hf_memedit.cli.edit import describe_constraint
+    from hf_memedit.edit_config import constraint_record, describe_constraint
+
+    def record(**options):
+        args = EditConfig(output_dir="unused", report_to="none", edit_blocks=["25"], **{"delta": 3e-2, **options})
+        return constraint_record(vars(args))
 
     def line(**options):
-        return describe_constraint(EditConfig(output_dir="unused", report_to="none", edit_blocks=["25"], delta=3e-2, **options))
+        return describe_constraint({**record(**options), "blocks": ["25"]})
 
-    assert line() == "linf, δ = 0.03, blocks 25"
+    assert record() == {"norm": "linf", "delta": 3e-2, "key_constraint": "none"}
+    assert line() == "‖θ − θ0‖∞ ≤ δ = 0.03, blocks 25"
+    assert record(key_constraint="nullspace", nullspace_energy=0.7) == {
+        "norm": "linf", "delta": 3e-2, "key_constraint": "nullspace", "nullspace_energy": 0.7,
+        "preserve_corpus": "samples", "preserve_corpus_samples": 256}
     assert line(key_constraint="nullspace", nullspace_energy=0.7) == (
-        "linf, δ = 0.03 ∩ null space of the preserved keys (0.7 of their energy removed), blocks 25")
+        "‖θ − θ0‖∞ ≤ δ = 0.03 ∩ null space of the preserved keys (0.7 of their energy removed; keys from 256 of the "
+        "model's own samples), blocks 25")
     assert "eigenvalues below 0.02 kept" in line(key_constraint="nullspace")
-    assert "output ellipsoid on the preserved keys (ρ = 0.001)" in line(key_constraint="output", output_rho=1e-3)
+    assert "output ellipsoid on the preserved keys (ρ = 0.001; keys from 64 texts of wikitext)" in line(
+        key_constraint="output", output_rho=1e-3, preserve_corpus="wikitext", preserve_corpus_samples=64)
+    assert line(norm="l2", l2_scope="per_tensor") == "‖θ − θ0‖₂ ≤ δ = 0.03 per tensor, blocks 25"
+    assert line(norm="none", delta=None) == "no norm bound (unconstrained), blocks 25"
+    # A config recorded before key constraints were: the key constraint is unknown, not claimed to be none.
+    assert constraint_record({"norm": "linf", "delta": 1e-2}) == {"norm": "linf", "delta": 1e-2}

@@ -14,7 +14,7 @@ from hf_memedit.cli import main
 from hf_memedit.hub import apply_edit, package_edit, push_edit, push_folder, revert_edit
 from hf_memedit.hub.manifest import MANIFEST_NAME, ManifestError, manifest_id, read_manifest
 
-from .helpers import DELTA, FACTS, tiny_bert
+from .helpers import DELTA, FACTS, ROOT, tiny_bert
 from .helpers import make_run_folder as _make_run
 from .utils.hub_server import FakeHub
 
@@ -153,7 +153,33 @@ def test_model_card_metadata_and_content(run, tmp_path):
     values = {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
     assert values["a_m"] == 75.0 and values["retention"] == 90.0
     assert "| Norway | P36 | Oslo | Lima | yes |" in text
-    assert 'apply_edit(model, "me/norway-edit")' in text and "L∞" not in text and "LINF distance δ = 0.01" in text
+    assert 'apply_edit(model, "me/norway-edit")' in text
+    # This run's config predates recorded key constraints: the card names the ball and claims nothing more.
+    assert "- **Constraint:** ‖θ − θ0‖∞ ≤ δ = 0.01.\n" in text
+
+
+def test_a_key_constrained_edit_names_its_whole_set_in_results_manifest_and_card(tmp_path, real_bert_dir):
+    """An edit kept in the L∞ box ∩ the preserved keys' null space says so in results.json, in the manifest's
+    `constraint` and on the card: a shared edit does not pass for a plain L∞ edit."""
+    from hf_memedit.cli import parse
+    from hf_memedit.experiments import run_edit
+
+    job, args, _ = parse("edit", [
+        "--config", str(ROOT / "trainer_configs" / "bert_tiny_ftm.yaml"), "--output_dir", str(tmp_path / "run"),
+        "--max_steps", "4", "--key_constraint", "nullspace", "--nullspace_energy", "0.9", "--preserve_corpus", "benchmark",
+        "--preserve_keys_file", str(tmp_path / "keys.safetensors"), "--eval_before_edit", "false", "--disable_tqdm", "true",
+    ])
+    run_edit(job, args)
+    config = json.loads((tmp_path / "run" / "results.json").read_text())["config"]
+    assert config["key_constraint"] == "nullspace" and config["nullspace_energy"] == 0.9
+    manifest = package_edit(str(tmp_path / "run"), str(tmp_path / "out"))
+    assert manifest["constraint"] == {
+        "norm": "linf", "delta": 1e-2, "key_constraint": "nullspace", "nullspace_energy": 0.9,
+        "preserve_corpus": "benchmark", "preserve_corpus_samples": 256, "blocks": [0]}
+    assert read_manifest(str(tmp_path / "out"))["constraint"] == manifest["constraint"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ("- **Constraint:** ‖θ − θ0‖∞ ≤ δ = 0.01 ∩ null space of the preserved keys (0.9 of their energy removed; "
+            "keys from the benchmark's unmodified facts set aside for preservation).") in card
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import TrainingArguments
@@ -306,3 +308,58 @@ class EditConfig(TrainingArguments):
             blocks=list(self.edit_blocks), blocks_path=self.blocks_path, embeddings_paths=self.embeddings_paths,
             modules=list(self.edit_modules) if self.edit_modules else None,
         )
+
+
+def constraint_record(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields that define the set an edit was kept in, from an EditConfig's fields or a run's recorded config.
+
+    A run's results.json, the manifest's `constraint` and the card all say this, so a shared edit names its key
+    constraint as well as its ball. A config recorded before key constraints were recorded has no `key_constraint`
+    here: unknown, never claimed to be none.
+    """
+    norm = config.get("norm") or "none"
+    record: dict[str, Any] = {"norm": norm, "delta": config.get("delta")}
+    if norm == "l2":
+        record["l2_scope"] = config.get("l2_scope", "global")
+    key = config.get("key_constraint")
+    if key is None:
+        return record
+    record["key_constraint"] = key
+    if key == "nullspace":
+        if config.get("nullspace_energy") is not None:
+            record["nullspace_energy"] = config["nullspace_energy"]
+        else:
+            record["nullspace_threshold"] = config.get("nullspace_threshold")
+    elif key == "output":
+        record["output_rho"] = config.get("output_rho")
+    if key != "none":
+        record.update(preserve_corpus=config.get("preserve_corpus"),
+                      preserve_corpus_samples=config.get("preserve_corpus_samples"))
+    return record
+
+
+def describe_constraint(record: Mapping[str, Any]) -> str:
+    """A `constraint_record` as one line, for the edit summary and the model card."""
+    norm, delta = record.get("norm") or "none", record.get("delta")
+    if norm == "none":
+        text = "no norm bound (unconstrained)"
+    else:
+        distance = {"linf": "‖θ − θ0‖∞", "l2": "‖θ − θ0‖₂", "fisher": "Σ Fᵢ (θᵢ − θ0ᵢ)²"}[norm]
+        text = f"{distance} ≤ δ = {delta:g}"
+    if record.get("l2_scope") == "per_tensor":
+        text += " per tensor"
+    key = record.get("key_constraint")
+    if key in ("nullspace", "output"):
+        if key == "nullspace":
+            kept = (f"{record['nullspace_energy']:g} of their energy removed" if record.get("nullspace_energy") is not None
+                    else f"eigenvalues below {record['nullspace_threshold']:g} kept")
+            text += f" ∩ null space of the preserved keys ({kept}"
+        else:
+            text += f" ∩ output ellipsoid on the preserved keys (ρ = {record['output_rho']:g}"
+        corpus, samples = record.get("preserve_corpus"), record.get("preserve_corpus_samples")
+        source = {"samples": f"{samples} of the model's own samples",
+                  "benchmark": "the benchmark's unmodified facts set aside for preservation"}.get(corpus, f"{samples} texts of {corpus}")
+        text += f"; keys from {source})"
+    if record.get("blocks"):
+        text += f", blocks {', '.join(str(block) for block in record['blocks'])}"
+    return text

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import os
 
-from ..edit_config import EditConfig
+from ..edit_config import EditConfig, constraint_record, describe_constraint
 from ..evaluation.results import DRIFT_LABELS, METRIC_LABELS, format_percent
 from ..experiments import RunOutcome, run_edit
 from .parser import MemeditParser
-
-
-def describe_constraint(args: EditConfig) -> str:
-    """The set the edit was kept in, as one line: the norm ball, the key constraint it meets, the blocks."""
-    text = f"{args.norm}, δ = {args.delta if args.delta is not None else '∞'}"
-    if args.key_constraint == "nullspace":
-        kept = (f"{args.nullspace_energy:g} of their energy removed" if args.nullspace_energy is not None
-                else f"eigenvalues below {args.nullspace_threshold:g} kept")
-        text += f" ∩ null space of the preserved keys ({kept})"
-    elif args.key_constraint == "output":
-        text += f" ∩ output ellipsoid on the preserved keys (ρ = {args.output_rho:g})"
-    return f"{text}, blocks {', '.join(args.edit_blocks)}"
 
 
 def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5) -> str:
@@ -27,7 +15,7 @@ def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5
     rows = [(label, format_percent(metrics[key])) for key, label in METRIC_LABELS.items() if key in metrics]
     rows += [(label, f"{metrics[key]:.4g}") for key, label in DRIFT_LABELS.items() if key in metrics]
     if outcome.trainer is not None:
-        rows.append(("constraint", describe_constraint(args)))
+        rows.append(("constraint", describe_constraint({**constraint_record(vars(args)), "blocks": args.edit_blocks})))
         rows.append((f"max ‖θ − θ0‖ ({args.norm if args.norm != 'none' else 'linf'})", f"{outcome.trainer.projector.distance():.3g}"))
     rows.append(("facts (modified / unmodified)", f"{metrics.get('n_modified')} / {metrics.get('n_unmodified')}"))
     if outcome.record.locality.get("description"):

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import model_kind
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
-from ..edit_config import EditConfig
+from ..edit_config import EditConfig, constraint_record
 from ..edit_trainer import ConstrainedEditTrainer
 from ..evaluation.metrics import edit_metrics, evaluate_splits, generate_splits, generation_metrics, next_token_drift
 from ..evaluation.results import ResultsRecord
@@ -145,11 +145,13 @@ def run_config(job: JobConfig, args: EditConfig, kind: str) -> dict[str, Any]:
     config = {key: getattr(job, key) for key in keys}
     config["model_kind"] = kind
     config.update(
-        edit_blocks=list(args.edit_blocks), norm=args.norm, delta=args.delta, learning_rate=args.learning_rate,
+        edit_blocks=list(args.edit_blocks), **constraint_record(vars(args)), learning_rate=args.learning_rate,
         max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
         per_device_train_batch_size=args.per_device_train_batch_size, seed=args.seed,
-        preserve_objective=preserve_objective(job, args),
+        preserve_objective=preserve_objective(job, args), eos_target=args.eos_target, loss_reduction=args.loss_reduction,
     )
+    optional = ("edit_modules", "stop_at_loss", "skip_below_loss", "stop_at_epoch_loss")
+    config.update({name: getattr(args, name) for name in optional if getattr(args, name) is not None})
     if config["preserve_objective"] != "none":
         config.update(preserve_ratio=args.preserve_ratio, preserve_weight=args.preserve_weight,
                       preserve_fraction=args.preserve_fraction, preserve_risk=args.preserve_risk)

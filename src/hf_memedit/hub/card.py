@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard_data import EvalResult
 
 from ..architectures import ModelKind
+from ..edit_config import describe_constraint
 from ..evaluation.results import METRIC_LABELS, format_percent, format_versions
 
 
@@ -68,8 +69,7 @@ def render_card(manifest: dict[str, Any], repo_id: str, kind: str, license: str 
         base_model_label=base_label,
         base_model_url=f"https://huggingface.co/{base_id}" if base_id else "#",
         n_facts=len(manifest["facts"]),
-        constraint_text="an unbounded distance (unconstrained)" if constraint["norm"] in (None, "none")
-        else f"an {constraint['norm'].upper()} distance δ = {constraint['delta']}",
+        constraint_text=describe_constraint({key: value for key, value in constraint.items() if key != "blocks"}),
         format=manifest["format"],
         format_text={"delta": "only the changed tensors; apply them to the base model.",
                      "full": "a complete checkpoint with the edit merged in.",

@@ -6,7 +6,8 @@ Schema (version 1; documented in the README):
     format                      "delta" | "full" | "peft"
     base_model                  {repo_id, revision, tensors: {name: sha256 of the base value}}
     tensors                     {name: {shape, dtype, sha256 (after the edit), max_abs_delta, l2_delta}}
-    constraint                  {norm, delta, blocks}
+    constraint                  {norm, delta, blocks, and the key constraint with its parameters and corpus}
+                                (`edit_config.constraint_record`; no key_constraint: made before it was recorded)
     facts                       [{uuid, relation, subject, old, new, ...}]
     metrics, config, seed, versions
     chain                       ids of the edits this one was made on top of (oldest first)

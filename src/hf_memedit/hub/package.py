@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import model_kind
 from ..blocks import BlockSelectorConfig
+from ..edit_config import constraint_record
 from ..evaluation.results import ResultsRecord
 from ..io import atomic_directory, check_target, load_tensors
 from ..model import BASE_WEIGHTS_NAME, WEIGHTS_NAME, EditModel
@@ -75,7 +76,7 @@ def package_edit(
         manifest = build_manifest(
             format=format, base_repo_id=base_repo_id, base_revision=record.config.get("revision"),
             after=after, base=base,
-            constraint={"norm": record.config.get("norm"), "delta": record.config.get("delta"), "blocks": selector.blocks},
+            constraint={**constraint_record(record.config), "blocks": selector.blocks},
             facts=record.facts, metrics=record.metrics, config=record.config, seed=record.seed,
             versions=record.versions, chain=chain,
         )
