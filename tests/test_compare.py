@@ -30,6 +30,7 @@ def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypa
     for plot in ("compare.png", "frontier.png"):
         assert (folder / plot).read_bytes()[:4] == b"\x89PNG"
     assert "disjoint from the" in table and "| bleed |" in table
+    assert "Retention is a share of the facts θ0 knew: " in table and "| retention val |" in table
     result = json.loads((folder / "compare.json").read_text())
     linf = result["rows"]["ftm_linf"]
     assert len(linf) == 4  # 2 blocks × 2 δ
@@ -224,3 +225,20 @@ def test_nullspace_energies_set_the_null_space_methods_grid(bpe_tokenizer):
         with pytest.raises(ValueError, match="nullspace_energies"):
             JobConfig(nullspace_energies=[0.5, bad])
     assert point_context(job, args) == point_context(JobConfig(), args)
+
+
+def test_reports_say_how_many_known_facts_retention_rests_on():
+    """Retention is a share of the facts θ0 knew; with few on validation the report says how coarse a pick by it is."""
+    from hf_memedit.evaluation.results import format_metric
+    from hf_memedit.experiments.reports import known_facts_note
+
+    def row(n_validation, n_test):
+        return {"validation": {"retention": 11 / 12, "n_known": n_validation}, "test": {"retention": 0.96, "n_known": n_test}}
+
+    assert known_facts_note([row(12, 25), row(12, 25)]) == (
+        "Retention is a share of the facts θ0 knew: 12 on validation, 25 on test; with 12 on validation one fact "
+        "moves validation retention by 8.3 points, so picks that weigh retention rest on few facts.")
+    assert known_facts_note([row(40, 38), row(41, 38)]) == "Retention is a share of the facts θ0 knew: 40–41 on validation, 38 on test."
+    assert known_facts_note([{"validation": {"retention": 0.5}, "test": {"retention": 0.5}}]) == ""  # recorded before n_known
+    assert format_metric(row(12, 25)["validation"], "retention") == "91.67% (11 of 12)"
+    assert format_metric({"retention": 0.5}, "retention") == "50.00%" and format_metric({}, "retention") == "–"

@@ -28,7 +28,7 @@ def test_avg_acc_by_hand():
     assert result["a_m_train"] == 0.75
     assert result["a_fs_before"] == 0.75 and result["a_fs_drop"] == 0.0
     # Accuracy is unchanged, yet one known fact was forgotten and another learned:
-    assert result["retention"] == pytest.approx(2 / 3)
+    assert result["retention"] == pytest.approx(2 / 3) and result["n_known"] == 3
     assert result["agreement"] == 0.5
     assert result["a_f_before"] == pytest.approx(5 / 6)
     assert result["per_relation"] == {
@@ -40,7 +40,8 @@ def test_avg_acc_by_hand():
 def test_avg_acc_edge_cases_and_bad_input():
     only_unmodified = avg_acc([], [True, False])
     assert only_unmodified["a_m"] is None and only_unmodified["avg_acc"] is None and only_unmodified["a_fs"] == 0.5
-    assert avg_acc([True], [False], unmodified_correct_before=[False])["retention"] is None  # nothing was known
+    nothing_known = avg_acc([True], [False], unmodified_correct_before=[False])
+    assert nothing_known["retention"] is None and nothing_known["n_known"] == 0
     with pytest.raises(ValueError, match="no facts"):
         avg_acc([], [])
     with pytest.raises(ValueError, match="unmodified_correct_before has 1 entries but there are 2"):
@@ -120,7 +121,7 @@ def test_results_record_round_trip(tmp_path):
     assert json.loads(open(json_path).read())["versions"]["transformers"]
     table = open(md_path).read()
     assert "| A_M (modified facts, test phrasing) | 50.00% |" in table
-    assert "| retention (unmodified, right before → still right) | 66.67% |" in table
+    assert "| retention (unmodified, right before → still right) | 66.67% (2 of 3) |" in table  # the facts it rests on
     assert "| P17 | 0.00% | 1 | 50.00% | 2 |" in table
     assert "| benchmark.name | geo_mod |" in table and "| delta | 0.001 |" in table
     (tmp_path / "results.json").write_text("{not json")

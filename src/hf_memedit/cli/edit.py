@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 
 from ..edit_config import EditConfig, constraint_record, describe_constraint
-from ..evaluation.results import DRIFT_LABELS, METRIC_LABELS, format_percent
+from ..evaluation.results import DRIFT_LABELS, METRIC_LABELS, format_metric
 from ..experiments import RunOutcome, run_edit
 from .parser import MemeditParser
 
 
 def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5) -> str:
     metrics = outcome.record.metrics
-    rows = [(label, format_percent(metrics[key])) for key, label in METRIC_LABELS.items() if key in metrics]
+    rows = [(label, format_metric(metrics, key)) for key, label in METRIC_LABELS.items() if key in metrics]
     rows += [(label, f"{metrics[key]:.4g}") for key, label in DRIFT_LABELS.items() if key in metrics]
     if outcome.trainer is not None:
         rows.append(("constraint", describe_constraint({**constraint_record(vars(args)), "blocks": args.edit_blocks})))

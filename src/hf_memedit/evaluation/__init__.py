@@ -2,7 +2,7 @@
 (`metrics`), the results record (`results`), and the packaged `evaluate` module (`evaluate_metrics`)."""
 
 from .metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
-from .results import METRIC_LABELS, ResultsRecord, format_percent, library_versions
+from .results import METRIC_LABELS, ResultsRecord, format_metric, format_percent, library_versions
 from .scoring import FactResults, candidate_vocabulary, evaluate_facts
 
 
@@ -16,6 +16,7 @@ __all__ = [
     "edit_metrics",
     "evaluate_facts",
     "evaluate_splits",
+    "format_metric",
     "format_percent",
     "library_versions",
 ]

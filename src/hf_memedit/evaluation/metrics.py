@@ -95,6 +95,7 @@ def avg_acc(
         result["a_fs_drop"] = None if a_fs_before is None or a_fs is None else a_fs_before - a_fs
         kept = [after for before, after in zip(unmodified_correct_before, unmodified_correct) if before]
         result["retention"] = _share(kept)
+        result["n_known"] = len(kept)
         lost = [i for i, (before, after) in enumerate(zip(unmodified_correct_before, unmodified_correct)) if before and not after]
         result["n_lost"] = len(lost)
         if unmodified_bleeds is not None:
@@ -227,7 +228,7 @@ def generation_metrics(
     """A_M, A_F\\S and retention by greedy generation (`scoring.generate_facts`), beside the teacher-forced ones."""
     kept = [after for before, after in zip(unmodified_correct_before, unmodified_correct) if before]
     return {"gen_a_m": _share(modified_correct), "gen_a_fs": _share(unmodified_correct),
-            "gen_a_fs_before": _share(unmodified_correct_before), "gen_retention": _share(kept)}
+            "gen_a_fs_before": _share(unmodified_correct_before), "gen_retention": _share(kept), "gen_n_known": len(kept)}
 
 
 AVG_ACC_METRIC_PATH = os.path.join(os.path.dirname(__file__), "evaluate_metrics", "avg_acc")

@@ -69,6 +69,20 @@ def format_percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}%"
 
 
+# Shares whose denominator is small enough to matter: shown with their counts.
+_DENOMINATORS = {"retention": "n_known", "gen_retention": "gen_n_known"}
+
+
+def format_metric(metrics: dict[str, Any], key: str) -> str:
+    """A share as a percentage; retention with the facts it rests on ("94.59% (35 of 37)"), so a table of a
+    few dozen known facts is not read as precise."""
+    text = format_percent(metrics.get(key))
+    total = metrics.get(_DENOMINATORS.get(key, ""))
+    if total and metrics.get(key) is not None:
+        text += f" ({round(metrics[key] * total)} of {total})"
+    return text
+
+
 @dataclass
 class ResultsRecord:
     """What an edit reached and how it was made; `save` writes results.json and results.md atomically."""
@@ -90,7 +104,7 @@ class ResultsRecord:
         lines = ["| metric | value |", "|---|---|"]
         for key, label in METRIC_LABELS.items():
             if key in self.metrics:
-                lines.append(f"| {label} | {format_percent(self.metrics[key])} |")
+                lines.append(f"| {label} | {format_metric(self.metrics, key)} |")
         for key, label in DRIFT_LABELS.items():
             if key in self.metrics:
                 lines.append(f"| {label} | {self.metrics[key]:.4g} |")

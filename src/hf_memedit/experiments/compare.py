@@ -35,7 +35,7 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..edit_config import EditConfig
-from ..evaluation.results import format_percent, format_versions, plotting
+from ..evaluation.results import format_metric, format_percent, format_versions, plotting
 from ..io import atomic_write_text, read_json
 from ..preservation import Locality
 from ..run_folder import claim_run_folder
@@ -43,7 +43,7 @@ from .grid import GridRunner
 from .job_config import COMPARE_METHODS, JobConfig
 from .methods import METHODS, MethodContext
 from .points import GridPoint, open_points, point_of, save_points
-from .reports import TEST, VALIDATION, best, pick_rule
+from .reports import TEST, VALIDATION, best, known_facts_note, pick_rule
 
 
 LABELS = {name: entry.label for name, entry in METHODS.items()}
@@ -128,7 +128,8 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
         "",
         f"Each method's point with {pick_rule(job.pick_min_retention)} on the validation half of the unmodified facts; "
         "metrics on the test half.",
-        f"Locality measured on {locality.describe()}, split into validation and test halves.",
+        f"Locality measured on {locality.describe()}, split into validation and test halves. "
+        f"{known_facts_note([r for method_rows in rows.values() for r in method_rows])}",
         "",
         "| method | picked on validation | A_M | A_F\\S | Ā | retention | agreement | bleed | gen A_M | gen retention "
         "| drift KL | ppl ratio | points |",
@@ -138,21 +139,23 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
         t, drift = chosen[TEST], chosen.get("drift") or {}
         lines.append(
             f"| {LABELS[method]} | {point_of(chosen).describe()} | {format_percent(t['a_m'])} | {format_percent(t['a_fs'])} | "
-            f"{format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} | {format_percent(t.get('agreement'))} | "
-            f"{format_percent(t.get('bleed'))} | {format_percent(t.get('gen_a_m'))} | {format_percent(t.get('gen_retention'))} | "
+            f"{format_percent(t['avg_acc'])} | {format_metric(t, 'retention')} | {format_percent(t.get('agreement'))} | "
+            f"{format_percent(t.get('bleed'))} | {format_percent(t.get('gen_a_m'))} | {format_metric(t, 'gen_retention')} | "
             f"{_number(drift.get('drift_kl'))} | {_number(drift.get('perplexity_ratio'))} | {len(rows[method])} |"
         )
     before = next(iter(picks.values()))[TEST].get("a_fs_before")
     where = (f"FTM variants and FTA edit block {block} (the best L∞ block on validation)." if "ftm_linf" in rows else
              f"No FTM, L∞ row here: each point edits the block it names (edit_blocks' first, {block}, unless set).")
     lines += ["", f"A_F\\S before any edit: {format_percent(before)}. {where}", "", "## Every point", "",
-              "| method | point | A_M | Ā val | A_F\\S test | Ā test | retention test |", "|---|---|---|---|---|---|---|"]
+              "| method | point | A_M | Ā val | retention val | A_F\\S test | Ā test | retention test |",
+              "|---|---|---|---|---|---|---|---|"]
     for method, method_rows in rows.items():
         for r in method_rows:
             v, t = r[VALIDATION], r[TEST]
             lines.append(
                 f"| {LABELS[method]} | {point_of(r).describe()} | {format_percent(t['a_m'])} | {format_percent(v['avg_acc'])} | "
-                f"{format_percent(t['a_fs'])} | {format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} |"
+                f"{format_metric(v, 'retention')} | {format_percent(t['a_fs'])} | {format_percent(t['avg_acc'])} | "
+                f"{format_metric(t, 'retention')} |"
             )
     lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ..edit_config import EditConfig
-from ..evaluation.results import format_percent, format_versions, plotting
+from ..evaluation.results import format_metric, format_percent, format_versions, plotting
 from ..io import atomic_write_text
 from .points import point_of
 
@@ -44,23 +45,46 @@ def pick_rule(min_retention: float | None) -> str:
             "(ties: Ā; where none does, the one keeping the most)")
 
 
+# Below this many known facts on validation, one fact moves validation retention by more than 3 points.
+FEW_KNOWN_FACTS = 30
+
+
+def known_facts_note(rows: Iterable[dict]) -> str:
+    """How many facts θ0 knew on each half, which retention is a share of; a warning when validation has few."""
+    counts = {half: sorted({r[half]["n_known"] for r in rows if r[half].get("n_known") is not None})
+              for half in (VALIDATION, TEST)}
+    if not counts[VALIDATION] or not counts[TEST]:
+        return ""
+
+    def span(values: list[int]) -> str:
+        return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
+
+    text = f"Retention is a share of the facts θ0 knew: {span(counts[VALIDATION])} on validation, {span(counts[TEST])} on test"
+    fewest = counts[VALIDATION][0]
+    if 0 < fewest < FEW_KNOWN_FACTS:
+        text += (f"; with {fewest} on validation one fact moves validation retention by {100 / fewest:.1f} points, so "
+                 "picks that weigh retention rest on few facts")
+    return text + "."
+
+
 def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig, locality: Locality) -> None:
     """`sweep.md` (every point, the picks) and the plots `tradeoff.png`, `avg_acc_per_block.png`."""
     lines = [
         f"# Sweep: {job.model_name_or_path}, {job.benchmark} m={job.m}, setting {job.setting}",
         "",
         f"Locality measured on {locality.describe()}, split into validation and test halves. "
-        f"A pick is {pick_rule(job.pick_min_retention)}.",
+        f"A pick is {pick_rule(job.pick_min_retention)}. {known_facts_note(rows)}",
         "",
-        "| point | A_M | A_F\\S val | Ā val | A_F\\S test | Ā test | retention test | agreement test |",
-        "|---|---|---|---|---|---|---|---|",
+        "| point | A_M | A_F\\S val | Ā val | retention val | A_F\\S test | Ā test | retention test | agreement test |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v, t = r[VALIDATION], r[TEST]
         lines.append(
             f"| {point_of(r).describe()} | {format_percent(t['a_m'])} | "
-            f"{format_percent(v['a_fs'])} | {format_percent(v['avg_acc'])} | {format_percent(t['a_fs'])} | "
-            f"{format_percent(t['avg_acc'])} | {format_percent(t.get('retention'))} | {format_percent(t.get('agreement'))} |"
+            f"{format_percent(v['a_fs'])} | {format_percent(v['avg_acc'])} | {format_metric(v, 'retention')} | "
+            f"{format_percent(t['a_fs'])} | {format_percent(t['avg_acc'])} | {format_metric(t, 'retention')} | "
+            f"{format_percent(t.get('agreement'))} |"
         )
     for label, by in (("picked on validation (reported on test)", VALIDATION), ("picked on test (as the paper did)", TEST)):
         chosen = best(rows, by, job.pick_min_retention)

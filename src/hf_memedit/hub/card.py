@@ -12,7 +12,7 @@ from huggingface_hub.repocard_data import EvalResult
 
 from ..architectures import ModelKind
 from ..edit_config import describe_constraint
-from ..evaluation.results import METRIC_LABELS, format_percent, format_versions
+from ..evaluation.results import METRIC_LABELS, format_metric, format_versions
 
 
 CARD_TEMPLATE = "memedit_edit_card.md"
@@ -60,7 +60,7 @@ def render_card(manifest: dict[str, Any], repo_id: str, kind: str, license: str 
     }[manifest["format"]]
     metrics_table = "\n".join(
         ["| metric | value |", "|---|---|"]
-        + [f"| {label} | {format_percent(metrics[key])} |" for key, label in METRIC_LABELS.items() if key in metrics]
+        + [f"| {label} | {format_metric(metrics, key)} |" for key, label in METRIC_LABELS.items() if key in metrics]
     )
     return ModelCard.from_template(
         card_data,
