@@ -71,3 +71,12 @@ def test_command_line_flags(tmp_path):
     help_text = HfArgumentParser(EditConfig).format_help()
     for flag in ("--edit_blocks", "--norm", "--delta", "--l2_scope", "--blocks_path"):
         assert flag in help_text
+
+
+def test_no_pinned_memory_without_an_accelerator(tmp_path):
+    """Pinned memory only serves copies to an accelerator: on the CPU it is off, so torch does not warn each run."""
+    import torch
+
+    assert EditConfig(output_dir=str(tmp_path), use_cpu=True).dataloader_pin_memory is False
+    expected = torch.accelerator.is_available()
+    assert EditConfig(output_dir=str(tmp_path)).dataloader_pin_memory is expected

@@ -278,6 +278,8 @@ class EditConfig(TrainingArguments):
             # A multi-process launch on a machine without an accelerator: DDP over gloo on the CPU
             # (transformers would otherwise run each process alone).
             self.use_cpu = True
+        if self.use_cpu or not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False  # pinned memory serves copies to an accelerator; torch warns without one
         super().__post_init__()
         if self.fsdp:  # checked on transformers' normalised fsdp_config
             self._check_fsdp()
