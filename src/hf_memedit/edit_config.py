@@ -350,18 +350,21 @@ def describe_constraint(record: Mapping[str, Any]) -> str:
         text = f"{distance} ≤ δ = {delta:g}"
     if record.get("l2_scope") == "per_tensor":
         text += " per tensor"
-    key = record.get("key_constraint")
-    if key in ("nullspace", "output"):
-        if key == "nullspace":
-            kept = (f"{record['nullspace_energy']:g} of their energy removed" if record.get("nullspace_energy") is not None
-                    else f"eigenvalues below {record['nullspace_threshold']:g} kept")
-            text += f" ∩ null space of the preserved keys ({kept}"
-        else:
-            text += f" ∩ output ellipsoid on the preserved keys (ρ = {record['output_rho']:g}"
-        corpus, samples = record.get("preserve_corpus"), record.get("preserve_corpus_samples")
-        source = {"samples": f"{samples} of the model's own samples",
-                  "benchmark": "the benchmark's unmodified facts set aside for preservation"}.get(corpus, f"{samples} texts of {corpus}")
-        text += f"; keys from {source})"
+    if record.get("key_constraint") == "nullspace":
+        kept = (f"{record['nullspace_energy']:g} of their energy removed" if record.get("nullspace_energy") is not None
+                else f"eigenvalues below {record['nullspace_threshold']:g} kept")
+        text += f" ∩ null space of the preserved keys ({kept}; keys from {_keys_source(record)})"
+    elif record.get("key_constraint") == "output":
+        text += f" ∩ output ellipsoid on the preserved keys (ρ = {record['output_rho']:g}; keys from {_keys_source(record)})"
     if record.get("blocks"):
         text += f", blocks {', '.join(str(block) for block in record['blocks'])}"
     return text
+
+
+def _keys_source(record: Mapping[str, Any]) -> str:
+    corpus, samples = record.get("preserve_corpus"), record.get("preserve_corpus_samples")
+    if corpus == "samples":
+        return f"{samples} of the model's own samples"
+    if corpus == "benchmark":
+        return "the benchmark's unmodified facts set aside for preservation"
+    return f"{samples} texts of {corpus}"
