@@ -7,6 +7,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+import datasets
 import pytest
 from datasets import load_dataset
 
@@ -22,7 +23,10 @@ LAMA = str(Path(__file__).parent / "fixtures" / "lama")
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
+    """Each test builds into its own cache: `datasets` reads HF_DATASETS_CACHE once, at import, into
+    `datasets.config`, so the module attribute is what must change (the variable is for subprocesses)."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
 
 
 def _check_modification(dataset, facts_by_uuid):
@@ -136,6 +140,7 @@ def test_geo_mod():
     assert len(big) > 10_000
 
 
+
 def test_parquet_export_loads_offline_and_equals_the_builder(tmp_path):
     folder = export_benchmark("geo_mod", str(tmp_path / "export"), ms=(8, 16), max_facts_per_relation=30)
     assert sorted(os.listdir(folder)) == ["README.md", "m16", "m8"]
@@ -143,6 +148,11 @@ def test_parquet_export_loads_offline_and_equals_the_builder(tmp_path):
     built = load_benchmark("geo_mod", m=16, max_facts_per_relation=30)
     for split in SPLITS:
         assert exported[split].to_list() == built[split].to_list()
+    # Re-exported with other facts into the same folder, it loads the new facts, not `datasets`' cache of the old.
+    export_benchmark("geo_mod", folder, ms=(8, 16), seed=1, max_facts_per_relation=30, overwrite=True)
+    again = load_dataset(folder, "m16")
+    assert again["modified_test"].to_list() == load_benchmark("geo_mod", m=16, seed=1, max_facts_per_relation=30)["modified_test"].to_list()
+    assert again["modified_test"]["uuid"] != exported["modified_test"]["uuid"]
 
 
 def test_cache_is_keyed_by_every_field(tmp_path):

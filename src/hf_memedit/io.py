@@ -138,6 +138,14 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(os.fspath(path))
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's raw bytes (with dtype and shape), independent of device and strides."""
     data = tensor.detach().to("cpu").contiguous()

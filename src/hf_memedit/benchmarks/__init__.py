@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..architectures import model_kind
 from ..collators import FactEncoder, filter_encodable
 from ..evaluation.scoring import evaluate_facts
-from ..io import atomic_directory, check_target
+from ..io import atomic_directory, check_target, file_sha256
 from . import geo, trex, zsre
 from .common import SPLITS, Fact, ModBenchmarkBuilder, data_fingerprint, source_hash
 from .geo import GeoMod, GeoModConfig
@@ -95,7 +95,7 @@ def export_benchmark(
     name: str, folder: str, ms: Sequence[int] = (32, 128, 512), seed: int = 0, data_dir: str | None = None,
     overwrite: bool = False, **options,
 ) -> str:
-    """Write `folder/m{m}/{split}.parquet` and a README whose `configs:` lets
+    """Write `folder/m{m}/{split}-<content hash>.parquet` and a README whose `configs:` lets
     `load_dataset(folder, "m128")` read them; the folder pushes to the Hub as a dataset repo.
 
     `folder` must be new or empty; `overwrite=True` replaces an earlier export, never another folder.
@@ -105,18 +105,25 @@ def export_benchmark(
     with atomic_directory(target) as staging:
         for m in ms:
             dataset = load_benchmark(name, m=m, seed=seed, data_dir=data_dir, **options)
-            for split in SPLITS:
-                os.makedirs(os.path.join(staging, f"m{m}"), exist_ok=True)
-                dataset[split].to_parquet(os.path.join(staging, f"m{m}", f"{split}.parquet"))
-            configs.append({
-                "config_name": f"m{m}",
-                "data_files": [{"split": split, "path": f"m{m}/{split}.parquet"} for split in SPLITS],
-            })
+            os.makedirs(os.path.join(staging, f"m{m}"), exist_ok=True)
+            files = [{"split": split, "path": _write_parquet(dataset[split], staging, f"m{m}/{split}")} for split in SPLITS]
+            configs.append({"config_name": f"m{m}", "data_files": files})
         card = yaml.safe_dump({"configs": configs, "tags": ["knowledge-editing", "hf_memedit"]}, sort_keys=False)
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(f"---\n{card}---\n\n# {name}\n\nModified-facts benchmark exported by hf_memedit "
                          f"(seed {seed}, options {options or 'default'}). Splits: {', '.join(SPLITS)}.\n")
     return target
+
+
+def _write_parquet(split: datasets.Dataset, folder: str, stem: str) -> str:
+    """Write `stem-<content hash>.parquet` under `folder`; return its relative path. `datasets` caches a local
+    folder's configs by their file names, so a re-export with other facts must change the names, or
+    `load_dataset` would return the old facts from its cache."""
+    staged = os.path.join(folder, f"{stem}.parquet")
+    split.to_parquet(staged)
+    path = f"{stem}-{file_sha256(staged)[:16]}.parquet"
+    os.replace(staged, os.path.join(folder, path))
+    return path
 
 
 def _is_export(folder: str) -> bool:

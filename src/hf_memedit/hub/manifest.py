@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_write_text, tensor_sha256
+from ..io import atomic_write_text, file_sha256, tensor_sha256
 
 
 MANIFEST_NAME = "memedit_manifest.json"
@@ -46,14 +46,6 @@ def _canonical(data: dict[str, Any]) -> bytes:
 
 def manifest_id(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k != "id"})).hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tensor_entry(after: torch.Tensor, base: torch.Tensor) -> dict[str, Any]:
