@@ -141,6 +141,25 @@ def test_geo_mod():
 
 
 
+def test_locality_relations_add_unmodified_facts_without_changing_the_edit():
+    options = dict(relations=["P36", "P1376"], max_facts_per_relation=60)
+    plain = load_benchmark("geo_mod", m=24, seed=0, **options)
+    wider = load_benchmark("geo_mod", m=24, seed=0, locality_relations=["P17"], **options)
+    for split in ("modified_train", "modified_test"):  # the same facts, new objects and phrasings are edited
+        assert wider[split].to_list() == plain[split].to_list()
+    edited = set(wider["modified_test"]["subject"])
+    cities = benchmark_facts("geo_mod", relations=["P17"], max_facts_per_relation=60)
+    implied = [f for f in cities if f.subject in edited]
+    assert implied  # some edited capitals are among the 60 largest cities: their country is no locality test
+    p17 = [r for r in wider["unmodified_test"] if r["relation"] == "P17"]
+    assert sorted(r["uuid"] for r in p17) == sorted(f.uuid for f in cities if f.subject not in edited)
+    assert len(wider["unmodified_test"]) == len(plain["unmodified_test"]) + len(cities) - len(implied)
+    assert p17[0]["text"] == f"The city of {p17[0]['subject']} is in the country of [Y]."
+    with pytest.raises(ValueError, match="locality_relations P99: no facts of theirs were read; choose among"):
+        load_benchmark("geo_mod", m=4, locality_relations=["P99"], **options)
+    with pytest.raises(ValueError, match="outside locality_relations P36"):
+        load_benchmark("geo_mod", m=4, relations=["P36"], locality_relations=["P36"], max_facts_per_relation=60)
+
 def test_parquet_export_loads_offline_and_equals_the_builder(tmp_path):
     folder = export_benchmark("geo_mod", str(tmp_path / "export"), ms=(8, 16), max_facts_per_relation=30)
     assert sorted(os.listdir(folder)) == ["README.md", "m16", "m8"]
@@ -242,6 +261,8 @@ def test_zsre_question_split_and_multi_token_answers():
     assert "q1" in dataset["unmodified_train"]["uuid"] and "q1" not in dataset["unmodified_test"]["uuid"]
     shorter = {f.uuid for f in ZsreMod.read_facts(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=1))}
     assert shorter == {"q1", "q2", "q3", "q4", "q5"}
+    chosen = ZsreMod.read_facts(ZsreModConfig(data_dir=ZSRE, relations=("field of work",)))
+    assert [f.uuid for f in chosen] == [u for u, f in facts.items() if f.relation == "field of work"]
 
 
 def test_zsre_counts_tokens_with_a_tokenizer(real_bert_dir):

@@ -43,7 +43,7 @@ def _config_fields(name: str, m: int, seed: int, data_dir: str | None, options: 
     if unknown:
         raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields))}.")
     fields.update(options, m=m, seed=seed, data_dir=os.path.abspath(data_dir) if data_dir else None)
-    for key in ("relations", "eligible_uuids"):
+    for key in ("relations", "locality_relations", "eligible_uuids"):
         if fields.get(key) is not None:
             fields[key] = tuple(sorted(fields[key]))
     return fields

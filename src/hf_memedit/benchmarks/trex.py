@@ -53,7 +53,6 @@ class TrexModConfig(ModBenchmarkConfig):
         default=False,
         metadata={"help": "Keep only phrasings whose object comes last (needed for causal LMs)."},
     )
-    relations: tuple[str, ...] | None = field(default=None, metadata={"help": "Only these relation ids."})
     data_url: str = field(default=LAMA_URL, metadata={"help": "Where data.zip is fetched from when data_dir is None."})
 
 
@@ -95,7 +94,7 @@ def read_trex(data_dir: str, config: TrexModConfig) -> list[Fact]:
     skipped: list[str] = []
     for path in sorted(files):
         relation = os.path.basename(path)[: -len(".jsonl")]
-        if config.relations is not None and relation not in config.relations:
+        if not config.reads(relation):
             continue
         if relation not in templates:
             raise ValueError(f"{path}: relation {relation} has no template in {data_dir}/relations.jsonl; add one or remove the file.")

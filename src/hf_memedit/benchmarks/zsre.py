@@ -79,6 +79,8 @@ def read_zsre(files: list[str], config: ZsreModConfig, source: str) -> list[Fact
             if " [SEP] " not in record["input"]:
                 raise ValueError(f"{path}, line {number}: input {record['input']!r} is not 'subject [SEP] relation'.")
             subject, relation = record["input"].split(" [SEP] ", 1)
+            if not config.reads(relation):
+                continue
             answers = [o["answer"] for o in record["output"] if isinstance(o, dict) and o.get("answer")]
             questions = sorted(set(record["meta"].get("template_questions") or []))
             questions = [q for q in questions if count(q) + 1 <= config.max_input_tokens]
