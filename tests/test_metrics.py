@@ -32,8 +32,8 @@ def test_avg_acc_by_hand():
     assert result["agreement"] == 0.5
     assert result["a_f_before"] == pytest.approx(5 / 6)
     assert result["per_relation"] == {
-        "P17": {"a_m": 0.0, "n_modified": 1, "a_fs": 0.5, "n_unmodified": 2},
-        "P36": {"a_m": 1.0, "n_modified": 1, "a_fs": 1.0, "n_unmodified": 2},
+        "P17": {"a_m": 0.0, "n_modified": 1, "a_fs": 0.5, "n_unmodified": 2, "retention": 0.0, "n_known": 1},
+        "P36": {"a_m": 1.0, "n_modified": 1, "a_fs": 1.0, "n_unmodified": 2, "retention": 1.0, "n_known": 2},
     }
 
 
@@ -122,7 +122,7 @@ def test_results_record_round_trip(tmp_path):
     table = open(md_path).read()
     assert "| A_M (modified facts, test phrasing) | 50.00% |" in table
     assert "| retention (unmodified, right before → still right) | 66.67% (2 of 3) |" in table  # the facts it rests on
-    assert "| P17 | 0.00% | 1 | 50.00% | 2 |" in table
+    assert "| P17 | 0.00% | 1 | 50.00% | 2 | 0.00% (0 of 1) |" in table  # retention per relation: where facts were lost
     assert "| benchmark.name | geo_mod |" in table and "| delta | 0.001 |" in table
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

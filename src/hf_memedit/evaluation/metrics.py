@@ -117,17 +117,22 @@ def avg_acc(
 
 def _per_relation(modified_correct, modified_relations, unmodified_correct, unmodified_relations,
                   unmodified_correct_before=None, unmodified_bleeds=None) -> dict[str, dict]:
-    groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: {"m": [], "u": [], "bleed": []})
+    groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: {"m": [], "u": [], "kept": [], "bleed": []})
     for key, flags, relations in (("m", modified_correct, modified_relations), ("u", unmodified_correct, unmodified_relations)):
         for flag, relation in zip(flags, relations or ()):
             groups[relation][key].append(bool(flag))
-    if unmodified_correct_before is not None and unmodified_bleeds is not None:
-        for before, after, bleeds, relation in zip(unmodified_correct_before, unmodified_correct, unmodified_bleeds, unmodified_relations or ()):
-            if before and not after:
-                groups[relation]["bleed"].append(bool(bleeds))
+    if unmodified_correct_before is not None:
+        bleeds = unmodified_bleeds if unmodified_bleeds is not None else [False] * len(unmodified_correct)
+        for before, after, bled, relation in zip(unmodified_correct_before, unmodified_correct, bleeds, unmodified_relations or ()):
+            if before:
+                groups[relation]["kept"].append(bool(after))
+                if not after:
+                    groups[relation]["bleed"].append(bool(bled))
     rows = {}
     for relation, g in sorted(groups.items()):
         rows[relation] = {"a_m": _share(g["m"]), "n_modified": len(g["m"]), "a_fs": _share(g["u"]), "n_unmodified": len(g["u"])}
+        if unmodified_correct_before is not None:
+            rows[relation].update(retention=_share(g["kept"]), n_known=len(g["kept"]))
         if unmodified_bleeds is not None:
             rows[relation].update(bleed=_share(g["bleed"]), n_lost=len(g["bleed"]))
     return rows

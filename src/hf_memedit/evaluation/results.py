@@ -120,11 +120,11 @@ class ResultsRecord:
                 lines.append(f"| {fact['text'].replace('[Y]', '___')} | {fact['old']} → {fact['new']} | {fact.get('predicted', '')} {mark} |")
         per_relation = self.metrics.get("per_relation")
         if per_relation:
-            lines += ["", "| relation | A_M | modified | A_F\\S | unmodified |", "|---|---|---|---|---|"]
+            lines += ["", "| relation | A_M | modified | A_F\\S | unmodified | retention |", "|---|---|---|---|---|---|"]
             for relation, row in per_relation.items():
                 lines.append(
                     f"| {relation} | {format_percent(row['a_m'])} | {row['n_modified']} | "
-                    f"{format_percent(row['a_fs'])} | {row['n_unmodified']} |"
+                    f"{format_percent(row['a_fs'])} | {row['n_unmodified']} | {format_metric(row, 'retention')} |"
                 )
         about = {"model": self.model, "seed": self.seed, "wall time (s)": self.seconds,
                  **{f"benchmark.{k}": v for k, v in self.benchmark.items()}}
