@@ -148,11 +148,13 @@ def test_locality_relations_add_unmodified_facts_without_changing_the_edit():
     for split in ("modified_train", "modified_test"):  # the same facts, new objects and phrasings are edited
         assert wider[split].to_list() == plain[split].to_list()
     edited = set(wider["modified_test"]["subject"])
+    new_objects = set(wider["modified_test"]["object"])
     cities = benchmark_facts("geo_mod", relations=["P17"], max_facts_per_relation=60)
-    implied = [f for f in cities if f.subject in edited]
-    assert implied  # some edited capitals are among the 60 largest cities: their country is no locality test
+    implied = [f for f in cities if f.subject in edited | new_objects]
+    # Edited capitals, and cities made the capital of another country, are among the 60 largest cities:
+    assert {f.subject for f in implied} & edited and {f.subject for f in implied} & new_objects
     p17 = [r for r in wider["unmodified_test"] if r["relation"] == "P17"]
-    assert sorted(r["uuid"] for r in p17) == sorted(f.uuid for f in cities if f.subject not in edited)
+    assert sorted(r["uuid"] for r in p17) == sorted(f.uuid for f in cities if f not in implied)
     assert len(wider["unmodified_test"]) == len(plain["unmodified_test"]) + len(cities) - len(implied)
     assert p17[0]["text"] == f"The city of {p17[0]['subject']} is in the country of [Y]."
     with pytest.raises(ValueError, match="locality_relations P99: no facts of theirs were read; choose among"):

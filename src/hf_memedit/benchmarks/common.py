@@ -67,8 +67,8 @@ class ModBenchmarkConfig(datasets.BuilderConfig):
     locality_relations: tuple[str, ...] | None = field(
         default=None,
         metadata={"help": "Relations read only as unmodified facts, never modified: more facts to measure locality on "
-                  "without changing which facts are edited. Their facts whose subject an edited fact has are left out, "
-                  "since the edit may rightly change them."},
+                  "without changing which facts are edited. Their facts about an edited fact's subject or new object "
+                  "are left out, since the edit may rightly change them."},
     )
 
     def reads(self, relation: str) -> bool:
@@ -156,11 +156,12 @@ def choose_evidence(items: list[str], count: int | None, seed: int, uuid: str) -
 
 
 def drop_implied(facts: list[Fact], new_objects: dict[str, str], locality_relations: tuple[str, ...] | None) -> list[Fact]:
-    """The facts less those of the locality-only relations whose subject an edited fact has: "Tokyo is in
-    Japan" is no locality test of an edit that moves Tokyo to another country."""
+    """The facts less those of the locality-only relations about an entity an edit speaks of, its subject or
+    its new object: "Tokyo is in Japan" is no locality test of an edit that makes Tokyo the capital of Kenya,
+    nor "Cairo is in Egypt" of one that makes Cairo the capital of Japan."""
     if not locality_relations:
         return facts
-    edited = {f.subject for f in facts if f.uuid in new_objects}
+    edited = {f.subject for f in facts if f.uuid in new_objects} | set(new_objects.values())
     return [f for f in facts if f.relation not in locality_relations or f.subject not in edited]
 
 
