@@ -3,8 +3,8 @@
 Relations (T-REx ids): P36 capital, P1376 capital of, P17 country (of a city), P30 continent,
 P47 shares border with. Each has one test template and a few training paraphrases of our own; a
 test template ends where the object is the natural next words (SmolLM2-135M completes "The city of
-Shanghai is in the country of" with China for 177 of the 250 largest cities, but "Shanghai is located
-in" with "the" for all but 2). The embedded default benchmark for offline runs.
+X is in the country of" with the right country for 177 of the 250 largest cities, "X is located in"
+for 2). The embedded default benchmark for offline runs.
 """
 
 from __future__ import annotations
