@@ -175,14 +175,14 @@ def test_next_token_drift_is_zero_at_theta0_and_the_kl_of_the_two_models(bpe_tok
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.add_(0.5)
     moved = next_token_drift(model, bpe_tokenizer, sequences, at_theta0)
-    ids = torch.tensor([sequences[0]])
-    lp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-    with at_theta0():
-        lp0 = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-    one = float((lp0.exp() * (lp0 - lp)).sum())
-    ids = torch.tensor([sequences[1]])
-    lp_b = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-    with at_theta0():
-        lp0_b = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-    two = float((lp0_b.exp() * (lp0_b - lp_b)).sum())
-    assert moved["drift_kl"] == pytest.approx((one + two) / 5, rel=1e-9) and moved["drift_kl"] > 0
+
+    @torch.no_grad()
+    def summed_kl(sequence: list[int]) -> float:
+        ids = torch.tensor([sequence])
+        lp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        with at_theta0():
+            lp0 = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        return float((lp0.exp() * (lp0 - lp)).sum())
+
+    expected = (summed_kl(sequences[0]) + summed_kl(sequences[1])) / 5
+    assert moved["drift_kl"] == pytest.approx(expected, rel=1e-9) and moved["drift_kl"] > 0

@@ -12,7 +12,7 @@ from hf_memedit.projection import l2_distance
 from .helpers import FACTS, assert_agree_up_to_reordering, assert_in_linf_ball, tiny_bert
 
 
-COMMON = dict(report_to="none", disable_tqdm=True, seed=0, data_seed=0)
+COMMON = dict(report_to="none", disable_tqdm=True, seed=0, data_seed=0, dataloader_pin_memory=False)
 
 
 def _args(out, **kw):
