@@ -29,11 +29,12 @@ def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypa
         assert f"| {label} |" in table
     for plot in ("compare.png", "frontier.png"):
         assert (folder / plot).read_bytes()[:4] == b"\x89PNG"
-    assert "disjoint from the" in table and "| bleed |" in table
+    assert "disjoint from the" in table and "| bleed |" in table and "| retention, edited relations |" in table
     assert "Retention is a share of the facts θ0 knew: " in table and "| retention val |" in table
     result = json.loads((folder / "compare.json").read_text())
     linf = result["rows"]["ftm_linf"]
     assert len(linf) == 4  # 2 blocks × 2 δ
+    assert all(0 < r["test"]["n_known_edited"] <= r["test"]["n_known"] for r in linf)
     best_block = max(linf, key=lambda r: r["validation"]["avg_acc"])["point"]["block"]
     assert result["block"] == best_block
     for method in ("ftm_unconstrained", "ftm_l2", "ftm_fisher", "fta", "ftm_answers", "ftm_nullspace"):

@@ -37,6 +37,17 @@ def test_avg_acc_by_hand():
     }
 
 
+def test_retention_on_the_edited_relations_leaves_out_relations_no_edit_touched():
+    result = avg_acc([True], [True, False, True, True], unmodified_correct_before=[True, True, True, False],
+                     modified_relations=["P36"], unmodified_relations=["P36", "P36", "P17", "P17"])
+    assert result["retention"] == pytest.approx(2 / 3) and result["n_known"] == 3
+    assert result["retention_edited"] == 0.5 and result["n_known_edited"] == 2  # P17's kept fact does not count
+    no_edited_known = avg_acc([True], [True], unmodified_correct_before=[True], modified_relations=["P36"],
+                              unmodified_relations=["P17"])
+    assert no_edited_known["retention_edited"] is None and no_edited_known["n_known_edited"] == 0
+    assert "retention_edited" not in avg_acc([True], [True], unmodified_correct_before=[True])
+
+
 def test_avg_acc_edge_cases_and_bad_input():
     only_unmodified = avg_acc([], [True, False])
     assert only_unmodified["a_m"] is None and only_unmodified["avg_acc"] is None and only_unmodified["a_fs"] == 0.5
@@ -122,6 +133,7 @@ def test_results_record_round_trip(tmp_path):
     table = open(md_path).read()
     assert "| A_M (modified facts, test phrasing) | 50.00% |" in table
     assert "| retention (unmodified, right before → still right) | 66.67% (2 of 3) |" in table  # the facts it rests on
+    assert "| retention on the edited relations | 66.67% (2 of 3) |" in table
     assert "| P17 | 0.00% | 1 | 50.00% | 2 | 0.00% (0 of 1) |" in table  # retention per relation: where facts were lost
     assert "| benchmark.name | geo_mod |" in table and "| delta | 0.001 |" in table
     (tmp_path / "results.json").write_text("{not json")

@@ -2,7 +2,8 @@
 
 A fine-tune on cloze prompts can raise A_F\\S by teaching the answer format while it flips
 individual facts, so beside the accuracies this reports, when the before-edit evaluation is
-given, **retention** (of the unmodified facts right before, the share still right), **agreement** (the
+given, **retention** (of the unmodified facts right before, the share still right; with relation ids also
+on the edited relations alone, `retention_edited`), **agreement** (the
 share of unmodified facts whose predicted tokens did not change at all) and **bleed** (of the
 facts lost, the share now predicting one of the edit's new objects: whether the edit leaks to
 neighbours; judged on the first object token).
@@ -107,6 +108,14 @@ def avg_acc(
     if unmodified_predicted is not None:
         same = [list(a) == list(b) for a, b in zip(unmodified_predicted, unmodified_predicted_before)]
         result["agreement"] = _share(same)
+    if unmodified_correct_before is not None and modified_relations is not None and unmodified_relations is not None:
+        # Retention on the relations an edit changed: where it leaks. A locality-only relation (one the edit
+        # never touches, e.g. `locality_relations`) can lift the overall figure; this one it cannot.
+        edited = set(modified_relations)
+        kept = [after for before, after, relation in zip(unmodified_correct_before, unmodified_correct, unmodified_relations)
+                if before and relation in edited]
+        result["retention_edited"] = _share(kept)
+        result["n_known_edited"] = len(kept)
     if modified_relations is not None or unmodified_relations is not None:
         result["per_relation"] = _per_relation(
             modified_correct, modified_relations, unmodified_correct, unmodified_relations,

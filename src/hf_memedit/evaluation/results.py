@@ -28,6 +28,7 @@ METRIC_LABELS = {
     "avg_acc": "Ā = (A_M + A_F\\S) / 2",
     "a_fs_drop": "drop in A_F\\S",
     "retention": "retention (unmodified, right before → still right)",
+    "retention_edited": "retention on the edited relations",
     "agreement": "agreement (unmodified, same prediction)",
     "bleed": "bleed (lost facts now predicting a new object)",
     "gen_a_m": "A_M by greedy generation",
@@ -70,7 +71,7 @@ def format_percent(value: float | None) -> str:
 
 
 # Shares whose denominator is small enough to matter: shown with their counts.
-_DENOMINATORS = {"retention": "n_known", "gen_retention": "gen_n_known"}
+_DENOMINATORS = {"retention": "n_known", "retention_edited": "n_known_edited", "gen_retention": "gen_n_known"}
 
 
 def format_metric(metrics: dict[str, Any], key: str) -> str:

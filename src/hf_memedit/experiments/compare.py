@@ -131,16 +131,17 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
         f"Locality measured on {locality.describe()}, split into validation and test halves. "
         f"{known_facts_note([r for method_rows in rows.values() for r in method_rows])}",
         "",
-        "| method | picked on validation | A_M | A_F\\S | Ā | retention | agreement | bleed | gen A_M | gen retention "
-        "| drift KL | ppl ratio | points |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | picked on validation | A_M | A_F\\S | Ā | retention | retention, edited relations | agreement | bleed "
+        "| gen A_M | gen retention | drift KL | ppl ratio | points |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, chosen in picks.items():
         t, drift = chosen[TEST], chosen.get("drift") or {}
         lines.append(
             f"| {LABELS[method]} | {point_of(chosen).describe()} | {format_percent(t['a_m'])} | {format_percent(t['a_fs'])} | "
-            f"{format_percent(t['avg_acc'])} | {format_metric(t, 'retention')} | {format_percent(t.get('agreement'))} | "
-            f"{format_percent(t.get('bleed'))} | {format_percent(t.get('gen_a_m'))} | {format_metric(t, 'gen_retention')} | "
+            f"{format_percent(t['avg_acc'])} | {format_metric(t, 'retention')} | {format_metric(t, 'retention_edited')} | "
+            f"{format_percent(t.get('agreement'))} | {format_percent(t.get('bleed'))} | {format_percent(t.get('gen_a_m'))} | "
+            f"{format_metric(t, 'gen_retention')} | "
             f"{_number(drift.get('drift_kl'))} | {_number(drift.get('perplexity_ratio'))} | {len(rows[method])} |"
         )
     before = next(iter(picks.values()))[TEST].get("a_fs_before")

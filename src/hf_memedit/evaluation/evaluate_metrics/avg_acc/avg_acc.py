@@ -30,7 +30,8 @@ Args:
         the training phrasing, i.e. reliability).
 Returns:
     a_m, a_fs, avg_acc, n_modified, n_unmodified; with correct_before: a_fs_before, a_fs_drop,
-    retention, n_known (retention's denominator: the unmodified facts right before), n_lost, a_f_before; with predicted(_before): agreement; with bleeds: bleed; with relations: per_relation (A_M, A_F\\S, retention and bleed of each relation);
+    retention, n_known (retention's denominator: the unmodified facts right before), n_lost, a_f_before; with predicted(_before): agreement; with bleeds: bleed; with relations: per_relation (A_M, A_F\\S, retention and bleed of each relation), and with correct_before
+    also retention_edited and n_known_edited (retention on the relations that have modified facts);
     with train_correct: a_m_train. Fractions in [0, 1]; None where a denominator is empty.
 Examples:
     >>> metric = evaluate.load(hf_memedit.AVG_ACC_METRIC_PATH)
