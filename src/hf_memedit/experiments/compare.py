@@ -148,15 +148,16 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
     where = (f"FTM variants and FTA edit block {block} (the best L∞ block on validation)." if "ftm_linf" in rows else
              f"No FTM, L∞ row here: each point edits the block it names (edit_blocks' first, {block}, unless set).")
     lines += ["", f"A_F\\S before any edit: {format_percent(before)}. {where}", "", "## Every point", "",
-              "| method | point | A_M | Ā val | retention val | A_F\\S test | Ā test | retention test |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| method | point | A_M | Ā val | retention val | A_F\\S test | Ā test | retention test "
+              "| edited relations val | edited relations test |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for method, method_rows in rows.items():
         for r in method_rows:
             v, t = r[VALIDATION], r[TEST]
             lines.append(
                 f"| {LABELS[method]} | {point_of(r).describe()} | {format_percent(t['a_m'])} | {format_percent(v['avg_acc'])} | "
                 f"{format_metric(v, 'retention')} | {format_percent(t['a_fs'])} | {format_percent(t['avg_acc'])} | "
-                f"{format_metric(t, 'retention')} |"
+                f"{format_metric(t, 'retention')} | {format_metric(v, 'retention_edited')} | {format_metric(t, 'retention_edited')} |"
             )
     lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")
