@@ -112,10 +112,10 @@ def avg_acc(
         # Retention on the relations an edit changed: where it leaks. A locality-only relation (one the edit
         # never touches, e.g. `locality_relations`) can lift the overall figure; this one it cannot.
         edited = set(modified_relations)
-        kept = [after for before, after, relation in zip(unmodified_correct_before, unmodified_correct, unmodified_relations)
-                if before and relation in edited]
-        result["retention_edited"] = _share(kept)
-        result["n_known_edited"] = len(kept)
+        kept_edited = [after for before, after, relation in zip(unmodified_correct_before, unmodified_correct, unmodified_relations)
+                       if before and relation in edited]
+        result["retention_edited"] = _share(kept_edited)
+        result["n_known_edited"] = len(kept_edited)
     if modified_relations is not None or unmodified_relations is not None:
         result["per_relation"] = _per_relation(
             modified_correct, modified_relations, unmodified_correct, unmodified_relations,
