@@ -7,6 +7,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from hf_memedit import AVG_ACC_METRIC_PATH, ConstrainedEditTrainer, EditConfig, ResultsRecord, avg_acc
+from hf_memedit.evaluation.results import LOST_SHOWN
 
 from .helpers import tiny_bert
 
@@ -136,6 +137,15 @@ def test_results_record_round_trip(tmp_path):
     assert "| retention on the edited relations | 66.67% (2 of 3) |" in table
     assert "| P17 | 0.00% | 1 | 50.00% | 2 | 0.00% (0 of 1) |" in table  # retention per relation: where facts were lost
     assert "| benchmark.name | geo_mod |" in table and "| delta | 0.001 |" in table
+    lost = [{"uuid": f"u{i}", "relation": "P17", "subject": f"City {i}", "text": f"City {i} is in [Y].", "object": "Peru",
+             "predicted": "Chile", "bleed": i % 2 == 0} for i in range(LOST_SHOWN + 1)]
+    record = ResultsRecord({**metrics, "n_known": 60}, lost=lost)
+    record.save(tmp_path)
+    assert ResultsRecord.load(tmp_path).lost == lost
+    table = (tmp_path / "results.md").read_text()
+    assert f"Facts the edit lost ({LOST_SHOWN + 1} of the 60 known before it; the first {LOST_SHOWN} here, all in results.json)" in table
+    assert "| City 0 is in ___. | Peru | Chile | yes |" in table and f"City {LOST_SHOWN - 1} is" in table
+    assert f"City {LOST_SHOWN} is" not in table
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ResultsRecord.load(tmp_path)

@@ -7,10 +7,11 @@ import torch
 from hf_memedit import EditConfig, FactCollator
 from hf_memedit.benchmarks.common import FEATURES, MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from hf_memedit.cli import parse
+from hf_memedit.cli.edit import format_summary
 from hf_memedit.edit_trainer import ConstrainedEditTrainer, ObjectTokenLoss
 from hf_memedit.evaluation.metrics import avg_acc, bleed_flags
 from hf_memedit.evaluation.results import ResultsRecord
-from hf_memedit.experiments import run_edit
+from hf_memedit.experiments import run_edit, run_eval
 from hf_memedit.preservation import NeighbourRisk, disjoint_split, neighbour_risk, preservation_batches
 
 from .helpers import ROOT, tiny_bert
@@ -215,6 +216,19 @@ def test_a_preserving_edit_reports_locality_on_disjoint_facts(objective, fractio
         assert not locality["disjoint"] and "NOT disjoint" in text
     # Every batch held the edit's facts and as many preservation facts.
     assert all(len(group) == 2 * args.per_device_train_batch_size for group in outcome.trainer.train_dataset["text"][:-1])
+    # The lost facts behind retention and bleed, each a scored fact, listed in the record, its table and the summary.
+    scored = dict(zip(outcome.trainer.eval_dataset["unmodified_test"]["uuid"], outcome.trainer.eval_dataset["unmodified_test"]["object"]))
+    assert len(record.lost) == record.metrics["n_lost"] > 0
+    assert all(scored[fact["uuid"]] == fact["object"] != fact["predicted"] for fact in record.lost)
+    assert sum(fact["bleed"] for fact in record.lost) == round(record.metrics["bleed"] * len(record.lost))
+    assert f"Facts the edit lost ({len(record.lost)} of the {record.metrics['n_known']} known" in text
+    assert f"unmodified facts the edit lost ({len(record.lost)}" in format_summary(outcome, args)
+    # `memedit eval` of the saved edit, with the run's config, scores what the run scored: the same θ0 (its FT
+    # model), the same disjoint facts, the same numbers.
+    evaluation, _ = run_eval(job, args, str(tmp_path / "run" / "edit"), "check")
+    assert evaluation.locality == locality and evaluation.lost == record.lost
+    for key in ("a_m", "a_fs", "n_unmodified", "retention", "n_known", "agreement", "bleed", "retention_edited"):
+        assert evaluation.metrics[key] == record.metrics[key], key
 
 
 def test_kl_rows_score_the_distance_to_theta0s_distribution(bert_tokenizer):

@@ -294,6 +294,18 @@ def test_rerun_and_eval_never_overwrite_a_run(tmp_path, real_bert_dir, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.packaged_model
+def test_eval_of_an_ft_setting_reads_the_runs_ft_model_and_never_trains_one(tmp_path, real_bert_dir):
+    """`memedit eval` of an FT+FTM edit scores it on the run's FT model (tests/test_preservation.py checks the
+    numbers); without that model it stops with the fix instead of fine-tuning into the run folder."""
+    from hf_memedit.experiments import run_eval
+
+    job, args, _ = parse("eval", ["--config", str(CONFIGS / "bert_tiny_ft_ftm.yaml"), "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=r"edits an FT model, and .*run/ft holds none: give the run's ft_dir"):
+        run_eval(job, args, None, "check")
+    assert not (tmp_path / "run" / "ft").exists()
+
+
 # ------------------------------------------------------------------ 4. no stale cache is trusted
 
 

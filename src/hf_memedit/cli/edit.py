@@ -28,6 +28,13 @@ def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5
         for fact in sorted(outcome.examples, key=lambda f: not f["correct"])[:show_examples]:
             mark = "ok" if fact["correct"] else "missed"
             lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['old']} -> {fact['new']}  [{fact['predicted']}, {mark}]")
+    lost = outcome.record.lost
+    if lost:
+        lines += ["", f"unmodified facts the edit lost ({len(lost)}; all in results.md) [prediction after the edit], "
+                      "those now giving a new object first:"]
+        for fact in sorted(lost, key=lambda f: not f["bleed"])[:show_examples]:
+            mark = ", a new object" if fact["bleed"] else ""
+            lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['object']}  [{fact['predicted']}{mark}]")
     lines += ["", f"run folder: {os.path.abspath(args.output_dir)}"]
     return "\n".join(lines)
 

@@ -196,6 +196,30 @@ def bleed_flags(
     return [bool(ids) and ids[0] in new_objects and ids[0] != first(row) for row, ids in zip(unmodified, predicted)]
 
 
+def lost_facts(
+    splits: Mapping[str, Any], after: Mapping[str, FactResults], before: Mapping[str, FactResults],
+    tokenizer: PreTrainedTokenizerBase, kind: str,
+) -> list[dict[str, Any]]:
+    """The unmodified facts right before the edit and wrong after it, in benchmark order: what each now
+    predicts, and whether that is one of the edit's new objects (`bleed_flags`). The facts behind
+    retention's and bleed's numbers, so a user can read what an edit broke."""
+    if UNMODIFIED_TEST not in after or UNMODIFIED_TEST not in before:
+        return []
+    now, then = after[UNMODIFIED_TEST], before[UNMODIFIED_TEST]
+    indices = [i for i, (was, still) in enumerate(zip(then.correct, now.correct)) if was and not still]
+    if not indices:
+        return []
+    rows = splits[UNMODIFIED_TEST].select(indices)
+    predicted = [now.predicted[i] for i in indices]
+    modified = list(splits[MODIFIED_TEST]) if MODIFIED_TEST in splits else []
+    bleeds = bleed_flags(tokenizer, kind, modified, list(rows), predicted) if modified else [False] * len(indices)
+    return [
+        {"uuid": row["uuid"], "relation": row["relation"], "subject": row["subject"], "text": row["text"],
+         "object": row["object"], "predicted": tokenizer.decode(ids).strip(), "bleed": bleed}
+        for row, ids, bleed in zip(rows, predicted, bleeds)
+    ]
+
+
 def edit_metrics(
     splits: Mapping[str, Any],
     after: Mapping[str, FactResults],

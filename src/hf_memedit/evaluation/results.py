@@ -16,6 +16,7 @@ from ..io import atomic_write_text, read_json
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+LOST_SHOWN = 50  # results.md lists this many lost facts; results.json lists them all
 _LIBRARIES = ("hf_memedit", "torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "huggingface_hub")
 
 # The headline metrics, in table order, with the names the paper uses.
@@ -95,6 +96,7 @@ class ResultsRecord:
     benchmark: dict[str, Any] = field(default_factory=dict)
     facts: list[dict[str, Any]] = field(default_factory=list)  # the edited facts: uuid, relation, subject, old, new
     locality: dict[str, Any] = field(default_factory=dict)  # which unmodified facts were scored (preservation.Locality)
+    lost: list[dict[str, Any]] = field(default_factory=list)  # the known unmodified facts the edit lost (metrics.lost_facts)
     seconds: float | None = None
     versions: dict[str, str] = field(default_factory=library_versions)
 
@@ -119,6 +121,13 @@ class ResultsRecord:
             for fact in self.facts:
                 mark = "✓" if fact.get("correct") else "✗"
                 lines.append(f"| {fact['text'].replace('[Y]', '___')} | {fact['old']} → {fact['new']} | {fact.get('predicted', '')} {mark} |")
+        if self.lost:
+            shown = self.lost[:LOST_SHOWN]
+            lines += ["", f"Facts the edit lost ({len(self.lost)} of the {self.metrics.get('n_known', '?')} known before it"
+                      + (f"; the first {LOST_SHOWN} here, all in {RESULTS_JSON}" if len(self.lost) > LOST_SHOWN else "") + "):",
+                      "", "| lost fact | object | predicted after the edit | a new object (bleed) |", "|---|---|---|---|"]
+            lines += [f"| {fact['text'].replace('[Y]', '___')} | {fact['object']} | {fact['predicted']} | {'yes' if fact['bleed'] else 'no'} |"
+                      for fact in shown]
         per_relation = self.metrics.get("per_relation")
         if per_relation:
             lines += ["", "| relation | A_M | modified | A_F\\S | unmodified | retention |", "|---|---|---|---|---|---|"]

@@ -7,16 +7,17 @@ import time
 
 from ..architectures import model_kind
 from ..edit_config import EditConfig
-from ..evaluation.metrics import edit_metrics, evaluate_splits
+from ..evaluation.metrics import edit_metrics, evaluate_splits, lost_facts
 from ..evaluation.results import RESULTS_JSON, ResultsRecord
 from ..model import EditModel
 from ..run_folder import check_writable
 from .job_config import JobConfig
 from .loading import load_model_and_tokenizer, prepare_benchmark
+from .settings import locality_split, starting_model
 
 
 def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name: str | None = None) -> tuple[ResultsRecord, str]:
-    """The model (with `edit_dir` applied first, if given) on the benchmark; written to
+    """The model the config starts from (with `edit_dir` applied first, if given) on the benchmark; written to
     `<output_dir>/eval/<name or the UTC time>`, never over a run's own record. Returns (record, folder)."""
     folder = os.path.join(args.output_dir, "eval", name or time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
     if os.path.exists(os.path.join(folder, RESULTS_JSON)):
@@ -24,13 +25,22 @@ def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name
     check_writable(folder)
     model, tokenizer = load_model_and_tokenizer(job)
     splits = prepare_benchmark(job, model, tokenizer)
+    # As the run: θ0 of its setting (its saved FT model; RI's seeded init), and its locality split, so an edit that
+    # preserved benchmark facts is scored on the disjoint rest.
+    model = starting_model(model, tokenizer, splits, job, args, reuse_only=True)
+    splits, locality = locality_split(splits, job, args)
     show = dict(batch_size=args.per_device_eval_batch_size, show_progress=True)
     before = None
     if edit_dir:
         before = evaluate_splits(model, tokenizer, splits, original=True, **show)
         model = EditModel.from_pretrained(model, edit_dir).merge_and_unload()
-    metrics = edit_metrics(splits, evaluate_splits(model, tokenizer, splits, **show), before, tokenizer, model_kind(model))
-    record = ResultsRecord(metrics, config={"edit_dir": edit_dir}, seed=args.seed, model=job.model_name_or_path,
-                           benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed})
+    after = evaluate_splits(model, tokenizer, splits, **show)
+    kind = model_kind(model)
+    record = ResultsRecord(
+        edit_metrics(splits, after, before, tokenizer, kind), config={"edit_dir": edit_dir, "setting": job.setting},
+        seed=args.seed, model=job.model_name_or_path,
+        benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
+        locality=locality.to_dict(), lost=lost_facts(splits, after, before, tokenizer, kind) if before else [],
+    )
     record.save(folder)
     return record, folder

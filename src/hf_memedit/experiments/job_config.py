@@ -100,7 +100,7 @@ class BenchmarkArguments:
     max_unmodified_eval: int | None = field(
         default=None, metadata={"help": "Evaluate at most this many unmodified test facts (a seeded sample); None: all."}
     )
-    show_examples: int = field(default=5, metadata={"help": "How many edited facts (old -> new) the summary shows."})
+    show_examples: int = field(default=5, metadata={"help": "How many edited facts (old -> new), and how many lost unmodified facts, the summary shows."})
 
     def __post_init__(self):
         self.benchmark_options = _json_mapping(self.benchmark_options, "benchmark_options", "a mapping")

@@ -18,7 +18,14 @@ from ..architectures import model_kind
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from ..edit_config import EditConfig, constraint_record
 from ..edit_trainer import ConstrainedEditTrainer
-from ..evaluation.metrics import edit_metrics, evaluate_splits, generate_splits, generation_metrics, next_token_drift
+from ..evaluation.metrics import (
+    edit_metrics,
+    evaluate_splits,
+    generate_splits,
+    generation_metrics,
+    lost_facts,
+    next_token_drift,
+)
 from ..evaluation.results import ResultsRecord
 from ..io import atomic_directory, atomic_write_text
 from ..preservation import Locality, known_evidence, neighbour_risk
@@ -79,7 +86,7 @@ def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapp
     eval_splits = datasets.DatasetDict({k: splits[k] for k in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST)})
     if job.setting == "ft":  # nothing to edit: report what FT reached
         results = evaluate_splits(model, tokenizer, eval_splits, batch_size=args.per_device_eval_batch_size, show_progress=True)
-        return _finish(job, args, model, edit_metrics(eval_splits, results), [], None, start, locality)
+        return _finish(job, args, model, edit_metrics(eval_splits, results), [], [], None, start, locality)
     objective = preserve_objective(job, args)
     known = known_evidence(model, tokenizer, splits[UNMODIFIED_TRAIN], args.per_device_eval_batch_size) if objective == "answers" else None
     risk = None
@@ -108,10 +115,11 @@ def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapp
          "old": row["original_object"], "new": row["object"], "predicted": tokenizer.decode(ids).strip(), "correct": ok}
         for row, ids, ok in zip(splits[MODIFIED_TEST], after.predicted, after.correct)
     ]
-    return _finish(job, args, model, metrics, examples, trainer, start, locality)
+    lost = lost_facts(eval_splits, results, trainer.before_edit, tokenizer, trainer.kind) if trainer.before_edit else []
+    return _finish(job, args, model, metrics, examples, lost, trainer, start, locality)
 
 
-def _finish(job, args, model, metrics, examples, trainer, start, locality: Locality) -> RunOutcome:
+def _finish(job, args, model, metrics, examples, lost, trainer, start, locality: Locality) -> RunOutcome:
     """Write the run's outputs; the folder is sealed (memedit_run.json) only once all of them are in place."""
     record = ResultsRecord(
         metrics=metrics,
@@ -121,6 +129,7 @@ def _finish(job, args, model, metrics, examples, trainer, start, locality: Local
         benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
         facts=examples,
         locality=locality.to_dict(),
+        lost=lost,
         seconds=round(time.perf_counter() - start, 2),
     )
     main = PartialState().is_main_process

@@ -38,8 +38,10 @@ def random_init(model: PreTrainedModel, seed: int) -> PreTrainedModel:
     return type(model)(model.config).to(model.device)
 
 
-def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset], job: JobConfig, args: EditConfig) -> PreTrainedModel:
-    """FT: unconstrained fine-tuning on the unmodified facts' evidence, saved to `ft_dir` and reused."""
+def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset], job: JobConfig,
+             args: EditConfig, reuse_only: bool = False) -> PreTrainedModel:
+    """FT: unconstrained fine-tuning on the unmodified facts' evidence, saved to `ft_dir` and reused.
+    `reuse_only` (evaluation): the saved FT model of these inputs, or a clear error; nothing is trained or written."""
     folder = job.ft_dir or os.path.join(args.output_dir, "ft")
     key = {
         "model": job.model_name_or_path, "gguf_file": job.gguf_file, "revision": job.revision,
@@ -55,7 +57,13 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits:
             if json.load(handle) == key:
                 logger.info("Reusing the FT model in %s.", folder)
                 return type(model).from_pretrained(folder, use_safetensors=True, use_kernels=job.use_kernels).to(model.device)
+        if reuse_only:
+            raise ValueError(f"{folder} holds an FT model made from other inputs than this config's: evaluate with the "
+                             "config the run was made with (and its ft_dir).")
         logger.warning("%s holds an FT model made from other inputs; fine-tuning afresh.", folder)
+    if reuse_only:
+        raise ValueError(f"Setting {job.setting!r} edits an FT model, and {folder} holds none: give the run's ft_dir "
+                         "(by default <output_dir>/ft of the run), or run `memedit edit` first.")
     if len(splits[UNMODIFIED_TRAIN]) == 0:
         raise ValueError("FT needs unmodified training evidence, and the benchmark has none.")
     ft_args = dataclasses.replace(
@@ -74,10 +82,11 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits:
     return model
 
 
-def starting_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset], job: JobConfig, args: EditConfig) -> PreTrainedModel:
-    """The model the edit starts from in this setting (θ0)."""
+def starting_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset], job: JobConfig,
+                   args: EditConfig, reuse_only: bool = False) -> PreTrainedModel:
+    """The model the edit starts from in this setting (θ0); `reuse_only`: FT is read back, never trained."""
     if job.setting in FT_SETTINGS:
-        return finetune(model, tokenizer, splits, job, args)
+        return finetune(model, tokenizer, splits, job, args, reuse_only)
     if job.setting == "ri+ftm":
         return random_init(model, args.seed)
     return model
