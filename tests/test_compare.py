@@ -32,6 +32,8 @@ def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypa
     assert "disjoint from the" in table and "| bleed |" in table and "| retention, edited relations |" in table
     assert "Retention is a share of the facts θ0 knew: " in table and "| retention val |" in table
     assert "| edited relations val | edited relations test |" in table
+    assert f"max_steps 20, per_device_train_batch_size {args.per_device_train_batch_size}," in table  # the knobs no row names
+    assert f"preserve_weight {args.preserve_weight}" in table
     result = json.loads((folder / "compare.json").read_text())
     linf = result["rows"]["ftm_linf"]
     assert len(linf) == 4  # 2 blocks × 2 δ

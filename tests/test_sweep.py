@@ -38,6 +38,7 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monke
     assert (folder / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     table = (folder / "sweep.md").read_text()
     assert "picked on validation" in table and "picked on test" in table
+    assert f"Every point trains with learning_rate {args.learning_rate}, max_steps {args.max_steps}," in table
     for row in rows:
         assert row["validation"]["n_unmodified"] + row["test"]["n_unmodified"] > 0
     bigger = [r for r in rows if r["point"]["delta"] == 2e-2]

@@ -43,7 +43,7 @@ from .grid import GridRunner
 from .job_config import COMPARE_METHODS, JobConfig
 from .methods import METHODS, MethodContext
 from .points import GridPoint, open_points, point_of, save_points
-from .reports import TEST, VALIDATION, best, known_facts_note, pick_rule
+from .reports import TEST, VALIDATION, best, known_facts_note, pick_rule, shared_settings
 
 
 LABELS = {name: entry.label for name, entry in METHODS.items()}
@@ -80,7 +80,7 @@ def _compare(job: JobConfig, args: EditConfig, runner: GridRunner, done: dict[st
             save_points(folder, done)
     block = ctx.block
     picks = {method: best(method_rows, VALIDATION, job.pick_min_retention) for method, method_rows in rows.items()}
-    write_compare(folder, rows, picks, job, block, runner.locality)
+    write_compare(folder, rows, picks, job, args, block, runner.locality)
     return picks
 
 
@@ -117,12 +117,12 @@ def merge_compares(lanes: list[str], job: JobConfig, args: EditConfig) -> dict[s
         block = point_of(best(linf, VALIDATION, job.pick_min_retention)).block if linf else str(args.edit_blocks[0])
         picks = {method: best(method_rows, VALIDATION, job.pick_min_retention) for method, method_rows in rows.items()}
         save_points(folder, merged)
-        write_compare(folder, rows, picks, job, block, locality)
+        write_compare(folder, rows, picks, job, args, block, locality)
     return picks
 
 
-def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict], job: JobConfig, block: str,
-                  locality: Locality) -> None:
+def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict], job: JobConfig, args: EditConfig,
+                  block: str, locality: Locality) -> None:
     lines = [
         f"# Compare: {job.model_name_or_path}, {job.benchmark} m={job.m}, starting from {job.setting}",
         "",
@@ -130,6 +130,7 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
         "metrics on the test half.",
         f"Locality measured on {locality.describe()}, split into validation and test halves. "
         f"{known_facts_note([r for method_rows in rows.values() for r in method_rows])}",
+        shared_settings(args),
         "",
         "| method | picked on validation | A_M | A_F\\S | Ā | retention | retention, edited relations | agreement | bleed "
         "| gen A_M | gen retention | drift KL | ppl ratio | points |",

@@ -45,6 +45,18 @@ def pick_rule(min_retention: float | None) -> str:
             "(ties: Ā; where none does, the one keeping the most)")
 
 
+# The training knobs a point's description leaves out: a report names them, so its table can be made again.
+SHARED_KNOBS = ("learning_rate", "max_steps", "per_device_train_batch_size", "seed", "preserve_ratio", "preserve_weight",
+                "preserve_risk", "preserve_fraction", "eos_target", "loss_reduction")
+
+
+def shared_settings(args: EditConfig) -> str:
+    """The knobs every point trains with, unless the point sets its own (then its row in the JSON says so)."""
+    knobs = SHARED_KNOBS if args.max_steps > 0 else (*SHARED_KNOBS, "num_train_epochs")
+    return ("Every point trains with " + ", ".join(f"{name} {getattr(args, name)}" for name in knobs)
+            + "; a point may set its own (in a compare FT-L, LocFT-BF and FTA do: each point's settings are in the JSON).")
+
+
 # Below this many known facts on validation, one fact moves validation retention by more than 3 points.
 FEW_KNOWN_FACTS = 30
 
@@ -74,6 +86,7 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
         "",
         f"Locality measured on {locality.describe()}, split into validation and test halves. "
         f"A pick is {pick_rule(job.pick_min_retention)}. {known_facts_note(rows)}",
+        shared_settings(args),
         "",
         "| point | A_M | A_F\\S val | Ā val | retention val | A_F\\S test | Ā test | retention test | agreement test |",
         "|---|---|---|---|---|---|---|---|---|",
