@@ -95,8 +95,8 @@ def test_projector_scopes_and_unconstrained():
     assert float(params["a"].detach()[0]) == 3.0
     per_tensor = NormBallProjector(params, theta0, "l2", 1.0, "per_tensor")
     per_tensor.project_()
-    assert math.isclose(float(params["a"].norm()), 1.0, rel_tol=1e-6)
-    assert math.isclose(float(params["b"].norm()), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(params["a"].detach().norm()), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(params["b"].detach().norm()), 1.0, rel_tol=1e-6)
     assert per_tensor.num_projections == 1
     global_ = NormBallProjector(params, theta0, "l2", 1.0, "global")
     global_.project_()
