@@ -197,13 +197,13 @@ def bleed_flags(
 
 
 def lost_facts(
-    splits: Mapping[str, Any], after: Mapping[str, FactResults], before: Mapping[str, FactResults],
+    splits: Mapping[str, Any], after: Mapping[str, FactResults], before: Mapping[str, FactResults] | None,
     tokenizer: PreTrainedTokenizerBase, kind: str,
 ) -> list[dict[str, Any]]:
     """The unmodified facts right before the edit and wrong after it, in benchmark order: what each now
     predicts, and whether that is one of the edit's new objects (`bleed_flags`). The facts behind
-    retention's and bleed's numbers, so a user can read what an edit broke."""
-    if UNMODIFIED_TEST not in after or UNMODIFIED_TEST not in before:
+    retention's and bleed's numbers, so a user can read what an edit broke; none without `before`."""
+    if not before or UNMODIFIED_TEST not in after or UNMODIFIED_TEST not in before:
         return []
     now, then = after[UNMODIFIED_TEST], before[UNMODIFIED_TEST]
     indices = [i for i, (was, still) in enumerate(zip(then.correct, now.correct)) if was and not still]

@@ -40,7 +40,7 @@ def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name
         edit_metrics(splits, after, before, tokenizer, kind), config={"edit_dir": edit_dir, "setting": job.setting},
         seed=args.seed, model=job.model_name_or_path,
         benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
-        locality=locality.to_dict(), lost=lost_facts(splits, after, before, tokenizer, kind) if before else [],
+        locality=locality.to_dict(), lost=lost_facts(splits, after, before, tokenizer, kind),
     )
     record.save(folder)
     return record, folder

@@ -115,7 +115,7 @@ def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapp
          "old": row["original_object"], "new": row["object"], "predicted": tokenizer.decode(ids).strip(), "correct": ok}
         for row, ids, ok in zip(splits[MODIFIED_TEST], after.predicted, after.correct)
     ]
-    lost = lost_facts(eval_splits, results, trainer.before_edit, tokenizer, trainer.kind) if trainer.before_edit else []
+    lost = lost_facts(eval_splits, results, trainer.before_edit, tokenizer, trainer.kind)
     return _finish(job, args, model, metrics, examples, lost, trainer, start, locality)
 
 
