@@ -8,7 +8,8 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from hf_memedit import FactEncoder, FactEncodingError, candidate_vocabulary, evaluate_facts
 from hf_memedit.benchmarks import load_benchmark
-from hf_memedit.evaluation.scoring import generate_facts, normalize_answer
+from hf_memedit.evaluation.metrics import generation_metrics
+from hf_memedit.evaluation.scoring import answer_matches, generate_facts, normalize_answer
 
 from .helpers import naive_greedy_correct, tiny_bert
 
@@ -186,3 +187,57 @@ def test_next_token_drift_is_zero_at_theta0_and_the_kl_of_the_two_models(bpe_tok
 
     expected = (summed_kl(sequences[0]) + summed_kl(sequences[1])) / 5
     assert moved["drift_kl"] == pytest.approx(expected, rel=1e-9) and moved["drift_kl"] > 0
+
+
+def test_generation_metrics_match_each_answer_to_its_object():
+    """Answers are compared after normalisation; retention by generation counts only what θ0 generated right;
+    without the answers before an edit there is no retention to report."""
+    splits = {"modified_test": [{"object": "Lima"}, {"object": "Rome"}],
+              "unmodified_test": [{"object": "Paris"}, {"object": "Oslo"}, {"object": "Kabul"}]}
+    after = {"modified_test": ["lima", "Rome, the capital of"], "unmodified_test": ["the Paris", "Bergen", "Kabul"]}
+    before = {"modified_test": ["Madrid", "Rome"], "unmodified_test": ["Paris", "Oslo", "Herat"]}
+    assert generation_metrics(splits, after, before) == {
+        "gen_a_m": 0.5, "gen_a_fs": 2 / 3, "gen_a_fs_before": 2 / 3, "gen_retention": 0.5, "gen_n_known": 2}
+    assert generation_metrics(splits, after) == {"gen_a_m": 0.5, "gen_a_fs": 2 / 3}
+
+
+@pytest.mark.slow
+def test_a_run_records_what_generation_answers_and_eval_scores_it_again(tmp_path, bpe_tokenizer):
+    """With generation_eval each edited fact records its greedy answer beside the teacher-forced prediction (results
+    and summary); the generation scores are those answers', and `memedit eval` of the saved edit gives them again."""
+    from hf_memedit.cli import parse
+    from hf_memedit.cli.edit import format_summary
+    from hf_memedit.evaluation.results import ResultsRecord
+    from hf_memedit.experiments import run_edit, run_sweep
+    from hf_memedit.experiments.evaluate import run_eval
+
+    from .helpers import ROOT
+
+    base = tmp_path / "base"  # a random Llama wide enough to learn four facts in a few dozen steps
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(base)
+    bpe_tokenizer.save_pretrained(base)
+    argv = [
+        "--config", str(ROOT / "trainer_configs" / "bert_tiny_ftm.yaml"), "--model_name_or_path", str(base),
+        "--benchmark_options", '{"relations": ["P36"], "object_last": true, "max_facts_per_relation": 24}',
+        "--m", "4", "--edit_blocks", "1", "--delta", "0.5", "--learning_rate", "1e-2", "--per_device_train_batch_size", "4",
+        "--max_steps", "60", "--eos_target", "true", "--generation_eval", "true",
+    ]
+    job, args, _ = parse("edit", argv + ["--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true"])
+    outcome = run_edit(job, args)
+    record = ResultsRecord.load(tmp_path / "run")
+    assert all(isinstance(f["generated"], str) and f["generated_correct"] == answer_matches(f["generated"], f["new"])
+               for f in record.facts)
+    assert record.metrics["gen_a_m"] == sum(f["generated_correct"] for f in record.facts) / len(record.facts) > 0
+    text = (tmp_path / "run" / "results.md").read_text()
+    assert "| generated after the edit |" in text and all(" ".join(f["generated"].split()) in text for f in record.facts)
+    assert f"{record.facts[0]['generated']!r}" in format_summary(outcome, args, show_examples=4)
+    evaluation, _ = run_eval(job, args, str(tmp_path / "run" / "edit"), "check")
+    for key in ("gen_a_m", "gen_a_fs", "gen_a_fs_before", "gen_retention", "gen_n_known"):
+        assert evaluation.metrics[key] == record.metrics[key], key
+    # A sweep point is scored by generation on both halves too, against θ0's answers on each.
+    job, args, _ = parse("sweep", argv + ["--output_dir", str(tmp_path / "sweep"), "--sweep_deltas", "0.5", "--sweep_blocks", "1",
+                                          "--disable_tqdm", "true"])
+    (row,) = run_sweep(job, args)
+    assert all(row[half]["gen_a_m"] == record.metrics["gen_a_m"] and "gen_retention" in row[half] for half in ("validation", "test"))

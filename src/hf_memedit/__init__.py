@@ -10,7 +10,7 @@ from .edit_config import EditConfig
 from .edit_trainer import ConstrainedEditTrainer
 from .evaluation.metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
 from .evaluation.results import ResultsRecord, library_versions
-from .evaluation.scoring import FactResults, candidate_vocabulary, evaluate_facts, generate_facts
+from .evaluation.scoring import FactResults, candidate_vocabulary, evaluate_facts, generate_answers, generate_facts
 from .fast_paths.heads import object_positions_only
 from .fast_paths.prefix import PrefixCache
 from .hub import apply_edit, package_edit, push_edit, revert_edit
@@ -51,6 +51,7 @@ __all__ = [
     "evaluate_facts",
     "evaluate_splits",
     "filter_encodable",
+    "generate_answers",
     "generate_facts",
     "get_edit_model",
     "library_versions",

@@ -186,7 +186,8 @@ class EditConfig(TrainingArguments):
     generation_eval: bool = field(
         default=False,
         metadata={"help": "Causal LMs: also score A_M, A_F\\S and retention by greedy generation until EOS, newline "
-                  "or period with normalised exact match (gen_a_m, gen_retention), beside the teacher-forced scores."},
+                  "or period with normalised exact match (gen_a_m, gen_retention), beside the teacher-forced scores; each "
+                  "edited fact's answer is recorded (results.json `generated`)."},
     )
     drift_eval: bool = field(
         default=False,

@@ -24,10 +24,13 @@ def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     if outcome.examples:
-        lines += ["", "edited facts (old -> new) [prediction after the edit], learned ones first:"]
+        generated = "generated" in outcome.examples[0]
+        lines += ["", "edited facts (old -> new) [prediction after the edit" + ("; what greedy generation answers" if generated else "")
+                  + "], learned ones first:"]
         for fact in sorted(outcome.examples, key=lambda f: not f["correct"])[:show_examples]:
             mark = "ok" if fact["correct"] else "missed"
-            lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['old']} -> {fact['new']}  [{fact['predicted']}, {mark}]")
+            answer = f"; {fact['generated']!r}, {'ok' if fact['generated_correct'] else 'missed'}" if generated else ""
+            lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['old']} -> {fact['new']}  [{fact['predicted']}, {mark}{answer}]")
     lost = outcome.record.lost
     if lost:
         lines += ["", f"unmodified facts the edit lost ({len(lost)}; all in results.md) [prediction after the edit], "

@@ -27,7 +27,7 @@ from ..architectures import eval_mode
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
 from ..collators import FactEncoder
 from ..fast_paths.prefix import PrefixCache
-from .scoring import FactResults, evaluate_facts, generate_facts
+from .scoring import FactResults, answer_matches, evaluate_facts, generate_answers
 
 
 def _share(flags: Sequence[bool]) -> float | None:
@@ -254,19 +254,26 @@ def edit_metrics(
     return avg_acc(modified.correct, unmodified.correct, **kwargs)
 
 
-def generate_splits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, Any], batch_size: int = 32) -> dict[str, list[bool]]:
-    """Generation-based correctness on the modified and unmodified test facts (the modified ones on their new object)."""
-    return {name: generate_facts(model, tokenizer, splits[name], batch_size=batch_size, show_progress=True)
+def generate_splits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, Any], batch_size: int = 32) -> dict[str, list[str]]:
+    """The greedy answers (`scoring.generate_answers`) to the modified and unmodified test facts."""
+    return {name: generate_answers(model, tokenizer, splits[name], batch_size=batch_size, show_progress=True)
             for name in (MODIFIED_TEST, UNMODIFIED_TEST) if name in splits and len(splits[name])}
 
 
-def generation_metrics(
-    modified_correct: Sequence[bool], unmodified_correct: Sequence[bool], unmodified_correct_before: Sequence[bool],
-) -> dict[str, Any]:
-    """A_M, A_F\\S and retention by greedy generation (`scoring.generate_facts`), beside the teacher-forced ones."""
-    kept = [after for before, after in zip(unmodified_correct_before, unmodified_correct) if before]
-    return {"gen_a_m": _share(modified_correct), "gen_a_fs": _share(unmodified_correct),
-            "gen_a_fs_before": _share(unmodified_correct_before), "gen_retention": _share(kept), "gen_n_known": len(kept)}
+def generation_metrics(splits: Mapping[str, Any], answers: Mapping[str, Sequence[str]],
+                       answers_before: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """A_M (on the new objects) and A_F\\S by greedy generation from the answers (`generate_splits`), beside the
+    teacher-forced scores; with the answers before the edit also A_F\\S before and retention."""
+    def correct(found: Mapping[str, Sequence[str]], name: str) -> list[bool]:
+        return [answer_matches(answer, fact["object"]) for answer, fact in zip(found.get(name, []), splits[name])] if name in splits else []
+
+    unmodified = correct(answers, UNMODIFIED_TEST)
+    metrics = {"gen_a_m": _share(correct(answers, MODIFIED_TEST)), "gen_a_fs": _share(unmodified)}
+    if answers_before is not None:
+        unmodified_before = correct(answers_before, UNMODIFIED_TEST)
+        kept = [after for before, after in zip(unmodified_before, unmodified) if before]
+        metrics.update(gen_a_fs_before=_share(unmodified_before), gen_retention=_share(kept), gen_n_known=len(kept))
+    return metrics
 
 
 AVG_ACC_METRIC_PATH = os.path.join(os.path.dirname(__file__), "evaluate_metrics", "avg_acc")

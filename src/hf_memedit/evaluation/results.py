@@ -75,6 +75,15 @@ def format_percent(value: float | None) -> str:
 _DENOMINATORS = {"retention": "n_known", "retention_edited": "n_known_edited", "gen_retention": "gen_n_known"}
 
 
+def _mark(correct: bool | None) -> str:
+    return "✓" if correct else "✗"
+
+
+def _cell(text: str) -> str:
+    """Free text (a generated answer) as one markdown table cell: whitespace runs as one space, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 def format_metric(metrics: dict[str, Any], key: str) -> str:
     """A share as a percentage; retention with the facts it rests on ("94.59% (35 of 37)"), so a table of a
     few dozen known facts is not read as precise."""
@@ -117,10 +126,14 @@ class ResultsRecord:
         if self.locality.get("description"):
             lines += ["", f"Locality (A_F\\S, retention, agreement, bleed) measured on {self.locality['description']}."]
         if self.facts:
-            lines += ["", "| edited fact | old → new | predicted after the edit |", "|---|---|---|"]
+            generated = any("generated" in fact for fact in self.facts)  # a run with generation_eval
+            lines += ["", "| edited fact | old → new | predicted after the edit |" + (" generated after the edit |" if generated else ""),
+                      "|---|---|---|" + ("---|" if generated else "")]
             for fact in self.facts:
-                mark = "✓" if fact.get("correct") else "✗"
-                lines.append(f"| {fact['text'].replace('[Y]', '___')} | {fact['old']} → {fact['new']} | {fact.get('predicted', '')} {mark} |")
+                row = f"| {fact['text'].replace('[Y]', '___')} | {fact['old']} → {fact['new']} | {fact.get('predicted', '')} {_mark(fact.get('correct'))} |"
+                if generated:
+                    row += f" {_cell(fact.get('generated', ''))} {_mark(fact.get('generated_correct'))} |"
+                lines.append(row)
         if self.lost:
             shown = self.lost[:LOST_SHOWN]
             lines += ["", f"Facts the edit lost ({len(self.lost)} of the {self.metrics.get('n_known', '?')} known before it"

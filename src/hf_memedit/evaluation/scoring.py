@@ -162,8 +162,13 @@ def _answer_span(generated: str, obj: str) -> str:
     return answer
 
 
+def answer_matches(answer: str, obj: str) -> bool:
+    """Whether a generated answer (`generate_answers`) is the object, after SQuAD's normalisation."""
+    return normalize_answer(answer) == normalize_answer(obj)
+
+
 @torch.no_grad()
-def generate_facts(
+def generate_answers(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     facts: Iterable[Mapping],
@@ -171,11 +176,11 @@ def generate_facts(
     object_key: str = "object",
     extra_tokens: int = 4,
     show_progress: bool = False,
-) -> list[bool]:
-    """Generation-based scoring ("The Mirage of Model Editing"; LocFT-BF's): greedy decoding from the prompt
-    (the text before the object) until EOS, a newline or a period, then normalised exact match with the object.
+) -> list[str]:
+    """Each fact's answer by greedy decoding from its prompt (the text before the object), cut at EOS, the first
+    newline, or the first period unless the object has one: what generation-based scoring compares, and what a
+    user reads to see why a fact learned under teacher forcing is not produced (e.g. the model runs on).
 
-    Unlike teacher forcing, the answer's length and content are not given: the model must stop by itself.
     Causal LMs only; at most the object's length plus `extra_tokens` tokens are generated.
     """
     facts = list(facts)
@@ -190,7 +195,7 @@ def generate_facts(
         prefix = fact["text"].split(PLACEHOLDER, 1)[0].rstrip(" ")
         prompts.append(tokenizer(prefix)["input_ids"])
         lengths.append(len(tokenizer(" " + fact[object_key], add_special_tokens=False)["input_ids"]))
-    correct = [False] * len(facts)
+    answers = [""] * len(facts)
     order = sorted(range(len(facts)), key=lambda i: len(prompts[i]))
     with eval_mode(model):
         for start in tqdm(range(0, len(order), batch_size), desc="generating answers", disable=not show_progress):
@@ -204,5 +209,22 @@ def generate_facts(
             )
             for row, i in enumerate(index):
                 generated = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-                correct[i] = normalize_answer(_answer_span(generated, facts[i][object_key])) == normalize_answer(facts[i][object_key])
-    return correct
+                answers[i] = _answer_span(generated, facts[i][object_key]).strip()
+    return answers
+
+
+def generate_facts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Iterable[Mapping],
+    batch_size: int = 32,
+    object_key: str = "object",
+    extra_tokens: int = 4,
+    show_progress: bool = False,
+) -> list[bool]:
+    """Generation-based scoring ("The Mirage of Model Editing"; LocFT-BF's): whether each fact's greedy answer
+    (`generate_answers`) is its object after normalisation. Unlike teacher forcing, the answer's length and
+    content are not given: the model must stop by itself."""
+    facts = list(facts)
+    answers = generate_answers(model, tokenizer, facts, batch_size, object_key, extra_tokens, show_progress)
+    return [answer_matches(answer, fact[object_key]) for answer, fact in zip(answers, facts)]

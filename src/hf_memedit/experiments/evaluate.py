@@ -7,7 +7,7 @@ import time
 
 from ..architectures import model_kind
 from ..edit_config import EditConfig
-from ..evaluation.metrics import edit_metrics, evaluate_splits, lost_facts
+from ..evaluation.metrics import edit_metrics, evaluate_splits, generate_splits, generation_metrics, lost_facts
 from ..evaluation.results import RESULTS_JSON, ResultsRecord
 from ..model import EditModel
 from ..run_folder import check_writable
@@ -29,15 +29,20 @@ def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name
     # preserved benchmark facts is scored on the disjoint rest.
     model = starting_model(model, tokenizer, splits, job, args, reuse_only=True)
     splits, locality = locality_split(splits, job, args)
-    show = dict(batch_size=args.per_device_eval_batch_size, show_progress=True)
-    before = None
+    batch = args.per_device_eval_batch_size
+    show = dict(batch_size=batch, show_progress=True)
+    before = answers_before = None
     if edit_dir:
         before = evaluate_splits(model, tokenizer, splits, original=True, **show)
+        answers_before = generate_splits(model, tokenizer, splits, batch) if args.generation_eval else None
         model = EditModel.from_pretrained(model, edit_dir).merge_and_unload()
     after = evaluate_splits(model, tokenizer, splits, **show)
     kind = model_kind(model)
+    metrics = edit_metrics(splits, after, before, tokenizer, kind)
+    if args.generation_eval:  # as the run scored it
+        metrics.update(generation_metrics(splits, generate_splits(model, tokenizer, splits, batch), answers_before))
     record = ResultsRecord(
-        edit_metrics(splits, after, before, tokenizer, kind), config={"edit_dir": edit_dir, "setting": job.setting},
+        metrics, config={"edit_dir": edit_dir, "setting": job.setting},
         seed=args.seed, model=job.model_name_or_path,
         benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
         locality=locality.to_dict(), lost=lost_facts(splits, after, before, tokenizer, kind),

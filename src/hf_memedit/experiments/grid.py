@@ -133,8 +133,7 @@ class GridRunner:
     def generation(self, name: str, view: datasets.DatasetDict) -> dict:
         """Generation-based A_M and retention of the model now on one view, against θ0's (`before`)."""
         generated = generate_splits(self.model, self.tokenizer, view, self.args.per_device_eval_batch_size)
-        return generation_metrics(generated.get(MODIFIED_TEST, []), generated.get(UNMODIFIED_TEST, []),
-                                  self._generated_before[name].get(UNMODIFIED_TEST, []))
+        return generation_metrics(view, generated, self._generated_before[name])
 
     def point_args(self, point: GridPoint, output_dir: str) -> tuple[datasets.Dataset, EditConfig]:
         """The training data and args of an edit point: its norm, block and δ, and whatever else it sets."""

@@ -27,6 +27,7 @@ from ..evaluation.metrics import (
     next_token_drift,
 )
 from ..evaluation.results import ResultsRecord
+from ..evaluation.scoring import answer_matches
 from ..io import atomic_directory, atomic_write_text
 from ..preservation import Locality, known_evidence, neighbour_risk
 from ..run_folder import begin_outputs, claim_run_folder, seal_run
@@ -103,10 +104,10 @@ def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapp
     trainer.train(resume_from_checkpoint=resume)
     results = trainer.fact_results(eval_splits)
     metrics = edit_metrics(eval_splits, results, trainer.before_edit, tokenizer, trainer.kind)
+    generated = None
     if generated_before is not None:
         generated = generate_splits(trainer.edit_model.model, tokenizer, eval_splits, args.per_device_eval_batch_size)
-        metrics.update(generation_metrics(generated.get(MODIFIED_TEST, []), generated.get(UNMODIFIED_TEST, []),
-                                          generated_before.get(UNMODIFIED_TEST, [])))
+        metrics.update(generation_metrics(eval_splits, generated, generated_before))
     if held_out is not None:
         metrics.update(next_token_drift(trainer.edit_model.model, tokenizer, held_out, trainer.at_theta0))
     after = results[MODIFIED_TEST]
@@ -115,6 +116,9 @@ def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapp
          "old": row["original_object"], "new": row["object"], "predicted": tokenizer.decode(ids).strip(), "correct": ok}
         for row, ids, ok in zip(splits[MODIFIED_TEST], after.predicted, after.correct)
     ]
+    if generated is not None:  # what greedy generation answers, beside the teacher-forced prediction
+        for example, answer in zip(examples, generated.get(MODIFIED_TEST, [])):
+            example.update(generated=answer, generated_correct=answer_matches(answer, example["new"]))
     lost = lost_facts(eval_splits, results, trainer.before_edit, tokenizer, trainer.kind)
     return _finish(job, args, model, metrics, examples, lost, trainer, start, locality)
 
