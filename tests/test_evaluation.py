@@ -202,9 +202,10 @@ def test_generation_metrics_match_each_answer_to_its_object():
 
 
 @pytest.mark.slow
-def test_a_run_records_what_generation_answers_and_eval_scores_it_again(tmp_path, bpe_tokenizer):
+def test_a_run_records_what_generation_answers_and_eval_scores_it_and_the_drift_again(tmp_path, bpe_tokenizer):
     """With generation_eval each edited fact records its greedy answer beside the teacher-forced prediction (results
-    and summary); the generation scores are those answers', and `memedit eval` of the saved edit gives them again."""
+    and summary); the generation scores are those answers', and `memedit eval` of the saved edit gives them, and the
+    drift on θ0's held-out samples, again."""
     from hf_memedit.cli import parse
     from hf_memedit.cli.edit import format_summary
     from hf_memedit.evaluation.results import ResultsRecord
@@ -222,7 +223,7 @@ def test_a_run_records_what_generation_answers_and_eval_scores_it_again(tmp_path
         "--config", str(ROOT / "trainer_configs" / "bert_tiny_ftm.yaml"), "--model_name_or_path", str(base),
         "--benchmark_options", '{"relations": ["P36"], "object_last": true, "max_facts_per_relation": 24}',
         "--m", "4", "--edit_blocks", "1", "--delta", "0.5", "--learning_rate", "1e-2", "--per_device_train_batch_size", "4",
-        "--max_steps", "60", "--eos_target", "true", "--generation_eval", "true",
+        "--max_steps", "60", "--eos_target", "true", "--generation_eval", "true", "--drift_eval", "true",
     ]
     job, args, _ = parse("edit", argv + ["--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true"])
     outcome = run_edit(job, args)
@@ -234,8 +235,9 @@ def test_a_run_records_what_generation_answers_and_eval_scores_it_again(tmp_path
     assert "| generated after the edit |" in text and all(" ".join(f["generated"].split()) in text for f in record.facts)
     assert f"{record.facts[0]['generated']!r}" in format_summary(outcome, args, show_examples=4)
     evaluation, _ = run_eval(job, args, str(tmp_path / "run" / "edit"), "check")
-    for key in ("gen_a_m", "gen_a_fs", "gen_a_fs_before", "gen_retention", "gen_n_known"):
+    for key in ("gen_a_m", "gen_a_fs", "gen_a_fs_before", "gen_retention", "gen_n_known", "drift_kl", "perplexity_ratio"):
         assert evaluation.metrics[key] == record.metrics[key], key
+    assert record.metrics["drift_kl"] > 0
     # A sweep point is scored by generation on both halves too, against θ0's answers on each.
     job, args, _ = parse("sweep", argv + ["--output_dir", str(tmp_path / "sweep"), "--sweep_deltas", "0.5", "--sweep_blocks", "1",
                                           "--disable_tqdm", "true"])

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import torch
 
 from ..architectures import model_kind
 from ..edit_config import EditConfig
-from ..evaluation.metrics import edit_metrics, evaluate_splits, generate_splits, generation_metrics, lost_facts
+from ..evaluation.metrics import (
+    edit_metrics,
+    evaluate_splits,
+    generate_splits,
+    generation_metrics,
+    lost_facts,
+    next_token_drift,
+)
 from ..evaluation.results import RESULTS_JSON, ResultsRecord
 from ..model import EditModel
 from ..run_folder import check_writable
 from .job_config import JobConfig
 from .loading import load_model_and_tokenizer, prepare_benchmark
-from .settings import locality_split, starting_model
+from .settings import drift_samples, locality_split, starting_model
 
 
 def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name: str | None = None) -> tuple[ResultsRecord, str]:
@@ -31,16 +43,20 @@ def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name
     splits, locality = locality_split(splits, job, args)
     batch = args.per_device_eval_batch_size
     show = dict(batch_size=batch, show_progress=True)
-    before = answers_before = None
+    before = answers_before = held_out = edit = None
     if edit_dir:
         before = evaluate_splits(model, tokenizer, splits, original=True, **show)
         answers_before = generate_splits(model, tokenizer, splits, batch) if args.generation_eval else None
-        model = EditModel.from_pretrained(model, edit_dir).merge_and_unload()
+        held_out = drift_samples(model, tokenizer, args)  # θ0's samples, drawn as the run drew them
+        edit = EditModel.from_pretrained(model, edit_dir)
+        model = edit.merge_and_unload()
     after = evaluate_splits(model, tokenizer, splits, **show)
     kind = model_kind(model)
     metrics = edit_metrics(splits, after, before, tokenizer, kind)
     if args.generation_eval:  # as the run scored it
         metrics.update(generation_metrics(splits, generate_splits(model, tokenizer, splits, batch), answers_before))
+    if held_out is not None:
+        metrics.update(next_token_drift(model, tokenizer, held_out, partial(_at_theta0, edit)))
     record = ResultsRecord(
         metrics, config={"edit_dir": edit_dir, "setting": job.setting},
         seed=args.seed, model=job.model_name_or_path,
@@ -49,3 +65,16 @@ def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name
     )
     record.save(folder)
     return record, folder
+
+
+@contextmanager
+def _at_theta0(edit: EditModel) -> Iterator[None]:
+    """The edited tensors at θ0 inside, the edit restored after: drift compares the two models on the same batches."""
+    edited = {name: param.detach().clone() for name, param in edit.trainable_parameters().items()}
+    edit.revert()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, param in edit.trainable_parameters().items():
+                param.copy_(edited[name])
