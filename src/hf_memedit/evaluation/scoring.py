@@ -213,18 +213,11 @@ def generate_answers(
     return answers
 
 
-def generate_facts(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    facts: Iterable[Mapping],
-    batch_size: int = 32,
-    object_key: str = "object",
-    extra_tokens: int = 4,
-    show_progress: bool = False,
-) -> list[bool]:
+def generate_facts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: Iterable[Mapping],
+                   object_key: str = "object", **options) -> list[bool]:
     """Generation-based scoring ("The Mirage of Model Editing"; LocFT-BF's): whether each fact's greedy answer
-    (`generate_answers`) is its object after normalisation. Unlike teacher forcing, the answer's length and
-    content are not given: the model must stop by itself."""
+    (`generate_answers`, which takes `options`) is its object after normalisation. Unlike teacher forcing, the
+    answer's length and content are not given: the model must stop by itself."""
     facts = list(facts)
-    answers = generate_answers(model, tokenizer, facts, batch_size, object_key, extra_tokens, show_progress)
+    answers = generate_answers(model, tokenizer, facts, object_key=object_key, **options)
     return [answer_matches(answer, fact[object_key]) for answer, fact in zip(answers, facts)]
