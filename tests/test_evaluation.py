@@ -57,10 +57,13 @@ def test_hand_computed_accuracy_with_multi_token_objects(kind, bert_tokenizer, b
     assert results.correct == [True, True, False, False]  # every object token must be right
     assert results.accuracy == 0.5
     assert results.predicted == [[paris], [paris, paris], [paris, paris], [paris]]
+    # The margin is the object token's logit over the best other one, at its weakest position.
+    assert results.margins == [1.0, 1.0, -1.0, -1.0]
 
     # Restricted to candidates without "Paris", the runner-up wins.
     restricted = evaluate_facts(model, tokenizer, facts, candidates=[other, paris + 1], full_logits=True)
     assert restricted.correct == [False, False, False, True]
+    assert restricted.margins[3] == 1.0 and restricted.margins[0] == -float("inf")  # "Paris" is no candidate
     # The LAMA-style vocabulary of the objects "capital" and "Lyon" holds no "Paris" either.
     vocabulary = candidate_vocabulary(tokenizer, ["capital", "Lyon"])
     assert other in vocabulary and paris not in vocabulary
@@ -118,7 +121,9 @@ def test_smollm2_matches_a_naive_greedy_generate_loop(smollm2):
     splits = load_benchmark("geo_mod", m=8, relations=["P36"], object_last=True, max_facts_per_relation=64)
     facts = list(splits["modified_test"]) + list(splits["unmodified_test"])
     results = evaluate_facts(model, tokenizer, facts, batch_size=16)
-    assert evaluate_facts(model, tokenizer, facts, batch_size=16, full_logits=True) == results
+    full = evaluate_facts(model, tokenizer, facts, batch_size=16, full_logits=True)
+    assert full == results and full.margins == pytest.approx(results.margins, abs=1e-4)
+    assert [m > 0 for m in results.margins] == results.correct  # a fact is right exactly where its margin is positive
 
     naive = naive_greedy_correct(model, tokenizer, facts)
     assert results.correct == naive

@@ -49,6 +49,16 @@ def test_retention_on_the_edited_relations_leaves_out_relations_no_edit_touched(
     assert "retention_edited" not in avg_acc([True], [True], unmodified_correct_before=[True])
 
 
+def test_retention_of_firmly_known_facts_leaves_out_near_ties():
+    result = avg_acc([True], [False, False, True, True], unmodified_correct_before=[True, True, True, False],
+                     unmodified_margins_before=[0.2, 1.5, 1.0, -0.3])
+    assert result["retention"] == pytest.approx(1 / 3) and result["n_known"] == 3
+    assert result["retention_confident"] == 0.5 and result["n_known_confident"] == 2  # the near-tie (0.2) is left out
+    assert "retention_confident" not in avg_acc([True], [True], unmodified_correct_before=[True])
+    with pytest.raises(ValueError, match="unmodified_margins_before has 1 entries but there are 2"):
+        avg_acc([True], [True, False], unmodified_correct_before=[True, True], unmodified_margins_before=[1.0])
+
+
 def test_avg_acc_edge_cases_and_bad_input():
     only_unmodified = avg_acc([], [True, False])
     assert only_unmodified["a_m"] is None and only_unmodified["avg_acc"] is None and only_unmodified["a_fs"] == 0.5
@@ -76,6 +86,9 @@ def test_evaluate_module_loads_offline_and_matches_the_function(monkeypatch):
         predicted_before=predicted_before, relations=relations, train_correct=[True, True, True, False],
     )
     assert result == avg_acc([True, False], [True, True, True, False], modified_train_correct=[True, True, True, False], **BEFORE)
+    margins = [0.5, 0.5, 3.0, 0.1, -1.0, 2.0]
+    firm = metric.compute(correct=correct, modified=modified, correct_before=per_fact_before, margins_before=margins)
+    assert firm["retention_confident"] == 0.5 and firm["n_known_confident"] == 2
     assert metric.compute(correct=[True, False], modified=[True, False])["avg_acc"] == 0.5
     with pytest.raises(ValueError, match="relations has 1 entries for 2 facts"):
         metric.compute(correct=[True, False], modified=[True, False], relations=["P1"])
@@ -138,13 +151,13 @@ def test_results_record_round_trip(tmp_path):
     assert "| P17 | 0.00% | 1 | 50.00% | 2 | 0.00% (0 of 1) |" in table  # retention per relation: where facts were lost
     assert "| benchmark.name | geo_mod |" in table and "| delta | 0.001 |" in table
     lost = [{"uuid": f"u{i}", "relation": "P17", "subject": f"City {i}", "text": f"City {i} is in [Y].", "object": "Peru",
-             "predicted": "Chile", "bleed": i % 2 == 0} for i in range(LOST_SHOWN + 1)]
+             "predicted": "Chile", "bleed": i % 2 == 0, "margin_before": 0.25} for i in range(LOST_SHOWN + 1)]
     record = ResultsRecord({**metrics, "n_known": 60}, lost=lost)
     record.save(tmp_path)
     assert ResultsRecord.load(tmp_path).lost == lost
     table = (tmp_path / "results.md").read_text()
     assert f"Facts the edit lost ({LOST_SHOWN + 1} of the 60 known before it; the first {LOST_SHOWN} here, all in results.json)" in table
-    assert "| City 0 is in ___. | Peru | Chile | yes |" in table and f"City {LOST_SHOWN - 1} is" in table
+    assert "| City 0 is in ___. | Peru | Chile | yes | 0.25 |" in table and f"City {LOST_SHOWN - 1} is" in table
     assert f"City {LOST_SHOWN} is" not in table
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

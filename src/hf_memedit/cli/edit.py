@@ -33,11 +33,12 @@ def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5
             lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['old']} -> {fact['new']}  [{fact['predicted']}, {mark}{answer}]")
     lost = outcome.record.lost
     if lost:
-        lines += ["", f"unmodified facts the edit lost ({len(lost)}; all in results.md) [prediction after the edit], "
-                      "those now giving a new object first:"]
+        lines += ["", f"unmodified facts the edit lost ({len(lost)}; all in results.md) [prediction after the edit; "
+                      "logit margin before it], those now giving a new object first:"]
         for fact in sorted(lost, key=lambda f: not f["bleed"])[:show_examples]:
             mark = ", a new object" if fact["bleed"] else ""
-            lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['object']}  [{fact['predicted']}{mark}]")
+            margin = f"; margin {fact['margin_before']:.2f}" if fact.get("margin_before") is not None else ""
+            lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['object']}  [{fact['predicted']}{mark}{margin}]")
     lines += ["", f"run folder: {os.path.abspath(args.output_dir)}"]
     return "\n".join(lines)
 

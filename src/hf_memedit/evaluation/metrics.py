@@ -39,6 +39,11 @@ def _check_length(name: str, values: Sequence | None, expected: int, of: str) ->
         raise ValueError(f"{name} has {len(values)} entries but there are {expected} {of} facts: give one per fact, in the same order.")
 
 
+CONFIDENT_MARGIN = 1.0
+"""Logit margin (nats) above which a known fact counts as known firmly: its object token at least e times as likely
+as any other token, at every object position (`retention_confident`)."""
+
+
 def avg_acc(
     modified_correct: Sequence[bool],
     unmodified_correct: Sequence[bool],
@@ -51,6 +56,7 @@ def avg_acc(
     unmodified_bleeds: Sequence[bool] | None = None,
     modified_relations: Sequence[str] | None = None,
     unmodified_relations: Sequence[str] | None = None,
+    unmodified_margins_before: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """A_M, A_F\\S, Ā and the counts; with before-edit results also A_F before, the drop, retention, agreement.
 
@@ -66,6 +72,8 @@ def avg_acc(
         unmodified_bleeds: per unmodified fact, whether its prediction after the edit is one of the
             edit's new objects (with `unmodified_correct_before`, for bleed).
         modified_relations / unmodified_relations: relation ids, for a per-relation breakdown.
+        unmodified_margins_before: per unmodified fact, its logit margin before the edit (`FactResults.margins`),
+            for retention on the facts known by at least `CONFIDENT_MARGIN`.
     """
     n_m, n_u = len(modified_correct), len(unmodified_correct)
     if n_m == 0 and n_u == 0:
@@ -78,6 +86,7 @@ def avg_acc(
         ("unmodified_predicted_before", unmodified_predicted_before, n_u, "unmodified"),
         ("unmodified_bleeds", unmodified_bleeds, n_u, "unmodified"),
         ("unmodified_relations", unmodified_relations, n_u, "unmodified"),
+        ("unmodified_margins_before", unmodified_margins_before, n_u, "unmodified"),
     ):
         _check_length(name, values, expected, of)
     a_m, a_fs = _share(modified_correct), _share(unmodified_correct)
@@ -103,6 +112,13 @@ def avg_acc(
             result["bleed"] = _share([bool(unmodified_bleeds[i]) for i in lost])
         if original_correct_before is not None:
             result["a_f_before"] = _share(list(original_correct_before) + list(unmodified_correct_before))
+        if unmodified_margins_before is not None:
+            # The facts the model knew firmly: a thin margin flips under almost any change, so this says
+            # whether an edit's losses are such near-ties or facts the model was sure of.
+            firm = [after for before, after, margin in zip(unmodified_correct_before, unmodified_correct, unmodified_margins_before)
+                    if before and margin >= CONFIDENT_MARGIN]
+            result["retention_confident"] = _share(firm)
+            result["n_known_confident"] = len(firm)
     if (unmodified_predicted is None) != (unmodified_predicted_before is None):
         raise ValueError("Agreement needs both unmodified_predicted and unmodified_predicted_before.")
     if unmodified_predicted is not None:
@@ -201,7 +217,8 @@ def lost_facts(
     tokenizer: PreTrainedTokenizerBase, kind: str,
 ) -> list[dict[str, Any]]:
     """The unmodified facts right before the edit and wrong after it, in benchmark order: what each now
-    predicts, and whether that is one of the edit's new objects (`bleed_flags`). The facts behind
+    predicts, whether that is one of the edit's new objects (`bleed_flags`), and its margin before the edit
+    (`FactResults.margins`: a near-tie flips under almost any change). The facts behind
     retention's and bleed's numbers, so a user can read what an edit broke; none without `before`."""
     if not before or UNMODIFIED_TEST not in after or UNMODIFIED_TEST not in before:
         return []
@@ -213,10 +230,11 @@ def lost_facts(
     predicted = [now.predicted[i] for i in indices]
     modified = list(splits[MODIFIED_TEST]) if MODIFIED_TEST in splits else []
     bleeds = bleed_flags(tokenizer, kind, modified, list(rows), predicted) if modified else [False] * len(indices)
+    margins = [then.margins[i] if then.margins else None for i in indices]
     return [
         {"uuid": row["uuid"], "relation": row["relation"], "subject": row["subject"], "text": row["text"],
-         "object": row["object"], "predicted": tokenizer.decode(ids).strip(), "bleed": bleed}
-        for row, ids, bleed in zip(rows, predicted, bleeds)
+         "object": row["object"], "predicted": tokenizer.decode(ids).strip(), "bleed": bleed, "margin_before": margin}
+        for row, ids, bleed, margin in zip(rows, predicted, bleeds, margins)
     ]
 
 
@@ -246,6 +264,7 @@ def edit_metrics(
             unmodified_correct_before=previous.correct,
             unmodified_predicted=unmodified.predicted,
             unmodified_predicted_before=previous.predicted,
+            unmodified_margins_before=previous.margins or None,
         )
         if tokenizer is not None and kind is not None and len(unmodified) and len(modified):
             kwargs["unmodified_bleeds"] = bleed_flags(

@@ -30,6 +30,7 @@ METRIC_LABELS = {
     "a_fs_drop": "drop in A_F\\S",
     "retention": "retention (unmodified, right before → still right)",
     "retention_edited": "retention on the edited relations",
+    "retention_confident": "retention of the facts known by a margin ≥ 1",
     "agreement": "agreement (unmodified, same prediction)",
     "bleed": "bleed (lost facts now predicting a new object)",
     "gen_a_m": "A_M by greedy generation",
@@ -72,11 +73,17 @@ def format_percent(value: float | None) -> str:
 
 
 # Shares whose denominator is small enough to matter: shown with their counts.
-_DENOMINATORS = {"retention": "n_known", "retention_edited": "n_known_edited", "gen_retention": "gen_n_known"}
+_DENOMINATORS = {"retention": "n_known", "retention_edited": "n_known_edited", "retention_confident": "n_known_confident",
+                 "gen_retention": "gen_n_known"}
 
 
 def _mark(correct: bool | None) -> str:
     return "✓" if correct else "✗"
+
+
+def _margin(value: float | None) -> str:
+    """A lost fact's logit margin before the edit (older records have none)."""
+    return "–" if value is None else f"{value:.2f}"
 
 
 def _cell(text: str) -> str:
@@ -138,9 +145,10 @@ class ResultsRecord:
             shown = self.lost[:LOST_SHOWN]
             lines += ["", f"Facts the edit lost ({len(self.lost)} of the {self.metrics.get('n_known', '?')} known before it"
                       + (f"; the first {LOST_SHOWN} here, all in {RESULTS_JSON}" if len(self.lost) > LOST_SHOWN else "") + "):",
-                      "", "| lost fact | object | predicted after the edit | a new object (bleed) |", "|---|---|---|---|"]
-            lines += [f"| {fact['text'].replace('[Y]', '___')} | {fact['object']} | {fact['predicted']} | {'yes' if fact['bleed'] else 'no'} |"
-                      for fact in shown]
+                      "", "| lost fact | object | predicted after the edit | a new object (bleed) | margin before the edit |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {fact['text'].replace('[Y]', '___')} | {fact['object']} | {fact['predicted']} | {'yes' if fact['bleed'] else 'no'} "
+                      f"| {_margin(fact.get('margin_before'))} |" for fact in shown]
         per_relation = self.metrics.get("per_relation")
         if per_relation:
             lines += ["", "| relation | A_M | modified | A_F\\S | unmodified | retention |", "|---|---|---|---|---|---|"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -34,11 +34,16 @@ class FactResults:
     """Per-fact outcome of `evaluate_facts`, in the order the facts were given.
 
     `predicted` holds the argmax ids at the object positions (teacher-forced for causal LMs): two
-    evaluations agree on a fact when these are equal.
+    evaluations agree on a fact when these are equal. `margins` holds, per fact, the smallest gap over
+    its object tokens between the object token's logit and the best other one (in the candidates, when
+    given): how firmly the model predicts the fact, negative where it is wrong. Empty where not scored
+    by logits (kNN-LM). Two results are equal when their outcomes are: margins are floats, which the fast
+    paths reproduce only within rounding, so they are compared apart.
     """
 
     correct: list[bool]
     predicted: list[list[int]]
+    margins: list[float] = field(default_factory=list, compare=False)
 
     def __len__(self) -> int:
         return len(self.correct)
@@ -84,12 +89,18 @@ def evaluate_facts(
     allowed = _candidate_tensor(candidates, model, next(model.parameters()).device)
     correct: list[bool] = [False] * len(facts)
     predicted: list[list[int]] = [[] for _ in facts]
+    margins: list[float] = [0.0] * len(facts)
     for fact_index, logits, wanted in object_logits(model, tokenizer, facts, batch_size, show_progress, text_key,
                                                     object_key, full_logits, prefix):
-        ids = logits.argmax(-1) if allowed is None else allowed[logits[:, allowed].argmax(-1)]
+        scores = logits if logits.dtype == torch.float64 else logits.float()
+        if allowed is not None:  # tokens outside the candidates can be neither predicted nor a rival
+            scores = torch.full_like(scores, -torch.inf).index_copy_(1, allowed, scores[:, allowed])
+        ids = scores.argmax(-1)
         correct[fact_index] = bool(torch.equal(ids, wanted))
         predicted[fact_index] = ids.tolist()
-    return FactResults(correct, predicted)
+        rivals = scores.scatter(1, wanted[:, None], -torch.inf).amax(-1)
+        margins[fact_index] = (scores.gather(1, wanted[:, None]).squeeze(1) - rivals).min().item()
+    return FactResults(correct, predicted, margins)
 
 
 @torch.no_grad()

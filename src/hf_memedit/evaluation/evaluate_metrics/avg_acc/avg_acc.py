@@ -28,11 +28,14 @@ Args:
     relations (`list` of `str`, optional): per fact, its relation id (per-relation breakdown).
     train_correct (`list` of `bool`, optional): per training phrasing of the modified facts (A_M on
         the training phrasing, i.e. reliability).
+    margins_before (`list` of `float`, optional): per fact, its logit margin before the edit
+        (`FactResults.margins`; with correct_before: retention_confident).
 Returns:
     a_m, a_fs, avg_acc, n_modified, n_unmodified; with correct_before: a_fs_before, a_fs_drop,
     retention, n_known (retention's denominator: the unmodified facts right before), n_lost, a_f_before; with predicted(_before): agreement; with bleeds: bleed; with relations: per_relation (A_M, A_F\\S, retention and bleed of each relation), and with correct_before
     also retention_edited and n_known_edited (retention on the relations that have modified facts);
-    with train_correct: a_m_train. Fractions in [0, 1]; None where a denominator is empty.
+    with train_correct: a_m_train; with margins_before: retention_confident and n_known_confident (retention
+    on the unmodified facts known by a margin of at least 1). Fractions in [0, 1]; None where a denominator is empty.
 Examples:
     >>> metric = evaluate.load(hf_memedit.AVG_ACC_METRIC_PATH)
     >>> metric.compute(correct=[True, False, True, True], modified=[True, True, False, False])["avg_acc"]
@@ -60,9 +63,9 @@ class AvgAcc(evaluate.Metric):
         )
 
     def _compute(self, correct, modified, correct_before=None, predicted=None, predicted_before=None,
-                 relations=None, train_correct=None, bleeds=None):
+                 relations=None, train_correct=None, bleeds=None, margins_before=None):
         for name, values in (("correct_before", correct_before), ("predicted", predicted), ("bleeds", bleeds),
-                             ("predicted_before", predicted_before), ("relations", relations)):
+                             ("predicted_before", predicted_before), ("relations", relations), ("margins_before", margins_before)):
             if values is not None and len(values) != len(correct):
                 raise ValueError(f"{name} has {len(values)} entries for {len(correct)} facts: give one per fact.")
 
@@ -80,4 +83,5 @@ class AvgAcc(evaluate.Metric):
             unmodified_bleeds=pick(bleeds, False),
             modified_relations=pick(relations, True),
             unmodified_relations=pick(relations, False),
+            unmodified_margins_before=pick(margins_before, False),
         )
