@@ -98,6 +98,19 @@ def test_missing_edit_folder(tmp_path):
         EditModel.from_pretrained(tiny_bert(100, layers=2), tmp_path)
 
 
+def test_at_theta0_puts_the_base_values_in_and_the_edit_back_even_after_an_error():
+    base_state = _state(tiny_bert(100, layers=2))
+    edit = get_edit_model(tiny_bert(100, layers=2), BlockSelectorConfig(blocks=["1"]))
+    _perturb(edit)
+    edited_state = _state(edit.model)
+    with edit.at_theta0():
+        assert all(torch.equal(v, base_state[k]) for k, v in edit.model.state_dict().items())
+    assert all(torch.equal(v, edited_state[k]) for k, v in edit.model.state_dict().items())
+    with pytest.raises(RuntimeError, match="inside"), edit.at_theta0():
+        raise RuntimeError("inside")
+    assert all(torch.equal(v, edited_state[k]) for k, v in edit.model.state_dict().items())
+
+
 def test_wrapping_twice_is_refused():
     edit = get_edit_model(tiny_bert(100, layers=2))
     with pytest.raises(ValueError, match="already an EditModel"):

@@ -6,7 +6,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import datasets
 import torch
@@ -25,7 +25,7 @@ from .fast_paths.prefix import PrefixCache, fast_forward, first_editable_block
 from .fisher import diagonal_fisher
 from .io import load_tensors, save_tensors
 from .keys import KeyStatistics, corpus_texts, key_layers, preserved_keys
-from .model import EditModel, get_edit_model
+from .model import EditModel, get_edit_model, values_at
 from .projection import KeyProjector, NormBallProjector
 
 
@@ -399,21 +399,10 @@ class ConstrainedEditTrainer(Trainer):
             raise ValueError(f"resume_from_checkpoint {folder} does not exist: give a checkpoint-N folder, or true for the last one.")
         return folder
 
-    @contextmanager
-    def at_theta0(self) -> Iterator[None]:
+    def at_theta0(self) -> AbstractContextManager[None]:
         """The trainable parameters at θ0 inside (they are restored after). Usable inside the fast paths, which
         rearrange the block list (the parameters are the projector's, held by reference)."""
-        params, theta0 = self.projector.params, self.projector.theta0_like_params()
-        current = {name: param.detach().clone() for name, param in params.items()}
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(theta0[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(current[name])
+        return values_at(self.projector.params, self.projector.theta0_like_params())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: PreTrainedModel | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

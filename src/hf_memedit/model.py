@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from safetensors import safe_open
@@ -25,6 +26,22 @@ WEIGHTS_NAME = "memedit_edit.safetensors"
 BASE_WEIGHTS_NAME = "memedit_base.safetensors"  # the base values of the changed tensors: revert without the base checkpoint
 _BASE_HASHES_KEY = "memedit_base_sha256"
 _EDIT_HASHES_KEY = "memedit_edit_sha256"
+
+
+@contextmanager
+def values_at(params: Mapping[str, nn.Parameter], values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """`params` hold `values` inside (each already like its parameter), their own values again after, also on an
+    error: e.g. θ0's outputs beside the edit's on the same batches."""
+    current = {name: param.detach().clone() for name, param in params.items()}
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(values[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(current[name])
 
 
 class EditModel(nn.Module):
@@ -96,6 +113,11 @@ class EditModel(nn.Module):
         """Restore θ0 exactly; the model stays wrapped and can be edited again."""
         for name, param in self.trainable_parameters().items():
             param.copy_(like(param, self.theta0[name]))
+
+    def at_theta0(self) -> AbstractContextManager[None]:
+        """The edited tensors at θ0 inside, the edit restored after (`values_at`)."""
+        params = self.trainable_parameters()
+        return values_at(params, {name: like(param, self.theta0[name]) for name, param in params.items()})
 
     def _restore_requires_grad(self) -> PreTrainedModel:
         for name, param in self.model.named_parameters():

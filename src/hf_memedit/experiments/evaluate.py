@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import partial
-
-import torch
 
 from ..architectures import model_kind
 from ..edit_config import EditConfig
@@ -56,7 +51,7 @@ def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name
     if args.generation_eval:  # as the run scored it
         metrics.update(generation_metrics(splits, generate_splits(model, tokenizer, splits, batch), answers_before))
     if held_out is not None:
-        metrics.update(next_token_drift(model, tokenizer, held_out, partial(_at_theta0, edit)))
+        metrics.update(next_token_drift(model, tokenizer, held_out, edit.at_theta0))
     record = ResultsRecord(
         metrics, config={"edit_dir": edit_dir, "setting": job.setting},
         seed=args.seed, model=job.model_name_or_path,
@@ -66,15 +61,3 @@ def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name
     record.save(folder)
     return record, folder
 
-
-@contextmanager
-def _at_theta0(edit: EditModel) -> Iterator[None]:
-    """The edited tensors at θ0 inside, the edit restored after: drift compares the two models on the same batches."""
-    edited = {name: param.detach().clone() for name, param in edit.trainable_parameters().items()}
-    edit.revert()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, param in edit.trainable_parameters().items():
-                param.copy_(edited[name])
