@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -211,7 +212,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_launch(script: Path, *args: str, processes: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_process(command: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `command` from the repository root in a session of its own; past `timeout` seconds the whole session
+    (a launcher and every rank it started) is killed, and what each printed is returned with the reason."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env=env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        stderr += f"\n[killed: {' '.join(command[:6])} ... ran past its {timeout} s timeout]"
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def accelerate_launch(script: Path, *args: str, processes: int = 2, env: dict | None = None,
+                      timeout: float = 300) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu` of `script` on `processes` CPU ranks (gloo), from the repository root."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
@@ -219,4 +235,4 @@ def accelerate_launch(script: Path, *args: str, processes: int = 2, env: dict | 
         "--main_process_port", str(free_port()), str(script), *args,
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    return run_process(command, timeout, env)

@@ -108,3 +108,28 @@ def test_the_constraint_record_and_its_line_name_the_whole_set():
     assert line(norm="none", delta=None) == "no norm bound (unconstrained), blocks 25"
     # A config recorded before key constraints were: the key constraint is unknown, not claimed to be none.
     assert constraint_record({"norm": "linf", "delta": 1e-2}) == {"norm": "linf", "delta": 1e-2}
+
+
+@pytest.mark.parametrize("raised, code", [(ValueError("bad δ"), "memedit edit: error: bad δ"), (SystemExit(2), 2),
+                                          (RuntimeError("a bug"), 1), (None, None)])
+def test_every_way_a_command_ends_ends_the_process_group_first(monkeypatch, raised, code, capsys):
+    """A DDP or FSDP rank whose command failed must still join Gloo's workers before the interpreter exits."""
+    import hf_memedit.cli as cli
+
+    events = []
+
+    def run(command, rest):
+        events.append("run")
+        if raised is not None:
+            raise raised
+
+    monkeypatch.setattr(cli, "_run", run)
+    monkeypatch.setattr(cli, "end_process_group", lambda: events.append("ended"))
+    if code is None:
+        cli.main(["edit"])
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["edit"])
+        assert exit_info.value.code == code
+    assert events == ["run", "ended"]
+    assert ("Traceback" in capsys.readouterr().err) == isinstance(raised, RuntimeError)  # a bug keeps its traceback

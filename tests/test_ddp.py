@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from .helpers import ROOT, accelerate_launch
+from .helpers import ROOT, accelerate_launch, run_process
 
 
 @pytest.mark.slow
@@ -25,15 +25,13 @@ def test_two_rank_ddp_keeps_the_bound_and_identical_parameters(tmp_path):
 def test_two_rank_fsdp2_keeps_the_bound_and_equals_one_process(norm, delta, tmp_path):
     """FSDP2 shards every block over 2 CPU ranks: L∞ projects each shard, L2 all-reduces one norm; the edit is
     the one-process edit (float64: reordered sums only), saved and reverted through the gathered tensors."""
-    import subprocess
     import sys
 
     import torch
     from safetensors.torch import load_file
 
     script = ROOT / "tests" / "utils" / "fsdp_edit.py"
-    whole = subprocess.run([sys.executable, str(script), str(tmp_path), norm, str(delta), "whole"], capture_output=True,
-                           text=True, timeout=300, cwd=ROOT)
+    whole = run_process([sys.executable, str(script), str(tmp_path), norm, str(delta), "whole"])
     assert whole.returncode == 0, whole.stderr[-4000:]
     sharded = accelerate_launch(script, str(tmp_path), norm, str(delta), "shard")
     assert sharded.returncode == 0, sharded.stderr[-4000:]
@@ -59,14 +57,12 @@ def test_the_trainer_rebinds_its_projection_to_fsdp2_shards(order, tmp_path):
     trainer; `prepared`: accelerate's order, sharded in `train()` after the optimizer was made (an H200 run of
     bench/fsdp_check.py found the box kept on the stale unsharded tensors there, distance 0, the shards unbounded)."""
     import os
-    import subprocess
     import sys
 
     from .helpers import free_port
 
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "utils" / "fsdp_trainer.py"), str(tmp_path), order],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""})
+    done = run_process([sys.executable, str(ROOT / "tests" / "utils" / "fsdp_trainer.py"), str(tmp_path), order],
+                       env={**os.environ, "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-4000:]
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["sharded"] and record["same_objects"] and record["projections"] == 3

@@ -19,6 +19,7 @@ from .knn import KnnDatastore
 from .model import EditModel, get_edit_model
 from .preservation import Locality, NeighbourRisk, disjoint_split, neighbour_risk, preservation_batches
 from .projection import KeyProjector, NormBallProjector, project_fisher_, project_l2_, project_linf_
+from .sharding import end_process_group
 
 
 __version__ = version("hf_memedit")
@@ -48,6 +49,7 @@ __all__ = [
     "candidate_vocabulary",
     "disjoint_split",
     "edit_metrics",
+    "end_process_group",
     "evaluate_facts",
     "evaluate_splits",
     "filter_encodable",

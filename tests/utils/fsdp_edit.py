@@ -20,14 +20,12 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from hf_memedit import BlockSelectorConfig, NormBallProjector, get_edit_model  # noqa: E402
-from hf_memedit.sharding import is_sharded  # noqa: E402
+from hf_memedit.sharding import end_process_group, is_sharded  # noqa: E402
 from tests.helpers import TINY  # noqa: E402
 
 
 def main(out: str, norm: str, delta: float, mode: str) -> None:
     shard = mode == "shard"
-    if shard:
-        dist.init_process_group("gloo")
     rank = dist.get_rank() if shard else 0
     model = TINY["llama"](3, vocab=64).double()
     edit = get_edit_model(model, BlockSelectorConfig(blocks=["1", "2"]))
@@ -57,10 +55,10 @@ def main(out: str, norm: str, delta: float, mode: str) -> None:
                   "reverted": reverted, "world_size": dist.get_world_size() if shard else 1}
         with open(os.path.join(out, f"{mode}.json"), "w") as handle:
             json.dump(record, handle)
-    if shard:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    if sys.argv[4] == "shard":
+        dist.init_process_group("gloo")
     main(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4])
+    end_process_group()  # main's sharded model is released: its Gloo workers are joined before exit

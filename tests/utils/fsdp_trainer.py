@@ -19,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from hf_memedit import ConstrainedEditTrainer, EditConfig  # noqa: E402
+from hf_memedit import ConstrainedEditTrainer, EditConfig, end_process_group  # noqa: E402
 from hf_memedit.sharding import is_sharded  # noqa: E402
 from tests.helpers import FACTS, TINY  # noqa: E402
 
@@ -47,8 +47,6 @@ def shard_when_prepared(trainer, model) -> None:
 
 
 def main(out: str, order: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -81,8 +79,10 @@ def main(out: str, order: str) -> None:
     record["changed"] = len(trainer.edit_model.changed_tensors())
     with open(os.path.join(out, "record.json"), "w") as handle:
         json.dump(record, handle)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
     main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "before")
+    end_process_group()  # the trainer and its sharded model are released: Gloo's workers are joined before exit

@@ -14,13 +14,13 @@ all); a command-line option overrides the YAML. One module per command, each wit
 
 from __future__ import annotations
 
-import gc
 import importlib
 import sys
+import traceback
 
-from accelerate import PartialState
 from huggingface_hub.errors import HfHubHTTPError
 
+from ..sharding import end_process_group
 from .parser import parse, read_config
 
 
@@ -46,11 +46,21 @@ def main(argv: list[str] | None = None) -> None:
         print(usage)
         return
     command, rest = argv[0], argv[1:]
+    exit_with: tuple = ()  # sys.exit's argument, when the command did not end normally
     try:
         _run(command, rest)
     except ONE_LINE_ERRORS as error:  # bad input, a missing file, no network: one line, no traceback
-        sys.exit(f"memedit {command}: error: {_describe(error)}")
+        exit_with = (f"memedit {command}: error: {_describe(error)}",)
+    except SystemExit as error:  # --help, a usage error
+        exit_with = (error.code,)
+    except BaseException as error:  # a bug or an interrupt: its traceback, printed before the run is released
+        traceback.print_exception(error)
+        exit_with = (130 if isinstance(error, KeyboardInterrupt) else 1,)
+    # Every path ends the process group once the run's frames (and the trainer they hold) are gone: a DDP or FSDP
+    # rank that exits with its group alive can abort in Gloo's worker threads (see `end_process_group`).
     end_process_group()
+    if exit_with:
+        sys.exit(*exit_with)
 
 
 # What a user can fix gets one line; a bug still shows its traceback.
@@ -71,18 +81,4 @@ def _describe(error: BaseException) -> str:
     return text
 
 
-def end_process_group() -> None:
-    """End a DDP run's process group while the interpreter is whole; call it once the run's trainer is released.
-
-    A finished trainer's DDP wrapper still holds the group (often inside a reference cycle), so it is
-    collected first: only then does destroying the group join Gloo's worker threads. Left to
-    interpreter exit, a worker that frees the last collective's tensors needs the GIL after
-    finalization began, and the process aborts after a successful run ("terminate called without
-    an active exception", pytorch/pytorch#179291).
-    """
-    gc.collect()
-    PartialState().destroy_process_group()
-
-
-
-__all__ = ["COMMANDS", "end_process_group", "main", "parse", "read_config"]
+__all__ = ["COMMANDS", "main", "parse", "read_config"]
