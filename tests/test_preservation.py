@@ -14,7 +14,7 @@ from hf_memedit.evaluation.results import ResultsRecord
 from hf_memedit.experiments import run_edit, run_eval
 from hf_memedit.preservation import NeighbourRisk, disjoint_split, neighbour_risk, preservation_batches
 
-from .helpers import ROOT, tiny_bert
+from .helpers import FACTS, ROOT, tiny_bert
 
 
 def _row(uuid, relation, subject, text, obj):
@@ -283,3 +283,25 @@ def test_the_trainer_keeps_the_kl_rows_near_theta0(bert_tokenizer, tmp_path):
         at = batch["labels"] != -100
         moves[objective] = float((before[at].exp() * (before[at] - after[at])).sum())
     assert moves["kl"] < moves["none"]
+
+
+def test_the_kl_term_is_zero_with_zero_gradient_at_theta0_under_dropout(bert_tokenizer, tmp_path):
+    """θ0's reference is its own distribution (dropout off, the same on every call), and the KL rows are scored
+    without dropout too: at θ = θ0 the term is 0 with a zero gradient, on every call, and the train mode is kept."""
+    model = tiny_bert(bert_tokenizer.vocab_size, layers=2, dropout=0.1)
+    args = EditConfig(output_dir=str(tmp_path), edit_blocks=["1"], norm="none", delta=None, preserve_objective="kl",
+                      max_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True)
+    group = {"text": [f["text"] for f in FACTS[:4]], "object": [f["object"] for f in FACTS[:4]], "preserve": [True] * 4}
+    trainer = ConstrainedEditTrainer(model, args, train_dataset=datasets.Dataset.from_list([group]),
+                                     processing_class=bert_tokenizer)
+    batch = FactCollator(bert_tokenizer, "masked")([group])
+    items = (batch["labels"] != -100).sum()
+    model.train()
+    for _ in range(3):
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
+        loss.backward()
+        assert loss.item() == 0.0
+        # softmax(θ0's logits) − exp(log_softmax(θ0's logits)): float32 rounding only (dropout gave 1e-3 to the loss)
+        assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) < 1e-7
+    assert model.training

@@ -164,6 +164,43 @@ def test_resume_matches_an_uninterrupted_run_and_keeps_theta0(tmp_path, bert_tok
         assert torch.equal(from_checkpoint.edit_model.trainable_parameters()[name], reference.edit_model.trainable_parameters()[name])
 
 
+@pytest.mark.parametrize("constraint", [dict(norm="l2", key_constraint="output", output_rho=1e-3), dict(norm="fisher", delta=1e-1)])
+def test_resume_from_the_checkpoints_weights_builds_the_constraint_around_theta0(constraint, tmp_path, bert_tokenizer):
+    """Given the checkpoint's own weights, the preserved keys, the output radius and the Fisher are estimated at θ0
+    as restored from the checkpoint, not at the weights given: the edit equals the uninterrupted one."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f["text"].replace("[Y]", f["object"]) for f in FACTS) + "\nThe capital of Italy is Rome.\n")
+    data = Dataset.from_list(FACTS)
+    vocab = bert_tokenizer.vocab_size
+
+    def trainer(model, out, **kw):
+        args = _args(out, per_device_train_batch_size=2, max_steps=6, save_strategy="steps", save_steps=2,
+                     learning_rate=5e-2, delta=constraint.get("delta", 5e-2), preserve_corpus=str(corpus),
+                     preserve_keys_file=str(tmp_path / "keys.safetensors"),
+                     **{k: v for k, v in constraint.items() if k != "delta"})
+        return ConstrainedEditTrainer(model, args, train_dataset=data, processing_class=bert_tokenizer,
+                                      fisher_dataset=data, **kw)
+
+    reference = trainer(tiny_bert(vocab, layers=2), str(tmp_path / "ref"))
+    reference.train()
+    crashed = trainer(tiny_bert(vocab, layers=2), str(tmp_path / "crash"), callbacks=[_Crash(at_step=3)])
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    checkpoint = str(tmp_path / "crash" / "checkpoint-2")
+    resumed = trainer(BertForMaskedLM.from_pretrained(checkpoint), str(tmp_path / "crash"))
+    resumed.train(resume_from_checkpoint=checkpoint)
+    if reference.keys is not None:
+        for name, moment in reference.keys.moments.items():
+            assert torch.equal(resumed.keys.moments[name], moment), name
+        for name, (_, _, radius) in reference.projector.keys.bases.items():
+            assert resumed.projector.keys.bases[name][2] == radius, name
+    else:
+        for name, weight in reference.projector.fisher.items():
+            assert torch.equal(resumed.projector.fisher[name], weight), name
+    for name, param in reference.edit_model.trainable_parameters().items():
+        assert torch.equal(resumed.edit_model.trainable_parameters()[name], param), name
+
+
 def test_resume_from_a_foreign_checkpoint_is_refused(tmp_path, bert_tokenizer):
     folder = tmp_path / "checkpoint-1"
     folder.mkdir()
@@ -177,7 +214,9 @@ def test_needs_an_edit_config(tmp_out):
         ConstrainedEditTrainer(tiny_bert(100), TrainingArguments(output_dir=tmp_out))
 
 
-def test_diagonal_fisher_is_the_mean_of_per_fact_squared_gradients(bert_tokenizer):
+def test_diagonal_fisher_is_the_mean_of_per_fact_squared_gradients_of_log_p(bert_tokenizer):
+    """F = mean over facts of (∂ log p(object | text) / ∂θ)², log p summed over the object's tokens: a 3-token object
+    (FACTS[2]) weighs as much as its log-likelihood says, not 1/9 of it (the square of a per-token mean)."""
     from hf_memedit.fisher import diagonal_fisher
 
     model = tiny_bert(bert_tokenizer.vocab_size, layers=2, dropout=0.1).train()
@@ -186,12 +225,19 @@ def test_diagonal_fisher_is_the_mean_of_per_fact_squared_gradients(bert_tokenize
     assert model.training and all(p.requires_grad for p in model.parameters())  # restored
     model.eval()  # dropout off, as diagonal_fisher has it
     expected = {n: torch.zeros_like(p) for n, p in model.named_parameters() if n in names}
+    lengths = []
     for fact in FACTS[:3]:
+        batch = FactCollator(bert_tokenizer, "masked")([fact])
+        positions = batch["labels"] != -100
+        lengths.append(int(positions.sum()))
         model.zero_grad()
-        model(**FactCollator(bert_tokenizer, "masked")([fact])).loss.backward()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        log_p = logits[positions].log_softmax(-1).gather(1, batch["labels"][positions][:, None]).sum()
+        log_p.backward()
         for n, p in model.named_parameters():
             if n in names:
                 expected[n] += p.grad.pow(2) / 3
+    assert max(lengths) == 3  # a multi-token object is among them
     for n in names:
         assert torch.allclose(fisher[n], expected[n], rtol=1e-5, atol=1e-12), n
 

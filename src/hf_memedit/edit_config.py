@@ -105,7 +105,8 @@ class EditConfig(TrainingArguments):
             "'evidence' (the unmodified facts' evidence with their benchmark objects: the paper's FTA, what "
             "setting fta selects); 'answers' (evidence of unmodified facts θ0 predicts right, labelled with θ0's "
             "own answer: it keeps behaviour instead of teaching labels); 'kl' (the unmodified evidence, with KL(θ0 ‖ θ) of "
-            "the next-token distribution at its object positions as the loss).",
+            "the next-token distribution at its object positions as the loss; batches holding such rows run without "
+            "dropout, as θ0's reference does, so θ0 is a fixed point of the term).",
             "choices": list(PRESERVE_OBJECTIVES),
         },
     )
@@ -176,12 +177,15 @@ class EditConfig(TrainingArguments):
                   "model, layers and corpus), else written. Default: named by those hashes under HF_HOME/hf_memedit/keys."},
     )
     projection_iterations: int = field(
-        default=20, metadata={"help": "Dykstra iterations when a key constraint meets a ball it is not exact with."}
+        default=100,
+        metadata={"help": "The cap on Dykstra's iterations when a key constraint meets a ball it is not exact with; a "
+                  "projection that reaches it is counted (`dykstra_capped` in the logs) and warned about once."},
     )
     projection_tolerance: float = field(
-        default=1e-3,
-        metadata={"help": "Dykstra stops once the ball is exceeded by at most this × δ; the result is then scaled toward "
-                  "θ0 into the ball, so it lies in the ball and the key set exactly."},
+        default=1e-6,
+        metadata={"help": "Dykstra stops once an iteration moves its iterate and correction terms by at most this × the "
+                  "distance projected; the result is then scaled toward θ0 into the ball, so it lies in the ball and the "
+                  "key set (the nearest point of both, up to this tolerance)."},
     )
     generation_eval: bool = field(
         default=False,

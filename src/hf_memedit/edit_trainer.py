@@ -6,7 +6,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import datasets
 import torch
@@ -15,7 +15,7 @@ from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .architectures import model_kind
+from .architectures import eval_mode, model_kind
 from .collators import PRESERVE_INPUT, WEIGHTS_INPUT, FactCollator
 from .edit_config import EditConfig
 from .evaluation.metrics import MODIFIED_TEST, UNMODIFIED_TEST, edit_metrics, evaluate_splits
@@ -181,7 +181,7 @@ class ConstrainedEditTrainer(Trainer):
             )
         self._weighted_loss = None
         if compute_loss_func is None:
-            compute_loss_func = self._weighted_loss = ObjectTokenLoss(kind, args.loss_reduction, args.gradient_accumulation_steps)
+            compute_loss_func = self._weighted_loss = ObjectTokenLoss(kind, args.loss_reduction)
         super().__init__(
             model=base,
             args=args,
@@ -202,34 +202,19 @@ class ConstrainedEditTrainer(Trainer):
                 f"from block {first_editable_block(base, layout)}: build one for this selection (PrefixCache.for_model)."
             )
         self.prefix_cache = prefix_cache
-        if args.norm == "fisher" and fisher is None:
-            if fisher_dataset is None or processing_class is None:
-                raise ValueError(
-                    "norm 'fisher' needs fisher_dataset (unmodified facts, e.g. the benchmark's unmodified_train) "
-                    "and processing_class (the tokenizer) to estimate the Fisher information at θ0."
-                )
-            fisher = diagonal_fisher(
-                base, processing_class, fisher_dataset, list(edit_model.theta0), samples=args.fisher_samples,
-                seed=args.seed, show_progress=not args.disable_tqdm,
+        if self._weighted_loss is not None and args.loss_reduction == "sequence":
+            self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the micro-batches accumulated
+        if args.norm == "fisher" and fisher is None and (fisher_dataset is None or processing_class is None):
+            raise ValueError(
+                "norm 'fisher' needs fisher_dataset (unmodified facts, e.g. the benchmark's unmodified_train) "
+                "and processing_class (the tokenizer) to estimate the Fisher information at θ0."
             )
-        key_projector = None
-        if args.key_constraint != "none":
-            if keys is None:
-                if processing_class is None:
-                    raise ValueError("key_constraint needs processing_class (the tokenizer) to take the preserved keys.")
-                texts = corpus_texts(args.preserve_corpus, args.preserve_corpus_column, args.preserve_corpus_samples, preserve_texts)
-                spec = {"corpus": args.preserve_corpus, "samples": args.preserve_corpus_samples,
-                        "length": args.preserve_corpus_length, "seed": args.seed}
-                keys = preserved_keys(base, processing_class, list(edit_model.theta0), texts, spec, args.preserve_keys_file)
-            key_projector = KeyProjector(
-                args.key_constraint, keys.moments, key_layers(base, list(edit_model.theta0)), list(edit_model.theta0),
-                edit_model.theta0, threshold=args.nullspace_threshold, energy=args.nullspace_energy, rho=args.output_rho,
-            )
+        if args.key_constraint != "none" and keys is None and processing_class is None:
+            raise ValueError("key_constraint needs processing_class (the tokenizer) to take the preserved keys.")
+        self._given = {"fisher": fisher, "keys": keys}  # statistics the caller estimated (kept on resume)
+        self._fisher_dataset, self._preserve_texts = fisher_dataset, preserve_texts
         self.keys = keys
-        self.projector = NormBallProjector(
-            edit_model.trainable_parameters(), edit_model.theta0, args.norm, args.delta, args.l2_scope, fisher=fisher,
-            keys=key_projector, iterations=args.projection_iterations, tolerance=args.projection_tolerance,
-        )
+        self._projector: NormBallProjector | None = None  # built at first use, once θ0 is known (see `projector`)
         self._hooked_optimizer: torch.optim.Optimizer | None = None
         self.before_edit: dict[str, FactResults] | None = None
         self._step_loss = 0.0
@@ -239,6 +224,57 @@ class ConstrainedEditTrainer(Trainer):
         self.add_callback(_StopAtLossCallback(self))
         self.add_callback(_StopAtEpochLossCallback(self))
         self.add_callback(_FollowParametersCallback(self))
+
+    @property
+    def projector(self) -> NormBallProjector:
+        """The ball (∩ key set) around θ0. Built at first use (at the latest when training begins), so that a run
+        resumed from a checkpoint's weights builds it around the checkpoint's θ0, not around the weights given."""
+        if self._projector is None:
+            self._projector = self._constraint()
+        return self._projector
+
+    def _constraint(self) -> NormBallProjector:
+        """The projector, with the Fisher and the preserved keys it needs estimated with the trainable parameters at
+        θ0 (whatever they hold now)."""
+        args, theta0 = self.args, self.edit_model.theta0
+        fisher, keys = self._given["fisher"], self._given["keys"]
+        estimate = (args.norm == "fisher" and fisher is None) or (args.key_constraint != "none" and keys is None)
+        with values_at(self.edit_model.trainable_parameters(), theta0) if estimate else nullcontext():
+            fisher, keys = self._statistics(fisher, keys)
+        key_projector = None
+        if args.key_constraint != "none":
+            key_projector = KeyProjector(
+                args.key_constraint, keys.moments, key_layers(self.edit_model.model, list(theta0)), list(theta0), theta0,
+                threshold=args.nullspace_threshold, energy=args.nullspace_energy, rho=args.output_rho,
+            )
+        self.keys = keys
+        return NormBallProjector(
+            self.edit_model.trainable_parameters(), theta0, args.norm, args.delta, args.l2_scope, fisher=fisher,
+            keys=key_projector, iterations=args.projection_iterations, tolerance=args.projection_tolerance,
+        )
+
+    def _statistics(self, fisher, keys):
+        """The Fisher diagonal and the preserved keys the constraint needs, estimated on the model as it is now."""
+        args, base, theta0 = self.args, self.edit_model.model, self.edit_model.theta0
+        if args.norm == "fisher" and fisher is None:
+            fisher = diagonal_fisher(
+                base, self.processing_class, self._fisher_dataset, list(theta0), samples=args.fisher_samples,
+                seed=args.seed, show_progress=not args.disable_tqdm,
+            )
+        if args.key_constraint != "none" and keys is None:
+            texts = corpus_texts(args.preserve_corpus, args.preserve_corpus_column, args.preserve_corpus_samples,
+                                 self._preserve_texts)
+            spec = {"corpus": args.preserve_corpus, "samples": args.preserve_corpus_samples,
+                    "length": args.preserve_corpus_length, "seed": args.seed}
+            keys = preserved_keys(base, self.processing_class, list(theta0), texts, spec, args.preserve_keys_file)
+        return fisher, keys
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """No token count for a mean per fact: `Trainer` then divides each accumulation group's loss by the micro-batches
+        it holds (fewer in an epoch's last group) and does not rescale it by the number of processes."""
+        if self._weighted_loss is not None and self.args.loss_reduction == "sequence":
+            return None
+        return super()._get_num_items_in_batch(batch_samples, device)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -302,14 +338,18 @@ class ConstrainedEditTrainer(Trainer):
             self._weighted_loss.kl_rows = kl_rows
             self._weighted_loss.reference = self._theta0_log_probs(model, inputs)
         try:
-            return self._maybe_skip(super().compute_loss(model, inputs, return_outputs, num_items_in_batch))
+            # With KL rows the batch runs without dropout, as θ0's reference does: θ0 is then a fixed point of the
+            # KL term (zero, with zero gradient, at θ = θ0) instead of a random target.
+            with eval_mode(model) if kl_rows is not None else nullcontext():
+                return self._maybe_skip(super().compute_loss(model, inputs, return_outputs, num_items_in_batch))
         finally:
             self._weighted_loss.row_weights = self._weighted_loss.kl_rows = self._weighted_loss.reference = None
 
     @torch.no_grad()
     def _theta0_log_probs(self, model, inputs) -> torch.Tensor:
-        """θ0's log-probabilities at the batch's object positions (`[n, vocab]`, float32 or float64), for the KL."""
-        with self.at_theta0():
+        """θ0's log-probabilities at the batch's object positions (`[n, vocab]`, float32 or float64), for the KL:
+        θ0's own distribution, so without dropout, the same on every call."""
+        with self.at_theta0(), eval_mode(model):
             logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
         if logits.dim() == 3:
             logits = logits[logit_positions(inputs["labels"], self.kind).to(logits.device)]
@@ -430,18 +470,24 @@ class ConstrainedEditTrainer(Trainer):
                 f"{path} holds θ0 for other parameters than this run trains: the checkpoint belongs to an "
                 f"edit of other blocks. This run trains {self.args.edit_blocks}."
             )
+        changed = [name for name, value in saved.items() if not torch.equal(value, self.edit_model.theta0[name].cpu())]
         for name, value in saved.items():
-            current = self.edit_model.theta0[name]
-            if not torch.equal(value, current.cpu()):
-                logger.info("θ0 of %s taken from the checkpoint (the model given differs from it).", name)
-            self.edit_model.theta0[name] = value.to(current.device)
-        self.projector.theta0 = {name: self.edit_model.theta0[name] for name in self.projector.params}
+            self.edit_model.theta0[name] = value.to(self.edit_model.theta0[name].device)
+        if changed:
+            # The model given is not θ0 (e.g. the checkpoint's own weights): the constraint is built again around the
+            # checkpoint's θ0, its Fisher and preserved keys estimated with the trainable parameters at θ0.
+            logger.warning("θ0 of %d tensors (%s, ...) taken from the checkpoint: the model given differs from it, so "
+                           "the constraint is built again around θ0.", len(changed), changed[0])
+            self._projector = None  # built again, around the checkpoint's θ0
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
             logs["constraint_distance"] = self.projector.distance()
             if self.projector.keys is not None and self.args.norm != "none":
-                logs["dykstra_excess"] = self.projector.dykstra_excess
+                # The last projection's Dykstra run; `dykstra_capped` counts the projections that hit the cap.
+                logs["dykstra_iterations"] = self.projector.dykstra_iterations
+                logs["dykstra_pull_in"] = self.projector.dykstra_pull_in
+                logs["dykstra_capped"] = self.projector.capped_projections
         super().log(logs, *args, **kwargs)
 
 
@@ -458,13 +504,13 @@ class ObjectTokenLoss:
     logits are upcast to float32 as transformers' LM losses do; float64 logits keep their precision
     (transformers' losses would round them to float32). With `row_weights` (set by the trainer for
     one batch) each row's tokens count with its weight: Σ w·CE / num_items. `reduction` 'sequence'
-    is LocFT-BF's loss instead: the (weighted) mean over facts of each fact's mean token loss, divided
-    by the accumulation steps as Trainer expects of a per-batch mean. With `kl_rows` and `reference`
+    is LocFT-BF's loss instead: the (weighted) mean over facts of each fact's mean token loss, a per-batch mean
+    that the trainer has `Trainer` divide by the micro-batches each step accumulates. With `kl_rows` and `reference`
     (θ0's log-probabilities at the same positions) those rows' tokens contribute KL(θ0 ‖ θ) instead of CE.
     """
 
-    def __init__(self, kind: str, reduction: str = "token", accumulation_steps: int = 1):
-        self.kind, self.reduction, self.accumulation_steps = kind, reduction, accumulation_steps
+    def __init__(self, kind: str, reduction: str = "token"):
+        self.kind, self.reduction = kind, reduction
         self.row_weights: torch.Tensor | None = None
         self.kl_rows: torch.Tensor | None = None  # rows scored by KL(θ0 ‖ θ) against `reference` instead of CE
         self.reference: torch.Tensor | None = None
@@ -492,7 +538,7 @@ class ObjectTokenLoss:
             counts = positions.sum(1).to(per_token.dtype)
             present = counts > 0
             means = sums[present] / counts[present]
-            return (means * weights[present]).sum() / weights[present].sum() / self.accumulation_steps
+            return (means * weights[present]).sum() / weights[present].sum()
         total = (per_token * weights[rows]).sum()
         count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
         if torch.is_tensor(count):

@@ -43,7 +43,10 @@ def diagonal_fisher(
             for index in tqdm(chosen, desc="diagonal Fisher", disable=not show_progress):
                 batch = {k: v.to(device) for k, v in collator([facts[index]]).items()}
                 model.zero_grad(set_to_none=True)
-                model(**batch).loss.backward()  # mean over the object tokens of −log p
+                # The model's loss is the mean over the object tokens of −log p; times their number it is
+                # −log p(object | text), whose gradient the Fisher squares (not 1/n of it, for an n-token object).
+                tokens = int((batch["labels"] != -100).sum())
+                (model(**batch).loss * tokens).backward()
                 for name in fisher:
                     if params[name].grad is not None:
                         fisher[name] += params[name].grad.float().pow(2)

@@ -14,11 +14,15 @@ Key constraints, on the second moment C = E[k kᵀ] of each edited linear layer'
 - `output`: E‖ΔW k‖² = tr(ΔW C ΔWᵀ) ≤ ρ·tr(W0 C W0ᵀ) per layer, projected exactly in C's eigenbasis
   by the same 1-D multiplier search as the Fisher ellipsoid.
 With a ball as well: L2 (global) ∩ nullspace is exact (project onto the subspace, then rescale);
-every other pair is projected by Dykstra's alternating projections, which end on the key set and
-stop once the ball is violated by at most `projection_tolerance × δ` (or after
-`projection_iterations`); Δ is then scaled toward θ0 into the ball, which keeps it in the key set (a
-subspace or an ellipsoid around θ0). So the result lies in both sets exactly; it is the nearest
-point of their intersection once Dykstra has converged (what it left is logged as `dykstra_excess`).
+every other pair is projected by Dykstra's alternating projections, which converge to the nearest point
+of the intersection. They stop once an iteration changes the iterate and both correction terms by at most
+`projection_tolerance` × the distance projected (Euclidean), or after `projection_iterations`; the
+projector records which (`dykstra_iterations`, `dykstra_converged`). The last iterate lies on the key set;
+Δ is then scaled toward θ0 until the stored values lie in the ball, which keeps it in the key set (a
+subspace or an ellipsoid around θ0), and how far that moved it is recorded (`dykstra_pull_in`, relative
+to the update): the result lies in both sets, and it is the nearest point of their intersection up to the
+tolerance when Dykstra converged. In half precision a subspace is met up to the rounding of the stored
+values; every other set is checked after rounding.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ logger = logging.getLogger(__name__)
 NORMS = ("linf", "l2", "fisher", "none")
 L2_SCOPES = ("global", "per_tensor")
 KEY_CONSTRAINTS = ("none", "nullspace", "output")
+# A quadratic constraint re-evaluated on stored float64 values carries the evaluation's own rounding: a point is in
+# the set when it meets it to this relative precision (storing in float32 or bfloat16 errs by far more, and is fixed).
+FLOAT64_SLACK = 1e-12
 
 
 @torch.no_grad()
@@ -147,7 +154,24 @@ def project_fisher_(
         low, high = (middle, high) if g(middle) > delta else (low, middle)
     for name, param in params.items():
         param.copy_((theta0[name].double() + steps[name] / (1 + high * weights[name])).to(param.dtype))
+    _shrink_into_ellipsoid_(params, theta0, weights, delta)
     return high
+
+
+def _shrink_into_ellipsoid_(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor],
+                            weights: Mapping[str, torch.Tensor], delta: float) -> None:
+    """Storing the projected point rounds it to the parameters' dtype, which in bfloat16 can leave Σ FΔ² above δ:
+    scale the stored Δ toward θ0 until the stored values lie in the ellipsoid (a no-op in float64)."""
+    for attempt in range(16):
+        value = sum(float((weights[n] * (p.double() - theta0[n].double()).pow(2)).sum()) for n, p in params.items())
+        if value <= delta * (1 + FLOAT64_SLACK):
+            return
+        rounding = max(torch.finfo(p.dtype).eps for p in params.values())
+        scale = math.sqrt(delta / value) * (1 - (attempt + 1) * rounding)
+        for name, param in params.items():
+            start = theta0[name].double()
+            param.copy_((start + (param.double() - start) * scale).to(param.dtype))
+    raise RuntimeError(f"The Fisher projection could not store a point inside Σ FΔ² ≤ {delta:g} in {param.dtype}.")
 
 
 @torch.no_grad()
@@ -206,8 +230,15 @@ def project_output_(param: torch.Tensor, theta0: torch.Tensor, values: torch.Ten
     zero = torch.zeros_like(rotated)
     holder = {"d": rotated}
     multiplier = project_fisher_(holder, {"d": zero}, {"d": weights}, radius)
-    _write(param, theta0, holder["d"] @ vectors.T, transposed)
-    return multiplier
+    step = holder["d"] @ vectors.T
+    for attempt in range(16):  # stored in half precision, the rounded point can lie a hair outside: scale it in
+        _write(param, theta0, step, transposed)
+        stored = _step(param, theta0, transposed) @ vectors
+        value = float((weights * stored.pow(2)).sum())
+        if value <= radius * (1 + FLOAT64_SLACK):
+            return multiplier
+        step = _step(param, theta0, transposed) * (math.sqrt(radius / value) * (1 - (attempt + 1) * torch.finfo(param.dtype).eps))
+    raise RuntimeError(f"The output key projection could not store a point inside its radius {radius:g} in {param.dtype}.")
 
 
 class KeyProjector:
@@ -258,6 +289,11 @@ class KeyProjector:
                 project_output_(params[name], theta0[name], values, vectors, radius, transposed)
 
 
+def _copy64(tensor: torch.Tensor) -> torch.Tensor:
+    """A float64 copy (`.double()` of a float64 tensor is the tensor itself, which the next write would change)."""
+    return tensor.detach().to(torch.float64, copy=True)
+
+
 class NormBallProjector:
     """Holds θ0 and projects a set of parameters back onto the δ-ball around it.
 
@@ -274,8 +310,8 @@ class NormBallProjector:
         l2_scope: str = "global",
         fisher: Mapping[str, torch.Tensor] | None = None,
         keys: KeyProjector | None = None,
-        iterations: int = 20,
-        tolerance: float = 1e-3,
+        iterations: int = 100,
+        tolerance: float = 1e-6,
     ):
         validate_constraint(norm, delta, l2_scope)
         missing = sorted(set(params) - set(theta0))
@@ -289,8 +325,14 @@ class NormBallProjector:
         self.fisher = dict(fisher) if fisher is not None else None
         self.num_projections = 0
         self._bounds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # L∞: per θ0 tensor, its box
+        if keys is not None and (iterations < 1 or not tolerance > 0):
+            raise ValueError(f"projection_iterations must be ≥ 1 and projection_tolerance > 0, got {iterations} and {tolerance}.")
         self.keys, self.iterations, self.tolerance = keys, iterations, tolerance
-        self.dykstra_excess = 0.0  # how far outside the ball the last Dykstra run stopped, before the pull-in
+        self.dykstra_iterations = 0  # the last Dykstra run: its iterations, whether they settled, and the pull-in
+        self.dykstra_converged = True
+        self.dykstra_pull_in = 0.0
+        self.dykstra_excess = 0.0  # how far outside the ball the last Dykstra iterate lay, before the pull-in
+        self.capped_projections = 0  # projections whose Dykstra run ended on the iteration cap
         if norm == "linf":
             self._check_resolution()
 
@@ -345,44 +387,72 @@ class NormBallProjector:
         self.num_projections += 1
 
     def _dykstra(self, theta0: Mapping[str, torch.Tensor]) -> None:
-        """Dykstra's alternating projections onto ball ∩ key set, ending on the key set."""
-        y = {name: param.detach().clone() for name, param in self.params.items()}
+        """Dykstra's alternating projections onto ball ∩ key set, ending on the key set, then pulled into the ball.
+
+        Stops once one iteration moves the iterate and both correction terms together by at most `tolerance` × how
+        far the iterate lies from the point being projected (Euclidean; a feasible iterate is not enough: the first
+        one often is, long before it is nearest), or after `iterations`; `dykstra_converged` says which.
+        """
+        y = {name: _copy64(param) for name, param in self.params.items()}
+        start = {name: value.clone() for name, value in y.items()}
         p = {name: torch.zeros_like(value) for name, value in y.items()}
         q = {name: torch.zeros_like(value) for name, value in y.items()}
-        for _ in range(self.iterations):
+        self.dykstra_converged = False
+        for iteration in range(1, self.iterations + 1):
             for name, param in self.params.items():
                 param.copy_(y[name] + p[name])
             self._project_ball(count=False)
-            a = {name: param.detach().clone() for name, param in self.params.items()}
+            a = {name: _copy64(param) for name, param in self.params.items()}
             for name, param in self.params.items():
-                p[name] = y[name] + p[name] - a[name]
                 param.copy_(a[name] + q[name])
             self.keys.project_(self.params, theta0)
+            change, size = 0.0, 0.0
             for name, param in self.params.items():
-                q[name] = a[name] + q[name] - param
-                y[name] = param.detach().clone()
-            self.dykstra_excess = self.excess()
-            if self.dykstra_excess <= self.tolerance * self.delta:
+                x = _copy64(param)
+                p_next, q_next = y[name] + p[name] - a[name], a[name] + q[name] - x
+                change += float((x - y[name]).pow(2).sum() + (p_next - p[name]).pow(2).sum() + (q_next - q[name]).pow(2).sum())
+                size += float((x - start[name]).pow(2).sum())
+                y[name], p[name], q[name] = x, p_next, q_next
+            self.dykstra_iterations = iteration
+            if math.sqrt(change) <= self.tolerance * max(math.sqrt(size), torch.finfo(torch.float64).tiny):
+                self.dykstra_converged = True
                 break
-        else:
-            logger.debug("Dykstra stopped after %d iterations, %.3g outside the ball.", self.iterations, self.dykstra_excess)
+        if not self.dykstra_converged:
+            self.capped_projections += 1
+            if self.capped_projections == 1:
+                logger.warning(
+                    "Dykstra's projection onto the ball ∩ key set stopped on its cap of %d iterations before its "
+                    "iterates settled (tolerance %g): the result lies in both sets but is not the nearest point. Raise "
+                    "projection_iterations; `dykstra_capped` in the logs counts the steps this happened on.",
+                    self.iterations, self.tolerance)
+        before = {name: _copy64(param) for name, param in self.params.items()}
+        self.dykstra_excess = self.excess()
         self._pull_into_ball()
+        moved = sum(float((_copy64(param) - before[name]).pow(2).sum()) for name, param in self.params.items())
+        size = sum(float((value - theta0[name].double()).pow(2).sum()) for name, value in before.items())
+        self.dykstra_pull_in = math.sqrt(moved / size) if size > 0 else 0.0
 
     def _pull_into_ball(self) -> None:
-        """Scale Δ toward θ0 until the stored values lie in the ball. Every key set is a subspace or an ellipsoid
-        around θ0, so the scaled point stays in it: the result lies in both sets exactly, at most
-        `dykstra_excess` from where Dykstra stopped (the nearest point, once Dykstra converged)."""
+        """Scale Δ toward θ0 until the stored values lie in the ball: each tensor by its own ratio where the ball is
+        per element (L∞) or per tensor (L2 per tensor), all together where it is global (L2, Fisher). Every key set
+        is a subspace or an ellipsoid around θ0 per layer, so the scaled point stays in it."""
         theta0 = self.theta0_like_params()
-        for attempt in range(8):  # a rescale in float32 can round a hair outside: again, a little further in
-            distance = self.distance()
-            if distance <= self.delta:
-                return
-            ratio = math.sqrt(self.delta / distance) if self.norm == "fisher" else self.delta / distance
-            scale = ratio * (1 - attempt * 1e-6)
-            for name, param in self.params.items():
-                start, values = local(theta0[name]), local(param)
-                values.copy_(start + (values - start) * scale)
-        logger.warning("The projection onto the ball ∩ key set stopped %.3g outside the ball.", self.excess())
+        groups = ([{name: param} for name, param in self.params.items()]
+                  if self.norm == "linf" or (self.norm == "l2" and self.l2_scope == "per_tensor") else [self.params])
+        for group in groups:
+            for attempt in range(8):  # a rescale in float32 can round a hair outside: again, a little further in
+                distance = (linf_distance(group, theta0) if self.norm == "linf" else
+                            fisher_distance(group, theta0, self.fisher) if self.norm == "fisher" else
+                            float(l2_distance(group, theta0)))
+                if distance <= self.delta:
+                    break
+                ratio = math.sqrt(self.delta / distance) if self.norm == "fisher" else self.delta / distance
+                scale = ratio * (1 - attempt * 1e-6)
+                for name, param in group.items():
+                    start, values = local(theta0[name]), local(param)
+                    values.copy_(start + (values - start) * scale)
+        if self.excess() > 0:
+            logger.warning("The projection onto the ball ∩ key set stopped %.3g outside the ball.", self.excess())
 
     def excess(self) -> float:
         """How far the parameters lie outside the ball, in its own measure (0 inside)."""
