@@ -167,11 +167,14 @@ def make_run_folder(folder, base_model, seed: int, facts=None):
     from hf_memedit.evaluation.results import ResultsRecord
     from hf_memedit.run_folder import seal_run
 
+    from hf_memedit.projection import project_linf_
+
     edit = get_edit_model(base_model, BlockSelectorConfig(blocks=["1"]))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for param in edit.trainable_parameters().values():
+        for name, param in edit.trainable_parameters().items():
             param.add_((torch.rand(param.shape, generator=generator) * 2 - 1) * DELTA)
+            project_linf_(param, edit.theta0[name], DELTA)  # as the trainer stores it: inside the box exactly
     edit.save_pretrained(os.path.join(folder, "edit"))
     ResultsRecord(
         metrics={"a_m": 0.75, "a_fs": 0.5, "avg_acc": 0.625, "retention": 0.9, "n_modified": 2, "n_unmodified": 4},
