@@ -165,9 +165,8 @@ def make_run_folder(folder, base_model, seed: int, facts=None):
     """A run folder as `run_edit` writes it: edit/ (block 1 moved within ±δ) and results.json."""
     from hf_memedit import BlockSelectorConfig, get_edit_model
     from hf_memedit.evaluation.results import ResultsRecord
-    from hf_memedit.run_folder import seal_run
-
     from hf_memedit.projection import project_linf_
+    from hf_memedit.run_folder import seal_run
 
     edit = get_edit_model(base_model, BlockSelectorConfig(blocks=["1"]))
     generator = torch.Generator().manual_seed(seed)

@@ -233,16 +233,16 @@ def earlier_package_files(folder: str) -> list[str] | None:
             f"choose a new folder ({error})"
         ) from None
     owned = set(manifest["files"]) | {MANIFEST_NAME}
-    present = []
+    foreign = set()
     for root, folders, names in os.walk(folder):
         for name in folders + names:
             path = os.path.join(root, name)
             relative = os.path.relpath(path, folder).replace(os.sep, "/")
             if os.path.islink(path) or (name in names and relative not in owned):
-                present.append(relative)
-    if present:
+                foreign.add(relative.split("/")[0])
+    if foreign:
         raise ValueError(
-            f"{folder} holds an earlier package and other things ({', '.join(sorted(present)[:4])}): refused, so "
+            f"{folder} holds an earlier package and other things ({', '.join(sorted(foreign)[:4])}): refused, so "
             "nothing in it is lost. Move them out, or choose a new folder."
         )
     return sorted(owned)

@@ -56,6 +56,12 @@ class Declaration:
     id: str | None = None
 
 
+def describe_selection(scope: BlockSelectorConfig) -> str:
+    """"blocks 1, embeddings (modules mlp_out)": a selection in a refusal's words."""
+    text = "blocks " + ", ".join(map(str, scope.blocks))
+    return text + (f" (modules {', '.join(scope.modules)})" if scope.modules else "")
+
+
 def _scope_of(manifest: dict[str, Any]) -> BlockSelectorConfig:
     constraint = manifest["constraint"]
     return BlockSelectorConfig(
@@ -245,7 +251,7 @@ def check_edit(
     try:
         allowed = set(selected_parameter_names(model, declared.scope))
     except ValueError as error:
-        raise ManifestError(f"{where} declares the selection {declared.scope.selection()}, which does not fit this model: {error}") from None
+        raise ManifestError(f"{where} declares the {describe_selection(declared.scope)}, which do not fit this model: {error}") from None
     changes = {}
     for name in sorted(declared.tensors):
         entry, value, before = declared.tensors[name], after[name], base[name]
@@ -257,7 +263,7 @@ def check_edit(
             )
         if name not in allowed:
             raise ManifestError(
-                f"{where} changes {name!r}, outside the blocks and modules it declares ({declared.scope.selection()}): "
+                f"{where} changes {name!r}, outside the {describe_selection(declared.scope)} it declares: "
                 "refused; a package may change only what it declares."
             )
         for tensor in (value, before):
