@@ -161,14 +161,14 @@ def assert_agree_up_to_reordering(actual: dict, expected: dict, ulps: int = 256)
 DELTA = 1e-2  # how far make_run_folder moves block 1
 
 
-def make_run_folder(folder, base_model, seed: int, facts=None):
-    """A run folder as `run_edit` writes it: edit/ (block 1 moved within ±δ) and results.json."""
+def make_run_folder(folder, base_model, seed: int, facts=None, modules=None):
+    """A run folder as `run_edit` writes it: edit/ (block 1, or its `modules`, moved within ±δ) and results.json."""
     from hf_memedit import BlockSelectorConfig, get_edit_model
     from hf_memedit.evaluation.results import ResultsRecord
     from hf_memedit.projection import project_linf_
     from hf_memedit.run_folder import seal_run
 
-    edit = get_edit_model(base_model, BlockSelectorConfig(blocks=["1"]))
+    edit = get_edit_model(base_model, BlockSelectorConfig(blocks=["1"], modules=modules))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in edit.trainable_parameters().items():

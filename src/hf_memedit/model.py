@@ -37,14 +37,17 @@ def chain_of(model: PreTrainedModel) -> list[str]:
 
 @torch.no_grad()
 def write_values(params: Mapping[str, nn.Parameter], values: Mapping[str, torch.Tensor]) -> None:
-    """Copy `values` into `params`, all or nothing: if a copy fails, every parameter gets its value back."""
+    """Copy `values` into `params`, all or nothing: if a copy fails, the parameters written so far get their
+    values back."""
     before = {name: params[name].detach().clone() for name in values}
+    written = []
     try:
         for name, value in values.items():
             params[name].copy_(value)
+            written.append(name)
     except BaseException:
-        for name, value in before.items():
-            params[name].copy_(value)
+        for name in written:
+            params[name].copy_(before[name])
         raise
 
 

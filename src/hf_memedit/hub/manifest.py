@@ -88,7 +88,7 @@ def build_manifest(
     """A manifest without `files` and `id` (`write_manifest` adds both once the folder is complete)."""
     if format not in FORMATS:
         raise ValueError(f"Unknown format {format!r}: choose one of {', '.join(FORMATS)}.")
-    return {
+    manifest = {
         "schema": SCHEMA,
         "version": VERSION,
         "format": format,
@@ -108,6 +108,14 @@ def build_manifest(
         "versions": versions or {},
         "chain": chain or [],
     }
+    try:
+        _canonical(manifest)
+    except ValueError:
+        raise ValueError(
+            "The run's record holds NaN or an infinite number (in its metrics, facts or config), which a manifest, "
+            "strict JSON, cannot hold: the edit cannot be shared as it is."
+        ) from None
+    return manifest
 
 
 def safe_path(folder: str, name: str) -> str:
