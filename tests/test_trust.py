@@ -449,6 +449,8 @@ MALFORMED = {
     "chain of numbers": (lambda m: m.update(chain=[1]), "`chain` is not a list of manifest ids"),
     "unknown format": (lambda m: m.update(format="onnx"), "has format 'onnx', which hf_memedit does not write"),
     "unknown norm": (lambda m: m["constraint"].update(norm="l3"), "declares the norm 'l3'"),
+    "modules not paths": (lambda m: m["constraint"].update(modules=[3]), "`constraint.modules` is not a list of module paths"),
+    "blocks not a selection": (lambda m: m["constraint"].update(blocks=["head"]), r"blocks \['head'\] are not a block selection"),
     "version as text": (lambda m: m.update(version="1"), "has version '1', which no hf_memedit wrote"),
     "version 1": (lambda m: m.update(version=1), "version 1 manifest .* re-package the edit from its run folder"),
     "a newer version": (lambda m: m.update(version=99), "newer than the version 2 this hf_memedit reads: upgrade hf_memedit"),
@@ -464,6 +466,13 @@ def test_a_malformed_manifest_is_one_line(case, package, base):
     model = load(base)
     message = refused(lambda: apply_edit(model, package), match, model, package)
     assert ("upgrade" in message) == (case == "a newer version") and "PEFT" not in message
+
+
+def test_a_file_that_is_not_safetensors_is_one_line(package, base):
+    open(os.path.join(package, WEIGHTS_NAME), "wb").write(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    reseal(package)
+    model = load(base)
+    refused(lambda: apply_edit(model, package), f"{WEIGHTS_NAME} in .* is not a readable safetensors file", model, package)
 
 
 def test_a_shared_package_holds_no_local_paths(run, base, tmp_path):

@@ -24,9 +24,10 @@ from .sharding import like, whole
 
 WEIGHTS_NAME = "memedit_edit.safetensors"
 BASE_WEIGHTS_NAME = "memedit_base.safetensors"  # the base values of the changed tensors: revert without the base checkpoint
-_BASE_HASHES_KEY = "memedit_base_sha256"
-_EDIT_HASHES_KEY = "memedit_edit_sha256"
-_BASE_CONFIG_KEY = "memedit_base_config"  # the base model's `architecture_config`
+# Metadata keys of the edit file: the sha256 of each changed tensor at the base and edited, and the base config.
+BASE_HASHES_KEY = "memedit_base_sha256"
+EDIT_HASHES_KEY = "memedit_edit_sha256"
+BASE_CONFIG_KEY = "memedit_base_config"  # the base model's `architecture_config`
 CHAIN_ATTRIBUTE = "memedit_chain"  # config attribute: the ids of the shared edits applied, oldest first
 
 
@@ -180,9 +181,9 @@ class EditModel(nn.Module):
         save_tensors(
             changed,
             os.path.join(save_directory, WEIGHTS_NAME),
-            metadata={_BASE_HASHES_KEY: json.dumps(base_hashes, sort_keys=True),
-                      _EDIT_HASHES_KEY: json.dumps(edit_hashes, sort_keys=True),
-                      _BASE_CONFIG_KEY: json.dumps(architecture_config(self.model.config), sort_keys=True)},
+            metadata={BASE_HASHES_KEY: json.dumps(base_hashes, sort_keys=True),
+                      EDIT_HASHES_KEY: json.dumps(edit_hashes, sort_keys=True),
+                      BASE_CONFIG_KEY: json.dumps(architecture_config(self.model.config), sort_keys=True)},
         )
         save_tensors({name: self.theta0[name] for name in changed}, os.path.join(save_directory, BASE_WEIGHTS_NAME))
         self.selector_config.save_pretrained(save_directory)

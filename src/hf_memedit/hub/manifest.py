@@ -305,5 +305,8 @@ def _check_schema(manifest: dict[str, Any], path: str) -> None:
             raise ManifestError(f"{path}: `tensors.{name}` declares a non-finite change. Refused.")
     _expect(manifest["constraint"], _CONSTRAINT, "constraint.", path)
     _expect(manifest["constraint"], _SELECTION, "constraint.", path, required=False)
+    for key in ("modules", "embeddings_paths"):
+        if not all(isinstance(item, str) for item in manifest["constraint"].get(key) or []):
+            raise ManifestError(f"{path}: `constraint.{key}` is not a list of module paths: it is damaged. Refused.")
     if not all(isinstance(item, str) for item in manifest["chain"]):
         raise ManifestError(f"{path}: `chain` is not a list of manifest ids: it is damaged. Refused.")

@@ -15,7 +15,7 @@ from ..blocks import CONFIG_NAME, BlockSelectorConfig
 from ..edit_config import constraint_record
 from ..evaluation.results import RESULTS_JSON, ResultsRecord
 from ..io import atomic_directory, check_target, looks_like_path, tensors_from_bytes
-from ..model import _BASE_CONFIG_KEY, BASE_WEIGHTS_NAME, WEIGHTS_NAME, chain_of, values_at
+from ..model import BASE_CONFIG_KEY, BASE_WEIGHTS_NAME, WEIGHTS_NAME, chain_of, values_at
 from ..packaged import PACKAGED_MODELS
 from ..run_folder import read_run
 from .card import render_card
@@ -112,8 +112,8 @@ def _check_finite(after: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
 
 def _base_config(metadata: dict[str, str], base_model: PreTrainedModel | None, run_dir: str) -> dict[str, Any]:
     """The base model's architecture config, as the run recorded it with its edit (or from `base_model`)."""
-    if _BASE_CONFIG_KEY in metadata:
-        return json.loads(metadata[_BASE_CONFIG_KEY])
+    if BASE_CONFIG_KEY in metadata:
+        return json.loads(metadata[BASE_CONFIG_KEY])
     if base_model is not None:
         return architecture_config(base_model.config)
     raise ValueError(

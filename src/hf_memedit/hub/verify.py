@@ -22,17 +22,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
 
 from ..architectures import architecture_config
 from ..blocks import CONFIG_NAME, BlockSelectorConfig, selected_parameter_names
 from ..io import tensor_sha256
-from ..model import _BASE_CONFIG_KEY, _BASE_HASHES_KEY, _EDIT_HASHES_KEY, BASE_WEIGHTS_NAME, WEIGHTS_NAME, chain_of
+from ..model import BASE_CONFIG_KEY, BASE_HASHES_KEY, BASE_WEIGHTS_NAME, EDIT_HASHES_KEY, WEIGHTS_NAME, chain_of
 from ..projection import NORMS
 from .manifest import ManifestError, read_manifest, safe_path, tensor_entry
 
@@ -124,7 +127,7 @@ def package_tensors(
     state = model.state_dict() if format == "full" else {}
     after: dict[str, torch.Tensor] = {}
     for source in sources:
-        with safe_open(_read_file(folder, manifest, source, where), framework="pt") as handle:
+        with _opened(_read_file(folder, manifest, source, where), where) as handle:
             for name in handle.keys():
                 if name in after:
                     raise ManifestError(f"{where} holds {name!r} twice ({source} and another file): refused.")
@@ -140,16 +143,17 @@ def package_tensors(
                         f"{source} in {where} changes {name!r}, which its manifest does not declare (or {type(model).__name__} "
                         "does not have): refused; a package may change only what it declares."
                     )
-    base = _read_tensors(_read_file(folder, manifest, BASE_WEIGHTS_NAME, where))
+    base = _read_tensors(_read_file(folder, manifest, BASE_WEIGHTS_NAME, where), where)
     for what, tensors in (("edited", after), ("base", base)):
-        missing, extra = sorted(declared - set(tensors)), sorted(set(tensors) - declared)
+        missing = sorted(declared - set(tensors))
         if missing:
             raise ManifestError(f"{where} lacks the {what} value of {missing[0]!r}, which its manifest declares: refused.")
-        if extra:
-            raise ManifestError(
-                f"{BASE_WEIGHTS_NAME} in {where} holds {extra[0]!r}, which its manifest does not declare: refused (a "
-                "revert writes only declared tensors)."
-            )
+    extra = sorted(set(base) - declared)
+    if extra:
+        raise ManifestError(
+            f"{BASE_WEIGHTS_NAME} in {where} holds {extra[0]!r}, which its manifest does not declare: refused (a "
+            "revert writes only declared tensors)."
+        )
     return after, base
 
 
@@ -160,8 +164,20 @@ def _equal(value: torch.Tensor, other: torch.Tensor | None) -> bool:
     )
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    with safe_open(path, framework="pt") as handle:
+@contextmanager
+def _opened(path: str, where: str) -> Iterator[Any]:
+    """A safetensors file of an edit folder, opened lazily; a damaged file is one line, not a SafetensorError."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: {where} is not a complete edit.")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            yield handle
+    except SafetensorError as error:
+        raise ManifestError(f"{os.path.basename(path)} in {where} is not a readable safetensors file ({error}): refused.") from None
+
+
+def _read_tensors(path: str, where: str) -> dict[str, torch.Tensor]:
+    with _opened(path, where) as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}
 
 
@@ -185,13 +201,13 @@ def run_edit_declaration(folder: str, where: str) -> tuple[Declaration, dict[str
     selection, and the sha256 of each tensor, edited and base, and its base's config recorded in the edit file."""
     scope = BlockSelectorConfig.from_pretrained(folder)
     path = safe_path(folder, WEIGHTS_NAME)
-    with safe_open(path, framework="pt") as handle:
+    with _opened(path, where) as handle:
         metadata = handle.metadata() or {}
         after = {name: handle.get_tensor(name) for name in handle.keys()}
     try:
-        edit_hashes = json.loads(metadata[_EDIT_HASHES_KEY])
-        base_hashes = json.loads(metadata.get(_BASE_HASHES_KEY, "{}"))
-        base_config = json.loads(metadata[_BASE_CONFIG_KEY]) if _BASE_CONFIG_KEY in metadata else None
+        edit_hashes = json.loads(metadata[EDIT_HASHES_KEY])
+        base_hashes = json.loads(metadata.get(BASE_HASHES_KEY, "{}"))
+        base_config = json.loads(metadata[BASE_CONFIG_KEY]) if BASE_CONFIG_KEY in metadata else None
     except KeyError:
         raise ManifestError(
             f"{path} records no hashes of its edited tensors, so a damaged file could not be told apart: "
@@ -199,9 +215,9 @@ def run_edit_declaration(folder: str, where: str) -> tuple[Declaration, dict[str
         ) from None
     except json.JSONDecodeError:
         raise ManifestError(f"{path}: its recorded hashes are not JSON: the file was altered. Refused.") from None
-    if not isinstance(edit_hashes, dict) or set(edit_hashes) != set(after):
+    if not isinstance(edit_hashes, dict) or not isinstance(base_hashes, dict) or set(edit_hashes) != set(after):
         raise ManifestError(f"{path} holds other tensors than its recorded hashes list: the file was altered. Refused.")
-    base = _read_tensors(safe_path(folder, BASE_WEIGHTS_NAME))
+    base = _read_tensors(safe_path(folder, BASE_WEIGHTS_NAME), where)
     if set(base) != set(after):
         raise ManifestError(f"{BASE_WEIGHTS_NAME} in {where} holds other tensors than {WEIGHTS_NAME}: the folder was altered. Refused.")
     declaration = Declaration(
