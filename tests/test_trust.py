@@ -513,3 +513,22 @@ def test_a_file_reached_through_a_symlinked_folder_is_refused(package, base):
     refused(lambda: apply_edit(model, package), "'sys/secret', whose folder in .* is a link to .*, outside the package", model)
     with pytest.raises(ManifestError, match="outside the package"):
         safe_path(package, "sys/secret")
+
+
+def test_an_edit_of_offloaded_weights_is_refused_in_one_line(tmp_path):
+    """A model whose device_map offloads the edited block holds no values there to check or write (meta)."""
+    from transformers import AutoModelForCausalLM
+
+    from .helpers import TINY
+
+    TINY["llama"](2, vocab=100).save_pretrained(tmp_path / "base")
+    edit = get_edit_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), BlockSelectorConfig(blocks=["1"]))
+    with torch.no_grad():
+        for param in edit.trainable_parameters().values():
+            param.add_(1e-3)
+    edit.save_pretrained(tmp_path / "edit")
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                 "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    placed = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=placement, offload_folder=str(tmp_path / "off"))
+    with pytest.raises(ValueError, match="which the device_map offloads .* give the edited blocks a device"):
+        EditModel.from_pretrained(placed, tmp_path / "edit")

@@ -125,6 +125,11 @@ def package_tensors(
     else:
         sources = sorted(name for name in manifest["files"] if name.endswith(".safetensors") and name != BASE_WEIGHTS_NAME)
     state = model.state_dict() if format == "full" else {}
+    if any(value.device.type == "meta" for value in state.values()):
+        raise ValueError(
+            f"{where} is a full checkpoint, checked against every weight of the model, but this model's device_map "
+            "offloads some: load the model without offloading, or apply the edit's 'delta' package."
+        )
     after: dict[str, torch.Tensor] = {}
     for source in sources:
         with _opened(_read_file(folder, manifest, source, where), where) as handle:
@@ -276,6 +281,11 @@ def check_edit(
             raise ManifestError(
                 f"{where} changes {name!r}, which is not a parameter of {type(model).__name__}: the edit was made for "
                 "another architecture."
+            )
+        if param.device.type == "meta":
+            raise ValueError(
+                f"{where} changes {name!r}, which the device_map offloads (accelerate keeps it outside the model): give "
+                "the edited blocks a device in device_map (offload other blocks)."
             )
         if name not in allowed:
             raise ManifestError(
