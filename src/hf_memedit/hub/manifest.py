@@ -227,11 +227,11 @@ def read_manifest(folder: str, check_files: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def earlier_package_files(folder: str) -> list[str] | None:
-    """The entries of `folder` when it holds exactly an earlier package (any version): its manifest, sealed, and
-    the files it lists, each matching. None when it holds no manifest; an error naming them when it holds more."""
+def is_earlier_package(folder: str) -> bool:
+    """Whether `folder` holds exactly an earlier package (any version): its manifest, sealed, and the files it
+    lists, each matching. False when it holds no manifest; an error naming the rest when it holds more."""
     if not os.path.lexists(os.path.join(folder, MANIFEST_NAME)):
-        return None
+        return False
     try:
         manifest = _sealed(folder)
         _check_files(folder, manifest["files"])
@@ -253,7 +253,7 @@ def earlier_package_files(folder: str) -> list[str] | None:
             f"{folder} holds an earlier package and other things ({', '.join(sorted(foreign)[:4])}): refused, so "
             "nothing in it is lost. Move them out, or choose a new folder."
         )
-    return sorted(owned)
+    return True
 
 
 # The schema of a version 2 manifest: key -> the JSON types its value may have.

@@ -19,7 +19,7 @@ from ..model import BASE_CONFIG_KEY, BASE_WEIGHTS_NAME, WEIGHTS_NAME, chain_of, 
 from ..packaged import PACKAGED_MODELS
 from ..run_folder import read_run
 from .card import render_card
-from .manifest import FORMATS, build_manifest, earlier_package_files, write_manifest
+from .manifest import FORMATS, build_manifest, is_earlier_package, write_manifest
 from .verify import check_constraint, check_edit, package_declaration
 
 
@@ -51,7 +51,7 @@ def package_edit(
             f"format {format!r} writes the edited model, so package_edit needs base_model (and tokenizer): the model "
             "the edit was made on (`memedit push` loads it from the run's config)."
         )
-    out_dir = check_target(out_dir, [run_dir], _earlier_package, "package", overwrite)
+    out_dir = check_target(out_dir, [run_dir], is_earlier_package, "package", overwrite)
     run = read_run(run_dir, (EDIT_FILE, BASE_FILE, SELECTION_FILE, RESULTS_JSON))
     after, metadata = tensors_from_bytes(run[EDIT_FILE], os.path.join(run_dir, EDIT_FILE))
     base, _ = tensors_from_bytes(run[BASE_FILE], os.path.join(run_dir, BASE_FILE))
@@ -90,10 +90,6 @@ def package_edit(
         card.save(os.path.join(staging, "README.md"))
         manifest = write_manifest(staging, manifest)
     return manifest
-
-
-def _earlier_package(folder: str) -> bool:
-    return earlier_package_files(folder) is not None
 
 
 def _write(path: str, data: bytes) -> None:
