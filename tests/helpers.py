@@ -161,17 +161,19 @@ def assert_agree_up_to_reordering(actual: dict, expected: dict, ulps: int = 256)
 DELTA = 1e-2  # how far make_run_folder moves block 1
 
 
-def make_run_folder(folder, base_model, seed: int, facts=None):
-    """A run folder as `run_edit` writes it: edit/ (block 1 moved within ±δ) and results.json."""
+def make_run_folder(folder, base_model, seed: int, facts=None, modules=None):
+    """A run folder as `run_edit` writes it: edit/ (block 1, or its `modules`, moved within ±δ) and results.json."""
     from hf_memedit import BlockSelectorConfig, get_edit_model
     from hf_memedit.evaluation.results import ResultsRecord
+    from hf_memedit.projection import project_linf_
     from hf_memedit.run_folder import seal_run
 
-    edit = get_edit_model(base_model, BlockSelectorConfig(blocks=["1"]))
+    edit = get_edit_model(base_model, BlockSelectorConfig(blocks=["1"], modules=modules))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for param in edit.trainable_parameters().values():
+        for name, param in edit.trainable_parameters().items():
             param.add_((torch.rand(param.shape, generator=generator) * 2 - 1) * DELTA)
+            project_linf_(param, edit.theta0[name], DELTA)  # as the trainer stores it: inside the box exactly
     edit.save_pretrained(os.path.join(folder, "edit"))
     ResultsRecord(
         metrics={"a_m": 0.75, "a_fs": 0.5, "avg_acc": 0.625, "retention": 0.9, "n_modified": 2, "n_unmodified": 4},

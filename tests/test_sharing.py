@@ -213,3 +213,29 @@ def test_push_to_a_loopback_hub_download_and_apply(run, base_dir, tmp_path, bert
         (export / "README.md").write_text("---\nconfigs: []\n---\n")
         push_folder(str(export), "me/bench", repo_type="dataset", endpoint=hub.endpoint, token="t")
         assert "README.md" in hub.repos["dataset/me/bench"]
+
+
+def test_memedit_eval_refuses_a_hostile_package_in_one_line(tmp_path, real_bert_dir):
+    """`memedit eval --edit_dir` applies an edit through EditModel.from_pretrained, so through the one check of
+    hub.verify: a resealed package holding NaN stops the command with one line, and nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_memedit.io import file_sha256, tensor_sha256
+
+    run_dir, package = tmp_path / "run", tmp_path / "pkg"
+    _make_run(str(run_dir), AutoModelForMaskedLM.from_pretrained(real_bert_dir), seed=0)
+    package_edit(str(run_dir), str(package))
+    tensors = load_file(package / "memedit_edit.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, package / "memedit_edit.safetensors", metadata={"format": "pt"})
+    manifest = json.loads((package / MANIFEST_NAME).read_text())  # resealed, as anyone can
+    manifest["tensors"][name]["sha256"] = tensor_sha256(tensors[name])
+    manifest["files"]["memedit_edit.safetensors"] = file_sha256(package / "memedit_edit.safetensors")
+    manifest["id"] = manifest_id(manifest)
+    (package / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match=f"memedit eval: error: .*'{name}' holds NaN or infinite values"):
+        main(["eval", "--config", str(ROOT / "trainer_configs" / "bert_tiny_ftm.yaml"), "--output_dir", str(tmp_path / "out"),
+              "--edit_dir", str(package), "--eval_name", "hostile", "--disable_tqdm", "true"])
+    assert not (tmp_path / "out" / "eval" / "hostile" / "results.json").exists()

@@ -6,10 +6,12 @@ works with module objects, so block 2 is `blocks[2]` and never a substring match
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Any
 
 from torch import nn
 from transformers import (
@@ -162,6 +164,29 @@ def layout_for(
             "'encoder.layer'), and optionally `embeddings_paths`."
         )
     return ARCHITECTURES[model_type]
+
+
+# Config fields that do not change the function a model computes once loaded: switches of how it runs or
+# generates (a user sets them per session), what only training or initialisation reads, and hf_memedit's own chain.
+_RUNTIME_CONFIG_FIELDS = frozenset({
+    "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
+    "output_router_logits", "router_aux_loss_coef", "router_jitter_noise", "initializer_range", "memedit_chain",
+})
+_TRAINING_ONLY_MARKS = ("dropout", "pdrop")
+
+
+def architecture_config(config: PretrainedConfig) -> dict[str, Any]:
+    """The fields of a model's config that decide what its weights compute: what its architecture adds to
+    `PretrainedConfig` (sizes, activation, norm epsilon, rotary parameters, layer types...) and its model type,
+    as plain JSON values. Two models with equal weights compute the same function only if these are equal too,
+    so a shared edit identifies its base model by them (besides the base values of the tensors it changes)."""
+    generic = set(PretrainedConfig().to_dict())
+    fields = {
+        key: value for key, value in config.to_dict().items()
+        if key not in generic and not key.startswith("_") and key not in _RUNTIME_CONFIG_FIELDS
+        and not any(mark in key for mark in _TRAINING_ONLY_MARKS)
+    }
+    return json.loads(json.dumps({"model_type": config.model_type, **fields}, sort_keys=True, default=str))
 
 
 def table_layout(model: PreTrainedModel) -> BlockLayout | None:

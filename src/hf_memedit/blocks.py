@@ -81,6 +81,10 @@ class BlockSelectorConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def selection(self) -> dict:
+        """What the selection trains, without the base model's name: what a shared edit declares."""
+        return {key: value for key, value in self.to_dict().items() if key != "base_model_name_or_path"}
+
     def layout(self, model: PreTrainedModel) -> BlockLayout:
         """The block layout this selection is read against: the table's, or the user's `blocks_path`."""
         return layout_for(model, self.blocks_path, self.embeddings_paths)
@@ -93,6 +97,12 @@ class BlockSelectorConfig:
         data = read_json(
             os.path.join(directory, CONFIG_NAME), f"No {CONFIG_NAME} in {directory}: it is not an edit saved by hf_memedit."
         )
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BlockSelectorConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a block selection is a JSON object, not {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in data.items() if key in known})
 

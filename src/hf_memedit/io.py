@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError
+from safetensors.torch import load, load_file, save
+
+
+logger = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -41,8 +48,9 @@ def check_target(target: str | os.PathLike, sources: list[str | os.PathLike], is
                  what: str, overwrite: bool) -> str:
     """The absolute `target` folder for a new `what` made from `sources`, or an error that keeps the user's files.
 
-    Refused: a target that holds a source or lies inside one, an existing file, and a non-empty
-    folder that is not an earlier `what` (`is_earlier(folder)`); an earlier one only with `overwrite`.
+    An overwrite of `target` that was interrupted is first recovered (`recover_directory`). Refused: a
+    target that holds a source or lies inside one, an existing file, and a non-empty folder that is not an
+    earlier `what` (`is_earlier(folder)`, which may raise to say why); an earlier one only with `overwrite`.
     """
     target = os.path.realpath(target)
     for source in map(os.path.realpath, sources):
@@ -50,6 +58,7 @@ def check_target(target: str | os.PathLike, sources: list[str | os.PathLike], is
             raise ValueError(f"The {what} folder {target} would hold or lie inside {source}: choose a folder outside it.")
     if os.path.isfile(target):
         raise ValueError(f"{target} is a file, not a folder: choose another folder for the {what}.")
+    recover_directory(target)
     if os.path.isdir(target) and os.listdir(target):
         if not is_earlier(target):
             raise ValueError(
@@ -61,29 +70,89 @@ def check_target(target: str | os.PathLike, sources: list[str | os.PathLike], is
     return target
 
 
+def _leftovers(target: str, kind: str) -> list[str]:
+    """The `.staging-` or `.replaced-` folders `atomic_directory` made beside `target` (mkdtemp's 8 characters)."""
+    parent, prefix = os.path.dirname(target), f".{kind}-{os.path.basename(target)}-"
+    if not os.path.isdir(parent):
+        return []
+    pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}")
+    return sorted(os.path.join(parent, name) for name in os.listdir(parent) if pattern.fullmatch(name))
+
+
+@contextmanager
+def _held(folder: str, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock on a folder of `atomic_directory` while it works there (False inside: another process
+    holds it, so it is still at work). Never follows a symlink."""
+    try:
+        handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # gone, or not a folder of ours
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(handle)
+
+
+def recover_directory(target: str | os.PathLike) -> None:
+    """Finish what an interrupted `atomic_directory` left beside `target`: when `target` is gone but the
+    folder it replaced was set aside whole (`.replaced-*`), that folder comes back; set-aside folders of a
+    completed replacement and unfinished `.staging-*` folders are removed. Folders another process is still
+    working in (it holds their lock) are left alone."""
+    target = os.path.abspath(target)
+    for aside in _leftovers(target, "replaced"):
+        with _held(aside, wait=False) as ours:
+            if not ours:
+                continue
+            kept = os.path.join(aside, "folder")
+            if not os.path.lexists(target) and os.path.isdir(kept) and not os.path.islink(kept):
+                os.replace(kept, target)
+                logger.warning("Restored %s, which an interrupted replacement had set aside in %s.", target, aside)
+            shutil.rmtree(aside)
+    for staging in _leftovers(target, "staging"):
+        with _held(staging, wait=False) as ours:
+            if ours:
+                shutil.rmtree(staging)
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[str]:
     """Build a folder under a temporary name beside `target`; it replaces `target` only once complete.
 
     The old `target` (which the caller has checked, see `check_target`) is moved aside before the
-    new one is moved in and deleted after, so a crash leaves one of the two whole.
+    new one is moved in and deleted after, so a crash leaves one of the two whole; the next call for
+    `target` restores or removes what a crash left (`recover_directory`).
     """
     target = os.path.abspath(target)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".staging-", dir=os.path.dirname(target))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
-    try:
-        yield staging
-        old = None
-        if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=".replaced-", dir=os.path.dirname(target))
-            os.replace(target, os.path.join(old, "folder"))
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    parent, name = os.path.dirname(target), os.path.basename(target)
+    os.makedirs(parent, exist_ok=True)
+    recover_directory(target)
+    staging = tempfile.mkdtemp(prefix=f".staging-{name}-", dir=parent)
+    with _held(staging):
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
+        try:
+            yield staging
+            if not os.path.exists(target):
+                os.replace(staging, target)
+                return
+            aside = tempfile.mkdtemp(prefix=f".replaced-{name}-", dir=parent)
+            with _held(aside):
+                kept = os.path.join(aside, "folder")
+                os.replace(target, kept)
+                try:
+                    os.replace(staging, target)
+                except BaseException:
+                    os.replace(kept, target)
+                    raise
+                shutil.rmtree(aside, ignore_errors=True)  # what is left, the next call removes
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -129,6 +198,16 @@ def save_tensors(
             handle.write(data)
 
     _atomic_write(path, write)
+
+
+def tensors_from_bytes(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file's bytes (read once, e.g. checked against a seal first)."""
+    try:
+        length = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+        return load(data), metadata
+    except (ValueError, SafetensorError) as error:
+        raise ValueError(f"{where} is not a safetensors file ({error}).") from None
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

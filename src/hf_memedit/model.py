@@ -13,19 +13,43 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
 
-from .blocks import CONFIG_NAME, BlockSelectorConfig, selected_parameter_names
-from .io import edit_folder, load_tensors, save_tensors, tensor_sha256
+from .architectures import architecture_config
+from .blocks import BlockSelectorConfig, selected_parameter_names
+from .io import edit_folder, save_tensors, tensor_sha256
 from .sharding import like, whole
 
 
 WEIGHTS_NAME = "memedit_edit.safetensors"
 BASE_WEIGHTS_NAME = "memedit_base.safetensors"  # the base values of the changed tensors: revert without the base checkpoint
-_BASE_HASHES_KEY = "memedit_base_sha256"
-_EDIT_HASHES_KEY = "memedit_edit_sha256"
+# Metadata keys of the edit file: the sha256 of each changed tensor at the base and edited, and the base config.
+BASE_HASHES_KEY = "memedit_base_sha256"
+EDIT_HASHES_KEY = "memedit_edit_sha256"
+BASE_CONFIG_KEY = "memedit_base_config"  # the base model's `architecture_config`
+CHAIN_ATTRIBUTE = "memedit_chain"  # config attribute: the ids of the shared edits applied, oldest first
+
+
+def chain_of(model: PreTrainedModel) -> list[str]:
+    """The ids of the shared edits applied to `model`, oldest first."""
+    return list(getattr(model.config, CHAIN_ATTRIBUTE, None) or [])
+
+
+@torch.no_grad()
+def write_values(params: Mapping[str, nn.Parameter], values: Mapping[str, torch.Tensor]) -> None:
+    """Copy `values` into `params`, all or nothing: if a copy fails, the parameters written so far get their
+    values back."""
+    before = {name: params[name].detach().clone() for name in values}
+    written = []
+    try:
+        for name, value in values.items():
+            params[name].copy_(value)
+            written.append(name)
+    except BaseException:
+        for name in written:
+            params[name].copy_(before[name])
+        raise
 
 
 @contextmanager
@@ -69,6 +93,7 @@ class EditModel(nn.Module):
         for name in names:
             params[name].requires_grad_(True)
         self.theta0: dict[str, torch.Tensor] = {name: params[name].detach().clone() for name in names}
+        self.applied_id: str | None = None  # the package `from_pretrained` applied, on the model's chain
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
 
@@ -110,9 +135,14 @@ class EditModel(nn.Module):
 
     @torch.no_grad()
     def revert(self) -> None:
-        """Restore θ0 exactly; the model stays wrapped and can be edited again."""
+        """Restore θ0 exactly (and take a package applied by `from_pretrained` off the model's chain); the model
+        stays wrapped and can be edited again."""
         for name, param in self.trainable_parameters().items():
             param.copy_(like(param, self.theta0[name]))
+        chain = chain_of(self.model)
+        if self.applied_id is not None and chain[-1:] == [self.applied_id]:
+            setattr(self.model.config, CHAIN_ATTRIBUTE, chain[:-1])
+        self.applied_id = None
 
     def at_theta0(self) -> AbstractContextManager[None]:
         """The edited tensors at θ0 inside, the edit restored after (`values_at`)."""
@@ -139,8 +169,8 @@ class EditModel(nn.Module):
         Under FSDP2 every rank calls it (the shards are gathered) and only `is_main_process` writes, as in PEFT.
 
         The edit file's metadata records the sha256 of each changed tensor's base value and of its
-        edited value, so `from_pretrained` refuses a base model the edit was not made for, and an
-        edit file whose bytes changed since it was written.
+        edited value, and the base model's architecture config, so `from_pretrained` refuses a base
+        model the edit was not made for, and an edit file whose bytes changed since it was written.
         """
         changed = self.changed_tensors()
         if not is_main_process:
@@ -151,8 +181,9 @@ class EditModel(nn.Module):
         save_tensors(
             changed,
             os.path.join(save_directory, WEIGHTS_NAME),
-            metadata={_BASE_HASHES_KEY: json.dumps(base_hashes, sort_keys=True),
-                      _EDIT_HASHES_KEY: json.dumps(edit_hashes, sort_keys=True)},
+            metadata={BASE_HASHES_KEY: json.dumps(base_hashes, sort_keys=True),
+                      EDIT_HASHES_KEY: json.dumps(edit_hashes, sort_keys=True),
+                      BASE_CONFIG_KEY: json.dumps(architecture_config(self.model.config), sort_keys=True)},
         )
         save_tensors({name: self.theta0[name] for name in changed}, os.path.join(save_directory, BASE_WEIGHTS_NAME))
         self.selector_config.save_pretrained(save_directory)
@@ -162,71 +193,32 @@ class EditModel(nn.Module):
         cls, model: PreTrainedModel, edit_directory: str | os.PathLike, revision: str | None = None,
         token: str | None = None, endpoint: str | None = None,
     ) -> EditModel:
-        """Apply a saved edit to `model`; checks every tensor before changing any.
+        """Apply a saved edit to `model`, after `hub.verify` checked all of it; nothing changes on a refusal.
 
-        `edit_directory` is a local folder if it exists, otherwise a Hub repo id (a `delta` package
-        pushed by `memedit push`), downloaded as PEFT downloads an adapter.
+        `edit_directory` is a run's `edit/` folder (`save_pretrained`), a `delta` package, or, when no
+        such folder exists, the Hub id of a package pushed by `memedit push`, downloaded as PEFT
+        downloads an adapter. A package's manifest decides what may change, and its id joins
+        `model.config.memedit_chain` (`revert` and `unload` take it out again).
         """
-        edit_directory = edit_folder(edit_directory, revision, token, endpoint, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME])
-        config = BlockSelectorConfig.from_pretrained(edit_directory)
-        path = os.path.join(edit_directory, WEIGHTS_NAME)
-        tensors = load_tensors(path)
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        base_hashes = json.loads(metadata.get(_BASE_HASHES_KEY, "{}"))
-        _check_edited_values(tensors, json.loads(metadata.get(_EDIT_HASHES_KEY, "null")), path)
-        edit = cls(model, config)
+        from .hub.manifest import MANIFEST_NAME
+        from .hub.verify import verify_package, verify_run_edit
+
+        where = os.fspath(edit_directory)
+        folder = edit_folder(edit_directory, revision, token, endpoint)
+        if os.path.lexists(os.path.join(folder, MANIFEST_NAME)):
+            declared, after, _ = verify_package(model, folder, where, applying=True, formats=("delta",))
+        else:
+            declared, after, _ = verify_run_edit(model, folder, where)
+        edit = cls(model, declared.scope)
         try:
-            edit._check_applicable(tensors, base_hashes, path)
-        except ValueError:
+            write_values(edit.trainable_parameters(), after)
+        except BaseException:
             edit._restore_requires_grad()
             raise
-        params = edit.trainable_parameters()
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value)
+        if declared.id is not None:
+            setattr(model.config, CHAIN_ATTRIBUTE, chain_of(model) + [declared.id])
+            edit.applied_id = declared.id
         return edit
-
-    def _check_applicable(self, tensors: dict[str, torch.Tensor], base_hashes: dict[str, str], path: str) -> None:
-        params = self.trainable_parameters()
-        check_fits(params, tensors, path, f"the blocks {self.selector_config.blocks} of {type(self.model).__name__}")
-        for name in tensors:
-            if base_hashes.get(name) != tensor_sha256(self.theta0[name]) and all(
-                torch.equal(params[other].detach().cpu(), edited) for other, edited in tensors.items()
-            ):
-                raise ValueError(f"{path} is already applied to the given model: its weights hold the edited values.")
-            if base_hashes.get(name) != tensor_sha256(self.theta0[name]):
-                raise ValueError(
-                    f"{path} was made for a different base model: {name!r} of the given model differs "
-                    f"from the base the edit recorded ({self.selector_config.base_model_name_or_path!r}). Load that "
-                    "base model, or revert an edit already applied to this one."
-                )
-
-
-def check_fits(params: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], where: str, what: str) -> None:
-    """Every edited tensor names one of `params` (`what` they are), with its shape and dtype."""
-    for name, value in tensors.items():
-        if name not in params:
-            raise ValueError(f"{where} changes {name!r}, which {what} do not have: the edit was made for another architecture.")
-        if tuple(value.shape) != tuple(params[name].shape) or value.dtype != params[name].dtype:
-            raise ValueError(
-                f"{where}: {name!r} is {value.dtype} {tuple(value.shape)} but the model's is "
-                f"{params[name].dtype} {tuple(params[name].shape)}: the edit was made for another model."
-            )
-
-
-def _check_edited_values(tensors: dict[str, torch.Tensor], hashes: dict[str, str] | None, path: str) -> None:
-    """Every edited tensor as it was saved: its sha256 against the one recorded when saving."""
-    if hashes is None:
-        raise ValueError(
-            f"{path} records no hashes of its edited tensors, so a damaged file could not be told apart: "
-            "save the edit again with this version of hf_memedit."
-        )
-    if set(hashes) != set(tensors):
-        raise ValueError(f"{path} holds other tensors than its recorded hashes list: the file was altered. Refused.")
-    for name, value in tensors.items():
-        if tensor_sha256(value) != hashes[name]:
-            raise ValueError(f"{path}: the edited tensor {name!r} differs from the one saved (damaged or altered file). Refused.")
 
 
 def get_edit_model(model: PreTrainedModel, config: BlockSelectorConfig | None = None) -> EditModel:

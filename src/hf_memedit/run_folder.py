@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -84,27 +86,39 @@ def claim_run_folder(folder: str, overwrite: bool, resuming: bool, lock: bool = 
 
 
 @contextmanager
-def _locked(folder: str) -> Iterator[None]:
-    """An exclusive advisory lock on `folder/.memedit.lock`; the kernel drops it when the process ends."""
+def _locked(folder: str, shared: bool = False) -> Iterator[None]:
+    """An advisory lock on `folder/.memedit.lock`, exclusive for a run, shared for readers (`read_run`); the
+    kernel drops it when the process ends. The lock file is opened without following a symlink and must be
+    a regular file, so a planted link or FIFO is refused instead of truncating (or blocking on) its target."""
     path = os.path.join(folder, LOCK_NAME)
-    handle = open(path, "a+", encoding="utf-8")
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        if shared and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            yield  # a folder this process cannot write to: `read_run` still checks every byte it reads
+            return
+        reason = "is a symbolic link" if error.errno == errno.ELOOP else f"cannot be opened ({error.strerror})"
+        raise ValueError(f"The lock file {path} {reason}: remove it, hf_memedit writes its own lock there.") from None
+    if not stat.S_ISREG(os.fstat(handle).st_mode):
+        os.close(handle)
+        raise ValueError(f"The lock file {path} is not a regular file: remove it, hf_memedit writes its own lock there.")
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "unknown"
+            if shared:
+                raise ValueError(f"The run folder {folder} is being written by a run: wait for it to finish.") from None
+            owner = os.pread(handle, 64, 0).decode(errors="replace").strip() or "unknown"
             raise ValueError(
-                f"output_dir {folder} is in use by another run (process {owner}): wait for it to finish, "
-                "or choose another --output_dir."
+                f"output_dir {folder} is in use by another run (process {owner}) or read by a packager: wait for it "
+                "to finish, or choose another --output_dir."
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        if not shared:
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, str(os.getpid()).encode(), 0)
         yield
     finally:
-        handle.close()
+        os.close(handle)
 
 
 def begin_outputs(folder: str) -> None:
@@ -114,31 +128,36 @@ def begin_outputs(folder: str) -> None:
         os.unlink(path)
 
 
-def _file_hashes(folder: str) -> dict[str, str]:
-    hashes = {}
+def _file_hashes(folder: str, keep: tuple[str, ...] = ()) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The sha256 of every output file, and the bytes of those named in `keep` (hashed from those very bytes)."""
+    hashes, kept = {}, {}
     for name in RUN_OUTPUTS:
         path = os.path.join(folder, name)
         paths = [path] if os.path.isfile(path) else []
         if os.path.isdir(path):
             paths = sorted(os.path.join(root, file) for root, _, files in os.walk(path) for file in files)
         for file in paths:
+            relative = os.path.relpath(file, folder).replace(os.sep, "/")
             digest = hashlib.sha256()
             with open(file, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-            hashes[os.path.relpath(file, folder)] = digest.hexdigest()
-    return hashes
+                if relative in keep:
+                    kept[relative] = handle.read()
+                    digest.update(kept[relative])
+                else:
+                    for chunk in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(chunk)
+            hashes[relative] = digest.hexdigest()
+    return hashes, kept
 
 
 def seal_run(folder: str) -> None:
     """Write `memedit_run.json` last: the sha256 of every output, so readers can tell the folder is whole."""
-    hashes = _file_hashes(folder)
+    hashes, _ = _file_hashes(folder)
     hashes.pop(RUN_MANIFEST, None)
     atomic_write_text(os.path.join(folder, RUN_MANIFEST), json.dumps({"files": hashes}, indent=2, sort_keys=True) + "\n")
 
 
-def verify_run(folder: str) -> None:
-    """Refuse a run folder whose outputs are not those its last complete run sealed together."""
+def _verified(folder: str, keep: tuple[str, ...] = ()) -> dict[str, bytes]:
     path = os.path.join(folder, RUN_MANIFEST)
     sealed = read_json(
         path,
@@ -148,7 +167,7 @@ def verify_run(folder: str) -> None:
     files = sealed.get("files") if isinstance(sealed, dict) else None
     if not isinstance(files, dict):
         raise ValueError(f"{path} is not an hf_memedit run manifest.")
-    actual = _file_hashes(folder)
+    actual, kept = _file_hashes(folder, keep)
     actual.pop(RUN_MANIFEST, None)
     changed = sorted(name for name in set(files) | set(actual) if files.get(name) != actual.get(name))
     if changed:
@@ -156,3 +175,23 @@ def verify_run(folder: str) -> None:
             f"{folder} is not one consistent run: {', '.join(changed[:4])} changed since the run sealed it "
             f"({RUN_MANIFEST}). Run the edit again rather than mixing the outputs of two runs."
         )
+    missing = sorted(set(keep) - set(kept))
+    if missing:
+        raise ValueError(f"{folder} lacks {', '.join(missing)}: it is not a run folder written by `memedit edit`.")
+    return kept
+
+
+def verify_run(folder: str) -> None:
+    """Refuse a run folder whose outputs are not those its last complete run sealed together."""
+    _verified(folder)
+
+
+def read_run(folder: str, names: tuple[str, ...]) -> dict[str, bytes]:
+    """The bytes of the outputs `names` (relative paths, e.g. "edit/memedit_edit.safetensors") of a whole run.
+
+    The folder is locked against a run writing it while it is read, and every byte returned is the byte
+    that was hashed against the run's seal: a reader never mixes the outputs of two runs, even where the
+    lock cannot be taken.
+    """
+    with _locked(folder, shared=True):
+        return _verified(folder, names)

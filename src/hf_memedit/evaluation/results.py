@@ -175,8 +175,12 @@ class ResultsRecord:
     @classmethod
     def load(cls, folder: str | os.PathLike) -> ResultsRecord:
         path = os.path.join(folder, RESULTS_JSON)
-        data = read_json(path, f"{folder} has no {RESULTS_JSON}: it is not an hf_memedit run folder.")
-        unknown = set(data) - {f.name for f in fields(cls)}
+        return cls.from_dict(read_json(path, f"{folder} has no {RESULTS_JSON}: it is not an hf_memedit run folder."), path)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str) -> ResultsRecord:
+        """The record `data` (a parsed results.json, `path` for the error) holds."""
+        unknown = set(data) - {f.name for f in fields(cls)} if isinstance(data, dict) else {"<not an object>"}
         if unknown or "metrics" not in data:
             raise ValueError(f"{path} is not an hf_memedit results record (unexpected keys: {sorted(unknown)}).")
         return cls(**data)

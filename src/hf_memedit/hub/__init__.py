@@ -8,14 +8,16 @@ Formats of the shared folder (all carry `memedit_manifest.json`, the model card 
 - `peft`: the changed leaf modules as a stock PEFT `LNTuningConfig` adapter that
   `PeftModel.from_pretrained(base, repo).merge_and_unload()` applies with no hf_memedit installed.
 
-`apply_edit` checks the manifest's seal, every file's hash, every tensor's hash and the base
-model's tensors before it changes anything; `revert_edit` restores the base bit for bit. Edits
-stack: the ids of the applied edits are kept in `model.config.memedit_chain`, each manifest
-records the chain it was made on, and only the top edit can be reverted.
+`apply_edit`, `revert_edit` and `EditModel.from_pretrained` check a package whole against what its
+manifest declares and against the model (`verify`) before they change anything; `revert_edit`
+restores the base bit for bit. Edits stack: the ids of the applied edits are kept in
+`model.config.memedit_chain`, each manifest records the chain it was made on, and only the top edit
+can be reverted.
 
 One module per step: `manifest` (the diff manifest), `package` (run folder → shareable folder),
-`card` (the model card), `apply` (apply / revert), `push` (upload). Nothing here runs a job: the
-caller loads a base model and passes it in.
+`card` (the model card), `verify` (the one check of an edit against its declaration and the model),
+`apply` (apply / revert), `push` (upload). Nothing here runs a job: the caller loads a base model and
+passes it in.
 """
 
 from .apply import apply_edit, chain_of, revert_edit

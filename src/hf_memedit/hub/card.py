@@ -32,7 +32,8 @@ def hub_cards_dir() -> str:
 
 def render_card(manifest: dict[str, Any], repo_id: str, kind: str, license: str | None = None) -> ModelCard:
     """The model card of an edit, from `hub_cards/memedit_edit_card.md` through huggingface_hub's ModelCard."""
-    base_id = manifest["base_model"]["repo_id"]
+    base = manifest["base_model"]
+    base_id = base["repo_id"]
     metrics = manifest["metrics"]
     benchmark = manifest["config"].get("benchmark", "facts")
     m = manifest["config"].get("m", len(manifest["facts"]))
@@ -50,12 +51,13 @@ def render_card(manifest: dict[str, Any], repo_id: str, kind: str, license: str 
     constraint = manifest["constraint"]
     tensors = manifest["tensors"]
     auto_class = ModelKind(kind).auto_class.__name__
-    base_label = base_id or manifest["config"].get("model_name_or_path", "the base model")
+    base_label = base_id or f"a local {base['config'].get('model_type', '')} model (config sha256 {base['config_sha256'][:12]})"
+    load_name = base_id or "path/to/the/base/model"
     plain = {
         "delta": "Without hf_memedit: load `memedit_edit.safetensors` with `safetensors.torch.load_file` and copy "
                  "each tensor into the parameter of the same name (after checking the base's sha256 in the manifest).",
         "full": f"Without hf_memedit: `{auto_class}.from_pretrained(\"{repo_id}\")` — this repository is a complete checkpoint.",
-        "peft": f"Without hf_memedit: `PeftModel.from_pretrained({auto_class}.from_pretrained(\"{base_label}\"), "
+        "peft": f"Without hf_memedit: `PeftModel.from_pretrained({auto_class}.from_pretrained(\"{load_name}\"), "
                 f"\"{repo_id}\").merge_and_unload()`.",
     }[manifest["format"]]
     metrics_table = "\n".join(
@@ -67,16 +69,19 @@ def render_card(manifest: dict[str, Any], repo_id: str, kind: str, license: str 
         template_path=os.path.join(hub_cards_dir(), CARD_TEMPLATE),
         title=f"{base_label}, edited: {len(manifest['facts'])} facts changed",
         base_model_label=base_label,
+        base_model_load=load_name,
         base_model_url=f"https://huggingface.co/{base_id}" if base_id else "#",
         n_facts=len(manifest["facts"]),
-        constraint_text=describe_constraint({key: value for key, value in constraint.items() if key != "blocks"}),
+        constraint_text=describe_constraint(
+            {key: value for key, value in constraint.items() if key not in ("blocks", "modules", "blocks_path", "embeddings_paths")}
+        ),
         format=manifest["format"],
         format_text={"delta": "only the changed tensors; apply them to the base model.",
                      "full": "a complete checkpoint with the edit merged in.",
                      "peft": "a PEFT LN-tuning adapter holding the changed modules."}[manifest["format"]],
         n_tensors=len(tensors),
         n_parameters=f"{sum(_numel(t['shape']) for t in tensors.values()):,}",
-        blocks_text=", ".join(f"block {b}" if str(b).lstrip("-").isdigit() else str(b) for b in constraint["blocks"]),
+        blocks_text=_selection_text(constraint),
         max_abs_delta=f"{max((t['max_abs_delta'] for t in tensors.values()), default=0.0):.3g}",
         chain=manifest["chain"],
         facts=manifest["facts"],
@@ -87,6 +92,11 @@ def render_card(manifest: dict[str, Any], repo_id: str, kind: str, license: str 
         config=manifest["config"],
         versions=format_versions(manifest["versions"]),
     )
+
+
+def _selection_text(constraint: dict[str, Any]) -> str:
+    text = ", ".join(f"block {b}" if str(b).lstrip("-").isdigit() else str(b) for b in constraint["blocks"])
+    return text + (f" (modules {', '.join(constraint['modules'])})" if constraint.get("modules") else "")
 
 
 def _numel(shape: list[int]) -> int:

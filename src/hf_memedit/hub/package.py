@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import shutil
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..architectures import model_kind
-from ..blocks import BlockSelectorConfig
+from ..architectures import architecture_config, model_kind
+from ..blocks import CONFIG_NAME, BlockSelectorConfig
 from ..edit_config import constraint_record
-from ..evaluation.results import ResultsRecord
-from ..io import atomic_directory, check_target, load_tensors
-from ..model import BASE_WEIGHTS_NAME, WEIGHTS_NAME, EditModel
+from ..evaluation.results import RESULTS_JSON, ResultsRecord
+from ..io import atomic_directory, check_target, looks_like_path, tensors_from_bytes
+from ..model import BASE_CONFIG_KEY, BASE_WEIGHTS_NAME, WEIGHTS_NAME, chain_of, values_at
 from ..packaged import PACKAGED_MODELS
-from ..run_folder import verify_run
-from .apply import CHAIN_ATTRIBUTE, chain_of
+from ..run_folder import read_run
 from .card import render_card
-from .manifest import MANIFEST_NAME, build_manifest, write_manifest
+from .manifest import FORMATS, build_manifest, is_earlier_package, write_manifest
+from .verify import check_constraint, check_edit, package_declaration
+
+
+EDIT_FILE, BASE_FILE, SELECTION_FILE = (f"edit/{name}" for name in (WEIGHTS_NAME, BASE_WEIGHTS_NAME, CONFIG_NAME))
+LOCAL = "<local>"  # what a pushed manifest and card say instead of a local path
 
 
 def package_edit(
@@ -35,55 +39,111 @@ def package_edit(
 ) -> dict[str, Any]:
     """Turn a run folder (`edit/` + `results.json`) into a shareable folder; returns its manifest.
 
-    `full` and `peft` need the base model the edit was made on (and its tokenizer). `out_dir`
-    must be new or empty; `overwrite=True` replaces an earlier package, never another folder.
+    The run folder is read under its lock, every byte checked against the run's seal, so a package never
+    mixes two runs. `full` and `peft` need the base model the edit was made on (and its tokenizer), which
+    is checked against the edit first. `out_dir` must be new or empty; `overwrite=True` replaces an earlier
+    package that holds nothing else, never another folder.
     """
-    out_dir = check_target(
-        out_dir, [run_dir], lambda folder: os.path.isfile(os.path.join(folder, MANIFEST_NAME)), "package", overwrite
-    )
-    verify_run(run_dir)
-    edit_dir = os.path.join(run_dir, "edit")
-    after = load_tensors(os.path.join(edit_dir, WEIGHTS_NAME))
-    base = load_tensors(os.path.join(edit_dir, BASE_WEIGHTS_NAME))
-    selector = BlockSelectorConfig.from_pretrained(edit_dir)
-    record = ResultsRecord.load(run_dir)
-    model_name = record.config.get("model_name_or_path") or selector.base_model_name_or_path
-    packaged = PACKAGED_MODELS.get(model_name)
-    base_repo_id, base_license = (packaged.hub_id, packaged.license) if packaged else (model_name, None)
+    if format not in FORMATS:
+        raise ValueError(f"Unknown format {format!r}: choose one of {', '.join(FORMATS)}.")
     if format in ("full", "peft") and base_model is None:
         raise ValueError(
             f"format {format!r} writes the edited model, so package_edit needs base_model (and tokenizer): the model "
             "the edit was made on (`memedit push` loads it from the run's config)."
         )
-    chain = chain_of(base_model) if base_model is not None else []
+    out_dir = check_target(out_dir, [run_dir], is_earlier_package, "package", overwrite)
+    run = read_run(run_dir, (EDIT_FILE, BASE_FILE, SELECTION_FILE, RESULTS_JSON))
+    after, metadata = tensors_from_bytes(run[EDIT_FILE], os.path.join(run_dir, EDIT_FILE))
+    base, _ = tensors_from_bytes(run[BASE_FILE], os.path.join(run_dir, BASE_FILE))
+    selector = BlockSelectorConfig.from_dict(json.loads(run[SELECTION_FILE]))
+    record = ResultsRecord.from_dict(json.loads(run[RESULTS_JSON]), os.path.join(run_dir, RESULTS_JSON))
+    _check_finite(after, base, run_dir)
+    model_name = record.config.get("model_name_or_path") or selector.base_model_name_or_path
+    base_repo_id, base_license = _base_identity(model_name)
+    selection = {key: value for key, value in selector.selection().items() if value is not None}
+    manifest = build_manifest(
+        format=format, base_repo_id=base_repo_id, base_revision=record.config.get("revision"),
+        base_config=_base_config(metadata, base_model, run_dir), after=after, base=base,
+        constraint={**constraint_record(record.config), **selection},
+        facts=record.facts, metrics=record.metrics, config=_public_config(record.config, base_repo_id), seed=record.seed,
+        versions=record.versions, chain=chain_of(base_model) if base_model is not None else [],
+    )
+    check_constraint(run_dir, manifest["constraint"], manifest["tensors"])
+    if format != "delta":  # the package is built from base_model's weights: they must be the edit's base
+        check_edit(base_model, package_declaration(run_dir, manifest), after, base, applying=True)
 
     with atomic_directory(out_dir) as staging:
-        shutil.copy2(os.path.join(edit_dir, BASE_WEIGHTS_NAME), os.path.join(staging, BASE_WEIGHTS_NAME))
+        _write(os.path.join(staging, BASE_WEIGHTS_NAME), run[BASE_FILE])
         if format == "delta":
-            shutil.copy2(os.path.join(edit_dir, WEIGHTS_NAME), os.path.join(staging, WEIGHTS_NAME))
+            _write(os.path.join(staging, WEIGHTS_NAME), run[EDIT_FILE])
+            selector.base_model_name_or_path = base_repo_id
             selector.save_pretrained(staging)
         elif format == "full":
-            edit = EditModel.from_pretrained(base_model, edit_dir)
-            setattr(edit.model.config, CHAIN_ATTRIBUTE, chain)
-            edit.model.save_pretrained(staging, safe_serialization=True)
+            params = dict(base_model.named_parameters())
+            with values_at({name: params[name] for name in after}, after):  # the caller's model gets its weights back
+                base_model.save_pretrained(staging, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            edit.unload()  # the caller's base model gets its exact weights back
-        elif format == "peft":
-            _save_peft_adapter(base_model, after, staging)
         else:
-            raise ValueError(f"Unknown format {format!r}: choose delta, full or peft.")
-        manifest = build_manifest(
-            format=format, base_repo_id=base_repo_id, base_revision=record.config.get("revision"),
-            after=after, base=base,
-            constraint={**constraint_record(record.config), "blocks": selector.blocks},
-            facts=record.facts, metrics=record.metrics, config=record.config, seed=record.seed,
-            versions=record.versions, chain=chain,
-        )
+            _save_peft_adapter(base_model, after, staging)
         card = render_card(manifest, repo_id or "<your-repo-id>", kind=_kind_of(base_model, record), license=license or base_license)
         card.save(os.path.join(staging, "README.md"))
         manifest = write_manifest(staging, manifest)
     return manifest
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def _check_finite(after: dict[str, torch.Tensor], base: dict[str, torch.Tensor], run_dir: str) -> None:
+    for name in sorted(after):
+        if not (torch.isfinite(after[name]).all() and torch.isfinite(base[name]).all()):
+            raise ValueError(
+                f"The edit in {run_dir} holds NaN or infinite values in {name!r}: the training diverged, so it cannot be "
+                "shared. Run the edit again (a smaller learning rate, or a norm bound)."
+            )
+
+
+def _base_config(metadata: dict[str, str], base_model: PreTrainedModel | None, run_dir: str) -> dict[str, Any]:
+    """The base model's architecture config, as the run recorded it with its edit (or from `base_model`)."""
+    if BASE_CONFIG_KEY in metadata:
+        return json.loads(metadata[BASE_CONFIG_KEY])
+    if base_model is not None:
+        return architecture_config(base_model.config)
+    raise ValueError(
+        f"The edit in {run_dir} was saved by an earlier hf_memedit and does not record its base model's config: "
+        "pass base_model (the model the edit was made on), or run the edit again."
+    )
+
+
+def _base_identity(model_name: str | None) -> tuple[str | None, str | None]:
+    """(Hub id, licence) of the base model: a packaged model's, a Hub id as given, none for a local folder."""
+    packaged = PACKAGED_MODELS.get(model_name)
+    if packaged:
+        return packaged.hub_id, packaged.license
+    if not model_name or looks_like_path(model_name) or os.path.exists(model_name):
+        return None, None
+    return model_name, None
+
+
+def _public_config(config: dict[str, Any], base_repo_id: str | None) -> dict[str, Any]:
+    """The run's config as a pushed package may show it: no local paths (the base is named by its Hub id)."""
+
+    def public(value: Any) -> Any:
+        if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~") or looks_like_path(value)):
+            return LOCAL
+        if isinstance(value, dict):
+            return {key: public(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [public(item) for item in value]
+        return value
+
+    shown = public(config)
+    if "model_name_or_path" in shown and PACKAGED_MODELS.get(config["model_name_or_path"]) is None:
+        shown["model_name_or_path"] = base_repo_id or LOCAL
+    return shown
 
 
 def _kind_of(model: PreTrainedModel | None, record: ResultsRecord) -> str:
@@ -119,5 +179,3 @@ def _save_peft_adapter(base_model: PreTrainedModel, after: dict[str, torch.Tenso
         peft_model.save_pretrained(folder, safe_serialization=True)
     finally:
         peft_model.unload()
-
-
