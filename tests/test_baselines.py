@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from hf_memedit import EditConfig, FactCollator
-from hf_memedit.edit_trainer import ConstrainedEditTrainer, ObjectTokenLoss
+from hf_memedit.edit_trainer import ConstrainedEditTrainer
 from hf_memedit.experiments.methods import METHODS
+from hf_memedit.loss import ObjectTokenLoss
 
 from .helpers import TINY
 

@@ -8,10 +8,11 @@ from hf_memedit import EditConfig, FactCollator
 from hf_memedit.benchmarks.common import FEATURES, MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from hf_memedit.cli import parse
 from hf_memedit.cli.edit import format_summary
-from hf_memedit.edit_trainer import ConstrainedEditTrainer, ObjectTokenLoss
+from hf_memedit.edit_trainer import ConstrainedEditTrainer
 from hf_memedit.evaluation.metrics import avg_acc, bleed_flags
 from hf_memedit.evaluation.results import ResultsRecord
 from hf_memedit.experiments import run_edit, run_eval
+from hf_memedit.loss import ObjectTokenLoss
 from hf_memedit.preservation import NeighbourRisk, disjoint_split, neighbour_risk, preservation_batches
 
 from .helpers import FACTS, ROOT, tiny_bert
@@ -139,13 +140,13 @@ def test_weighted_loss_is_the_weighted_sum_over_object_tokens(bert_tokenizer):
     labels = weighted["labels"].clamp(max=49).where(weighted["labels"] >= 0, torch.tensor(-100))
     loss = ObjectTokenLoss("masked")
     unweighted = loss({"logits": logits}, labels, num_items_in_batch=7)
-    loss.row_weights = torch.tensor([1.0, 1.0])
-    assert loss({"logits": logits}, labels, num_items_in_batch=7).item() == pytest.approx(unweighted.item(), rel=1e-12)
-    loss.row_weights = weighted["object_weights"]
+    ones = torch.tensor([1.0, 1.0])
+    assert loss({"logits": logits}, labels, num_items_in_batch=7, row_weights=ones).item() == pytest.approx(unweighted.item(), rel=1e-12)
     per_token = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="none")
     rows = (labels != -100).nonzero()[:, 0]
     expected = (per_token * weighted["object_weights"].double()[rows]).sum() / 7
-    assert loss({"logits": logits}, labels, num_items_in_batch=7).item() == pytest.approx(expected.item(), rel=1e-12)
+    value = loss({"logits": logits}, labels, num_items_in_batch=7, row_weights=weighted["object_weights"])
+    assert value.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
 def test_the_trainer_trains_on_weighted_groups_and_weight_matters(bert_tokenizer, tmp_path):
@@ -247,17 +248,19 @@ def test_kl_rows_score_the_distance_to_theta0s_distribution(bert_tokenizer):
     labels = batch["labels"].clamp(max=39).where(batch["labels"] >= 0, torch.tensor(-100))
     positions = labels != -100
     loss = ObjectTokenLoss("masked")
-    loss.row_weights, loss.kl_rows = batch["object_weights"], batch["preserve_rows"]
-    loss.reference = logits[positions].detach().log_softmax(-1)  # θ = θ0: the KL rows cost nothing
-    value = loss({"logits": logits}, labels, num_items_in_batch=2)
+    weights, kl_rows = batch["object_weights"], batch["preserve_rows"]
+    same = logits[positions][1:].detach().log_softmax(-1)  # θ = θ0 on the KL row: it costs nothing
+    value = loss({"logits": logits}, labels, num_items_in_batch=2, row_weights=weights, kl_rows=kl_rows, reference=same)
     ce = torch.nn.functional.cross_entropy(logits[positions][:1], labels[positions][:1])
     assert value.item() == pytest.approx(ce.item() / 2, rel=1e-12)
     value.backward()
     assert logits.grad[1].abs().max().item() < 1e-15 and logits.grad[0].abs().max().item() > 0
-    reference = torch.randn(2, 40, dtype=torch.float64).log_softmax(-1)
-    loss.reference = reference
-    kl = (reference[1].exp() * (reference[1] - logits[positions][1].log_softmax(-1))).sum()
-    assert loss({"logits": logits}, labels, num_items_in_batch=2).item() == pytest.approx((ce + 2 * kl).item() / 2, rel=1e-12)
+    reference = torch.randn(1, 40, dtype=torch.float64).log_softmax(-1)
+    kl = (reference[0].exp() * (reference[0] - logits[positions][1].log_softmax(-1))).sum()
+    value = loss({"logits": logits}, labels, num_items_in_batch=2, row_weights=weights, kl_rows=kl_rows, reference=reference)
+    assert value.item() == pytest.approx((ce + 2 * kl).item() / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="1 object positions"):
+        loss({"logits": logits}, labels, num_items_in_batch=2, kl_rows=kl_rows, reference=reference.repeat(2, 1))
 
 
 def test_the_trainer_keeps_the_kl_rows_near_theta0(bert_tokenizer, tmp_path):
@@ -299,9 +302,29 @@ def test_the_kl_term_is_zero_with_zero_gradient_at_theta0_under_dropout(bert_tok
     model.train()
     for _ in range(3):
         model.zero_grad()
-        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
-        loss.backward()
+        loss = trainer.training_step(model, dict(batch), num_items_in_batch=items)
         assert loss.item() == 0.0
         # softmax(θ0's logits) − exp(log_softmax(θ0's logits)): float32 rounding only (dropout gave 1e-3 to the loss)
         assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) < 1e-7
     assert model.training
+
+
+def test_theta0s_distribution_of_each_kl_row_is_computed_once(bert_tokenizer, tmp_path, monkeypatch):
+    """θ0 never changes: a KL row's reference is computed the first time the row comes round and kept; the second
+    batch holding the same rows runs no θ0 forward, and the kept values equal a fresh computation."""
+    model = tiny_bert(bert_tokenizer.vocab_size, layers=2)
+    args = EditConfig(output_dir=str(tmp_path), edit_blocks=["1"], norm="linf", delta=1e-2, preserve_objective="kl",
+                      max_steps=4, per_device_train_batch_size=1, learning_rate=1e-2, report_to="none",
+                      save_strategy="no", disable_tqdm=True, use_cpu=True)
+    groups = [{"text": [FACTS[0]["text"], FACTS[k]["text"]], "object": ["Lima", FACTS[k]["object"]],
+               "preserve": [False, True]} for k in (1, 3, 1, 3)]
+    trainer = ConstrainedEditTrainer(model, args, train_dataset=datasets.Dataset.from_list(groups),
+                                     processing_class=bert_tokenizer)
+    computed = []
+    compute = trainer._theta0_log_probs
+    monkeypatch.setattr(trainer, "_theta0_log_probs", lambda inputs, rows: computed.append(len(rows)) or compute(inputs, rows))
+    trainer.train()
+    assert sum(computed) == 2 and len(trainer._references) == 2  # two distinct KL rows, four batches
+    batch = FactCollator(bert_tokenizer, "masked")([groups[0]])
+    kept = trainer._with_references(batch)["theta0_log_probs"]
+    torch.testing.assert_close(kept, torch.cat(compute(batch, [1])), rtol=0, atol=1e-6)

@@ -16,8 +16,8 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 from hf_memedit import BlockSelectorConfig, EditConfig, EditModel, get_edit_model
 from hf_memedit.benchmarks import export_benchmark, load_benchmark
+from hf_memedit.checkpointing import PARAMS_NAME, THETA0_NAME, last_complete_checkpoint
 from hf_memedit.cli import main, parse
-from hf_memedit.edit_trainer import PARAMS_NAME, THETA0_NAME, last_complete_checkpoint
 from hf_memedit.experiments import JobConfig
 from hf_memedit.experiments.points import POINTS, GridPoint, load_points, open_points, save_points
 from hf_memedit.hub import apply_edit, package_edit, revert_edit

@@ -6,7 +6,7 @@ from datasets import Dataset
 from transformers import BertForMaskedLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_memedit import ConstrainedEditTrainer, EditConfig, FactCollator
-from hf_memedit.edit_trainer import THETA0_NAME
+from hf_memedit.checkpointing import THETA0_NAME
 from hf_memedit.projection import l2_distance
 
 from .helpers import FACTS, assert_agree_up_to_reordering, assert_in_linf_ball, tiny_bert

@@ -3,111 +3,32 @@
 from __future__ import annotations
 
 import logging
-import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import datasets
 import torch
-from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.loss.loss_utils import fixed_cross_entropy
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import PreTrainedModel, Trainer
 
 from .architectures import eval_mode, model_kind
+from .callbacks import OnTrainBegin, StopAtEpochLoss, StopAtLoss
+from .checkpointing import SaveTheta0Callback, checkpoint_folder, load_trained_values, read_theta0
 from .collators import PRESERVE_INPUT, WEIGHTS_INPUT, FactCollator
 from .edit_config import EditConfig
 from .evaluation.metrics import MODIFIED_TEST, UNMODIFIED_TEST, edit_metrics, evaluate_splits
 from .evaluation.scoring import FactResults
-from .fast_paths.heads import head_modules, logit_positions, object_targets
+from .fast_paths.heads import head_modules, logit_positions
 from .fast_paths.prefix import PrefixCache, fast_forward, first_editable_block
 from .fisher import diagonal_fisher
-from .io import load_tensors, save_tensors
 from .keys import KeyStatistics, corpus_texts, key_layers, preserved_keys
+from .loss import ObjectTokenLoss, Theta0References
 from .model import EditModel, get_edit_model, values_at
 from .projection import KeyProjector, NormBallProjector
 
 
 logger = logging.getLogger(__name__)
 
-THETA0_NAME = "memedit_theta0.safetensors"
-PARAMS_NAME = "memedit_params.safetensors"
-
-
-class _SaveTheta0Callback(TrainerCallback):
-    """Writes the trainable parameters and θ0 into every checkpoint, θ0 last: a checkpoint without
-    it was cut short while saving. A resumed run projects around the original centre and takes the
-    trained values from our own file, by the names the trainer uses (transformers may save a model
-    under its original checkpoint's names, e.g. BERT's LayerNorm gamma/beta, which Trainer's resume
-    then silently skips)."""
-
-    def __init__(self, edit_model: EditModel):
-        self.edit_model = edit_model
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            save_tensors(self.edit_model.trainable_parameters(), os.path.join(folder, PARAMS_NAME))
-            save_tensors(self.edit_model.theta0, os.path.join(folder, THETA0_NAME))
-
-
-def is_complete_checkpoint(folder: str) -> bool:
-    """Whether a checkpoint folder was written to the end (trainer state, trained values, θ0)."""
-    return all(os.path.isfile(os.path.join(folder, name)) for name in (TRAINER_STATE_NAME, PARAMS_NAME, THETA0_NAME))
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint in `output_dir` that was saved completely; cut-short ones are skipped, with a warning."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted(
-        (int(match.group(1)), name) for name in os.listdir(output_dir)
-        if (match := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name))
-    )
-    for _, name in reversed(steps):
-        folder = os.path.join(output_dir, name)
-        if is_complete_checkpoint(folder):
-            return folder
-        logger.warning("Skipping %s: it was cut short while saving (no %s or %s).", folder, TRAINER_STATE_NAME, THETA0_NAME)
-    return None
-
-
-class _StopAtLossCallback(TrainerCallback):
-    """FT-L's early stop, judged on a whole optimizer step's loss (the sum of its micro-batches' shares),
-    so gradient accumulation never stops with a step half accumulated."""
-
-    def __init__(self, trainer: ConstrainedEditTrainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if args.stop_at_loss is not None and self.trainer._step_loss < args.stop_at_loss:
-            control.should_training_stop = True
-        self.trainer._step_loss = 0.0
-
-
-class _StopAtEpochLossCallback(TrainerCallback):
-    """LocFT-BF's early stop: the mean loss of an epoch's batches below `stop_at_epoch_loss`."""
-
-    def __init__(self, trainer: ConstrainedEditTrainer):
-        self.trainer = trainer
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        losses = self.trainer._epoch_losses
-        if args.stop_at_epoch_loss is not None and losses and sum(losses) / len(losses) < args.stop_at_epoch_loss:
-            control.should_training_stop = True
-        self.trainer._epoch_losses = []
-
-
-class _FollowParametersCallback(TrainerCallback):
-    """The projector follows the parameters before the first step: FSDP2 may have replaced them with sharded ones,
-    by hand or in `train()` (accelerate's plugin shards after the optimizer is made and hands it the new ones)."""
-
-    def __init__(self, trainer: ConstrainedEditTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._follow_parameters()
+REFERENCE_INPUT = "theta0_log_probs"  # a batch's θ0 log-probabilities at its KL rows' object positions
 
 
 class ConstrainedEditTrainer(Trainer):
@@ -179,9 +100,9 @@ class ConstrainedEditTrainer(Trainer):
                 "names the blocks only; some configurations build another head than the table's), so the full head "
                 "runs: the same loss, without the speed-up.", type(base).__name__,
             )
-        self._weighted_loss = None
+        self._loss = None  # the trainer's own loss (None: the caller's compute_loss_func)
         if compute_loss_func is None:
-            compute_loss_func = self._weighted_loss = ObjectTokenLoss(kind, args.loss_reduction)
+            compute_loss_func = self._loss = ObjectTokenLoss(kind, args.loss_reduction)
         super().__init__(
             model=base,
             args=args,
@@ -202,8 +123,8 @@ class ConstrainedEditTrainer(Trainer):
                 f"from block {first_editable_block(base, layout)}: build one for this selection (PrefixCache.for_model)."
             )
         self.prefix_cache = prefix_cache
-        if self._weighted_loss is not None and args.loss_reduction == "sequence":
-            self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the micro-batches accumulated
+        if self._loss is not None:  # a sum over the accumulated batch's tokens, or a per-batch mean ('sequence')
+            self.loss_is_scaled_for_ga = args.loss_reduction != "sequence"
         if args.norm == "fisher" and fisher is None and (fisher_dataset is None or processing_class is None):
             raise ValueError(
                 "norm 'fisher' needs fisher_dataset (unmodified facts, e.g. the benchmark's unmodified_train) "
@@ -215,15 +136,19 @@ class ConstrainedEditTrainer(Trainer):
         self._fisher_dataset, self._preserve_texts = fisher_dataset, preserve_texts
         self.keys = keys
         self._projector: NormBallProjector | None = None  # built at first use, once θ0 is known (see `projector`)
+        self._references = Theta0References() if args.preserve_objective == "kl" else None
         self._hooked_optimizer: torch.optim.Optimizer | None = None
         self.before_edit: dict[str, FactResults] | None = None
-        self._step_loss = 0.0
         self._parameter_count: int | None = None
-        self.add_callback(_SaveTheta0Callback(edit_model))
-        self._epoch_losses: list[float] = []
-        self.add_callback(_StopAtLossCallback(self))
-        self.add_callback(_StopAtEpochLossCallback(self))
-        self.add_callback(_FollowParametersCallback(self))
+        self.add_callback(SaveTheta0Callback(edit_model))
+        self._stop_at_loss = StopAtLoss(args.stop_at_loss) if args.stop_at_loss is not None else None
+        self._stop_at_epoch_loss = StopAtEpochLoss(args.stop_at_epoch_loss) if args.stop_at_epoch_loss is not None else None
+        for stop in (self._stop_at_loss, self._stop_at_epoch_loss):
+            if stop is not None:
+                self.add_callback(stop)
+        # The projector follows the parameters as they are when training begins: FSDP2 may have replaced them with
+        # sharded ones, by hand or in `train()` (accelerate's plugin shards after the optimizer is made).
+        self.add_callback(OnTrainBegin(self._follow_parameters))
 
     @property
     def projector(self) -> NormBallProjector:
@@ -272,7 +197,7 @@ class ConstrainedEditTrainer(Trainer):
     def _get_num_items_in_batch(self, batch_samples, device):
         """No token count for a mean per fact: `Trainer` then divides each accumulation group's loss by the micro-batches
         it holds (fewer in an epoch's last group) and does not rescale it by the number of processes."""
-        if self._weighted_loss is not None and self.args.loss_reduction == "sequence":
+        if self._loss is not None and self.args.loss_reduction == "sequence":
             return None
         return super()._get_num_items_in_batch(batch_samples, device)
 
@@ -314,55 +239,80 @@ class ConstrainedEditTrainer(Trainer):
             yield
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        inputs = self._with_references(inputs)
         with self._fast_paths(inputs, logits_only=True):
             loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.args.stop_at_loss is not None:
-            self._step_loss += loss.item()  # judged once the optimizer step is complete (_StopAtLossCallback)
+        if self._stop_at_loss is not None:
+            self._stop_at_loss.add(loss.item())  # judged once the optimizer step is complete
         return loss
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Trainer's loss; a batch's `object_weights` (a preservation mix) weight its rows in the object-token loss,
-        and with `preserve_objective: kl` its preservation rows are scored by KL(θ0 ‖ θ) instead of cross-entropy."""
-        weights = inputs.pop(WEIGHTS_INPUT, None)
-        preserve = inputs.pop(PRESERVE_INPUT, None)
-        kl_rows = preserve if self.args.preserve_objective == "kl" and model.training else None
-        if weights is None and kl_rows is None:
-            return self._maybe_skip(super().compute_loss(model, inputs, return_outputs, num_items_in_batch))
-        if self._weighted_loss is None:
-            raise ValueError(
-                "This batch carries per-fact loss weights or preservation rows (a preservation mix), which a custom "
-                "compute_loss_func cannot see: leave compute_loss_func unset, or give batches without them."
-            )
-        self._weighted_loss.row_weights = weights
-        if kl_rows is not None:
-            self._weighted_loss.kl_rows = kl_rows
-            self._weighted_loss.reference = self._theta0_log_probs(model, inputs)
-        try:
-            # With KL rows the batch runs without dropout, as θ0's reference does: θ0 is then a fixed point of the
-            # KL term (zero, with zero gradient, at θ = θ0) instead of a random target.
-            with eval_mode(model) if kl_rows is not None else nullcontext():
-                return self._maybe_skip(super().compute_loss(model, inputs, return_outputs, num_items_in_batch))
-        finally:
-            self._weighted_loss.row_weights = self._weighted_loss.kl_rows = self._weighted_loss.reference = None
+    def _with_references(self, inputs):
+        """The batch with θ0's log-probabilities at its KL rows' object positions (`preserve_objective: kl`), each row's
+        computed once (θ0 without dropout: its own distribution) and kept for the next time it comes round."""
+        kl_rows = inputs.get(PRESERVE_INPUT)
+        if self._references is None or kl_rows is None or not bool(kl_rows.any()):
+            return inputs
+        positions = logit_positions(inputs["labels"], self.kind)
+        rows = kl_rows.nonzero()[:, 0].tolist()
+        keys = [Theta0References.key(inputs["input_ids"][r], inputs["attention_mask"][r], positions[r]) for r in rows]
+        missing = [r for r, key in zip(rows, keys) if key not in self._references]
+        if missing:
+            for key, value in zip([keys[rows.index(r)] for r in missing], self._theta0_log_probs(inputs, missing)):
+                self._references.add(key, value)
+        return {**inputs, REFERENCE_INPUT: self._references.gather(keys)}
 
     @torch.no_grad()
-    def _theta0_log_probs(self, model, inputs) -> torch.Tensor:
-        """θ0's log-probabilities at the batch's object positions (`[n, vocab]`, float32 or float64), for the KL:
-        θ0's own distribution, so without dropout, the same on every call."""
-        with self.at_theta0(), eval_mode(model):
-            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    def _theta0_log_probs(self, inputs, rows: list[int]) -> list[torch.Tensor]:
+        """θ0's log-probabilities (`[n, vocab]`, float32 or float64) at the object positions of the batch's `rows`."""
+        model = self.edit_model.model
+        device = next(model.parameters()).device
+        index = torch.tensor(rows)
+        ids, mask = inputs["input_ids"][index].to(device), inputs["attention_mask"][index].to(device)
+        positions = logit_positions(inputs["labels"][index], self.kind).to(device)
+        fast = positions if self.object_logits_only else None
+        with self.at_theta0(), eval_mode(model), fast_forward(model, self.prefix_cache, ids, mask, fast):
+            logits = model(input_ids=ids, attention_mask=mask).logits
         if logits.dim() == 3:
-            logits = logits[logit_positions(inputs["labels"], self.kind).to(logits.device)]
-        return (logits if logits.dtype == torch.float64 else logits.float()).log_softmax(-1)
+            logits = logits[positions]
+        logits = (logits if logits.dtype == torch.float64 else logits.float()).log_softmax(-1)
+        return list(logits.split(positions.sum(1).tolist()))
 
-    def _maybe_skip(self, result):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The object-token loss of the batch; a batch's `object_weights` (a preservation mix) weight its rows, and with
+        `preserve_objective: kl` its preservation rows are scored by KL(θ0 ‖ θ) instead of cross-entropy."""
+        inputs = dict(inputs)
+        weights, preserve = inputs.pop(WEIGHTS_INPUT, None), inputs.pop(PRESERVE_INPUT, None)
+        reference = inputs.pop(REFERENCE_INPUT, None)
+        if self._loss is None:
+            if weights is not None or reference is not None:
+                raise ValueError(
+                    "This batch carries per-fact loss weights or preservation rows (a preservation mix), which a custom "
+                    "compute_loss_func cannot see: leave compute_loss_func unset, or give batches without them."
+                )
+            return self._skip_when_low(super().compute_loss(model, inputs, return_outputs, num_items_in_batch))
+        kl_rows = preserve if reference is not None and model.training else None
+        labels = inputs.pop("labels")
+        # With KL rows the batch runs without dropout, as θ0's reference does: θ0 is then a fixed point of the KL term
+        # (zero, with zero gradient, at θ = θ0) instead of a random target.
+        with eval_mode(model) if kl_rows is not None else nullcontext():
+            outputs = model(**inputs)
+        loss = self._loss(outputs, labels, num_items_in_batch, row_weights=weights, kl_rows=kl_rows, reference=reference)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As Trainer's own loss: a sum over the tokens of every rank, whose gradients DDP then averages.
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        loss = self._skip_when_low(loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def _skip_when_low(self, result):
         """`skip_below_loss`: a training batch already below it gives no gradient (a leaf copy of its loss), so
         the optimizer, which skips parameters without gradients, changes nothing; its loss is still logged."""
-        if not self.model.training or (self.args.skip_below_loss is None and self.args.stop_at_epoch_loss is None):
+        if not self.model.training or (self.args.skip_below_loss is None and self._stop_at_epoch_loss is None):
             return result  # no stop asks for the loss: no device sync on the hot path
         loss = result[0] if isinstance(result, tuple) else result
         value = float(loss.detach())
-        self._epoch_losses.append(value)
+        if self._stop_at_epoch_loss is not None:
+            self._stop_at_epoch_loss.add(value)
         if self.args.skip_below_loss is None or value >= self.args.skip_below_loss:
             return result
         skipped = loss.detach().clone().requires_grad_()
@@ -391,7 +341,7 @@ class ConstrainedEditTrainer(Trainer):
                 show_progress=not self.args.disable_tqdm,
             )
         if resume_from_checkpoint:
-            resume_from_checkpoint = self._checkpoint_folder(resume_from_checkpoint)
+            resume_from_checkpoint = checkpoint_folder(resume_from_checkpoint, self.args.output_dir)
             self._restore_theta0(resume_from_checkpoint)
             logger.warning("Resuming the edit from %s.", resume_from_checkpoint)
         if self.args.eval_before_edit and self.before_edit is None and _fact_splits(self.eval_dataset):
@@ -427,18 +377,6 @@ class ConstrainedEditTrainer(Trainer):
             prefix=self.prefix_cache,
         )
 
-    def _checkpoint_folder(self, resume_from_checkpoint: str | bool) -> str:
-        """The checkpoint to resume from: the newest complete one for `True`, else the folder given, checked."""
-        if resume_from_checkpoint is True:
-            folder = last_complete_checkpoint(self.args.output_dir)
-            if folder is None:
-                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
-            return folder
-        folder = os.fspath(resume_from_checkpoint)
-        if not os.path.isdir(folder):
-            raise ValueError(f"resume_from_checkpoint {folder} does not exist: give a checkpoint-N folder, or true for the last one.")
-        return folder
-
     def at_theta0(self) -> AbstractContextManager[None]:
         """The trainable parameters at θ0 inside (they are restored after). Usable inside the fast paths, which
         rearrange the block list (the parameters are the projector's, held by reference)."""
@@ -446,39 +384,19 @@ class ConstrainedEditTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: PreTrainedModel | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, PARAMS_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(f"{resume_from_checkpoint} has no {PARAMS_NAME}: it was cut short while saving. Resume from an earlier checkpoint.")
-        saved = load_tensors(path)
-        params = self.edit_model.trainable_parameters()
-        if set(saved) != set(params):
-            raise ValueError(f"{path} holds other parameters than this run trains ({self.args.edit_blocks}).")
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(saved[name])
+        load_trained_values(resume_from_checkpoint, self.edit_model.trainable_parameters(), self.args.edit_blocks)
 
     def _restore_theta0(self, folder: str) -> None:
-        path = os.path.join(folder, THETA0_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"{folder} has no {THETA0_NAME}: it was not written by ConstrainedEditTrainer, so the "
-                "original centre θ0 of the constraint is unknown. Start the edit afresh."
-            )
-        saved = load_tensors(path)
-        if set(saved) != set(self.edit_model.theta0):
-            raise ValueError(
-                f"{path} holds θ0 for other parameters than this run trains: the checkpoint belongs to an "
-                f"edit of other blocks. This run trains {self.args.edit_blocks}."
-            )
+        """θ0 from the checkpoint; when the model given differs from it (e.g. the checkpoint's own weights), the
+        constraint is built again around the checkpoint's θ0 (its Fisher and keys estimated at θ0)."""
+        saved = read_theta0(folder, set(self.edit_model.theta0), self.args.edit_blocks)
         changed = [name for name, value in saved.items() if not torch.equal(value, self.edit_model.theta0[name].cpu())]
         for name, value in saved.items():
             self.edit_model.theta0[name] = value.to(self.edit_model.theta0[name].device)
         if changed:
-            # The model given is not θ0 (e.g. the checkpoint's own weights): the constraint is built again around the
-            # checkpoint's θ0, its Fisher and preserved keys estimated with the trainable parameters at θ0.
             logger.warning("θ0 of %d tensors (%s, ...) taken from the checkpoint: the model given differs from it, so "
                            "the constraint is built again around θ0.", len(changed), changed[0])
-            self._projector = None  # built again, around the checkpoint's θ0
+            self._projector = None
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
@@ -494,53 +412,3 @@ class ConstrainedEditTrainer(Trainer):
 def _fact_splits(dataset) -> bool:
     """Whether an eval dataset is a set of benchmark splits (scored by fact metrics, not by loss)."""
     return isinstance(dataset, Mapping) and bool({MODIFIED_TEST, UNMODIFIED_TEST} & set(dataset))
-
-
-class ObjectTokenLoss:
-    """Cross-entropy summed over the object tokens / `num_items_in_batch` (transformers' `fixed_cross_entropy`).
-
-    Full logits (`[batch, length, vocab]`) are cut to the object positions first, so both fast and
-    straightforward forwards reduce the same `[n, vocab]` rows in the same order. Half-precision
-    logits are upcast to float32 as transformers' LM losses do; float64 logits keep their precision
-    (transformers' losses would round them to float32). With `row_weights` (set by the trainer for
-    one batch) each row's tokens count with its weight: Σ w·CE / num_items. `reduction` 'sequence'
-    is LocFT-BF's loss instead: the (weighted) mean over facts of each fact's mean token loss, a per-batch mean
-    that the trainer has `Trainer` divide by the micro-batches each step accumulates. With `kl_rows` and `reference`
-    (θ0's log-probabilities at the same positions) those rows' tokens contribute KL(θ0 ‖ θ) instead of CE.
-    """
-
-    def __init__(self, kind: str, reduction: str = "token"):
-        self.kind, self.reduction = kind, reduction
-        self.row_weights: torch.Tensor | None = None
-        self.kl_rows: torch.Tensor | None = None  # rows scored by KL(θ0 ‖ θ) against `reference` instead of CE
-        self.reference: torch.Tensor | None = None
-
-    def __call__(self, outputs, labels, num_items_in_batch=None):
-        logits = outputs["logits"]
-        positions = logit_positions(labels, self.kind).to(logits.device)
-        if logits.dim() == 3:
-            logits = logits[positions]
-        if logits.dtype != torch.float64:
-            logits = logits.float()
-        targets = object_targets(labels, self.kind).to(logits.device)
-        if self.row_weights is None and self.reduction == "token" and self.kl_rows is None:
-            return fixed_cross_entropy(logits, targets, num_items_in_batch=num_items_in_batch)
-        rows = positions.nonzero()[:, 0]
-        weights = torch.ones(len(positions), dtype=logits.dtype, device=logits.device) if self.row_weights is None else (
-            self.row_weights.to(device=logits.device, dtype=logits.dtype))
-        per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        if self.kl_rows is not None:
-            reference = self.reference.to(device=logits.device, dtype=logits.dtype)
-            kl = (reference.exp() * (reference - logits.log_softmax(-1))).sum(-1)
-            per_token = torch.where(self.kl_rows.to(logits.device)[rows], kl, per_token)
-        if self.reduction == "sequence":  # each fact's mean token loss, averaged over the batch's facts
-            sums = torch.zeros(len(positions), dtype=per_token.dtype, device=per_token.device).index_add_(0, rows, per_token)
-            counts = positions.sum(1).to(per_token.dtype)
-            present = counts > 0
-            means = sums[present] / counts[present]
-            return (means * weights[present]).sum() / weights[present].sum()
-        total = (per_token * weights[rows]).sum()
-        count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
-        if torch.is_tensor(count):
-            count = count.to(total.device)
-        return total / count
