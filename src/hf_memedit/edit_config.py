@@ -1,4 +1,5 @@
-"""`EditConfig`: every knob of a constrained edit, as `TrainingArguments` plus the constraint."""
+"""`EditConfig`: every knob of a constrained edit: `TrainingArguments`, and two groups that validate themselves,
+`ConstraintArguments` (the ball and the key constraint) and `PreservationArguments` (the preservation mix)."""
 
 from __future__ import annotations
 
@@ -16,63 +17,13 @@ from .projection import KEY_CONSTRAINTS, L2_SCOPES, NORMS, validate_constraint, 
 
 
 @dataclass
-class EditConfig(TrainingArguments):
-    """Arguments of `ConstrainedEditTrainer`: `TrainingArguments` plus where and how far θ may move.
+class ConstraintArguments:
+    """Where θ may move: the norm ball around θ0 (`hf_memedit.projection`), intersected with a constraint on the
+    preserved keys (`hf_memedit.keys`); validated together, recorded and described by `constraint_record` and
+    `describe_constraint`."""
 
-    Loadable from YAML with `HfArgumentParser(EditConfig).parse_yaml_file(path)`. Unconstrained
-    fine-tuning (the paper's δ = ∞) is spelled `norm: none`, never by a huge δ.
-    """
+    _argument_group_name = "constraint (ConstraintArguments)"  # its heading in `memedit <command> --help`
 
-    edit_blocks: list[str] = field(
-        default_factory=lambda: ["0"],
-        metadata={
-            "help": "Blocks to edit: indices (0 = first, -1 = last), 'all', 'embeddings', or a mix "
-            "(e.g. 'embeddings' '0'). Everything else is frozen."
-        },
-    )
-    edit_modules: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Train only these submodules of the selected blocks: paths relative to a block, or "
-            "'mlp_out' (its MLP output projection; edit_blocks 0 + edit_modules mlp_out is FT-L as ROME and "
-            "EasyEdit run it). Default: whole blocks."
-        },
-    )
-    stop_at_loss: float | None = field(
-        default=None,
-        metadata={"help": "Stop training once a step's loss falls below this (FT-L's early stop; EasyEdit: 1e-2)."},
-    )
-    eos_target: bool = field(
-        default=False,
-        metadata={"help": "Causal LMs: append the EOS token to every training target, so the edited model stops after "
-                  "the new object (LocFT-BF; 'The Mirage of Model Editing')."},
-    )
-    loss_reduction: str = field(
-        default="token",
-        metadata={"help": "'token': cross-entropy summed over the batch's object tokens / their number (exact under "
-                  "gradient accumulation); 'sequence': the mean over facts of each fact's mean token loss (LocFT-BF's).",
-                  "choices": ["token", "sequence"]},
-    )
-    skip_below_loss: float | None = field(
-        default=None,
-        metadata={"help": "Skip the update of a batch whose loss is already below this (LocFT-BF: 1e-2): no gradient, "
-                  "so Adam leaves every parameter and its moments alone."},
-    )
-    stop_at_epoch_loss: float | None = field(
-        default=None,
-        metadata={"help": "Stop once an epoch's mean batch loss falls below this (LocFT-BF's early stop: 1e-2)."},
-    )
-    blocks_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Only for architectures not in hf_memedit's table: dotted path, relative to "
-            "model.base_model, of the nn.ModuleList of Transformer blocks."
-        },
-    )
-    embeddings_paths: list[str] | None = field(
-        default=None,
-        metadata={"help": "Only with blocks_path: paths of the embedding modules, relative to model.base_model."},
-    )
     norm: str = field(
         default="linf",
         metadata={
@@ -97,45 +48,6 @@ class EditConfig(TrainingArguments):
     fisher_samples: int = field(
         default=256,
         metadata={"help": "norm 'fisher': how many unmodified facts estimate the diagonal Fisher (one backward each)."},
-    )
-    preserve_objective: str = field(
-        default="none",
-        metadata={
-            "help": "What every batch mixes in to keep the model's other knowledge (hf_memedit.preservation): 'none'; "
-            "'evidence' (the unmodified facts' evidence with their benchmark objects: the paper's FTA, what "
-            "setting fta selects); 'answers' (evidence of unmodified facts θ0 predicts right, labelled with θ0's "
-            "own answer: it keeps behaviour instead of teaching labels); 'kl' (the unmodified evidence, with KL(θ0 ‖ θ) of "
-            "the next-token distribution at its object positions as the loss; batches holding such rows run without "
-            "dropout, as θ0's reference does, so θ0 is a fixed point of the term).",
-            "choices": list(PRESERVE_OBJECTIVES),
-        },
-    )
-    preserve_ratio: float = field(
-        default=1.0,
-        metadata={"help": "Preservation facts per edit fact in every batch (1: as many as the edit's, the paper's FTA)."},
-    )
-    preserve_weight: float = field(
-        default=1.0,
-        metadata={"help": "Loss weight λ of each preservation fact's object tokens (edit facts weigh 1): the loss is "
-                  "(Σ CE_edit + λ Σ CE_preserve) / all object tokens."},
-    )
-    preserve_same_relation: bool = field(
-        default=True,
-        metadata={"help": "preserve_objective 'answers' / 'kl': draw each edit fact's neighbours from its own relation, "
-                  "where a new object most easily leaks."},
-    )
-    preserve_risk: float = field(
-        default=0.0,
-        metadata={"help": "Share of each edit fact's neighbours drawn by risk instead of uniformly: in proportion to "
-                  "θ0's probability of that fact's new object (its first token) on the neighbour's prompt, the "
-                  "neighbours a new object would most readily take over (hf_memedit.preservation.neighbour_risk; "
-                  "one extra pass of θ0 over them). 0: all uniform; 1: all by risk."},
-    )
-    preserve_fraction: float = field(
-        default=0.5,
-        metadata={"help": "When preservation data comes from the benchmark (FTA, 'answers', norm fisher), the share "
-                  "of unmodified facts (a seeded hash of the uuid) it may use; locality is then scored only on the "
-                  "others whose subjects it never touched. 0 uses all facts for both, flagged as not disjoint."},
     )
     key_constraint: str = field(
         default="none",
@@ -186,6 +98,142 @@ class EditConfig(TrainingArguments):
         metadata={"help": "Dykstra stops once an iteration moves its iterate and correction terms by at most this × the "
                   "distance projected; the result is then scaled toward θ0 into the ball, so it lies in the ball and the "
                   "key set (the nearest point of both, up to this tolerance)."},
+    )
+
+    def validate_constraint(self) -> None:
+        self.delta = validate_constraint(self.norm, self.delta, self.l2_scope)
+        if self.key_constraint not in KEY_CONSTRAINTS:
+            raise ValueError(f"Unknown key_constraint {self.key_constraint!r}: choose one of {', '.join(KEY_CONSTRAINTS)}.")
+        validate_delta(self.nullspace_threshold, "nullspace_threshold")
+        validate_delta(self.output_rho, "output_rho")
+        validate_delta(self.projection_tolerance, "projection_tolerance")
+        if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:
+            raise ValueError(f"nullspace_energy must lie in (0, 1), got {self.nullspace_energy}.")
+        for name in ("preserve_corpus_samples", "preserve_corpus_length", "projection_iterations", "fisher_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+
+
+@dataclass
+class PreservationArguments:
+    """What every batch mixes in to keep the model's other knowledge (`hf_memedit.preservation`), and which
+    unmodified facts it may take them from."""
+
+    _argument_group_name = "preservation (PreservationArguments)"
+
+    preserve_objective: str = field(
+        default="none",
+        metadata={
+            "help": "What every batch mixes in to keep the model's other knowledge (hf_memedit.preservation): 'none'; "
+            "'evidence' (the unmodified facts' evidence with their benchmark objects: the paper's FTA, what "
+            "setting fta selects); 'answers' (evidence of unmodified facts θ0 predicts right, labelled with θ0's "
+            "own answer: it keeps behaviour instead of teaching labels); 'kl' (the unmodified evidence, with KL(θ0 ‖ θ) of "
+            "the next-token distribution at its object positions as the loss; batches holding such rows run without "
+            "dropout, as θ0's reference does, so θ0 is a fixed point of the term).",
+            "choices": list(PRESERVE_OBJECTIVES),
+        },
+    )
+    preserve_ratio: float = field(
+        default=1.0,
+        metadata={"help": "Preservation facts per edit fact in every batch (1: as many as the edit's, the paper's FTA)."},
+    )
+    preserve_weight: float = field(
+        default=1.0,
+        metadata={"help": "Loss weight λ of each preservation fact's object tokens (edit facts weigh 1): the loss is "
+                  "(Σ CE_edit + λ Σ CE_preserve) / all object tokens."},
+    )
+    preserve_same_relation: bool = field(
+        default=True,
+        metadata={"help": "preserve_objective 'answers' / 'kl': draw each edit fact's neighbours from its own relation, "
+                  "where a new object most easily leaks."},
+    )
+    preserve_risk: float = field(
+        default=0.0,
+        metadata={"help": "Share of each edit fact's neighbours drawn by risk instead of uniformly: in proportion to "
+                  "θ0's probability of that fact's new object (its first token) on the neighbour's prompt, the "
+                  "neighbours a new object would most readily take over (hf_memedit.preservation.neighbour_risk; "
+                  "one extra pass of θ0 over them). 0: all uniform; 1: all by risk."},
+    )
+    preserve_fraction: float = field(
+        default=0.5,
+        metadata={"help": "When preservation data comes from the benchmark (FTA, 'answers', norm fisher), the share "
+                  "of unmodified facts (a seeded hash of the uuid) it may use; locality is then scored only on the "
+                  "others whose subjects it never touched. 0 uses all facts for both, flagged as not disjoint."},
+    )
+
+    def validate_preservation(self) -> None:
+        if self.preserve_objective not in PRESERVE_OBJECTIVES:
+            raise ValueError(f"Unknown preserve_objective {self.preserve_objective!r}: choose one of {', '.join(PRESERVE_OBJECTIVES)}.")
+        if not self.preserve_ratio > 0:
+            raise ValueError(f"preserve_ratio must be positive (preservation facts per edit fact), got {self.preserve_ratio}.")
+        if not self.preserve_weight > 0:
+            raise ValueError(f"preserve_weight must be positive, got {self.preserve_weight}: for no preservation set preserve_objective none.")
+        if not 0 <= self.preserve_risk <= 1:
+            raise ValueError(f"preserve_risk must lie in [0, 1] (the share of neighbours drawn by risk), got {self.preserve_risk}.")
+        if not 0 <= self.preserve_fraction < 1:
+            raise ValueError(f"preserve_fraction must lie in [0, 1), got {self.preserve_fraction}.")
+
+
+@dataclass
+class EditConfig(ConstraintArguments, PreservationArguments, TrainingArguments):
+    """Arguments of `ConstrainedEditTrainer`: `TrainingArguments`, the constraint (where and how far θ may move) and
+    the preservation mix, plus what and how the edit trains.
+
+    Loadable from YAML with `HfArgumentParser(EditConfig).parse_yaml_file(path)`. Unconstrained
+    fine-tuning (the paper's δ = ∞) is spelled `norm: none`, never by a huge δ.
+    """
+
+    _argument_group_name = "edit (EditConfig: TrainingArguments, the constraint and the preservation mix)"
+
+    edit_blocks: list[str] = field(
+        default_factory=lambda: ["0"],
+        metadata={
+            "help": "Blocks to edit: indices (0 = first, -1 = last), 'all', 'embeddings', or a mix "
+            "(e.g. 'embeddings' '0'). Everything else is frozen."
+        },
+    )
+    edit_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Train only these submodules of the selected blocks: paths relative to a block, or "
+            "'mlp_out' (its MLP output projection; edit_blocks 0 + edit_modules mlp_out is FT-L as ROME and "
+            "EasyEdit run it). Default: whole blocks."
+        },
+    )
+    stop_at_loss: float | None = field(
+        default=None,
+        metadata={"help": "Stop training once a step's loss falls below this (FT-L's early stop; EasyEdit: 1e-2)."},
+    )
+    eos_target: bool = field(
+        default=False,
+        metadata={"help": "Causal LMs: append the EOS token to every training target, so the edited model stops after "
+                  "the new object (LocFT-BF; 'The Mirage of Model Editing')."},
+    )
+    loss_reduction: str = field(
+        default="token",
+        metadata={"help": "'token': cross-entropy summed over the batch's object tokens / their number (exact under "
+                  "gradient accumulation); 'sequence': the mean over facts of each fact's mean token loss (LocFT-BF's).",
+                  "choices": ["token", "sequence"]},
+    )
+    skip_below_loss: float | None = field(
+        default=None,
+        metadata={"help": "Skip the update of a batch whose loss is already below this (LocFT-BF: 1e-2): no gradient, "
+                  "so Adam leaves every parameter and its moments alone."},
+    )
+    stop_at_epoch_loss: float | None = field(
+        default=None,
+        metadata={"help": "Stop once an epoch's mean batch loss falls below this (LocFT-BF's early stop: 1e-2)."},
+    )
+    blocks_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Only for architectures not in hf_memedit's table: dotted path, relative to "
+            "model.base_model, of the nn.ModuleList of Transformer blocks."
+        },
+    )
+    embeddings_paths: list[str] | None = field(
+        default=None,
+        metadata={"help": "Only with blocks_path: paths of the embedding modules, relative to model.base_model."},
     )
     generation_eval: bool = field(
         default=False,
@@ -243,32 +291,14 @@ class EditConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        self.delta = validate_constraint(self.norm, self.delta, self.l2_scope)
+        self.validate_constraint()
+        self.validate_preservation()
         self.edit_blocks = [str(block) for block in parse_block_spec(self.edit_blocks)]
-        if self.preserve_objective not in PRESERVE_OBJECTIVES:
-            raise ValueError(f"Unknown preserve_objective {self.preserve_objective!r}: choose one of {', '.join(PRESERVE_OBJECTIVES)}.")
-        if not self.preserve_ratio > 0:
-            raise ValueError(f"preserve_ratio must be positive (preservation facts per edit fact), got {self.preserve_ratio}.")
-        if not self.preserve_weight > 0:
-            raise ValueError(f"preserve_weight must be positive, got {self.preserve_weight}: for no preservation set preserve_objective none.")
-        if not 0 <= self.preserve_risk <= 1:
-            raise ValueError(f"preserve_risk must lie in [0, 1] (the share of neighbours drawn by risk), got {self.preserve_risk}.")
         if self.loss_reduction not in ("token", "sequence"):
             raise ValueError(f"Unknown loss_reduction {self.loss_reduction!r}: choose token or sequence.")
         for name in ("skip_below_loss", "stop_at_epoch_loss", "stop_at_loss"):
             if getattr(self, name) is not None:
                 validate_delta(getattr(self, name), name)
-        if self.key_constraint not in KEY_CONSTRAINTS:
-            raise ValueError(f"Unknown key_constraint {self.key_constraint!r}: choose one of {', '.join(KEY_CONSTRAINTS)}.")
-        validate_delta(self.nullspace_threshold, "nullspace_threshold")
-        validate_delta(self.output_rho, "output_rho")
-        if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:
-            raise ValueError(f"nullspace_energy must lie in (0, 1), got {self.nullspace_energy}.")
-        for name in ("preserve_corpus_samples", "preserve_corpus_length", "projection_iterations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if not 0 <= self.preserve_fraction < 1:
-            raise ValueError(f"preserve_fraction must lie in [0, 1), got {self.preserve_fraction}.")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
