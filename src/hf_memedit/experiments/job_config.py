@@ -95,7 +95,9 @@ class BenchmarkArguments:
         metadata={"help": "Options of the benchmark builder as a JSON object, e.g. '{\"relations\": [\"P36\"]}'."},
     )
     modify_known: bool = field(
-        default=False, metadata={"help": "Modify only facts the model already predicts (the authors' filter)."}
+        default=False,
+        metadata={"help": "Modify only facts the model the edit starts from (θ0: after FT in the ft+ settings) already "
+                  "predicts on every test phrasing (the authors' filter)."},
     )
     max_unmodified_eval: int | None = field(
         default=None, metadata={"help": "Evaluate at most this many unmodified test facts (a seeded sample); None: all."}
@@ -138,7 +140,8 @@ class GridArguments:
 
     validation_fraction: float = field(
         default=0.5,
-        metadata={"help": "Sweeps: share of the unmodified test facts held out to pick δ and block (the rest is test)."},
+        metadata={"help": "Sweeps and compares: share of the subjects whose facts, modified and unmodified, are held out "
+                  "to pick δ and block (a seeded hash of the subject; the rest is test)."},
     )
     pick_min_retention: float | None = field(
         default=None,
