@@ -170,6 +170,19 @@ def test_a_m_is_a_share_of_facts_not_of_test_questions(bert_tokenizer):
         ("y", "The capital of y2 is [Y].", "oslo", True, 3.0)]
 
 
+def test_bleed_by_generation_reads_the_whole_new_object():
+    """Teacher-forced bleed sees a lost fact's first object token only (SmolLM2 starts Kigali, Kinshasa and Kuala
+    Lumpur alike); greedy generation's answer is the whole object."""
+    from hf_memedit.evaluation.metrics import generation_metrics
+
+    splits = {"modified_test": [{"object": "Kigali"}],
+              "unmodified_test": [{"object": "Paris"}, {"object": "Oslo"}, {"object": "Rome"}, {"object": "Kigali"}]}
+    after = {"modified_test": ["Kigali"], "unmodified_test": ["Kigali", "Kinshasa", "Rome", "Kigali"]}
+    before = {"modified_test": ["Lima"], "unmodified_test": ["Paris", "Oslo", "Rome", "Kigali"]}
+    metrics = generation_metrics(splits, after, before)
+    assert metrics["gen_n_lost"] == 2 and metrics["gen_bleed"] == 0.5
+
+
 def test_zsre_modified_facts_are_counted_once(tmp_path):
     from hf_memedit.benchmarks import load_benchmark
     from hf_memedit.evaluation.metrics import edit_metrics

@@ -70,10 +70,10 @@ def known_uuids(facts: Sequence[Fact], model: PreTrainedModel, tokenizer: PreTra
 def encodable_choices(facts: Sequence[Fact], encoder: FactEncoder) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(the uuids of the facts that may be modified, the objects never to draw as new ones) for this encoder.
 
-    A fact may be modified when every test phrasing and at least one training phrasing encode (the phrasings that
-    do not are dropped from the splits). An object is excluded when it does not encode in its relation's first
-    test phrasing that does: whether an object encodes depends on the object (unknown tokens), a phrasing on the
-    phrasing (an object first for a causal LM), which the facts' own objects have already checked.
+    A fact may be modified when every test phrasing and at least one training phrasing encode with its own object
+    (the phrasings that do not are dropped from the splits). An object is excluded when it does not encode in its
+    relation's first phrasing that does: what fails is the object (a token the vocabulary lacks) or the phrasing
+    (the object first, for a causal LM without BOS), and the phrasings have been checked with the facts' objects.
     """
     usable, probe = [], {}  # probe: relation -> a test phrasing that encodes with its own fact's object
     for fact in facts:

@@ -327,7 +327,9 @@ def generate_splits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 def generation_metrics(splits: Mapping[str, Any], answers: Mapping[str, Sequence[str]],
                        answers_before: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """A_M (on the new objects) and A_F\\S by greedy generation from the answers (`generate_splits`), beside the
-    teacher-forced scores, per fact as `edit_metrics`; with the answers before the edit also A_F\\S before and retention."""
+    teacher-forced scores, per fact as `edit_metrics`; with the answers before the edit also A_F\\S before, retention
+    and bleed: of the facts lost, the share whose answer is now one of the edit's new objects, whole (teacher-forced
+    bleed can judge only the first token)."""
     def correct(found: Mapping[str, Sequence[str]], name: str) -> list[bool]:  # per fact: every phrasing right
         if name not in splits or name not in found:
             return []
@@ -340,6 +342,14 @@ def generation_metrics(splits: Mapping[str, Any], answers: Mapping[str, Sequence
         unmodified_before = correct(answers_before, UNMODIFIED_TEST)
         kept = [after for before, after in zip(unmodified_before, unmodified) if before]
         metrics.update(gen_a_fs_before=_share(unmodified_before), gen_retention=_share(kept), gen_n_known=len(kept))
+        if MODIFIED_TEST in splits and UNMODIFIED_TEST in answers:
+            new_objects = {fact["object"] for fact in splits[MODIFIED_TEST]}
+            rows = list(splits[UNMODIFIED_TEST])
+            lost = [fact for fact, before, after in zip(fact_rows(splits[UNMODIFIED_TEST]), unmodified_before, unmodified)
+                    if before and not after]
+            bled = [any(answer_matches(answers[UNMODIFIED_TEST][i], obj) for i in fact for obj in new_objects - {rows[i]["object"]})
+                    for fact in lost]
+            metrics.update(gen_bleed=_share(bled), gen_n_lost=len(lost))
     return metrics
 
 

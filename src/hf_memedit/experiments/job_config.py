@@ -4,7 +4,8 @@ overrides (see `hf_memedit.cli`).
 
 Settings (the paper's names):
 - `ftm`: edit the model as loaded, on the modified facts' training evidence.
-- `ft`: only fine-tune on the unmodified facts' evidence (all of `ft_blocks`, unconstrained) and save it.
+- `ft`: only fine-tune on every fact's evidence, the benchmark before modification (all of `ft_blocks`,
+  unconstrained), and save it.
 - `ft+ftm`: FT first (saved in `ft_dir` and reused when its inputs match), then FTM.
 - `ri+ftm`: FTM from a randomly initialised model of the same architecture.
 - `fta` / `ft+fta`: like FTM, but every minibatch holds as many unmodified as modified evidences.
@@ -23,7 +24,7 @@ from .methods import METHODS
 
 
 SETTINGS = ("ftm", "ft", "ft+ftm", "ri+ftm", "fta", "ft+fta", "knn")
-FT_SETTINGS = ("ft", "ft+ftm", "ft+fta")  # the settings that fine-tune on the unmodified facts first
+FT_SETTINGS = ("ft", "ft+ftm", "ft+fta")  # the settings that fine-tune on the facts first
 FTA_SETTINGS = ("fta", "ft+fta")  # the settings that mix unmodified evidence into every batch
 COMPARE_METHODS = tuple(METHODS)  # the method table of experiments.methods, in its order
 MODEL_KINDS = ("auto", *(kind.value for kind in ModelKind))
@@ -122,7 +123,7 @@ class SettingArguments:
     )
     ft_blocks: list[str] = field(default_factory=lambda: ["all"], metadata={"help": "Blocks the FT step trains."})
     ft_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the FT step."})
-    ft_epochs: float = field(default=3.0, metadata={"help": "Epochs of the FT step over the unmodified evidence."})
+    ft_epochs: float = field(default=3.0, metadata={"help": "Epochs of the FT step over every fact's evidence."})
     ft_dir: str | None = field(
         default=None, metadata={"help": "Where the FT model is saved and reused from (default: <output_dir>/ft)."}
     )
