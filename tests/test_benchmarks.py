@@ -85,10 +85,13 @@ def test_trex_new_objects_follow_the_frequency_of_the_relation():
 @pytest.mark.shared
 @pytest.mark.slow
 def test_same_output_under_different_hash_seeds(tmp_path):
-    script = (
+    script = (  # the benchmark, its preservation / locality split and its validation half
         "import json, sys; from hf_memedit.benchmarks import load_benchmark; "
+        "from hf_memedit.preservation import disjoint_split; from hf_memedit.experiments.loading import holdout; "
         f"d = load_benchmark('trex_mod', m=64, seed=3, data_dir={TREX!r}, cache_dir=sys.argv[1]); "
-        "print(json.dumps({s: d[s]['uuid'][:50] + d[s]['object'][:50] + d[s]['text'][:50] for s in d}))"
+        "p, _ = disjoint_split(d, 0.5, 3); v, _ = holdout(p['unmodified_test'], 0.5, 3); "
+        "print(json.dumps({s: d[s]['uuid'][:50] + d[s]['object'][:50] + d[s]['text'][:50] for s in d} | "
+        "{'pool': sorted(p['unmodified_train']['uuid']), 'validation': sorted(v['uuid'])}))"
     )
     outputs = []
     for hash_seed in ("1", "2"):

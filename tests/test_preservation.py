@@ -97,7 +97,7 @@ def test_facts_an_edit_changes_are_scored_as_its_consistency_not_as_locality():
         "u1": "implied_by_edit", "u2": "inverse_of_edit", "u3": "implied_by_edit", "u4": "about_edited_object",
         "u5": "same_prompt_as_edit"}
     assert locality.dropped == {"about_edited_object": 1, "implied_by_edit": 2, "inverse_of_edit": 1, "same_prompt_as_edit": 1}
-    assert locality.n_consistency_facts == 2 and "1 are an edited fact read backwards" in locality.describe()
+    assert locality.n_consistency_facts == 2 and "1 an edited fact read backwards" in locality.describe()
     assert sorted(out[UNMODIFIED_TRAIN]["uuid"]) == ["u6", "u7"]  # nor are they preserved: the edit contradicts them
     # With preservation data too, those facts are neither preserved nor scored.
     pooled, _ = disjoint_split(splits, 0.5, seed=0)

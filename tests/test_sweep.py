@@ -39,8 +39,10 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monke
     table = (folder / "sweep.md").read_text()
     assert "picked on validation" in table and "picked on test" in table
     assert f"Every point trains with learning_rate {args.learning_rate}, max_steps {args.max_steps}," in table
-    for row in rows:
+    for row in rows:  # each half scores its own modified facts, together the m edited
         assert row["validation"]["n_unmodified"] + row["test"]["n_unmodified"] > 0
+        assert row["validation"]["n_modified"] > 0 and row["test"]["n_modified"] > 0
+        assert row["validation"]["n_modified"] + row["test"]["n_modified"] == job.m
     bigger = [r for r in rows if r["point"]["delta"] == 2e-2]
     smaller = [r for r in rows if r["point"]["delta"] == 1e-3]
     assert sum(r["test"]["a_m"] for r in bigger) >= sum(r["test"]["a_m"] for r in smaller)

@@ -56,7 +56,7 @@ DROP_REASONS = {
     **CHANGE_REASONS,
     "linked_to_preservation": "a preservation fact read backwards or implied, or sharing its prompt",
 }
-"""Why an unmodified fact is not scored as locality (nor, for an edit's changes, preserved), as "N facts <reason>"."""
+"""Why an unmodified fact is not scored as locality (nor, for an edit's changes, preserved), as reports list it."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,8 @@ class Locality:
                 f"their subjects and what they state (preserve_fraction {self.preserve_fraction}{tail})")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "description": self.describe()}
+        """As results.json holds it (lists, not tuples), with the description."""
+        return {**asdict(self), "dropped_facts": [dict(fact) for fact in self.dropped_facts], "description": self.describe()}
 
 
 def disjoint_split(splits: Mapping[str, datasets.Dataset], fraction: float, seed: int) -> tuple[datasets.DatasetDict, Locality]:

@@ -73,12 +73,12 @@ class Change:
     implied: str | None = None
 
 
-CHANGE_REASONS = {
-    "same_prompt_as_edit": "share subject and relation with an edited fact",
-    "inverse_of_edit": "are an edited fact read backwards (the edit makes them false)",
-    "implied_by_edit": "are given an object by an edit, read backwards or implied (scored as consistency)",
-    "about_edited_object": "are about an edit's old or new object under the edited relation, its inverse or what "
-                           "the old fact implied",
+CHANGE_REASONS = {  # as reports list them: "not scored: 6 an edited fact read backwards, ..."
+    "same_prompt_as_edit": "sharing an edited fact's subject and relation",
+    "inverse_of_edit": "an edited fact read backwards (false after the edit)",
+    "implied_by_edit": "given an object by an edit, read backwards or implied (scored as consistency)",
+    "about_edited_object": "about an edit's old or new object under the edited relation, its inverse or what the old "
+                           "fact implied",
 }
 
 
