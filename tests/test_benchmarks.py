@@ -13,6 +13,7 @@ from datasets import load_dataset
 
 from hf_memedit.benchmarks import SPLITS, benchmark_facts, export_benchmark, load_benchmark
 from hf_memedit.benchmarks.common import modify_facts
+from hf_memedit.preservation import no_split
 
 from .helpers import SHARED
 
@@ -84,10 +85,13 @@ def test_trex_new_objects_follow_the_frequency_of_the_relation():
 @pytest.mark.shared
 @pytest.mark.slow
 def test_same_output_under_different_hash_seeds(tmp_path):
-    script = (
+    script = (  # the benchmark, its preservation / locality split and its validation half
         "import json, sys; from hf_memedit.benchmarks import load_benchmark; "
+        "from hf_memedit.preservation import disjoint_split; from hf_memedit.experiments.loading import holdout; "
         f"d = load_benchmark('trex_mod', m=64, seed=3, data_dir={TREX!r}, cache_dir=sys.argv[1]); "
-        "print(json.dumps({s: d[s]['uuid'][:50] + d[s]['object'][:50] + d[s]['text'][:50] for s in d}))"
+        "p, _ = disjoint_split(d, 0.5, 3); v, _ = holdout(p['unmodified_test'], 0.5, 3); "
+        "print(json.dumps({s: d[s]['uuid'][:50] + d[s]['object'][:50] + d[s]['text'][:50] for s in d} | "
+        "{'pool': sorted(p['unmodified_train']['uuid']), 'validation': sorted(v['uuid'])}))"
     )
     outputs = []
     for hash_seed in ("1", "2"):
@@ -100,10 +104,12 @@ def test_same_output_under_different_hash_seeds(tmp_path):
 
 @pytest.mark.shared
 def test_object_last_keeps_causal_phrasings():
+    from hf_memedit.benchmarks.trex import object_last
+
     dataset = load_benchmark("trex_mod", m=16, data_dir=TREX, object_last=True)
     for split in SPLITS:
         for text in dataset[split]["text"][:500]:
-            assert text.rstrip(" .").endswith("[Y]"), text
+            assert object_last(text) and text.rstrip(" .,;!?").endswith("[Y]"), text
 
 
 def test_lama_layout_uses_masked_sentences():
@@ -147,20 +153,29 @@ def test_locality_relations_add_unmodified_facts_without_changing_the_edit():
     wider = load_benchmark("geo_mod", m=24, seed=0, locality_relations=["P17"], **options)
     for split in ("modified_train", "modified_test"):  # the same facts, new objects and phrasings are edited
         assert wider[split].to_list() == plain[split].to_list()
-    edited = set(wider["modified_test"]["subject"])
-    new_objects = set(wider["modified_test"]["object"])
     cities = benchmark_facts("geo_mod", relations=["P17"], max_facts_per_relation=60)
-    implied = [f for f in cities if f.subject in edited | new_objects]
-    # Edited capitals, and cities made the capital of another country, are among the 60 largest cities:
-    assert {f.subject for f in implied} & edited and {f.subject for f in implied} & new_objects
-    p17 = [r for r in wider["unmodified_test"] if r["relation"] == "P17"]
-    assert sorted(r["uuid"] for r in p17) == sorted(f.uuid for f in cities if f not in implied)
-    assert len(wider["unmodified_test"]) == len(plain["unmodified_test"]) + len(cities) - len(implied)
-    assert p17[0]["text"] == f"The city of {p17[0]['subject']} is in the country of [Y]."
+    assert len(wider["unmodified_test"]) == len(plain["unmodified_test"]) + len(cities)
+    # A city an edit makes a capital lies, by that edit, in the country it is now the capital of: its P17 fact is
+    # no locality test but the edit's consistency ("The city of Cairo is in the country of [Y]" -> Japan).
+    edits = list(wider["modified_test"])
+    moved = {e["object"]: e["subject"] for e in edits if e["relation"] == "P36"}
+    moved.update({e["subject"]: e["object"] for e in edits if e["relation"] == "P1376"})
+    assert moved.keys() & {f.subject for f in cities}  # edited capitals and new capitals among the 60 largest cities
+    # A former capital still lies where it did, but that fact rested on the one the edit took away: not scored.
+    former = {e["original_object"] for e in edits if e["relation"] == "P36"}
+    splits, locality = no_split(wider)
+    scored = {r["uuid"] for r in splits["unmodified_test"] if r["relation"] == "P17"}
+    assert scored == {f.uuid for f in cities if f.subject not in moved.keys() | former}
+    consistency = {(r["subject"], r["object"]) for r in splits["consistency"] if r["relation"] == "P17"}
+    assert consistency == {(f.subject, moved[f.subject]) for f in cities if f.subject in moved}
+    named = {f["uuid"]: f["reason"] for f in locality.dropped_facts}
+    assert all(named[f.uuid] == "implied_by_edit" for f in cities if f.subject in moved)
+    assert all(named[f.uuid] == "about_edited_object" for f in cities if f.subject in former - set(moved))
     with pytest.raises(ValueError, match="locality_relations P99: no facts of theirs were read; choose among"):
         load_benchmark("geo_mod", m=4, locality_relations=["P99"], **options)
     with pytest.raises(ValueError, match="outside locality_relations P36"):
         load_benchmark("geo_mod", m=4, relations=["P36"], locality_relations=["P36"], max_facts_per_relation=60)
+
 
 def test_parquet_export_loads_offline_and_equals_the_builder(tmp_path):
     folder = export_benchmark("geo_mod", str(tmp_path / "export"), ms=(8, 16), max_facts_per_relation=30)
@@ -305,3 +320,125 @@ def test_a_code_change_changes_the_cache_hash(tmp_path):
     assert source_hash(module) == before
     (tmp_path / "builder.py").write_text("A = 2\n")
     assert source_hash(module) != before
+
+
+def _prompt_checks(dataset):
+    """One fact, one side: a prompt's facts are modified together or not at all, a new object is never a true
+    object of its prompt (a fact read backwards included), and no text is trained or scored with two objects."""
+    from hf_memedit.benchmarks.relations import INVERSE
+
+    modified = list(dataset["modified_test"])
+    unmodified = {(r["subject"], r["relation"]): r["object"] for split in ("unmodified_train", "unmodified_test")
+                  for r in dataset[split]}
+    everything = {(r["subject"], r["relation"], r["original_object"]) for split in SPLITS for r in dataset[split]}
+    assert not {(r["subject"], r["relation"]) for r in modified} & set(unmodified)
+    for r in modified:
+        true = {o for s, q, o in everything if (s, q) == (r["subject"], r["relation"])}
+        true |= {s for s, q, o in everything if o == r["subject"] and q == INVERSE.get(r["relation"])}
+        assert r["object"] not in true, r
+    for modified_split, other in (("modified_test", "unmodified_test"), ("modified_train", "unmodified_train")):
+        assert not set(dataset[modified_split]["text"]) & set(dataset[other]["text"])
+    prompts = Counter((r["subject"], r["relation"]) for r in modified)
+    news = {(r["subject"], r["relation"], r["object"]) for r in modified}
+    assert len(news) == len(modified)  # a prompt's new objects are distinct
+    return prompts
+
+
+@pytest.mark.shared
+def test_trex_facts_sharing_a_prompt_travel_together():
+    dataset = load_benchmark("trex_mod", m=512, seed=0, data_dir=TREX)
+    prompts = _prompt_checks(dataset)
+    assert len(set(dataset["modified_test"]["uuid"])) == 512 and max(prompts.values()) > 1  # some prompts hold several
+
+
+def test_geo_borders_are_modified_a_country_at_a_time():
+    """Every country borders several: its P47 facts share one prompt, so they are modified together (c2_conflict:
+    all 64 modified prompts were also scored with another object)."""
+    dataset = load_benchmark("geo_mod", m=64, seed=0, relations=["P47"], object_last=True)
+    prompts = _prompt_checks(dataset)
+    assert len(set(dataset["modified_test"]["uuid"])) == 64 and max(prompts.values()) > 1
+
+
+def test_fact_groups_join_a_prompt_and_a_shared_phrasing():
+    from hf_memedit.benchmarks.common import Fact, fact_groups
+
+    facts = [Fact("a", "P47", "Peru", "Chile", ["Peru borders [Y]."], ["Peru shares a border with [Y]."]),
+             Fact("b", "P47", "Peru", "Bolivia", ["Peru touches [Y]."], ["Peru shares a border with [Y]."]),
+             Fact("c", "P17", "Lima", "Peru", ["Lima is located in [Y]."], ["Lima is in [Y]."]),
+             Fact("d", "P131", "Lima", "Lima Region", ["Lima lies in [Y]."], ["Lima is located in [Y]."]),
+             Fact("e", "P47", "Chile", "Argentina", ["Chile borders [Y]."], ["Chile shares a border with [Y]."]),
+             Fact("f", "P47", "Bolivia", "Brazil", ["Bolivia borders [Y]."], ["Bolivia shares a border with [Y]."]),
+             Fact("g", "P17", "Quito", "Ecuador", ["Quito is located in [Y]."], ["Quito is in [Y]."]),
+             Fact("h", "P131", "Cusco", "Cusco Region", ["Cusco lies in [Y]."], ["Cusco is located in [Y]."])]
+    assert fact_groups(facts) == [[0, 1], [2, 3], [4], [5], [6], [7]]
+    # Peru's two borders are modified together, to two objects that are neither of its true ones.
+    assert sorted(modify_facts(facts, 2, 0, ("a", "b")).items()) in (
+        [("a", "Argentina"), ("b", "Brazil")], [("a", "Brazil"), ("b", "Argentina")])
+    with pytest.raises(ValueError, match="larger than the 2 facts that can be modified"):
+        modify_facts(facts, 3, 0, ("a", "b", "c"))  # c cannot go without d
+    with pytest.raises(ValueError, match="m=1 cannot be made of whole groups of facts sharing a prompt"):
+        modify_facts(facts, 1, 0, ("a", "b"))
+
+
+def test_zsre_near_duplicate_questions_are_one_question(tmp_path):
+    """"...S5 ?" and "...S5?" differ by a space: were both kept, one could be trained and the other tested."""
+    from hf_memedit.benchmarks.zsre import ZsreMod, ZsreModConfig
+
+    record = {"id": "q", "input": "S5 [SEP] capital", "output": [{"answer": "O"}],
+              "meta": {"template_questions": ["What is the capital of S5?", "What is the capital of S5 ?",
+                                              "what is the capital of  S5?", "Which city is the capital of S5?"]}}
+    (tmp_path / "z.jsonl").write_text(json.dumps(record) + "\n")
+    (fact,) = ZsreMod.read_facts(ZsreModConfig(data_dir=str(tmp_path)))
+    assert sorted(fact.train_texts + fact.test_texts) == ["What is the capital of S5 ? [Y]", "Which city is the capital of S5? [Y]"]
+    assert len(fact.test_texts) == 1  # two distinct questions: one to test, as the paper splits them
+
+
+def _trex_with_an_unknown_object(folder):
+    """A T-REx layout whose relation has an object the BERT vocabulary maps to [UNK] (c11_drop's)."""
+    (folder / "facts").mkdir(parents=True)
+    (folder / "paraphrases").mkdir()
+    (folder / "relations.jsonl").write_text(json.dumps({"relation": "P1", "template": "[X] likes [Y] ."}) + "\n")
+    (folder / "facts" / "P1.jsonl").write_text("".join(
+        json.dumps({"sub_label": f"person{i}", "obj_label": ["apples", "pears", "\U0001F99C"][i % 3], "uuid": f"p{i}"}) + "\n"
+        for i in range(20)))
+    (folder / "paraphrases" / "P1.jsonl").write_text(json.dumps({"pattern": "[X] is fond of [Y] ."}) + "\n")
+    return str(folder)
+
+
+def test_m_facts_are_drawn_among_those_the_tokenizer_encodes(tmp_path, bert_tokenizer):
+    """Encodability is checked before drawing: the facts with an object BERT cannot encode are never modified nor
+    drawn as a new object, so m = 8 gives 8 facts (c11_drop found 6); an m beyond what encodes is an error."""
+    from hf_memedit.experiments import JobConfig
+    from hf_memedit.experiments.loading import prepare_benchmark
+
+    from .helpers import tiny_bert
+
+    data = _trex_with_an_unknown_object(tmp_path / "trex")
+    model = tiny_bert(bert_tokenizer.vocab_size)
+    job = JobConfig(model_name_or_path="tiny", benchmark="trex_mod", data_dir=data, m=8)
+    splits = prepare_benchmark(job, model, bert_tokenizer)
+    assert len(set(splits["modified_test"]["uuid"])) == 8 == len(splits["modified_test"])
+    assert set(splits["modified_train"]["uuid"]) == set(splits["modified_test"]["uuid"])
+    assert "\U0001F99C" not in set(splits["modified_test"]["object"]) | set(splits["modified_test"]["original_object"])
+    assert "\U0001F99C" not in set(splits["unmodified_test"]["object"])  # unencodable facts are not scored either
+    with pytest.raises(ValueError, match="m=15 is larger than the 14 facts that can be modified"):
+        prepare_benchmark(JobConfig(model_name_or_path="tiny", benchmark="trex_mod", data_dir=data, m=15), model, bert_tokenizer)
+
+
+def test_a_causal_lm_gets_m_facts_each_with_a_training_phrasing(bpe_tokenizer):
+    """Without object_last, some paraphrases put the object first, which a causal LM without a BOS token cannot
+    predict: a fact is modified only with a training phrasing it can use, and every test phrasing."""
+    from hf_memedit.experiments import JobConfig
+    from hf_memedit.experiments.loading import prepare_benchmark
+
+    from .helpers import TINY
+
+    model = TINY["llama"](1, vocab=len(bpe_tokenizer))
+    job = JobConfig(model_name_or_path="tiny", benchmark="geo_mod", m=24,
+                    benchmark_options={"relations": ["P36", "P47"], "max_facts_per_relation": 40, "evidence_per_fact": 1})
+    splits = prepare_benchmark(job, model, bpe_tokenizer)
+    raw = load_benchmark("geo_mod", m=24, relations=["P36", "P47"], max_facts_per_relation=40, evidence_per_fact=1)
+    assert any(text.startswith("[Y]") for text in raw["unmodified_train"]["text"])  # phrasings a causal LM cannot use
+    assert not any(text.startswith("[Y]") for split in ("modified_train", "unmodified_train") for text in splits[split]["text"])
+    tested, trained = set(splits["modified_test"]["uuid"]), set(splits["modified_train"]["uuid"])
+    assert len(tested) == 24 and trained == tested

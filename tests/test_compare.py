@@ -164,7 +164,7 @@ def test_compares_run_as_lanes_merge_into_one_table_without_training(tmp_path):
 
     job = JobConfig(model_name_or_path="tiny", benchmark="geo_mod", m=4)
     args = EditConfig(output_dir=str(tmp_path / "merged"), edit_blocks=["1"], report_to="none")
-    locality = Locality(True, 0.5, 10, 20, 2)
+    locality = Locality(True, 0.5, 10, 20, {"linked_to_preservation": 2})
     lanes = {
         "a": [row(GridPoint(norm="linf", block="1", delta=d, preserve="none", method="ftm_linf"), a, r)
               for d, a, r in ((1e-2, 0.5, 0.9), (3e-2, 1.0, 0.6))],
@@ -194,7 +194,7 @@ def test_compares_run_as_lanes_merge_into_one_table_without_training(tmp_path):
     other = dataclasses.replace(job, m=8)  # a lane made with other settings
     with pytest.raises(ValueError, match="other settings"):
         merge_compares([str(tmp_path / "a")], other, dataclasses.replace(args, output_dir=str(tmp_path / "m2")))
-    (tmp_path / "b" / "compare.json").write_text(json.dumps({"locality": Locality(True, 0.5, 10, 18, 4).to_dict()}))
+    (tmp_path / "b" / "compare.json").write_text(json.dumps({"locality": Locality(True, 0.5, 10, 18, {"linked_to_preservation": 4}).to_dict()}))
     with pytest.raises(ValueError, match="different locality facts"):
         merge_compares([str(tmp_path / "a"), str(tmp_path / "b")], job, args)
     with pytest.raises(SystemExit, match="holds no compare.json"):

@@ -202,7 +202,8 @@ def test_generation_metrics_match_each_answer_to_its_object():
     after = {"modified_test": ["lima", "Rome, the capital of"], "unmodified_test": ["the Paris", "Bergen", "Kabul"]}
     before = {"modified_test": ["Madrid", "Rome"], "unmodified_test": ["Paris", "Oslo", "Herat"]}
     assert generation_metrics(splits, after, before) == {
-        "gen_a_m": 0.5, "gen_a_fs": 2 / 3, "gen_a_fs_before": 2 / 3, "gen_retention": 0.5, "gen_n_known": 2}
+        "gen_a_m": 0.5, "gen_a_fs": 2 / 3, "gen_a_fs_before": 2 / 3, "gen_retention": 0.5, "gen_n_known": 2,
+        "gen_bleed": 0.0, "gen_n_lost": 1}  # Oslo's answer Bergen is no new object
     assert generation_metrics(splits, after) == {"gen_a_m": 0.5, "gen_a_fs": 2 / 3}
 
 

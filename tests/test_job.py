@@ -44,6 +44,18 @@ def test_paper_configs_select_blocks_that_exist_on_their_architecture(name, mode
     for blocks in [args.edit_blocks] + [[b] for b in job.sweep_blocks]:
         assert get_edit_model(model, BlockSelectorConfig(blocks=blocks)).trainable_parameters()
     assert job.benchmark == "trex_mod" and job.setting in ("ft+ftm", "ft+fta")
+    assert job.modify_known  # the authors' filter: the m facts are among those θ0 (the FT model) knows
+
+
+def test_a_checkpoint_picked_on_the_test_facts_is_refused(tmp_path):
+    job, args, _ = _config("bert_tiny_ftm.yaml", tmp_path, "--load_best_model_at_end", "true", "--eval_strategy", "steps",
+                           "--save_strategy", "steps", "--metric_for_best_model", "avg_acc")
+    with pytest.raises(ValueError, match="^load_best_model_at_end would pick a checkpoint by its score on the test facts"):
+        run_edit(job, args)
+    from hf_memedit.experiments import run_sweep
+
+    with pytest.raises(ValueError, match="^load_best_model_at_end would pick"):
+        run_sweep(job, args)
 
 
 @pytest.mark.slow
@@ -98,13 +110,24 @@ def test_ft_then_ftm_edits_and_keeps_the_rest(tmp_path, real_bert_dir):
 
 
 @pytest.mark.slow
+def test_the_known_facts_filter_judges_the_model_the_edit_starts_from(tmp_path, real_bert_dir):
+    """ft+ftm with modify_known: FT learns every fact first, then the m facts are drawn among those the FT model
+    predicts, so θ0 knew each of them before the edit (the pretrained tiny BERT knows almost none)."""
+    job, args, _ = _config("bert_tiny_ft_ftm.yaml", tmp_path, *FAST, "--modify_known", "true", "--max_steps", "5")
+    outcome = run_edit(job, args)
+    before = outcome.trainer.before_edit["modified_test"]
+    assert len(before) == job.m and all(before.correct)  # θ0 on the original objects
+    assert outcome.record.config["modify_known"] and outcome.record.metrics["a_f_before"] > 0.3
+
+
+@pytest.mark.slow
 def test_train_edit_under_two_cpu_ranks(tmp_path, real_bert_dir):
     result = accelerate_launch(
         ROOT / "train_edit.py", "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--output_dir", str(tmp_path / "run"),
         "--max_steps", "6", "--disable_tqdm", "true", env={"HF_DATASETS_CACHE": str(tmp_path / "cache")},
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("A_M (modified facts, test phrasing)") == 1  # one summary, from rank 0
+    assert result.stdout.count("A_M (modified facts, every test phrasing right)") == 1  # one summary, from rank 0
     record = json.loads((tmp_path / "run" / "results.json").read_text())
     assert record["config"]["edit_blocks"] == ["0"] and record["metrics"]["n_modified"] == 8
     assert (tmp_path / "run" / "edit" / "memedit_edit.safetensors").is_file()

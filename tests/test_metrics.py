@@ -138,6 +138,65 @@ def test_trainer_reports_fact_metrics_during_and_after_training(bert_tokenizer, 
     assert after == {key: evaluations[-1][key] for key in after}  # no training since the last evaluation
 
 
+def test_a_m_is_a_share_of_facts_not_of_test_questions(bert_tokenizer):
+    """zsRE gives a fact up to two test questions: a fact counts once, right only when every question is (c3_zsre:
+    8 modified facts gave n_modified 12). So do the unmodified facts, retention, agreement, the lost facts, and the
+    consistency split."""
+    from hf_memedit.evaluation.metrics import edit_metrics, lost_facts
+    from hf_memedit.evaluation.scoring import FactResults
+
+    def rows(uuids, obj="Paris"):
+        return Dataset.from_list([{"uuid": u, "relation": "P36", "subject": u, "text": f"The capital of {u}{i} is [Y].",
+                                   "object": obj, "original_object": "Lima"} for i, u in enumerate(uuids)])
+
+    splits = DatasetDict({"modified_test": rows(["a", "a", "b", "c", "c"], "Oslo"), "unmodified_test": rows(["x", "x", "y"]),
+                          "consistency": rows(["z", "w"])})
+    paris, oslo = bert_tokenizer.convert_tokens_to_ids(["paris", "oslo"])
+    after = {"modified_test": FactResults([True, False, True, True, True], [[oslo]] * 5),
+             "unmodified_test": FactResults([True, True, False], [[paris], [paris], [oslo]]),
+             "consistency": FactResults([True, False], [[paris], [oslo]])}
+    before = {"modified_test": FactResults([True] * 5, [[1]] * 5),
+              "unmodified_test": FactResults([True, True, True], [[paris]] * 3, [2.0, 0.5, 3.0]),
+              "consistency": FactResults([False, False], [[oslo], [oslo]])}
+    metrics = edit_metrics(splits, after, before, bert_tokenizer, "masked")
+    assert metrics["a_m"] == pytest.approx(2 / 3) and metrics["n_modified"] == 3
+    assert metrics["a_fs"] == 0.5 and metrics["n_unmodified"] == 2 and metrics["a_fs_before"] == 1.0
+    assert metrics["retention"] == 0.5 and metrics["n_known"] == 2 and metrics["agreement"] == 0.5
+    assert metrics["retention_confident"] == 0.0 and metrics["n_known_confident"] == 1  # x's margin is its smallest: 0.5
+    assert metrics["bleed"] == 1.0  # y now predicts the new object Oslo
+    assert metrics["consistency"] == 0.5 and metrics["consistency_before"] == 0.0 and metrics["n_consistency"] == 2
+    lost = lost_facts(splits, after, before, bert_tokenizer, "masked")
+    assert [(f["uuid"], f["text"], f["predicted"], f["bleed"], f["margin_before"]) for f in lost] == [
+        ("y", "The capital of y2 is [Y].", "oslo", True, 3.0)]
+
+
+def test_bleed_by_generation_reads_the_whole_new_object():
+    """Teacher-forced bleed sees a lost fact's first object token only (SmolLM2 starts Kigali, Kinshasa and Kuala
+    Lumpur alike); greedy generation's answer is the whole object."""
+    from hf_memedit.evaluation.metrics import generation_metrics
+
+    splits = {"modified_test": [{"object": "Kigali"}],
+              "unmodified_test": [{"object": "Paris"}, {"object": "Oslo"}, {"object": "Rome"}, {"object": "Kigali"}]}
+    after = {"modified_test": ["Kigali"], "unmodified_test": ["Kigali", "Kinshasa", "Rome", "Kigali"]}
+    before = {"modified_test": ["Lima"], "unmodified_test": ["Paris", "Oslo", "Rome", "Kigali"]}
+    metrics = generation_metrics(splits, after, before)
+    assert metrics["gen_n_lost"] == 2 and metrics["gen_bleed"] == 0.5
+
+
+def test_zsre_modified_facts_are_counted_once(tmp_path):
+    from hf_memedit.benchmarks import load_benchmark
+    from hf_memedit.evaluation.metrics import edit_metrics
+    from hf_memedit.evaluation.scoring import FactResults
+
+    from .helpers import ROOT
+
+    splits = load_benchmark("zsre_mod", m=3, seed=0, data_dir=str(ROOT / "tests" / "fixtures" / "kilt_zsre"),
+                            cache_dir=str(tmp_path))
+    assert len(splits["modified_test"]) > 3  # some modified facts have two test questions
+    right = FactResults([True] * len(splits["modified_test"]), [[0]] * len(splits["modified_test"]))
+    assert edit_metrics(splits, {"modified_test": right})["n_modified"] == 3
+
+
 def test_results_record_round_trip(tmp_path):
     metrics = avg_acc([True, False], [True, True, True, False], **BEFORE)
     record = ResultsRecord(metrics, config={"norm": "linf", "delta": 0.001}, seed=3, model="tiny", benchmark={"name": "geo_mod", "m": 2})
@@ -145,7 +204,7 @@ def test_results_record_round_trip(tmp_path):
     assert ResultsRecord.load(tmp_path) == record
     assert json.loads(open(json_path).read())["versions"]["transformers"]
     table = open(md_path).read()
-    assert "| A_M (modified facts, test phrasing) | 50.00% |" in table
+    assert "| A_M (modified facts, every test phrasing right) | 50.00% |" in table
     assert "| retention (unmodified, right before → still right) | 66.67% (2 of 3) |" in table  # the facts it rests on
     assert "| retention on the edited relations | 66.67% (2 of 3) |" in table
     assert "| P17 | 0.00% | 1 | 50.00% | 2 | 0.00% (0 of 1) |" in table  # retention per relation: where facts were lost

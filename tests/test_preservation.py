@@ -5,7 +5,17 @@ import pytest
 import torch
 
 from hf_memedit import EditConfig, FactCollator
-from hf_memedit.benchmarks.common import FEATURES, MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
+from hf_memedit.benchmarks import load_benchmark
+from hf_memedit.benchmarks.common import (
+    CONSISTENCY,
+    FEATURES,
+    MODIFIED_TEST,
+    MODIFIED_TRAIN,
+    UNMODIFIED_TEST,
+    UNMODIFIED_TRAIN,
+    hash_share,
+)
+from hf_memedit.benchmarks.relations import INVERSE, entailed
 from hf_memedit.cli import parse
 from hf_memedit.cli.edit import format_summary
 from hf_memedit.edit_trainer import ConstrainedEditTrainer
@@ -13,9 +23,9 @@ from hf_memedit.evaluation.metrics import avg_acc, bleed_flags
 from hf_memedit.evaluation.results import ResultsRecord
 from hf_memedit.experiments import run_edit, run_eval
 from hf_memedit.loss import ObjectTokenLoss
-from hf_memedit.preservation import NeighbourRisk, disjoint_split, neighbour_risk, preservation_batches
+from hf_memedit.preservation import NeighbourRisk, disjoint_split, neighbour_risk, no_split, preservation_batches
 
-from .helpers import FACTS, ROOT, tiny_bert
+from .helpers import FACTS, ROOT, SHARED, tiny_bert
 
 
 def _row(uuid, relation, subject, text, obj):
@@ -40,24 +50,128 @@ def test_the_locality_facts_share_nothing_with_the_preservation_facts():
     out, locality = disjoint_split(splits, 0.5, seed=0)
     kept, scored = out[UNMODIFIED_TRAIN], out[UNMODIFIED_TEST]
     assert set(kept["uuid"]).isdisjoint(scored["uuid"]) and set(kept["subject"]).isdisjoint(scored["subject"])
-    assert locality.disjoint and locality.n_preservation_facts == 20
-    assert locality.n_locality_facts == len(scored) > 0
-    assert locality.n_locality_facts + locality.n_shared_subject_dropped == 20
+    # By subject: a country's capital and continent are on one side, so no fact is lost to a shared subject.
+    assert locality.disjoint and locality.n_preservation_facts + locality.n_locality_facts == 40
+    assert locality.n_locality_facts == len(scored) > 0 and locality.n_preservation_facts == len(set(kept["uuid"])) > 0
     assert str(len(scored)) in locality.describe() and "disjoint" in locality.describe()
     # The same seed gives the same split whatever the row order; another seed another split.
     shuffled = datasets.DatasetDict({k: v.shuffle(seed=3) for k, v in splits.items()})
     assert set(disjoint_split(shuffled, 0.5, seed=0)[0][UNMODIFIED_TEST]["uuid"]) == set(scored["uuid"])
     assert set(disjoint_split(splits, 0.5, seed=1)[0][UNMODIFIED_TEST]["uuid"]) != set(scored["uuid"])
+    # A fact's side is its subject's, whatever other facts are there: half the facts split alone land as before.
+    half = datasets.DatasetDict({**splits, UNMODIFIED_TRAIN: splits[UNMODIFIED_TRAIN].select(range(40)),
+                                 UNMODIFIED_TEST: splits[UNMODIFIED_TEST].select(range(20))})
+    alone = disjoint_split(half, 0.5, seed=0)[0]
+    assert set(alone[UNMODIFIED_TEST]["uuid"]) == set(scored["uuid"]) & set(half[UNMODIFIED_TEST]["uuid"])
     # The modified facts are untouched.
     assert out[MODIFIED_TRAIN]["uuid"] == ["m0"]
 
 
-def test_no_split_is_flagged_and_a_bad_fraction_refused():
-    out, locality = disjoint_split(_splits(), 0.0, seed=0)
-    assert not locality.disjoint and "NOT disjoint" in locality.describe()
-    assert len(out[UNMODIFIED_TEST]) == 40
-    with pytest.raises(ValueError, match="preserve_fraction"):
-        disjoint_split(_splits(), 1.0, seed=0)
+def _rows(facts, split_text="The {r} of {s} is [Y]."):
+    return [_row(uuid, r, s, split_text.format(r=r, s=s), o) for uuid, s, r, o in facts]
+
+
+def _benchmark(modified, unmodified):
+    """Splits from (uuid, subject, relation, object) facts; a modified one also gives its new object."""
+    make = lambda rows: datasets.Dataset.from_list(rows, features=FEATURES)  # noqa: E731
+    edits = [{**_row(uuid, r, s, f"The {r} of {s} is [Y].", new), "original_object": old} for uuid, s, r, old, new in modified]
+    return datasets.DatasetDict({MODIFIED_TRAIN: make(edits), MODIFIED_TEST: make(edits),
+                                 UNMODIFIED_TRAIN: make(_rows(unmodified)), UNMODIFIED_TEST: make(_rows(unmodified))})
+
+
+def test_facts_an_edit_changes_are_scored_as_its_consistency_not_as_locality():
+    """An edit that makes Bucharest the capital of Japan: Bucharest is now the capital of Japan and lies in it (the
+    consistency, on those objects), Tokyo is no longer Japan's capital nor, as that fact had it, in Japan (dropped),
+    and a second capital of Japan is the edit's own prompt; the facts of other subjects, and Japan's continent, are
+    locality. Each dropped fact is named with its reason."""
+    splits = _benchmark(
+        [("m0", "Japan", "P36", "Tokyo", "Bucharest")],
+        [("u1", "Bucharest", "P1376", "Romania"), ("u2", "Tokyo", "P1376", "Japan"), ("u3", "Bucharest", "P17", "Romania"),
+         ("u4", "Tokyo", "P17", "Japan"), ("u5", "Japan", "P36", "Kyoto"), ("u6", "France", "P36", "Paris"),
+         ("u7", "Japan", "P30", "Asia")],
+    )
+    out, locality = no_split(splits)
+    assert sorted(out[UNMODIFIED_TEST]["uuid"]) == ["u6", "u7"] and locality.n_locality_facts == 2
+    assert {(r["uuid"], r["text"], r["object"], r["original_object"]) for r in out[CONSISTENCY]} == {
+        ("u1", "The P1376 of Bucharest is [Y].", "Japan", "Romania"), ("u3", "The P17 of Bucharest is [Y].", "Japan", "Romania")}
+    assert {f["uuid"]: f["reason"] for f in locality.dropped_facts} == {
+        "u1": "implied_by_edit", "u2": "inverse_of_edit", "u3": "implied_by_edit", "u4": "about_edited_object",
+        "u5": "same_prompt_as_edit"}
+    assert locality.dropped == {"about_edited_object": 1, "implied_by_edit": 2, "inverse_of_edit": 1, "same_prompt_as_edit": 1}
+    assert locality.n_consistency_facts == 2 and "1 an edited fact read backwards" in locality.describe()
+    assert sorted(out[UNMODIFIED_TRAIN]["uuid"]) == ["u6", "u7"]  # nor are they preserved: the edit contradicts them
+    # With preservation data too, those facts are neither preserved nor scored.
+    pooled, _ = disjoint_split(splits, 0.5, seed=0)
+    assert not {"u1", "u2", "u3", "u4", "u5"} & (set(pooled[UNMODIFIED_TRAIN]["uuid"]) | set(pooled[UNMODIFIED_TEST]["uuid"]))
+
+
+def test_a_fact_read_backwards_in_the_preservation_data_is_not_scored():
+    """Hungary's capital and Budapest's country are one fact: whichever side the preservation data holds, the other
+    is not scored; a shared border read backwards (P47) neither; a fact of another pair is."""
+    facts = [("u1", "Hungary", "P36", "Budapest"), ("u2", "Budapest", "P1376", "Hungary"), ("u3", "Peru", "P47", "Chile"),
+             ("u4", "Chile", "P47", "Peru"), ("u5", "Norway", "P36", "Oslo")]
+    seed = next(s for s in range(200) if len({hash_share(c, s, "preserve") < 0.5 for c in ("Hungary", "Budapest")}) == 2
+                and len({hash_share(c, s, "preserve") < 0.5 for c in ("Peru", "Chile")}) == 2
+                and hash_share("Norway", s, "preserve") >= 0.5)
+    out, locality = disjoint_split(_benchmark([("m0", "Iceland", "P36", "Reykjavik", "Lima")], facts), 0.5, seed)
+    pool = set(out[UNMODIFIED_TRAIN]["uuid"])
+    assert len(pool) == 2 and sorted(out[UNMODIFIED_TEST]["uuid"]) == ["u5"]
+    assert locality.dropped == {"linked_to_preservation": 2}
+    assert {f["uuid"] for f in locality.dropped_facts} == {"u1", "u2", "u3", "u4"} - pool
+    assert "2 a preservation fact read backwards or implied, or sharing its prompt" in locality.describe()
+
+
+def _check_disjoint(splits, locality, any_relation=False):
+    """No scored fact shares a subject with the preservation facts, is one of them read backwards (with
+    `any_relation`: their subject and object swapped under any relation) or implied, shares a prompt with one of
+    them, or is a fact an edit changes."""
+    pool = [(r["subject"], r["relation"], r["object"]) for r in splits[UNMODIFIED_TRAIN]]
+    stated = {t for fact in pool for t in entailed(fact)}
+    scored = [(r["subject"], r["relation"], r["object"]) for r in splits[UNMODIFIED_TEST]]
+    assert scored and pool
+    assert not {s for s, _, _ in scored} & {s for s, _, _ in pool}
+    assert not any(entailed(fact) & stated for fact in scored)
+    assert not {(s, r) for s, r, _ in scored} & {(s, r) for s, r, _ in stated}
+    pool_facts = set(pool)
+    assert not [(s, r, o) for s, r, o in scored if (o, INVERSE.get(r), s) in pool_facts]
+    if any_relation:
+        pairs = {(s, o) for s, _, o in pool}
+        assert not [fact for fact in scored if (fact[2], fact[0]) in pairs]
+    edits = {(r["subject"], r["relation"], r["original_object"], r["object"]) for r in splits[MODIFIED_TEST]}
+    for s, r, old, new in edits:
+        assert (old, INVERSE.get(r), s) not in scored and not [f for f in scored if f[0] in (old, new) and f[1] in (r, INVERSE.get(r))]
+        assert not {(a, q) for a, q, _ in entailed((s, r, new))} & {(a, q) for a, q, _ in scored}
+    assert locality.n_locality_facts == len(set(splits[UNMODIFIED_TEST]["uuid"]))
+    assert sum(locality.dropped.values()) == len(locality.dropped_facts)
+
+
+def test_the_demo_benchmark_scores_no_fact_its_preservation_data_or_its_edits_state():
+    """The demo's geo_mod facts (capitals both ways, continents, the countries of cities): none of the scored facts
+    is a preservation fact read backwards (c12_demo_leak found 88), nor a fact one of the 32 edits changes."""
+    benchmark = load_benchmark("geo_mod", m=32, seed=0, relations=["P36", "P1376", "P30"], locality_relations=["P17"],
+                               object_last=True)
+    splits, locality = disjoint_split(benchmark, 0.5, seed=0)
+    _check_disjoint(splits, locality, any_relation=True)
+    assert locality.dropped["linked_to_preservation"] > 0 and locality.dropped["inverse_of_edit"] > 0
+    assert locality.n_consistency_facts > 0 and set(splits[CONSISTENCY]["relation"]) <= {"P36", "P1376", "P17"}
+
+
+@pytest.mark.shared
+def test_the_trex_relations_that_read_each_other_backwards_leak_nothing():
+    benchmark = load_benchmark("trex_mod", m=64, seed=0, data_dir=str(SHARED / "data" / "trex"),
+                               relations=["P36", "P1376", "P47", "P530", "P190", "P361", "P527"])
+    splits, locality = disjoint_split(benchmark, 0.5, seed=0)
+    _check_disjoint(splits, locality)
+    assert locality.dropped["linked_to_preservation"] > 0
+
+
+def test_relations_read_backwards_and_implied():
+    assert entailed(("Hungary", "P36", "Budapest")) == {
+        ("Hungary", "P36", "Budapest"), ("Budapest", "P1376", "Hungary"), ("Budapest", "P17", "Hungary")}
+    assert entailed(("Peru", "shares border with", "Chile")) == {("Peru", "shares border with", "Chile"),
+                                                                   ("Chile", "shares border with", "Peru")}
+    assert entailed(("steel", "P527", "carbon")) == {("steel", "P527", "carbon"), ("carbon", "P361", "steel")}
+    assert entailed(("Paris", "P17", "France")) == {("Paris", "P17", "France")}  # not every relation has an inverse
 
 
 def test_preservation_batches_mix_neighbours_of_the_same_relation_with_their_weight():

@@ -39,8 +39,10 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monke
     table = (folder / "sweep.md").read_text()
     assert "picked on validation" in table and "picked on test" in table
     assert f"Every point trains with learning_rate {args.learning_rate}, max_steps {args.max_steps}," in table
-    for row in rows:
+    for row in rows:  # each half scores its own modified facts, together the m edited
         assert row["validation"]["n_unmodified"] + row["test"]["n_unmodified"] > 0
+        assert row["validation"]["n_modified"] > 0 and row["test"]["n_modified"] > 0
+        assert row["validation"]["n_modified"] + row["test"]["n_modified"] == job.m
     bigger = [r for r in rows if r["point"]["delta"] == 2e-2]
     smaller = [r for r in rows if r["point"]["delta"] == 1e-3]
     assert sum(r["test"]["a_m"] for r in bigger) >= sum(r["test"]["a_m"] for r in smaller)
@@ -68,3 +70,31 @@ def test_knn_sweep_from_the_cli(tmp_path, real_bert_dir, capsys):
     assert (out / "tradeoff.png").is_file()
     with pytest.raises(SystemExit, match="setting 'knn' trains nothing"):
         main(["edit", "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--setting", "knn", "--output_dir", str(out / "e")])
+
+
+def test_validation_and_test_halves_share_no_fact_nor_subject_and_each_has_its_modified_facts():
+    """A pick on validation sees none of the test's facts: the halves are cut by a seeded hash of the subject, the
+    modified facts included, so validation A_M is measured on other facts than test A_M (it was the same set)."""
+    from datasets import DatasetDict
+
+    from hf_memedit.benchmarks import load_benchmark
+    from hf_memedit.experiments.grid import validation_views
+    from hf_memedit.experiments.loading import holdout
+    from hf_memedit.preservation import disjoint_split
+
+    benchmark = load_benchmark("geo_mod", m=32, seed=0, relations=["P36", "P1376", "P30"], locality_relations=["P17"],
+                               object_last=True)
+    splits, _ = disjoint_split(benchmark, 0.5, 0)
+    views = validation_views(splits, 0.5, 0)
+    validation, test = views["validation"], views["test"]
+    for key in ("uuid", "subject"):
+        assert not {x for s in validation.values() for x in s[key]} & {x for s in test.values() for x in s[key]}, key
+    assert 0 < len(validation["modified_test"]) < 32 and len(validation["modified_test"]) + len(test["modified_test"]) == 32
+    assert set(test["modified_train"]["uuid"]) == set(test["modified_test"]["uuid"]) and "modified_train" not in validation
+    assert len(validation["unmodified_test"]) and len(test["unmodified_test"])
+    # A fact's half does not depend on which other facts are there (a rank cut moved them).
+    scored = splits["unmodified_test"]
+    part = scored.select(range(0, len(scored), 3))
+    assert set(holdout(part, 0.5, 0)[0]["uuid"]) == set(holdout(scored, 0.5, 0)[0]["uuid"]) & set(part["uuid"])
+    with pytest.raises(ValueError, match="half holds none of the 1 modified test phrasings"):
+        validation_views(DatasetDict({**splits, "modified_test": splits["modified_test"].select([0])}), 0.5, 0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -56,6 +56,7 @@ class FactEncoder:
     placeholder: str = PLACEHOLDER
     max_length: int | None = None
     append_eos: bool = False  # causal: the EOS token follows the object and is labelled (LocFT-BF's targets)
+    _problems: dict[tuple[str, str], str | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -97,6 +98,19 @@ class FactEncoder:
             raise FactEncodingError(f"{text!r} is {len(ids)} tokens long, more than max_length={self.max_length}")
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
+    def problem(self, text: str, obj: str) -> str | None:
+        """Why the fact cannot be encoded, or None. Remembered: a benchmark asks it of each phrasing more than once
+        (before drawing the facts to modify, then of the splits)."""
+        key = (text, obj)
+        if key not in self._problems:
+            try:
+                self.encode(text, obj)
+            except FactEncodingError as error:
+                self._problems[key] = str(error)
+            else:
+                self._problems[key] = None
+        return self._problems[key]
+
 
 def filter_encodable(
     facts: Iterable[Mapping], encoder: FactEncoder, text_key: str = "text", object_key: str = "object"
@@ -104,12 +118,11 @@ def filter_encodable(
     """Keep the facts `encoder` can encode; return them and (index, reason) for each one dropped."""
     kept, dropped = [], []
     for index, fact in enumerate(facts):
-        try:
-            encoder.encode(fact[text_key], fact[object_key])
-        except FactEncodingError as error:
-            dropped.append((index, str(error)))
-        else:
+        problem = encoder.problem(fact[text_key], fact[object_key])
+        if problem is None:
             kept.append(fact)
+        else:
+            dropped.append((index, problem))
     if dropped:
         logger.warning("Skipped %d of %d facts that cannot be encoded; first: %s", len(dropped), len(dropped) + len(kept), dropped[0][1])
     return kept, dropped

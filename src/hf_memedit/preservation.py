@@ -2,10 +2,12 @@
 
 An edit that trains on preservation data from the benchmark (FTA's unmodified evidence, θ0's own
 answers on neighbour facts, a Fisher estimated on unmodified facts) would flatter its own retention
-if that were measured on the same facts. `disjoint_split` therefore sets a seeded share of the
-unmodified facts aside as the only preservation data (`preserve_fraction`, by a hash of the uuid)
-and measures locality on the others, minus every fact whose subject the preservation facts share.
-Every results file records the `Locality` it was measured on.
+if that were measured on the same facts. `disjoint_split` therefore sets the facts of a seeded share of the
+subjects aside as the only preservation data (`preserve_fraction`, by a hash of the subject) and measures
+locality on the others, minus every fact a preservation fact states too, read backwards or implied
+(`benchmarks.relations`). Neither side holds a fact an edit changes logically (`no_split`): those whose new
+object the edit implies are scored apart, as its consistency. Every results file records the `Locality` it was
+measured on: how many facts were not scored, by reason, and which.
 
 Preservation objectives (`EditConfig.preserve_objective`), mixed into every batch of the edit:
 - `evidence`: the unmodified facts' training evidence with their benchmark objects (the paper's FTA);
@@ -24,17 +26,25 @@ worth holding down; the uniform share keeps the rest of the relation covered.
 
 from __future__ import annotations
 
-import hashlib
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .benchmarks.common import UNMODIFIED_TEST, UNMODIFIED_TRAIN
+from .benchmarks.common import (
+    CONSISTENCY,
+    FEATURES,
+    MODIFIED_TEST,
+    MODIFIED_TRAIN,
+    UNMODIFIED_TEST,
+    UNMODIFIED_TRAIN,
+    hash_share,
+)
+from .benchmarks.relations import CHANGE_REASONS, Edit, Triple, edit_changes, linked_to
 from .collators import PRESERVE_KEY, WEIGHT_KEY
 from .evaluation.scoring import evaluate_facts, object_logits
 
@@ -42,58 +52,107 @@ from .evaluation.scoring import evaluate_facts, object_logits
 PRESERVE_OBJECTIVES = ("none", "evidence", "answers", "kl")
 
 
+DROP_REASONS = {
+    **CHANGE_REASONS,
+    "linked_to_preservation": "a preservation fact read backwards or implied, or sharing its prompt",
+}
+"""Why an unmodified fact is not scored as locality (nor, for an edit's changes, preserved), as reports list it."""
+
+
 @dataclass(frozen=True)
 class Locality:
-    """Which unmodified facts locality (A_F\\S, retention, agreement, bleed) was measured on."""
+    """Which unmodified facts locality (A_F\\S, retention, agreement, bleed) was measured on, and which were not
+    scored and why: `dropped` counts them by reason (`DROP_REASONS`), `dropped_facts` names each one."""
 
-    disjoint: bool  # no preservation data touched a scored fact or its subject
-    preserve_fraction: float  # share of the unmodified facts set aside as preservation data
+    disjoint: bool  # no preservation data touched a scored fact, its subject, or what it states
+    preserve_fraction: float  # share of the subjects whose unmodified facts are set aside as preservation data
     n_preservation_facts: int
     n_locality_facts: int
-    n_shared_subject_dropped: int  # unmodified facts not scored because a preservation fact has their subject
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> unmodified facts neither scored nor preserved
+    n_consistency_facts: int = 0  # facts an edit changes whose new object it implies: scored apart (consistency)
+    dropped_facts: tuple[dict, ...] = ()  # uuid, relation, subject, object and reason of each one
 
     def describe(self) -> str:
-        if self.n_preservation_facts == 0:
-            return f"all {self.n_locality_facts} unmodified facts (no preservation data from the benchmark)"
+        notes = ", ".join(f"{n} {DROP_REASONS[reason]}" for reason, n in sorted(self.dropped.items()))
+        tail = f"; not scored: {notes}" if notes else ""
+        if self.disjoint and self.preserve_fraction == 0:
+            return f"all {self.n_locality_facts} unmodified facts that no edit changes (no preservation data from the benchmark{tail})"
         if not self.disjoint:
             return (f"{self.n_locality_facts} unmodified facts, NOT disjoint from the preservation data "
-                    "(preserve_fraction 0): retention is overstated")
-        return (f"{self.n_locality_facts} unmodified facts disjoint from the {self.n_preservation_facts} preservation facts "
-                f"and their subjects (preserve_fraction {self.preserve_fraction}; "
-                f"{self.n_shared_subject_dropped} sharing a subject not scored)")
+                    f"(preserve_fraction 0{tail}): retention is overstated")
+        return (f"{self.n_locality_facts} unmodified facts disjoint from the {self.n_preservation_facts} preservation facts, "
+                f"their subjects and what they state (preserve_fraction {self.preserve_fraction}{tail})")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "description": self.describe()}
-
-
-def _rank(uuid: str, seed: int) -> str:
-    return hashlib.sha256(f"preserve:{seed}:{uuid}".encode()).hexdigest()
+        """As results.json holds it (lists, not tuples), with the description."""
+        return {**asdict(self), "dropped_facts": [dict(fact) for fact in self.dropped_facts], "description": self.describe()}
 
 
 def disjoint_split(splits: Mapping[str, datasets.Dataset], fraction: float, seed: int) -> tuple[datasets.DatasetDict, Locality]:
-    """Unmodified facts split by a seeded hash of their uuid: `fraction` of them keep their training
-    evidence as the only preservation data; the others keep their test phrasing for locality, less
-    those whose subject a preservation fact shares. `fraction` 0 keeps everything, flagged not disjoint."""
+    """Unmodified facts split by a seeded hash of their subject: the facts of a `fraction` of the subjects keep their
+    training evidence as the only preservation data; the others keep their test phrasing for locality, less those
+    a preservation fact states too, read backwards or implied, or whose prompt it shares (`relations.linked_to`).
+    A fact's side depends on its subject alone, never on the other facts present. The facts an edit changes
+    are neither (see `no_split`). `fraction` 0 keeps everything on both sides, flagged not disjoint."""
     if not 0 <= fraction < 1:
         raise ValueError(f"preserve_fraction must lie in [0, 1), got {fraction}.")
-    out = datasets.DatasetDict(dict(splits))
-    train, test = splits[UNMODIFIED_TRAIN], splits[UNMODIFIED_TEST]
-    uuids = sorted(set(train["uuid"]) | set(test["uuid"]), key=lambda u: _rank(u, seed))
-    if fraction == 0:
-        return out, Locality(False, 0.0, len(set(train["uuid"])), len(test), 0)
-    pool = set(uuids[: round(fraction * len(uuids))])
-    subjects = {s for u, s in zip(train["uuid"], train["subject"]) if u in pool}
-    subjects |= {s for u, s in zip(test["uuid"], test["subject"]) if u in pool}
-    out[UNMODIFIED_TRAIN] = train.select([i for i, u in enumerate(train["uuid"]) if u in pool])
-    scored = [i for i, (u, s) in enumerate(zip(test["uuid"], test["subject"])) if u not in pool and s not in subjects]
-    shared = sum(1 for u, s in zip(test["uuid"], test["subject"]) if u not in pool and s in subjects)
-    out[UNMODIFIED_TEST] = test.select(scored)
-    return out, Locality(True, fraction, len(set(out[UNMODIFIED_TRAIN]["uuid"])), len(scored), shared)
+    return _split(splits, fraction, seed)
 
 
 def no_split(splits: Mapping[str, datasets.Dataset]) -> tuple[datasets.DatasetDict, Locality]:
-    """The splits as they are, for an edit that uses no preservation data from the benchmark."""
-    return datasets.DatasetDict(dict(splits)), Locality(True, 0.0, 0, len(splits[UNMODIFIED_TEST]), 0)
+    """The splits for an edit that uses no preservation data from the benchmark: every unmodified fact is scored,
+    less those an edit changes logically (`relations.edit_changes`); of these, the ones whose new object the edit
+    implies become the `consistency` split, scored on that object."""
+    return _split(splits, None, 0)
+
+
+def _columns(split: datasets.Dataset, *names: str) -> list[tuple]:
+    """The rows of a split as tuples of these columns (read as whole columns: row by row is slow)."""
+    columns = split.select_columns(list(names)).to_dict()
+    return list(zip(*(columns[name] for name in names)))
+
+
+def _facts(split: datasets.Dataset) -> dict[str, Triple]:
+    return {uuid: (s, r, o) for uuid, s, r, o in _columns(split, "uuid", "subject", "relation", "object")}
+
+
+def _split(splits: Mapping[str, datasets.Dataset], fraction: float | None, seed: int) -> tuple[datasets.DatasetDict, Locality]:
+    """`fraction` None: no preservation data; 0: all of it, not disjoint; else the subjects' share set aside."""
+    out = datasets.DatasetDict(dict(splits))
+    train, test = splits[UNMODIFIED_TRAIN], splits[UNMODIFIED_TEST]
+    edits = {Edit(*row) for split in (MODIFIED_TEST, MODIFIED_TRAIN)
+             for row in _columns(splits[split], "subject", "relation", "original_object", "object")}
+    facts = {**_facts(train), **_facts(test)}
+    changes = edit_changes(edits, facts)
+    kept = [uuid for uuid in facts if uuid not in changes]
+    if fraction is None:
+        pool: set[str] = set()
+    elif fraction == 0:
+        pool = set(kept)
+    else:
+        pool = {uuid for uuid in kept if hash_share(facts[uuid][0], seed, "preserve") < fraction}
+    candidates = {uuid: facts[uuid] for uuid in kept if uuid not in pool or fraction == 0}
+    linked = linked_to([facts[uuid] for uuid in pool], candidates) if fraction else set()
+    reasons = {**{uuid: change.reason for uuid, change in changes.items()}, **dict.fromkeys(linked, "linked_to_preservation")}
+    scored = set(candidates) - linked
+    preserved = pool if fraction is not None else set(kept)
+    train_uuids, test_uuids = [row[0] for row in _columns(train, "uuid")], [row[0] for row in _columns(test, "uuid")]
+    out[UNMODIFIED_TRAIN] = train.select([i for i, uuid in enumerate(train_uuids) if uuid in preserved])
+    out[UNMODIFIED_TEST] = test.select([i for i, uuid in enumerate(test_uuids) if uuid in scored])
+    implied: dict[tuple[str, str], dict] = {}
+    for row in test.select([i for i, uuid in enumerate(test_uuids) if uuid in changes and changes[uuid].implied]):
+        change = changes[row["uuid"]]
+        implied.setdefault((row["text"], change.implied), {**row, "object": change.implied, "original_object": row["object"]})
+    out[CONSISTENCY] = datasets.Dataset.from_dict({name: [row[name] for row in implied.values()] for name in FEATURES},
+                                                  features=FEATURES)
+    dropped = tuple({"uuid": uuid, "relation": facts[uuid][1], "subject": facts[uuid][0], "object": facts[uuid][2],
+                     "reason": reason} for uuid, reason in sorted(reasons.items()))
+    return out, Locality(
+        disjoint=fraction != 0, preserve_fraction=fraction or 0.0,
+        n_preservation_facts=len(pool & set(train_uuids)), n_locality_facts=len(scored & set(test_uuids)),
+        dropped=dict(sorted(Counter(reasons.values()).items())),
+        n_consistency_facts=len({row["uuid"] for row in implied.values()}), dropped_facts=dropped,
+    )
 
 
 def known_evidence(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, evidence: datasets.Dataset, batch_size: int = 64) -> datasets.Dataset:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 from collections.abc import Sequence
 
 import datasets
@@ -43,25 +44,45 @@ def _config_fields(name: str, m: int, seed: int, data_dir: str | None, options: 
     if unknown:
         raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields))}.")
     fields.update(options, m=m, seed=seed, data_dir=os.path.abspath(data_dir) if data_dir else None)
-    for key in ("relations", "locality_relations", "eligible_uuids"):
+    for key in ("relations", "locality_relations", "eligible_uuids", "excluded_objects"):
         if fields.get(key) is not None:
             fields[key] = tuple(sorted(fields[key]))
     return fields
 
 
-def benchmark_facts(name: str, data_dir: str | None = None, **options) -> list[Fact]:
-    """Every fact of a benchmark before modification (for filtering by what a model knows)."""
-    fields = _config_fields(name, 1, 0, data_dir, options)
+def benchmark_facts(name: str, data_dir: str | None = None, seed: int = 0, **options) -> list[Fact]:
+    """Every fact of a benchmark before modification (for filtering by what a model knows, and for FT). `seed`
+    is the benchmark's: it picks each fact's phrasings where there are more than it keeps."""
+    fields = _config_fields(name, 1, seed, data_dir, options)
     builder = BUILDERS[name]
     return builder.read_facts(builder.BUILDER_CONFIG_CLASS(**fields))
 
 
 def known_uuids(facts: Sequence[Fact], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64) -> tuple[str, ...]:
-    """The uuids of the facts `model` already predicts on their test phrasing (the authors' filter)."""
-    rows = [{"uuid": f.uuid, "text": f.test_texts[0], "object": f.object} for f in facts if f.test_texts]
-    rows, _ = filter_encodable(rows, FactEncoder(tokenizer, model_kind(model)))
-    correct = evaluate_facts(model, tokenizer, rows, batch_size=batch_size, show_progress=True).correct
-    return tuple(sorted(row["uuid"] for row, ok in zip(rows, correct) if ok))
+    """The uuids of the facts `model` already predicts on every test phrasing (the authors' filter)."""
+    rows = [{"uuid": f.uuid, "text": text, "object": f.object} for f in facts for text in f.test_texts]
+    encodable, _ = filter_encodable(rows, FactEncoder(tokenizer, model_kind(model)))
+    correct = evaluate_facts(model, tokenizer, encodable, batch_size=batch_size, show_progress=True).correct
+    right = Counter(row["uuid"] for row, ok in zip(encodable, correct) if ok)
+    return tuple(sorted(uuid for uuid, n in Counter(row["uuid"] for row in rows).items() if right[uuid] == n))
+
+
+def encodable_choices(facts: Sequence[Fact], encoder: FactEncoder) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the uuids of the facts that may be modified, the objects never to draw as new ones) for this encoder.
+
+    A fact may be modified when every test phrasing and at least one training phrasing encode with its own object
+    (the phrasings that do not are dropped from the splits). An object is excluded when it does not encode in its
+    relation's first phrasing that does: what fails is the object (a token the vocabulary lacks) or the phrasing
+    (the object first, for a causal LM without BOS), and the phrasings have been checked with the facts' objects.
+    """
+    usable, probe = [], {}  # probe: relation -> a test phrasing that encodes with its own fact's object
+    for fact in facts:
+        if fact.test_texts and all(encoder.problem(text, fact.object) is None for text in fact.test_texts):
+            probe.setdefault(fact.relation, fact.test_texts[0])
+            if any(encoder.problem(text, fact.object) is None for text in fact.train_texts):
+                usable.append(fact.uuid)
+    excluded = {f.object for f in facts if f.relation in probe and encoder.problem(probe[f.relation], f.object) is not None}
+    return tuple(usable), tuple(sorted(excluded))
 
 
 def load_benchmark(
@@ -72,18 +93,29 @@ def load_benchmark(
     cache_dir: str | None = None,
     model: PreTrainedModel | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    encoder: FactEncoder | None = None,
     **options,
 ) -> datasets.DatasetDict:
-    """Build (or reuse from the cache) a benchmark with m modified facts.
+    """Build (or reuse from the cache) a benchmark with exactly m modified facts.
 
-    With `model` and `tokenizer`, only facts the model already predicts may be modified. The
-    cache is keyed by every config field (`data_dir` as an absolute path), a hash of the builders'
-    code and a hash of the files in `data_dir`.
+    With `model` and `tokenizer`, only facts the model already predicts may be modified. With `encoder`, only facts
+    whose phrasings it encodes (`encodable_choices`), with new objects it encodes: checked before drawing, so m
+    facts are m facts a model can be trained and tested on. The cache is keyed by every config field (`data_dir`
+    as an absolute path), a hash of the builders' code and a hash of the files in `data_dir`.
     """
-    if model is not None:
-        if tokenizer is None:
-            raise ValueError("Filtering by a model's known facts needs its tokenizer too.")
-        options["eligible_uuids"] = known_uuids(benchmark_facts(name, data_dir, **options), model, tokenizer)
+    if model is not None and tokenizer is None:
+        raise ValueError("Filtering by a model's known facts needs its tokenizer too.")
+    if model is not None or encoder is not None:
+        facts = benchmark_facts(name, data_dir, seed, **options)
+        eligible = set(options["eligible_uuids"]) if options.get("eligible_uuids") is not None else None
+        if encoder is not None:
+            usable, excluded = encodable_choices(facts, encoder)
+            eligible = set(usable) if eligible is None else eligible & set(usable)
+            options["excluded_objects"] = tuple(sorted(set(options.get("excluded_objects") or ()) | set(excluded)))
+        if model is not None:
+            known = known_uuids([f for f in facts if eligible is None or f.uuid in eligible], model, tokenizer)
+            eligible = set(known)
+        options["eligible_uuids"] = tuple(sorted(eligible))
     fields = _config_fields(name, m, seed, data_dir, options)
     digest = source_hash(*_SOURCES[name]) + data_fingerprint(fields["data_dir"])  # code and data both key the cache
     builder = BUILDERS[name](cache_dir=cache_dir, hash=digest, **fields)
@@ -142,5 +174,5 @@ def _is_export(folder: str) -> bool:
 
 __all__ = [
     "BUILDERS", "GeoMod", "GeoModConfig", "SPLITS", "TrexMod", "TrexModConfig", "ZsreMod", "ZsreModConfig",
-    "benchmark_facts", "export_benchmark", "known_uuids", "load_benchmark",
+    "benchmark_facts", "encodable_choices", "export_benchmark", "known_uuids", "load_benchmark",
 ]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import datasets
 
 from ..collators import PLACEHOLDER
+from .relations import INVERSE
 
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,9 @@ MODIFIED_TEST = "modified_test"  # test phrasing of the modified facts, with the
 UNMODIFIED_TRAIN = "unmodified_train"  # training evidence of the other facts (FT, FTA)
 UNMODIFIED_TEST = "unmodified_test"  # test phrasing of the other facts (A_F\S)
 SPLITS = (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TRAIN, UNMODIFIED_TEST)
+# Made by the locality split (hf_memedit.preservation), not by the builders: the test phrasing of the unmodified facts
+# an edit changes logically, with the object the edit implies ("Bucharest is the capital of [Y]" -> Japan).
+CONSISTENCY = "consistency"
 
 FEATURES = datasets.Features(
     {
@@ -67,8 +71,13 @@ class ModBenchmarkConfig(datasets.BuilderConfig):
     locality_relations: tuple[str, ...] | None = field(
         default=None,
         metadata={"help": "Relations read only as unmodified facts, never modified: more facts to measure locality on "
-                  "without changing which facts are edited. Their facts about an edited fact's subject or new object "
-                  "are left out, since the edit may rightly change them."},
+                  "without changing which facts are edited. Facts an edit changes logically (hf_memedit.benchmarks."
+                  "relations) are not scored as locality, whatever their relation."},
+    )
+    excluded_objects: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "Objects never drawn as a new object: those the model's tokenizer cannot encode "
+                  "(load_benchmark sets them when given an encoder)."},
     )
 
     def reads(self, relation: str) -> bool:
@@ -106,13 +115,52 @@ def fill_subject(template: str, subject: str) -> str:
     return template.replace("[X]", subject).replace("[Y]", PLACEHOLDER)
 
 
-def modify_facts(facts: list[Fact], m: int, seed: int, eligible_uuids: tuple[str, ...] | None,
-                 locality_relations: tuple[str, ...] | None = None) -> dict[str, str]:
-    """Choose m facts and their new objects, as the paper does; returns uuid -> new object.
+def hash_share(key: str, seed: int, purpose: str) -> float:
+    """A number in [0, 1) fixed by (purpose, seed, key) on every machine (SHA-256, not Python's salted `hash`).
 
-    New objects come from the same relation, weighted by how often each object occurs among the
-    relation's facts, never the original. Relations with a single distinct object cannot be
-    modified and are skipped (logged with a count), as are the `locality_relations`.
+    A split puts a fact on one side when its subject's share is below the side's fraction: the side depends on
+    that subject alone, never on which other facts are present (a rank cut would move facts when others come or go).
+    """
+    digest = hashlib.sha256(f"{purpose}:{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def fact_groups(facts: list[Fact]) -> list[list[int]]:
+    """The indices of the facts that are modified together or not at all: facts sharing subject and relation (one
+    prompt, several true objects, e.g. the countries bordering Germany) or any phrasing (one text, two facts),
+    linked transitively. Each group in the facts' order; groups ordered by their first fact."""
+    parent = list(range(len(facts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple, int] = {}
+    for index, fact in enumerate(facts):
+        for key in [("prompt", fact.subject, fact.relation), *(("text", t) for t in fact.train_texts + fact.test_texts)]:
+            other = first.setdefault(key, index)
+            a, b = root(other), root(index)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for index in range(len(facts)):
+        groups.setdefault(root(index), []).append(index)
+    return list(groups.values())
+
+
+def modify_facts(facts: list[Fact], m: int, seed: int, eligible_uuids: tuple[str, ...] | None,
+                 locality_relations: tuple[str, ...] | None = None,
+                 excluded_objects: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Choose exactly m facts and their new objects, as the paper does; returns uuid -> new object.
+
+    Facts are drawn uniformly, each with its group (`fact_groups`: a group is modified whole or not at all, and
+    only when every one of its facts may be). New objects come from the same relation, weighted by how often each
+    object occurs among the relation's facts, never a true object of the same prompt (any object of the group, or
+    of a fact that is this one read backwards) nor another new object of the group, nor one of `excluded_objects`
+    (objects the model's tokenizer cannot encode). Relations with a single distinct object cannot be modified and
+    are skipped (logged with a count), as are the `locality_relations`. Fewer than m is an error, never a shrug.
     """
     if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
         raise ValueError(f"m must be a positive number of facts to modify, got {m!r}.")
@@ -124,26 +172,62 @@ def modify_facts(facts: list[Fact], m: int, seed: int, eligible_uuids: tuple[str
         logger.warning("Relations with one distinct object cannot be modified, skipped: %s", ", ".join(single))
     allowed = set(eligible_uuids) if eligible_uuids is not None else None
     locality_only = set(locality_relations or ())
-    eligible = sorted(
-        (f for f in facts if f.relation not in single and f.relation not in locality_only and f.train_texts
-         and f.test_texts and (allowed is None or f.uuid in allowed)),
-        key=lambda f: f.uuid,
-    )
-    if m > len(eligible):
+    excluded = set(excluded_objects or ())
+    backwards: dict[tuple[str, str], set[str]] = {}  # (subject, relation) -> objects true by a fact read backwards
+    for fact in facts:
+        if fact.relation in INVERSE:
+            backwards.setdefault((fact.object, INVERSE[fact.relation]), set()).add(fact.subject)
+
+    def blocked(group: list[Fact]) -> set[str]:
+        objects = {f.object for f in group}
+        for f in group:
+            objects |= backwards.get((f.subject, f.relation), set())
+        return objects | excluded
+
+    def modifiable(group: list[Fact]) -> bool:
+        if not all(f.relation not in single and f.relation not in locality_only and f.train_texts and f.test_texts
+                   and (allowed is None or f.uuid in allowed) for f in group):
+            return False
+        taken = blocked(group)
+        needed = Counter(f.relation for f in group)
+        return all(len(set(frequency[relation]) - taken) >= n for relation, n in needed.items())
+
+    groups = [[facts[i] for i in members] for members in fact_groups(facts)]
+    usable = [group for group in groups if modifiable(group)]
+    available = sum(len(group) for group in usable)
+    if m > available:
         raise ValueError(
-            f"m={m} is larger than the {len(eligible)} facts that can be modified (relations with at "
+            f"m={m} is larger than the {available} facts that can be modified (relations with at "
             "least two objects, with training and test text"
             + (", among eligible_uuids" if allowed is not None else "")
             + (f", outside locality_relations {', '.join(sorted(locality_only))}" if locality_only else "")
-            + "). Choose a smaller m."
+            + ", whole groups of facts sharing a prompt). Choose a smaller m."
         )
+    group_of = {fact.uuid: index for index, group in enumerate(usable) for fact in group}
     rng = random.Random(seed)
-    chosen = rng.sample(eligible, m)
+    order = rng.sample(sorted(group_of), len(group_of))  # facts uniformly; a drawn fact brings its group
+    chosen, seen, remaining = [], set(), m
+    for uuid in order:
+        index = group_of[uuid]
+        if index in seen:
+            continue
+        seen.add(index)
+        if len(usable[index]) <= remaining:
+            chosen.append(usable[index])
+            remaining -= len(usable[index])
+            if remaining == 0:
+                break
+    if remaining:
+        raise ValueError(f"m={m} cannot be made of whole groups of facts sharing a prompt (seed {seed}): {m - remaining} "
+                         "could; choose another m or seed.")
     new_objects = {}
-    for fact in chosen:
-        candidates = sorted(o for o in frequency[fact.relation] if o != fact.object)
-        weights = [frequency[fact.relation][o] for o in candidates]
-        new_objects[fact.uuid] = rng.choices(candidates, weights=weights, k=1)[0]
+    for group in chosen:
+        taken = blocked(group)
+        for fact in sorted(group, key=lambda f: f.uuid):
+            candidates = sorted(o for o in frequency[fact.relation] if o not in taken)
+            weights = [frequency[fact.relation][o] for o in candidates]
+            new_objects[fact.uuid] = rng.choices(candidates, weights=weights, k=1)[0]
+            taken.add(new_objects[fact.uuid])
     return new_objects
 
 
@@ -153,16 +237,6 @@ def choose_evidence(items: list[str], count: int | None, seed: int, uuid: str) -
     if count is None or len(items) <= count:
         return list(items)
     return random.Random(f"{seed}:{uuid}").sample(items, count)
-
-
-def drop_implied(facts: list[Fact], new_objects: dict[str, str], locality_relations: tuple[str, ...] | None) -> list[Fact]:
-    """The facts less those of the locality-only relations about an entity an edit speaks of, its subject or
-    its new object: "Tokyo is in Japan" is no locality test of an edit that makes Tokyo the capital of Kenya,
-    nor "Cairo is in Egypt" of one that makes Cairo the capital of Japan."""
-    if not locality_relations:
-        return facts
-    edited = {f.subject for f in facts if f.uuid in new_objects} | set(new_objects.values())
-    return [f for f in facts if f.relation not in locality_relations or f.subject not in edited]
 
 
 def split_rows(facts: list[Fact], new_objects: dict[str, str]) -> dict[str, list[dict]]:
@@ -199,8 +273,9 @@ class ModBenchmarkBuilder(datasets.GeneratorBasedBuilder):
         if missing:
             raise ValueError(f"locality_relations {', '.join(missing)}: no facts of theirs were read; "
                              f"choose among {', '.join(sorted({f.relation for f in facts}))}.")
-        new_objects = modify_facts(facts, config.m, config.seed, config.eligible_uuids, config.locality_relations)
-        rows = split_rows(drop_implied(facts, new_objects, config.locality_relations), new_objects)
+        new_objects = modify_facts(facts, config.m, config.seed, config.eligible_uuids, config.locality_relations,
+                                   config.excluded_objects)
+        rows = split_rows(facts, new_objects)
         return [datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]}) for split in SPLITS]
 
     def _generate_examples(self, rows):

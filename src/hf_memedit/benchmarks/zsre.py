@@ -2,8 +2,8 @@
 `data_dir` or downloaded from `data_url`), the paper's way.
 
 Each line: `id`, `input` = "subject [SEP] relation", `meta.template_questions`, `output[].answer`.
-A fact's questions are split as in the paper: 1 question -> train only; 2 or 3 -> one to test;
-more than 3 -> two to test. The text is the question followed by the object placeholder; answers
+A fact's questions (less near-duplicates: case, spacing) are split as in the paper: 1 question -> train
+only; 2 or 3 -> one to test; more than 3 -> two to test. The text is the question followed by the object placeholder; answers
 may span several tokens (at most `max_answer_tokens`), inputs at most `max_input_tokens`.
 """
 
@@ -13,6 +13,7 @@ import glob
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 
 import datasets
@@ -70,6 +71,15 @@ def n_test_questions(n_questions: int) -> int:
     return 0 if n_questions <= 1 else 1 if n_questions <= 3 else 2
 
 
+def _distinct(questions: list[str]) -> list[str]:
+    """The questions, sorted, less those that differ from an earlier one only in case, spacing or a space before
+    punctuation ("What is X ?" and "what is X?" are one question, so it cannot sit in train and test at once)."""
+    kept: dict[str, str] = {}
+    for question in sorted(set(questions)):
+        kept.setdefault(re.sub(r"\s+([?.,!;:])", r"\1", " ".join(question.split())).casefold(), question)
+    return list(kept.values())
+
+
 def read_zsre(files: list[str], config: ZsreModConfig, source: str) -> list[Fact]:
     """The facts of these KILT zsRE files, in file order (`source` names them in errors)."""
     count = _counter(config)
@@ -82,7 +92,7 @@ def read_zsre(files: list[str], config: ZsreModConfig, source: str) -> list[Fact
             if not config.reads(relation):
                 continue
             answers = [o["answer"] for o in record["output"] if isinstance(o, dict) and o.get("answer")]
-            questions = sorted(set(record["meta"].get("template_questions") or []))
+            questions = _distinct(record["meta"].get("template_questions") or [])
             questions = [q for q in questions if count(q) + 1 <= config.max_input_tokens]
             if not answers or not questions:
                 continue

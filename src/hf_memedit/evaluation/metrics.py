@@ -6,8 +6,11 @@ given, **retention** (of the unmodified facts right before, the share still righ
 on the edited relations alone, `retention_edited`), **agreement** (the
 share of unmodified facts whose predicted tokens did not change at all) and **bleed** (of the
 facts lost, the share now predicting one of the edit's new objects: whether the edit leaks to
-neighbours; judged on the first object token).
+neighbours; judged on the first object token, since a teacher-forced prediction has as many tokens as the
+fact's own object, not the new one's), and with a `consistency` split, **consistency** (of the facts an edit
+changes logically, the share now given the object it implies: "Bucharest is the capital of [Y]" → Japan).
 
+Every share is one of facts: a fact is right when each of its test phrasings is (`per_fact`).
 All values are fractions in [0, 1]; a ratio with an empty denominator is None.
 """
 
@@ -20,11 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
+import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import eval_mode
-from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
+from ..benchmarks.common import CONSISTENCY, MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
 from ..collators import FactEncoder
 from ..fast_paths.prefix import PrefixCache
 from .scoring import FactResults, answer_matches, evaluate_facts, generate_answers
@@ -61,8 +65,9 @@ def avg_acc(
     """A_M, A_F\\S, Ā and the counts; with before-edit results also A_F before, the drop, retention, agreement.
 
     Args:
-        modified_correct: per modified fact, right on its new object (test phrasing).
-        unmodified_correct: per unmodified fact, right after the edit.
+        modified_correct: per modified fact, right on its new object on every test phrasing (`per_fact`): A_M is a
+            share of facts, not of test questions.
+        unmodified_correct: per unmodified fact, right after the edit (every test phrasing).
         modified_train_correct: per training phrasing of the modified facts (reliability; A_M on
             the test phrasing is generalization).
         original_correct_before: per modified fact, right on its *original* object before the edit.
@@ -175,13 +180,14 @@ def evaluate_splits(
 ) -> dict[str, FactResults]:
     """`evaluate_facts` on the benchmark splits that metrics use (modified_train/test, unmodified_test).
 
-    With `original=True` the modified facts are scored on their original object: the before-edit view.
+    With `original=True` the modified facts are scored on their original object: the before-edit view
+    (`consistency` is scored on the object the edit implies, before as after).
     With `prefix`, the states entering the edited blocks are cached first (with a memory check).
     """
     results = {}
-    for name in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST):
+    for name in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST, CONSISTENCY):
         if name in splits and len(splits[name]):
-            object_key = "original_object" if original and name != UNMODIFIED_TEST else "object"
+            object_key = "original_object" if original and name in (MODIFIED_TRAIN, MODIFIED_TEST) else "object"
             if prefix is not None:
                 prefix.add_facts(tokenizer, splits[name], batch_size, show_progress, object_key=object_key)
             results[name] = evaluate_facts(
@@ -212,25 +218,51 @@ def bleed_flags(
     return [bool(ids) and ids[0] in new_objects and ids[0] != first(row) for row, ids in zip(unmodified, predicted)]
 
 
+def fact_rows(split: Any) -> list[list[int]]:
+    """The row indices of each fact of a split (rows sharing a uuid: a zsRE fact's two test questions), facts in the
+    order of their first row; a row without a uuid is a fact of its own."""
+    if isinstance(split, datasets.Dataset) and "uuid" in split.column_names:
+        uuids = split["uuid"]
+    else:
+        uuids = [row.get("uuid", index) for index, row in enumerate(split)]
+    rows: dict[Any, list[int]] = {}
+    for index, uuid in enumerate(uuids):
+        rows.setdefault(uuid, []).append(index)
+    return list(rows.values())
+
+
+def per_fact(results: FactResults, facts: Sequence[Sequence[int]]) -> FactResults:
+    """Row results as fact results (`fact_rows`): a fact is right when every one of its phrasings is; its prediction
+    is its rows' in order, its margin their smallest."""
+    return FactResults(
+        [all(results.correct[i] for i in rows) for rows in facts],
+        [[token for i in rows for token in results.predicted[i]] for rows in facts],
+        [min(results.margins[i] for i in rows) for rows in facts] if results.margins else [],
+    )
+
+
 def lost_facts(
     splits: Mapping[str, Any], after: Mapping[str, FactResults], before: Mapping[str, FactResults] | None,
     tokenizer: PreTrainedTokenizerBase, kind: str,
 ) -> list[dict[str, Any]]:
-    """The unmodified facts right before the edit and wrong after it, in benchmark order: what each now
-    predicts, whether that is one of the edit's new objects (`bleed_flags`), and its margin before the edit
-    (`FactResults.margins`: a near-tie flips under almost any change). The facts behind
-    retention's and bleed's numbers, so a user can read what an edit broke; none without `before`."""
+    """The unmodified facts right before the edit (every test phrasing) and wrong after it, in benchmark order, each
+    by its first phrasing now wrong: what it predicts, whether that is one of the edit's new objects (`bleed_flags`),
+    and the fact's margin before the edit (`FactResults.margins`: a near-tie flips under almost any change). The
+    facts behind retention's and bleed's numbers, so a user can read what an edit broke; none without `before`."""
     if not before or UNMODIFIED_TEST not in after or UNMODIFIED_TEST not in before:
         return []
     now, then = after[UNMODIFIED_TEST], before[UNMODIFIED_TEST]
-    indices = [i for i, (was, still) in enumerate(zip(then.correct, now.correct)) if was and not still]
-    if not indices:
+    facts = fact_rows(splits[UNMODIFIED_TEST])
+    known_then, right_now = per_fact(then, facts).correct, per_fact(now, facts).correct
+    lost = [rows for rows, was, still in zip(facts, known_then, right_now) if was and not still]
+    if not lost:
         return []
+    indices = [next(i for i in rows if not now.correct[i]) for rows in lost]
     rows = splits[UNMODIFIED_TEST].select(indices)
     predicted = [now.predicted[i] for i in indices]
     modified = list(splits[MODIFIED_TEST]) if MODIFIED_TEST in splits else []
     bleeds = bleed_flags(tokenizer, kind, modified, list(rows), predicted) if modified else [False] * len(indices)
-    margins = [then.margins[i] if then.margins else None for i in indices]
+    margins = [min(then.margins[i] for i in fact) if then.margins else None for fact in lost]
     return [
         {"uuid": row["uuid"], "relation": row["relation"], "subject": row["subject"], "text": row["text"],
          "object": row["object"], "predicted": tokenizer.decode(ids).strip(), "bleed": bleed, "margin_before": margin}
@@ -245,32 +277,45 @@ def edit_metrics(
     tokenizer: PreTrainedTokenizerBase | None = None,
     kind: str | None = None,
 ) -> dict[str, Any]:
-    """`avg_acc` from `evaluate_splits` results after (and optionally before, `original=True`) the edit.
+    """`avg_acc` from `evaluate_splits` results after (and optionally before, `original=True`) the edit, per fact:
+    a fact counts as right when every one of its test phrasings is (zsRE holds two for some facts), so A_M and
+    A_F\\S are shares of facts, not of questions. A_M on the training phrasing stays a share of phrasings.
 
-    With the `tokenizer` (and the model's `kind`), bleed is reported too.
+    With the `tokenizer` (and the model's `kind`), bleed is reported too. With a `consistency` split: `consistency`,
+    the share of the facts an edit changes logically that the model now gives the implied object.
     """
     empty = FactResults([], [])
-    modified, unmodified = after.get(MODIFIED_TEST, empty), after.get(UNMODIFIED_TEST, empty)
-    kwargs: dict[str, Any] = {
-        "modified_relations": list(splits[MODIFIED_TEST]["relation"]) if len(modified) else [],
-        "unmodified_relations": list(splits[UNMODIFIED_TEST]["relation"]) if len(unmodified) else [],
-    }
+    facts = {name: fact_rows(splits[name]) for name in (MODIFIED_TEST, UNMODIFIED_TEST, CONSISTENCY) if name in after}
+
+    def of(results: Mapping[str, FactResults] | None, name: str) -> FactResults:
+        return per_fact(results[name], facts[name]) if results is not None and name in results else empty
+
+    def relations(name: str) -> list[str]:
+        return [splits[name]["relation"][rows[0]] for rows in facts.get(name, [])]
+
+    modified, unmodified = of(after, MODIFIED_TEST), of(after, UNMODIFIED_TEST)
+    kwargs: dict[str, Any] = {"modified_relations": relations(MODIFIED_TEST), "unmodified_relations": relations(UNMODIFIED_TEST)}
     if MODIFIED_TRAIN in after:
         kwargs["modified_train_correct"] = after[MODIFIED_TRAIN].correct
     if before is not None:
-        previous = before.get(UNMODIFIED_TEST, empty)
+        previous = of(before, UNMODIFIED_TEST)
         kwargs.update(
-            original_correct_before=before.get(MODIFIED_TEST, empty).correct,
+            original_correct_before=of(before, MODIFIED_TEST).correct,
             unmodified_correct_before=previous.correct,
             unmodified_predicted=unmodified.predicted,
             unmodified_predicted_before=previous.predicted,
             unmodified_margins_before=previous.margins or None,
         )
         if tokenizer is not None and kind is not None and len(unmodified) and len(modified):
-            kwargs["unmodified_bleeds"] = bleed_flags(
-                tokenizer, kind, list(splits[MODIFIED_TEST]), list(splits[UNMODIFIED_TEST]), unmodified.predicted
-            )
-    return avg_acc(modified.correct, unmodified.correct, **kwargs)
+            rows = bleed_flags(tokenizer, kind, list(splits[MODIFIED_TEST]), list(splits[UNMODIFIED_TEST]),
+                               after[UNMODIFIED_TEST].predicted)
+            kwargs["unmodified_bleeds"] = [any(rows[i] for i in fact) for fact in facts[UNMODIFIED_TEST]]
+    metrics = avg_acc(modified.correct, unmodified.correct, **kwargs)
+    if CONSISTENCY in facts:
+        metrics.update(consistency=_share(of(after, CONSISTENCY).correct), n_consistency=len(facts[CONSISTENCY]))
+        if before is not None and CONSISTENCY in before:
+            metrics["consistency_before"] = _share(of(before, CONSISTENCY).correct)
+    return metrics
 
 
 def generate_splits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, Any], batch_size: int = 32) -> dict[str, list[str]]:
@@ -282,9 +327,14 @@ def generate_splits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 def generation_metrics(splits: Mapping[str, Any], answers: Mapping[str, Sequence[str]],
                        answers_before: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """A_M (on the new objects) and A_F\\S by greedy generation from the answers (`generate_splits`), beside the
-    teacher-forced scores; with the answers before the edit also A_F\\S before and retention."""
-    def correct(found: Mapping[str, Sequence[str]], name: str) -> list[bool]:
-        return [answer_matches(answer, fact["object"]) for answer, fact in zip(found.get(name, []), splits[name])] if name in splits else []
+    teacher-forced scores, per fact as `edit_metrics`; with the answers before the edit also A_F\\S before, retention
+    and bleed: of the facts lost, the share whose answer is now one of the edit's new objects, whole (teacher-forced
+    bleed can judge only the first token)."""
+    def correct(found: Mapping[str, Sequence[str]], name: str) -> list[bool]:  # per fact: every phrasing right
+        if name not in splits or name not in found:
+            return []
+        rows = [answer_matches(answer, fact["object"]) for answer, fact in zip(found[name], splits[name])]
+        return [all(rows[i] for i in fact) for fact in fact_rows(splits[name])]
 
     unmodified = correct(answers, UNMODIFIED_TEST)
     metrics = {"gen_a_m": _share(correct(answers, MODIFIED_TEST)), "gen_a_fs": _share(unmodified)}
@@ -292,6 +342,14 @@ def generation_metrics(splits: Mapping[str, Any], answers: Mapping[str, Sequence
         unmodified_before = correct(answers_before, UNMODIFIED_TEST)
         kept = [after for before, after in zip(unmodified_before, unmodified) if before]
         metrics.update(gen_a_fs_before=_share(unmodified_before), gen_retention=_share(kept), gen_n_known=len(kept))
+        if MODIFIED_TEST in splits and UNMODIFIED_TEST in answers:
+            new_objects = {fact["object"] for fact in splits[MODIFIED_TEST]}
+            rows = list(splits[UNMODIFIED_TEST])
+            lost = [fact for fact, before, after in zip(fact_rows(splits[UNMODIFIED_TEST]), unmodified_before, unmodified)
+                    if before and not after]
+            bled = [any(answer_matches(answers[UNMODIFIED_TEST][i], obj) for i in fact for obj in new_objects - {rows[i]["object"]})
+                    for fact in lost]
+            metrics.update(gen_bleed=_share(bled), gen_n_lost=len(lost))
     return metrics
 
 

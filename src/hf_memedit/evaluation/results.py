@@ -23,7 +23,7 @@ _LIBRARIES = ("hf_memedit", "torch", "transformers", "peft", "accelerate", "data
 METRIC_LABELS = {
     "a_f_before": "A_F before the edit (all facts)",
     "a_fs_before": "A_F\\S before the edit",
-    "a_m": "A_M (modified facts, test phrasing)",
+    "a_m": "A_M (modified facts, every test phrasing right)",
     "a_m_train": "A_M on the training phrasing",
     "a_fs": "A_F\\S (unmodified facts)",
     "avg_acc": "Ā = (A_M + A_F\\S) / 2",
@@ -32,9 +32,11 @@ METRIC_LABELS = {
     "retention_edited": "retention on the edited relations",
     "retention_confident": "retention of the facts known by a margin ≥ 1",
     "agreement": "agreement (unmodified, same prediction)",
-    "bleed": "bleed (lost facts now predicting a new object)",
+    "bleed": "bleed (lost facts now predicting a new object's first token)",
+    "consistency": "consistency (facts an edit implies, e.g. read backwards)",
     "gen_a_m": "A_M by greedy generation",
     "gen_retention": "retention by greedy generation",
+    "gen_bleed": "bleed by greedy generation (a whole new object)",
 }
 # General drift (not fractions): the mean next-token KL(θ0 ‖ θ) and ppl(θ) / ppl(θ0) on held-out samples.
 DRIFT_LABELS = {"drift_kl": "next-token KL(θ0 ‖ θ), held-out text", "perplexity_ratio": "perplexity ratio θ / θ0, held-out text"}
@@ -74,7 +76,8 @@ def format_percent(value: float | None) -> str:
 
 # Shares whose denominator is small enough to matter: shown with their counts.
 _DENOMINATORS = {"retention": "n_known", "retention_edited": "n_known_edited", "retention_confident": "n_known_confident",
-                 "gen_retention": "gen_n_known"}
+                 "gen_retention": "gen_n_known", "consistency": "n_consistency",
+                 "gen_bleed": "gen_n_lost"}
 
 
 def _mark(correct: bool | None) -> str:
@@ -127,7 +130,8 @@ class ResultsRecord:
         for key, label in DRIFT_LABELS.items():
             if key in self.metrics:
                 lines.append(f"| {label} | {self.metrics[key]:.4g} |")
-        counts = ", ".join(f"{key} = {self.metrics[key]}" for key in ("n_modified", "n_unmodified") if key in self.metrics)
+        counts = ", ".join(f"{key} = {self.metrics[key]}" for key in ("n_modified", "n_unmodified", "n_consistency")
+                           if key in self.metrics)
         if counts:
             lines += ["", f"Facts: {counts}."]
         if self.locality.get("description"):

@@ -1,8 +1,9 @@
 """`memedit compare`: the editing methods side by side on one model and benchmark, each tuned on validation.
 
 Every method is scored on the same unmodified facts, disjoint from any preservation data
-(`preserve_fraction`, see `hf_memedit.preservation`). Every method gets a small sweep; its point with the best Ā on the validation half of the
-unmodified facts is reported on the test half (A_M on the modified facts' test phrasing):
+(`preserve_fraction`, see `hf_memedit.preservation`). Every method gets a small sweep; its point with the best Ā
+on the validation half of the facts is reported on the test half, each half with its own modified and unmodified
+facts (cut by subject, `grid.validation_views`):
 
 - `ftm_linf`: FTM under L∞, δ × blocks (`sweep_deltas` × `sweep_blocks`); its best block is
   the block of the other FTM variants and of FTA;
@@ -126,9 +127,10 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
     lines = [
         f"# Compare: {job.model_name_or_path}, {job.benchmark} m={job.m}, starting from {job.setting}",
         "",
-        f"Each method's point with {pick_rule(job.pick_min_retention)} on the validation half of the unmodified facts; "
+        f"Each method's point with {pick_rule(job.pick_min_retention)} on the validation half of the facts; "
         "metrics on the test half.",
-        f"Locality measured on {locality.describe()}, split into validation and test halves. "
+        f"Locality measured on {locality.describe()}; these and the modified facts split by subject into validation "
+        "and test halves. "
         f"{known_facts_note([r for method_rows in rows.values() for r in method_rows])}",
         shared_settings(args),
         "",

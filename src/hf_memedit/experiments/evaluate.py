@@ -31,10 +31,10 @@ def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name
         raise ValueError(f"{folder} already holds an evaluation: choose another --eval_name.")
     check_writable(folder)
     model, tokenizer = load_model_and_tokenizer(job)
+    # As the run: θ0 of its setting (its saved FT model; RI's seeded init), the facts drawn on it, and its locality
+    # split, so an edit that preserved benchmark facts is scored on the disjoint rest.
+    model = starting_model(model, tokenizer, job, args, reuse_only=True)
     splits = prepare_benchmark(job, model, tokenizer)
-    # As the run: θ0 of its setting (its saved FT model; RI's seeded init), and its locality split, so an edit that
-    # preserved benchmark facts is scored on the disjoint rest.
-    model = starting_model(model, tokenizer, splits, job, args, reuse_only=True)
     splits, locality = locality_split(splits, job, args)
     batch = args.per_device_eval_batch_size
     show = dict(batch_size=batch, show_progress=True)

@@ -1,9 +1,9 @@
 """Sweeps over δ × blocks (× norms): pick the best Ā on a validation split, report test too, plot.
 
-The unmodified test facts are split once (seeded) into validation and test halves; every grid
-point is scored on both, with A_M on the modified facts. The points of one block share one
-frozen-prefix cache, so the facts' states below that block are computed once, not once per δ. The paper picked on test; we report the
-pick by validation and, for comparison, the pick by test. Each finished point is appended to
+The facts are split once into validation and test halves by a seeded hash of their subject (`validation_views`),
+the modified facts too: every grid point is scored on both, each half with its own modified and unmodified facts.
+The points of one block share one frozen-prefix cache, so the facts' states below that block are computed once,
+not once per δ. The paper picked on test; we report the pick by validation and, for comparison, the pick by test. Each finished point is appended to
 `points.jsonl` (experiments.points), so a resumed sweep recomputes nothing. FT (for ft+ settings) runs once.
 """
 
@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..architectures import model_kind
-from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
+from ..benchmarks.common import CONSISTENCY, MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from ..blocks import BlockSelectorConfig
 from ..edit_config import EditConfig
 from ..edit_trainer import ConstrainedEditTrainer
@@ -43,6 +43,7 @@ from .settings import (
     preservation_neighbours,
     preservation_texts,
     preserve_objective,
+    refuse_pick_on_test,
     starting_model,
 )
 
@@ -76,20 +77,14 @@ class GridRunner:
     """
 
     def __init__(self, job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None):
+        refuse_pick_on_test(args)
         if model is None:
             model, tokenizer = load_model_and_tokenizer(job)
         self.job, self.args, self.tokenizer = job, args, tokenizer
-        splits = prepare_benchmark(job, model, tokenizer)
-        self.model = starting_model(model, tokenizer, splits, job, args)
+        self.model = starting_model(model, tokenizer, job, args)
         # Every point is scored on the same facts, disjoint from what any point may preserve.
-        self.splits, self.locality = locality_split(splits, job, args, always=True)
-        validation, test = holdout(self.splits[UNMODIFIED_TEST], job.validation_fraction, job.benchmark_seed)
-        self.views = {
-            VALIDATION: datasets.DatasetDict({MODIFIED_TEST: self.splits[MODIFIED_TEST], UNMODIFIED_TEST: validation}),
-            TEST: datasets.DatasetDict({
-                MODIFIED_TRAIN: self.splits[MODIFIED_TRAIN], MODIFIED_TEST: self.splits[MODIFIED_TEST], UNMODIFIED_TEST: test,
-            }),
-        }
+        self.splits, self.locality = locality_split(prepare_benchmark(job, self.model, tokenizer), job, args, always=True)
+        self.views = validation_views(self.splits, job.validation_fraction, job.benchmark_seed)
         self._before: dict[str, dict] | None = None
         self._generated_before: dict[str, dict] | None = None
         self._caches: dict[int, PrefixCache] = {}
@@ -221,6 +216,21 @@ class GridRunner:
                 row[name] = {k: v for k, v in metrics.items() if k != "per_relation"}
             rows.append(row)
         return rows
+
+
+def validation_views(splits: datasets.DatasetDict, fraction: float, seed: int) -> dict[str, datasets.DatasetDict]:
+    """The validation and test views of the splits, cut by `holdout` (a seeded hash of the subject), the modified
+    facts included: each half has its own modified facts, so A_M is validated on other facts than it is reported on,
+    as A_F\\S is. The test view also holds the test half's training phrasings (A_M on them: reliability)."""
+    halves = {name: holdout(splits[name], fraction, seed) for name in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST, CONSISTENCY)
+              if name in splits}
+    empty = [half for index, half in enumerate((VALIDATION, TEST)) if not len(halves[MODIFIED_TEST][index])]
+    if empty:
+        raise ValueError(f"The {' and '.join(empty)} half holds none of the {len(splits[MODIFIED_TEST])} modified test "
+                         f"phrasings (validation_fraction {fraction}): ask for a larger m, or another validation_fraction.")
+    views = {VALIDATION: {name: pair[0] for name, pair in halves.items() if name != MODIFIED_TRAIN},
+             TEST: {name: pair[1] for name, pair in halves.items()}}
+    return {half: datasets.DatasetDict({name: split for name, split in view.items() if len(split)}) for half, view in views.items()}
 
 
 def _keys_key(edit, args: EditConfig) -> tuple:

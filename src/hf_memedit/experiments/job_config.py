@@ -4,7 +4,8 @@ overrides (see `hf_memedit.cli`).
 
 Settings (the paper's names):
 - `ftm`: edit the model as loaded, on the modified facts' training evidence.
-- `ft`: only fine-tune on the unmodified facts' evidence (all of `ft_blocks`, unconstrained) and save it.
+- `ft`: only fine-tune on every fact's evidence, the benchmark before modification (all of `ft_blocks`,
+  unconstrained), and save it.
 - `ft+ftm`: FT first (saved in `ft_dir` and reused when its inputs match), then FTM.
 - `ri+ftm`: FTM from a randomly initialised model of the same architecture.
 - `fta` / `ft+fta`: like FTM, but every minibatch holds as many unmodified as modified evidences.
@@ -23,7 +24,7 @@ from .methods import METHODS
 
 
 SETTINGS = ("ftm", "ft", "ft+ftm", "ri+ftm", "fta", "ft+fta", "knn")
-FT_SETTINGS = ("ft", "ft+ftm", "ft+fta")  # the settings that fine-tune on the unmodified facts first
+FT_SETTINGS = ("ft", "ft+ftm", "ft+fta")  # the settings that fine-tune on the facts first
 FTA_SETTINGS = ("fta", "ft+fta")  # the settings that mix unmodified evidence into every batch
 COMPARE_METHODS = tuple(METHODS)  # the method table of experiments.methods, in its order
 MODEL_KINDS = ("auto", *(kind.value for kind in ModelKind))
@@ -95,7 +96,9 @@ class BenchmarkArguments:
         metadata={"help": "Options of the benchmark builder as a JSON object, e.g. '{\"relations\": [\"P36\"]}'."},
     )
     modify_known: bool = field(
-        default=False, metadata={"help": "Modify only facts the model already predicts (the authors' filter)."}
+        default=False,
+        metadata={"help": "Modify only facts the model the edit starts from (θ0: after FT in the ft+ settings) already "
+                  "predicts on every test phrasing (the authors' filter)."},
     )
     max_unmodified_eval: int | None = field(
         default=None, metadata={"help": "Evaluate at most this many unmodified test facts (a seeded sample); None: all."}
@@ -120,7 +123,7 @@ class SettingArguments:
     )
     ft_blocks: list[str] = field(default_factory=lambda: ["all"], metadata={"help": "Blocks the FT step trains."})
     ft_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the FT step."})
-    ft_epochs: float = field(default=3.0, metadata={"help": "Epochs of the FT step over the unmodified evidence."})
+    ft_epochs: float = field(default=3.0, metadata={"help": "Epochs of the FT step over every fact's evidence."})
     ft_dir: str | None = field(
         default=None, metadata={"help": "Where the FT model is saved and reused from (default: <output_dir>/ft)."}
     )
@@ -138,7 +141,8 @@ class GridArguments:
 
     validation_fraction: float = field(
         default=0.5,
-        metadata={"help": "Sweeps: share of the unmodified test facts held out to pick δ and block (the rest is test)."},
+        metadata={"help": "Sweeps and compares: share of the subjects whose facts, modified and unmodified, are held out "
+                  "to pick δ and block (a seeded hash of the subject; the rest is test)."},
     )
     pick_min_retention: float | None = field(
         default=None,

@@ -1,11 +1,11 @@
 """Loading what a job needs: the model and tokenizer (safetensors or GGUF only), the base of a run,
-and the benchmark with the facts the tokenizer cannot encode dropped."""
+the benchmark with exactly m modified facts the model can be trained and tested on, and its validation half."""
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
+import random
 from typing import Any
 
 import datasets
@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from ..architectures import ModelKind, model_kind
 from ..benchmarks import load_benchmark
-from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
+from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, hash_share
 from ..collators import FactEncoder, filter_encodable
 from ..evaluation.results import ResultsRecord
 from ..io import looks_like_path
@@ -116,30 +116,44 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
 
 
 def prepare_benchmark(job: JobConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> datasets.DatasetDict:
-    """The benchmark, built once per machine (main process first), with facts the tokenizer cannot encode dropped."""
+    """The benchmark with exactly `job.m` modified facts that this model can be trained and tested on, built once
+    per machine (main process first).
+
+    `model` is the one the edit starts from (θ0: after FT for the ft+ settings), so `modify_known` picks facts θ0
+    knows. Which facts may be modified, and which new objects drawn, is decided before drawing, over every phrasing
+    (`load_benchmark`'s encoder); the phrasings that cannot be encoded are then dropped from every split."""
     options = dict(job.benchmark_options or {})
+    encoder = FactEncoder(tokenizer, model_kind(model))
     known = {"model": model, "tokenizer": tokenizer} if job.modify_known else {}
     with PartialState().main_process_first():
-        splits = load_benchmark(job.benchmark, m=job.m, seed=job.benchmark_seed, data_dir=job.data_dir, **known, **options)
-    encoder = FactEncoder(tokenizer, model_kind(model))
+        splits = load_benchmark(job.benchmark, m=job.m, seed=job.benchmark_seed, data_dir=job.data_dir, encoder=encoder,
+                                **known, **options)
     kept = {}
     for name, split in splits.items():
-        rows, dropped = filter_encodable(split, encoder)
-        if name in (MODIFIED_TRAIN, MODIFIED_TEST) and not rows:
-            raise ValueError(f"No fact of {job.benchmark} split {name} can be encoded for this model: {dropped[0][1]}")
+        rows, _ = filter_encodable(split, encoder)
         kept[name] = datasets.Dataset.from_list(list(rows), features=split.features) if rows else split.select([])
-    if job.max_unmodified_eval is not None and len(kept[UNMODIFIED_TEST]) > job.max_unmodified_eval:
-        kept[UNMODIFIED_TEST] = kept[UNMODIFIED_TEST].shuffle(seed=job.benchmark_seed).select(range(job.max_unmodified_eval))
+    tested, trained = set(kept[MODIFIED_TEST]["uuid"]), set(kept[MODIFIED_TRAIN]["uuid"])
+    drawn = set(splits[MODIFIED_TEST]["uuid"])
+    if len(drawn) != job.m or tested != drawn or trained != drawn:
+        raise ValueError(
+            f"{job.benchmark} was asked for m={job.m} modified facts and has {len(tested & trained)} this model can be "
+            f"trained and tested on ({len(drawn)} drawn; {len(drawn - tested)} lost a test phrasing and "
+            f"{len(drawn - trained)} every training phrasing to the tokenizer). Report it: encodability is checked "
+            "before drawing, so this should not happen."
+        )
+    if job.max_unmodified_eval is not None:
+        facts = sorted(set(kept[UNMODIFIED_TEST]["uuid"]))
+        if len(facts) > job.max_unmodified_eval:
+            sample = set(random.Random(job.benchmark_seed).sample(facts, job.max_unmodified_eval))
+            kept[UNMODIFIED_TEST] = kept[UNMODIFIED_TEST].select(
+                [i for i, uuid in enumerate(kept[UNMODIFIED_TEST]["uuid"]) if uuid in sample])
     return datasets.DatasetDict(kept)
 
 
 def holdout(split: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(validation, test): a deterministic share of the facts, chosen by a seeded hash of their uuid."""
-    def score(uuid: str) -> str:
-        return hashlib.sha256(f"{seed}:{uuid}".encode()).hexdigest()
-
-    ranked = sorted(range(len(split)), key=lambda i: score(split[i]["uuid"]))
-    cut = round(fraction * len(split))
-    return split.select(sorted(ranked[:cut])), split.select(sorted(ranked[cut:]))
-
-
+    """(validation, test): the rows whose subject's seeded hash share (`hash_share`) is below `fraction`, and the
+    others. So the halves are disjoint by fact and by subject, a fact's questions all on one side, and a fact's side
+    does not depend on which other facts are present."""
+    validation = [hash_share(subject, seed, "validation") < fraction for subject in split["subject"]]
+    return (split.select([i for i, v in enumerate(validation) if v]),
+            split.select([i for i, v in enumerate(validation) if not v]))

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .job_config import JobConfig
 
 
-VALIDATION, TEST = "validation", "test"  # the two halves of the unmodified test facts
+VALIDATION, TEST = "validation", "test"  # the two halves of the facts, cut by subject (grid.validation_views)
 
 
 def best(rows: list[dict], by: str, min_retention: float | None = None) -> dict:
@@ -84,7 +84,8 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
     lines = [
         f"# Sweep: {job.model_name_or_path}, {job.benchmark} m={job.m}, setting {job.setting}",
         "",
-        f"Locality measured on {locality.describe()}, split into validation and test halves. "
+        f"Locality measured on {locality.describe()}; these and the modified facts split by subject into validation "
+        "and test halves. "
         f"A pick is {pick_rule(job.pick_min_retention)}. {known_facts_note(rows)}",
         shared_settings(args),
         "",

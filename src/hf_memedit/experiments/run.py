@@ -15,7 +15,7 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import model_kind
-from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
+from ..benchmarks.common import CONSISTENCY, MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from ..edit_config import EditConfig, constraint_record
 from ..edit_trainer import ConstrainedEditTrainer
 from ..evaluation.metrics import (
@@ -41,6 +41,7 @@ from .settings import (
     preservation_neighbours,
     preservation_texts,
     preserve_objective,
+    refuse_pick_on_test,
     starting_model,
 )
 
@@ -53,12 +54,14 @@ class RunOutcome:
 
 
 def run_edit(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None, splits: datasets.DatasetDict | None = None) -> RunOutcome:
-    """Load, build the benchmark, start (FTM / FT / RI), evaluate before, edit, evaluate after, write the run folder."""
+    """Load, start (FTM / FT / RI), build the benchmark on that θ0, evaluate before, edit, evaluate after, write the
+    run folder. `splits`, when given, are the benchmark as `prepare_benchmark` makes it for this setting's θ0."""
     if job.setting == "knn":
         raise ValueError(
             "setting 'knn' trains nothing and needs its ε chosen on validation facts: run `memedit sweep` "
             "(an ε sweep) or `memedit compare` with it."
         )
+    refuse_pick_on_test(args)
     resume = resume_target(args.resume_from_checkpoint)
     with claim_run_folder(args.output_dir, args.overwrite_output_dir, resuming=resume is not None,
                           lock=PartialState().is_main_process):
@@ -80,11 +83,12 @@ def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapp
     start = time.perf_counter()
     if model is None:
         model, tokenizer = load_model_and_tokenizer(job)
+    model = starting_model(model, tokenizer, job, args)
     if splits is None:
         splits = prepare_benchmark(job, model, tokenizer)
-    model = starting_model(model, tokenizer, splits, job, args)
     splits, locality = locality_split(splits, job, args)
-    eval_splits = datasets.DatasetDict({k: splits[k] for k in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST)})
+    eval_splits = datasets.DatasetDict({k: splits[k] for k in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST, CONSISTENCY)
+                                        if k in splits})
     if job.setting == "ft":  # nothing to edit: report what FT reached
         results = evaluate_splits(model, tokenizer, eval_splits, batch_size=args.per_device_eval_batch_size, show_progress=True)
         return _finish(job, args, model, edit_metrics(eval_splits, results), [], [], None, start, locality)

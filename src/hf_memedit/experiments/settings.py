@@ -15,8 +15,9 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import model_kind
+from ..benchmarks import benchmark_facts
 from ..benchmarks.common import MODIFIED_TRAIN, UNMODIFIED_TRAIN
-from ..collators import PLACEHOLDER
+from ..collators import PLACEHOLDER, FactEncoder, filter_encodable
 from ..edit_config import EditConfig
 from ..edit_trainer import ConstrainedEditTrainer
 from ..io import atomic_write_text
@@ -38,18 +39,31 @@ def random_init(model: PreTrainedModel, seed: int) -> PreTrainedModel:
     return type(model)(model.config).to(model.device)
 
 
-def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset], job: JobConfig,
-             args: EditConfig, reuse_only: bool = False) -> PreTrainedModel:
-    """FT: unconstrained fine-tuning on the unmodified facts' evidence, saved to `ft_dir` and reused.
+def ft_evidence(job: JobConfig, tokenizer: PreTrainedTokenizerBase, kind: str) -> datasets.Dataset:
+    """FT's training data: the training evidence of every fact of the benchmark with its own object, the benchmark
+    before any modification (the paper's FT: "fine-tune on the unmodified T-REx dataset", after which it reports
+    accuracy on all facts). So FT does not depend on which facts are modified, and `modify_known` can judge the FT
+    model, which is the one the edit starts from."""
+    facts = benchmark_facts(job.benchmark, job.data_dir, job.benchmark_seed, **(job.benchmark_options or {}))
+    rows, _ = filter_encodable([{"text": text, "object": f.object} for f in facts for text in f.train_texts],
+                               FactEncoder(tokenizer, kind))
+    if not rows:
+        raise ValueError(f"FT needs training evidence, and {job.benchmark} has none this tokenizer can encode.")
+    return datasets.Dataset.from_list(list(rows))
+
+
+def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, job: JobConfig, args: EditConfig,
+             reuse_only: bool = False) -> PreTrainedModel:
+    """FT: unconstrained fine-tuning on every fact's evidence (`ft_evidence`), saved to `ft_dir` and reused.
     `reuse_only` (evaluation): the saved FT model of these inputs, or a clear error; nothing is trained or written."""
     folder = job.ft_dir or os.path.join(args.output_dir, "ft")
+    evidence = ft_evidence(job, tokenizer, model_kind(model))
     key = {
         "model": job.model_name_or_path, "gguf_file": job.gguf_file, "revision": job.revision,
-        "benchmark": job.benchmark, "m": job.m, "benchmark_seed": job.benchmark_seed,
-        "benchmark_options": job.benchmark_options, "ft_blocks": job.ft_blocks, "ft_learning_rate": job.ft_learning_rate,
-        "ft_epochs": job.ft_epochs, "seed": args.seed, "n_unmodified_train": len(splits[UNMODIFIED_TRAIN]),
+        "benchmark": job.benchmark, "data_dir": job.data_dir, "benchmark_seed": job.benchmark_seed,
+        "benchmark_options": job.benchmark_options, "n_evidence": len(evidence), "ft_blocks": job.ft_blocks,
+        "ft_learning_rate": job.ft_learning_rate, "ft_epochs": job.ft_epochs, "seed": args.seed,
         "batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-        "modify_known": job.modify_known,
     }
     marker = os.path.join(folder, FT_MARKER)
     if os.path.isfile(marker):
@@ -64,14 +78,12 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits:
     if reuse_only:
         raise ValueError(f"Setting {job.setting!r} edits an FT model, and {folder} holds none: give the run's ft_dir "
                          "(by default <output_dir>/ft of the run), or run `memedit edit` first.")
-    if len(splits[UNMODIFIED_TRAIN]) == 0:
-        raise ValueError("FT needs unmodified training evidence, and the benchmark has none.")
     ft_args = dataclasses.replace(
         args, output_dir=os.path.join(folder, "trainer"), edit_blocks=list(job.ft_blocks), norm="none", delta=None,
         learning_rate=job.ft_learning_rate, num_train_epochs=job.ft_epochs, max_steps=-1,
         eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
     )
-    trainer = ConstrainedEditTrainer(model, ft_args, train_dataset=splits[UNMODIFIED_TRAIN], processing_class=tokenizer)
+    trainer = ConstrainedEditTrainer(model, ft_args, train_dataset=evidence, processing_class=tokenizer)
     trainer.train()
     model = trainer.edit_model.merge_and_unload()
     if PartialState().is_main_process:
@@ -82,14 +94,22 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits:
     return model
 
 
-def starting_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset], job: JobConfig,
-                   args: EditConfig, reuse_only: bool = False) -> PreTrainedModel:
-    """The model the edit starts from in this setting (θ0); `reuse_only`: FT is read back, never trained."""
+def starting_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, job: JobConfig, args: EditConfig,
+                   reuse_only: bool = False) -> PreTrainedModel:
+    """The model the edit starts from in this setting (θ0): built before the benchmark's facts are drawn, so
+    `modify_known` judges θ0; `reuse_only`: FT is read back, never trained."""
     if job.setting in FT_SETTINGS:
-        return finetune(model, tokenizer, splits, job, args, reuse_only)
+        return finetune(model, tokenizer, job, args, reuse_only)
     if job.setting == "ri+ftm":
         return random_init(model, args.seed)
     return model
+
+
+def refuse_pick_on_test(args: EditConfig) -> None:
+    """A run's eval_dataset is the benchmark's test facts: a checkpoint picked on them is a model picked on test."""
+    if args.load_best_model_at_end:
+        raise ValueError("load_best_model_at_end would pick a checkpoint by its score on the test facts (the run's "
+                         "eval_dataset): leave it off, and pick δ and blocks on the validation half with memedit sweep.")
 
 
 def drift_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: EditConfig) -> list[list[int]] | None:
