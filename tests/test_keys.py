@@ -160,8 +160,8 @@ def test_an_unconverged_dykstra_still_ends_in_both_sets(norm, kind):
 
 def test_nullspace_by_kept_energy_and_bad_thresholds():
     moment = torch.diag(torch.tensor([10.0, 1.0, 0.1, 0.001], dtype=torch.float64))
-    assert round(float(nullspace_projector(moment, energy=0.99).trace())) == 2  # 0.1 + 0.001 ≤ 1% of 11.101
-    assert round(float(nullspace_projector(moment, threshold=0.5).trace())) == 2
+    assert nullspace_projector(moment, energy=0.99).dimensions == 2  # 0.1 + 0.001 ≤ 1% of 11.101
+    assert nullspace_projector(moment, threshold=0.5).dimensions == 2
     for bad in (0.0, -1e-2):
         with pytest.raises(ValueError, match="nullspace_threshold"):
             nullspace_projector(moment, threshold=bad)
@@ -292,7 +292,7 @@ def test_dykstra_agrees_with_a_long_float64_reference(norm, scope, delta, seed):
     def ball(step):
         return step.clamp(-delta, delta) if norm == "linf" else step * min(1.0, delta / step.norm().item())
 
-    expected = _long_dykstra(y, theta0, ball, key_projector.projectors["w"])
+    expected = _long_dykstra(y, theta0, ball, key_projector.projectors["w"].matrix())
     assert projector.dykstra_converged
     assert (param.detach() - expected).norm() <= 1e-4 * (y - expected).norm()
     assert projector.distance() <= delta * (1 + 1e-12)
@@ -326,7 +326,7 @@ def test_the_pull_in_scales_each_tensor_by_its_own_ratio():
     theta0 = {name: torch.randn(4, 8, dtype=torch.float64) for name in ("a", "b")}
     key_projector = KeyProjector("nullspace", dict.fromkeys(theta0, moment), dict.fromkeys(theta0, ("layer", False)),
                                  list(theta0), theta0, threshold=1e-8)
-    inside = torch.randn(4, 8, dtype=torch.float64) @ key_projector.projectors["a"]
+    inside = torch.randn(4, 8, dtype=torch.float64) @ key_projector.projectors["a"].matrix()
     inside *= 0.05 / inside.abs().max()
     params = {"a": torch.nn.Parameter(theta0["a"] + inside), "b": torch.nn.Parameter(theta0["b"] + torch.randn(4, 8, dtype=torch.float64))}
     projector = NormBallProjector(params, theta0, "linf", 0.1, keys=key_projector, iterations=1)
@@ -349,3 +349,16 @@ def test_the_output_projection_holds_for_bfloat16_values(seed):
         project_output_(param, theta0, values, vectors, radius)
         step = param.double() - theta0.double()
         assert torch.trace(step @ moment @ step.T).item() <= radius * (1 + 1e-12), trial
+
+
+@pytest.mark.parametrize("energy", [0.05, 0.5, 0.99])
+def test_the_factored_null_space_is_the_projector(energy):
+    """Kept or removed directions, whichever is thinner: (ΔW Û) Ûᵀ or ΔW − (ΔW Ṽ) Ṽᵀ equals ΔW ÛÛᵀ."""
+    moment = _moment(12, 5)
+    nullspace = nullspace_projector(moment, energy=energy)
+    values, vectors = torch.linalg.eigh(moment)
+    keep = values.clamp(min=0).cumsum(0) <= (1 - energy) * values.clamp(min=0).sum()
+    kept = vectors[:, keep]
+    assert nullspace.dimensions == int(keep.sum()) and nullspace.basis.shape[1] <= 6
+    step = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(nullspace.apply(step), step @ kept @ kept.T, rtol=0, atol=1e-12)

@@ -9,7 +9,7 @@ information at θ0 (see `hf_memedit.fisher`).
 
 Key constraints, on the second moment C = E[k kᵀ] of each edited linear layer's inputs
 (`hf_memedit.keys`); parameters of the edited modules that have no keys (biases, norms) stay at θ0:
-- `nullspace` (AlphaEdit): ΔW = ΔW P with P = ÛÛᵀ, Û the eigenvectors of C with eigenvalue below
+- `nullspace` (AlphaEdit): ΔW = ΔW P with P = ÛÛᵀ (applied through its thinner factor), Û the eigenvectors of C with eigenvalue below
   `nullspace_threshold` (or outside a kept-energy fraction): exact, a linear subspace.
 - `output`: E‖ΔW k‖² = tr(ΔW C ΔWᵀ) ≤ ρ·tr(W0 C W0ᵀ) per layer, projected exactly in C's eigenbasis
   by the same 1-D multiplier search as the Fisher ellipsoid.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -182,16 +183,43 @@ def linf_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch
     return float(all_reduce_(largest, params.values(), dist.ReduceOp.MAX))
 
 
-def nullspace_projector(moment: torch.Tensor, threshold: float | None = 2e-2, energy: float | None = None) -> torch.Tensor:
-    """P = ÛÛᵀ (float64) onto the eigen-directions of C below `threshold`, or, with `energy`, onto the
-    smallest ones that hold at most a 1 − energy share of C's trace (so `energy` of it is removed)."""
+@dataclass(frozen=True)
+class NullSpace:
+    """The subspace an update's rows may use: P = ÛÛᵀ, kept as its thinner factor. With k of n directions kept,
+    ΔW P is applied as (ΔW Û) Ûᵀ when k ≤ n / 2, else as ΔW − (ΔW Ṽ) Ṽᵀ with Ṽ the n − k removed ones: two thin
+    products instead of one [n, n] one (removing 70% of the keys' energy takes few directions)."""
+
+    basis: torch.Tensor  # [n, j] float64, orthonormal: the kept directions, or the removed ones (`complement`)
+    complement: bool
+
+    @property
+    def dimensions(self) -> int:
+        """How many input directions an update may use."""
+        n, j = self.basis.shape
+        return n - j if self.complement else j
+
+    def apply(self, step: torch.Tensor) -> torch.Tensor:
+        """ΔW P for ΔW [out, n]."""
+        basis = self.basis.to(step.device)
+        thin = (step @ basis) @ basis.T
+        return step - thin if self.complement else thin
+
+    def matrix(self) -> torch.Tensor:
+        """P itself, [n, n] (for analysis and tests: `apply` never forms it)."""
+        return self.apply(torch.eye(self.basis.shape[0], dtype=self.basis.dtype))
+
+
+def nullspace_projector(moment: torch.Tensor, threshold: float | None = 2e-2, energy: float | None = None) -> NullSpace:
+    """The subspace of the eigen-directions of C below `threshold`, or, with `energy`, of the smallest ones that hold
+    at most a 1 − energy share of C's trace (so `energy` of it is removed)."""
     values, vectors = torch.linalg.eigh(moment.double())
     if energy is not None:
         keep = values.clamp(min=0).cumsum(0) <= (1 - energy) * values.clamp(min=0).sum()
     else:
         keep = values < validate_delta(threshold, "nullspace_threshold")
-    basis = vectors[:, keep]
-    return basis @ basis.T
+    kept = int(keep.sum())
+    complement = kept > len(values) / 2
+    return NullSpace(vectors[:, ~keep if complement else keep].contiguous(), complement)
 
 
 def _step(param: torch.Tensor, theta0: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -205,9 +233,9 @@ def _write(param: torch.Tensor, theta0: torch.Tensor, step: torch.Tensor, transp
 
 
 @torch.no_grad()
-def project_nullspace_(param: torch.Tensor, theta0: torch.Tensor, projector: torch.Tensor, transposed: bool = False) -> None:
-    """ΔW ← ΔW P: the nearest update whose output on every preserved key is unchanged (P from `nullspace_projector`)."""
-    _write(param, theta0, _step(param, theta0, transposed) @ projector.to(param.device), transposed)
+def project_nullspace_(param: torch.Tensor, theta0: torch.Tensor, nullspace: NullSpace, transposed: bool = False) -> None:
+    """ΔW ← ΔW P: the nearest update whose output on every preserved key is unchanged (`nullspace_projector`)."""
+    _write(param, theta0, nullspace.apply(_step(param, theta0, transposed)), transposed)
 
 
 def output_radius(theta0: torch.Tensor, moment: torch.Tensor, rho: float, transposed: bool = False) -> float:
@@ -264,7 +292,7 @@ class KeyProjector:
         if matrices:  # e.g. a mixture of experts' fused tensors: not a linear layer, so no keys of its own
             logger.warning("key_constraint %s: %d trained tensors are not the weights of a linear layer (%s, ...) and stay "
                            "at θ0; edit_modules can leave them out.", kind, len(matrices), matrices[0])
-        self.projectors: dict[str, torch.Tensor] = {}
+        self.projectors: dict[str, NullSpace] = {}
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for name, (_, transposed) in self.layers.items():
             if kind == "nullspace":
@@ -275,7 +303,7 @@ class KeyProjector:
 
     def kept_dimensions(self) -> dict[str, int]:
         """nullspace: per layer, how many input directions an update may still use."""
-        return {name: int(round(float(p.trace()))) for name, p in self.projectors.items()}
+        return {name: nullspace.dimensions for name, nullspace in self.projectors.items()}
 
     @torch.no_grad()
     def project_(self, params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> None:
