@@ -392,7 +392,8 @@ def _csv_rows(path: str) -> Rows:
 
 
 def _dataset_rows(source: str, split: str | None) -> Rows:
-    """The rows of a dataset folder or Hub dataset, streamed (nothing is cached before the records are checked)."""
+    """The rows of a dataset folder or Hub dataset, streamed (no arrow cache is written before the records are
+    checked)."""
     try:
         loaded = datasets.load_dataset(source, split=split, streaming=True)
         if isinstance(loaded, datasets.IterableDatasetDict):
@@ -428,6 +429,8 @@ def _rows(source, split: str | None) -> tuple[str, Rows]:
                                  f"it holds, {', '.join(FILE_TYPES)}.")
         return path, readers[extension](path)
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        if split is not None:
+            raise FactsFileError(f"split={split!r} chooses a split of a dataset folder or Hub dataset, not of a list.")
         return "the records given", ((f"record {number}", row) for number, row in enumerate(source, 1))
     raise FactsFileError(f"facts must be a file, a dataset folder, a Hub dataset id or a list of records, not "
                          f"{type(source).__name__}.")
@@ -565,10 +568,15 @@ def fact_rows(records: Sequence[FactRecord], train_on_paraphrases: bool = False)
     return rows
 
 
+def _split(rows: list[dict]) -> datasets.Dataset:
+    """Rows as a split with the benchmarks' features, made by columns: an empty split keeps its columns."""
+    return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in FEATURES}, features=FEATURES)
+
+
 def facts_splits(records: Sequence[FactRecord], train_on_paraphrases: bool = False) -> datasets.DatasetDict:
     """`fact_rows` as a `DatasetDict` in memory (for records read from a list; `load_facts` caches a file's)."""
     rows = fact_rows(records, train_on_paraphrases)
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows[split], features=FEATURES) for split in FACT_SPLITS})
+    return datasets.DatasetDict({split: _split(rows[split]) for split in FACT_SPLITS})
 
 
 @dataclass
@@ -594,7 +602,8 @@ class FactsBuilder(datasets.GeneratorBasedBuilder):
             raise ValueError("FactsBuilder needs source=<facts file, dataset folder or Hub dataset id>.")
         records, _, _ = _read(self.config.source, self.config.source_split)
         rows = fact_rows(records, self.config.train_on_paraphrases)
-        return [datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]}) for split in FACT_SPLITS]
+        # `datasets` cannot load an empty generated split: those are left out here and made by `load_facts`
+        return [datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]}) for split in FACT_SPLITS if rows[split]]
 
     def _generate_examples(self, rows):
         for index, row in enumerate(rows):
@@ -613,6 +622,9 @@ def load_facts(
     """A facts file, dataset folder or Hub dataset id as benchmark-style splits (`fact_rows`), built by
     `FactsBuilder` and cached; the records are read and checked first (nothing is written when they are bad),
     and their hash keys the cache, so a changed file is never served from a stale one."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise FactsFileError("load_facts reads a file, a dataset folder or a Hub dataset id; records in memory "
+                             "become splits with facts_splits(read_facts(records)).")
     records = read_facts(source, split)
     path = os.fspath(source)
     digest = source_hash(sys.modules[__name__]) + records_hash(records)
@@ -621,7 +633,8 @@ def load_facts(
         source_split=split, train_on_paraphrases=train_on_paraphrases,
     )
     builder.download_and_prepare()
-    return builder.as_dataset()
+    built = builder.as_dataset()
+    return datasets.DatasetDict({split: built[split] if split in built else _split([]) for split in FACT_SPLITS})
 
 
 __all__ = [
