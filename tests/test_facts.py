@@ -160,6 +160,8 @@ def test_the_prompt_forms_give_one_template():
     assert inner.prompt == "[Y] is the capital of {}."
     assert inner.paraphrases == ["France's capital is [Y]", "The capital of France is [Y] ."]
     assert inner.keep == [KeepPrompt("Spain's capital is [Y]")]
+    cell = read_facts([{**GOOD, "paraphrases": "[Y] is the capital of {} | {} has its capital in", "keep": "[]"}])[0]
+    assert cell.paraphrases == ["[Y] is the capital of France", "France has its capital in [Y]"] and cell.keep == []
 
 
 def test_ids_come_from_the_file_else_from_the_fact():
@@ -264,6 +266,8 @@ BAD_FILES = [
      r"lacks\.json, record 2: lacks target: the file's first record is in flat format, which needs prompt, subject, target\."),
     ("lacks.csv", "prompt,subject,target\nThe capital of {} is,France,Rome\nThe capital of {} is,Spain\n",
      r"lacks\.csv, row 3: fewer cells than the header \(none for target\)"),
+    ("array.csv", 'prompt,subject,target,keep\nThe capital of {} is,France,Rome,"[""Spain\'s capital is"", ""x"""\n',
+     r"array\.csv, row 2: keep starts as a JSON array but is not one \(Expecting ',' delimiter\): fix it, or separate the items with \|\."),
     ("cells.csv", "prompt,subject,target\nThe capital of {} is,France,Rome,Paris\n", r"cells\.csv, row 2: more cells than the header's 3"),
     ("latin1.csv", "prompt,subject,target\nLa capitale de {} est,Côte d'Ivoire,Rome\n".encode("latin-1"), r"latin1\.csv: not UTF-8 text"),
     ("twice_marked.jsonl", json.dumps({**GOOD, "prompt": "{} is {} and [Y]"}), r"twice_marked\.jsonl, line 1: prompt '\{\} is \{\} and \[Y\]' marks the subject 2 times"),
