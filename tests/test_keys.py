@@ -362,3 +362,21 @@ def test_the_factored_null_space_is_the_projector(energy):
     assert nullspace.dimensions == int(keep.sum()) and nullspace.basis.shape[1] <= 6
     step = torch.randn(5, 12, dtype=torch.float64)
     torch.testing.assert_close(nullspace.apply(step), step @ kept @ kept.T, rtol=0, atol=1e-12)
+
+
+def test_the_models_samples_are_kept_by_model_and_draw(bpe_tokenizer, tmp_path, monkeypatch):
+    """A second run of the same model and draw reads the samples back (no sampling); another seed or another model
+    draws afresh."""
+    from hf_memedit import keys as keys_module
+    from hf_memedit.keys import model_samples
+
+    model = TINY["llama"](2, vocab=len(bpe_tokenizer))
+    first = model_samples(model, bpe_tokenizer, 3, 5, seed=0, cache_dir=str(tmp_path))
+    assert len(first) == 3 and all(len(sample) == 6 for sample in first)
+    drawn = []
+    draw = keys_module._draw_samples
+    monkeypatch.setattr(keys_module, "_draw_samples", lambda *a: drawn.append(a) or draw(*a))
+    assert model_samples(model, bpe_tokenizer, 3, 5, seed=0, cache_dir=str(tmp_path)) == first and not drawn
+    model_samples(model, bpe_tokenizer, 3, 5, seed=1, cache_dir=str(tmp_path))
+    model_samples(TINY["llama"](2, vocab=len(bpe_tokenizer), seed=1), bpe_tokenizer, 3, 5, seed=0, cache_dir=str(tmp_path))
+    assert len(drawn) == 2

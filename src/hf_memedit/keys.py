@@ -112,14 +112,32 @@ def corpus_hash(texts: Sequence[str] | None = None, spec: Mapping | None = None)
     return digest.hexdigest()[:32]
 
 
-@torch.no_grad()
 def model_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, count: int, length: int, seed: int,
-                  batch_size: int = 32) -> list[list[int]]:
+                  batch_size: int = 32, model_hash: str | None = None, cache_dir: str | None = None) -> list[list[int]]:
     """`count` seeded samples of `length` tokens from a causal LM, started at its BOS (or EOS) token, as token ids
-    (kept as ids: decoding and encoding again need not give the same tokens)."""
+    (kept as ids: decoding and encoding again need not give the same tokens).
+
+    The same model (`weights_hash`, pass it when known) and draw give the same samples: they are kept under
+    `cache_dir` (default HF_HOME/hf_memedit/samples) and read back, so a new run folder does not mean a new corpus.
+    """
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("The model's own samples need a BOS or EOS token to start from; give a text corpus instead.")
+    draw = {"model": model_hash or weights_hash(model), "start": start, "count": count, "length": length, "seed": seed,
+            "batch_size": batch_size}
+    name = hashlib.sha256(json.dumps(draw, sort_keys=True).encode()).hexdigest()[:24]
+    path = os.path.join(cache_dir or os.path.join(_hf_home(), "hf_memedit", "samples"), f"samples-{name}.safetensors")
+    if os.path.isfile(path):
+        logger.info("The model's samples read from %s.", path)
+        return load_tensors(path)["ids"].tolist()
+    samples = _draw_samples(model, start, count, length, seed, batch_size)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_tensors({"ids": torch.tensor(samples)}, path, metadata={"draw": json.dumps(draw, sort_keys=True)})
+    return samples
+
+
+@torch.no_grad()
+def _draw_samples(model: PreTrainedModel, start: int, count: int, length: int, seed: int, batch_size: int) -> list[list[int]]:
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     samples: list[list[int]] = []
@@ -214,7 +232,9 @@ def preserved_keys(
     if os.path.isfile(path):
         logger.info("Preserved keys read from %s.", path)
         return KeyStatistics.load(path, model_hash, list(layers), corpus)
-    corpus_items = texts if texts is not None else model_samples(model, tokenizer, spec["samples"], spec["length"], spec["seed"])
+    corpus_items = texts if texts is not None else model_samples(
+        model, tokenizer, spec["samples"], spec["length"], spec["seed"], model_hash=model_hash,
+        cache_dir=os.path.join(cache_dir, "samples") if cache_dir else None)
     moments, tokens = collect_keys(model, tokenizer, corpus_items, layers)
     stats = KeyStatistics(moments, tokens, model_hash, corpus)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
