@@ -207,7 +207,7 @@ def test_the_keys_cache_is_used_and_refused_for_another_model(tmp_path, bpe_toke
     cached = preserved_keys(model, bpe_tokenizer, names, None, spec, cache_dir=str(tmp_path / "cache"))
     assert torch.equal(cached.moments[names[0]], first.moments[names[0]])
     preserved_keys(other, bpe_tokenizer, names, None, spec, cache_dir=str(tmp_path / "cache"))
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(list((tmp_path / "cache" / "keys").iterdir())) == 2
     assert isinstance(KeyStatistics.load(path, first.model_hash, names, first.corpus_hash), KeyStatistics)
 
 
