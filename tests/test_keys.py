@@ -336,6 +336,23 @@ def test_the_pull_in_scales_each_tensor_by_its_own_ratio():
     assert float((params["b"].detach() - theta0["b"]).abs().max()) <= 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_box_after_dykstra_holds_for_the_stored_values_in_float64(dtype):
+    """L∞ ∩ null space in float32 and bfloat16: the pull-in measures |θ − θ0| on the stored values exactly (in their
+    own dtype the difference rounds, and a package's verification, in float64, found a hair outside δ)."""
+    generator = torch.Generator().manual_seed(0)
+    outside = 0
+    for trial in range(20):
+        moment = _moment(32, trial, rank=8)
+        theta0 = (torch.randn(16, 32, generator=generator) * 0.3).to(dtype)
+        key_projector = KeyProjector("nullspace", {"w": moment}, {"w": ("layer", False)}, ["w"], {"w": theta0},
+                                     energy=0.9)
+        param = torch.nn.Parameter((theta0.float() + torch.randn(16, 32, generator=generator) * 0.05).to(dtype))
+        NormBallProjector({"w": param}, {"w": theta0}, "linf", 0.01, keys=key_projector, iterations=3).project_()
+        outside += int((param.detach().double() - theta0.double()).abs().max() > 0.01)
+    assert outside == 0
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_the_output_projection_holds_for_bfloat16_values(seed):
     """The exact point, stored in bfloat16, can round outside tr(ΔW C ΔWᵀ) ≤ radius: the stored values are checked."""

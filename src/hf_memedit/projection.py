@@ -80,6 +80,23 @@ def frozen_by_resolution(theta0: torch.Tensor, delta: float) -> int:
 
 
 @torch.no_grad()
+def check_resolution(theta0: Mapping[str, torch.Tensor], delta: float) -> None:
+    """A δ below the stored dtype's resolution freezes weights silently: refuse it when nothing could move, say
+    how much when part of the selection cannot."""
+    stuck = sum(frozen_by_resolution(value, delta) for value in theta0.values())
+    if not stuck:
+        return
+    total = sum(value.numel() for value in theta0.values())
+    dtypes = sorted({str(value.dtype).replace("torch.", "") for value in theta0.values()})
+    what = (f"δ={delta:g} is below {'/'.join(dtypes)}'s resolution at the magnitude of {stuck:,d} of the "
+            f"{total:,d} selected weights ({stuck / total:.1%})")
+    if stuck == total:
+        raise ValueError(f"{what}: no weight can move, so the edit would change nothing. Raise delta, or load "
+                         "the model in float32 (torch_dtype: float32).")
+    logger.warning("%s: those stay at θ0. Raise delta, or load the model in float32 (torch_dtype: float32), to let "
+                   "them move.", what)
+
+
 def l2_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """||θ − θ0||₂ over all the given tensors together, accumulated in float64 (FSDP2 shards: one all-reduce)."""
     device = local(next(iter(params.values()))).device
@@ -177,8 +194,10 @@ def _shrink_into_ellipsoid_(params: Mapping[str, torch.Tensor], theta0: Mapping[
 
 @torch.no_grad()
 def linf_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> float:
-    """max |θ − θ0| over all the given tensors (one temporary per tensor: it is logged every few steps)."""
-    largest = torch.tensor([max(float((local(param) - local(theta0[name])).abs_().max()) for name, param in params.items())],
+    """max |θ − θ0| over all the given tensors, exact: the difference of the stored values in float64 (in their own
+    dtype it rounds, and a hair outside the box would read as on it, as a package's verification would not)."""
+    largest = torch.tensor([max(float((local(param).double() - local(theta0[name]).double()).abs_().max())
+                                for name, param in params.items())],
                            dtype=torch.float64, device=local(next(iter(params.values()))).device)
     return float(all_reduce_(largest, params.values(), dist.ReduceOp.MAX))
 
@@ -340,7 +359,9 @@ class NormBallProjector:
         keys: KeyProjector | None = None,
         iterations: int = 100,
         tolerance: float = 1e-6,
+        check_dtype: bool = True,
     ):
+        """`check_dtype=False` skips `check_resolution` (δ against θ0's dtype) for a caller that ran it already."""
         validate_constraint(norm, delta, l2_scope)
         missing = sorted(set(params) - set(theta0))
         if missing:
@@ -361,25 +382,8 @@ class NormBallProjector:
         self.dykstra_pull_in = 0.0
         self.dykstra_excess = 0.0  # how far outside the ball the last Dykstra iterate lay, before the pull-in
         self.capped_projections = 0  # projections whose Dykstra run ended on the iteration cap
-        if norm == "linf":
-            self._check_resolution()
-
-    def _check_resolution(self) -> None:
-        """A δ below the stored dtype's resolution freezes weights silently: refuse it when nothing could
-        move, say how much when part of the selection cannot."""
-        frozen = {name: frozen_by_resolution(self.theta0[name], self.delta) for name in self.params}
-        total = sum(t.numel() for t in self.theta0.values())
-        stuck = sum(frozen.values())
-        if not stuck:
-            return
-        dtypes = sorted({str(self.theta0[n].dtype).replace("torch.", "") for n in self.params})
-        what = (f"δ={self.delta:g} is below {'/'.join(dtypes)}'s resolution at the magnitude of {stuck:,d} of the "
-                f"{total:,d} selected weights ({stuck / total:.1%})")
-        if stuck == total:
-            raise ValueError(f"{what}: no weight can move, so the edit would change nothing. Raise delta, or load "
-                             "the model in float32 (torch_dtype: float32).")
-        logger.warning("%s: those stay at θ0. Raise delta, or load the model in float32 (torch_dtype: float32), to "
-                       "let them move.", what)
+        if norm == "linf" and check_dtype:
+            check_resolution(self.theta0, delta)
 
     def rebind(self, params: Mapping[str, torch.nn.Parameter]) -> None:
         """Project these parameters from now on (the same names): after FSDP2's `fully_shard` replaced them
@@ -479,6 +483,8 @@ class NormBallProjector:
                 for name, param in group.items():
                     start, values = local(theta0[name]), local(param)
                     values.copy_(start + (values - start) * scale)
+                if self.norm == "linf":  # the scaled values round to the dtype: the box holds them exactly (a hair
+                    self._project_ball(count=False)  # off the key set, which no dtype holds exactly anyway)
         if self.excess() > 0:
             logger.warning("The projection onto the ball ∩ key set stopped %.3g outside the ball.", self.excess())
 
