@@ -20,8 +20,8 @@ from hf_memedit.checkpointing import PARAMS_NAME, THETA0_NAME, last_complete_che
 from hf_memedit.cli import main, parse
 from hf_memedit.experiments import JobConfig
 from hf_memedit.experiments.points import POINTS, GridPoint, load_points, open_points, save_points
+from hf_memedit.files import atomic_directory, atomic_write_text, save_tensors, tensor_sha256
 from hf_memedit.hub import apply_edit, package_edit, revert_edit
-from hf_memedit.io import atomic_directory, atomic_write_text, save_tensors, tensor_sha256
 from hf_memedit.model import WEIGHTS_NAME
 from hf_memedit.run_folder import RUN_MANIFEST, begin_outputs, claim_run_folder
 
@@ -228,7 +228,7 @@ def _edit_process(args: list[str], kill_at: int | None = None, tmp_path=None) ->
 
 
 def _edit_hashes(run: Path) -> dict[str, str]:
-    from hf_memedit.io import load_tensors
+    from hf_memedit.files import load_tensors
 
     return {name: tensor_sha256(value) for name, value in load_tensors(run / "edit" / WEIGHTS_NAME).items()}
 

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from .architectures import architecture_config
 from .blocks import BlockSelectorConfig, selected_parameter_names
-from .io import edit_folder, save_tensors, tensor_sha256
+from .files import edit_folder, save_tensors, tensor_sha256
 from .sharding import like, whole
 
 

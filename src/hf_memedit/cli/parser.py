@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import json
 import os
 import re
@@ -135,11 +134,6 @@ def yaml_to_argv(path: str) -> tuple[list[str], dict[str, None]]:
     return argv, nulls
 
 
-def parse(command: str, argv: list[str]) -> tuple[JobConfig, EditConfig, argparse.Namespace]:
-    """`memedit <command>`'s parser (its module's `make_parser()`) applied to `argv`."""
-    return importlib.import_module(f"{__package__}.{command}").make_parser().parse_args_and_config(argv)
-
-
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
 
 
@@ -153,8 +147,6 @@ def _join_negative_values(argv: list[str]) -> list[str]:
         else:
             joined.append(token)
     return joined
-
-
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from ..io import atomic_write_text, read_json
+from ..files import atomic_write_text, read_json
 
 
 RESULTS_JSON = "results.json"

@@ -11,7 +11,7 @@
 """
 
 from .compare import run_compare
-from .evaluate import run_eval
+from .eval_run import run_eval
 from .grid import GridRunner, run_sweep
 from .job_config import COMPARE_METHODS, FT_SETTINGS, FTA_SETTINGS, MODEL_KINDS, SETTINGS, JobConfig
 from .loading import holdout, load_config, load_model_and_tokenizer, load_run_base, prepare_benchmark

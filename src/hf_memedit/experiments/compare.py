@@ -37,7 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..edit_config import EditConfig
 from ..evaluation.results import format_metric, format_percent, format_versions, plotting
-from ..io import atomic_write_text, read_json
+from ..files import atomic_write_text, read_json
 from ..preservation import Locality
 from ..run_folder import claim_run_folder
 from .grid import GridRunner

@@ -18,7 +18,7 @@ from ..benchmarks import load_benchmark
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, hash_share
 from ..collators import FactEncoder, filter_encodable
 from ..evaluation.results import ResultsRecord
-from ..io import looks_like_path
+from ..files import looks_like_path
 from ..packaged import PACKAGED_MODELS
 from .job_config import FT_SETTINGS, JobConfig
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..benchmarks.common import data_fingerprint
-from ..io import atomic_write_text, read_json
+from ..files import atomic_write_text, read_json
 
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..edit_config import EditConfig
 from ..evaluation.results import format_metric, format_percent, format_versions, plotting
-from ..io import atomic_write_text
+from ..files import atomic_write_text
 from .points import point_of
 
 

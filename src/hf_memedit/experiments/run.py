@@ -28,7 +28,7 @@ from ..evaluation.metrics import (
 )
 from ..evaluation.results import ResultsRecord
 from ..evaluation.scoring import answer_matches
-from ..io import atomic_directory, atomic_write_text
+from ..files import atomic_directory, atomic_write_text
 from ..preservation import Locality, known_evidence, neighbour_risk
 from ..run_folder import begin_outputs, claim_run_folder, seal_run
 from ..sharding import is_sharded

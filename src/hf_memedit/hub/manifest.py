@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_write_text, file_sha256, tensor_sha256
+from ..files import atomic_write_text, file_sha256, tensor_sha256
 
 
 MANIFEST_NAME = "memedit_manifest.json"
