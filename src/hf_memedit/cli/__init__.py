@@ -44,6 +44,10 @@ def parse(command: str, argv: list[str]) -> tuple[JobConfig, EditConfig, argpars
     return _module(command).make_parser().parse_args_and_config(argv)
 
 
+def _run(command: str, rest: list[str]) -> None:
+    _module(command).main(rest)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     exit_with: tuple = ()  # sys.exit's argument, when the command did not end normally
     try:
-        _module(command).main(rest)
+        _run(command, rest)
     except ONE_LINE_ERRORS as error:  # bad input, a missing file, no network: one line, no traceback
         exit_with = (f"memedit {command}: error: {_describe(error)}",)
     except SystemExit as error:  # --help, a usage error

@@ -1,6 +1,6 @@
-"""The one parser of every `memedit` command: `HfArgumentParser` over JobConfig's groups + `EditConfig` that reads
-a YAML (`--config`, with `base_config` inheritance) and the command line over it, as TRL's `TrlParser` does,
-and whose errors are one line."""
+"""The one parser of every `memedit` command: `HfArgumentParser` over JobConfig's groups, the compare methods'
+arguments and `EditConfig`, that reads a YAML (`--config`, with `base_config` inheritance) and the command line over
+it, as TRL's `TrlParser` does, and whose errors are one line."""
 
 from __future__ import annotations
 
@@ -20,15 +20,19 @@ from transformers import HfArgumentParser
 from ..edit_config import EditConfig
 from ..experiments import JobConfig
 from ..experiments.job_config import GROUPS
+from ..experiments.methods import ARGUMENTS, method_arguments
+
+
+DATACLASSES = (*GROUPS, *ARGUMENTS, EditConfig)  # what a command line and a YAML set, in --help's order
 
 
 class MemeditParser(HfArgumentParser):
-    """`HfArgumentParser` over JobConfig's groups + `EditConfig` with `--config`: the YAML (and its
-    `base_config` chain) under the command line, as TRL's `TrlParser`; errors are one line."""
+    """`HfArgumentParser` over JobConfig's groups, the methods' arguments and `EditConfig` with `--config`: the YAML
+    (and its `base_config` chain) under the command line, as TRL's `TrlParser`; errors are one line."""
 
     def __init__(self, command: str, description: str):
         super().__init__(
-            (*GROUPS, EditConfig), prog=f"memedit {command}", description=description,
+            DATACLASSES, prog=f"memedit {command}", description=description,
             epilog="Every option can also be a key of the --config YAML; the command line wins.",
         )
         self.add_argument("--config", default=None, help="YAML file of options (see trainer_configs/).")
@@ -50,14 +54,16 @@ class MemeditParser(HfArgumentParser):
             yaml_argv, nulls = yaml_to_argv(known.config)
             self.set_defaults(**nulls)
         *groups, args, extra = self.parse_args_into_dataclasses(yaml_argv + argv)
-        return JobConfig.from_groups(*groups), args, extra
+        arguments = groups[len(GROUPS):]
+        job = JobConfig.from_groups(*groups[:len(GROUPS)],
+                                    method_args={f.name: getattr(a, f.name) for a in arguments for f in fields(a)})
+        method_arguments(job)  # what only the methods can check (compare_deltas' keys), before anything loads
+        return job, args, extra
 
 
 def _field_types() -> dict[str, Any]:
     # The declared hints, not `field.type`: HfArgumentParser rewrites the latter (dict | str -> str).
-    return {
-        f.name: typing.get_type_hints(cls)[f.name] for cls in (JobConfig, EditConfig) for f in fields(cls) if f.init
-    }
+    return {f.name: typing.get_type_hints(cls)[f.name] for cls in DATACLASSES for f in fields(cls) if f.init}
 
 
 def _accepts(annotation: Any, kind: type) -> bool:

@@ -1,12 +1,11 @@
-"""One run of the main job: load, build the benchmark, start (FTM / FT / RI), evaluate before, edit,
-evaluate after, and write the run folder as one whole."""
+"""One run of the main job (`memedit edit`): from its θ0 (`Theta0Context`: loaded, started as FTM / FT / RI, the
+benchmark drawn on it), evaluate before, edit, evaluate after, and write the run folder as one whole."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,21 +28,11 @@ from ..evaluation.metrics import (
 from ..evaluation.results import ResultsRecord
 from ..evaluation.scoring import answer_matches
 from ..files import atomic_directory, atomic_write_text
-from ..preservation import Locality, known_evidence, neighbour_risk
 from ..run_folder import begin_outputs, claim_run_folder, seal_run
 from ..sharding import is_sharded
+from .context import GivenFacts, Theta0Context
 from .job_config import FT_SETTINGS, JobConfig
-from .loading import load_model_and_tokenizer, prepare_benchmark
-from .settings import (
-    drift_samples,
-    edit_train_dataset,
-    locality_split,
-    preservation_neighbours,
-    preservation_texts,
-    preserve_objective,
-    refuse_pick_on_test,
-    starting_model,
-)
+from .settings import refuse_pick_on_test
 
 
 @dataclass
@@ -65,7 +54,9 @@ def run_edit(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = N
     resume = resume_target(args.resume_from_checkpoint)
     with claim_run_folder(args.output_dir, args.overwrite_output_dir, resuming=resume is not None,
                           lock=PartialState().is_main_process):
-        return _run_edit(job, args, model, tokenizer, splits, resume)
+        start = time.perf_counter()
+        context = Theta0Context(job, args, model, tokenizer, GivenFacts(splits) if splits is not None else None)
+        return _run_edit(context, resume, start)
 
 
 def resume_target(value: str | bool | None) -> str | bool | None:
@@ -79,38 +70,26 @@ def resume_target(value: str | bool | None) -> str | bool | None:
     return value
 
 
-def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset], resume) -> RunOutcome:
-    start = time.perf_counter()
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(job)
-    model = starting_model(model, tokenizer, job, args)
-    if splits is None:
-        splits = prepare_benchmark(job, model, tokenizer)
-    splits, locality = locality_split(splits, job, args)
+def _run_edit(context: Theta0Context, resume: str | bool | None, start: float) -> RunOutcome:
+    args, model, tokenizer, splits = context.args, context.model, context.tokenizer, context.splits
     eval_splits = datasets.DatasetDict({k: splits[k] for k in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST, CONSISTENCY)
                                         if k in splits})
-    if job.setting == "ft":  # nothing to edit: report what FT reached
-        results = evaluate_splits(model, tokenizer, eval_splits, batch_size=args.per_device_eval_batch_size, show_progress=True)
-        return _finish(job, args, model, edit_metrics(eval_splits, results), [], [], None, start, locality)
-    objective = preserve_objective(job, args)
-    known = known_evidence(model, tokenizer, splits[UNMODIFIED_TRAIN], args.per_device_eval_batch_size) if objective == "answers" else None
-    risk = None
-    if objective != "none" and args.preserve_risk > 0:
-        risk = neighbour_risk(model, tokenizer, preservation_neighbours(splits, objective, known), splits[MODIFIED_TRAIN],
-                              args.per_device_eval_batch_size)
-    train_dataset, train_args = edit_train_dataset(splits, objective, args, known, risk)
+    if context.job.setting == "ft":  # nothing to edit: report what FT reached
+        results = evaluate_splits(model, tokenizer, eval_splits, batch_size=context.batch_size, show_progress=True)
+        return _finish(context, edit_metrics(eval_splits, results), [], [], None, start)
+    train_dataset, train_args = context.train_set(args)
     trainer = ConstrainedEditTrainer(
         model, train_args, train_dataset=train_dataset, eval_dataset=eval_splits, processing_class=tokenizer,
-        fisher_dataset=splits[UNMODIFIED_TRAIN], preserve_texts=preservation_texts(splits),
+        fisher_dataset=splits[UNMODIFIED_TRAIN], preserve_texts=context.preservation_texts(),
     )
-    held_out = drift_samples(model, tokenizer, args)
-    generated_before = generate_splits(model, tokenizer, eval_splits, args.per_device_eval_batch_size) if args.generation_eval else None
+    held_out = context.drift_samples()
+    generated_before = context.generated_before("run", eval_splits)
     trainer.train(resume_from_checkpoint=resume)
     results = trainer.fact_results(eval_splits)
     metrics = edit_metrics(eval_splits, results, trainer.before_edit, tokenizer, trainer.kind)
     generated = None
     if generated_before is not None:
-        generated = generate_splits(trainer.edit_model.model, tokenizer, eval_splits, args.per_device_eval_batch_size)
+        generated = generate_splits(trainer.edit_model.model, tokenizer, eval_splits, context.batch_size)
         metrics.update(generation_metrics(eval_splits, generated, generated_before))
     if held_out is not None:
         metrics.update(next_token_drift(trainer.edit_model.model, tokenizer, held_out, trainer.at_theta0))
@@ -124,14 +103,16 @@ def _run_edit(job, args, model, tokenizer: PreTrainedTokenizerBase, splits: Mapp
         for example, answer in zip(examples, generated.get(MODIFIED_TEST, [])):
             example.update(generated=answer, generated_correct=answer_matches(answer, example["new"]))
     lost = lost_facts(eval_splits, results, trainer.before_edit, tokenizer, trainer.kind)
-    return _finish(job, args, model, metrics, examples, lost, trainer, start, locality)
+    return _finish(context, metrics, examples, lost, trainer, start)
 
 
-def _finish(job, args, model, metrics, examples, lost, trainer, start, locality: Locality) -> RunOutcome:
+def _finish(context: Theta0Context, metrics: dict, examples: list[dict], lost: list[dict],
+            trainer: ConstrainedEditTrainer | None, start: float) -> RunOutcome:
     """Write the run's outputs; the folder is sealed (memedit_run.json) only once all of them are in place."""
+    job, args, locality = context.job, context.args, context.locality
     record = ResultsRecord(
         metrics=metrics,
-        config=run_config(job, args, model_kind(model)),
+        config=run_config(context),
         seed=args.seed,
         model=job.model_name_or_path,
         benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
@@ -156,16 +137,17 @@ def _finish(job, args, model, metrics, examples, lost, trainer, start, locality:
     return RunOutcome(record, examples, trainer)
 
 
-def run_config(job: JobConfig, args: EditConfig, kind: str) -> dict[str, Any]:
-    """The knobs that define an edit, and the model kind (for the record, the manifest and the card)."""
+def run_config(context: Theta0Context) -> dict[str, Any]:
+    """The knobs that define the edit from this θ0, and the model kind (for the record, the manifest and the card)."""
+    job, args = context.job, context.args
     keys = ("setting", "model_name_or_path", "gguf_file", "benchmark", "m", "benchmark_seed", "modify_known")
     config = {key: getattr(job, key) for key in keys}
-    config["model_kind"] = kind
+    config["model_kind"] = model_kind(context.model)
     config.update(
         edit_blocks=list(args.edit_blocks), **constraint_record(vars(args)), learning_rate=args.learning_rate,
         max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
         per_device_train_batch_size=args.per_device_train_batch_size, seed=args.seed,
-        preserve_objective=preserve_objective(job, args), eos_target=args.eos_target, loss_reduction=args.loss_reduction,
+        preserve_objective=context.objective, eos_target=args.eos_target, loss_reduction=args.loss_reduction,
     )
     optional = ("edit_modules", "stop_at_loss", "skip_below_loss", "stop_at_epoch_loss")
     config.update({name: getattr(args, name) for name in optional if getattr(args, name) is not None})
