@@ -41,7 +41,7 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..edit_config import EditConfig
-from ..evaluation.results import format_metric, format_percent, format_versions, plotting
+from ..evaluation.results import format_percent, format_versions, plotting
 from ..files import atomic_write_text, read_json
 from ..preservation import Locality
 from ..run_folder import claim_run_folder
@@ -52,7 +52,7 @@ from .method import Method, MethodContext
 from .methods import METHODS, method_arguments
 from .picks import TEST, VALIDATION, best, pick_rule
 from .points import open_points, save_points
-from .reports import known_facts_note, shared_settings
+from .reports import Column, known_facts_note, metric, percent, point, shared_settings, table
 
 
 LABELS = {name: method.label for name, method in METHODS.items()}
@@ -154,19 +154,8 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
         f"{known_facts_note([r for method_rows in rows.values() for r in method_rows])}",
         shared_settings(args),
         "",
-        "| method | picked on validation | A_M | A_F\\S | Ā | retention | retention, edited relations | agreement | bleed "
-        "| gen A_M | gen retention | drift KL | ppl ratio | points |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *table(_pick_columns(rows), picks.values()),
     ]
-    for method, chosen in picks.items():
-        t, drift = chosen[TEST], chosen.get("drift") or {}
-        lines.append(
-            f"| {LABELS[method]} | {point_of(chosen).describe()} | {format_percent(t['a_m'])} | {format_percent(t['a_fs'])} | "
-            f"{format_percent(t['avg_acc'])} | {format_metric(t, 'retention')} | {format_metric(t, 'retention_edited')} | "
-            f"{format_percent(t.get('agreement'))} | {format_percent(t.get('bleed'))} | {format_percent(t.get('gen_a_m'))} | "
-            f"{format_metric(t, 'gen_retention')} | "
-            f"{_number(drift.get('drift_kl'))} | {_number(drift.get('perplexity_ratio'))} | {len(rows[method])} |"
-        )
     before = next(iter(picks.values()))[TEST].get("a_fs_before")
     if block is None:
         where = "Each point edits the block it names."
@@ -174,17 +163,7 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
         rule = "the best L∞ block on validation" if job.compare_block == "auto" else "compare_block"
         where = f"FTM variants and FTA edit block {block} ({rule})."
     lines += ["", f"A_F\\S before any edit: {format_percent(before)}. {where}", "", "## Every point", "",
-              "| method | point | A_M | Ā val | retention val | A_F\\S test | Ā test | retention test "
-              "| edited relations val | edited relations test |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for method, method_rows in rows.items():
-        for r in method_rows:
-            v, t = r[VALIDATION], r[TEST]
-            lines.append(
-                f"| {LABELS[method]} | {point_of(r).describe()} | {format_percent(t['a_m'])} | {format_percent(v['avg_acc'])} | "
-                f"{format_metric(v, 'retention')} | {format_percent(t['a_fs'])} | {format_percent(t['avg_acc'])} | "
-                f"{format_metric(t, 'retention')} | {format_metric(v, 'retention_edited')} | {format_metric(t, 'retention_edited')} |"
-            )
+              *table(POINT_COLUMNS, (row for method_rows in rows.values() for row in method_rows))]
     lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(folder, "compare.json"), json.dumps({"picks": picks, "rows": rows, "block": block, "locality": locality.to_dict()}, indent=2))
@@ -192,8 +171,36 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
     plot_frontier(folder, rows, picks, job)
 
 
-def _number(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3g}"
+def _label(row: dict) -> str:
+    return LABELS[point_of(row).method]
+
+
+def _drift(name: str) -> Callable[[dict], str]:
+    def cell(row: dict) -> str:
+        value = (row.get("drift") or {}).get(name)
+        return "–" if value is None else f"{value:.3g}"
+
+    return cell
+
+
+def _pick_columns(rows: dict[str, list[dict]]) -> tuple[Column, ...]:
+    """The columns of the table of picks, one row per method (its points counted in `rows`)."""
+    return (
+        ("method", _label), ("picked on validation", point), ("A_M", percent(TEST, "a_m")), ("A_F\\S", percent(TEST, "a_fs")),
+        ("Ā", percent(TEST, "avg_acc")), ("retention", metric(TEST, "retention")),
+        ("retention, edited relations", metric(TEST, "retention_edited")), ("agreement", percent(TEST, "agreement")),
+        ("bleed", percent(TEST, "bleed")), ("gen A_M", percent(TEST, "gen_a_m")), ("gen retention", metric(TEST, "gen_retention")),
+        ("drift KL", _drift("drift_kl")), ("ppl ratio", _drift("perplexity_ratio")),
+        ("points", lambda row: str(len(rows[point_of(row).method]))),
+    )
+
+
+POINT_COLUMNS = (
+    ("method", _label), ("point", point), ("A_M", percent(TEST, "a_m")), ("Ā val", percent(VALIDATION, "avg_acc")),
+    ("retention val", metric(VALIDATION, "retention")), ("A_F\\S test", percent(TEST, "a_fs")),
+    ("Ā test", percent(TEST, "avg_acc")), ("retention test", metric(TEST, "retention")),
+    ("edited relations val", metric(VALIDATION, "retention_edited")), ("edited relations test", metric(TEST, "retention_edited")),
+)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

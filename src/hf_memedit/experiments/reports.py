@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from ..edit_config import EditConfig
@@ -18,6 +18,38 @@ from .picks import TEST, VALIDATION, best, pick_rule
 if TYPE_CHECKING:
     from ..preservation import Locality
     from .job_config import JobConfig
+
+
+Column = tuple[str, Callable[[dict], str]]  # a table's header, and a row's cell
+
+
+def table(columns: Sequence[Column], rows: Iterable[dict]) -> list[str]:
+    """The lines of a markdown table of `rows`, one column per (header, cell of a row)."""
+    return ["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows)]
+
+
+def percent(half: str, name: str) -> Callable[[dict], str]:
+    """A cell: the metric `name` of a row on `half`, as a percentage."""
+    return lambda row: format_percent(row[half].get(name))
+
+
+def metric(half: str, name: str) -> Callable[[dict], str]:
+    """A cell: the metric `name` of a row on `half`, as the results show it (a share: of how many)."""
+    return lambda row: format_metric(row[half], name)
+
+
+def point(row: dict) -> str:
+    """A cell: the row's point in words."""
+    return point_of(row).describe()
+
+
+SWEEP_COLUMNS = (
+    ("point", point), ("A_M", percent(TEST, "a_m")), ("A_F\\S val", percent(VALIDATION, "a_fs")),
+    ("Ā val", percent(VALIDATION, "avg_acc")), ("retention val", metric(VALIDATION, "retention")),
+    ("A_F\\S test", percent(TEST, "a_fs")), ("Ā test", percent(TEST, "avg_acc")), ("retention test", metric(TEST, "retention")),
+    ("agreement test", percent(TEST, "agreement")),
+)
 
 
 # The training knobs a point's description leaves out: a report names them, so its table can be made again.
@@ -64,17 +96,8 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
         f"A pick is {pick_rule(job.pick_min_retention)}. {known_facts_note(rows)}",
         shared_settings(args),
         "",
-        "| point | A_M | A_F\\S val | Ā val | retention val | A_F\\S test | Ā test | retention test | agreement test |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *table(SWEEP_COLUMNS, rows),
     ]
-    for r in rows:
-        v, t = r[VALIDATION], r[TEST]
-        lines.append(
-            f"| {point_of(r).describe()} | {format_percent(t['a_m'])} | "
-            f"{format_percent(v['a_fs'])} | {format_percent(v['avg_acc'])} | {format_metric(v, 'retention')} | "
-            f"{format_percent(t['a_fs'])} | {format_percent(t['avg_acc'])} | {format_metric(t, 'retention')} | "
-            f"{format_percent(t.get('agreement'))} |"
-        )
     for label, by in (("picked on validation (reported on test)", VALIDATION), ("picked on test (as the paper did)", TEST)):
         chosen = best(rows, by, job.pick_min_retention)
         lines += ["", f"Best {label}: {point_of(chosen).describe()} → "
