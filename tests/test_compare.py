@@ -265,3 +265,41 @@ def test_reports_say_how_many_known_facts_retention_rests_on():
     assert known_facts_note([{"validation": {"retention": 0.5}, "test": {"retention": 0.5}}]) == ""  # recorded before n_known
     assert format_metric(row(12, 25)["validation"], "retention") == "91.67% (11 of 12)"
     assert format_metric({"retention": 0.5}, "retention") == "50.00%" and format_metric({}, "retention") == "–"
+
+
+def test_the_compare_block_is_chosen_by_its_own_step(tmp_path, bpe_tokenizer):
+    """compare_block 'auto': the block-editing methods edit FTM, L∞'s best block on validation, its points trained
+    first even when ftm_linf is not among compare_methods (they silently took edit_blocks' first); a given block
+    trains no such step; a compare whose methods edit no compare block chooses none."""
+    from hf_memedit import EditConfig
+    from hf_memedit.experiments import JobConfig, run_compare
+    from hf_memedit.experiments.picks import VALIDATION, best
+
+    from .helpers import TINY
+
+    def points(folder):
+        return [json.loads(line) for line in (folder / "points.jsonl").read_text().splitlines()]
+
+    model = TINY["llama"](2, vocab=len(bpe_tokenizer))
+    job = JobConfig(model_name_or_path="tiny-llama", benchmark="geo_mod", m=4, compare_methods=["ftm_unconstrained"],
+                    sweep_blocks=["0", "1"], sweep_deltas=[1e-2], benchmark_options={"relations": ["P36"], "max_facts_per_relation": 40})
+    args = EditConfig(output_dir=str(tmp_path / "auto"), edit_blocks=["1"], max_steps=2, learning_rate=1e-2,
+                      report_to="none", disable_tqdm=True, per_device_train_batch_size=4)
+    picks = run_compare(job, args, model=model, tokenizer=bpe_tokenizer)
+    result = json.loads((tmp_path / "auto" / "compare.json").read_text())
+    stage = [row for row in points(tmp_path / "auto") if row["point"]["method"] == "ftm_linf"]
+    assert {row["point"]["block"] for row in stage} == {"0", "1"} and list(result["rows"]) == ["ftm_unconstrained"]
+    assert result["block"] == best(stage, VALIDATION)["point"]["block"] == picks["ftm_unconstrained"]["point"]["block"]
+    assert "(the best L∞ block on validation)" in (tmp_path / "auto" / "compare.md").read_text()
+
+    fixed = dataclasses.replace(args, output_dir=str(tmp_path / "fixed"))
+    run_compare(dataclasses.replace(job, compare_block="0"), fixed, model=model, tokenizer=bpe_tokenizer)
+    assert [row["point"]["method"] for row in points(tmp_path / "fixed")] == ["ftm_unconstrained"]
+    assert points(tmp_path / "fixed")[0]["point"]["block"] == "0"
+    assert "FTM variants and FTA edit block 0 (compare_block)." in (tmp_path / "fixed" / "compare.md").read_text()
+
+    alone = dataclasses.replace(args, output_dir=str(tmp_path / "knn"))
+    run_compare(dataclasses.replace(job, compare_methods=["knn"], method_args={"knn_epsilons": [0.0, 1e3]}), alone,
+                model=model, tokenizer=bpe_tokenizer)
+    assert {row["point"]["method"] for row in points(tmp_path / "knn")} == {"knn"}
+    assert json.loads((tmp_path / "knn" / "compare.json").read_text())["block"] is None

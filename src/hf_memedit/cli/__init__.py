@@ -8,8 +8,9 @@
     memedit inspect Qwen/Qwen2.5-7B [--edit_blocks 20]   (the layout hf_memedit would use; config only)
     accelerate launch train_edit.py --config ...        (= memedit edit; DDP with --multi_gpu)
 
-Every key of the YAML is a field of `JobConfig` (its four groups) or `EditConfig` (`memedit edit --help` lists them
-all); a command-line option overrides the YAML. One module per command, each with its `make_parser()` and
+Every key of the YAML is a field of `JobConfig` (its four groups), of a compare method's arguments
+(`experiments/methods/`) or of `EditConfig` (`memedit edit --help` lists them all); a command-line option overrides
+the YAML. One module per command, each with its `make_parser()` and
 `main(argv)`; `inspect`'s is `layout.py` (a module named `inspect` would shadow the standard library's).
 """
 
