@@ -10,8 +10,8 @@
 
 Every key of the YAML is a field of `JobConfig` (its four groups), of a compare method's arguments
 (`experiments/methods/`) or of `EditConfig` (`memedit edit --help` lists them all); a command-line option overrides
-the YAML. One module per command, each with its `make_parser()` and
-`main(argv)`; `inspect`'s is `layout.py` (a module named `inspect` would shadow the standard library's).
+the YAML. One module per command, each with its `make_parser()` and `main(argv)` (`MODULES`); `inspect`'s is
+`layout.py`, since a module named `inspect` would shadow the standard library's.
 """
 
 from __future__ import annotations
