@@ -127,7 +127,7 @@ def merge_compares(lanes: list[str], job: JobConfig, args: EditConfig) -> dict[s
                          "lane the same compare_block.")
     unknown = sorted(reported - set(METHODS))
     if unknown:
-        raise ValueError(f"Points of unknown compare methods ({', '.join(map(str, unknown))}) in {', '.join(lanes)}.")
+        raise ValueError(f"Unknown compare methods ({', '.join(map(str, unknown))}) in {', '.join(lanes)}.")
     fields = {f.name for f in dataclasses.fields(Locality)}
     locality = Locality(**{key: value for key, value in localities[0].items() if key in fields})
     folder = args.output_dir
