@@ -160,8 +160,8 @@ def test_an_unconverged_dykstra_still_ends_in_both_sets(norm, kind):
 
 def test_nullspace_by_kept_energy_and_bad_thresholds():
     moment = torch.diag(torch.tensor([10.0, 1.0, 0.1, 0.001], dtype=torch.float64))
-    assert round(float(nullspace_projector(moment, energy=0.99).trace())) == 2  # 0.1 + 0.001 ≤ 1% of 11.101
-    assert round(float(nullspace_projector(moment, threshold=0.5).trace())) == 2
+    assert nullspace_projector(moment, energy=0.99).dimensions == 2  # 0.1 + 0.001 ≤ 1% of 11.101
+    assert nullspace_projector(moment, threshold=0.5).dimensions == 2
     for bad in (0.0, -1e-2):
         with pytest.raises(ValueError, match="nullspace_threshold"):
             nullspace_projector(moment, threshold=bad)
@@ -207,7 +207,7 @@ def test_the_keys_cache_is_used_and_refused_for_another_model(tmp_path, bpe_toke
     cached = preserved_keys(model, bpe_tokenizer, names, None, spec, cache_dir=str(tmp_path / "cache"))
     assert torch.equal(cached.moments[names[0]], first.moments[names[0]])
     preserved_keys(other, bpe_tokenizer, names, None, spec, cache_dir=str(tmp_path / "cache"))
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(list((tmp_path / "cache" / "keys").iterdir())) == 2
     assert isinstance(KeyStatistics.load(path, first.model_hash, names, first.corpus_hash), KeyStatistics)
 
 
@@ -292,7 +292,7 @@ def test_dykstra_agrees_with_a_long_float64_reference(norm, scope, delta, seed):
     def ball(step):
         return step.clamp(-delta, delta) if norm == "linf" else step * min(1.0, delta / step.norm().item())
 
-    expected = _long_dykstra(y, theta0, ball, key_projector.projectors["w"])
+    expected = _long_dykstra(y, theta0, ball, key_projector.projectors["w"].matrix())
     assert projector.dykstra_converged
     assert (param.detach() - expected).norm() <= 1e-4 * (y - expected).norm()
     assert projector.distance() <= delta * (1 + 1e-12)
@@ -326,7 +326,7 @@ def test_the_pull_in_scales_each_tensor_by_its_own_ratio():
     theta0 = {name: torch.randn(4, 8, dtype=torch.float64) for name in ("a", "b")}
     key_projector = KeyProjector("nullspace", dict.fromkeys(theta0, moment), dict.fromkeys(theta0, ("layer", False)),
                                  list(theta0), theta0, threshold=1e-8)
-    inside = torch.randn(4, 8, dtype=torch.float64) @ key_projector.projectors["a"]
+    inside = torch.randn(4, 8, dtype=torch.float64) @ key_projector.projectors["a"].matrix()
     inside *= 0.05 / inside.abs().max()
     params = {"a": torch.nn.Parameter(theta0["a"] + inside), "b": torch.nn.Parameter(theta0["b"] + torch.randn(4, 8, dtype=torch.float64))}
     projector = NormBallProjector(params, theta0, "linf", 0.1, keys=key_projector, iterations=1)
@@ -334,6 +334,23 @@ def test_the_pull_in_scales_each_tensor_by_its_own_ratio():
     assert projector.dykstra_pull_in > 0  # b was pulled in
     assert torch.allclose(params["a"].detach() - theta0["a"], inside, atol=1e-12)
     assert float((params["b"].detach() - theta0["b"]).abs().max()) <= 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_box_after_dykstra_holds_for_the_stored_values_in_float64(dtype):
+    """L∞ ∩ null space in float32 and bfloat16: the pull-in measures |θ − θ0| on the stored values exactly (in their
+    own dtype the difference rounds, and a package's verification, in float64, found a hair outside δ)."""
+    generator = torch.Generator().manual_seed(0)
+    outside = 0
+    for trial in range(20):
+        moment = _moment(32, trial, rank=8)
+        theta0 = (torch.randn(16, 32, generator=generator) * 0.3).to(dtype)
+        key_projector = KeyProjector("nullspace", {"w": moment}, {"w": ("layer", False)}, ["w"], {"w": theta0},
+                                     energy=0.9)
+        param = torch.nn.Parameter((theta0.float() + torch.randn(16, 32, generator=generator) * 0.05).to(dtype))
+        NormBallProjector({"w": param}, {"w": theta0}, "linf", 0.01, keys=key_projector, iterations=3).project_()
+        outside += int((param.detach().double() - theta0.double()).abs().max() > 0.01)
+    assert outside == 0
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -349,3 +366,34 @@ def test_the_output_projection_holds_for_bfloat16_values(seed):
         project_output_(param, theta0, values, vectors, radius)
         step = param.double() - theta0.double()
         assert torch.trace(step @ moment @ step.T).item() <= radius * (1 + 1e-12), trial
+
+
+@pytest.mark.parametrize("energy", [0.05, 0.5, 0.99])
+def test_the_factored_null_space_is_the_projector(energy):
+    """Kept or removed directions, whichever is thinner: (ΔW Û) Ûᵀ or ΔW − (ΔW Ṽ) Ṽᵀ equals ΔW ÛÛᵀ."""
+    moment = _moment(12, 5)
+    nullspace = nullspace_projector(moment, energy=energy)
+    values, vectors = torch.linalg.eigh(moment)
+    keep = values.clamp(min=0).cumsum(0) <= (1 - energy) * values.clamp(min=0).sum()
+    kept = vectors[:, keep]
+    assert nullspace.dimensions == int(keep.sum()) and nullspace.basis.shape[1] <= 6
+    step = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(nullspace.apply(step), step @ kept @ kept.T, rtol=0, atol=1e-12)
+
+
+def test_the_models_samples_are_kept_by_model_and_draw(bpe_tokenizer, tmp_path, monkeypatch):
+    """A second run of the same model and draw reads the samples back (no sampling); another seed or another model
+    draws afresh."""
+    from hf_memedit import keys as keys_module
+    from hf_memedit.keys import model_samples
+
+    model = TINY["llama"](2, vocab=len(bpe_tokenizer))
+    first = model_samples(model, bpe_tokenizer, 3, 5, seed=0, cache_dir=str(tmp_path))
+    assert len(first) == 3 and all(len(sample) == 6 for sample in first)
+    drawn = []
+    draw = keys_module._draw_samples
+    monkeypatch.setattr(keys_module, "_draw_samples", lambda *a: drawn.append(a) or draw(*a))
+    assert model_samples(model, bpe_tokenizer, 3, 5, seed=0, cache_dir=str(tmp_path)) == first and not drawn
+    model_samples(model, bpe_tokenizer, 3, 5, seed=1, cache_dir=str(tmp_path))
+    model_samples(TINY["llama"](2, vocab=len(bpe_tokenizer), seed=1), bpe_tokenizer, 3, 5, seed=0, cache_dir=str(tmp_path))
+    assert len(drawn) == 2

@@ -11,6 +11,7 @@ from .edit_trainer import ConstrainedEditTrainer
 from .evaluation.metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
 from .evaluation.results import ResultsRecord, library_versions
 from .evaluation.scoring import FactResults, candidate_vocabulary, evaluate_facts, generate_answers, generate_facts
+from .facts import FactRecord, FactsFileError, check_lengths, describe_facts, facts_splits, load_facts, read_facts
 from .fast_paths.heads import object_positions_only
 from .fast_paths.prefix import PrefixCache
 from .hub import apply_edit, package_edit, push_edit, revert_edit
@@ -35,7 +36,9 @@ __all__ = [
     "FactCollator",
     "FactEncoder",
     "FactEncodingError",
+    "FactRecord",
     "FactResults",
+    "FactsFileError",
     "KeyProjector",
     "KeyStatistics",
     "KnnDatastore",
@@ -47,17 +50,21 @@ __all__ = [
     "apply_edit",
     "avg_acc",
     "candidate_vocabulary",
+    "check_lengths",
+    "describe_facts",
     "disjoint_split",
     "edit_metrics",
     "end_process_group",
     "evaluate_facts",
     "evaluate_splits",
+    "facts_splits",
     "filter_encodable",
     "generate_answers",
     "generate_facts",
     "get_edit_model",
     "library_versions",
     "load_benchmark",
+    "load_facts",
     "package_edit",
     "neighbour_risk",
     "preservation_batches",
@@ -68,5 +75,6 @@ __all__ = [
     "project_l2_",
     "project_linf_",
     "push_edit",
+    "read_facts",
     "revert_edit",
 ]

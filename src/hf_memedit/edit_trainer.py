@@ -23,7 +23,7 @@ from .fisher import diagonal_fisher
 from .keys import KeyStatistics, corpus_texts, key_layers, preserved_keys
 from .loss import ObjectTokenLoss, Theta0References
 from .model import EditModel, get_edit_model, values_at
-from .projection import KeyProjector, NormBallProjector
+from .projection import KeyProjector, NormBallProjector, check_resolution
 
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,8 @@ class ConstrainedEditTrainer(Trainer):
                 "norm 'fisher' needs fisher_dataset (unmodified facts, e.g. the benchmark's unmodified_train) "
                 "and processing_class (the tokenizer) to estimate the Fisher information at θ0."
             )
+        if args.norm == "linf":  # the projector is built later: a δ too fine for the dtype is refused or reported now
+            check_resolution(self.edit_model.theta0, args.delta)
         if args.key_constraint != "none" and keys is None and processing_class is None:
             raise ValueError("key_constraint needs processing_class (the tokenizer) to take the preserved keys.")
         self._given = {"fisher": fisher, "keys": keys}  # statistics the caller estimated (kept on resume)
@@ -176,6 +178,7 @@ class ConstrainedEditTrainer(Trainer):
         return NormBallProjector(
             self.edit_model.trainable_parameters(), theta0, args.norm, args.delta, args.l2_scope, fisher=fisher,
             keys=key_projector, iterations=args.projection_iterations, tolerance=args.projection_tolerance,
+            check_dtype=False,
         )
 
     def _statistics(self, fisher, keys):

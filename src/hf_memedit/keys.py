@@ -112,14 +112,33 @@ def corpus_hash(texts: Sequence[str] | None = None, spec: Mapping | None = None)
     return digest.hexdigest()[:32]
 
 
-@torch.no_grad()
 def model_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, count: int, length: int, seed: int,
-                  batch_size: int = 32) -> list[list[int]]:
+                  batch_size: int = 32, model_hash: str | None = None, cache_dir: str | None = None) -> list[list[int]]:
     """`count` seeded samples of `length` tokens from a causal LM, started at its BOS (or EOS) token, as token ids
-    (kept as ids: decoding and encoding again need not give the same tokens)."""
+    (kept as ids: decoding and encoding again need not give the same tokens).
+
+    The same model (`weights_hash`, pass it when known) and draw give the same samples: they are kept in the
+    `samples` folder of `cache_dir` (default HF_HOME/hf_memedit) and read back, so a new run folder does not mean a
+    new corpus.
+    """
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("The model's own samples need a BOS or EOS token to start from; give a text corpus instead.")
+    draw = {"model": model_hash or weights_hash(model), "start": start, "count": count, "length": length, "seed": seed,
+            "batch_size": batch_size}
+    name = hashlib.sha256(json.dumps(draw, sort_keys=True).encode()).hexdigest()[:24]
+    path = os.path.join(cache_dir or default_cache_dir(), "samples", f"samples-{name}.safetensors")
+    if os.path.isfile(path):
+        logger.info("The model's samples read from %s.", path)
+        return load_tensors(path)["ids"].tolist()
+    samples = _draw_samples(model, start, count, length, seed, batch_size)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_tensors({"ids": torch.tensor(samples)}, path, metadata={"draw": json.dumps(draw, sort_keys=True)})
+    return samples
+
+
+@torch.no_grad()
+def _draw_samples(model: PreTrainedModel, start: int, count: int, length: int, seed: int, batch_size: int) -> list[list[int]]:
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     samples: list[list[int]] = []
@@ -197,8 +216,9 @@ def preserved_keys(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trainable: Sequence[str], texts: Sequence[str] | None,
     spec: Mapping, path: str | None = None, cache_dir: str | None = None,
 ) -> KeyStatistics:
-    """The key statistics of the trainable linear weights, from `path` / the cache when made for this model
-    and corpus, else collected and written there. `texts` None means the model's own samples drawn by `spec`."""
+    """The key statistics of the trainable linear weights, from `path` (default: named by the model, corpus and layers
+    in the `keys` folder of `cache_dir`, HF_HOME/hf_memedit) when made for this model and corpus, else collected and
+    written there. `texts` None means the model's own samples drawn by `spec` (kept in `cache_dir` too)."""
     layers = key_layers(model, trainable)
     if not layers:
         raise ValueError(
@@ -208,13 +228,14 @@ def preserved_keys(
     model_hash = weights_hash(model)
     corpus = corpus_hash(texts, spec)
     if path is None:
-        folder = cache_dir or os.path.join(_hf_home(), "hf_memedit", "keys")
+        folder = os.path.join(cache_dir or default_cache_dir(), "keys")
         name = hashlib.sha256(f"{model_hash}:{corpus}:{json.dumps(sorted(layers))}".encode()).hexdigest()[:24]
         path = os.path.join(folder, f"keys-{name}.safetensors")
     if os.path.isfile(path):
         logger.info("Preserved keys read from %s.", path)
         return KeyStatistics.load(path, model_hash, list(layers), corpus)
-    corpus_items = texts if texts is not None else model_samples(model, tokenizer, spec["samples"], spec["length"], spec["seed"])
+    corpus_items = texts if texts is not None else model_samples(
+        model, tokenizer, spec["samples"], spec["length"], spec["seed"], model_hash=model_hash, cache_dir=cache_dir)
     moments, tokens = collect_keys(model, tokenizer, corpus_items, layers)
     stats = KeyStatistics(moments, tokens, model_hash, corpus)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -261,7 +282,8 @@ def corpus_texts(corpus: str, column: str, count: int, benchmark_texts: Sequence
     return texts
 
 
-def _hf_home() -> str:
+def default_cache_dir() -> str:
+    """Where the preserved keys and the model's samples are kept: HF_HOME/hf_memedit (`keys/`, `samples/`)."""
     from huggingface_hub import constants
 
-    return constants.HF_HOME
+    return os.path.join(constants.HF_HOME, "hf_memedit")

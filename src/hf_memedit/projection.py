@@ -9,7 +9,7 @@ information at θ0 (see `hf_memedit.fisher`).
 
 Key constraints, on the second moment C = E[k kᵀ] of each edited linear layer's inputs
 (`hf_memedit.keys`); parameters of the edited modules that have no keys (biases, norms) stay at θ0:
-- `nullspace` (AlphaEdit): ΔW = ΔW P with P = ÛÛᵀ, Û the eigenvectors of C with eigenvalue below
+- `nullspace` (AlphaEdit): ΔW = ΔW P with P = ÛÛᵀ (applied through its thinner factor), Û the eigenvectors of C with eigenvalue below
   `nullspace_threshold` (or outside a kept-energy fraction): exact, a linear subspace.
 - `output`: E‖ΔW k‖² = tr(ΔW C ΔWᵀ) ≤ ρ·tr(W0 C W0ᵀ) per layer, projected exactly in C's eigenbasis
   by the same 1-D multiplier search as the Fisher ellipsoid.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -79,6 +80,23 @@ def frozen_by_resolution(theta0: torch.Tensor, delta: float) -> int:
 
 
 @torch.no_grad()
+def check_resolution(theta0: Mapping[str, torch.Tensor], delta: float) -> None:
+    """A δ below the stored dtype's resolution freezes weights silently: refuse it when nothing could move, say
+    how much when part of the selection cannot."""
+    stuck = sum(frozen_by_resolution(value, delta) for value in theta0.values())
+    if not stuck:
+        return
+    total = sum(value.numel() for value in theta0.values())
+    dtypes = sorted({str(value.dtype).replace("torch.", "") for value in theta0.values()})
+    what = (f"δ={delta:g} is below {'/'.join(dtypes)}'s resolution at the magnitude of {stuck:,d} of the "
+            f"{total:,d} selected weights ({stuck / total:.1%})")
+    if stuck == total:
+        raise ValueError(f"{what}: no weight can move, so the edit would change nothing. Raise delta, or load "
+                         "the model in float32 (torch_dtype: float32).")
+    logger.warning("%s: those stay at θ0. Raise delta, or load the model in float32 (torch_dtype: float32), to let "
+                   "them move.", what)
+
+
 def l2_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """||θ − θ0||₂ over all the given tensors together, accumulated in float64 (FSDP2 shards: one all-reduce)."""
     device = local(next(iter(params.values()))).device
@@ -176,22 +194,51 @@ def _shrink_into_ellipsoid_(params: Mapping[str, torch.Tensor], theta0: Mapping[
 
 @torch.no_grad()
 def linf_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> float:
-    """max |θ − θ0| over all the given tensors (one temporary per tensor: it is logged every few steps)."""
-    largest = torch.tensor([max(float((local(param) - local(theta0[name])).abs_().max()) for name, param in params.items())],
+    """max |θ − θ0| over all the given tensors, exact: the difference of the stored values in float64 (in their own
+    dtype it rounds, and a hair outside the box would read as on it, as a package's verification would not)."""
+    largest = torch.tensor([max(float((local(param).double() - local(theta0[name]).double()).abs_().max())
+                                for name, param in params.items())],
                            dtype=torch.float64, device=local(next(iter(params.values()))).device)
     return float(all_reduce_(largest, params.values(), dist.ReduceOp.MAX))
 
 
-def nullspace_projector(moment: torch.Tensor, threshold: float | None = 2e-2, energy: float | None = None) -> torch.Tensor:
-    """P = ÛÛᵀ (float64) onto the eigen-directions of C below `threshold`, or, with `energy`, onto the
-    smallest ones that hold at most a 1 − energy share of C's trace (so `energy` of it is removed)."""
+@dataclass(frozen=True)
+class NullSpace:
+    """The subspace an update's rows may use: P = ÛÛᵀ, kept as its thinner factor. With k of n directions kept,
+    ΔW P is applied as (ΔW Û) Ûᵀ when k ≤ n / 2, else as ΔW − (ΔW Ṽ) Ṽᵀ with Ṽ the n − k removed ones: two thin
+    products instead of one [n, n] one (removing 70% of the keys' energy takes few directions)."""
+
+    basis: torch.Tensor  # [n, j] float64, orthonormal: the kept directions, or the removed ones (`complement`)
+    complement: bool
+
+    @property
+    def dimensions(self) -> int:
+        """How many input directions an update may use."""
+        n, j = self.basis.shape
+        return n - j if self.complement else j
+
+    def apply(self, step: torch.Tensor) -> torch.Tensor:
+        """ΔW P for ΔW [out, n]."""
+        basis = self.basis.to(step.device)
+        thin = (step @ basis) @ basis.T
+        return step - thin if self.complement else thin
+
+    def matrix(self) -> torch.Tensor:
+        """P itself, [n, n] (for analysis and tests: `apply` never forms it)."""
+        return self.apply(torch.eye(self.basis.shape[0], dtype=self.basis.dtype))
+
+
+def nullspace_projector(moment: torch.Tensor, threshold: float | None = 2e-2, energy: float | None = None) -> NullSpace:
+    """The subspace of the eigen-directions of C below `threshold`, or, with `energy`, of the smallest ones that hold
+    at most a 1 − energy share of C's trace (so `energy` of it is removed)."""
     values, vectors = torch.linalg.eigh(moment.double())
     if energy is not None:
         keep = values.clamp(min=0).cumsum(0) <= (1 - energy) * values.clamp(min=0).sum()
     else:
         keep = values < validate_delta(threshold, "nullspace_threshold")
-    basis = vectors[:, keep]
-    return basis @ basis.T
+    kept = int(keep.sum())
+    complement = kept > len(values) / 2
+    return NullSpace(vectors[:, ~keep if complement else keep].contiguous(), complement)
 
 
 def _step(param: torch.Tensor, theta0: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -205,9 +252,9 @@ def _write(param: torch.Tensor, theta0: torch.Tensor, step: torch.Tensor, transp
 
 
 @torch.no_grad()
-def project_nullspace_(param: torch.Tensor, theta0: torch.Tensor, projector: torch.Tensor, transposed: bool = False) -> None:
-    """ΔW ← ΔW P: the nearest update whose output on every preserved key is unchanged (P from `nullspace_projector`)."""
-    _write(param, theta0, _step(param, theta0, transposed) @ projector.to(param.device), transposed)
+def project_nullspace_(param: torch.Tensor, theta0: torch.Tensor, nullspace: NullSpace, transposed: bool = False) -> None:
+    """ΔW ← ΔW P: the nearest update whose output on every preserved key is unchanged (`nullspace_projector`)."""
+    _write(param, theta0, nullspace.apply(_step(param, theta0, transposed)), transposed)
 
 
 def output_radius(theta0: torch.Tensor, moment: torch.Tensor, rho: float, transposed: bool = False) -> float:
@@ -264,7 +311,7 @@ class KeyProjector:
         if matrices:  # e.g. a mixture of experts' fused tensors: not a linear layer, so no keys of its own
             logger.warning("key_constraint %s: %d trained tensors are not the weights of a linear layer (%s, ...) and stay "
                            "at θ0; edit_modules can leave them out.", kind, len(matrices), matrices[0])
-        self.projectors: dict[str, torch.Tensor] = {}
+        self.projectors: dict[str, NullSpace] = {}
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for name, (_, transposed) in self.layers.items():
             if kind == "nullspace":
@@ -275,7 +322,7 @@ class KeyProjector:
 
     def kept_dimensions(self) -> dict[str, int]:
         """nullspace: per layer, how many input directions an update may still use."""
-        return {name: int(round(float(p.trace()))) for name, p in self.projectors.items()}
+        return {name: nullspace.dimensions for name, nullspace in self.projectors.items()}
 
     @torch.no_grad()
     def project_(self, params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> None:
@@ -312,7 +359,9 @@ class NormBallProjector:
         keys: KeyProjector | None = None,
         iterations: int = 100,
         tolerance: float = 1e-6,
+        check_dtype: bool = True,
     ):
+        """`check_dtype=False` skips `check_resolution` (δ against θ0's dtype) for a caller that ran it already."""
         validate_constraint(norm, delta, l2_scope)
         missing = sorted(set(params) - set(theta0))
         if missing:
@@ -333,25 +382,8 @@ class NormBallProjector:
         self.dykstra_pull_in = 0.0
         self.dykstra_excess = 0.0  # how far outside the ball the last Dykstra iterate lay, before the pull-in
         self.capped_projections = 0  # projections whose Dykstra run ended on the iteration cap
-        if norm == "linf":
-            self._check_resolution()
-
-    def _check_resolution(self) -> None:
-        """A δ below the stored dtype's resolution freezes weights silently: refuse it when nothing could
-        move, say how much when part of the selection cannot."""
-        frozen = {name: frozen_by_resolution(self.theta0[name], self.delta) for name in self.params}
-        total = sum(t.numel() for t in self.theta0.values())
-        stuck = sum(frozen.values())
-        if not stuck:
-            return
-        dtypes = sorted({str(self.theta0[n].dtype).replace("torch.", "") for n in self.params})
-        what = (f"δ={self.delta:g} is below {'/'.join(dtypes)}'s resolution at the magnitude of {stuck:,d} of the "
-                f"{total:,d} selected weights ({stuck / total:.1%})")
-        if stuck == total:
-            raise ValueError(f"{what}: no weight can move, so the edit would change nothing. Raise delta, or load "
-                             "the model in float32 (torch_dtype: float32).")
-        logger.warning("%s: those stay at θ0. Raise delta, or load the model in float32 (torch_dtype: float32), to "
-                       "let them move.", what)
+        if norm == "linf" and check_dtype:
+            check_resolution(self.theta0, delta)
 
     def rebind(self, params: Mapping[str, torch.nn.Parameter]) -> None:
         """Project these parameters from now on (the same names): after FSDP2's `fully_shard` replaced them
@@ -451,6 +483,8 @@ class NormBallProjector:
                 for name, param in group.items():
                     start, values = local(theta0[name]), local(param)
                     values.copy_(start + (values - start) * scale)
+                if self.norm == "linf":  # the scaled values round to the dtype: the box holds them exactly (a hair
+                    self._project_ball(count=False)  # off the key set, which no dtype holds exactly anyway)
         if self.excess() > 0:
             logger.warning("The projection onto the ball ∩ key set stopped %.3g outside the ball.", self.excess())
 

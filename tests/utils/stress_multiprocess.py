@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,8 @@ def main() -> None:
     for burner in burners:
         burner.start()
     counts: dict[str, Counter] = {}
-    failed_runs, started = 0, time.monotonic()
+    failed_runs, finished, started = 0, 0, time.monotonic()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped from outside: still report what ran
     try:
         for run in range(1, args.runs + 1):
             report = log_dir / "report.xml"
@@ -69,18 +71,19 @@ def main() -> None:
             if done.returncode != 0:
                 failed_runs += 1
                 (log_dir / f"run{run}.log").write_text(done.stdout + done.stderr)
+            finished = run
             print(f"run {run}/{args.runs}: {'ok' if done.returncode == 0 else 'FAILED'} "
                   f"({time.monotonic() - started:.0f} s so far)", flush=True)
     finally:
         for burner in burners:
             burner.terminate()
-    print(f"\n{args.runs} runs beside {args.burners} CPU-bound process(es), {time.monotonic() - started:.0f} s\n")
-    print("| test | passed | failed | error |\n|---|---|---|---|")
-    for test, count in sorted(counts.items()):
-        print(f"| {test} | {count['passed']} | {count['failure']} | {count['error']} |")
-    print(f"\nfailed runs: {failed_runs}" + (f" (their output: {log_dir})" if failed_runs else ""))
+        print(f"\n{finished} of {args.runs} runs finished beside {args.burners} CPU-bound process(es), "
+              f"{time.monotonic() - started:.0f} s\n")
+        print("| test | passed | failed | error |\n|---|---|---|---|")
+        for test, count in sorted(counts.items()):
+            print(f"| {test} | {count['passed']} | {count['failure']} | {count['error']} |")
+        print(f"\nfailed runs: {failed_runs}" + (f" (their output: {log_dir})" if failed_runs else ""), flush=True)
     sys.exit(1 if failed_runs else 0)
-
 
 if __name__ == "__main__":
     main()

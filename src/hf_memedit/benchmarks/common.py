@@ -88,6 +88,13 @@ class ModBenchmarkConfig(datasets.BuilderConfig):
 
 def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[dict]:
     """Yield the JSON objects of a JSONL file; a bad line raises an error naming file and line."""
+    for _, record in numbered_jsonl(path, required):
+        yield record
+
+
+def numbered_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, JSON object) of a JSONL file, blank lines skipped; a bad line raises an error naming
+    file and line."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -108,7 +115,7 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[dict]:
             missing = [key for key in required if key not in record]
             if missing:
                 raise ValueError(f"{path}, line {number}: missing field(s) {', '.join(missing)}.")
-            yield record
+            yield number, record
 
 
 def fill_subject(template: str, subject: str) -> str:
