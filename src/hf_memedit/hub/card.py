@@ -1,4 +1,4 @@
-"""The model card of an edit, rendered from the package's `hub_cards/memedit_edit_card.md` through huggingface_hub's
+"""The model card of an edit, rendered from `hub_cards/memedit_edit_card.md` (package data) through huggingface_hub's
 ModelCard."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ..edit_config import describe_constraint
 from ..evaluation.results import METRIC_LABELS, format_metric, format_versions
 
 
-CARD_TEMPLATE = "memedit_edit_card.md"  # package data under hf_memedit/hub_cards/ (pyproject's package-data)
+CARD_TEMPLATE = "memedit_edit_card.md"  # in the top-level hub_cards/, package data through the link hf_memedit/hub_cards
 
 
 def card_template() -> str:
