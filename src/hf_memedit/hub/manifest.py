@@ -1,6 +1,6 @@
 """`memedit_manifest.json`: exactly what an edit changed, checkable before anything is applied.
 
-Schema (version 2; documented in the README):
+Schema (version 2; documented in docs/sharing.md):
 
     schema, version             "hf_memedit/manifest", 2
     format                      "delta" | "full" | "peft"
