@@ -146,16 +146,17 @@ class FactsFile:
                         self.n_fallback_keep)
         rows = fact_rows(self.records, self.train_on_paraphrases)
         encoder = FactEncoder(tokenizer, model_kind(model))
-        self._refuse_unencodable(rows[MODIFIED_TRAIN] + rows[MODIFIED_TEST], encoder)
+        self._refuse_unencodable(rows[MODIFIED_TEST], encoder)  # a fact's prompt; a paraphrase it cannot is dropped
         edited = {_prefix(row["text"]) for split in (MODIFIED_TRAIN, MODIFIED_PARAPHRASE) for row in rows[split]}
         keep = [{**row, "subject": row["text"]} for row in rows[KEEP] if _prefix(row["text"]) not in edited]
         if len(keep) < len(rows[KEEP]):
             logger.warning("%d keep prompts are phrasings the edit changes, so not kept.", len(rows[KEEP]) - len(keep))
         keep, _ = filter_encodable(keep_answers(model, tokenizer, keep, self.batch_size), encoder)
+        trained, _ = filter_encodable(rows[MODIFIED_TRAIN], encoder)
         paraphrases, _ = filter_encodable(rows[MODIFIED_PARAPHRASE], encoder)
         questions, _ = filter_encodable(question_rows(self.records, tokenizer), encoder)
         return datasets.DatasetDict({
-            MODIFIED_TRAIN: _split(rows[MODIFIED_TRAIN]), MODIFIED_TEST: _split(rows[MODIFIED_TEST]),
+            MODIFIED_TRAIN: _split(trained), MODIFIED_TEST: _split(rows[MODIFIED_TEST]),
             UNMODIFIED_TRAIN: _split(keep), UNMODIFIED_TEST: _split(keep),
             MODIFIED_PARAPHRASE: _split(paraphrases), QUESTIONS: _split(questions),
         })
