@@ -122,9 +122,11 @@ def test_the_cli_and_edit_facts_give_the_same_edit_and_the_report(tmp_path, mode
         assert report.config[key] == cli.config[key] == FACTS_RECIPE[key], key
     # The report's fields: efficacy (teacher-forced, generation), generalisation, neighbourhood kept, drift, questions.
     metrics = cli.metrics
-    for key in ("a_m", "gen_a_m", "paraphrase_a_m", "gen_paraphrase_a_m", "retention", "gen_retention", "agreement",
+    for key in ("a_m", "gen_a_m", "paraphrase_a_m", "gen_paraphrase_a_m", "agreement", "a_fs_before", "gen_a_fs_before",
                 "drift_kl", "perplexity_ratio", "question_a_m", "gen_question_a_m"):
         assert key in metrics and metrics[key] is not None, key
+    # Neighbourhood kept: of the keep prompts θ0 itself answers so (a random model: maybe none), the share kept.
+    assert {"retention", "n_known", "gen_retention", "gen_n_known"} <= set(metrics) and metrics["n_unmodified"] > 0
     assert metrics["n_modified"] == 4 and metrics["n_paraphrases"] == 1 and metrics["n_questions"] == 1
     assert cli.benchmark["name"] == "facts" and cli.benchmark["m"] == 4 and cli.config["benchmark"] == "facts"
     assert cli.scoring["by greedy generation"] == STOP_RULE and "generalisation" in cli.scoring
