@@ -37,6 +37,7 @@ class MemeditParser(HfArgumentParser):
             epilog="Every option can also be a key of the --config YAML; the command line wins.",
         )
         self.add_argument("--config", default=None, help="YAML file of options (see trainer_configs/).")
+        self.command = command
 
     def error(self, message: str):
         raise ValueError(f"{message} (`{self.prog} --help` lists every option)")
@@ -64,6 +65,8 @@ class MemeditParser(HfArgumentParser):
                                     method_args={f.name: getattr(a, f.name) for a in arguments for f in fields(a)})
         method_arguments(job)  # what only the methods can check (compare_deltas' keys), before anything loads
         if job.facts:
+            if self.command != "edit":  # sweeps, compares and evaluations pick and score on a benchmark's halves
+                raise ValueError(f"facts are edited by `memedit edit`; `{self.prog}` runs on a benchmark: leave out facts.")
             _refuse_benchmark_options(argv)
         return job, args, extra
 

@@ -182,8 +182,11 @@ def facts_scoring(metrics: Mapping) -> dict[str, str]:
         "efficacy (A_M)": "each fact's prompt, teacher-forced: every token of the new object the argmax",
         "neighbourhood kept (retention, agreement)": "the keep prompts, labelled with θ0's greedy answer (at most "
         f"{KEEP_ANSWER_TOKENS} tokens, then the stop rule); a share of them trains the preservation term and "
-        "the others are scored (see Locality): retention is, of those θ0 gives its own answer teacher-forced, the "
-        "share still giving it; agreement the share whose predicted tokens did not change",
+        "the others are scored (see Locality). Teacher-forced: of those whose answer θ0 predicts token by token "
+        "(A_F\\S before; a greedy answer can tokenize otherwise when written in), the share still predicting it "
+        "(retention); agreement, the share whose predicted tokens did not change. By generation: of those θ0 answers "
+        "so again under the scoring's budget (an answer cut by the token limit, not the stop rule, runs on), the "
+        "share still answered so (gen_retention)",
     }
     if "paraphrase_a_m" in metrics:
         notes["generalisation"] = "the paraphrases the edit never trained on, each scored on its own, teacher-forced"
