@@ -3,6 +3,7 @@
 - `job_config`: `JobConfig` (model, benchmark, setting, sweeps and compares) and the settings' names;
 - `loading`: the model (or its config alone), a run's base and the benchmark;
 - `settings`: FT / RI / as loaded, the disjoint locality split, and the preservation mixes (FTA's among them);
+- `facts_source`, `facts_edit`: a user's facts file as the job's facts (`FactsFile`), and `edit_facts` from Python;
 - `context`: `Theta0Context`, θ0 of one job (model, facts, locality split, what every edit from θ0 shares);
 - `run`: one run of the main job, written as one whole run folder;
 - `eval_run`: `memedit eval`'s scoring of a model, with or without an edit;
@@ -17,6 +18,8 @@
 from .compare import run_compare
 from .context import BenchmarkFacts, FactsSource, GivenFacts, Theta0Context
 from .eval_run import run_eval
+from .facts_edit import FACTS_RECIPE, edit_facts
+from .facts_source import FactsFile
 from .grid import GridRunner
 from .job_config import COMPARE_METHODS, FT_SETTINGS, FTA_SETTINGS, MODEL_KINDS, SETTINGS, JobConfig
 from .loading import holdout, load_config, load_model_and_tokenizer, load_run_base, prepare_benchmark
@@ -26,8 +29,8 @@ from .sweep import run_sweep
 
 
 __all__ = [
-    "COMPARE_METHODS", "FTA_SETTINGS", "FT_SETTINGS", "MODEL_KINDS", "SETTINGS", "BenchmarkFacts", "FactsSource",
-    "GivenFacts", "GridRunner", "JobConfig", "RunOutcome", "Theta0Context", "edit_train_dataset", "finetune", "holdout",
+    "COMPARE_METHODS", "FACTS_RECIPE", "FTA_SETTINGS", "FactsFile", "FT_SETTINGS", "MODEL_KINDS", "SETTINGS", "BenchmarkFacts", "FactsSource",
+    "GivenFacts", "GridRunner", "JobConfig", "RunOutcome", "Theta0Context", "edit_facts", "edit_train_dataset", "finetune", "holdout",
     "load_config", "load_model_and_tokenizer", "load_run_base", "locality_split", "preserve_objective",
     "prepare_benchmark", "random_init", "resume_target", "run_compare", "run_config", "run_edit", "run_eval",
     "run_sweep", "starting_model",

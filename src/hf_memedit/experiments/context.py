@@ -4,7 +4,8 @@ One run (`run_edit`), a sweep or compare (`GridRunner`) and an evaluation (`run_
 the model, start from the setting's θ0 (FT, RI or as loaded), draw the facts on θ0, set the locality facts apart
 from the preservation facts, and resolve the preservation objective. The context does that once, and finds what
 costs a pass over the model (θ0's known facts and neighbour risk, the drift samples, θ0's scores) only when first
-asked. The facts come from a `FactsSource`: the job's benchmark by default, or splits made elsewhere.
+asked. The facts come from a `FactsSource`: the job's facts file (`facts_source.FactsFile`) or benchmark by default,
+or splits made elsewhere.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..benchmarks.common import MODIFIED_TRAIN, UNMODIFIED_TRAIN
 from ..edit_config import EditConfig
 from ..evaluation.metrics import evaluate_splits, generate_splits
 from ..preservation import NeighbourRisk, known_evidence, neighbour_risk
+from .facts_source import FactsFile
 from .job_config import JobConfig
 from .loading import load_model_and_tokenizer, prepare_benchmark
 from .settings import (
@@ -59,6 +61,13 @@ class GivenFacts:
         return self.given
 
 
+def job_facts(job: JobConfig, args: EditConfig) -> FactsSource:
+    """The job's own facts: its facts file where it names one, else its benchmark."""
+    if job.facts:
+        return FactsFile(job.facts, job.train_on_paraphrases, args.per_device_eval_batch_size)
+    return BenchmarkFacts(job)
+
+
 _UNSET = object()
 
 
@@ -77,7 +86,8 @@ class Theta0Context:
         self.job, self.args, self.tokenizer = job, args, tokenizer
         self.model = starting_model(model, tokenizer, job, args, reuse_only)  # θ0, before the facts are drawn on it
         self.objective = preserve_objective(job, args)  # the run's; a grid point may set its own
-        drawn = (facts or BenchmarkFacts(job)).splits(self.model, tokenizer)
+        self.source = facts or job_facts(job, args)
+        drawn = self.source.splits(self.model, tokenizer)
         self.splits, self.locality = locality_split(drawn, job, args, always=split_always)
         self._known: datasets.Dataset | None = None
         self._risks: dict[str, NeighbourRisk | None] = {}

@@ -36,6 +36,8 @@ SETTINGS = ("ftm", "ft", "ft+ftm", "ri+ftm", "fta", "ft+fta", "knn")
 FT_SETTINGS = ("ft", "ft+ftm", "ft+fta")  # the settings that fine-tune on the facts first
 FTA_SETTINGS = ("fta", "ft+fta")  # the settings that mix unmodified evidence into every batch
 COMPARE_METHODS = method_names()
+# The options that only choose or draw a benchmark's facts: a facts file replaces them (`memedit edit --facts`).
+BENCHMARK_ONLY = ("benchmark", "m", "data_dir", "benchmark_options", "modify_known", "max_unmodified_eval")
 MODEL_KINDS = ("auto", *(kind.value for kind in ModelKind))
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -99,6 +101,17 @@ class BenchmarkArguments:
     _argument_group_name = "benchmark (BenchmarkArguments)"  # its heading in `memedit <command> --help`
     _unkeyed = ("show_examples",)
 
+    facts: str | None = field(
+        default=None,
+        metadata={"help": "Edit these facts instead of a benchmark's: a facts file (.jsonl, .json, .csv in the "
+                  "CounterFact, zsRE or flat format), a dataset folder or a Hub dataset id (docs/facts.md). It "
+                  "replaces the config's benchmark, m and benchmark options."},
+    )
+    train_on_paraphrases: bool = field(
+        default=False,
+        metadata={"help": "With facts: train on the facts' paraphrases too, instead of holding them out to score "
+                  "generalisation."},
+    )
     benchmark: str = field(default="geo_mod", metadata={"help": f"One of {', '.join(BUILDERS)}.", "choices": list(BUILDERS)})
     m: int = field(default=32, metadata={"help": "How many facts to modify."})
     benchmark_seed: int = field(default=0, metadata={"help": "Seed of the modified facts and their new objects."})
@@ -123,6 +136,8 @@ class BenchmarkArguments:
         self.benchmark_options = _json_mapping(self.benchmark_options, "benchmark_options", "a mapping")
         if self.m < 1:
             raise ValueError(f"m must be at least 1, got {self.m}.")
+        if self.train_on_paraphrases and not self.facts:
+            raise ValueError("train_on_paraphrases is an option of a facts file: give facts, or leave it out.")
 
 
 @dataclass
@@ -230,11 +245,20 @@ class JobConfig(GridArguments, SettingArguments, BenchmarkArguments, ModelArgume
         for group in GROUPS:
             group.__post_init__(self)
         self.method_args = dict(self.method_args or {})
+        if self.facts:
+            refuse_benchmark_setting(self.setting)
 
     @classmethod
     def from_groups(cls, *groups, method_args: dict[str, Any] | None = None) -> JobConfig:
         """The job of parsed `GROUPS` instances, and the methods' arguments."""
         return cls(**{f.name: getattr(g, f.name) for g in groups for f in fields(g)}, method_args=method_args or {})
+
+
+def refuse_benchmark_setting(setting: str) -> None:
+    """The settings that need a benchmark, refused for an edit of a facts file."""
+    if setting in (*FT_SETTINGS, "knn"):
+        raise ValueError(f"setting {setting!r} needs a benchmark (FT fine-tunes on all of its facts; kNN picks its ε "
+                         "on its validation facts): with facts, use ftm, fta or ri+ftm.")
 
 
 GROUPS = (ModelArguments, BenchmarkArguments, SettingArguments, GridArguments)  # JobConfig's, in the CLI's order

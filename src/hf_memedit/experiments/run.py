@@ -26,12 +26,14 @@ from ..evaluation.metrics import (
     next_token_drift,
 )
 from ..evaluation.results import ResultsRecord
-from ..evaluation.scoring import answer_matches
+from ..evaluation.scoring import answer_contains, answer_matches, generation_scoring
 from ..files import atomic_directory, atomic_write_text
 from ..run_folder import begin_outputs, claim_run_folder, seal_run
 from ..sharding import is_sharded
-from .context import GivenFacts, Theta0Context
+from .context import FactsSource, GivenFacts, Theta0Context, job_facts
+from .facts_source import QUESTIONS, FactsFile, facts_answers, facts_metrics, facts_scoring
 from .job_config import FT_SETTINGS, JobConfig
+from .loading import load_config, load_tokenizer
 from .settings import refuse_pick_on_test
 
 
@@ -42,9 +44,10 @@ class RunOutcome:
     trainer: ConstrainedEditTrainer | None
 
 
-def run_edit(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None, splits: datasets.DatasetDict | None = None) -> RunOutcome:
-    """Load, start (FTM / FT / RI), build the benchmark on that θ0, evaluate before, edit, evaluate after, write the
-    run folder. `splits`, when given, are the benchmark as `prepare_benchmark` makes it for this setting's θ0."""
+def run_edit(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None, splits: datasets.DatasetDict | None = None, facts: FactsSource | None = None) -> RunOutcome:
+    """Load, start (FTM / FT / RI), build the benchmark (or the job's facts file) on that θ0, evaluate before, edit,
+    evaluate after, write the run folder. `splits`, when given, are the benchmark as `prepare_benchmark` makes it for
+    this setting's θ0; `facts`, another source of them (`facts_source.FactsFile` of records in memory)."""
     if job.setting == "knn":
         raise ValueError(
             "setting 'knn' trains nothing and needs its ε chosen on validation facts: run `memedit sweep` "
@@ -52,10 +55,14 @@ def run_edit(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = N
         )
     refuse_pick_on_test(args)
     resume = resume_target(args.resume_from_checkpoint)
+    source = GivenFacts(splits) if splits is not None else facts or job_facts(job, args)
+    if isinstance(source, FactsFile):  # a bad facts file is refused before the run folder is claimed: nothing touched
+        source.check(tokenizer if tokenizer is not None else load_tokenizer(job),
+                     model.config if model is not None else load_config(job)[0])
     with claim_run_folder(args.output_dir, args.overwrite_output_dir, resuming=resume is not None,
                           lock=PartialState().is_main_process):
         start = time.perf_counter()
-        context = Theta0Context(job, args, model, tokenizer, GivenFacts(splits) if splits is not None else None)
+        context = Theta0Context(job, args, model, tokenizer, source)
         return _run_edit(context, resume, start)
 
 
@@ -84,13 +91,19 @@ def _run_edit(context: Theta0Context, resume: str | bool | None, start: float) -
     )
     held_out = context.drift_samples()
     generated_before = context.generated_before("run", eval_splits)
+    facts = isinstance(context.source, FactsFile)
+    facts_before = facts_answers(model, tokenizer, splits, context.batch_size) if facts and generated_before else None
     trainer.train(resume_from_checkpoint=resume)
     results = trainer.fact_results(eval_splits)
     metrics = edit_metrics(eval_splits, results, trainer.before_edit, tokenizer, trainer.kind)
-    generated = None
+    generated = facts_after = None
     if generated_before is not None:
         generated = generate_splits(trainer.edit_model.model, tokenizer, eval_splits, context.batch_size)
         metrics.update(generation_metrics(eval_splits, generated, generated_before))
+        if facts:
+            facts_after = facts_answers(trainer.edit_model.model, tokenizer, splits, context.batch_size)
+    if facts:
+        metrics.update(facts_metrics(trainer.edit_model.model, tokenizer, splits, context.batch_size, facts_after))
     if held_out is not None:
         metrics.update(next_token_drift(trainer.edit_model.model, tokenizer, held_out, trainer.at_theta0))
     after = results[MODIFIED_TEST]
@@ -99,9 +112,17 @@ def _run_edit(context: Theta0Context, resume: str | bool | None, start: float) -
          "old": row["original_object"], "new": row["object"], "predicted": tokenizer.decode(ids).strip(), "correct": ok}
         for row, ids, ok in zip(splits[MODIFIED_TEST], after.predicted, after.correct)
     ]
-    if generated is not None:  # what greedy generation answers, beside the teacher-forced prediction
-        for example, answer in zip(examples, generated.get(MODIFIED_TEST, [])):
-            example.update(generated=answer, generated_correct=answer_matches(answer, example["new"]))
+    if generated is not None:  # what greedy generation answers, before and after the edit, beside teacher forcing
+        for example, before, answer in zip(examples, generated_before.get(MODIFIED_TEST, []), generated.get(MODIFIED_TEST, [])):
+            example.update(generated_before=before, generated=answer, generated_correct=answer_matches(answer, example["new"]))
+    if facts_after and QUESTIONS in facts_after:  # how a chat user meets the edit: the fact asked as a question
+        asked = {row["uuid"]: (row, before, after) for row, before, after in
+                 zip(splits[QUESTIONS], facts_before[QUESTIONS], facts_after[QUESTIONS])}
+        for example in examples:
+            if example["uuid"] in asked:
+                row, before, after = asked[example["uuid"]]
+                example.update(question_answer_before=before, question_answer=after,
+                               question_correct=answer_contains(after, row["object"]))
     lost = lost_facts(eval_splits, results, trainer.before_edit, tokenizer, trainer.kind)
     return _finish(context, metrics, examples, lost, trainer, start)
 
@@ -115,7 +136,9 @@ def _finish(context: Theta0Context, metrics: dict, examples: list[dict], lost: l
         config=run_config(context),
         seed=args.seed,
         model=job.model_name_or_path,
-        benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
+        benchmark=context.source.describe() if isinstance(context.source, FactsFile) else
+        {"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
+        scoring=facts_scoring(metrics) if isinstance(context.source, FactsFile) else generation_scoring(metrics),
         facts=examples,
         locality=locality.to_dict(),
         lost=lost,
@@ -142,6 +165,9 @@ def run_config(context: Theta0Context) -> dict[str, Any]:
     job, args = context.job, context.args
     keys = ("setting", "model_name_or_path", "gguf_file", "benchmark", "m", "benchmark_seed", "modify_known")
     config = {key: getattr(job, key) for key in keys}
+    if isinstance(context.source, FactsFile):  # the facts replace the benchmark (the card reads "facts", m)
+        config.update(benchmark="facts", m=len(context.source.records), modify_known=False,
+                      facts=context.source.describe()["source"], train_on_paraphrases=job.train_on_paraphrases)
     config["model_kind"] = model_kind(context.model)
     config.update(
         edit_blocks=list(args.edit_blocks), **constraint_record(vars(args)), learning_rate=args.learning_rate,
