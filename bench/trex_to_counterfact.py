@@ -34,7 +34,7 @@ from collections import Counter, defaultdict
 
 from hf_memedit.benchmarks.common import read_jsonl
 from hf_memedit.benchmarks.trex import object_last
-from hf_memedit.io import atomic_write_text
+from hf_memedit.files import atomic_write_text
 
 
 DEFAULT_RELATIONS = ("P17", "P159", "P176", "P364", "P449", "P495")

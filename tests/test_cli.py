@@ -62,11 +62,20 @@ def test_cli_reports_bad_input_in_one_line(monkeypatch, tmp_path):
 
 
 def test_help_documents_every_option(capsys):
+    """Every field of JobConfig's groups and of each compare method's arguments is an option, under its group."""
+    from dataclasses import fields
+
+    from hf_memedit.experiments.job_config import GROUPS
+    from hf_memedit.experiments.methods import ARGUMENTS
+
     with pytest.raises(SystemExit):
         main(["edit", "--help"])
     text = capsys.readouterr().out
-    for name in list(JobConfig.__dataclass_fields__) + ["config", "edit_blocks", "norm", "delta", "l2_scope"]:
+    names = [f.name for group in (*GROUPS, *ARGUMENTS) for f in fields(group)]
+    assert {"knn_metric", "knn_epsilons", "ftl_block", "locft_blocks", "nullspace_energies", "compare_block"} <= set(names)
+    for name in names + ["config", "edit_blocks", "norm", "delta", "l2_scope"]:
         assert f"--{name}" in text, name
+    assert "method knn (KnnArguments):" in text and "method ftl (FtlArguments):" in text
     main([])
     assert "sweep" in capsys.readouterr().out
 

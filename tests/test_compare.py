@@ -100,25 +100,27 @@ def test_a_grid_draws_risky_neighbours_from_one_ranking(tmp_path, bpe_tokenizer)
     from hf_memedit.benchmarks.common import UNMODIFIED_TRAIN
     from hf_memedit.experiments import JobConfig
     from hf_memedit.experiments.grid import GridRunner
-    from hf_memedit.experiments.points import GridPoint
+    from hf_memedit.experiments.grid_point import GridPoint
 
     from .helpers import TINY
 
     model = TINY["llama"](2, vocab=len(bpe_tokenizer))
     job = JobConfig(model_name_or_path="tiny-llama", benchmark="geo_mod", m=4,
                     benchmark_options={"relations": ["P36"], "max_facts_per_relation": 40})
-    point = GridPoint(norm="linf", block="1", delta=1e-2, preserve="kl")
+    point = GridPoint(norm="linf", block="1", delta=1e-2, settings={"preserve_objective": "kl"})
     batches = {}
     for risk in (0.0, 1.0):
         args = EditConfig(output_dir=str(tmp_path / str(risk)), edit_blocks=["1"], max_steps=3, report_to="none",
                           disable_tqdm=True, per_device_train_batch_size=4, preserve_ratio=2, preserve_risk=risk)
         runner = GridRunner(job, args, model=model, tokenizer=bpe_tokenizer)
-        batches[risk] = runner.point_args(point, str(tmp_path / "point"))[0]["text"]
+        dataset, point_args = runner.train_set(point, str(tmp_path / "point"))
+        batches[risk] = dataset["text"]
+        assert point_args.preserve_objective == "kl" and point_args.edit_blocks == ["1"]
         if risk:
-            ranking = runner.risk("kl")
-            assert runner.point_args(point, str(tmp_path / "point"))[0]["text"] == batches[risk]
-            assert runner.risk("kl") is ranking and runner.risk("none") is None
-            assert ranking.by_token.shape[0] == len(runner.splits[UNMODIFIED_TRAIN])
+            ranking = runner.context.risk("kl")
+            assert runner.train_set(point, str(tmp_path / "point"))[0]["text"] == batches[risk]
+            assert runner.context.risk("kl") is ranking and runner.context.risk("none") is None
+            assert ranking.by_token.shape[0] == len(runner.context.splits[UNMODIFIED_TRAIN])
     assert batches[1.0] != batches[0.0]
 
 
@@ -127,8 +129,8 @@ def test_a_retention_floor_picks_the_most_edits_among_the_points_that_keep_enoug
     among those keeping 90%; with no point that high, the one keeping the most. The floor does not key points."""
     from hf_memedit import EditConfig
     from hf_memedit.experiments import JobConfig
+    from hf_memedit.experiments.picks import VALIDATION, best, pick_rule
     from hf_memedit.experiments.points import point_context
-    from hf_memedit.experiments.reports import VALIDATION, best, pick_rule
 
     def row(name, a_m, a_fs, retention):
         return {"name": name, VALIDATION: {"a_m": a_m, "a_fs": a_fs, "avg_acc": (a_m + a_fs) / 2, "retention": retention}}
@@ -148,13 +150,14 @@ def test_a_retention_floor_picks_the_most_edits_among_the_points_that_keep_enoug
 
 def test_compares_run_as_lanes_merge_into_one_table_without_training(tmp_path):
     """`memedit compare --merge_lanes`: the points of lanes (same settings, each its own compare_methods) make one
-    compare.md, compare.json and plots, picked as one compare picks; lanes of other settings or other locality
-    facts are refused."""
+    compare.md, compare.json and plots of the methods the lanes report, picked as one compare picks; lanes of other
+    settings, other locality facts or another block are refused."""
     from hf_memedit import EditConfig
     from hf_memedit.cli import main
     from hf_memedit.experiments import JobConfig
     from hf_memedit.experiments.compare import merge_compares
-    from hf_memedit.experiments.points import CONTEXT, GridPoint, point_context, save_points
+    from hf_memedit.experiments.grid_point import GridPoint
+    from hf_memedit.experiments.points import CONTEXT, point_context, save_points
     from hf_memedit.preservation import Locality
 
     def row(point, a_m, retention):
@@ -165,18 +168,18 @@ def test_compares_run_as_lanes_merge_into_one_table_without_training(tmp_path):
     job = JobConfig(model_name_or_path="tiny", benchmark="geo_mod", m=4)
     args = EditConfig(output_dir=str(tmp_path / "merged"), edit_blocks=["1"], report_to="none")
     locality = Locality(True, 0.5, 10, 20, {"linked_to_preservation": 2})
-    lanes = {
-        "a": [row(GridPoint(norm="linf", block="1", delta=d, preserve="none", method="ftm_linf"), a, r)
-              for d, a, r in ((1e-2, 0.5, 0.9), (3e-2, 1.0, 0.6))],
-        "b": [row(GridPoint(norm="linf", block="1", delta=d, preserve="kl", method="ftm_kl"), a, r)
-              for d, a, r in ((1e-2, 0.7, 0.95), (3e-2, 0.9, 0.9))],
-    }
-    for name, rows in lanes.items():
+    linf = [row(GridPoint(norm="linf", block="1", delta=d, method="ftm_linf", settings={"preserve_objective": "none"}), a, r)
+            for d, a, r in ((1e-2, 0.5, 0.9), (3e-2, 1.0, 0.6))]
+    kl = [row(GridPoint(norm="linf", block="1", delta=d, method="ftm_kl", settings={"preserve_objective": "kl"}), a, r)
+          for d, a, r in ((1e-2, 0.7, 0.95), (3e-2, 0.9, 0.9))]
+    # Lane b ran ftm_kl alone: its block stage (compare_block auto) trained L∞ points it does not report.
+    lanes = {"a": ({"ftm_linf": linf}, linf, None), "b": ({"ftm_kl": kl}, kl + linf[:1], "1")}
+    for name, (reported, points, block) in lanes.items():
         folder = tmp_path / name
         folder.mkdir()
-        save_points(str(folder), {GridPoint(**r["point"]).key: r for r in rows})
+        save_points(str(folder), {GridPoint.from_dict(r["point"]).key: r for r in points})
         (folder / CONTEXT).write_text(json.dumps(point_context(job, args)))  # as a lane's compare writes it
-        (folder / "compare.json").write_text(json.dumps({"locality": locality.to_dict()}))
+        (folder / "compare.json").write_text(json.dumps({"locality": locality.to_dict(), "rows": reported, "block": block}))
     picks = merge_compares([str(tmp_path / "a"), str(tmp_path / "b")], job, args)
     assert picks["ftm_linf"]["point"]["delta"] == 3e-2 and picks["ftm_kl"]["point"]["delta"] == 3e-2  # best Ā
     merged = tmp_path / "merged"
@@ -189,12 +192,20 @@ def test_compares_run_as_lanes_merge_into_one_table_without_training(tmp_path):
     assert all((merged / plot).read_bytes()[:4] == b"\x89PNG" for plot in ("compare.png", "frontier.png"))
 
     alone = merge_compares([str(tmp_path / "b")], job, dataclasses.replace(args, output_dir=str(tmp_path / "kl")))
-    assert set(alone) == {"ftm_kl"} and "No FTM, L∞ row here" in (tmp_path / "kl" / "compare.md").read_text()
+    assert set(alone) == {"ftm_kl"} and "FTM, L∞ |" not in (tmp_path / "kl" / "compare.md").read_text()
+    fixed = dataclasses.replace(job, compare_block="1")
+    lone = merge_compares([str(tmp_path / "a")], fixed, dataclasses.replace(args, output_dir=str(tmp_path / "fixed")))
+    assert set(lone) == {"ftm_linf"} and "Each point edits the block it names." in (tmp_path / "fixed" / "compare.md").read_text()
 
     other = dataclasses.replace(job, m=8)  # a lane made with other settings
     with pytest.raises(ValueError, match="other settings"):
         merge_compares([str(tmp_path / "a")], other, dataclasses.replace(args, output_dir=str(tmp_path / "m2")))
-    (tmp_path / "b" / "compare.json").write_text(json.dumps({"locality": Locality(True, 0.5, 10, 18, {"linked_to_preservation": 4}).to_dict()}))
+    written = json.loads((tmp_path / "b" / "compare.json").read_text())
+    (tmp_path / "b" / "compare.json").write_text(json.dumps({**written, "block": "0"}))
+    with pytest.raises(ValueError, match=r"edited different blocks \(0, 1\): give every lane the same compare_block"):
+        merge_compares([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "kl")], job, args)
+    other_facts = Locality(True, 0.5, 10, 18, {"linked_to_preservation": 4}).to_dict()
+    (tmp_path / "b" / "compare.json").write_text(json.dumps({**written, "locality": other_facts}))
     with pytest.raises(ValueError, match="different locality facts"):
         merge_compares([str(tmp_path / "a"), str(tmp_path / "b")], job, args)
     with pytest.raises(SystemExit, match="holds no compare.json"):
@@ -208,27 +219,35 @@ def test_nullspace_energies_set_the_null_space_methods_grid(bpe_tokenizer):
     from types import SimpleNamespace
 
     from hf_memedit import EditConfig
+    from hf_memedit.cli import parse
     from hf_memedit.experiments import JobConfig
-    from hf_memedit.experiments.methods import METHODS, MethodContext
+    from hf_memedit.experiments.method import MethodContext
+    from hf_memedit.experiments.methods import METHODS, method_arguments
+    from hf_memedit.experiments.methods.ftm_nullspace import NullspaceArguments
     from hf_memedit.experiments.points import point_context
 
     from .helpers import TINY
 
-    job = JobConfig(nullspace_energies=[0.5, 0.7])
+    job = JobConfig(method_args={"nullspace_energies": [0.5, 0.7]})
     args = EditConfig(output_dir="unused", report_to="none")
-    runner = SimpleNamespace(model=TINY["llama"](2, vocab=len(bpe_tokenizer)))
-    ctx = MethodContext(job, args, runner, linf=[1e-2, 2e-2], grids={}, block="1")
-    kl = METHODS["ftm_kl_nullspace"].run(ctx, lambda point: point)
-    assert [(p.delta, p.nullspace_energy, p.preserve) for p in kl] == [
+    runner = SimpleNamespace(model=TINY["llama"](2, vocab=len(bpe_tokenizer)), args=args)
+    ctx = MethodContext(runner, linf=[1e-2, 2e-2], block="1", arguments=method_arguments(job)[NullspaceArguments])
+    kl = METHODS["ftm_kl_nullspace"].grid_points(ctx)
+    assert [(p.delta, p.settings["nullspace_energy"], p.settings["preserve_objective"]) for p in kl] == [
         (1e-2, 0.5, "kl"), (1e-2, 0.7, "kl"), (2e-2, 0.5, "kl"), (2e-2, 0.7, "kl")]
-    plain = METHODS["ftm_nullspace"].run(ctx, lambda point: point)
-    assert [(p.nullspace_energy, p.modules) for p in plain[:3]] == [(None, ("mlp_out",)), (0.5, None), (0.7, None)]
-    default = METHODS["ftm_kl_nullspace"].run(dataclasses.replace(ctx, job=JobConfig()), lambda point: point)
-    assert [p.nullspace_energy for p in default] == [0.9, 0.8, 0.9, 0.8]
+    assert {p.method for p in kl} == {"ftm_kl_nullspace"} and {p.block for p in kl} == {"1"}
+    plain = METHODS["ftm_nullspace"].grid_points(ctx)
+    assert [(p.settings.get("nullspace_energy"), p.modules) for p in plain[:3]] == [(None, ["mlp_out"]), (0.5, None), (0.7, None)]
+    default = METHODS["ftm_kl_nullspace"].points(dataclasses.replace(ctx, arguments=NullspaceArguments()))
+    assert [p.settings["nullspace_energy"] for p in default] == [0.9, 0.8, 0.9, 0.8]
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="nullspace_energies"):
-            JobConfig(nullspace_energies=[0.5, bad])
+            method_arguments(JobConfig(method_args={"nullspace_energies": [0.5, bad]}))
+        with pytest.raises(ValueError, match="nullspace_energies"):
+            parse("compare", ["--nullspace_energies", "0.5", str(bad)])
     assert point_context(job, args) == point_context(JobConfig(), args)
+    with pytest.raises(ValueError, match=r"Unknown method arguments \['knn_metrc'\]"):
+        method_arguments(JobConfig(method_args={"knn_metrc": "cosine"}))
 
 
 def test_reports_say_how_many_known_facts_retention_rests_on():
@@ -246,3 +265,41 @@ def test_reports_say_how_many_known_facts_retention_rests_on():
     assert known_facts_note([{"validation": {"retention": 0.5}, "test": {"retention": 0.5}}]) == ""  # recorded before n_known
     assert format_metric(row(12, 25)["validation"], "retention") == "91.67% (11 of 12)"
     assert format_metric({"retention": 0.5}, "retention") == "50.00%" and format_metric({}, "retention") == "–"
+
+
+def test_the_compare_block_is_chosen_by_its_own_step(tmp_path, bpe_tokenizer):
+    """compare_block 'auto': the block-editing methods edit FTM, L∞'s best block on validation, its points trained
+    first even when ftm_linf is not among compare_methods (they silently took edit_blocks' first); a given block
+    trains no such step; a compare whose methods edit no compare block chooses none."""
+    from hf_memedit import EditConfig
+    from hf_memedit.experiments import JobConfig, run_compare
+    from hf_memedit.experiments.picks import VALIDATION, best
+
+    from .helpers import TINY
+
+    def points(folder):
+        return [json.loads(line) for line in (folder / "points.jsonl").read_text().splitlines()]
+
+    model = TINY["llama"](2, vocab=len(bpe_tokenizer))
+    job = JobConfig(model_name_or_path="tiny-llama", benchmark="geo_mod", m=4, compare_methods=["ftm_unconstrained"],
+                    sweep_blocks=["0", "1"], sweep_deltas=[1e-2], benchmark_options={"relations": ["P36"], "max_facts_per_relation": 40})
+    args = EditConfig(output_dir=str(tmp_path / "auto"), edit_blocks=["1"], max_steps=2, learning_rate=1e-2,
+                      report_to="none", disable_tqdm=True, per_device_train_batch_size=4)
+    picks = run_compare(job, args, model=model, tokenizer=bpe_tokenizer)
+    result = json.loads((tmp_path / "auto" / "compare.json").read_text())
+    stage = [row for row in points(tmp_path / "auto") if row["point"]["method"] == "ftm_linf"]
+    assert {row["point"]["block"] for row in stage} == {"0", "1"} and list(result["rows"]) == ["ftm_unconstrained"]
+    assert result["block"] == best(stage, VALIDATION)["point"]["block"] == picks["ftm_unconstrained"]["point"]["block"]
+    assert "(the best L∞ block on validation)" in (tmp_path / "auto" / "compare.md").read_text()
+
+    fixed = dataclasses.replace(args, output_dir=str(tmp_path / "fixed"))
+    run_compare(dataclasses.replace(job, compare_block="0"), fixed, model=model, tokenizer=bpe_tokenizer)
+    assert [row["point"]["method"] for row in points(tmp_path / "fixed")] == ["ftm_unconstrained"]
+    assert points(tmp_path / "fixed")[0]["point"]["block"] == "0"
+    assert "FTM variants and FTA edit block 0 (compare_block)." in (tmp_path / "fixed" / "compare.md").read_text()
+
+    alone = dataclasses.replace(args, output_dir=str(tmp_path / "knn"))
+    run_compare(dataclasses.replace(job, compare_methods=["knn"], method_args={"knn_epsilons": [0.0, 1e3]}), alone,
+                model=model, tokenizer=bpe_tokenizer)
+    assert {row["point"]["method"] for row in points(tmp_path / "knn")} == {"knn"}
+    assert json.loads((tmp_path / "knn" / "compare.json").read_text())["block"] is None

@@ -217,7 +217,7 @@ def test_a_run_records_what_generation_answers_and_eval_scores_it_and_the_drift_
     from hf_memedit.cli.edit import format_summary
     from hf_memedit.evaluation.results import ResultsRecord
     from hf_memedit.experiments import run_edit, run_sweep
-    from hf_memedit.experiments.evaluate import run_eval
+    from hf_memedit.experiments.eval_run import run_eval
 
     from .helpers import ROOT
 

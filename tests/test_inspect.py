@@ -1,4 +1,4 @@
-"""`memedit inspect` on every family of the block table, from a config alone, and the README's list of them."""
+"""`memedit inspect` on every family of the block table, from a config alone, and docs/models.md's list of them."""
 
 import re
 
@@ -59,13 +59,13 @@ def test_inspect_an_architecture_outside_the_table(tmp_path, capsys):
     assert "LM head: unknown" in out and "embeddings: transformer.word_embeddings (4,800)" in out
 
 
-def test_the_readme_lists_the_block_table():
-    """The README's list of architectures is the table's, written by `architectures_markdown`."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_the_models_page_lists_the_block_table():
+    """docs/models.md lists the block table's architectures, as `architectures_markdown` writes them."""
+    page = (ROOT / "docs" / "models.md").read_text(encoding="utf-8")
     begin, end = "<!-- architectures: begin -->\n", "\n<!-- architectures: end -->"
-    assert begin in readme and end in readme, "README.md lost its architectures markers"
-    listed = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert begin in page and end in page, "docs/models.md lost its architectures markers"
+    listed = page.split(begin, 1)[1].split(end, 1)[0]
     assert listed == architectures_markdown(), (
-        "README.md's architecture list is stale: paste python -c 'from hf_memedit.inspection import "
+        "docs/models.md's architecture list is stale: paste python -c 'from hf_memedit.inspection import "
         "architectures_markdown; print(architectures_markdown())' between its markers."
     )

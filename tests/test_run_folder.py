@@ -19,9 +19,10 @@ from hf_memedit.benchmarks import export_benchmark, load_benchmark
 from hf_memedit.checkpointing import PARAMS_NAME, THETA0_NAME, last_complete_checkpoint
 from hf_memedit.cli import main, parse
 from hf_memedit.experiments import JobConfig
-from hf_memedit.experiments.points import POINTS, GridPoint, load_points, open_points, save_points
+from hf_memedit.experiments.grid_point import GridPoint
+from hf_memedit.experiments.points import POINTS, load_points, open_points, save_points
+from hf_memedit.files import atomic_directory, atomic_write_text, save_tensors, tensor_sha256
 from hf_memedit.hub import apply_edit, package_edit, revert_edit
-from hf_memedit.io import atomic_directory, atomic_write_text, save_tensors, tensor_sha256
 from hf_memedit.model import WEIGHTS_NAME
 from hf_memedit.run_folder import RUN_MANIFEST, begin_outputs, claim_run_folder
 
@@ -133,7 +134,7 @@ def test_the_cli_refuses_a_bad_output_dir_before_loading(tmp_path, monkeypatch):
     def no_loading(*args, **kwargs):
         pytest.fail("the model was loaded before output_dir was checked")
 
-    monkeypatch.setattr("hf_memedit.experiments.run.load_model_and_tokenizer", no_loading)
+    monkeypatch.setattr("hf_memedit.experiments.context.load_model_and_tokenizer", no_loading)
     (tmp_path / "file").write_text("x")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text("{}")
@@ -228,7 +229,7 @@ def _edit_process(args: list[str], kill_at: int | None = None, tmp_path=None) ->
 
 
 def _edit_hashes(run: Path) -> dict[str, str]:
-    from hf_memedit.io import load_tensors
+    from hf_memedit.files import load_tensors
 
     return {name: tensor_sha256(value) for name, value in load_tensors(run / "edit" / WEIGHTS_NAME).items()}
 
@@ -346,7 +347,8 @@ def test_sweep_points_are_keyed_by_every_setting(tmp_path):
 
 
 def test_grid_points_keep_the_json_earlier_runs_wrote(tmp_path):
-    """points.jsonl rows written before GridPoint (dict points) are found again under the same keys."""
+    """points.jsonl rows written before GridPoint (dict points) are found again under the same keys; a point's
+    settings are EditConfig's fields, under the names points.jsonl has always used for three of them."""
     written = [  # as the dict points of earlier versions wrote them
         {"norm": "linf", "block": "25", "delta": 0.01},
         {"method": "ftm_unconstrained", "norm": "none", "block": "25", "delta": None, "preserve": "none"},
@@ -361,16 +363,29 @@ def test_grid_points_keep_the_json_earlier_runs_wrote(tmp_path):
         point = GridPoint.from_dict(record)
         assert point.to_dict() == record and point.key in done
     locft = GridPoint.from_dict(written[2])
-    assert locft.modules == ("mlp_out",) and locft.overrides()["eos_target"] is False and "preserve" not in locft.overrides()
+    assert locft.modules == ["mlp_out"] and locft.settings["eos_target"] is False
+    assert locft.settings["preserve_objective"] == "none" and "preserve" not in locft.settings
+    args = locft.train_args(EditConfig(output_dir=str(tmp_path), report_to="none", edit_modules=["attn_out"]), "p")
+    assert (args.edit_blocks, args.norm, args.delta, args.edit_modules) == (["6"], "none", None, ["mlp_out"])
+    assert args.num_train_epochs == 25 and args.loss_reduction == "sequence" and args.eval_strategy == "no"
+    whole = GridPoint(norm="linf", block="0", delta=1e-3).train_args(args, "q")
+    assert whole.edit_modules is None and whole.delta == 1e-3  # a point trains its whole block unless it names modules
     assert GridPoint.from_dict(written[1]).describe() == "none, block 25, δ ∞"
     assert locft.describe() == "none, block 6 (mlp_out), δ ∞"
-    assert GridPoint(norm="linf", block="3", delta=0.01, preserve="kl", eos_target=True).describe() == (
-        "linf, block 3, preserve kl, EOS targets, δ 0.01")
+    kl = GridPoint(norm="linf", block="3", delta=0.01, settings={"preserve_objective": "kl", "eos_target": True})
+    assert kl.describe() == "linf, block 3, preserve kl, EOS targets, δ 0.01"
+    assert kl.to_dict() == {"norm": "linf", "block": "3", "delta": 0.01, "preserve": "kl", "eos_target": True}
     assert GridPoint(method="knn", metric="l2", epsilon=3.5).radius == 3.5 and GridPoint(norm="none", block=1).block == "1"
     with pytest.raises(dataclasses.FrozenInstanceError):
         locft.delta = 1.0
     with pytest.raises(ValueError, match=r"unknown fields \['lr'\].*new --output_dir"):
         GridPoint.from_dict({"norm": "linf", "block": "0", "delta": 1e-3, "lr": 1.0})
+    with pytest.raises(ValueError, match=r"sets \['lr'\], which are not EditConfig fields"):
+        GridPoint(norm="linf", block="0", delta=1e-3, settings={"lr": 1.0})
+    with pytest.raises(ValueError, match=r"sets \['edit_blocks'\].*its norm, block and δ are its own"):
+        GridPoint(norm="linf", block="0", delta=1e-3, settings={"edit_blocks": ["1"]})
+    with pytest.raises(ValueError, match=r"sets \['nullspace_energy'\] to None"):
+        GridPoint(norm="linf", block="0", delta=1e-3, settings={"nullspace_energy": None})
 
 
 def test_points_made_before_a_setting_existed_resume_at_its_default(tmp_path):

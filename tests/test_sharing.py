@@ -220,7 +220,7 @@ def test_memedit_eval_refuses_a_hostile_package_in_one_line(tmp_path, real_bert_
     hub.verify: a resealed package holding NaN stops the command with one line, and nothing is written."""
     from safetensors.torch import load_file, save_file
 
-    from hf_memedit.io import file_sha256, tensor_sha256
+    from hf_memedit.files import file_sha256, tensor_sha256
 
     run_dir, package = tmp_path / "run", tmp_path / "pkg"
     _make_run(str(run_dir), AutoModelForMaskedLM.from_pretrained(real_bert_dir), seed=0)

@@ -15,9 +15,9 @@ from transformers import AutoModelForMaskedLM
 
 from hf_memedit import BlockSelectorConfig, EditModel, get_edit_model
 from hf_memedit.evaluation.results import ResultsRecord
+from hf_memedit.files import file_sha256, tensor_sha256
 from hf_memedit.hub import apply_edit, package_edit, revert_edit
 from hf_memedit.hub.manifest import MANIFEST_NAME, ManifestError, manifest_id, read_manifest, safe_path
-from hf_memedit.io import file_sha256, tensor_sha256
 from hf_memedit.model import BASE_WEIGHTS_NAME, WEIGHTS_NAME
 from hf_memedit.run_folder import LOCK_NAME, claim_run_folder, seal_run
 

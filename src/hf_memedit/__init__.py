@@ -11,6 +11,7 @@ from .edit_trainer import ConstrainedEditTrainer
 from .evaluation.metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
 from .evaluation.results import ResultsRecord, library_versions
 from .evaluation.scoring import FactResults, candidate_vocabulary, evaluate_facts, generate_answers, generate_facts
+from .experiments.facts_edit import edit_facts
 from .facts import FactRecord, FactsFileError, check_lengths, describe_facts, facts_splits, load_facts, read_facts
 from .fast_paths.heads import object_positions_only
 from .fast_paths.prefix import PrefixCache
@@ -53,6 +54,7 @@ __all__ = [
     "check_lengths",
     "describe_facts",
     "disjoint_split",
+    "edit_facts",
     "edit_metrics",
     "end_process_group",
     "evaluate_facts",

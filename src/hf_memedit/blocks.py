@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import BlockLayout, block_list, embedding_modules, layout_for, num_blocks, resolve_module
-from .io import atomic_write_text, read_json
+from .files import atomic_write_text, read_json
 
 
 CONFIG_NAME = "memedit_config.json"

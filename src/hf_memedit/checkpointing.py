@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .io import load_tensors, save_tensors
+from .files import load_tensors, save_tensors
 from .model import EditModel
 
 

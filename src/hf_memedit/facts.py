@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .benchmarks.common import FEATURES, MODIFIED_TEST, MODIFIED_TRAIN, numbered_jsonl, source_hash
 from .collators import PLACEHOLDER
-from .io import looks_like_path
+from .files import looks_like_path
 
 
 logger = logging.getLogger(__name__)

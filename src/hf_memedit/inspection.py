@@ -1,4 +1,4 @@
-"""What hf_memedit would edit in a model, read from the block table: `memedit inspect` and the README's list.
+"""What hf_memedit would edit in a model, read from the block table: `memedit inspect` and the list in docs/models.md.
 
 A user checks a model before editing it: where its blocks, embeddings, LM head and MLP output
 projections are, how many parameters each block holds, and which fast paths its forward allows.
@@ -88,7 +88,7 @@ def describe_layout(
 
 
 def architectures_markdown() -> str:
-    """The block table as the README's list of supported architectures (a test keeps the two equal)."""
+    """The block table as docs/models.md's list of supported architectures (a test keeps the two equal)."""
     lines = ["| model_type | blocks | embeddings | LM head | mlp_out | notes |", "|---|---|---|---|---|---|"]
     for model_type, layout in ARCHITECTURES.items():
         notes = []

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from .io import load_tensors, save_tensors
+from .files import load_tensors, save_tensors
 
 
 logger = logging.getLogger(__name__)

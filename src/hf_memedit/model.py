@@ -18,22 +18,17 @@ from transformers import PreTrainedModel
 
 from .architectures import architecture_config
 from .blocks import BlockSelectorConfig, selected_parameter_names
-from .io import edit_folder, save_tensors, tensor_sha256
+from .edit_files import (
+    BASE_CONFIG_KEY,
+    BASE_HASHES_KEY,
+    BASE_WEIGHTS_NAME,
+    CHAIN_ATTRIBUTE,
+    EDIT_HASHES_KEY,
+    WEIGHTS_NAME,
+    chain_of,
+)
+from .files import edit_folder, save_tensors, tensor_sha256
 from .sharding import like, whole
-
-
-WEIGHTS_NAME = "memedit_edit.safetensors"
-BASE_WEIGHTS_NAME = "memedit_base.safetensors"  # the base values of the changed tensors: revert without the base checkpoint
-# Metadata keys of the edit file: the sha256 of each changed tensor at the base and edited, and the base config.
-BASE_HASHES_KEY = "memedit_base_sha256"
-EDIT_HASHES_KEY = "memedit_edit_sha256"
-BASE_CONFIG_KEY = "memedit_base_config"  # the base model's `architecture_config`
-CHAIN_ATTRIBUTE = "memedit_chain"  # config attribute: the ids of the shared edits applied, oldest first
-
-
-def chain_of(model: PreTrainedModel) -> list[str]:
-    """The ids of the shared edits applied to `model`, oldest first."""
-    return list(getattr(model.config, CHAIN_ATTRIBUTE, None) or [])
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
-from .io import atomic_write_text, read_json
+from .files import atomic_write_text, read_json
 
 
 logger = logging.getLogger(__name__)

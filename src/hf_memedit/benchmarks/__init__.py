@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..architectures import model_kind
 from ..collators import FactEncoder, filter_encodable
 from ..evaluation.scoring import evaluate_facts
-from ..io import atomic_directory, check_target, file_sha256
+from ..files import atomic_directory, check_target, file_sha256
 from . import geo, trex, zsre
 from .common import SPLITS, Fact, ModBenchmarkBuilder, data_fingerprint, source_hash
 from .geo import GeoMod, GeoModConfig

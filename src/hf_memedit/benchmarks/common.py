@@ -12,6 +12,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import version
 
 import datasets
 
@@ -293,9 +294,7 @@ class ModBenchmarkBuilder(datasets.GeneratorBasedBuilder):
 def source_hash(*modules) -> str:
     """Package version + hash of the builder modules' source and of this file, so a code change never
     reuses a stale cache."""
-    from .. import __version__
-
-    digest = hashlib.sha256(__version__.encode())
+    digest = hashlib.sha256(version("hf_memedit").encode())
     for module in modules:
         with open(module.__file__, "rb") as handle:
             digest.update(handle.read())

@@ -8,31 +8,45 @@
     memedit inspect Qwen/Qwen2.5-7B [--edit_blocks 20]   (the layout hf_memedit would use; config only)
     accelerate launch train_edit.py --config ...        (= memedit edit; DDP with --multi_gpu)
 
-Every key of the YAML is a field of `JobConfig` (its four groups) or `EditConfig` (`memedit edit --help` lists them
-all); a command-line option overrides the YAML. One module per command, each with its `main(argv)`.
+Every key of the YAML is a field of `JobConfig` (its four groups), of a compare method's arguments
+(`experiments/methods/`) or of `EditConfig` (`memedit edit --help` lists them all); a command-line option overrides
+the YAML. One module per command, each with its `make_parser()` and `main(argv)` (`MODULES`); `inspect`'s is
+`layout.py`, since a module named `inspect` would shadow the standard library's.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 import traceback
 
 from huggingface_hub.errors import HfHubHTTPError
 
+from ..edit_config import EditConfig
+from ..experiments import JobConfig
 from ..sharding import end_process_group
-from .parser import parse, read_config
+from .parser import read_config
 
 
-COMMANDS = {  # name -> what it does, from each command's module (its make_parser() and main(argv))
-    name: importlib.import_module(f"{__name__}.{name}").DESCRIPTION for name in ("edit", "sweep", "compare", "eval", "push", "inspect")
-}
+MODULES = {"edit": "edit", "sweep": "sweep", "compare": "compare", "eval": "eval", "push": "push", "inspect": "layout"}
 
 
+def _module(command: str):
+    """The module of `memedit <command>`."""
+    return importlib.import_module(f".{MODULES[command]}", __name__)
+
+
+COMMANDS = {name: _module(name).DESCRIPTION for name in MODULES}  # name -> what it does
+
+
+def parse(command: str, argv: list[str]) -> tuple[JobConfig, EditConfig, argparse.Namespace]:
+    """`memedit <command>`'s parser (its module's `make_parser()`) applied to `argv`."""
+    return _module(command).make_parser().parse_args_and_config(argv)
 
 
 def _run(command: str, rest: list[str]) -> None:
-    importlib.import_module(f".{command}", __name__).main(rest)
+    _module(command).main(rest)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,12 +1,11 @@
-"""The one parser of every `memedit` command: `HfArgumentParser` over JobConfig's groups + `EditConfig` that reads
-a YAML (`--config`, with `base_config` inheritance) and the command line over it, as TRL's `TrlParser` does,
-and whose errors are one line."""
+"""The one parser of every `memedit` command: `HfArgumentParser` over JobConfig's groups, the compare methods'
+arguments and `EditConfig`, that reads a YAML (`--config`, with `base_config` inheritance) and the command line over
+it, as TRL's `TrlParser` does, and whose errors are one line."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import json
 import os
 import re
@@ -20,45 +19,71 @@ from transformers import HfArgumentParser
 
 from ..edit_config import EditConfig
 from ..experiments import JobConfig
-from ..experiments.job_config import GROUPS
+from ..experiments.facts_edit import FACTS_RECIPE
+from ..experiments.job_config import BENCHMARK_ONLY, GROUPS
+from ..experiments.methods import ARGUMENTS, method_arguments
+
+
+DATACLASSES = (*GROUPS, *ARGUMENTS, EditConfig)  # what a command line and a YAML set, in --help's order
 
 
 class MemeditParser(HfArgumentParser):
-    """`HfArgumentParser` over JobConfig's groups + `EditConfig` with `--config`: the YAML (and its
-    `base_config` chain) under the command line, as TRL's `TrlParser`; errors are one line."""
+    """`HfArgumentParser` over JobConfig's groups, the methods' arguments and `EditConfig` with `--config`: the YAML
+    (and its `base_config` chain) under the command line, as TRL's `TrlParser`; errors are one line."""
 
     def __init__(self, command: str, description: str):
         super().__init__(
-            (*GROUPS, EditConfig), prog=f"memedit {command}", description=description,
+            DATACLASSES, prog=f"memedit {command}", description=description,
             epilog="Every option can also be a key of the --config YAML; the command line wins.",
         )
         self.add_argument("--config", default=None, help="YAML file of options (see trainer_configs/).")
+        self.command = command
 
     def error(self, message: str):
         raise ValueError(f"{message} (`{self.prog} --help` lists every option)")
 
     def parse_args_and_config(self, argv: list[str]) -> tuple[JobConfig, EditConfig, argparse.Namespace]:
-        """(JobConfig, EditConfig, the command's own options) from `--config` YAML + overrides.
+        """(JobConfig, EditConfig, the command's own options) from `--config` YAML + overrides; with `--facts` and no
+        config, over the default recipe of a facts edit (`FACTS_RECIPE`).
 
         A config's own checks (δ ≤ 0, unknown setting...) raise ValueError: everything that can be
         checked without the model is checked here, before anything loads."""
         argv = _join_negative_values(argv)
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config", default=None)
+        pre.add_argument("--facts", default=None)
         known, _ = pre.parse_known_args(argv)
         yaml_argv: list[str] = []
         if known.config and not {"-h", "--help"} & set(argv):
             yaml_argv, nulls = yaml_to_argv(known.config)
             self.set_defaults(**nulls)
+        elif known.facts:  # facts without a config: the default recipe of a facts edit
+            self.set_defaults(**FACTS_RECIPE)
         *groups, args, extra = self.parse_args_into_dataclasses(yaml_argv + argv)
-        return JobConfig.from_groups(*groups), args, extra
+        arguments = groups[len(GROUPS):]
+        job = JobConfig.from_groups(*groups[:len(GROUPS)],
+                                    method_args={f.name: getattr(a, f.name) for a in arguments for f in fields(a)})
+        method_arguments(job)  # what only the methods can check (compare_deltas' keys), before anything loads
+        if job.facts:
+            if self.command != "edit":  # sweeps, compares and evaluations pick and score on a benchmark's halves
+                raise ValueError(f"facts are edited by `memedit edit`; `{self.prog}` runs on a benchmark: leave out facts.")
+            _refuse_benchmark_options(argv)
+        return job, args, extra
+
+
+def _refuse_benchmark_options(argv: list[str]) -> None:
+    """Facts replace the config's benchmark and its options; the same options given on the command line beside them
+    say the user meant a benchmark too, which one run cannot be."""
+    given = sorted({token[2:].split("=", 1)[0] for token in argv if token.startswith("--")} & set(BENCHMARK_ONLY))
+    if given:
+        options = ", ".join(f"--{name}" for name in given)
+        raise ValueError(f"{options} choose a benchmark's facts, and facts replace the benchmark: leave {options} out, "
+                         "or leave out facts to edit the benchmark.")
 
 
 def _field_types() -> dict[str, Any]:
     # The declared hints, not `field.type`: HfArgumentParser rewrites the latter (dict | str -> str).
-    return {
-        f.name: typing.get_type_hints(cls)[f.name] for cls in (JobConfig, EditConfig) for f in fields(cls) if f.init
-    }
+    return {f.name: typing.get_type_hints(cls)[f.name] for cls in DATACLASSES for f in fields(cls) if f.init}
 
 
 def _accepts(annotation: Any, kind: type) -> bool:
@@ -135,11 +160,6 @@ def yaml_to_argv(path: str) -> tuple[list[str], dict[str, None]]:
     return argv, nulls
 
 
-def parse(command: str, argv: list[str]) -> tuple[JobConfig, EditConfig, argparse.Namespace]:
-    """`memedit <command>`'s parser (its module's `make_parser()`) applied to `argv`."""
-    return importlib.import_module(f"{__package__}.{command}").make_parser().parse_args_and_config(argv)
-
-
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
 
 
@@ -153,8 +173,6 @@ def _join_negative_values(argv: list[str]) -> list[str]:
         else:
             joined.append(token)
     return joined
-
-
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

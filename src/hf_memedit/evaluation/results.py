@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from ..io import atomic_write_text, read_json
+from ..files import atomic_write_text, read_json
 
 
 RESULTS_JSON = "results.json"
@@ -37,6 +37,10 @@ METRIC_LABELS = {
     "gen_a_m": "A_M by greedy generation",
     "gen_retention": "retention by greedy generation",
     "gen_bleed": "bleed by greedy generation (a whole new object)",
+    "paraphrase_a_m": "generalisation: paraphrases the edit never saw",
+    "gen_paraphrase_a_m": "generalisation by greedy generation",
+    "question_a_m": "the question through the chat template",
+    "gen_question_a_m": "the question through the chat template, by greedy generation",
 }
 # General drift (not fractions): the mean next-token KL(θ0 ‖ θ) and ppl(θ) / ppl(θ0) on held-out samples.
 DRIFT_LABELS = {"drift_kl": "next-token KL(θ0 ‖ θ), held-out text", "perplexity_ratio": "perplexity ratio θ / θ0, held-out text"}
@@ -77,7 +81,8 @@ def format_percent(value: float | None) -> str:
 # Shares whose denominator is small enough to matter: shown with their counts.
 _DENOMINATORS = {"retention": "n_known", "retention_edited": "n_known_edited", "retention_confident": "n_known_confident",
                  "gen_retention": "gen_n_known", "consistency": "n_consistency",
-                 "gen_bleed": "gen_n_lost"}
+                 "gen_bleed": "gen_n_lost", "paraphrase_a_m": "n_paraphrases", "gen_paraphrase_a_m": "n_paraphrases",
+                 "question_a_m": "n_questions", "gen_question_a_m": "n_questions"}
 
 
 def _mark(correct: bool | None) -> str:
@@ -116,6 +121,7 @@ class ResultsRecord:
     facts: list[dict[str, Any]] = field(default_factory=list)  # the edited facts: uuid, relation, subject, old, new
     locality: dict[str, Any] = field(default_factory=dict)  # which unmodified facts were scored (preservation.Locality)
     lost: list[dict[str, Any]] = field(default_factory=list)  # the known unmodified facts the edit lost (metrics.lost_facts)
+    scoring: dict[str, str] = field(default_factory=dict)  # figure -> how it was scored (the stop rule among them)
     seconds: float | None = None
     versions: dict[str, str] = field(default_factory=library_versions)
 
@@ -136,15 +142,20 @@ class ResultsRecord:
             lines += ["", f"Facts: {counts}."]
         if self.locality.get("description"):
             lines += ["", f"Locality (A_F\\S, retention, agreement, bleed) measured on {self.locality['description']}."]
+        if self.scoring:
+            lines += ["", "How it was scored:", ""] + [f"- {what}: {how}." for what, how in self.scoring.items()]
         if self.facts:
-            generated = any("generated" in fact for fact in self.facts)  # a run with generation_eval
-            lines += ["", "| edited fact | old → new | predicted after the edit |" + (" generated after the edit |" if generated else ""),
-                      "|---|---|---|" + ("---|" if generated else "")]
-            for fact in self.facts:
-                row = f"| {fact['text'].replace('[Y]', '___')} | {fact['old']} → {fact['new']} | {fact.get('predicted', '')} {_mark(fact.get('correct'))} |"
-                if generated:
-                    row += f" {_cell(fact.get('generated', ''))} {_mark(fact.get('generated_correct'))} |"
-                lines.append(row)
+            columns = [("edited fact", lambda f: f["text"].replace("[Y]", "___")), ("old → new", lambda f: f"{f['old']} → {f['new']}")]
+            if any("generated_before" in fact for fact in self.facts):
+                columns.append(("generated before the edit", lambda f: _cell(f["generated_before"])))
+            columns.append(("predicted after the edit", lambda f: f"{f.get('predicted', '')} {_mark(f.get('correct'))}"))
+            if any("generated" in fact for fact in self.facts):  # a run with generation_eval
+                columns.append(("generated after the edit", lambda f: f"{_cell(f['generated'])} {_mark(f['generated_correct'])}"))
+            if any("question_answer" in fact for fact in self.facts):  # a facts run's questions, through the chat template
+                columns.append(("question: before → after", lambda f: f"{_cell(f['question_answer_before'])} → "
+                                f"{_cell(f['question_answer'])} {_mark(f['question_correct'])}" if "question_answer" in f else ""))
+            lines += ["", "| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(cell(fact) for _, cell in columns) + " |" for fact in self.facts]
         if self.lost:
             shown = self.lost[:LOST_SHOWN]
             lines += ["", f"Facts the edit lost ({len(self.lost)} of the {self.metrics.get('n_known', '?')} known before it"

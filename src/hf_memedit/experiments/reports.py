@@ -1,17 +1,18 @@
-"""What a sweep writes for people: sweep.md, sweep.json, the trade-off and per-block plots, and the
-point names and the validation pick the compare's report shares."""
+"""What a sweep writes for people: sweep.md, sweep.json, the trade-off and per-block plots; and the lines the
+compare's report shares with it (the knobs every point trains with, the known facts retention rests on)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from ..edit_config import EditConfig
 from ..evaluation.results import format_metric, format_percent, format_versions, plotting
-from ..io import atomic_write_text
-from .points import point_of
+from ..files import atomic_write_text
+from .grid_point import point_of
+from .picks import TEST, VALIDATION, best, pick_rule
 
 
 if TYPE_CHECKING:
@@ -19,30 +20,36 @@ if TYPE_CHECKING:
     from .job_config import JobConfig
 
 
-VALIDATION, TEST = "validation", "test"  # the two halves of the facts, cut by subject (grid.validation_views)
+Column = tuple[str, Callable[[dict], str]]  # a table's header, and a row's cell
 
 
-def best(rows: list[dict], by: str, min_retention: float | None = None) -> dict:
-    """The pick on the half `by`: the best Ā; with `min_retention`, the most A_M among the points that keep at
-    least that share of what the model knew (ties: Ā), or, when none does, the point that keeps the most."""
-    def score(name: str, row: dict) -> float:
-        value = row[by].get(name)
-        return value if value is not None else -1.0
-
-    if min_retention is None:
-        return max(rows, key=lambda r: score("avg_acc", r))
-    kept = [r for r in rows if score("retention", r) >= min_retention]
-    if not kept:
-        return max(rows, key=lambda r: (score("retention", r), score("avg_acc", r)))
-    return max(kept, key=lambda r: (score("a_m", r), score("avg_acc", r)))
+def table(columns: Sequence[Column], rows: Iterable[dict]) -> list[str]:
+    """The lines of a markdown table of `rows`, one column per (header, cell of a row)."""
+    return ["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows)]
 
 
-def pick_rule(min_retention: float | None) -> str:
-    """How `best` picks, in words, for the reports."""
-    if min_retention is None:
-        return "the best Ā = (A_M + A_F\\S) / 2"
-    return (f"the most A_M among the points keeping at least {format_percent(min_retention)} of what the model knew "
-            "(ties: Ā; where none does, the one keeping the most)")
+def percent(half: str, name: str) -> Callable[[dict], str]:
+    """A cell: the metric `name` of a row on `half`, as a percentage."""
+    return lambda row: format_percent(row[half].get(name))
+
+
+def metric(half: str, name: str) -> Callable[[dict], str]:
+    """A cell: the metric `name` of a row on `half`, as the results show it (a share: of how many)."""
+    return lambda row: format_metric(row[half], name)
+
+
+def point(row: dict) -> str:
+    """A cell: the row's point in words."""
+    return point_of(row).describe()
+
+
+SWEEP_COLUMNS = (
+    ("point", point), ("A_M", percent(TEST, "a_m")), ("A_F\\S val", percent(VALIDATION, "a_fs")),
+    ("Ā val", percent(VALIDATION, "avg_acc")), ("retention val", metric(VALIDATION, "retention")),
+    ("A_F\\S test", percent(TEST, "a_fs")), ("Ā test", percent(TEST, "avg_acc")), ("retention test", metric(TEST, "retention")),
+    ("agreement test", percent(TEST, "agreement")),
+)
 
 
 # The training knobs a point's description leaves out: a report names them, so its table can be made again.
@@ -89,17 +96,8 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
         f"A pick is {pick_rule(job.pick_min_retention)}. {known_facts_note(rows)}",
         shared_settings(args),
         "",
-        "| point | A_M | A_F\\S val | Ā val | retention val | A_F\\S test | Ā test | retention test | agreement test |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *table(SWEEP_COLUMNS, rows),
     ]
-    for r in rows:
-        v, t = r[VALIDATION], r[TEST]
-        lines.append(
-            f"| {point_of(r).describe()} | {format_percent(t['a_m'])} | "
-            f"{format_percent(v['a_fs'])} | {format_percent(v['avg_acc'])} | {format_metric(v, 'retention')} | "
-            f"{format_percent(t['a_fs'])} | {format_percent(t['avg_acc'])} | {format_metric(t, 'retention')} | "
-            f"{format_percent(t.get('agreement'))} |"
-        )
     for label, by in (("picked on validation (reported on test)", VALIDATION), ("picked on test (as the paper did)", TEST)):
         chosen = best(rows, by, job.pick_min_retention)
         lines += ["", f"Best {label}: {point_of(chosen).describe()} → "

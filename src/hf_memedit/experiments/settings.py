@@ -20,7 +20,7 @@ from ..benchmarks.common import MODIFIED_TRAIN, UNMODIFIED_TRAIN
 from ..collators import PLACEHOLDER, FactEncoder, filter_encodable
 from ..edit_config import EditConfig
 from ..edit_trainer import ConstrainedEditTrainer
-from ..io import atomic_write_text
+from ..files import atomic_write_text
 from ..keys import model_samples
 from ..preservation import Locality, NeighbourRisk, disjoint_split, no_split, preservation_batches
 from .job_config import FT_SETTINGS, FTA_SETTINGS, JobConfig

@@ -12,7 +12,7 @@ import os
 import torch
 from transformers import PreTrainedModel
 
-from ..io import edit_folder
+from ..files import edit_folder
 from ..model import CHAIN_ATTRIBUTE, chain_of, write_values
 from .verify import verify_package
 

@@ -1,10 +1,9 @@
-"""The model card of an edit, rendered from `hub_cards/memedit_edit_card.md` through huggingface_hub's ModelCard."""
+"""The model card of an edit, rendered from `hub_cards/memedit_edit_card.md` (package data) through huggingface_hub's
+ModelCard."""
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -15,23 +14,16 @@ from ..edit_config import describe_constraint
 from ..evaluation.results import METRIC_LABELS, format_metric, format_versions
 
 
-CARD_TEMPLATE = "memedit_edit_card.md"
+CARD_TEMPLATE = "memedit_edit_card.md"  # in the top-level hub_cards/, package data through the link hf_memedit/hub_cards
 
 
-def hub_cards_dir() -> str:
-    """`hub_cards/` of the source tree (editable installs and checkouts), else the installed copy."""
-    candidates = [
-        os.path.join(Path(__file__).resolve().parents[3], "hub_cards"),
-        os.path.join(sys.prefix, "share", "hf_memedit", "hub_cards"),
-    ]
-    for folder in candidates:
-        if os.path.isfile(os.path.join(folder, CARD_TEMPLATE)):
-            return folder
-    raise FileNotFoundError(f"The model card template {CARD_TEMPLATE} is in none of: {', '.join(candidates)}.")
+def card_template() -> str:
+    """The model card template, as the package ships it (a checkout, an editable install and a wheel alike)."""
+    return files("hf_memedit").joinpath("hub_cards", CARD_TEMPLATE).read_text(encoding="utf-8")
 
 
 def render_card(manifest: dict[str, Any], repo_id: str, kind: str, license: str | None = None) -> ModelCard:
-    """The model card of an edit, from `hub_cards/memedit_edit_card.md` through huggingface_hub's ModelCard."""
+    """The model card of an edit, from the package's card template through huggingface_hub's ModelCard."""
     base = manifest["base_model"]
     base_id = base["repo_id"]
     metrics = manifest["metrics"]
@@ -66,7 +58,7 @@ def render_card(manifest: dict[str, Any], repo_id: str, kind: str, license: str 
     )
     return ModelCard.from_template(
         card_data,
-        template_path=os.path.join(hub_cards_dir(), CARD_TEMPLATE),
+        template_str=card_template(),
         title=f"{base_label}, edited: {len(manifest['facts'])} facts changed",
         base_model_label=base_label,
         base_model_load=load_name,

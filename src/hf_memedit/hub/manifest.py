@@ -1,6 +1,6 @@
 """`memedit_manifest.json`: exactly what an edit changed, checkable before anything is applied.
 
-Schema (version 2; documented in the README):
+Schema (version 2; documented in docs/sharing.md):
 
     schema, version             "hf_memedit/manifest", 2
     format                      "delta" | "full" | "peft"
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_write_text, file_sha256, tensor_sha256
+from ..files import atomic_write_text, file_sha256, tensor_sha256
 
 
 MANIFEST_NAME = "memedit_manifest.json"

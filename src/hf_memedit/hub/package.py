@@ -14,7 +14,7 @@ from ..architectures import architecture_config, model_kind
 from ..blocks import CONFIG_NAME, BlockSelectorConfig
 from ..edit_config import constraint_record
 from ..evaluation.results import RESULTS_JSON, ResultsRecord
-from ..io import atomic_directory, check_target, looks_like_path, tensors_from_bytes
+from ..files import atomic_directory, check_target, looks_like_path, tensors_from_bytes
 from ..model import BASE_CONFIG_KEY, BASE_WEIGHTS_NAME, WEIGHTS_NAME, chain_of, values_at
 from ..packaged import PACKAGED_MODELS
 from ..run_folder import read_run

@@ -34,8 +34,8 @@ from transformers import PreTrainedModel
 
 from ..architectures import architecture_config
 from ..blocks import CONFIG_NAME, BlockSelectorConfig, selected_parameter_names
-from ..io import tensor_sha256
-from ..model import BASE_CONFIG_KEY, BASE_HASHES_KEY, BASE_WEIGHTS_NAME, EDIT_HASHES_KEY, WEIGHTS_NAME, chain_of
+from ..edit_files import BASE_CONFIG_KEY, BASE_HASHES_KEY, BASE_WEIGHTS_NAME, EDIT_HASHES_KEY, WEIGHTS_NAME, chain_of
+from ..files import tensor_sha256
 from ..projection import NORMS
 from .manifest import ManifestError, read_manifest, safe_path, tensor_entry
 

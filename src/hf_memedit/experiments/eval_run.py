@@ -18,9 +18,8 @@ from ..evaluation.metrics import (
 from ..evaluation.results import RESULTS_JSON, ResultsRecord
 from ..model import EditModel
 from ..run_folder import check_writable
+from .context import Theta0Context
 from .job_config import JobConfig
-from .loading import load_model_and_tokenizer, prepare_benchmark
-from .settings import drift_samples, locality_split, starting_model
 
 
 def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name: str | None = None) -> tuple[ResultsRecord, str]:
@@ -30,22 +29,18 @@ def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name
     if os.path.exists(os.path.join(folder, RESULTS_JSON)):
         raise ValueError(f"{folder} already holds an evaluation: choose another --eval_name.")
     check_writable(folder)
-    model, tokenizer = load_model_and_tokenizer(job)
     # As the run: θ0 of its setting (its saved FT model; RI's seeded init), the facts drawn on it, and its locality
     # split, so an edit that preserved benchmark facts is scored on the disjoint rest.
-    model = starting_model(model, tokenizer, job, args, reuse_only=True)
-    splits = prepare_benchmark(job, model, tokenizer)
-    splits, locality = locality_split(splits, job, args)
-    batch = args.per_device_eval_batch_size
-    show = dict(batch_size=batch, show_progress=True)
+    context = Theta0Context(job, args, reuse_only=True)
+    model, tokenizer, splits, batch = context.model, context.tokenizer, context.splits, context.batch_size
     before = answers_before = held_out = edit = None
     if edit_dir:
-        before = evaluate_splits(model, tokenizer, splits, original=True, **show)
-        answers_before = generate_splits(model, tokenizer, splits, batch) if args.generation_eval else None
-        held_out = drift_samples(model, tokenizer, args)  # θ0's samples, drawn as the run drew them
+        before = context.before("eval", splits)
+        answers_before = context.generated_before("eval", splits)
+        held_out = context.drift_samples()  # θ0's samples, drawn as the run drew them
         edit = EditModel.from_pretrained(model, edit_dir)
         model = edit.merge_and_unload()
-    after = evaluate_splits(model, tokenizer, splits, **show)
+    after = evaluate_splits(model, tokenizer, splits, batch_size=batch, show_progress=True)
     kind = model_kind(model)
     metrics = edit_metrics(splits, after, before, tokenizer, kind)
     if args.generation_eval:  # as the run scored it
@@ -56,7 +51,7 @@ def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name
         metrics, config={"edit_dir": edit_dir, "setting": job.setting},
         seed=args.seed, model=job.model_name_or_path,
         benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
-        locality=locality.to_dict(), lost=lost_facts(splits, after, before, tokenizer, kind),
+        locality=context.locality.to_dict(), lost=lost_facts(splits, after, before, tokenizer, kind),
     )
     record.save(folder)
     return record, folder
