@@ -60,7 +60,7 @@ class Declaration:
 
 
 def describe_selection(scope: BlockSelectorConfig) -> str:
-    """"blocks 1, embeddings (modules mlp_out)": a selection in a refusal's words."""
+    """ "blocks 1, embeddings (modules mlp_out)": a selection in a refusal's words."""
     text = "blocks " + ", ".join(map(str, scope.blocks))
     return text + (f" (modules {', '.join(scope.modules)})" if scope.modules else "")
 
@@ -68,7 +68,9 @@ def describe_selection(scope: BlockSelectorConfig) -> str:
 def _scope_of(manifest: dict[str, Any]) -> BlockSelectorConfig:
     constraint = manifest["constraint"]
     return BlockSelectorConfig(
-        blocks=constraint["blocks"], modules=constraint.get("modules"), blocks_path=constraint.get("blocks_path"),
+        blocks=constraint["blocks"],
+        modules=constraint.get("modules"),
+        blocks_path=constraint.get("blocks_path"),
         embeddings_paths=constraint.get("embeddings_paths"),
     )
 
@@ -86,7 +88,9 @@ def package_declaration(where: str, manifest: dict[str, Any]) -> Declaration:
     try:
         scope = _scope_of(manifest)
     except ValueError as error:
-        raise ManifestError(f"{where}: the manifest's blocks {manifest['constraint']['blocks']!r} are not a block selection ({error})") from None
+        raise ManifestError(
+            f"{where}: the manifest's blocks {manifest['constraint']['blocks']!r} are not a block selection ({error})"
+        ) from None
     base = manifest["base_model"]
     return Declaration(
         where=where,
@@ -123,7 +127,9 @@ def package_tensors(
         if CONFIG_NAME in manifest["files"]:
             _check_selection_file(folder, manifest, where)
     else:
-        sources = sorted(name for name in manifest["files"] if name.endswith(".safetensors") and name != BASE_WEIGHTS_NAME)
+        sources = sorted(
+            name for name in manifest["files"] if name.endswith(".safetensors") and name != BASE_WEIGHTS_NAME
+        )
     state = model.state_dict() if format == "full" else {}
     if any(value.device.type == "meta" for value in state.values()):
         raise ValueError(
@@ -152,7 +158,9 @@ def package_tensors(
     for what, tensors in (("edited", after), ("base", base)):
         missing = sorted(declared - set(tensors))
         if missing:
-            raise ManifestError(f"{where} lacks the {what} value of {missing[0]!r}, which its manifest declares: refused.")
+            raise ManifestError(
+                f"{where} lacks the {what} value of {missing[0]!r}, which its manifest declares: refused."
+            )
     extra = sorted(set(base) - declared)
     if extra:
         raise ManifestError(
@@ -164,7 +172,9 @@ def package_tensors(
 
 def _equal(value: torch.Tensor, other: torch.Tensor | None) -> bool:
     return (
-        other is not None and value.dtype == other.dtype and value.shape == other.shape
+        other is not None
+        and value.dtype == other.dtype
+        and value.shape == other.shape
         and torch.equal(value, other.detach().cpu())
     )
 
@@ -178,7 +188,9 @@ def _opened(path: str, where: str) -> Iterator[Any]:
         with safe_open(path, framework="pt") as handle:
             yield handle
     except SafetensorError as error:
-        raise ManifestError(f"{os.path.basename(path)} in {where} is not a readable safetensors file ({error}): refused.") from None
+        raise ManifestError(
+            f"{os.path.basename(path)} in {where} is not a readable safetensors file ({error}): refused."
+        ) from None
 
 
 def _read_tensors(path: str, where: str) -> dict[str, torch.Tensor]:
@@ -201,7 +213,9 @@ def _check_selection_file(folder: str, manifest: dict[str, Any], where: str) -> 
         )
 
 
-def run_edit_declaration(folder: str, where: str) -> tuple[Declaration, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def run_edit_declaration(
+    folder: str, where: str
+) -> tuple[Declaration, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The declaration and (edited, base) tensors of a run's `edit/` folder (`EditModel.save_pretrained`): its
     selection, and the sha256 of each tensor, edited and base, and its base's config recorded in the edit file."""
     scope = BlockSelectorConfig.from_pretrained(folder)
@@ -221,10 +235,14 @@ def run_edit_declaration(folder: str, where: str) -> tuple[Declaration, dict[str
     except json.JSONDecodeError:
         raise ManifestError(f"{path}: its recorded hashes are not JSON: the file was altered. Refused.") from None
     if not isinstance(edit_hashes, dict) or not isinstance(base_hashes, dict) or set(edit_hashes) != set(after):
-        raise ManifestError(f"{path} holds other tensors than its recorded hashes list: the file was altered. Refused.")
+        raise ManifestError(
+            f"{path} holds other tensors than its recorded hashes list: the file was altered. Refused."
+        )
     base = _read_tensors(safe_path(folder, BASE_WEIGHTS_NAME), where)
     if set(base) != set(after):
-        raise ManifestError(f"{BASE_WEIGHTS_NAME} in {where} holds other tensors than {WEIGHTS_NAME}: the folder was altered. Refused.")
+        raise ManifestError(
+            f"{BASE_WEIGHTS_NAME} in {where} holds other tensors than {WEIGHTS_NAME}: the folder was altered. Refused."
+        )
     declaration = Declaration(
         where=where,
         tensors={name: {"sha256": edit_hashes[name], "base_sha256": base_hashes.get(name)} for name in after},
@@ -236,7 +254,11 @@ def run_edit_declaration(folder: str, where: str) -> tuple[Declaration, dict[str
 
 
 def verify_package(
-    model: PreTrainedModel, folder: str, where: str, applying: bool, formats: tuple[str, ...] = ("delta", "full"),
+    model: PreTrainedModel,
+    folder: str,
+    where: str,
+    applying: bool,
+    formats: tuple[str, ...] = ("delta", "full"),
 ) -> tuple[Declaration, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A shared package checked whole against `model` (`check_edit`): its declaration and (edited, base) values."""
     manifest = read_manifest(folder)
@@ -261,7 +283,10 @@ def verify_run_edit(
 
 
 def check_edit(
-    model: PreTrainedModel, declared: Declaration, after: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+    model: PreTrainedModel,
+    declared: Declaration,
+    after: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
     applying: bool,
 ) -> None:
     """Refuse, in one line naming the edit, the tensor and the fix, anything `declared` does not allow or that
@@ -272,7 +297,9 @@ def check_edit(
     try:
         allowed = set(selected_parameter_names(model, declared.scope))
     except ValueError as error:
-        raise ManifestError(f"{where} declares the {describe_selection(declared.scope)}, which do not fit this model: {error}") from None
+        raise ManifestError(
+            f"{where} declares the {describe_selection(declared.scope)}, which do not fit this model: {error}"
+        ) from None
     changes = {}
     for name in sorted(declared.tensors):
         entry, value, before = declared.tensors[name], after[name], base[name]
@@ -322,20 +349,28 @@ def _check_chain(model: PreTrainedModel, declared: Declaration, applying: bool) 
             "apply (or revert) edits in the order they were made."
         )
     if not applying and declared.id not in chain:
-        raise ManifestError(f"{where} was never applied to this model (its edits: {chain or 'none'}): nothing to revert.")
+        raise ManifestError(
+            f"{where} was never applied to this model (its edits: {chain or 'none'}): nothing to revert."
+        )
     if not applying and chain[-1] != declared.id:
         raise ManifestError(
             f"{where} is not the last edit applied to this model (applied: {chain}); revert the later edits first."
         )
 
 
-def _check_tensor(where: str, name: str, entry: dict[str, Any], actual: dict[str, Any], base_sha256: str) -> dict[str, Any]:
+def _check_tensor(
+    where: str, name: str, entry: dict[str, Any], actual: dict[str, Any], base_sha256: str
+) -> dict[str, Any]:
     """The tensor's values as declared: its sha256 edited and at the base, and (in a package) its shape, dtype and
     the change it declares. Returns `actual` (its max |Δ| and ‖Δ‖₂) for the constraint."""
     if actual["sha256"] != entry["sha256"]:
-        raise ManifestError(f"{where}: the edited tensor {name!r} differs from the one saved (its sha256): damaged or altered. Refused.")
+        raise ManifestError(
+            f"{where}: the edited tensor {name!r} differs from the one saved (its sha256): damaged or altered. Refused."
+        )
     if base_sha256 != entry["base_sha256"]:
-        raise ManifestError(f"{where}: the base tensor {name!r} differs from the one saved (its sha256): damaged or altered. Refused.")
+        raise ManifestError(
+            f"{where}: the base tensor {name!r} differs from the one saved (its sha256): damaged or altered. Refused."
+        )
     for key in ("shape", "dtype"):
         if key in entry and entry[key] != actual[key]:
             raise ManifestError(f"{where} declares {name!r} with {key} {entry[key]} but holds {actual[key]}: refused.")
@@ -399,7 +434,9 @@ def _check_config(model: PreTrainedModel, declared: Declaration) -> None:
         )
 
 
-def _check_model_values(model: PreTrainedModel, declared: Declaration, params: dict[str, torch.nn.Parameter], applying: bool) -> None:
+def _check_model_values(
+    model: PreTrainedModel, declared: Declaration, params: dict[str, torch.nn.Parameter], applying: bool
+) -> None:
     current = {name: tensor_sha256(params[name]) for name in declared.tensors}
     if not applying:
         for name, entry in sorted(declared.tensors.items()):
@@ -413,7 +450,9 @@ def _check_model_values(model: PreTrainedModel, declared: Declaration, params: d
     if not differ:
         return
     if all(current[name] == entry["sha256"] for name, entry in declared.tensors.items()):
-        raise ManifestError(f"{declared.where} is already applied to the given model: its weights hold the edited values.")
+        raise ManifestError(
+            f"{declared.where} is already applied to the given model: its weights hold the edited values."
+        )
     raise ManifestError(
         f"{declared.where} was made for a different base model: {differ[0]!r} of the given model differs from the base "
         f"the edit recorded ({declared.base_label}). Load that base model, or revert an edit already applied to this one."
