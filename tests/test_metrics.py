@@ -316,8 +316,8 @@ def test_results_record_round_trip(tmp_path):
     assert ResultsRecord.load(tmp_path).lost == lost
     table = (tmp_path / "results.md").read_text()
     assert (
-        f"Facts the edit lost ({LOST_SHOWN + 1} of the 60 known before it; the first {LOST_SHOWN} here, all in results.json)"
-        in table
+        f"Facts the edit lost ({LOST_SHOWN + 1} of the 60 known "
+        f"before it; the first {LOST_SHOWN} here, all in results.json)" in table
     )
     assert "| City 0 is in ___. | Peru | Chile | yes | 0.25 |" in table and f"City {LOST_SHOWN - 1} is" in table
     assert f"City {LOST_SHOWN} is" not in table

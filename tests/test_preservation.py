@@ -1,4 +1,5 @@
-"""Preservation: the disjoint locality split, the neighbour mix and its weighted loss, bleed, and the options' errors."""
+"""Preservation: the disjoint locality split, the neighbour mix and its weighted loss, bleed, and the
+options' errors."""
 
 import datasets
 import pytest

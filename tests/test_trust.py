@@ -54,7 +54,7 @@ def package(run, tmp_path):
     return str(tmp_path / "pkg")
 
 
-# ------------------------------------------------------------------ the publisher of a hostile package
+# ---------------------------------------------------------- the publisher of a hostile package
 
 
 def rewrite(folder, name, change):
@@ -96,7 +96,7 @@ def declare(manifest, name, after, base):
     manifest["base_model"]["tensors"][name] = tensor_sha256(base)
 
 
-# ------------------------------------------------------------------ what must not change on a refusal
+# ---------------------------------------------------------- what must not change on a refusal
 
 
 def model_state(model):
@@ -135,7 +135,7 @@ def refused(call, match, model, *folders, error=ManifestError) -> str:
     return str(info.value)
 
 
-# ------------------------------------------------------------------ 1. revert writes only what is declared, all or nothing
+# ---------------------------------------------------------- 1. revert writes only what is declared, all or nothing
 
 
 @pytest.mark.parametrize(
@@ -197,7 +197,7 @@ def test_a_write_that_fails_puts_the_model_back(call, package, base):
     assert same_model(model, state)
 
 
-# ------------------------------------------------------------------ 3. a package changes only what it declares
+# ---------------------------------------------------------- 3. a package changes only what it declares
 
 
 def test_an_undeclared_tensor_in_the_edit_file_is_refused(package, base):
@@ -319,11 +319,12 @@ def test_shape_and_dtype_errors_are_refused_before_any_write(kind, package, base
     refused(lambda: apply_edit(model, package), "the edit was made for another model", model, package)
 
 
-# ------------------------------------------------------------------ 4. EditModel.from_pretrained (memedit eval --edit_dir)
+# ---------------------------------------------------------- 4. EditModel.from_pretrained (memedit eval --edit_dir)
 
 
 def test_from_pretrained_reads_the_manifest_and_round_trips(package, base):
-    """Probe p1e.py: from_pretrained loaded a package whose config was widened to [1, "embeddings"] and that held NaN."""
+    """Probe p1e.py: from_pretrained loaded a package whose config was widened to [1, "embeddings"] and
+    that held NaN."""
     base_state = model_state(load(base))
     model = load(base)
     edit = EditModel.from_pretrained(model, package)
@@ -375,7 +376,7 @@ def test_from_pretrained_takes_only_delta_packages(run, base, tmp_path):
     )
 
 
-# ------------------------------------------------------------------ 5. locks never follow a link
+# ---------------------------------------------------------- 5. locks never follow a link
 
 
 def test_a_symlinked_or_special_lock_file_is_refused_and_its_target_kept(tmp_path):
@@ -396,7 +397,7 @@ def test_a_symlinked_or_special_lock_file_is_refused_and_its_target_kept(tmp_pat
             pass
 
 
-# ------------------------------------------------------------------ 6. no folder is lost
+# ---------------------------------------------------------- 6. no folder is lost
 
 
 def test_overwrite_refuses_a_git_clone_and_a_project_holding_a_manifest(package, run, tmp_path):
@@ -465,7 +466,7 @@ def test_an_interrupted_overwrite_is_recovered(package, run, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["base", "pkg", "run"]
 
 
-# ------------------------------------------------------------------ 7. the base is identified by its config too
+# ---------------------------------------------------------- 7. the base is identified by its config too
 
 
 def test_the_same_weights_under_another_config_are_refused(package, base):
@@ -482,7 +483,7 @@ def test_the_same_weights_under_another_config_are_refused(package, base):
     refused(lambda: apply_edit(other, package), "was made for a different base model", other, package)
 
 
-# ------------------------------------------------------------------ also seen
+# ---------------------------------------------------------- also seen
 
 
 def test_packaging_a_run_that_diverged_is_refused(run, tmp_path):
@@ -559,7 +560,8 @@ def test_a_file_that_is_not_safetensors_is_one_line(package, base):
 
 
 def test_a_shared_package_holds_no_local_paths(run, base, tmp_path):
-    """The base's repo_id and the run's model_name_or_path were local absolute paths in the pushed manifest and card."""
+    """The base's repo_id and the run's model_name_or_path were local absolute paths in the pushed manifest
+    and card."""
     for format in ("delta", "full"):
         manifest = package_edit(run, str(tmp_path / format), format=format, base_model=load(base))
         assert manifest["base_model"]["repo_id"] is None and manifest["base_model"]["revision"] is None

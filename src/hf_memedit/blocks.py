@@ -61,7 +61,8 @@ class BlockSelectorConfig:
     blocks_path: str | None = field(
         default=None,
         metadata={
-            "help": "For architectures not in the table: path of the nn.ModuleList of blocks, relative to model.base_model."
+            "help": "For architectures not in the table: path of the "
+            "nn.ModuleList of blocks, relative to model.base_model."
         },
     )
     embeddings_paths: list[str] | None = field(
@@ -161,9 +162,9 @@ def _block_submodules(model, layout, modules: dict[str, nn.Module], paths: list[
                 real = layout.mlp_out if path == "mlp_out" else path
                 if real is None:
                     raise ValueError(
-                        f"No MLP output projection is known for {type(model).__name__} (the block table has none: "
-                        "a mixture of experts holds every expert's projections in one module): give a path in the block "
-                        "instead, e.g. edit_modules: [mlp]."
+                        f"No MLP output projection is known for {type(model).__name__} (the block "
+                        "table has none: a mixture of experts holds every expert's projections in "
+                        "one module): give a path in the block instead, e.g. edit_modules: [mlp]."
                     )
                 try:
                     narrowed[f"{label}{'' if len(blocks) == 1 else f' {number}'} {path}"] = block.get_submodule(real)

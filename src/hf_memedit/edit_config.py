@@ -147,10 +147,10 @@ class PreservationArguments:
         metadata={
             "help": "What every batch mixes in to keep the model's other knowledge (hf_memedit.preservation): 'none'; "
             "'evidence' (the unmodified facts' evidence with their benchmark objects: the paper's FTA, what "
-            "setting fta selects); 'answers' (evidence of unmodified facts θ0 predicts right, labelled with θ0's "
-            "own answer: it keeps behaviour instead of teaching labels); 'kl' (the unmodified evidence, with KL(θ0 ‖ θ) of "
-            "the next-token distribution at its object positions as the loss; batches holding such rows run without "
-            "dropout, as θ0's reference does, so θ0 is a fixed point of the term).",
+            "setting fta selects); 'answers' (evidence of unmodified facts θ0 predicts right, labelled with "
+            "θ0's own answer: it keeps behaviour instead of teaching labels); 'kl' (the unmodified evidence, "
+            "with KL(θ0 ‖ θ) of the next-token distribution at its object positions as the loss; batches "
+            "holding such rows run without dropout, as θ0's reference does, so θ0 is a fixed point of the term).",
             "choices": list(PRESERVE_OBJECTIVES),
         },
     )
@@ -195,7 +195,8 @@ class PreservationArguments:
     def validate_preservation(self) -> None:
         if self.preserve_objective not in PRESERVE_OBJECTIVES:
             raise ValueError(
-                f"Unknown preserve_objective {self.preserve_objective!r}: choose one of {', '.join(PRESERVE_OBJECTIVES)}."
+                f"Unknown preserve_objective {self.preserve_objective!r}: "
+                f"choose one of {', '.join(PRESERVE_OBJECTIVES)}."
             )
         if not self.preserve_ratio > 0:
             raise ValueError(
@@ -203,7 +204,8 @@ class PreservationArguments:
             )
         if not self.preserve_weight > 0:
             raise ValueError(
-                f"preserve_weight must be positive, got {self.preserve_weight}: for no preservation set preserve_objective none."
+                f"preserve_weight must be positive, got {self.preserve_weight}: "
+                "for no preservation set preserve_objective none."
             )
         if not 0 <= self.preserve_risk <= 1:
             raise ValueError(
@@ -386,9 +388,9 @@ class EditConfig(ConstraintArguments, PreservationArguments, TrainingArguments):
             )
         if self.norm == "fisher" or self.key_constraint != "none":
             raise ValueError(
-                f"Under FSDP, norm {self.norm!r} with key_constraint {self.key_constraint!r} is refused: the Fisher and "
-                "preserved-key projections work on whole tensors, which FSDP shards across ranks. Use norm linf, l2 or "
-                "none without a key constraint, or DDP when the edited blocks fit on one device."
+                f"Under FSDP, norm {self.norm!r} with key_constraint {self.key_constraint!r} is refused: the "
+                "Fisher and preserved-key projections work on whole tensors, which FSDP shards across ranks. Use "
+                "norm linf, l2 or none without a key constraint, or DDP when the edited blocks fit on one device."
             )
 
     def block_selector_config(self) -> BlockSelectorConfig:
@@ -448,7 +450,10 @@ def describe_constraint(record: Mapping[str, Any]) -> str:
         )
         text += f" ∩ null space of the preserved keys ({kept}; keys from {_keys_source(record)})"
     elif record.get("key_constraint") == "output":
-        text += f" ∩ output ellipsoid on the preserved keys (ρ = {record['output_rho']:g}; keys from {_keys_source(record)})"
+        text += (
+            " ∩ output ellipsoid on the preserved keys (ρ = "
+            f"{record['output_rho']:g}; keys from {_keys_source(record)})"
+        )
     if record.get("blocks"):
         text += f", blocks {', '.join(str(block) for block in record['blocks'])}"
     return text

@@ -46,8 +46,8 @@ class ConstrainedEditTrainer(Trainer):
     `train(resume_from_checkpoint=...)`.
 
     The loss is cross-entropy on the object tokens normalised by their number in the whole
-    effective batch (transformers' `fixed_cross_entropy`, as the models' own losses), so gradient accumulation matches the equal
-    large batch exactly. Two fast paths leave it unchanged up to float rounding:
+    effective batch (transformers' `fixed_cross_entropy`, as the models' own losses), so gradient accumulation matches
+    the equal large batch exactly. Two fast paths leave it unchanged up to float rounding:
     `object_logits_only` runs the LM head only at object positions (`hf_memedit.fast_paths.heads`), and
     `prefix_cache` runs only the blocks from the lowest edited one on (`hf_memedit.fast_paths.prefix`; the
     frozen blocks below then run without dropout).
@@ -120,8 +120,8 @@ class ConstrainedEditTrainer(Trainer):
             prefix_cache = PrefixCache.for_model(base, args.prefix_cache_dtype, layout)
         elif prefix_cache is not None and prefix_cache.block != first_editable_block(base, layout):
             raise ValueError(
-                f"The prefix cache given holds the inputs of block {prefix_cache.block}, but this edit trains "
-                f"from block {first_editable_block(base, layout)}: build one for this selection (PrefixCache.for_model)."
+                f"The prefix cache given holds the inputs of block {prefix_cache.block}, but this edit trains from "
+                f"block {first_editable_block(base, layout)}: build one for this selection (PrefixCache.for_model)."
             )
         self.prefix_cache = prefix_cache
         if self._loss is not None:  # a sum over the accumulated batch's tokens, or a per-batch mean ('sequence')
@@ -224,8 +224,8 @@ class ConstrainedEditTrainer(Trainer):
         return fisher, keys
 
     def _get_num_items_in_batch(self, batch_samples, device):
-        """No token count for a mean per fact: `Trainer` then divides each accumulation group's loss by the micro-batches
-        it holds (fewer in an epoch's last group) and does not rescale it by the number of processes."""
+        """No token count for a mean per fact: `Trainer` then divides each accumulation group's loss by the
+        micro-batches it holds (fewer in an epoch's last group) and does not rescale it by the number of processes."""
         if self._loss is not None and self.args.loss_reduction == "sequence":
             return None
         return super()._get_num_items_in_batch(batch_samples, device)
@@ -276,8 +276,8 @@ class ConstrainedEditTrainer(Trainer):
         return loss
 
     def _with_references(self, inputs):
-        """The batch with θ0's log-probabilities at its KL rows' object positions (`preserve_objective: kl`), each row's
-        computed once (θ0 without dropout: its own distribution) and kept for the next time it comes round."""
+        """The batch with θ0's log-probabilities at its KL rows' object positions (`preserve_objective: kl`), each
+        row's computed once (θ0 without dropout: its own distribution) and kept for the next time it comes round."""
         kl_rows = inputs.get(PRESERVE_INPUT)
         if self._references is None or kl_rows is None or not bool(kl_rows.any()):
             return inputs
@@ -307,16 +307,17 @@ class ConstrainedEditTrainer(Trainer):
         return list(logits.split(positions.sum(1).tolist()))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The object-token loss of the batch; a batch's `object_weights` (a preservation mix) weight its rows, and with
-        `preserve_objective: kl` its preservation rows are scored by KL(θ0 ‖ θ) instead of cross-entropy."""
+        """The object-token loss of the batch; a batch's `object_weights` (a preservation mix) weight its rows, and
+        with `preserve_objective: kl` its preservation rows are scored by KL(θ0 ‖ θ) instead of cross-entropy."""
         inputs = dict(inputs)
         weights, preserve = inputs.pop(WEIGHTS_INPUT, None), inputs.pop(PRESERVE_INPUT, None)
         reference = inputs.pop(REFERENCE_INPUT, None)
         if self._loss is None:
             if weights is not None or reference is not None:
                 raise ValueError(
-                    "This batch carries per-fact loss weights or preservation rows (a preservation mix), which a custom "
-                    "compute_loss_func cannot see: leave compute_loss_func unset, or give batches without them."
+                    "This batch carries per-fact loss weights or preservation rows (a "
+                    "preservation mix), which a custom compute_loss_func cannot see: "
+                    "leave compute_loss_func unset, or give batches without them."
                 )
             return self._skip_when_low(super().compute_loss(model, inputs, return_outputs, num_items_in_batch))
         kl_rows = preserve if reference is not None and model.training else None

@@ -495,8 +495,8 @@ def _check_unique(records: list[FactRecord]) -> None:
         if first is not record:
             if first.target != record.target:
                 raise FactsFileError(
-                    f"{record.location}: the same prompt and subject as {first.location} ({record.text!r}) with another "
-                    f"target ({first.target!r} there, {record.target!r} here): keep one of them."
+                    f"{record.location}: the same prompt and subject as {first.location} ({record.text!r}) "
+                    f"with another target ({first.target!r} there, {record.target!r} here): keep one of them."
                 )
             raise FactsFileError(
                 f"{record.location}: repeats the fact of {first.location} ({record.text!r} -> "

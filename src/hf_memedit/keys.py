@@ -103,8 +103,8 @@ class KeyStatistics:
         ):
             if wanted != found:
                 raise ValueError(
-                    f"The preserved keys in {path} were made for another {what} (theirs {str(found)[:60]}, this edit's "
-                    f"{str(wanted)[:60]}): delete the file, or set preserve_keys_file to another path."
+                    f"The preserved keys in {path} were made for another {what} (theirs {str(found)[:60]}, this "
+                    f"edit's {str(wanted)[:60]}): delete the file, or set preserve_keys_file to another path."
                 )
         return cls(load_tensors(path), int(meta["tokens"]), model_hash, corpus_hash)
 
@@ -207,8 +207,8 @@ def collect_keys(
     available = psutil.virtual_memory().available
     if need > MEMORY_SHARE * available:
         raise MemoryError(
-            f"The preserved keys of {len(layers)} layers need {need / 2**30:.2f} GiB but only {available / 2**30:.2f} GiB "
-            "is free: edit fewer modules (edit_modules, e.g. mlp_out) or fewer blocks."
+            f"The preserved keys of {len(layers)} layers need {need / 2**30:.2f} GiB but only "
+            f"{available / 2**30:.2f} GiB is free: edit fewer modules (edit_modules, e.g. mlp_out) or fewer blocks."
         )
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
@@ -300,8 +300,8 @@ def corpus_texts(
     if corpus == "benchmark":
         if not benchmark_texts:
             raise ValueError(
-                "preserve_corpus 'benchmark' needs the unmodified facts set aside for preservation (preserve_fraction > 0), "
-                "and there are none."
+                "preserve_corpus 'benchmark' needs the unmodified facts set aside "
+                "for preservation (preserve_fraction > 0), and there are none."
             )
         return list(benchmark_texts)[:count]
     import datasets
@@ -319,8 +319,8 @@ def corpus_texts(
         ) from None
     if column not in dataset.column_names:
         raise ValueError(
-            f"The preservation corpus {corpus!r} has no column {column!r} (its columns: {', '.join(dataset.column_names)}): "
-            "set preserve_corpus_column."
+            f"The preservation corpus {corpus!r} has no column {column!r} (its "
+            f"columns: {', '.join(dataset.column_names)}): set preserve_corpus_column."
         )
     texts = [text for text in dataset[column][: 4 * count] if isinstance(text, str) and text.strip()][:count]
     if not texts:

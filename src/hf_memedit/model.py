@@ -79,10 +79,10 @@ class EditModel(nn.Module):
                 {device for module, device in placed.items() if any(n.startswith(f"{module}.") for n in offloaded)}
             )
             raise ValueError(
-                f"{len(offloaded)} of the tensors to edit ({offloaded[0]}, ...) are offloaded by the device_map "
-                f"(to {', '.join(map(str, where)) or 'meta'}): accelerate keeps only a copy of them outside the model, "
-                "which training cannot update. Give the edited blocks a device in device_map (offload other blocks), "
-                "or give the model more memory (max_memory)."
+                f"{len(offloaded)} of the tensors to edit ({offloaded[0]}, ...) are offloaded by the "
+                f"device_map (to {', '.join(map(str, where)) or 'meta'}): accelerate keeps only a copy of "
+                "them outside the model, which training cannot update. Give the edited blocks a device "
+                "in device_map (offload other blocks), or give the model more memory (max_memory)."
             )
         self._requires_grad = {name: param.requires_grad for name, param in params.items()}
         for name, param in params.items():

@@ -76,15 +76,18 @@ class Locality:
         notes = ", ".join(f"{n} {DROP_REASONS[reason]}" for reason, n in sorted(self.dropped.items()))
         tail = f"; not scored: {notes}" if notes else ""
         if self.disjoint and self.preserve_fraction == 0:
-            return f"all {self.n_locality_facts} unmodified facts that no edit changes (no preservation data from the benchmark{tail})"
+            return (
+                f"all {self.n_locality_facts} unmodified facts that no edit "
+                f"changes (no preservation data from the benchmark{tail})"
+            )
         if not self.disjoint:
             return (
                 f"{self.n_locality_facts} unmodified facts, NOT disjoint from the preservation data "
                 f"(preserve_fraction 0{tail}): retention is overstated"
             )
         return (
-            f"{self.n_locality_facts} unmodified facts disjoint from the {self.n_preservation_facts} preservation facts, "
-            f"their subjects and what they state (preserve_fraction {self.preserve_fraction}{tail})"
+            f"{self.n_locality_facts} unmodified facts disjoint from the {self.n_preservation_facts} preservation "
+            f"facts, their subjects and what they state (preserve_fraction {self.preserve_fraction}{tail})"
         )
 
     def to_dict(self) -> dict:

@@ -9,8 +9,8 @@ information at θ0 (see `hf_memedit.fisher`).
 
 Key constraints, on the second moment C = E[k kᵀ] of each edited linear layer's inputs
 (`hf_memedit.keys`); parameters of the edited modules that have no keys (biases, norms) stay at θ0:
-- `nullspace` (AlphaEdit): ΔW = ΔW P with P = ÛÛᵀ (applied through its thinner factor), Û the eigenvectors of C with eigenvalue below
-  `nullspace_threshold` (or outside a kept-energy fraction): exact, a linear subspace.
+- `nullspace` (AlphaEdit): ΔW = ΔW P with P = ÛÛᵀ (applied through its thinner factor), Û the eigenvectors of C with
+  eigenvalue below `nullspace_threshold` (or outside a kept-energy fraction): exact, a linear subspace.
 - `output`: E‖ΔW k‖² = tr(ΔW C ΔWᵀ) ≤ ρ·tr(W0 C W0ᵀ) per layer, projected exactly in C's eigenbasis
   by the same 1-D multiplier search as the Fisher ellipsoid.
 With a ball as well: L2 (global) ∩ nullspace is exact (project onto the subspace, then rescale);
@@ -519,8 +519,8 @@ class NormBallProjector:
             if self.capped_projections == 1:
                 logger.warning(
                     "Dykstra's projection onto the ball ∩ key set stopped on its cap of %d iterations before its "
-                    "iterates settled (tolerance %g): the result lies in both sets but is not the nearest point. Raise "
-                    "projection_iterations; `dykstra_capped` in the logs counts the steps this happened on.",
+                    "iterates settled (tolerance %g): the result lies in both sets but is not the nearest point. "
+                    "Raise projection_iterations; `dykstra_capped` in the logs counts the steps this happened on.",
                     self.iterations,
                     self.tolerance,
                 )
@@ -609,7 +609,8 @@ def validate_constraint(norm: str, delta: object, l2_scope: str = "global") -> f
         return validate_delta(delta)
     if delta is not None:
         raise ValueError(
-            f"norm 'none' is unconstrained but delta={delta!r} is set: remove delta (null), or choose norm 'linf' or 'l2'."
+            f"norm 'none' is unconstrained but delta={delta!r} is "
+            "set: remove delta (null), or choose norm 'linf' or 'l2'."
         )
     return None
 

@@ -107,8 +107,8 @@ def numbered_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[tuple[
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise ValueError(
-                    f"{path}, line {number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}). "
-                    "Re-save the file as UTF-8."
+                    f"{path}, line {number}: not UTF-8 text (byte 0x{raw[error.start]:02x} "
+                    f"at column {error.start + 1}). Re-save the file as UTF-8."
                 ) from None
             if not line.strip():
                 continue

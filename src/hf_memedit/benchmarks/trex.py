@@ -98,7 +98,8 @@ def read_trex(data_dir: str, config: TrexModConfig) -> list[Fact]:
             continue
         if relation not in templates:
             raise ValueError(
-                f"{path}: relation {relation} has no template in {data_dir}/relations.jsonl; add one or remove the file."
+                f"{path}: relation {relation} has no template in "
+                f"{data_dir}/relations.jsonl; add one or remove the file."
             )
         template = templates[relation]
         if config.object_last and not object_last(template):

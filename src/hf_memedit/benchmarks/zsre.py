@@ -3,8 +3,8 @@
 
 Each line: `id`, `input` = "subject [SEP] relation", `meta.template_questions`, `output[].answer`.
 A fact's questions (less near-duplicates: case, spacing) are split as in the paper: 1 question -> train
-only; 2 or 3 -> one to test; more than 3 -> two to test. The text is the question followed by the object placeholder; answers
-may span several tokens (at most `max_answer_tokens`), inputs at most `max_input_tokens`.
+only; 2 or 3 -> one to test; more than 3 -> two to test. The text is the question followed by the object placeholder;
+answers may span several tokens (at most `max_answer_tokens`), inputs at most `max_input_tokens`.
 """
 
 from __future__ import annotations

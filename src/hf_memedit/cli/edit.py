@@ -52,7 +52,8 @@ def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5
                 else ""
             )
             lines.append(
-                f"  {fact['text'].replace('[Y]', '___')}  {fact['old']} -> {fact['new']}  [{fact['predicted']}, {mark}{answer}]"
+                f"  {fact['text'].replace('[Y]', '___')}  {fact['old']} "
+                f"-> {fact['new']}  [{fact['predicted']}, {mark}{answer}]"
             )
             if "question_answer" in fact:
                 lines.append(

@@ -22,5 +22,6 @@ def main(argv: list[str]) -> None:
     run_sweep(job, args)
     print(open(os.path.join(args.output_dir, "sweep.md"), encoding="utf-8").read())
     print(
-        f"plots: {os.path.join(args.output_dir, 'tradeoff.png')}, {os.path.join(args.output_dir, 'avg_acc_per_block.png')}"
+        f"plots: {os.path.join(args.output_dir, 'tradeoff.png')}, "
+        f"{os.path.join(args.output_dir, 'avg_acc_per_block.png')}"
     )

@@ -41,7 +41,8 @@ def _share(flags: Sequence[bool]) -> float | None:
 def _check_length(name: str, values: Sequence | None, expected: int, of: str) -> None:
     if values is not None and len(values) != expected:
         raise ValueError(
-            f"{name} has {len(values)} entries but there are {expected} {of} facts: give one per fact, in the same order."
+            f"{name} has {len(values)} entries but there are {expected} "
+            f"{of} facts: give one per fact, in the same order."
         )
 
 
@@ -444,7 +445,8 @@ def next_token_drift(
     at_theta0: Callable[[], AbstractContextManager],
     batch_size: int = 16,
 ) -> dict[str, float]:
-    """General drift on held-out text: the mean next-token KL(θ0 ‖ θ) per token and the perplexity ratio ppl(θ) / ppl(θ0).
+    """General drift on held-out text: the mean next-token KL(θ0 ‖ θ) per token and the perplexity ratio
+    ppl(θ) / ppl(θ0).
 
     `sequences` are token ids (e.g. θ0's own samples that no key or objective saw); `at_theta0` is a context
     manager that puts θ0's weights in place (the trainer's), so both models run on the same batches.

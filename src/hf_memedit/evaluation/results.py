@@ -209,8 +209,8 @@ class ResultsRecord:
                 "|---|---|---|---|---|",
             ]
             lines += [
-                f"| {fact['text'].replace('[Y]', '___')} | {fact['object']} | {fact['predicted']} | {'yes' if fact['bleed'] else 'no'} "
-                f"| {_margin(fact.get('margin_before'))} |"
+                f"| {fact['text'].replace('[Y]', '___')} | {fact['object']} | {fact['predicted']} "
+                f"| {'yes' if fact['bleed'] else 'no'} | {_margin(fact.get('margin_before'))} |"
                 for fact in shown
             ]
         per_relation = self.metrics.get("per_relation")

@@ -62,7 +62,8 @@ class GridPoint:
         return self.settings.get("edit_modules")
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form rows, points.jsonl and results keep: an edit point's norm, block and δ, and what else is set."""
+        """The JSON form rows, points.jsonl and results keep:
+        an edit point's norm, block and δ, and what else is set."""
         always = () if self.is_knn else tuple(AXES)
         record = {
             name: getattr(self, name)

@@ -267,7 +267,8 @@ class GridArguments:
                 raise ValueError(f"compare_deltas[{norm!r}] must be a list of positive δ, got {deltas!r}.")
         if self.pick_min_retention is not None and not 0 < self.pick_min_retention <= 1:
             raise ValueError(
-                f"pick_min_retention must lie in (0, 1] (a share of the known facts kept), got {self.pick_min_retention}."
+                "pick_min_retention must lie in (0, 1] (a share of "
+                f"the known facts kept), got {self.pick_min_retention}."
             )
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}.")

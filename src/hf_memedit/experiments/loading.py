@@ -43,7 +43,8 @@ def _load_failed(job: JobConfig, name: str, error: BaseException) -> FileNotFoun
     if os.path.isdir(name):
         return FileNotFoundError(f"Could not load model {job.model_name_or_path!r} from the folder {name} ({error})")
     offline = (
-        " The Hugging Face Hub is unreachable or HF_HUB_OFFLINE is set: download the model elsewhere and pass its folder."
+        " The Hugging Face Hub is unreachable or HF_HUB_OFFLINE "
+        "is set: download the model elsewhere and pass its folder."
         if _hub_unreachable(error)
         else ""
     )
@@ -156,10 +157,10 @@ def prepare_benchmark(
     drawn = set(splits[MODIFIED_TEST]["uuid"])
     if len(drawn) != job.m or tested != drawn or trained != drawn:
         raise ValueError(
-            f"{job.benchmark} was asked for m={job.m} modified facts and has {len(tested & trained)} this model can be "
-            f"trained and tested on ({len(drawn)} drawn; {len(drawn - tested)} lost a test phrasing and "
-            f"{len(drawn - trained)} every training phrasing to the tokenizer). Report it: encodability is checked "
-            "before drawing, so this should not happen."
+            f"{job.benchmark} was asked for m={job.m} modified facts and has {len(tested & trained)} "
+            f"this model can be trained and tested on ({len(drawn)} drawn; {len(drawn - tested)} lost "
+            f"a test phrasing and {len(drawn - trained)} every training phrasing to the tokenizer). "
+            "Report it: encodability is checked before drawing, so this should not happen."
         )
     if job.max_unmodified_eval is not None:
         facts = sorted(set(kept[UNMODIFIED_TEST]["uuid"]))

@@ -134,8 +134,9 @@ def open_points(folder: str, job: JobConfig, args: EditConfig) -> dict[str, dict
             earlier = earlier or {}
             differ = sorted(key for key in set(earlier) | set(context) if earlier.get(key) != context.get(key))
             raise ValueError(
-                f"{folder} holds points made with other settings (they differ in {', '.join(differ[:6]) or 'unknown settings'}): "
-                "choose another --output_dir, or pass --overwrite_output_dir true to discard them."
+                f"{folder} holds points made with other settings (they differ in "
+                f"{', '.join(differ[:6]) or 'unknown settings'}): choose another "
+                "--output_dir, or pass --overwrite_output_dir true to discard them."
             )
         logger.warning(
             "overwrite_output_dir: discarding the %d points in %s made with other settings.", len(done), folder

@@ -101,7 +101,10 @@ def known_facts_note(rows: Iterable[dict]) -> str:
     def span(values: list[int]) -> str:
         return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
 
-    text = f"Retention is a share of the facts θ0 knew: {span(counts[VALIDATION])} on validation, {span(counts[TEST])} on test"
+    text = (
+        f"Retention is a share of the facts θ0 knew: {span(counts[VALIDATION])} "
+        f"on validation, {span(counts[TEST])} on test"
+    )
     fewest = counts[VALIDATION][0]
     if 0 < fewest < FEW_KNOWN_FACTS:
         text += (

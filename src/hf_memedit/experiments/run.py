@@ -77,7 +77,8 @@ def run_edit(
 
 
 def resume_target(value: str | bool | None) -> str | bool | None:
-    """`--resume_from_checkpoint`: None (start afresh), True ('true': the newest complete checkpoint), or a folder that exists."""
+    """`--resume_from_checkpoint`: None (start afresh), True ('true': the newest complete checkpoint), or a
+    folder that exists."""
     if value is None or value is False or str(value).lower() in ("", "false", "none"):
         return None
     if value is True or str(value).lower() == "true":

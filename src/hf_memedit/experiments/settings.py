@@ -173,7 +173,8 @@ def uses_benchmark_facts(job: JobConfig, args: EditConfig) -> bool:
 
 
 def preservation_texts(splits: Mapping[str, datasets.Dataset]) -> list[str]:
-    """The unmodified evidence set aside for preservation, with its objects written in: `preserve_corpus: benchmark`."""
+    """The unmodified evidence set aside for preservation, with its objects written in:
+    `preserve_corpus: benchmark`."""
     return [row["text"].replace(PLACEHOLDER, row["object"]) for row in splits[UNMODIFIED_TRAIN]]
 
 
@@ -194,7 +195,8 @@ def locality_split(
 def preservation_neighbours(
     splits: Mapping[str, datasets.Dataset], objective: str, known: datasets.Dataset | None
 ) -> datasets.Dataset:
-    """The facts a preservation objective mixes in: `known` (θ0's right answers) for 'answers', else the unmodified evidence."""
+    """The facts a preservation objective mixes in: `known` (θ0's right answers) for 'answers', else the
+    unmodified evidence."""
     if objective == "answers":
         if known is None:
             raise ValueError(

@@ -140,7 +140,8 @@ class PrefixCache:
         reason = unsafe_reason(model, block)
         if reason is not None:
             _say_once(
-                f"{type(model).__name__} runs without the prefix cache (the straightforward loop, same results): {reason}."
+                f"{type(model).__name__} runs without the prefix cache "
+                f"(the straightforward loop, same results): {reason}."
             )
             return None
         return cls(model, block, dtype, layout)

@@ -63,7 +63,8 @@ def render_card(manifest: dict[str, Any], repo_id: str, kind: str, license: str 
     plain = {
         "delta": "Without hf_memedit: load `memedit_edit.safetensors` with `safetensors.torch.load_file` and copy "
         "each tensor into the parameter of the same name (after checking the base's sha256 in the manifest).",
-        "full": f'Without hf_memedit: `{auto_class}.from_pretrained("{repo_id}")` — this repository is a complete checkpoint.',
+        "full": f'Without hf_memedit: `{auto_class}.from_pretrained("{repo_id}")` '
+        "— this repository is a complete checkpoint.",
         "peft": f'Without hf_memedit: `PeftModel.from_pretrained({auto_class}.from_pretrained("{load_name}"), '
         f'"{repo_id}").merge_and_unload()`.',
     }[manifest["format"]]

@@ -111,8 +111,8 @@ def _check_finite(after: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
     for name in sorted(after):
         if not (torch.isfinite(after[name]).all() and torch.isfinite(base[name]).all()):
             raise ValueError(
-                f"The edit in {run_dir} holds NaN or infinite values in {name!r}: the training diverged, so it cannot be "
-                "shared. Run the edit again (a smaller learning rate, or a norm bound)."
+                f"The edit in {run_dir} holds NaN or infinite values in {name!r}: the training diverged, "
+                "so it cannot be shared. Run the edit again (a smaller learning rate, or a norm bound)."
             )
 
 

@@ -82,8 +82,8 @@ def package_declaration(where: str, manifest: dict[str, Any]) -> Declaration:
     if set(base_hashes) != names:
         odd = sorted(names ^ set(base_hashes))
         raise ManifestError(
-            f"{where}: the manifest's `tensors` and `base_model.tensors` name different tensors ({', '.join(odd[:3])}): "
-            "it could not be reverted exactly. Refused."
+            f"{where}: the manifest's `tensors` and `base_model.tensors` name different "
+            f"tensors ({', '.join(odd[:3])}): it could not be reverted exactly. Refused."
         )
     try:
         scope = _scope_of(manifest)
@@ -151,8 +151,8 @@ def package_tensors(
                     )
                 elif not _equal(handle.get_tensor(name), state.get(name)):
                     raise ManifestError(
-                        f"{source} in {where} changes {name!r}, which its manifest does not declare (or {type(model).__name__} "
-                        "does not have): refused; a package may change only what it declares."
+                        f"{source} in {where} changes {name!r}, which its manifest does not declare (or "
+                        f"{type(model).__name__} does not have): refused; a package may change only what it declares."
                     )
     base = _read_tensors(_read_file(folder, manifest, BASE_WEIGHTS_NAME, where), where)
     for what, tensors in (("edited", after), ("base", base)):
@@ -209,7 +209,8 @@ def _check_selection_file(folder: str, manifest: dict[str, Any], where: str) -> 
     declared = _scope_of(manifest)
     if saved.selection() != declared.selection():
         raise ManifestError(
-            f"{CONFIG_NAME} in {where} selects {saved.selection()} but its manifest declares {declared.selection()}: refused."
+            f"{CONFIG_NAME} in {where} selects {saved.selection()} but "
+            f"its manifest declares {declared.selection()}: refused."
         )
 
 
@@ -311,8 +312,8 @@ def check_edit(
             )
         if param.device.type == "meta":
             raise ValueError(
-                f"{where} changes {name!r}, which the device_map offloads (accelerate keeps it outside the model): give "
-                "the edited blocks a device in device_map (offload other blocks)."
+                f"{where} changes {name!r}, which the device_map offloads (accelerate keeps it outside "
+                "the model): give the edited blocks a device in device_map (offload other blocks)."
             )
         if name not in allowed:
             raise ManifestError(
@@ -327,7 +328,8 @@ def check_edit(
                 )
         if not (torch.isfinite(value).all() and torch.isfinite(before).all()):
             raise ManifestError(
-                f"{where}: {name!r} holds NaN or infinite values: refused (an edit that diverged cannot be applied or reverted)."
+                f"{where}: {name!r} holds NaN or infinite values: refused "
+                "(an edit that diverged cannot be applied or reverted)."
             )
         changes[name] = _check_tensor(where, name, entry, tensor_entry(value, before), tensor_sha256(before))
     if declared.constraint is not None:
@@ -345,8 +347,8 @@ def _check_chain(model: PreTrainedModel, declared: Declaration, applying: bool) 
         raise ManifestError(f"{where} is already applied to this model (its edits: {chain}): nothing was changed.")
     if applying and chain != declared.chain:
         raise ManifestError(
-            f"{where} was made on top of the edits {declared.chain or 'none'}, but this model carries {chain or 'none'}: "
-            "apply (or revert) edits in the order they were made."
+            f"{where} was made on top of the edits {declared.chain or 'none'}, but this model "
+            f"carries {chain or 'none'}: apply (or revert) edits in the order they were made."
         )
     if not applying and declared.id not in chain:
         raise ManifestError(
@@ -365,7 +367,8 @@ def _check_tensor(
     the change it declares. Returns `actual` (its max |Δ| and ‖Δ‖₂) for the constraint."""
     if actual["sha256"] != entry["sha256"]:
         raise ManifestError(
-            f"{where}: the edited tensor {name!r} differs from the one saved (its sha256): damaged or altered. Refused."
+            f"{where}: the edited tensor {name!r} differs from the "
+            "one saved (its sha256): damaged or altered. Refused."
         )
     if base_sha256 != entry["base_sha256"]:
         raise ManifestError(
@@ -376,8 +379,8 @@ def _check_tensor(
             raise ManifestError(f"{where} declares {name!r} with {key} {entry[key]} but holds {actual[key]}: refused.")
     if "max_abs_delta" in entry and entry["max_abs_delta"] != actual["max_abs_delta"]:
         raise ManifestError(
-            f"{where}: {name!r} changes by up to {actual['max_abs_delta']:.6g}, but its manifest declares max_abs_delta "
-            f"{entry['max_abs_delta']:.6g}: refused; a package must declare the change it makes."
+            f"{where}: {name!r} changes by up to {actual['max_abs_delta']:.6g}, but its manifest declares "
+            f"max_abs_delta {entry['max_abs_delta']:.6g}: refused; a package must declare the change it makes."
         )
     if "l2_delta" in entry and abs(entry["l2_delta"] - actual["l2_delta"]) > _L2_RELATIVE * actual["l2_delta"]:
         raise ManifestError(
@@ -388,8 +391,9 @@ def _check_tensor(
 
 
 def check_constraint(where: str, constraint: dict[str, Any], changes: dict[str, dict[str, Any]]) -> None:
-    """Every change (name -> its max_abs_delta and l2_delta) inside the declared ball: the L∞ box exactly (the projection keeps the stored values in it),
-    the L2 ball up to float64 summation order. Fisher and key constraints need statistics a package lacks."""
+    """Every change (name -> its max_abs_delta and l2_delta) inside the declared ball: the L∞ box exactly (the
+    projection keeps the stored values in it), the L2 ball up to float64 summation order. Fisher and key constraints
+    need statistics a package lacks."""
     norm, delta = constraint["norm"], constraint["delta"]
     if norm not in NORMS:
         raise ManifestError(f"{where} declares the norm {norm!r}, which is not one of {', '.join(NORMS)}: refused.")
@@ -402,8 +406,8 @@ def check_constraint(where: str, constraint: dict[str, Any], changes: dict[str, 
         largest = changes[name]["max_abs_delta"]
         if largest > delta:
             raise ManifestError(
-                f"{where}: {name!r} changes by up to {largest:.6g}, beyond its declared bound ‖θ − θ0‖∞ ≤ δ = {delta:g}: "
-                "refused."
+                f"{where}: {name!r} changes by up to {largest:.6g}, beyond "
+                f"its declared bound ‖θ − θ0‖∞ ≤ δ = {delta:g}: refused."
             )
         return
     bound = delta * (1 + _L2_RELATIVE)
@@ -418,7 +422,8 @@ def check_constraint(where: str, constraint: dict[str, Any], changes: dict[str, 
     total = math.sqrt(sum(change["l2_delta"] ** 2 for change in changes.values()))
     if total > bound:
         raise ManifestError(
-            f"{where} changes its tensors by ‖Δ‖₂ = {total:.6g} together, beyond its declared bound δ = {delta:g}: refused."
+            f"{where} changes its tensors by ‖Δ‖₂ = {total:.6g} "
+            f"together, beyond its declared bound δ = {delta:g}: refused."
         )
 
 
@@ -428,9 +433,9 @@ def _check_config(model: PreTrainedModel, declared: Declaration) -> None:
     if differ:
         key = differ[0]
         raise ManifestError(
-            f"{declared.where} was made for a different base model: its base has {key}={recorded.get(key)!r}, this "
-            f"model {key}={actual.get(key)!r} ({len(differ)} config field(s) differ). Load the base model the edit was "
-            f"made for ({declared.base_label})."
+            f"{declared.where} was made for a different base model: its base has "
+            f"{key}={recorded.get(key)!r}, this model {key}={actual.get(key)!r} ({len(differ)} config "
+            f"field(s) differ). Load the base model the edit was made for ({declared.base_label})."
         )
 
 
@@ -454,6 +459,7 @@ def _check_model_values(
             f"{declared.where} is already applied to the given model: its weights hold the edited values."
         )
     raise ManifestError(
-        f"{declared.where} was made for a different base model: {differ[0]!r} of the given model differs from the base "
-        f"the edit recorded ({declared.base_label}). Load that base model, or revert an edit already applied to this one."
+        f"{declared.where} was made for a different base model: {differ[0]!r} of the "
+        f"given model differs from the base the edit recorded ({declared.base_label}). "
+        "Load that base model, or revert an edit already applied to this one."
     )

@@ -18,7 +18,8 @@ class LocftArguments:
     locft_blocks: list[str] | None = field(
         default=None,
         metadata={
-            "help": "memedit compare: the layers LocFT-BF is swept over (default: at 20, 45 and 70 percent of the depth)."
+            "help": "memedit compare: the layers LocFT-BF is swept over "
+            "(default: at 20, 45 and 70 percent of the depth)."
         },
     )
 
