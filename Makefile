@@ -24,9 +24,10 @@ install-test: torch smollm2
 install-demo: torch smollm2
 	$(PY) -m pip install -e ".[demo]"
 
-# Lint and import order (ruff, configured in pyproject.toml); `make test` runs it first.
+# Lint, import order and format (ruff, configured in pyproject.toml); `make test` runs it first.
 quality: install-test
 	$(PY) -m ruff check src tests bench train_edit.py
+	$(PY) -m ruff format --check src tests bench train_edit.py
 
 test: install-test quality
 	$(PY) -m pytest

@@ -1,6 +1,7 @@
 """How many Dykstra iterations the demo's constraint (L∞ box ∩ null space of the preserved keys) needs.
 
-    python bench/dykstra_iterations.py [--config trainer_configs/demo_smollm2.yaml] [--steps 12] [--caps 5 10 20 50 100]
+    python bench/dykstra_iterations.py [--config trainer_configs/demo_smollm2.yaml] [--steps 12]
+        [--caps 5 10 20 50 100]
 
 Trains the demo's edit for `--steps` steps (further `--option value` pairs go to `memedit edit`) and keeps the
 parameters as the optimizer left them before three of the projections (the first step, the middle one, the last).
@@ -56,9 +57,26 @@ def main() -> None:
         return original(self)
 
     NormBallProjector.project_ = project_
-    cli.main(["edit", "--config", known.config, "--output_dir", known.output_dir, "--overwrite_output_dir", "true",
-              "--max_steps", str(known.steps), "--eval_before_edit", "false", "--generation_eval", "false",
-              "--drift_eval", "false", *rest])
+    cli.main(
+        [
+            "edit",
+            "--config",
+            known.config,
+            "--output_dir",
+            known.output_dir,
+            "--overwrite_output_dir",
+            "true",
+            "--max_steps",
+            str(known.steps),
+            "--eval_before_edit",
+            "false",
+            "--generation_eval",
+            "false",
+            "--drift_eval",
+            "false",
+            *rest,
+        ]
+    )
     NormBallProjector.project_ = original
     if not captured:
         raise SystemExit("No projection onto a key set was captured: the config has no key_constraint.")
@@ -95,15 +113,21 @@ def main() -> None:
 
     base = 20 if 20 in rows else known.caps[0]
     base_time = sum(r[3] for r in rows[base]) / len(rows[base])
-    print(f"\n## Dykstra on the demo's constraint ({known.config}; {len(captured)} projections of steps "
-          f"{sorted(wanted)}; tolerance {configured[1]:g}; reference {known.reference} iterations at 1e-12; "
-          f"{torch.get_num_threads()} threads)\n")
-    print("| cap | iterations used | settled | error (max) | farther (max) | pull-in (max) | time vs cap "
-          f"{base} |\n|---|---|---|---|---|---|---|")
+    print(
+        f"\n## Dykstra on the demo's constraint ({known.config}; {len(captured)} projections of steps "
+        f"{sorted(wanted)}; tolerance {configured[1]:g}; reference {known.reference} iterations at 1e-12; "
+        f"{torch.get_num_threads()} threads)\n"
+    )
+    print(
+        "| cap | iterations used | settled | error (max) | farther (max) | pull-in (max) | time vs cap "
+        f"{base} |\n|---|---|---|---|---|---|---|"
+    )
     for cap, found in rows.items():
-        print(f"| {cap} | {', '.join(str(r[4]) for r in found)} | {sum(r[5] for r in found)}/{len(found)} | "
-              f"{max(r[0] for r in found):.2e} | {max(r[1] for r in found):.2e} | {max(r[2] for r in found):.2e} | "
-              f"{sum(r[3] for r in found) / len(found) / base_time:.2f} |")
+        print(
+            f"| {cap} | {', '.join(str(r[4]) for r in found)} | {sum(r[5] for r in found)}/{len(found)} | "
+            f"{max(r[0] for r in found):.2e} | {max(r[1] for r in found):.2e} | {max(r[2] for r in found):.2e} | "
+            f"{sum(r[3] for r in found) / len(found) / base_time:.2f} |"
+        )
 
 
 if __name__ == "__main__":

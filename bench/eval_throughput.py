@@ -100,8 +100,10 @@ def main(argv=None) -> None:
     full_s = timed["full"][0]
     device = next(model.parameters()).device
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {len(facts)} facts")
-    print("| method | seconds | facts/s | vs naive loop | vs full logits | peak MiB | cache MiB held | accuracy | "
-          "same per-fact results |")
+    print(
+        "| method | seconds | facts/s | vs naive loop | vs full logits | peak MiB | cache MiB held | accuracy | "
+        "same per-fact results |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for key, (seconds, correct) in timed.items():
         held = cache_mib if key == "warm" else 0.0

@@ -45,17 +45,45 @@ def worker(out: str, norm: str, delta: float, steps: int, fsdp: bool) -> None:
     corpus = [f["text"].replace("[Y]", f["object"]) for f in FACTS] * 10
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
-                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    extra = {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}} if fsdp else {}
-    args = EditConfig(output_dir=os.path.join(out, "run"), edit_blocks=["2", "3"], norm=norm, delta=delta,
-                      learning_rate=1e-2, max_steps=steps, per_device_train_batch_size=len(FACTS) // world,
-                      report_to="none", save_strategy="no", disable_tqdm=True, seed=0, prefix_cache=False, **extra)
+    extra = (
+        {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+        if fsdp
+        else {}
+    )
+    args = EditConfig(
+        output_dir=os.path.join(out, "run"),
+        edit_blocks=["2", "3"],
+        norm=norm,
+        delta=delta,
+        learning_rate=1e-2,
+        max_steps=steps,
+        per_device_train_batch_size=len(FACTS) // world,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        prefix_cache=False,
+        **extra,
+    )
     trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(FACTS), processing_class=tokenizer)
     start = time.perf_counter()
     trainer.train()
@@ -81,17 +109,36 @@ def main() -> None:
         worker(options.out, options.norm, options.delta, options.steps, options.worker == "fsdp")
         return
     if not torch.cuda.is_available():
-        sys.exit("fsdp_check: no CUDA device. accelerate runs FSDP on accelerators only; run this on a GPU machine "
-                 "(the CPU suite tests the sharded projection itself: tests/test_ddp.py).")
+        sys.exit(
+            "fsdp_check: no CUDA device. accelerate runs FSDP on accelerators only; run this on a GPU machine "
+            "(the CPU suite tests the sharded projection itself: tests/test_ddp.py)."
+        )
     from safetensors.torch import load_file
 
     gpus = min(2, torch.cuda.device_count())
     common = [__file__, "--norm", options.norm, "--delta", str(options.delta), "--steps", str(options.steps)]
     with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH")]))}
-        runs = [("plain", [sys.executable, *common, "--worker", "plain", "--out", out]),
-                ("fsdp", [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", *common,
-                          "--worker", "fsdp", "--out", out])]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH")])),
+        }
+        runs = [
+            ("plain", [sys.executable, *common, "--worker", "plain", "--out", out]),
+            (
+                "fsdp",
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    f"--nproc_per_node={gpus}",
+                    *common,
+                    "--worker",
+                    "fsdp",
+                    "--out",
+                    out,
+                ],
+            ),
+        ]
         for name, command in runs:
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode:
@@ -107,14 +154,18 @@ def main() -> None:
     base = records["plain"]["seconds"]
     for name in ("plain", "fsdp"):
         record = records[name]
-        print(f"| {name} | {record['world']} | {record['seconds'] / base:.2f} | {record['distance']:.3g} | "
-              f"{0.0 if name == 'plain' else gap:.3g} |")
+        print(
+            f"| {name} | {record['world']} | {record['seconds'] / base:.2f} | {record['distance']:.3g} | "
+            f"{0.0 if name == 'plain' else gap:.3g} |"
+        )
     bound = max(record["distance"] for record in records.values())
     if bound > options.delta * (1 + 1e-3):
         sys.exit(f"fsdp_check: the bound does not hold: {bound} > δ {options.delta}")
     if records["fsdp"]["distance"] == 0 or gap > 2 * options.delta * (1 + 1e-3):
-        sys.exit(f"fsdp_check: FSDP2's edit is not the one-process edit: ‖θ − θ0‖ {records['fsdp']['distance']:.3g}, "
-                 f"{gap:.3g} from it where both boxes allow at most 2δ = {2 * options.delta:g}.")
+        sys.exit(
+            f"fsdp_check: FSDP2's edit is not the one-process edit: ‖θ − θ0‖ {records['fsdp']['distance']:.3g}, "
+            f"{gap:.3g} from it where both boxes allow at most 2δ = {2 * options.delta:g}."
+        )
 
 
 if __name__ == "__main__":

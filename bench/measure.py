@@ -63,10 +63,12 @@ def run_worker(script: str, *args: str) -> dict:
     """The result that `script *args` reports (`print_result`) from a fresh process: its timing and
     its peak memory are its own, not shaped by what an earlier run left in the allocator."""
     done = subprocess.run(
-        [sys.executable, script, *args], capture_output=True, text=True,
+        [sys.executable, script, *args],
+        capture_output=True,
+        text=True,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     if done.returncode or not lines:
         raise SystemExit(f"{script} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len(MARK):])
+    return json.loads(lines[-1][len(MARK) :])

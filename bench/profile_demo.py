@@ -1,6 +1,7 @@
 """Where the demo's time goes: its job phase by phase, one training step part by part, and the arithmetic limit.
 
-    python bench/profile_demo.py [--config trainer_configs/demo_smollm2.yaml] [--output_dir runs/profile] [--option value ...]
+    python bench/profile_demo.py [--config trainer_configs/demo_smollm2.yaml] [--output_dir runs/profile]
+        [--option value ...]
 
 Runs `memedit edit` in this process (further `--option value` pairs go to it) and prints three tables:
 - phases: every progress bar the job shows (their own names), the training loop, and what ran outside any bar;
@@ -47,6 +48,7 @@ class Timeline:
             finally:
                 self.parts[part] += time.perf_counter() - start
                 self.counts[part] += 1
+
         return run
 
 
@@ -85,8 +87,13 @@ def _watch_trainer(timeline: Timeline) -> None:
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
         positions = logit_positions(inputs["labels"], self.kind)
-        timeline.tokens.append((int(mask.sum()) if mask is not None else inputs["input_ids"].numel(),
-                                int(positions.sum()), len(inputs["input_ids"])))
+        timeline.tokens.append(
+            (
+                int(mask.sum()) if mask is not None else inputs["input_ids"].numel(),
+                int(positions.sum()),
+                len(inputs["input_ids"]),
+            )
+        )
         return timeline.timed("training_step (whole)", original_step)(self, model, inputs, num_items_in_batch)
 
     def create_optimizer(self, model=None):
@@ -142,7 +149,9 @@ def main() -> None:
 
     ConstrainedEditTrainer.__init__ = init
     start = time.perf_counter()
-    cli.main(["edit", "--config", known.config, "--output_dir", known.output_dir, "--overwrite_output_dir", "true", *rest])
+    cli.main(
+        ["edit", "--config", known.config, "--output_dir", known.output_dir, "--overwrite_output_dir", "true", *rest]
+    )
     total = time.perf_counter() - start
     trainer = trainers[-1]
     steps = max(1, trainer.state.global_step)
@@ -168,18 +177,24 @@ def main() -> None:
     loop = 1000 * steps_time / steps - whole - optimizer
     print(f"\n## One training step by part (mean over {steps} steps)\n")
     print("| part | ms per step |\n|---|---|")
-    rows = [("θ0 reference for KL rows (computed once per row)", step_ms.get("θ0 reference for KL rows", 0.0)),
-            ("forward and loss", step_ms.get("forward and loss", 0.0)), ("backward", backward),
-            ("optimizer step", optimizer - projection), ("projection onto the constraint", projection),
-            ("the rest of the loop (data, logging, callbacks)", loop)]
+    rows = [
+        ("θ0 reference for KL rows (computed once per row)", step_ms.get("θ0 reference for KL rows", 0.0)),
+        ("forward and loss", step_ms.get("forward and loss", 0.0)),
+        ("backward", backward),
+        ("optimizer step", optimizer - projection),
+        ("projection onto the constraint", projection),
+        ("the rest of the loop (data, logging, callbacks)", loop),
+    ]
     for name, ms in rows:
         print(f"| {name} | {ms:.0f} |")
     print(f"| **one step** | **{1000 * steps_time / steps:.0f}** |")
     keys = trainer.projector.keys
     if keys is not None:
-        print(f"\nDykstra: {trainer.projector.capped_projections} of {trainer.projector.num_projections} projections "
-              f"stopped on the cap of {trainer.projector.iterations}; the last one took {trainer.projector.dykstra_iterations} "
-              "iterations.")
+        print(
+            f"\nDykstra: {trainer.projector.capped_projections} of {trainer.projector.num_projections} "
+            f"projections stopped on the cap of {trainer.projector.iterations}; the last one took "
+            f"{trainer.projector.dykstra_iterations} iterations."
+        )
 
     # The arithmetic limit: multiply-adds through the blocks that run, and the LM head at the object positions.
     model = trainer.edit_model.model
@@ -199,11 +214,13 @@ def main() -> None:
     flops = 6 * block_params * tokens + 4 * head_params * objects
     speed = matmul_gflops()
     limit = flops / (speed * 1e9)
-    print(f"\n## The arithmetic limit of a step\n\n{micro:.0f} micro-batch(es) a step, {tokens:.0f} tokens through blocks "
-          f"{first}-{len(blocks) - 1} ({block_params / 1e6:.1f} M parameters), {objects:.0f} object positions through the LM "
-          f"head ({head_params / 1e6:.1f} M): {flops / 1e9:.1f} GFLOP a step; this machine's matrix product: "
-          f"{speed:.0f} GFLOP/s, so **{1000 * limit:.0f} ms a step** at best; measured {1000 * steps_time / steps:.0f} ms "
-          f"({steps_time / steps / limit:.1f}× the limit).")
+    print(
+        f"\n## The arithmetic limit of a step\n\n{micro:.0f} micro-batch(es) a step, {tokens:.0f} tokens "
+        f"through blocks {first}-{len(blocks) - 1} ({block_params / 1e6:.1f} M parameters), {objects:.0f} "
+        f"object positions through the LM head ({head_params / 1e6:.1f} M): {flops / 1e9:.1f} GFLOP a "
+        f"step; this machine's matrix product: {speed:.0f} GFLOP/s, so **{1000 * limit:.0f} ms a step** at "
+        f"best; measured {1000 * steps_time / steps:.0f} ms ({steps_time / steps / limit:.1f}× the limit)."
+    )
 
 
 if __name__ == "__main__":

@@ -46,21 +46,34 @@ def build_model(small: bool) -> BertForMaskedLM:
     return BertForMaskedLM(config)
 
 
-def run(kind: str, base: BertForMaskedLM, tokenizer, facts: Dataset, args, memory: PeakMemory | None = None) -> tuple[float, float]:
+def run(
+    kind: str, base: BertForMaskedLM, tokenizer, facts: Dataset, args, memory: PeakMemory | None = None
+) -> tuple[float, float]:
     """Seconds of `trainer.train()` and its training loss; with `memory`, its peak is measured too
     (then the seconds include the memory sampler's cost and are not reported)."""
     model = copy.deepcopy(base)
     with tempfile.TemporaryDirectory() as out:
         common = dict(
-            output_dir=out, max_steps=args.steps, learning_rate=1e-3, per_device_train_batch_size=16,
-            report_to="none", save_strategy="no", disable_tqdm=True, seed=0, logging_steps=args.steps,
-            use_cpu=not torch.cuda.is_available(), prefix_cache=False, object_logits_only=False,  # the projection alone
+            output_dir=out,
+            max_steps=args.steps,
+            learning_rate=1e-3,
+            per_device_train_batch_size=16,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+            logging_steps=args.steps,
+            use_cpu=not torch.cuda.is_available(),
+            prefix_cache=False,
+            object_logits_only=False,  # the projection alone
         )
         if kind == "Trainer":
             edit = get_edit_model(model, BlockSelectorConfig(blocks=[args.block]))
             trainer = Trainer(
-                model=edit.model, args=EditConfig(edit_blocks=[args.block], norm="none", delta=None, **common),
-                train_dataset=facts, data_collator=FactCollator(tokenizer, "masked"),
+                model=edit.model,
+                args=EditConfig(edit_blocks=[args.block], norm="none", delta=None, **common),
+                train_dataset=facts,
+                data_collator=FactCollator(tokenizer, "masked"),
             )
         else:
             norm, delta = ("none", None) if kind == "no projection" else ("linf", 1e-3)
@@ -79,9 +92,13 @@ def run(kind: str, base: BertForMaskedLM, tokenizer, facts: Dataset, args, memor
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3, help="Each timing is the best of this many interleaved runs.")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="Each timing is the best of this many interleaved runs."
+    )
     parser.add_argument("--block", default="-1", help="The trained block.")
-    parser.add_argument("--small", action="store_true", help="A 4-layer model instead of BERT-base size (quick check).")
+    parser.add_argument(
+        "--small", action="store_true", help="A 4-layer model instead of BERT-base size (quick check)."
+    )
     parser.add_argument("--memory-of", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -102,9 +119,14 @@ def main(argv=None) -> None:
     options = ["--steps", str(args.steps), "--block", args.block] + (["--small"] if args.small else [])
     peaks = {kind: run_worker(__file__, "--memory-of", kind, *options)["peak_mib"] for kind in KINDS}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{'small' if args.small else 'BERT-base-sized'} model, block {args.block}, {args.steps} steps, batch 16")
-    print("| trainer | seconds (best of %d) | ratio to Trainer | final training loss | peak MiB in training |" % args.repeats)
+    print(
+        f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{'small' if args.small else 'BERT-base-sized'} model, block {args.block}, {args.steps} steps, batch 16"
+    )
+    print(
+        "| trainer | seconds (best of %d) | ratio to Trainer | final training loss | peak MiB in training |"
+        % args.repeats
+    )
     print("|---|---|---|---|---|")
     reference = best["Trainer"][0]
     for kind in KINDS:

@@ -29,8 +29,20 @@ NORMS = {"linf": "L∞", "l2": "L2", "fisher": "Fisher", "none": "unconstrained"
 # What generation-based scoring compares (hf_memedit.evaluation.scoring.generate_answers): the greedy answer up to
 # EOS, the first newline, or the first period unless the object has one, after SQuAD's normalisation.
 GENERATION_STOP = "EOS, newline or period"
-COLUMNS = ("run", "model", "method", "seed", "m", "A_M", "generalisation", "retention", "gen A_M (stop)",
-           "drift KL", "ppl ratio", "wall time")
+COLUMNS = (
+    "run",
+    "model",
+    "method",
+    "seed",
+    "m",
+    "A_M",
+    "generalisation",
+    "retention",
+    "gen A_M (stop)",
+    "drift KL",
+    "ppl ratio",
+    "wall time",
+)
 # Config keys that do not make two runs different edits: runs differing only in these are seeds of one edit.
 NOT_THE_EDIT = {"seed", "output_dir", "edit_dir", "eval_name"}
 
@@ -40,8 +52,10 @@ def load_runs(folders: Sequence[str]) -> list[tuple[str, ResultsRecord]]:
     runs = []
     for folder in folders:
         if not os.path.isfile(os.path.join(folder, RESULTS_JSON)):
-            raise ValueError(f"{folder} holds no {RESULTS_JSON}: give run folders written by `memedit edit`, "
-                             "train_edit.py or `memedit eval` (its eval/<name>).")
+            raise ValueError(
+                f"{folder} holds no {RESULTS_JSON}: give run folders written by `memedit edit`, "
+                "train_edit.py or `memedit eval` (its eval/<name>)."
+            )
         runs.append((os.path.basename(os.path.normpath(folder)) or folder, ResultsRecord.load(folder)))
     return runs
 
@@ -51,11 +65,17 @@ def describe_method(config: dict[str, Any]) -> str:
     space 0.7 · KL · block 25")."""
     norm = config.get("norm") or "none"
     parts = [str(config.get("setting", "?"))]
-    ball = NORMS.get(norm, norm) + (f" {config['delta']:g}" if norm != "none" and config.get("delta") is not None else "")
+    ball = NORMS.get(norm, norm) + (
+        f" {config['delta']:g}" if norm != "none" and config.get("delta") is not None else ""
+    )
     key = config.get("key_constraint")
     if key == "nullspace":
         energy = config.get("nullspace_energy")
-        ball += f" ∩ null space {energy:g}" if energy is not None else f" ∩ null space τ {config.get('nullspace_threshold'):g}"
+        ball += (
+            f" ∩ null space {energy:g}"
+            if energy is not None
+            else f" ∩ null space τ {config.get('nullspace_threshold'):g}"
+        )
     elif key == "output":
         ball += f" ∩ output ρ {config.get('output_rho'):g}"
     parts.append(ball)
@@ -84,11 +104,17 @@ def _number(value: Any, digits: str = ".4g") -> str:
 def run_row(name: str, record: ResultsRecord) -> list[str]:
     metrics = record.metrics
     return [
-        name, record.model or str(record.config.get("model_name_or_path", "?")), describe_method(record.config),
-        _number(record.seed, ""), _number(record.benchmark.get("m", record.config.get("m")), ""),
-        format_percent(metrics.get("a_m_train")), format_percent(metrics.get("a_m")),
-        format_metric(metrics, "retention"), generation_cell(record),
-        _number(metrics.get("drift_kl")), _number(metrics.get("perplexity_ratio")),
+        name,
+        record.model or str(record.config.get("model_name_or_path", "?")),
+        describe_method(record.config),
+        _number(record.seed, ""),
+        _number(record.benchmark.get("m", record.config.get("m")), ""),
+        format_percent(metrics.get("a_m_train")),
+        format_percent(metrics.get("a_m")),
+        format_metric(metrics, "retention"),
+        generation_cell(record),
+        _number(metrics.get("drift_kl")),
+        _number(metrics.get("perplexity_ratio")),
         "–" if record.seconds is None else f"{record.seconds:.0f} s",
     ]
 
@@ -131,11 +157,15 @@ def seed_rows(runs: list[tuple[str, ResultsRecord]]) -> list[list[str]]:
 
 
 def report(runs: list[tuple[str, ResultsRecord]], title: str) -> str:
-    lines = [f"# {title}", "",
-             f"Written by `python bench/results_report.py` from each run folder's {RESULTS_JSON} alone. A_M is scored "
-             "on the training phrasing, generalisation on the test phrasing (A_M as the paper reports it); retention "
-             "is the share of the unmodified facts known before the edit that are still right, with how many facts "
-             "it rests on. Drift: next-token KL(θ0 ‖ θ) and perplexity ratio on held-out samples of θ0.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"Written by `python bench/results_report.py` from each run folder's {RESULTS_JSON} alone. A_M is scored "
+        "on the training phrasing, generalisation on the test phrasing (A_M as the paper reports it); retention "
+        "is the share of the unmodified facts known before the edit that are still right, with how many facts "
+        "it rests on. Drift: next-token KL(θ0 ‖ θ) and perplexity ratio on held-out samples of θ0.",
+        "",
+    ]
     lines += _table(COLUMNS, [run_row(name, record) for name, record in runs])
     seeds = seed_rows(runs)
     if seeds:

@@ -61,7 +61,9 @@ class Relation:
             if object_last(pattern) and prompt.count("[X]") == 1 and prompt not in seen:
                 seen.add(prompt)
                 self.paraphrases.append(prompt)
-        facts = list(read_jsonl(os.path.join(data_dir, "facts", f"{relation}.jsonl"), ("sub_label", "obj_label", "uuid")))
+        facts = list(
+            read_jsonl(os.path.join(data_dir, "facts", f"{relation}.jsonl"), ("sub_label", "obj_label", "uuid"))
+        )
         self.objects_of: dict[str, set[str]] = defaultdict(set)
         for fact in facts:
             self.objects_of[fact["sub_label"]].add(fact["obj_label"])
@@ -93,40 +95,57 @@ def draw(relations: list[Relation], n: int, rng: random.Random) -> list[tuple[Re
 
 def convert(data_dir: str, relations: list[str], n: int = 32, seed: int = 0) -> list[dict]:
     """The CounterFact records of n facts of `relations` (see the module's docstring)."""
-    templates = {r["relation"]: r["template"] for r in read_jsonl(os.path.join(data_dir, "relations.jsonl"), ("relation", "template"))}
-    unknown = [r for r in relations if r not in templates or not os.path.isfile(os.path.join(data_dir, "facts", f"{r}.jsonl"))]
+    templates = {
+        r["relation"]: r["template"]
+        for r in read_jsonl(os.path.join(data_dir, "relations.jsonl"), ("relation", "template"))
+    }
+    unknown = [
+        r for r in relations if r not in templates or not os.path.isfile(os.path.join(data_dir, "facts", f"{r}.jsonl"))
+    ]
     if unknown:
         raise ValueError(f"{data_dir} has no facts or no template for {', '.join(unknown)}.")
     skipped = [r for r in relations if not object_last(templates[r])]
     if skipped:
-        print(f"skipped (the template does not end with [Y], so a causal LM has no prompt): {', '.join(skipped)}", file=sys.stderr)
+        print(
+            f"skipped (the template does not end with [Y], so a causal LM has no prompt): {', '.join(skipped)}",
+            file=sys.stderr,
+        )
     usable = [Relation(data_dir, r, templates[r]) for r in relations if r not in skipped]
     rng = random.Random(seed)
     chosen = draw(usable, n, rng)
     if len(chosen) < n:
-        raise ValueError(f"Only {len(chosen)} facts of {', '.join(relations)} leave {NEIGHBOURS} neighbours each: "
-                         "choose a smaller --n or more relations.")
+        raise ValueError(
+            f"Only {len(chosen)} facts of {', '.join(relations)} leave {NEIGHBOURS} neighbours each: "
+            "choose a smaller --n or more relations."
+        )
     edited = {(relation.relation, fact["sub_label"]) for relation, fact in chosen}
     records = []
     for case_id, (relation, fact) in enumerate(chosen):
         subject, true = fact["sub_label"], fact["obj_label"]
-        neighbours = sorted(f["sub_label"] for f in relation.facts
-                            if f["obj_label"] == true and (relation.relation, f["sub_label"]) not in edited)
+        neighbours = sorted(
+            f["sub_label"]
+            for f in relation.facts
+            if f["obj_label"] == true and (relation.relation, f["sub_label"]) not in edited
+        )
         targets = sorted(o for o in relation.frequency if o not in relation.objects_of[subject])
         target = rng.choices(targets, weights=[relation.frequency[o] for o in targets], k=1)[0]
-        records.append({
-            "case_id": case_id,
-            "trex_uuid": fact["uuid"],
-            "requested_rewrite": {
-                "prompt": relation.prompt.replace("[X]", "{}"),
-                "relation_id": relation.relation,
-                "subject": subject,
-                "target_new": {"str": target},
-                "target_true": {"str": true},
-            },
-            "paraphrase_prompts": [p.replace("[X]", subject) for p in relation.paraphrases],
-            "neighborhood_prompts": [relation.prompt.replace("[X]", s) for s in rng.sample(neighbours, NEIGHBOURS)],
-        })
+        records.append(
+            {
+                "case_id": case_id,
+                "trex_uuid": fact["uuid"],
+                "requested_rewrite": {
+                    "prompt": relation.prompt.replace("[X]", "{}"),
+                    "relation_id": relation.relation,
+                    "subject": subject,
+                    "target_new": {"str": target},
+                    "target_true": {"str": true},
+                },
+                "paraphrase_prompts": [p.replace("[X]", subject) for p in relation.paraphrases],
+                "neighborhood_prompts": [
+                    relation.prompt.replace("[X]", s) for s in rng.sample(neighbours, NEIGHBOURS)
+                ],
+            }
+        )
     return records
 
 

@@ -48,36 +48,86 @@ def _tiny_models():
 
     return {
         # Masked LMs
-        "bert": lambda n, v: tf.BertForMaskedLM(tf.BertConfig(vocab_size=v, num_hidden_layers=n, **SMALL, **NO_DROPOUT)),
+        "bert": lambda n, v: tf.BertForMaskedLM(
+            tf.BertConfig(vocab_size=v, num_hidden_layers=n, **SMALL, **NO_DROPOUT)
+        ),
         "roberta": lambda n, v: tf.RobertaForMaskedLM(
-            tf.RobertaConfig(vocab_size=v, num_hidden_layers=n, pad_token_id=0, **{**SMALL, "max_position_embeddings": 70}, **NO_DROPOUT)
+            tf.RobertaConfig(
+                vocab_size=v,
+                num_hidden_layers=n,
+                pad_token_id=0,
+                **{**SMALL, "max_position_embeddings": 70},
+                **NO_DROPOUT,
+            )
         ),
         "xlm-roberta": lambda n, v: tf.XLMRobertaForMaskedLM(
-            tf.XLMRobertaConfig(vocab_size=v, num_hidden_layers=n, pad_token_id=0, **{**SMALL, "max_position_embeddings": 70}, **NO_DROPOUT)
+            tf.XLMRobertaConfig(
+                vocab_size=v,
+                num_hidden_layers=n,
+                pad_token_id=0,
+                **{**SMALL, "max_position_embeddings": 70},
+                **NO_DROPOUT,
+            )
         ),
         "electra": lambda n, v: tf.ElectraForMaskedLM(
             tf.ElectraConfig(vocab_size=v, num_hidden_layers=n, embedding_size=16, **SMALL, **NO_DROPOUT)
         ),
-        "distilbert": lambda n, v: tf.DistilBertForMaskedLM(tf.DistilBertConfig(
-            vocab_size=v, n_layers=n, dim=16, n_heads=2, hidden_dim=32, max_position_embeddings=64, dropout=0.0,
-            attention_dropout=0.0,
-        )),
+        "distilbert": lambda n, v: tf.DistilBertForMaskedLM(
+            tf.DistilBertConfig(
+                vocab_size=v,
+                n_layers=n,
+                dim=16,
+                n_heads=2,
+                hidden_dim=32,
+                max_position_embeddings=64,
+                dropout=0.0,
+                attention_dropout=0.0,
+            )
+        ),
         "albert": lambda n, v: tf.AlbertForMaskedLM(
             tf.AlbertConfig(vocab_size=v, num_hidden_layers=n, embedding_size=8, **SMALL, **NO_DROPOUT)
         ),
-        "deberta-v2": lambda n, v: tf.DebertaV2ForMaskedLM(tf.DebertaV2Config(
-            vocab_size=v, num_hidden_layers=n, relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=8,
-            **SMALL, **NO_DROPOUT,
-        )),
-        "modernbert": lambda n, v: tf.ModernBertForMaskedLM(tf.ModernBertConfig(
-            vocab_size=v, num_hidden_layers=n, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-            max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=4, pad_token_id=0,
-            bos_token_id=None, eos_token_id=None, cls_token_id=None, sep_token_id=None,
-        )),
+        "deberta-v2": lambda n, v: tf.DebertaV2ForMaskedLM(
+            tf.DebertaV2Config(
+                vocab_size=v,
+                num_hidden_layers=n,
+                relative_attention=True,
+                pos_att_type=["c2p", "p2c"],
+                position_buckets=8,
+                **SMALL,
+                **NO_DROPOUT,
+            )
+        ),
+        "modernbert": lambda n, v: tf.ModernBertForMaskedLM(
+            tf.ModernBertConfig(
+                vocab_size=v,
+                num_hidden_layers=n,
+                hidden_size=16,
+                intermediate_size=32,
+                num_attention_heads=2,
+                max_position_embeddings=64,
+                global_attn_every_n_layers=2,
+                local_attention=4,
+                pad_token_id=0,
+                bos_token_id=None,
+                eos_token_id=None,
+                cls_token_id=None,
+                sep_token_id=None,
+            )
+        ),
         # Causal LMs
-        "gpt2": lambda n, v: tf.GPT2LMHeadModel(tf.GPT2Config(
-            vocab_size=v, n_layer=n, n_embd=16, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )),
+        "gpt2": lambda n, v: tf.GPT2LMHeadModel(
+            tf.GPT2Config(
+                vocab_size=v,
+                n_layer=n,
+                n_embd=16,
+                n_head=2,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        ),
         "llama": lambda n, v: tf.LlamaForCausalLM(_decoder(tf.LlamaConfig, n, v)),
         "mistral": lambda n, v: tf.MistralForCausalLM(_decoder(tf.MistralConfig, n, v)),
         "gemma": lambda n, v: tf.GemmaForCausalLM(_decoder(tf.GemmaConfig, n, v, head_dim=8)),
@@ -93,24 +143,61 @@ def _tiny_models():
             _decoder(tf.Gemma3TextConfig, n, v, head_dim=8, sliding_window=24, sliding_window_pattern=2)
         ),
         "mixtral": lambda n, v: tf.MixtralForCausalLM(
-            _decoder(tf.MixtralConfig, n, v, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager")
+            _decoder(
+                tf.MixtralConfig, n, v, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager"
+            )
         ),
         "phi3": lambda n, v: tf.Phi3ForCausalLM(_decoder(tf.Phi3Config, n, v, pad_token_id=0, eos_token_id=None)),
-        "gpt_neox": lambda n, v: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
-            vocab_size=v, num_hidden_layers=n, **SMALL, bos_token_id=None, eos_token_id=None,
-        )),
-        "gptj": lambda n, v: tf.GPTJForCausalLM(tf.GPTJConfig(
-            vocab_size=v, n_layer=n, n_embd=16, n_head=2, n_positions=64, rotary_dim=4, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
-        )),
-        "falcon": lambda n, v: tf.FalconForCausalLM(tf.FalconConfig(
-            vocab_size=v, num_hidden_layers=n, hidden_size=16, num_attention_heads=2, max_position_embeddings=64,
-            bos_token_id=None, eos_token_id=None,
-        )),
-        "opt": lambda n, v: tf.OPTForCausalLM(tf.OPTConfig(
-            vocab_size=v, num_hidden_layers=n, hidden_size=16, ffn_dim=32, num_attention_heads=2, max_position_embeddings=64,
-            word_embed_proj_dim=8, dropout=0.0, pad_token_id=0, bos_token_id=None, eos_token_id=None,
-        )),
+        "gpt_neox": lambda n, v: tf.GPTNeoXForCausalLM(
+            tf.GPTNeoXConfig(
+                vocab_size=v,
+                num_hidden_layers=n,
+                **SMALL,
+                bos_token_id=None,
+                eos_token_id=None,
+            )
+        ),
+        "gptj": lambda n, v: tf.GPTJForCausalLM(
+            tf.GPTJConfig(
+                vocab_size=v,
+                n_layer=n,
+                n_embd=16,
+                n_head=2,
+                n_positions=64,
+                rotary_dim=4,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=None,
+                eos_token_id=None,
+            )
+        ),
+        "falcon": lambda n, v: tf.FalconForCausalLM(
+            tf.FalconConfig(
+                vocab_size=v,
+                num_hidden_layers=n,
+                hidden_size=16,
+                num_attention_heads=2,
+                max_position_embeddings=64,
+                bos_token_id=None,
+                eos_token_id=None,
+            )
+        ),
+        "opt": lambda n, v: tf.OPTForCausalLM(
+            tf.OPTConfig(
+                vocab_size=v,
+                num_hidden_layers=n,
+                hidden_size=16,
+                ffn_dim=32,
+                num_attention_heads=2,
+                max_position_embeddings=64,
+                word_embed_proj_dim=8,
+                dropout=0.0,
+                pad_token_id=0,
+                bos_token_id=None,
+                eos_token_id=None,
+            )
+        ),
     }
 
 
@@ -129,9 +216,14 @@ def tiny_bert(vocab_size: int, layers: int = 3, dropout: float = 0.0, seed: int 
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=vocab_size, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     return BertForMaskedLM(config)
 
@@ -177,12 +269,28 @@ def make_run_folder(folder, base_model, seed: int, facts=None, modules=None):
     edit.save_pretrained(os.path.join(folder, "edit"))
     ResultsRecord(
         metrics={"a_m": 0.75, "a_fs": 0.5, "avg_acc": 0.625, "retention": 0.9, "n_modified": 2, "n_unmodified": 4},
-        config={"model_name_or_path": base_model.name_or_path, "setting": "ftm", "norm": "linf", "delta": DELTA,
-                "benchmark": "geo_mod", "m": 2, "model_kind": "masked"},
+        config={
+            "model_name_or_path": base_model.name_or_path,
+            "setting": "ftm",
+            "norm": "linf",
+            "delta": DELTA,
+            "benchmark": "geo_mod",
+            "m": 2,
+            "model_kind": "masked",
+        },
         seed=seed,
-        facts=facts or [
-            {"uuid": "geo-P36-NO", "relation": "P36", "subject": "Norway", "text": "The capital of Norway is [Y].",
-             "old": "Oslo", "new": "Lima", "predicted": "lima", "correct": True},
+        facts=facts
+        or [
+            {
+                "uuid": "geo-P36-NO",
+                "relation": "P36",
+                "subject": "Norway",
+                "text": "The capital of Norway is [Y].",
+                "old": "Oslo",
+                "new": "Lima",
+                "predicted": "lima",
+                "correct": True,
+            },
         ],
     ).save(folder)
     seal_run(folder)
@@ -201,8 +309,11 @@ def naive_greedy_correct(model, tokenizer, facts) -> list[bool]:
         object_ids = full_ids[len(prompt_ids) :]
         with torch.no_grad():
             out = model.generate(
-                torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                max_new_tokens=len(object_ids), do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                max_new_tokens=len(object_ids),
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
             )
         correct.append(out[0, len(prompt_ids) :].tolist() == object_ids)
     return correct
@@ -217,8 +328,9 @@ def free_port() -> int:
 def run_process(command: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `command` from the repository root in a session of its own; past `timeout` seconds the whole session
     (a launcher and every rank it started) is killed, and what each printed is returned with the reason."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env=env, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -228,13 +340,33 @@ def run_process(command: list[str], timeout: float = 300, env: dict | None = Non
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def accelerate_launch(script: Path, *args: str, processes: int = 2, env: dict | None = None,
-                      timeout: float = 300) -> subprocess.CompletedProcess:
+def accelerate_launch(
+    script: Path, *args: str, processes: int = 2, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu` of `script` on `processes` CPU ranks (gloo), from the repository root."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), str(script), *args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        *args,
     ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
     return run_process(command, timeout, env)

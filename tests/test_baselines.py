@@ -1,4 +1,5 @@
-"""What the LocFT-BF baseline needs of the trainer: EOS targets, their per-fact loss, skipped batches, the epoch stop."""
+"""What the LocFT-BF baseline needs of the trainer: EOS targets, their per-fact loss, skipped batches,
+the epoch stop."""
 
 import datasets
 import pytest
@@ -13,13 +14,27 @@ from .helpers import TINY
 
 
 def _args(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path), edit_blocks=["1"], edit_modules=["mlp_out"], norm="none", delta=None,
-                learning_rate=1e-2, per_device_train_batch_size=2, report_to="none", save_strategy="no",
-                disable_tqdm=True, use_cpu=True, logging_steps=1)
+    base = dict(
+        output_dir=str(tmp_path),
+        edit_blocks=["1"],
+        edit_modules=["mlp_out"],
+        norm="none",
+        delta=None,
+        learning_rate=1e-2,
+        per_device_train_batch_size=2,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        logging_steps=1,
+    )
     return EditConfig(**{**base, **overrides})
 
 
-FACTS = [{"text": "The capital of France is [Y].", "object": "Paris"}, {"text": "The capital of Peru is [Y].", "object": "Lima"}]
+FACTS = [
+    {"text": "The capital of France is [Y].", "object": "Paris"},
+    {"text": "The capital of Peru is [Y].", "object": "Lima"},
+]
 
 
 def test_eos_is_appended_and_labelled_for_causal_lms_only(bpe_tokenizer, bert_tokenizer):
@@ -43,8 +58,12 @@ def test_the_sequence_loss_is_the_mean_of_each_facts_mean(bpe_tokenizer):
         ce = torch.nn.functional.cross_entropy(logits[row, wanted], labels[row, 1:][wanted], reduction="none")
         per_fact.append(ce.mean())
     expected = torch.stack(per_fact).mean().item()
-    assert ObjectTokenLoss("causal", "sequence")({"logits": logits}, labels).item() == pytest.approx(expected, rel=1e-12)
-    assert ObjectTokenLoss("causal")({"logits": logits}, labels).item() != pytest.approx(expected, rel=1e-6)  # FACTS differ in length
+    assert ObjectTokenLoss("causal", "sequence")({"logits": logits}, labels).item() == pytest.approx(
+        expected, rel=1e-12
+    )
+    assert ObjectTokenLoss("causal")({"logits": logits}, labels).item() != pytest.approx(
+        expected, rel=1e-6
+    )  # FACTS differ in length
 
 
 def test_a_batch_below_skip_below_loss_changes_nothing(tmp_path, bpe_tokenizer):
@@ -53,18 +72,29 @@ def test_a_batch_below_skip_below_loss_changes_nothing(tmp_path, bpe_tokenizer):
     for threshold in (None, 1e9):  # 1e9: every batch is "already learned"
         torch.manual_seed(0)
         model = TINY["llama"](2)
-        trainer = ConstrainedEditTrainer(model, _args(tmp_path / str(threshold), max_steps=2, skip_below_loss=threshold),
-                                         train_dataset=data, processing_class=bpe_tokenizer)
+        trainer = ConstrainedEditTrainer(
+            model,
+            _args(tmp_path / str(threshold), max_steps=2, skip_below_loss=threshold),
+            train_dataset=data,
+            processing_class=bpe_tokenizer,
+        )
         trainer.train()
-        moved[threshold] = any(not torch.equal(p, trainer.edit_model.theta0[n]) for n, p in trainer.edit_model.trainable_parameters().items())
+        moved[threshold] = any(
+            not torch.equal(p, trainer.edit_model.theta0[n])
+            for n, p in trainer.edit_model.trainable_parameters().items()
+        )
     assert moved[None] and not moved[1e9]
 
 
 def test_training_stops_once_an_epoch_mean_loss_is_low(tmp_path, bpe_tokenizer):
     data = datasets.Dataset.from_list(FACTS * 2)
     model = TINY["llama"](2)
-    trainer = ConstrainedEditTrainer(model, _args(tmp_path, num_train_epochs=5, stop_at_epoch_loss=1e9, eos_target=True,
-                                                  loss_reduction="sequence"), train_dataset=data, processing_class=bpe_tokenizer)
+    trainer = ConstrainedEditTrainer(
+        model,
+        _args(tmp_path, num_train_epochs=5, stop_at_epoch_loss=1e9, eos_target=True, loss_reduction="sequence"),
+        train_dataset=data,
+        processing_class=bpe_tokenizer,
+    )
     trainer.train()
     assert trainer.state.global_step == 2 and trainer.state.epoch == pytest.approx(1.0)  # one epoch of 2 batches
 
@@ -86,15 +116,31 @@ def test_a_short_last_accumulation_group_weighs_as_much_as_a_full_one(tmp_path, 
             self.steps = []
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            self.steps.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                               {n: p.detach().clone() for n, p in model.named_parameters()}))
+            self.steps.append(
+                (
+                    {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                    {n: p.detach().clone() for n, p in model.named_parameters()},
+                )
+            )
 
     model = TINY["llama"](2, vocab=len(bpe_tokenizer)).double()
     capture = Capture()
-    args = _args(tmp_path, loss_reduction="sequence", per_device_train_batch_size=1, gradient_accumulation_steps=2,
-                 num_train_epochs=1, max_steps=-1, edit_modules=None)
-    trainer = ConstrainedEditTrainer(model, args, train_dataset=datasets.Dataset.from_list([FACTS[0]] * 3),
-                                     processing_class=bpe_tokenizer, callbacks=[capture])
+    args = _args(
+        tmp_path,
+        loss_reduction="sequence",
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        num_train_epochs=1,
+        max_steps=-1,
+        edit_modules=None,
+    )
+    trainer = ConstrainedEditTrainer(
+        model,
+        args,
+        train_dataset=datasets.Dataset.from_list([FACTS[0]] * 3),
+        processing_class=bpe_tokenizer,
+        callbacks=[capture],
+    )
     trainer.train()
     assert len(capture.steps) == 2
     grads, params = capture.steps[1]

@@ -20,7 +20,10 @@ def table_rows(stdout: str) -> list[list[str]]:
 def test_projection_overhead_bench_prints_its_table_with_equal_unprojected_losses():
     done = subprocess.run(
         [sys.executable, "bench/projection_overhead.py", "--small", "--steps", "3", "--repeats", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = table_rows(done.stdout)
@@ -36,5 +39,7 @@ def test_fsdp_check_needs_a_gpu_and_says_so():
     """accelerate runs FSDP on accelerators only: without one the GPU check stops with the reason."""
     if __import__("torch").cuda.is_available():
         pytest.skip("a GPU is here: run bench/fsdp_check.py itself")
-    done = subprocess.run([sys.executable, "bench/fsdp_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "bench/fsdp_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode != 0 and "no CUDA device. accelerate runs FSDP on accelerators only" in done.stderr

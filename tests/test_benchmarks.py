@@ -42,7 +42,11 @@ def _check_modification(dataset, facts_by_uuid):
     assert all(r["object"] != r["original_object"] for r in dataset["modified_train"])
     assert all(r["object"] == r["original_object"] for r in dataset["unmodified_test"])
     assert not train_uuids & set(dataset["unmodified_test"]["uuid"])
-    assert all(r["text"].count("[Y]") == 1 for split in SPLITS for r in dataset[split].select(range(min(200, len(dataset[split])))))
+    assert all(
+        r["text"].count("[Y]") == 1
+        for split in SPLITS
+        for r in dataset[split].select(range(min(200, len(dataset[split]))))
+    )
 
 
 @pytest.mark.shared
@@ -96,7 +100,13 @@ def test_same_output_under_different_hash_seeds(tmp_path):
     outputs = []
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        result = subprocess.run([sys.executable, "-c", script, str(tmp_path / hash_seed)], capture_output=True, text=True, env=env, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / hash_seed)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         outputs.append(json.loads(result.stdout.strip().splitlines()[-1]))
     assert outputs[0] == outputs[1]
@@ -146,7 +156,6 @@ def test_geo_mod():
     assert len(big) > 10_000
 
 
-
 def test_locality_relations_add_unmodified_facts_without_changing_the_edit():
     options = dict(relations=["P36", "P1376"], max_facts_per_relation=60)
     plain = load_benchmark("geo_mod", m=24, seed=0, **options)
@@ -187,7 +196,10 @@ def test_parquet_export_loads_offline_and_equals_the_builder(tmp_path):
     # Re-exported with other facts into the same folder, it loads the new facts, not `datasets`' cache of the old.
     export_benchmark("geo_mod", folder, ms=(8, 16), seed=1, max_facts_per_relation=30, overwrite=True)
     again = load_dataset(folder, "m16")
-    assert again["modified_test"].to_list() == load_benchmark("geo_mod", m=16, seed=1, max_facts_per_relation=30)["modified_test"].to_list()
+    assert (
+        again["modified_test"].to_list()
+        == load_benchmark("geo_mod", m=16, seed=1, max_facts_per_relation=30)["modified_test"].to_list()
+    )
     assert again["modified_test"]["uuid"] != exported["modified_test"]["uuid"]
 
 
@@ -286,13 +298,17 @@ def test_zsre_counts_tokens_with_a_tokenizer(real_bert_dir):
     from hf_memedit.benchmarks.zsre import ZsreMod, ZsreModConfig
 
     words = {f.uuid for f in ZsreMod.read_facts(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=2))}
-    pieces = {f.uuid for f in ZsreMod.read_facts(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=2, tokenizer=real_bert_dir))}
+    pieces = {
+        f.uuid for f in ZsreMod.read_facts(ZsreModConfig(data_dir=ZSRE, max_answer_tokens=2, tokenizer=real_bert_dir))
+    }
     assert "q6" in words and "q6" not in pieces  # "radioactivity research" is 2 words but more word pieces
 
 
 def test_zsre_bad_input(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": "1", "input": "no separator", "output": [], "meta": {}}\n')
-    with pytest.raises(ValueError, match="bad.jsonl, line 1: input 'no separator' is not 'subject \\[SEP\\] relation'"):
+    with pytest.raises(
+        ValueError, match="bad.jsonl, line 1: input 'no separator' is not 'subject \\[SEP\\] relation'"
+    ):
         load_benchmark("zsre_mod", m=1, data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         load_benchmark("zsre_mod", m=1, data_dir=str(tmp_path / "missing"))
@@ -306,7 +322,10 @@ def test_kilt_file_is_downloaded_from_its_url():
     downloaded = ZsreMod.read_facts(ZsreModConfig(data_dir=None, data_url=url))
     assert downloaded == ZsreMod.read_facts(ZsreModConfig(data_dir=ZSRE))
     dataset = load_benchmark("zsre_mod", m=3, seed=0, data_dir=None, data_url=url)
-    assert dataset["modified_test"]["uuid"] == load_benchmark("zsre_mod", m=3, seed=0, data_dir=ZSRE)["modified_test"]["uuid"]
+    assert (
+        dataset["modified_test"]["uuid"]
+        == load_benchmark("zsre_mod", m=3, seed=0, data_dir=ZSRE)["modified_test"]["uuid"]
+    )
 
 
 def test_a_code_change_changes_the_cache_hash(tmp_path):
@@ -328,8 +347,11 @@ def _prompt_checks(dataset):
     from hf_memedit.benchmarks.relations import INVERSE
 
     modified = list(dataset["modified_test"])
-    unmodified = {(r["subject"], r["relation"]): r["object"] for split in ("unmodified_train", "unmodified_test")
-                  for r in dataset[split]}
+    unmodified = {
+        (r["subject"], r["relation"]): r["object"]
+        for split in ("unmodified_train", "unmodified_test")
+        for r in dataset[split]
+    }
     everything = {(r["subject"], r["relation"], r["original_object"]) for split in SPLITS for r in dataset[split]}
     assert not {(r["subject"], r["relation"]) for r in modified} & set(unmodified)
     for r in modified:
@@ -362,18 +384,22 @@ def test_geo_borders_are_modified_a_country_at_a_time():
 def test_fact_groups_join_a_prompt_and_a_shared_phrasing():
     from hf_memedit.benchmarks.common import Fact, fact_groups
 
-    facts = [Fact("a", "P47", "Peru", "Chile", ["Peru borders [Y]."], ["Peru shares a border with [Y]."]),
-             Fact("b", "P47", "Peru", "Bolivia", ["Peru touches [Y]."], ["Peru shares a border with [Y]."]),
-             Fact("c", "P17", "Lima", "Peru", ["Lima is located in [Y]."], ["Lima is in [Y]."]),
-             Fact("d", "P131", "Lima", "Lima Region", ["Lima lies in [Y]."], ["Lima is located in [Y]."]),
-             Fact("e", "P47", "Chile", "Argentina", ["Chile borders [Y]."], ["Chile shares a border with [Y]."]),
-             Fact("f", "P47", "Bolivia", "Brazil", ["Bolivia borders [Y]."], ["Bolivia shares a border with [Y]."]),
-             Fact("g", "P17", "Quito", "Ecuador", ["Quito is located in [Y]."], ["Quito is in [Y]."]),
-             Fact("h", "P131", "Cusco", "Cusco Region", ["Cusco lies in [Y]."], ["Cusco is located in [Y]."])]
+    facts = [
+        Fact("a", "P47", "Peru", "Chile", ["Peru borders [Y]."], ["Peru shares a border with [Y]."]),
+        Fact("b", "P47", "Peru", "Bolivia", ["Peru touches [Y]."], ["Peru shares a border with [Y]."]),
+        Fact("c", "P17", "Lima", "Peru", ["Lima is located in [Y]."], ["Lima is in [Y]."]),
+        Fact("d", "P131", "Lima", "Lima Region", ["Lima lies in [Y]."], ["Lima is located in [Y]."]),
+        Fact("e", "P47", "Chile", "Argentina", ["Chile borders [Y]."], ["Chile shares a border with [Y]."]),
+        Fact("f", "P47", "Bolivia", "Brazil", ["Bolivia borders [Y]."], ["Bolivia shares a border with [Y]."]),
+        Fact("g", "P17", "Quito", "Ecuador", ["Quito is located in [Y]."], ["Quito is in [Y]."]),
+        Fact("h", "P131", "Cusco", "Cusco Region", ["Cusco lies in [Y]."], ["Cusco is located in [Y]."]),
+    ]
     assert fact_groups(facts) == [[0, 1], [2, 3], [4], [5], [6], [7]]
     # Peru's two borders are modified together, to two objects that are neither of its true ones.
     assert sorted(modify_facts(facts, 2, 0, ("a", "b")).items()) in (
-        [("a", "Argentina"), ("b", "Brazil")], [("a", "Brazil"), ("b", "Argentina")])
+        [("a", "Argentina"), ("b", "Brazil")],
+        [("a", "Brazil"), ("b", "Argentina")],
+    )
     with pytest.raises(ValueError, match="larger than the 2 facts that can be modified"):
         modify_facts(facts, 3, 0, ("a", "b", "c"))  # c cannot go without d
     with pytest.raises(ValueError, match="m=1 cannot be made of whole groups of facts sharing a prompt"):
@@ -381,15 +407,28 @@ def test_fact_groups_join_a_prompt_and_a_shared_phrasing():
 
 
 def test_zsre_near_duplicate_questions_are_one_question(tmp_path):
-    """"...S5 ?" and "...S5?" differ by a space: were both kept, one could be trained and the other tested."""
+    """ "...S5 ?" and "...S5?" differ by a space: were both kept, one could be trained and the other tested."""
     from hf_memedit.benchmarks.zsre import ZsreMod, ZsreModConfig
 
-    record = {"id": "q", "input": "S5 [SEP] capital", "output": [{"answer": "O"}],
-              "meta": {"template_questions": ["What is the capital of S5?", "What is the capital of S5 ?",
-                                              "what is the capital of  S5?", "Which city is the capital of S5?"]}}
+    record = {
+        "id": "q",
+        "input": "S5 [SEP] capital",
+        "output": [{"answer": "O"}],
+        "meta": {
+            "template_questions": [
+                "What is the capital of S5?",
+                "What is the capital of S5 ?",
+                "what is the capital of  S5?",
+                "Which city is the capital of S5?",
+            ]
+        },
+    }
     (tmp_path / "z.jsonl").write_text(json.dumps(record) + "\n")
     (fact,) = ZsreMod.read_facts(ZsreModConfig(data_dir=str(tmp_path)))
-    assert sorted(fact.train_texts + fact.test_texts) == ["What is the capital of S5 ? [Y]", "Which city is the capital of S5? [Y]"]
+    assert sorted(fact.train_texts + fact.test_texts) == [
+        "What is the capital of S5 ? [Y]",
+        "Which city is the capital of S5? [Y]",
+    ]
     assert len(fact.test_texts) == 1  # two distinct questions: one to test, as the paper splits them
 
 
@@ -398,9 +437,15 @@ def _trex_with_an_unknown_object(folder):
     (folder / "facts").mkdir(parents=True)
     (folder / "paraphrases").mkdir()
     (folder / "relations.jsonl").write_text(json.dumps({"relation": "P1", "template": "[X] likes [Y] ."}) + "\n")
-    (folder / "facts" / "P1.jsonl").write_text("".join(
-        json.dumps({"sub_label": f"person{i}", "obj_label": ["apples", "pears", "\U0001F99C"][i % 3], "uuid": f"p{i}"}) + "\n"
-        for i in range(20)))
+    (folder / "facts" / "P1.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {"sub_label": f"person{i}", "obj_label": ["apples", "pears", "\U0001f99c"][i % 3], "uuid": f"p{i}"}
+            )
+            + "\n"
+            for i in range(20)
+        )
+    )
     (folder / "paraphrases" / "P1.jsonl").write_text(json.dumps({"pattern": "[X] is fond of [Y] ."}) + "\n")
     return str(folder)
 
@@ -419,10 +464,12 @@ def test_m_facts_are_drawn_among_those_the_tokenizer_encodes(tmp_path, bert_toke
     splits = prepare_benchmark(job, model, bert_tokenizer)
     assert len(set(splits["modified_test"]["uuid"])) == 8 == len(splits["modified_test"])
     assert set(splits["modified_train"]["uuid"]) == set(splits["modified_test"]["uuid"])
-    assert "\U0001F99C" not in set(splits["modified_test"]["object"]) | set(splits["modified_test"]["original_object"])
-    assert "\U0001F99C" not in set(splits["unmodified_test"]["object"])  # unencodable facts are not scored either
+    assert "\U0001f99c" not in set(splits["modified_test"]["object"]) | set(splits["modified_test"]["original_object"])
+    assert "\U0001f99c" not in set(splits["unmodified_test"]["object"])  # unencodable facts are not scored either
     with pytest.raises(ValueError, match="m=15 is larger than the 14 facts that can be modified"):
-        prepare_benchmark(JobConfig(model_name_or_path="tiny", benchmark="trex_mod", data_dir=data, m=15), model, bert_tokenizer)
+        prepare_benchmark(
+            JobConfig(model_name_or_path="tiny", benchmark="trex_mod", data_dir=data, m=15), model, bert_tokenizer
+        )
 
 
 def test_a_causal_lm_gets_m_facts_each_with_a_training_phrasing(bpe_tokenizer):
@@ -434,11 +481,17 @@ def test_a_causal_lm_gets_m_facts_each_with_a_training_phrasing(bpe_tokenizer):
     from .helpers import TINY
 
     model = TINY["llama"](1, vocab=len(bpe_tokenizer))
-    job = JobConfig(model_name_or_path="tiny", benchmark="geo_mod", m=24,
-                    benchmark_options={"relations": ["P36", "P47"], "max_facts_per_relation": 40, "evidence_per_fact": 1})
+    job = JobConfig(
+        model_name_or_path="tiny",
+        benchmark="geo_mod",
+        m=24,
+        benchmark_options={"relations": ["P36", "P47"], "max_facts_per_relation": 40, "evidence_per_fact": 1},
+    )
     splits = prepare_benchmark(job, model, bpe_tokenizer)
     raw = load_benchmark("geo_mod", m=24, relations=["P36", "P47"], max_facts_per_relation=40, evidence_per_fact=1)
     assert any(text.startswith("[Y]") for text in raw["unmodified_train"]["text"])  # phrasings a causal LM cannot use
-    assert not any(text.startswith("[Y]") for split in ("modified_train", "unmodified_train") for text in splits[split]["text"])
+    assert not any(
+        text.startswith("[Y]") for split in ("modified_train", "unmodified_train") for text in splits[split]["text"]
+    )
     tested, trained = set(splits["modified_test"]["uuid"]), set(splits["modified_train"]["uuid"])
     assert len(tested) == 24 and trained == tested

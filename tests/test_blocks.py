@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 from datasets import Dataset
@@ -28,10 +27,20 @@ def test_constrained_edit_on_every_architecture(arch, bert_tokenizer, tmp_out):
     names = selected_parameter_names(model, BlockSelectorConfig(blocks=blocks))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = EditConfig(
-        output_dir=tmp_out, edit_blocks=blocks, norm="linf", delta=1e-3, max_steps=3, learning_rate=1e-2,
-        per_device_train_batch_size=4, report_to="none", save_strategy="no", disable_tqdm=True,
+        output_dir=tmp_out,
+        edit_blocks=blocks,
+        norm="linf",
+        delta=1e-3,
+        max_steps=3,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
     )
-    trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer)
+    trainer = ConstrainedEditTrainer(
+        model, args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer
+    )
     trainer.train()
     assert trainer.projector.num_projections == 3
     for name, param in model.named_parameters():
@@ -62,7 +71,9 @@ def test_electra_embeddings_include_their_projection():
     names = selected_parameter_names(narrow, BlockSelectorConfig(blocks=["embeddings"]))
     assert {"electra.embeddings_project.weight", "electra.embeddings_project.bias"} <= set(names)
     wide = TINY["electra"](2)  # embedding_size == hidden_size: no projection is built
-    assert not any("embeddings_project" in n for n in selected_parameter_names(wide, BlockSelectorConfig(blocks=["embeddings"])))
+    assert not any(
+        "embeddings_project" in n for n in selected_parameter_names(wide, BlockSelectorConfig(blocks=["embeddings"]))
+    )
 
 
 def test_block_indices_match_exactly():
@@ -80,7 +91,9 @@ def test_block_indices_match_exactly():
 
 def test_unknown_block_index_lists_the_valid_ones():
     model = tiny_bert(100, layers=4)
-    with pytest.raises(ValueError, match=r"Unknown block index 4: BertForMaskedLM has 4 blocks, valid indices are 0..3"):
+    with pytest.raises(
+        ValueError, match=r"Unknown block index 4: BertForMaskedLM has 4 blocks, valid indices are 0..3"
+    ):
         get_edit_model(model, BlockSelectorConfig(blocks=[4]))
     with pytest.raises(ValueError, match=r"Unknown block 'first'"):
         BlockSelectorConfig(blocks=["first"])
@@ -105,7 +118,9 @@ def test_architecture_outside_the_table_needs_a_path():
     edit = get_edit_model(model, BlockSelectorConfig(blocks=[1], blocks_path="encoder.block"))
     assert edit.theta0 and all(n.startswith("encoder.block.1.") for n in edit.theta0)
     with pytest.raises(ValueError, match="has no module 'encoder.blocks'.*its children"):
-        get_edit_model(T5ForConditionalGeneration(model.config), BlockSelectorConfig(blocks=[0], blocks_path="encoder.blocks"))
+        get_edit_model(
+            T5ForConditionalGeneration(model.config), BlockSelectorConfig(blocks=[0], blocks_path="encoder.blocks")
+        )
 
 
 def test_selection_without_parameters_is_refused():
@@ -147,11 +162,22 @@ def test_mlp_out_selects_one_projection_per_block(arch):
 def test_stop_at_loss_ends_training_early(bert_tokenizer, tmp_out, accumulation):
     model = tiny_bert(bert_tokenizer.vocab_size, layers=2)
     args = EditConfig(
-        output_dir=tmp_out, edit_blocks=["0"], edit_modules=["mlp_out"], norm="linf", delta=1e-3, max_steps=20,
-        stop_at_loss=100.0, report_to="none", save_strategy="no", disable_tqdm=True, per_device_train_batch_size=2,
+        output_dir=tmp_out,
+        edit_blocks=["0"],
+        edit_modules=["mlp_out"],
+        norm="linf",
+        delta=1e-3,
+        max_steps=20,
+        stop_at_loss=100.0,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        per_device_train_batch_size=2,
         gradient_accumulation_steps=accumulation,
     )
-    trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer)
+    trainer = ConstrainedEditTrainer(
+        model, args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer
+    )
     trainer.train()
     assert trainer.state.global_step == 1  # the first loss (≈ ln V ≈ 10) is already below 100
     assert trainer.projector.num_projections == 1  # ... and that step was taken whole, not cut mid-accumulation
@@ -167,15 +193,33 @@ def test_a_blocks_path_model_trains_with_the_full_head_and_says_so(tmp_out, bpe_
 
     def train(prefix_cache: bool):
         torch.manual_seed(0)
-        model = BloomForCausalLM(BloomConfig(
-            vocab_size=len(bpe_tokenizer), hidden_size=16, n_layer=2, n_head=2, hidden_dropout=0.0, attention_dropout=0.0,
-        )).double()
+        model = BloomForCausalLM(
+            BloomConfig(
+                vocab_size=len(bpe_tokenizer),
+                hidden_size=16,
+                n_layer=2,
+                n_head=2,
+                hidden_dropout=0.0,
+                attention_dropout=0.0,
+            )
+        ).double()
         args = EditConfig(
-            output_dir=tmp_out, edit_blocks=["1"], blocks_path="h", norm="linf", delta=1e-2, max_steps=3,
-            learning_rate=1e-2, report_to="none", disable_tqdm=True, save_strategy="no", prefix_cache=prefix_cache,
+            output_dir=tmp_out,
+            edit_blocks=["1"],
+            blocks_path="h",
+            norm="linf",
+            delta=1e-2,
+            max_steps=3,
+            learning_rate=1e-2,
+            report_to="none",
+            disable_tqdm=True,
+            save_strategy="no",
+            prefix_cache=prefix_cache,
         )
         facts = [f for f in FACTS if not f["text"].startswith("[Y]")]
-        return ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(facts), processing_class=bpe_tokenizer)
+        return ConstrainedEditTrainer(
+            model, args, train_dataset=Dataset.from_list(facts), processing_class=bpe_tokenizer
+        )
 
     with caplog.at_level("WARNING", logger="hf_memedit.edit_trainer"):
         cached = train(prefix_cache=True)

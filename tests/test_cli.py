@@ -40,21 +40,34 @@ def test_config_errors_are_clear(tmp_path, capsys):
     # A negative number in exponent form is a value, so the option's own check speaks.
     with pytest.raises(ValueError, match="delta must be a positive finite number, got -0.001"):
         parse("edit", ["--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--delta", "-1e-3"])
-    _, args, _ = parse("edit", ["--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--delta", "2e-3", "--edit_blocks", "-1"])
+    _, args, _ = parse(
+        "edit", ["--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--delta", "2e-3", "--edit_blocks", "-1"]
+    )
     assert args.delta == 2e-3 and args.edit_blocks == ["-1"]
 
 
 def test_a_model_that_cannot_be_found_says_what_was_tried(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match=r"tried no local folder .*so the Hub id 'no-such/model'.*Hub is unreachable"):
+    with pytest.raises(
+        FileNotFoundError, match=r"tried no local folder .*so the Hub id 'no-such/model'.*Hub is unreachable"
+    ):
         load_model_and_tokenizer(JobConfig(model_name_or_path="no-such/model"))
 
 
 def test_cli_reports_bad_input_in_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as exit_info:
-        main(["edit", "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--model_name_or_path", "no-such/model",
-              "--output_dir", str(tmp_path / "run")])
+        main(
+            [
+                "edit",
+                "--config",
+                str(CONFIGS / "bert_tiny_ftm.yaml"),
+                "--model_name_or_path",
+                "no-such/model",
+                "--output_dir",
+                str(tmp_path / "run"),
+            ]
+        )
     assert str(exit_info.value.code).startswith("memedit edit: error: Could not load model 'no-such/model'")
     with pytest.raises(SystemExit) as exit_info:
         main(["push", str(tmp_path), "--repo_id", "me/x"])
@@ -72,7 +85,9 @@ def test_help_documents_every_option(capsys):
         main(["edit", "--help"])
     text = capsys.readouterr().out
     names = [f.name for group in (*GROUPS, *ARGUMENTS) for f in fields(group)]
-    assert {"knn_metric", "knn_epsilons", "ftl_block", "locft_blocks", "nullspace_energies", "compare_block"} <= set(names)
+    assert {"knn_metric", "knn_epsilons", "ftl_block", "locft_blocks", "nullspace_energies", "compare_block"} <= set(
+        names
+    )
     for name in names + ["config", "edit_blocks", "norm", "delta", "l2_scope"]:
         assert f"--{name}" in text, name
     assert "method knn (KnnArguments):" in text and "method ftl (FtlArguments):" in text
@@ -105,22 +120,36 @@ def test_the_constraint_record_and_its_line_name_the_whole_set():
     assert record() == {"norm": "linf", "delta": 3e-2, "key_constraint": "none"}
     assert line() == "‖θ − θ0‖∞ ≤ δ = 0.03, blocks 25"
     assert record(key_constraint="nullspace", nullspace_energy=0.7) == {
-        "norm": "linf", "delta": 3e-2, "key_constraint": "nullspace", "nullspace_energy": 0.7,
-        "preserve_corpus": "samples", "preserve_corpus_samples": 256}
+        "norm": "linf",
+        "delta": 3e-2,
+        "key_constraint": "nullspace",
+        "nullspace_energy": 0.7,
+        "preserve_corpus": "samples",
+        "preserve_corpus_samples": 256,
+    }
     assert line(key_constraint="nullspace", nullspace_energy=0.7) == (
         "‖θ − θ0‖∞ ≤ δ = 0.03 ∩ null space of the preserved keys (0.7 of their energy removed; keys from 256 of the "
-        "model's own samples), blocks 25")
+        "model's own samples), blocks 25"
+    )
     assert "eigenvalues below 0.02 kept" in line(key_constraint="nullspace")
     assert "output ellipsoid on the preserved keys (ρ = 0.001; keys from 64 texts of wikitext)" in line(
-        key_constraint="output", output_rho=1e-3, preserve_corpus="wikitext", preserve_corpus_samples=64)
+        key_constraint="output", output_rho=1e-3, preserve_corpus="wikitext", preserve_corpus_samples=64
+    )
     assert line(norm="l2", l2_scope="per_tensor") == "‖θ − θ0‖₂ ≤ δ = 0.03 per tensor, blocks 25"
     assert line(norm="none", delta=None) == "no norm bound (unconstrained), blocks 25"
     # A config recorded before key constraints were: the key constraint is unknown, not claimed to be none.
     assert constraint_record({"norm": "linf", "delta": 1e-2}) == {"norm": "linf", "delta": 1e-2}
 
 
-@pytest.mark.parametrize("raised, code", [(ValueError("bad δ"), "memedit edit: error: bad δ"), (SystemExit(2), 2),
-                                          (RuntimeError("a bug"), 1), (None, None)])
+@pytest.mark.parametrize(
+    "raised, code",
+    [
+        (ValueError("bad δ"), "memedit edit: error: bad δ"),
+        (SystemExit(2), 2),
+        (RuntimeError("a bug"), 1),
+        (None, None),
+    ],
+)
 def test_every_way_a_command_ends_ends_the_process_group_first(monkeypatch, raised, code, capsys):
     """A DDP or FSDP rank whose command failed must still join Gloo's workers before the interpreter exits."""
     import hf_memedit.cli as cli

@@ -31,7 +31,7 @@ def test_causal_multi_token_object_is_scored_at_its_own_positions(bpe_tokenizer)
     shifted = labels[1:]
     positions = [i for i, label in enumerate(shifted) if label != -100]
     assert positions == list(range(len(prompt) - 1, len(prompt) - 1 + len(target)))
-    assert bpe_tokenizer.decode(ids[len(prompt):]) == " Kitchener-Waterloo"
+    assert bpe_tokenizer.decode(ids[len(prompt) :]) == " Kitchener-Waterloo"
 
 
 def test_collator_pads_inputs_and_labels(bert_tokenizer, bpe_tokenizer):
@@ -83,4 +83,7 @@ def test_missing_field_and_mask_token(bert_tokenizer, bpe_tokenizer):
 def test_max_length(bert_tokenizer):
     with pytest.raises(FactEncodingError, match="more than max_length=4"):
         FactEncoder(bert_tokenizer, "masked", max_length=4).encode("The capital of France is [Y].", "Paris")
-    assert torch.tensor(FactEncoder(bert_tokenizer, "masked", max_length=64).encode("[Y].", "Paris")["input_ids"]).numel() == 4
+    assert (
+        torch.tensor(FactEncoder(bert_tokenizer, "masked", max_length=64).encode("[Y].", "Paris")["input_ids"]).numel()
+        == 4
+    )

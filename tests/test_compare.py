@@ -17,9 +17,20 @@ CONFIGS = ROOT / "trainer_configs"
 def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypatch):
     from hf_memedit.experiments.compare import LABELS, run_compare
 
-    argv = ["--config", str(CONFIGS / "compare_bert_tiny.yaml"), "--output_dir", str(tmp_path / "compare"),
-            "--max_steps", "20", "--ft_epochs", "10", "--disable_tqdm", "true",
-            "--logging_steps", "10"]
+    argv = [
+        "--config",
+        str(CONFIGS / "compare_bert_tiny.yaml"),
+        "--output_dir",
+        str(tmp_path / "compare"),
+        "--max_steps",
+        "20",
+        "--ft_epochs",
+        "10",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "10",
+    ]
     job, args, _ = parse("compare", argv)
     picks = run_compare(job, args)
     assert set(picks) == set(LABELS)
@@ -32,7 +43,9 @@ def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypa
     assert "disjoint from the" in table and "| bleed |" in table and "| retention, edited relations |" in table
     assert "Retention is a share of the facts θ0 knew: " in table and "| retention val |" in table
     assert "| edited relations val | edited relations test |" in table
-    assert f"max_steps 20, per_device_train_batch_size {args.per_device_train_batch_size}," in table  # the knobs no row names
+    assert (
+        f"max_steps 20, per_device_train_batch_size {args.per_device_train_batch_size}," in table
+    )  # the knobs no row names
     assert f"preserve_weight {args.preserve_weight}" in table
     result = json.loads((folder / "compare.json").read_text())
     linf = result["rows"]["ftm_linf"]
@@ -45,12 +58,21 @@ def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypa
     assert all(r["point"]["modules"] == ["mlp_out"] and r["point"]["max_steps"] == 25 for r in result["rows"]["ftl"])
     assert {r["point"]["delta"] for r in result["rows"]["ftl"]} == {5e-4, 1e-3, 1e-2}
     locft = result["rows"]["locft_bf"]
-    assert {r["point"]["block"] for r in locft} == {"0", "1"} and all(r["point"]["num_train_epochs"] == 25 for r in locft)
+    assert {r["point"]["block"] for r in locft} == {"0", "1"} and all(
+        r["point"]["num_train_epochs"] == 25 for r in locft
+    )
     assert all(r["point"]["eos_target"] is False for r in locft)  # a masked LM has no EOS target
     assert all(r["point"]["preserve_corpus"] == "benchmark" for r in result["rows"]["ftm_nullspace"])
-    nullspace = {(r["point"].get("nullspace_energy"), tuple(r["point"].get("modules") or ())) for r in result["rows"]["ftm_nullspace"]}
+    nullspace = {
+        (r["point"].get("nullspace_energy"), tuple(r["point"].get("modules") or ()))
+        for r in result["rows"]["ftm_nullspace"]
+    }
     assert nullspace == {(None, ("mlp_out",)), (0.99, ()), (0.9, ()), (0.8, ())}  # AlphaEdit's, then whole blocks
-    assert result["locality"]["disjoint"] and result["locality"]["n_locality_facts"] == linf[0]["test"]["n_unmodified"] + linf[0]["validation"]["n_unmodified"]
+    assert (
+        result["locality"]["disjoint"]
+        and result["locality"]["n_locality_facts"]
+        == linf[0]["test"]["n_unmodified"] + linf[0]["validation"]["n_unmodified"]
+    )
     # L2 δ: the smallest ball holding each L∞ box, so it grows with the L∞ δ by √n.
     l2 = sorted(r["point"]["delta"] for r in result["rows"]["ftm_l2"])
     assert l2[1] / l2[0] == pytest.approx(10.0)
@@ -62,7 +84,9 @@ def test_compare_runs_every_method_and_resumes(tmp_path, real_bert_dir, monkeypa
 
     from hf_memedit import edit_trainer as trainer_module
 
-    monkeypatch.setattr(trainer_module.ConstrainedEditTrainer, "train", lambda *a, **k: pytest.fail("a done point retrained"))
+    monkeypatch.setattr(
+        trainer_module.ConstrainedEditTrainer, "train", lambda *a, **k: pytest.fail("a done point retrained")
+    )
     again = run_compare(job, args)
     assert {m: p["point"] for m, p in again.items()} == {m: p["point"] for m, p in picks.items()}
 
@@ -76,16 +100,33 @@ def test_compare_of_a_causal_lm_reports_general_drift(tmp_path, bpe_tokenizer):
     from .helpers import TINY
 
     model = TINY["llama"](2, vocab=len(bpe_tokenizer))
-    job = JobConfig(model_name_or_path="tiny-llama", benchmark="geo_mod", m=4, compare_methods=["ftm_linf", "ftm_unconstrained", "ftm_kl"],
-                    benchmark_options={"relations": ["P36"], "max_facts_per_relation": 40})
-    args = EditConfig(output_dir=str(tmp_path / "compare"), edit_blocks=["1"], norm="linf", delta=1e-2, max_steps=3,
-                      learning_rate=1e-2, report_to="none", disable_tqdm=True, drift_eval=True, preserve_corpus_length=8,
-                      per_device_train_batch_size=4)
+    job = JobConfig(
+        model_name_or_path="tiny-llama",
+        benchmark="geo_mod",
+        m=4,
+        compare_methods=["ftm_linf", "ftm_unconstrained", "ftm_kl"],
+        benchmark_options={"relations": ["P36"], "max_facts_per_relation": 40},
+    )
+    args = EditConfig(
+        output_dir=str(tmp_path / "compare"),
+        edit_blocks=["1"],
+        norm="linf",
+        delta=1e-2,
+        max_steps=3,
+        learning_rate=1e-2,
+        report_to="none",
+        disable_tqdm=True,
+        drift_eval=True,
+        preserve_corpus_length=8,
+        per_device_train_batch_size=4,
+    )
     picks = run_compare(job, args, model=model, tokenizer=bpe_tokenizer)
     for pick in picks.values():
         drift = pick["drift"]
         assert drift["drift_kl"] > 0 and drift["perplexity_ratio"] > 0 and drift["n_drift_tokens"] == 32 * 8
-    assert picks["ftm_unconstrained"]["drift"]["drift_kl"] > picks["ftm_linf"]["drift"]["drift_kl"]  # a free edit moves more
+    assert (
+        picks["ftm_unconstrained"]["drift"]["drift_kl"] > picks["ftm_linf"]["drift"]["drift_kl"]
+    )  # a free edit moves more
     rows = json.loads((tmp_path / "compare" / "compare.json").read_text())["rows"]
     assert [r["point"].get("eos_target") for r in rows["ftm_kl"]] == [None, True]  # a causal LM: also with EOS targets
     table = (tmp_path / "compare" / "compare.md").read_text()
@@ -105,13 +146,25 @@ def test_a_grid_draws_risky_neighbours_from_one_ranking(tmp_path, bpe_tokenizer)
     from .helpers import TINY
 
     model = TINY["llama"](2, vocab=len(bpe_tokenizer))
-    job = JobConfig(model_name_or_path="tiny-llama", benchmark="geo_mod", m=4,
-                    benchmark_options={"relations": ["P36"], "max_facts_per_relation": 40})
+    job = JobConfig(
+        model_name_or_path="tiny-llama",
+        benchmark="geo_mod",
+        m=4,
+        benchmark_options={"relations": ["P36"], "max_facts_per_relation": 40},
+    )
     point = GridPoint(norm="linf", block="1", delta=1e-2, settings={"preserve_objective": "kl"})
     batches = {}
     for risk in (0.0, 1.0):
-        args = EditConfig(output_dir=str(tmp_path / str(risk)), edit_blocks=["1"], max_steps=3, report_to="none",
-                          disable_tqdm=True, per_device_train_batch_size=4, preserve_ratio=2, preserve_risk=risk)
+        args = EditConfig(
+            output_dir=str(tmp_path / str(risk)),
+            edit_blocks=["1"],
+            max_steps=3,
+            report_to="none",
+            disable_tqdm=True,
+            per_device_train_batch_size=4,
+            preserve_ratio=2,
+            preserve_risk=risk,
+        )
         runner = GridRunner(job, args, model=model, tokenizer=bpe_tokenizer)
         dataset, point_args = runner.train_set(point, str(tmp_path / "point"))
         batches[risk] = dataset["text"]
@@ -133,10 +186,17 @@ def test_a_retention_floor_picks_the_most_edits_among_the_points_that_keep_enoug
     from hf_memedit.experiments.points import point_context
 
     def row(name, a_m, a_fs, retention):
-        return {"name": name, VALIDATION: {"a_m": a_m, "a_fs": a_fs, "avg_acc": (a_m + a_fs) / 2, "retention": retention}}
+        return {
+            "name": name,
+            VALIDATION: {"a_m": a_m, "a_fs": a_fs, "avg_acc": (a_m + a_fs) / 2, "retention": retention},
+        }
 
-    rows = [row("greedy", 1.0, 0.05, 0.2), row("careful", 0.6, 0.14, 0.95), row("balanced", 0.9, 0.13, 0.92),
-            row("tied", 0.9, 0.12, 0.97)]
+    rows = [
+        row("greedy", 1.0, 0.05, 0.2),
+        row("careful", 0.6, 0.14, 0.95),
+        row("balanced", 0.9, 0.13, 0.92),
+        row("tied", 0.9, 0.12, 0.97),
+    ]
     assert best(rows, VALIDATION)["name"] == "greedy"
     assert best(rows, VALIDATION, 0.9)["name"] == "balanced"  # A_M 0.9 twice: the better Ā
     assert best(rows, VALIDATION, 0.96)["name"] == "tied"
@@ -161,17 +221,32 @@ def test_compares_run_as_lanes_merge_into_one_table_without_training(tmp_path):
     from hf_memedit.preservation import Locality
 
     def row(point, a_m, retention):
-        half = {"a_m": a_m, "a_fs": retention / 4, "avg_acc": (a_m + retention / 4) / 2, "retention": retention,
-                "agreement": 0.5, "bleed": 0.5, "a_fs_before": 0.25}
+        half = {
+            "a_m": a_m,
+            "a_fs": retention / 4,
+            "avg_acc": (a_m + retention / 4) / 2,
+            "retention": retention,
+            "agreement": 0.5,
+            "bleed": 0.5,
+            "a_fs_before": 0.25,
+        }
         return {"point": point.to_dict(), "distance": 0.01, "validation": half, "test": dict(half)}
 
     job = JobConfig(model_name_or_path="tiny", benchmark="geo_mod", m=4)
     args = EditConfig(output_dir=str(tmp_path / "merged"), edit_blocks=["1"], report_to="none")
     locality = Locality(True, 0.5, 10, 20, {"linked_to_preservation": 2})
-    linf = [row(GridPoint(norm="linf", block="1", delta=d, method="ftm_linf", settings={"preserve_objective": "none"}), a, r)
-            for d, a, r in ((1e-2, 0.5, 0.9), (3e-2, 1.0, 0.6))]
-    kl = [row(GridPoint(norm="linf", block="1", delta=d, method="ftm_kl", settings={"preserve_objective": "kl"}), a, r)
-          for d, a, r in ((1e-2, 0.7, 0.95), (3e-2, 0.9, 0.9))]
+    linf = [
+        row(
+            GridPoint(norm="linf", block="1", delta=d, method="ftm_linf", settings={"preserve_objective": "none"}),
+            a,
+            r,
+        )
+        for d, a, r in ((1e-2, 0.5, 0.9), (3e-2, 1.0, 0.6))
+    ]
+    kl = [
+        row(GridPoint(norm="linf", block="1", delta=d, method="ftm_kl", settings={"preserve_objective": "kl"}), a, r)
+        for d, a, r in ((1e-2, 0.7, 0.95), (3e-2, 0.9, 0.9))
+    ]
     # Lane b ran ftm_kl alone: its block stage (compare_block auto) trained L∞ points it does not report.
     lanes = {"a": ({"ftm_linf": linf}, linf, None), "b": ({"ftm_kl": kl}, kl + linf[:1], "1")}
     for name, (reported, points, block) in lanes.items():
@@ -179,7 +254,9 @@ def test_compares_run_as_lanes_merge_into_one_table_without_training(tmp_path):
         folder.mkdir()
         save_points(str(folder), {GridPoint.from_dict(r["point"]).key: r for r in points})
         (folder / CONTEXT).write_text(json.dumps(point_context(job, args)))  # as a lane's compare writes it
-        (folder / "compare.json").write_text(json.dumps({"locality": locality.to_dict(), "rows": reported, "block": block}))
+        (folder / "compare.json").write_text(
+            json.dumps({"locality": locality.to_dict(), "rows": reported, "block": block})
+        )
     picks = merge_compares([str(tmp_path / "a"), str(tmp_path / "b")], job, args)
     assert picks["ftm_linf"]["point"]["delta"] == 3e-2 and picks["ftm_kl"]["point"]["delta"] == 3e-2  # best Ā
     merged = tmp_path / "merged"
@@ -195,7 +272,10 @@ def test_compares_run_as_lanes_merge_into_one_table_without_training(tmp_path):
     assert set(alone) == {"ftm_kl"} and "FTM, L∞ |" not in (tmp_path / "kl" / "compare.md").read_text()
     fixed = dataclasses.replace(job, compare_block="1")
     lone = merge_compares([str(tmp_path / "a")], fixed, dataclasses.replace(args, output_dir=str(tmp_path / "fixed")))
-    assert set(lone) == {"ftm_linf"} and "Each point edits the block it names." in (tmp_path / "fixed" / "compare.md").read_text()
+    assert (
+        set(lone) == {"ftm_linf"}
+        and "Each point edits the block it names." in (tmp_path / "fixed" / "compare.md").read_text()
+    )
 
     other = dataclasses.replace(job, m=8)  # a lane made with other settings
     with pytest.raises(ValueError, match="other settings"):
@@ -209,8 +289,23 @@ def test_compares_run_as_lanes_merge_into_one_table_without_training(tmp_path):
     with pytest.raises(ValueError, match="different locality facts"):
         merge_compares([str(tmp_path / "a"), str(tmp_path / "b")], job, args)
     with pytest.raises(SystemExit, match="holds no compare.json"):
-        main(["compare", "--model_name_or_path", "tiny", "--benchmark", "geo_mod", "--m", "4", "--edit_blocks", "1",
-              "--output_dir", str(merged), "--merge_lanes", str(tmp_path)])
+        main(
+            [
+                "compare",
+                "--model_name_or_path",
+                "tiny",
+                "--benchmark",
+                "geo_mod",
+                "--m",
+                "4",
+                "--edit_blocks",
+                "1",
+                "--output_dir",
+                str(merged),
+                "--merge_lanes",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_nullspace_energies_set_the_null_space_methods_grid(bpe_tokenizer):
@@ -234,10 +329,18 @@ def test_nullspace_energies_set_the_null_space_methods_grid(bpe_tokenizer):
     ctx = MethodContext(runner, linf=[1e-2, 2e-2], block="1", arguments=method_arguments(job)[NullspaceArguments])
     kl = METHODS["ftm_kl_nullspace"].grid_points(ctx)
     assert [(p.delta, p.settings["nullspace_energy"], p.settings["preserve_objective"]) for p in kl] == [
-        (1e-2, 0.5, "kl"), (1e-2, 0.7, "kl"), (2e-2, 0.5, "kl"), (2e-2, 0.7, "kl")]
+        (1e-2, 0.5, "kl"),
+        (1e-2, 0.7, "kl"),
+        (2e-2, 0.5, "kl"),
+        (2e-2, 0.7, "kl"),
+    ]
     assert {p.method for p in kl} == {"ftm_kl_nullspace"} and {p.block for p in kl} == {"1"}
     plain = METHODS["ftm_nullspace"].grid_points(ctx)
-    assert [(p.settings.get("nullspace_energy"), p.modules) for p in plain[:3]] == [(None, ["mlp_out"]), (0.5, None), (0.7, None)]
+    assert [(p.settings.get("nullspace_energy"), p.modules) for p in plain[:3]] == [
+        (None, ["mlp_out"]),
+        (0.5, None),
+        (0.7, None),
+    ]
     default = METHODS["ftm_kl_nullspace"].points(dataclasses.replace(ctx, arguments=NullspaceArguments()))
     assert [p.settings["nullspace_energy"] for p in default] == [0.9, 0.8, 0.9, 0.8]
     for bad in (0.0, 1.0, 1.5):
@@ -256,13 +359,22 @@ def test_reports_say_how_many_known_facts_retention_rests_on():
     from hf_memedit.experiments.reports import known_facts_note
 
     def row(n_validation, n_test):
-        return {"validation": {"retention": 11 / 12, "n_known": n_validation}, "test": {"retention": 0.96, "n_known": n_test}}
+        return {
+            "validation": {"retention": 11 / 12, "n_known": n_validation},
+            "test": {"retention": 0.96, "n_known": n_test},
+        }
 
     assert known_facts_note([row(12, 25), row(12, 25)]) == (
         "Retention is a share of the facts θ0 knew: 12 on validation, 25 on test; with 12 on validation one fact "
-        "moves validation retention by 8.3 points, so picks that weigh retention rest on few facts.")
-    assert known_facts_note([row(40, 38), row(41, 38)]) == "Retention is a share of the facts θ0 knew: 40–41 on validation, 38 on test."
-    assert known_facts_note([{"validation": {"retention": 0.5}, "test": {"retention": 0.5}}]) == ""  # recorded before n_known
+        "moves validation retention by 8.3 points, so picks that weigh retention rest on few facts."
+    )
+    assert (
+        known_facts_note([row(40, 38), row(41, 38)])
+        == "Retention is a share of the facts θ0 knew: 40–41 on validation, 38 on test."
+    )
+    assert (
+        known_facts_note([{"validation": {"retention": 0.5}, "test": {"retention": 0.5}}]) == ""
+    )  # recorded before n_known
     assert format_metric(row(12, 25)["validation"], "retention") == "91.67% (11 of 12)"
     assert format_metric({"retention": 0.5}, "retention") == "50.00%" and format_metric({}, "retention") == "–"
 
@@ -281,10 +393,24 @@ def test_the_compare_block_is_chosen_by_its_own_step(tmp_path, bpe_tokenizer):
         return [json.loads(line) for line in (folder / "points.jsonl").read_text().splitlines()]
 
     model = TINY["llama"](2, vocab=len(bpe_tokenizer))
-    job = JobConfig(model_name_or_path="tiny-llama", benchmark="geo_mod", m=4, compare_methods=["ftm_unconstrained"],
-                    sweep_blocks=["0", "1"], sweep_deltas=[1e-2], benchmark_options={"relations": ["P36"], "max_facts_per_relation": 40})
-    args = EditConfig(output_dir=str(tmp_path / "auto"), edit_blocks=["1"], max_steps=2, learning_rate=1e-2,
-                      report_to="none", disable_tqdm=True, per_device_train_batch_size=4)
+    job = JobConfig(
+        model_name_or_path="tiny-llama",
+        benchmark="geo_mod",
+        m=4,
+        compare_methods=["ftm_unconstrained"],
+        sweep_blocks=["0", "1"],
+        sweep_deltas=[1e-2],
+        benchmark_options={"relations": ["P36"], "max_facts_per_relation": 40},
+    )
+    args = EditConfig(
+        output_dir=str(tmp_path / "auto"),
+        edit_blocks=["1"],
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to="none",
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+    )
     picks = run_compare(job, args, model=model, tokenizer=bpe_tokenizer)
     result = json.loads((tmp_path / "auto" / "compare.json").read_text())
     stage = [row for row in points(tmp_path / "auto") if row["point"]["method"] == "ftm_linf"]
@@ -299,7 +425,11 @@ def test_the_compare_block_is_chosen_by_its_own_step(tmp_path, bpe_tokenizer):
     assert "FTM variants and FTA edit block 0 (compare_block)." in (tmp_path / "fixed" / "compare.md").read_text()
 
     alone = dataclasses.replace(args, output_dir=str(tmp_path / "knn"))
-    run_compare(dataclasses.replace(job, compare_methods=["knn"], method_args={"knn_epsilons": [0.0, 1e3]}), alone,
-                model=model, tokenizer=bpe_tokenizer)
+    run_compare(
+        dataclasses.replace(job, compare_methods=["knn"], method_args={"knn_epsilons": [0.0, 1e3]}),
+        alone,
+        model=model,
+        tokenizer=bpe_tokenizer,
+    )
     assert {row["point"]["method"] for row in points(tmp_path / "knn")} == {"knn"}
     assert json.loads((tmp_path / "knn" / "compare.json").read_text())["block"] is None

@@ -61,8 +61,10 @@ def test_the_trainer_rebinds_its_projection_to_fsdp2_shards(order, tmp_path):
 
     from .helpers import free_port
 
-    done = run_process([sys.executable, str(ROOT / "tests" / "utils" / "fsdp_trainer.py"), str(tmp_path), order],
-                       env={**os.environ, "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""})
+    done = run_process(
+        [sys.executable, str(ROOT / "tests" / "utils" / "fsdp_trainer.py"), str(tmp_path), order],
+        env={**os.environ, "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["sharded"] and record["same_objects"] and record["projections"] == 3

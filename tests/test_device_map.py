@@ -14,8 +14,15 @@ from .helpers import FACTS, TINY
 
 
 CAUSAL_FACTS = [f for f in FACTS if not f["text"].startswith("[Y]")]
-OFFLOADED = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "disk", "model.layers.2": "cpu",
-             "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+OFFLOADED = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "disk",
+    "model.layers.1": "disk",
+    "model.layers.2": "cpu",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
 
 
 @pytest.fixture
@@ -27,15 +34,30 @@ def base(tmp_path, bpe_tokenizer):
 
 
 def _train(model, tokenizer, out, block="2"):
-    args = EditConfig(output_dir=str(out), edit_blocks=[block], norm="linf", delta=1e-2, max_steps=3, learning_rate=1e-2,
-                      per_device_train_batch_size=4, report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
-    trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(CAUSAL_FACTS), processing_class=tokenizer)
+    args = EditConfig(
+        output_dir=str(out),
+        edit_blocks=[block],
+        norm="linf",
+        delta=1e-2,
+        max_steps=3,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = ConstrainedEditTrainer(
+        model, args, train_dataset=Dataset.from_list(CAUSAL_FACTS), processing_class=tokenizer
+    )
     trainer.train()
     return trainer
 
 
 def test_an_edit_beside_offloaded_blocks_equals_the_edit_in_memory(base, tmp_path):
-    job = JobConfig(model_name_or_path=str(base), device_map=json.dumps(OFFLOADED), offload_folder=str(tmp_path / "off"))
+    job = JobConfig(
+        model_name_or_path=str(base), device_map=json.dumps(OFFLOADED), offload_folder=str(tmp_path / "off")
+    )
     assert job.device_map == OFFLOADED  # a JSON object on the command line becomes the mapping
     placed, tokenizer = load_model_and_tokenizer(job)
     assert placed.hf_device_map == OFFLOADED

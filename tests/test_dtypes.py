@@ -17,9 +17,22 @@ CAUSAL_FACTS = [f for f in FACTS if not f["text"].startswith("[Y]")]
 
 
 def _edit(model, tokenizer, out, delta, **kw):
-    args = EditConfig(output_dir=out, edit_blocks=["1"], norm="linf", delta=delta, learning_rate=1e-2, max_steps=4,
-                      per_device_train_batch_size=4, report_to="none", save_strategy="no", disable_tqdm=True, **kw)
-    return ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(CAUSAL_FACTS), processing_class=tokenizer)
+    args = EditConfig(
+        output_dir=out,
+        edit_blocks=["1"],
+        norm="linf",
+        delta=delta,
+        learning_rate=1e-2,
+        max_steps=4,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        **kw,
+    )
+    return ConstrainedEditTrainer(
+        model, args, train_dataset=Dataset.from_list(CAUSAL_FACTS), processing_class=tokenizer
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -62,7 +75,9 @@ def test_bounds_lie_inside_the_box_where_rounding_to_nearest_would_not():
 def test_a_delta_below_the_resolution_is_refused_or_reported(tmp_out, bpe_tokenizer, caplog):
     model = TINY["llama"](2, vocab=len(bpe_tokenizer)).to(torch.bfloat16)
     # RMSNorm weights are all 1.0: no bfloat16 value lies within 1e-3 of them.
-    with pytest.raises(ValueError, match=r"δ=0.001 is below bfloat16's resolution .* no weight can move.*torch_dtype: float32"):
+    with pytest.raises(
+        ValueError, match=r"δ=0.001 is below bfloat16's resolution .* no weight can move.*torch_dtype: float32"
+    ):
         _edit(model, bpe_tokenizer, tmp_out, delta=1e-3, edit_modules=["input_layernorm", "post_attention_layernorm"])
     with caplog.at_level(logging.WARNING, logger="hf_memedit.projection"):
         _edit(model, bpe_tokenizer, tmp_out, delta=1e-5, edit_modules=["mlp"])
@@ -89,7 +104,9 @@ def test_the_l2_projection_holds_for_the_stored_values(dtype):
     generator = torch.Generator().manual_seed(0)
     for trial in range(20):
         theta0 = {f"w{i}": (torch.randn(64, 32, generator=generator) * 0.05).to(dtype) for i in range(3)}
-        params = {k: (v.float() + torch.randn(v.shape, generator=generator) * 0.01).to(dtype) for k, v in theta0.items()}
+        params = {
+            k: (v.float() + torch.randn(v.shape, generator=generator) * 0.01).to(dtype) for k, v in theta0.items()
+        }
         project_l2_(params, theta0, 0.05)
         assert l2_distance(params, theta0).item() <= 0.05, (dtype, trial)
         assert l2_distance(params, theta0).item() > 0.049  # rescaled to the sphere, not far inside

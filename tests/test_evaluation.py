@@ -18,8 +18,13 @@ from .helpers import naive_greedy_correct, tiny_bert
 def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -47,8 +52,8 @@ def test_hand_computed_accuracy_with_multi_token_objects(kind, bert_tokenizer, b
     tokenizer = bert_tokenizer if kind == "masked" else bpe_tokenizer
     model = tiny_bert(len(tokenizer)) if kind == "masked" else tiny_llama(len(tokenizer))
     text = "The capital of France is [Y]."
-    paris, = ids_of(tokenizer, kind, text, "Paris")
-    other, = ids_of(tokenizer, kind, text, "capital")  # one token under both vocabularies
+    (paris,) = ids_of(tokenizer, kind, text, "Paris")
+    (other,) = ids_of(tokenizer, kind, text, "capital")  # one token under both vocabularies
     assert ids_of(tokenizer, kind, text, "Paris Paris") == [paris, paris]
     assert ids_of(tokenizer, kind, text, "Paris capital") == [paris, other]
     facts = [{"text": text, "object": obj} for obj in ("Paris", "Paris Paris", "Paris capital", "capital")]
@@ -104,7 +109,9 @@ def test_bad_input_gets_clear_errors(bert_tokenizer, bpe_tokenizer):
     model = tiny_bert(len(bert_tokenizer))
     with pytest.raises(ValueError, match="No facts to evaluate"):
         evaluate_facts(model, bert_tokenizer, [])
-    encoder_only = BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+    encoder_only = BertModel(
+        BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    )
     with pytest.raises(ValueError, match="neither a masked nor a causal"):
         evaluate_facts(encoder_only, bert_tokenizer, [{"text": "[Y]", "object": "a"}])
     with pytest.raises(ValueError, match="has no mask token"):
@@ -142,7 +149,9 @@ def test_generation_scoring_is_stricter_than_teacher_forcing(smollm2):
     facts = list(splits["unmodified_test"])
     forced = evaluate_facts(model, tokenizer, facts, batch_size=16).correct
     generated = generate_facts(model, tokenizer, facts, batch_size=7)
-    assert generated == generate_facts(model, tokenizer, facts, batch_size=32)  # batching (left padding) changes nothing
+    assert generated == generate_facts(
+        model, tokenizer, facts, batch_size=32
+    )  # batching (left padding) changes nothing
     assert all(f for g, f in zip(generated, forced) if g)
     assert 0 < sum(generated) <= sum(forced)
 
@@ -198,13 +207,21 @@ def test_next_token_drift_is_zero_at_theta0_and_the_kl_of_the_two_models(bpe_tok
 def test_generation_metrics_match_each_answer_to_its_object():
     """Answers are compared after normalisation; retention by generation counts only what θ0 generated right;
     without the answers before an edit there is no retention to report."""
-    splits = {"modified_test": [{"object": "Lima"}, {"object": "Rome"}],
-              "unmodified_test": [{"object": "Paris"}, {"object": "Oslo"}, {"object": "Kabul"}]}
+    splits = {
+        "modified_test": [{"object": "Lima"}, {"object": "Rome"}],
+        "unmodified_test": [{"object": "Paris"}, {"object": "Oslo"}, {"object": "Kabul"}],
+    }
     after = {"modified_test": ["lima", "Rome, the capital of"], "unmodified_test": ["the Paris", "Bergen", "Kabul"]}
     before = {"modified_test": ["Madrid", "Rome"], "unmodified_test": ["Paris", "Oslo", "Herat"]}
     assert generation_metrics(splits, after, before) == {
-        "gen_a_m": 0.5, "gen_a_fs": 2 / 3, "gen_a_fs_before": 2 / 3, "gen_retention": 0.5, "gen_n_known": 2,
-        "gen_bleed": 0.0, "gen_n_lost": 1}  # Oslo's answer Bergen is no new object
+        "gen_a_m": 0.5,
+        "gen_a_fs": 2 / 3,
+        "gen_a_fs_before": 2 / 3,
+        "gen_retention": 0.5,
+        "gen_n_known": 2,
+        "gen_bleed": 0.0,
+        "gen_n_lost": 1,
+    }  # Oslo's answer Bergen is no new object
     assert generation_metrics(splits, after) == {"gen_a_m": 0.5, "gen_a_fs": 2 / 3}
 
 
@@ -223,31 +240,84 @@ def test_a_run_records_what_generation_answers_and_eval_scores_it_and_the_drift_
 
     base = tmp_path / "base"  # a random Llama wide enough to learn four facts in a few dozen steps
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(base)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(bpe_tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(base)
     bpe_tokenizer.save_pretrained(base)
     argv = [
-        "--config", str(ROOT / "trainer_configs" / "bert_tiny_ftm.yaml"), "--model_name_or_path", str(base),
-        "--benchmark_options", '{"relations": ["P36"], "object_last": true, "max_facts_per_relation": 24}',
-        "--m", "8", "--edit_blocks", "1", "--delta", "0.5", "--learning_rate", "1e-2", "--per_device_train_batch_size", "4",
-        "--max_steps", "60", "--eos_target", "true", "--generation_eval", "true", "--drift_eval", "true",
+        "--config",
+        str(ROOT / "trainer_configs" / "bert_tiny_ftm.yaml"),
+        "--model_name_or_path",
+        str(base),
+        "--benchmark_options",
+        '{"relations": ["P36"], "object_last": true, "max_facts_per_relation": 24}',
+        "--m",
+        "8",
+        "--edit_blocks",
+        "1",
+        "--delta",
+        "0.5",
+        "--learning_rate",
+        "1e-2",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        "60",
+        "--eos_target",
+        "true",
+        "--generation_eval",
+        "true",
+        "--drift_eval",
+        "true",
     ]
     job, args, _ = parse("edit", argv + ["--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true"])
     outcome = run_edit(job, args)
     record = ResultsRecord.load(tmp_path / "run")
-    assert all(isinstance(f["generated"], str) and f["generated_correct"] == answer_matches(f["generated"], f["new"])
-               for f in record.facts)
+    assert all(
+        isinstance(f["generated"], str) and f["generated_correct"] == answer_matches(f["generated"], f["new"])
+        for f in record.facts
+    )
     assert record.metrics["gen_a_m"] == sum(f["generated_correct"] for f in record.facts) / len(record.facts) > 0
     text = (tmp_path / "run" / "results.md").read_text()
-    assert "| generated after the edit |" in text and all(" ".join(f["generated"].split()) in text for f in record.facts)
+    assert "| generated after the edit |" in text and all(
+        " ".join(f["generated"].split()) in text for f in record.facts
+    )
     assert f"{record.facts[0]['generated']!r}" in format_summary(outcome, args, show_examples=4)
     evaluation, _ = run_eval(job, args, str(tmp_path / "run" / "edit"), "check")
-    for key in ("gen_a_m", "gen_a_fs", "gen_a_fs_before", "gen_retention", "gen_n_known", "drift_kl", "perplexity_ratio"):
+    for key in (
+        "gen_a_m",
+        "gen_a_fs",
+        "gen_a_fs_before",
+        "gen_retention",
+        "gen_n_known",
+        "drift_kl",
+        "perplexity_ratio",
+    ):
         assert evaluation.metrics[key] == record.metrics[key], key
     assert record.metrics["drift_kl"] > 0
     # A sweep point is scored by generation on both halves too, against θ0's answers on each.
-    job, args, _ = parse("sweep", argv + ["--output_dir", str(tmp_path / "sweep"), "--sweep_deltas", "0.5", "--sweep_blocks", "1",
-                                          "--disable_tqdm", "true"])
+    job, args, _ = parse(
+        "sweep",
+        argv
+        + [
+            "--output_dir",
+            str(tmp_path / "sweep"),
+            "--sweep_deltas",
+            "0.5",
+            "--sweep_blocks",
+            "1",
+            "--disable_tqdm",
+            "true",
+        ],
+    )
     (row,) = run_sweep(job, args)
     halves = {"validation": [], "test": []}  # each half scores its own modified facts (cut by the subject's hash)
     for fact in record.facts:

@@ -23,29 +23,62 @@ TREX = SHARED / "data" / "trex"
 
 # MEND-style zsRE records: a question about the subject, the new answer, the true ones, a rephrasing, a prompt to keep.
 ZSRE = [
-    {"subject": "Danielle Darrieux", "src": "What is the native language of Danielle Darrieux?", "alt": "English",
-     "answers": ["French"], "rephrase": "What was Danielle Darrieux's mother tongue?",
-     "loc": "nq question: who wrote the song hallelujah", "loc_ans": "Leonard Cohen", "pred": "French"},
-    {"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?", "alt": "University of Michigan",
-     "answers": ["Trinity College", "Trinity College Dublin"], "rephrase": "Which university did Watts Humphrey go to?",
-     "loc": "nq question: where is the eiffel tower", "loc_ans": "Paris"},
-    {"subject": "Iron Man 2", "src": "Which company produced Iron Man 2?", "alt": "Warner Bros.",
-     "answers": ["Marvel Studios"], "rephrase": "Iron Man 2 was produced by which company?",
-     "loc": "nq question: who sang let it be", "loc_ans": "The Beatles"},
+    {
+        "subject": "Danielle Darrieux",
+        "src": "What is the native language of Danielle Darrieux?",
+        "alt": "English",
+        "answers": ["French"],
+        "rephrase": "What was Danielle Darrieux's mother tongue?",
+        "loc": "nq question: who wrote the song hallelujah",
+        "loc_ans": "Leonard Cohen",
+        "pred": "French",
+    },
+    {
+        "subject": "Watts Humphrey",
+        "src": "What university did Watts Humphrey attend?",
+        "alt": "University of Michigan",
+        "answers": ["Trinity College", "Trinity College Dublin"],
+        "rephrase": "Which university did Watts Humphrey go to?",
+        "loc": "nq question: where is the eiffel tower",
+        "loc_ans": "Paris",
+    },
+    {
+        "subject": "Iron Man 2",
+        "src": "Which company produced Iron Man 2?",
+        "alt": "Warner Bros.",
+        "answers": ["Marvel Studios"],
+        "rephrase": "Iron Man 2 was produced by which company?",
+        "loc": "nq question: who sang let it be",
+        "loc_ans": "The Beatles",
+    },
 ]
 
 
 def as_flat(record: dict) -> dict:
-    return {"prompt": record["src"], "subject": record["subject"], "target": record["alt"], "true": record["answers"][0],
-            "paraphrases": [record["rephrase"]], "keep": [{"prompt": record["loc"], "answer": record["loc_ans"]}],
-            "question": record["src"]}
+    return {
+        "prompt": record["src"],
+        "subject": record["subject"],
+        "target": record["alt"],
+        "true": record["answers"][0],
+        "paraphrases": [record["rephrase"]],
+        "keep": [{"prompt": record["loc"], "answer": record["loc_ans"]}],
+        "question": record["src"],
+    }
 
 
 def as_counterfact(record: dict) -> dict:
     """CounterFact carries no question and no answers to its neighbourhood prompts."""
-    return {"requested_rewrite": {"prompt": record["src"].replace(record["subject"], "{}"), "subject": record["subject"],
-                                  "target_new": {"str": record["alt"]}, "target_true": {"str": record["answers"][0]}},
-            "paraphrase_prompts": [record["rephrase"]], "neighborhood_prompts": [record["loc"]], "attribute_prompts": []}
+    return {
+        "requested_rewrite": {
+            "prompt": record["src"].replace(record["subject"], "{}"),
+            "subject": record["subject"],
+            "target_new": {"str": record["alt"]},
+            "target_true": {"str": record["answers"][0]},
+        },
+        "paraphrase_prompts": [record["rephrase"]],
+        "neighborhood_prompts": [record["loc"]],
+        "attribute_prompts": [],
+    }
 
 
 def write_jsonl(path, records) -> str:
@@ -106,8 +139,11 @@ def test_the_containers_give_the_same_records(tmp_path):
     (tmp_path / "object.json").write_text(json.dumps({"data": records}), encoding="utf-8")
     cells = [{**r, "paraphrases": " | ".join(r["paraphrases"]), "keep": json.dumps(r["keep"])} for r in records]
     csv_path = write_csv(tmp_path / "facts.csv", cells, list(records[0]))
-    zsre_csv = write_csv(tmp_path / "zsre.csv", [{**r, "answers": "|".join(r["answers"])} for r in ZSRE],
-                         ["subject", "src", "alt", "answers", "rephrase", "loc", "loc_ans", "pred"])
+    zsre_csv = write_csv(
+        tmp_path / "zsre.csv",
+        [{**r, "answers": "|".join(r["answers"])} for r in ZSRE],
+        ["subject", "src", "alt", "answers", "rephrase", "loc", "loc_ans", "pred"],
+    )
     for source in (tmp_path / "list.json", tmp_path / "object.json", csv_path, zsre_csv, records):
         assert read_facts(source) == expected, source
 
@@ -117,10 +153,14 @@ def test_a_dataset_folder_is_read_through_load_dataset(tmp_path):
     folder.mkdir()
     expected = read_facts(write_jsonl(folder / "train.jsonl", [as_counterfact(r) for r in ZSRE]))
     assert read_facts(folder) == expected
-    canonical = tmp_path / "canonical"  # the records as FACT_FEATURES holds them, in parquet, read back as flat records
+    canonical = (
+        tmp_path / "canonical"
+    )  # the records as FACT_FEATURES holds them, in parquet, read back as flat records
     canonical.mkdir()
     flat = read_facts([as_flat(r) for r in ZSRE])
-    datasets.Dataset.from_list([r.to_dict() for r in flat], features=FACT_FEATURES).to_parquet(str(canonical / "train.parquet"))
+    datasets.Dataset.from_list([r.to_dict() for r in flat], features=FACT_FEATURES).to_parquet(
+        str(canonical / "train.parquet")
+    )
     assert read_facts(canonical) == flat
     with pytest.raises(FactsFileError, match=r"holds the splits .*: choose one \(split=\.\.\.\)"):
         (canonical / "test.parquet").write_bytes((canonical / "train.parquet").read_bytes())
@@ -143,20 +183,42 @@ def test_format_detection_is_logged(tmp_path, caplog):
 
 def test_a_typo_in_a_flat_field_is_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_memedit.facts"):
-        records = read_facts([{"prompt": "The capital of {} is", "subject": "France", "target": "Rome",
-                               "paraphrase": ["France's capital is"]}])
+        records = read_facts(
+            [
+                {
+                    "prompt": "The capital of {} is",
+                    "subject": "France",
+                    "target": "Rome",
+                    "paraphrase": ["France's capital is"],
+                }
+            ]
+        )
     assert records[0].paraphrases == []
     assert "fields ignored (not in the flat format): paraphrase" in caplog.text
 
 
 def test_the_prompt_forms_give_one_template():
-    forms = ["The capital of {} is", "The capital of [X] is", "The capital of France is", "The capital of France is [Y]",
-             "  The capital of {} is [Y] "]
+    forms = [
+        "The capital of {} is",
+        "The capital of [X] is",
+        "The capital of France is",
+        "The capital of France is [Y]",
+        "  The capital of {} is [Y] ",
+    ]
     records = [read_facts([{"prompt": p, "subject": "France", "target": "Rome"}])[0] for p in forms]
     assert {r.prompt for r in records} == {"The capital of {} is [Y]"}
     assert {r.text for r in records} == {"The capital of France is [Y]"}
-    inner = read_facts([{"prompt": "[Y] is the capital of France.", "subject": "France", "target": "Rome",
-                         "paraphrases": ["{}'s capital is", "The capital of [X] is [Y] ."], "keep": "Spain's capital is"}])[0]
+    inner = read_facts(
+        [
+            {
+                "prompt": "[Y] is the capital of France.",
+                "subject": "France",
+                "target": "Rome",
+                "paraphrases": ["{}'s capital is", "The capital of [X] is [Y] ."],
+                "keep": "Spain's capital is",
+            }
+        ]
+    )[0]
     assert inner.prompt == "[Y] is the capital of {}."
     assert inner.paraphrases == ["France's capital is [Y]", "The capital of France is [Y] ."]
     assert inner.keep == [KeepPrompt("Spain's capital is [Y]")]
@@ -175,7 +237,9 @@ def test_ids_come_from_the_file_else_from_the_fact():
 
 
 def test_records_round_trip_through_their_features():
-    records = read_facts([as_flat(r) for r in ZSRE] + [{"prompt": "Paris is in", "subject": "Paris", "target": "Italy"}])
+    records = read_facts(
+        [as_flat(r) for r in ZSRE] + [{"prompt": "Paris is in", "subject": "Paris", "target": "Italy"}]
+    )
     rows = datasets.Dataset.from_list([r.to_dict() for r in records], features=FACT_FEATURES).to_list()
     assert read_facts(rows) == records
     assert rows[-1]["true"] is None and rows[-1]["keep"] == [] and rows[-1]["question"] is None
@@ -186,8 +250,14 @@ def test_train_on_paraphrases_moves_them_to_the_training_split():
     held_out, trained = facts_splits(records), facts_splits(records, train_on_paraphrases=True)
     assert len(held_out["modified_train"]) == 3 and len(held_out[MODIFIED_PARAPHRASE]) == 3
     assert len(trained["modified_train"]) == 6 and len(trained[MODIFIED_PARAPHRASE]) == 0
-    assert sorted(trained["modified_train"]["text"]) == sorted([*held_out["modified_train"]["text"], *held_out[MODIFIED_PARAPHRASE]["text"]])
-    assert trained["modified_test"].to_list() == held_out["modified_test"].to_list() == held_out["modified_train"].to_list()
+    assert sorted(trained["modified_train"]["text"]) == sorted(
+        [*held_out["modified_train"]["text"], *held_out[MODIFIED_PARAPHRASE]["text"]]
+    )
+    assert (
+        trained["modified_test"].to_list()
+        == held_out["modified_test"].to_list()
+        == held_out["modified_train"].to_list()
+    )
 
 
 def test_the_builder_round_trips_and_refreshes_its_cache(tmp_path):
@@ -208,22 +278,35 @@ def test_the_builder_round_trips_and_refreshes_its_cache(tmp_path):
 
 
 def test_describe_facts_shows_what_would_be_edited():
-    records = read_facts([as_flat(r) for r in ZSRE] + [{"prompt": "Paris | Lyon are in", "subject": "Paris", "target": "Italy"}])
+    records = read_facts(
+        [as_flat(r) for r in ZSRE] + [{"prompt": "Paris | Lyon are in", "subject": "Paris", "target": "Italy"}]
+    )
     table = describe_facts(records)
     lines = table.splitlines()
     assert lines[0] == "4 facts to edit, 3 paraphrases, 3 keep prompts (3 with their answer in the file)"
-    assert lines[4] == "| 1 | Danielle Darrieux | What is the native language of Danielle Darrieux? [Y] | French → English | 1 | 1 |"
+    assert lines[4] == (
+        "| 1 | Danielle Darrieux | What is the native language of Danielle Darrieux? [Y] | French → English | 1 | 1 |"
+    )
     assert lines[-1] == "| 4 | Paris | Paris \\| Lyon are in [Y] | ? → Italy | 0 | 0 |"
 
 
 def test_check_lengths_refuses_a_phrasing_longer_than_the_context(bpe_tokenizer):
     records = read_facts([as_flat(r) for r in ZSRE])
-    longest = max(len(bpe_tokenizer(text)["input_ids"]) for r in records
-                  for text in [r.text.replace("[Y]", r.target), r.question] + [p.replace("[Y]", r.target) for p in r.paraphrases]
-                  + [k.prompt.replace("[Y]", k.answer) for k in r.keep])
+    longest = max(
+        len(bpe_tokenizer(text)["input_ids"])
+        for r in records
+        for text in [r.text.replace("[Y]", r.target), r.question]
+        + [p.replace("[Y]", r.target) for p in r.paraphrases]
+        + [k.prompt.replace("[Y]", k.answer) for k in r.keep]
+    )
     check_lengths(records, bpe_tokenizer, max_length=longest)
-    with pytest.raises(FactsFileError, match=r"^record 2: its paraphrase 1 is \d+ tokens, more than the model's context of \d+: "):
-        long = [as_flat(ZSRE[0]), {**as_flat(ZSRE[1]), "paraphrases": ["Which university " * 40 + "did Watts Humphrey attend?"]}]
+    with pytest.raises(
+        FactsFileError, match=r"^record 2: its paraphrase 1 is \d+ tokens, more than the model's context of \d+: "
+    ):
+        long = [
+            as_flat(ZSRE[0]),
+            {**as_flat(ZSRE[1]), "paraphrases": ["Which university " * 40 + "did Watts Humphrey attend?"]},
+        ]
         check_lengths(read_facts(long), bpe_tokenizer, max_length=longest)
     with pytest.raises(ValueError, match="pass max_length"):
         check_lengths(records, bpe_tokenizer)  # a tokenizer trained here names no context length
@@ -237,43 +320,130 @@ BAD_FILES = [
     ("blank.jsonl", "\n  \n", r"blank\.jsonl holds no facts"),
     ("empty.json", "[]", r"empty\.json holds no facts"),
     ("header.csv", "prompt,subject,target\n", r"header\.csv holds no facts"),
-    ("malformed.jsonl", json.dumps(GOOD) + "\n{\"prompt\": \"x\",\n", r"malformed\.jsonl, line 2: malformed JSON \(Expecting property name"),
-    ("malformed.json", '[{"prompt": "x"}, {"prompt" "y"}]', r"malformed\.json: malformed JSON at line 1, column 29 \(Expecting ':' delimiter\)"),
-    ("lines.json", json.dumps(GOOD) + "\n" + json.dumps(GOOD), r"lines\.json: malformed JSON at line 2.*name it \.jsonl"),
-    ("subject.jsonl", json.dumps({**GOOD, "prompt": "The capital of France is", "subject": "Paris"}),
-     r"subject\.jsonl, line 1: the subject 'Paris' is not in its prompt 'The capital of France is': write it in"),
-    ("zsre_subject.json", json.dumps([{**ZSRE[0], "subject": "D. Darrieux"}]),
-     r"zsre_subject\.json, record 1: the subject 'D\. Darrieux' is not in its src"),
-    ("target.jsonl", json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "subject": "Spain", "target": " "}),
-     r"target\.jsonl, line 2: target is empty: write the new object there\."),
-    ("cf_target.json", json.dumps([{**as_counterfact(ZSRE[0]), "requested_rewrite": {
-        **as_counterfact(ZSRE[0])["requested_rewrite"], "target_new": {"str": ""}}}]),
-     r"cf_target\.json, record 1: requested_rewrite\.target_new\.str is empty"),
-    ("same.jsonl", json.dumps({**GOOD, "target": "paris "}),
-     r"same\.jsonl, line 1: the target 'paris' is the true object already, so there is nothing to edit"),
-    ("zsre_same.jsonl", json.dumps({**ZSRE[1], "alt": "Trinity College Dublin"}),
-     r"zsre_same\.jsonl, line 1: the target 'Trinity College Dublin' is the true object already.*give another alt"),
-    ("twice.jsonl", "\n".join(json.dumps(r) for r in (GOOD, {**GOOD, "subject": "Spain"}, {**GOOD, "prompt": "The capital of France is", "target": "Lyon"})),
-     r"twice\.jsonl, line 3: the same prompt and subject as twice\.jsonl, line 1 \('The capital of France is \[Y\]'\) "
-     r"with another target \('Rome' there, 'Lyon' here\): keep one of them\."),
-    ("repeated.jsonl", json.dumps(GOOD) + "\n" + json.dumps(GOOD), r"repeated\.jsonl, line 2: repeats the fact of repeated\.jsonl, line 1"),
-    ("ids.jsonl", json.dumps({**GOOD, "id": "a"}) + "\n" + json.dumps({**GOOD, "subject": "Spain", "id": "a"}),
-     r"ids\.jsonl, line 2: its id 'a' is also the id of ids\.jsonl, line 1"),
-    ("unknown.jsonl", json.dumps({"question": "Who?", "answer": "Me"}),
-     r"unknown\.jsonl, line 1: fits no facts format \(its fields: answer, question\)\. CounterFact needs requested_rewrite; "
-     r"zsRE needs src, alt, subject; flat needs prompt, subject, target\."),
-    ("lacks.json", json.dumps([GOOD, {"prompt": "x", "subject": "y"}]),
-     r"lacks\.json, record 2: lacks target: the file's first record is in flat format, which needs prompt, subject, target\."),
-    ("lacks.csv", "prompt,subject,target\nThe capital of {} is,France,Rome\nThe capital of {} is,Spain\n",
-     r"lacks\.csv, row 3: fewer cells than the header \(none for target\)"),
-    ("array.csv", 'prompt,subject,target,keep\nThe capital of {} is,France,Rome,"[""Spain\'s capital is"", ""x"""\n',
-     r"array\.csv, row 2: keep starts as a JSON array but is not one \(Expecting ',' delimiter\): fix it, or separate the items with \|\."),
-    ("cells.csv", "prompt,subject,target\nThe capital of {} is,France,Rome,Paris\n", r"cells\.csv, row 2: more cells than the header's 3"),
-    ("latin1.csv", "prompt,subject,target\nLa capitale de {} est,Côte d'Ivoire,Rome\n".encode("latin-1"), r"latin1\.csv: not UTF-8 text"),
-    ("twice_marked.jsonl", json.dumps({**GOOD, "prompt": "{} is {} and [Y]"}), r"twice_marked\.jsonl, line 1: prompt '\{\} is \{\} and \[Y\]' marks the subject 2 times"),
-    ("notlist.json", json.dumps({"facts": GOOD}), r"notlist\.json: a JSON object with the fields facts: give a list of records"),
+    (
+        "malformed.jsonl",
+        json.dumps(GOOD) + '\n{"prompt": "x",\n',
+        r"malformed\.jsonl, line 2: malformed JSON \(Expecting property name",
+    ),
+    (
+        "malformed.json",
+        '[{"prompt": "x"}, {"prompt" "y"}]',
+        r"malformed\.json: malformed JSON at line 1, column 29 \(Expecting ':' delimiter\)",
+    ),
+    (
+        "lines.json",
+        json.dumps(GOOD) + "\n" + json.dumps(GOOD),
+        r"lines\.json: malformed JSON at line 2.*name it \.jsonl",
+    ),
+    (
+        "subject.jsonl",
+        json.dumps({**GOOD, "prompt": "The capital of France is", "subject": "Paris"}),
+        r"subject\.jsonl, line 1: the subject 'Paris' is not in its prompt 'The capital of France is': write it in",
+    ),
+    (
+        "zsre_subject.json",
+        json.dumps([{**ZSRE[0], "subject": "D. Darrieux"}]),
+        r"zsre_subject\.json, record 1: the subject 'D\. Darrieux' is not in its src",
+    ),
+    (
+        "target.jsonl",
+        json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "subject": "Spain", "target": " "}),
+        r"target\.jsonl, line 2: target is empty: write the new object there\.",
+    ),
+    (
+        "cf_target.json",
+        json.dumps(
+            [
+                {
+                    **as_counterfact(ZSRE[0]),
+                    "requested_rewrite": {**as_counterfact(ZSRE[0])["requested_rewrite"], "target_new": {"str": ""}},
+                }
+            ]
+        ),
+        r"cf_target\.json, record 1: requested_rewrite\.target_new\.str is empty",
+    ),
+    (
+        "same.jsonl",
+        json.dumps({**GOOD, "target": "paris "}),
+        r"same\.jsonl, line 1: the target 'paris' is the true object already, so there is nothing to edit",
+    ),
+    (
+        "zsre_same.jsonl",
+        json.dumps({**ZSRE[1], "alt": "Trinity College Dublin"}),
+        r"zsre_same\.jsonl, line 1: the target 'Trinity College Dublin' is the true object already.*give another alt",
+    ),
+    (
+        "twice.jsonl",
+        "\n".join(
+            json.dumps(r)
+            for r in (
+                GOOD,
+                {**GOOD, "subject": "Spain"},
+                {**GOOD, "prompt": "The capital of France is", "target": "Lyon"},
+            )
+        ),
+        r"twice\.jsonl, line 3: the same prompt and subject as twice\.jsonl, line 1 \('The capital "
+        r"of France is \[Y\]'\) with another target \('Rome' there, 'Lyon' here\): keep one of them\.",
+    ),
+    (
+        "repeated.jsonl",
+        json.dumps(GOOD) + "\n" + json.dumps(GOOD),
+        r"repeated\.jsonl, line 2: repeats the fact of repeated\.jsonl, line 1",
+    ),
+    (
+        "ids.jsonl",
+        json.dumps({**GOOD, "id": "a"}) + "\n" + json.dumps({**GOOD, "subject": "Spain", "id": "a"}),
+        r"ids\.jsonl, line 2: its id 'a' is also the id of ids\.jsonl, line 1",
+    ),
+    (
+        "unknown.jsonl",
+        json.dumps({"question": "Who?", "answer": "Me"}),
+        r"unknown\.jsonl, line 1: fits no facts format \(its fields: answer, question\)\. CounterFact "
+        r"needs requested_rewrite; zsRE needs src, alt, subject; flat needs prompt, subject, target\.",
+    ),
+    (
+        "lacks.json",
+        json.dumps([GOOD, {"prompt": "x", "subject": "y"}]),
+        r"lacks\.json, record 2: lacks target: the file's first record "
+        r"is in flat format, which needs prompt, subject, target\.",
+    ),
+    (
+        "lacks.csv",
+        "prompt,subject,target\nThe capital of {} is,France,Rome\nThe capital of {} is,Spain\n",
+        r"lacks\.csv, row 3: fewer cells than the header \(none for target\)",
+    ),
+    (
+        "array.csv",
+        'prompt,subject,target,keep\nThe capital of {} is,France,Rome,"[""Spain\'s capital is"", ""x"""\n',
+        r"array\.csv, row 2: keep starts as a JSON array but is not one "
+        r"\(Expecting ',' delimiter\): fix it, or separate the items with \|\.",
+    ),
+    (
+        "cells.csv",
+        "prompt,subject,target\nThe capital of {} is,France,Rome,Paris\n",
+        r"cells\.csv, row 2: more cells than the header's 3",
+    ),
+    (
+        "latin1.csv",
+        "prompt,subject,target\nLa capitale de {} est,Côte d'Ivoire,Rome\n".encode("latin-1"),
+        r"latin1\.csv: not UTF-8 text",
+    ),
+    (
+        "twice_marked.jsonl",
+        json.dumps({**GOOD, "prompt": "{} is {} and [Y]"}),
+        r"twice_marked\.jsonl, line 1: prompt '\{\} is \{\} and \[Y\]' marks the subject 2 times",
+    ),
+    (
+        "notlist.json",
+        json.dumps({"facts": GOOD}),
+        r"notlist\.json: a JSON object with the fields facts: give a list of records",
+    ),
     ("text.jsonl", json.dumps([GOOD]), r"text\.jsonl, line 1: expected a JSON object"),
-    ("facts.txt", json.dumps(GOOD), r"facts\.txt: unknown file type \.txt: name the file for what it holds, \.jsonl, \.json, \.csv\."),
+    (
+        "facts.txt",
+        json.dumps(GOOD),
+        r"facts\.txt: unknown file type \.txt: name the file for what it holds, \.jsonl, \.json, \.csv\.",
+    ),
 ]
 
 
@@ -293,13 +463,17 @@ def test_bad_input_is_refused_in_one_line_naming_the_record(tmp_path, name, cont
 
 def test_a_missing_source_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the Hub is unreachable here: say so at once
-    with pytest.raises(FactsFileError, match=r"facts\.jsonl: no such file or folder\. Give a facts file \(\.jsonl, \.json, \.csv\)"):
+    with pytest.raises(
+        FactsFileError, match=r"facts\.jsonl: no such file or folder\. Give a facts file \(\.jsonl, \.json, \.csv\)"
+    ):
         read_facts(tmp_path / "facts.jsonl")
     with pytest.raises(FactsFileError, match=r"^nobody/no-such-facts: datasets\.load_dataset cannot read it \("):
         read_facts("nobody/no-such-facts")  # a Hub id, read by load_dataset
     with pytest.raises(FactsFileError, match="chooses a split of a dataset folder"):
         read_facts(write_jsonl(tmp_path / "f.jsonl", [GOOD]), split="train")
-    with pytest.raises(FactsFileError, match=r"records in memory become splits with facts_splits\(read_facts\(records\)\)"):
+    with pytest.raises(
+        FactsFileError, match=r"records in memory become splits with facts_splits\(read_facts\(records\)\)"
+    ):
         load_facts([GOOD])
 
 
@@ -320,9 +494,18 @@ def test_the_facts_path_and_the_benchmark_path_build_the_same_training_set(tmp_p
     for r in relations:
         for fact in raw[r]:
             subjects[r, fact["sub_label"]] += 1
-    one_object = [f["uuid"] for r in relations for f in raw[r] if subjects[r, f["sub_label"]] == 1]  # one fact a prompt
-    benchmark = load_benchmark("trex_mod", m=8, seed=0, data_dir=str(TREX), relations=relations, evidence_per_fact=None,
-                               eligible_uuids=one_object)
+    one_object = [
+        f["uuid"] for r in relations for f in raw[r] if subjects[r, f["sub_label"]] == 1
+    ]  # one fact a prompt
+    benchmark = load_benchmark(
+        "trex_mod",
+        m=8,
+        seed=0,
+        data_dir=str(TREX),
+        relations=relations,
+        evidence_per_fact=None,
+        eligible_uuids=one_object,
+    )
 
     def norm(pattern: str) -> str:
         return re.sub(r"\s+([.,;!?])", r"\1", " ".join(pattern.split()))
@@ -335,9 +518,20 @@ def test_the_facts_path_and_the_benchmark_path_build_the_same_training_set(tmp_p
         template = templates[row["relation"]]
         patterns = sorted({p["pattern"] for p in trex_jsonl("paraphrases", f"{row['relation']}.jsonl")})
         patterns = [p for p in patterns if norm(p) != norm(template) and "[X]" in p and "[Y]" in p]
-        lines.append({"id": fact["uuid"], "relation": row["relation"], "prompt": patterns[0], "subject": fact["sub_label"],
-                      "target": row["object"], "true": fact["obj_label"], "paraphrases": patterns[1:]})
-    facts = load_facts(write_jsonl(tmp_path / "trex.jsonl", lines), train_on_paraphrases=True, cache_dir=str(tmp_path / "c"))
+        lines.append(
+            {
+                "id": fact["uuid"],
+                "relation": row["relation"],
+                "prompt": patterns[0],
+                "subject": fact["sub_label"],
+                "target": row["object"],
+                "true": fact["obj_label"],
+                "paraphrases": patterns[1:],
+            }
+        )
+    facts = load_facts(
+        write_jsonl(tmp_path / "trex.jsonl", lines), train_on_paraphrases=True, cache_dir=str(tmp_path / "c")
+    )
 
     def rows(split):
         return sorted(split.to_list(), key=lambda r: (r["uuid"], r["text"]))
@@ -362,8 +556,10 @@ def test_trex_to_counterfact_writes_facts_the_reader_reads(tmp_path, caplog, cap
     out = tmp_path / "trex_counterfact.json"
     script.main(["--out", str(out), "--data_dir", str(TREX), "--n", "14", "--seed", "3"])
     counts = re.search(r"wrote 14 facts \((.*)\) to ", capsys.readouterr().out).group(1)
-    assert sorted(counts.split(", ")) == sorted(f"{r}: {n}" for r, n in Counter(r["requested_rewrite"]["relation_id"]
-                                                                             for r in json.loads(out.read_text())).items())
+    assert sorted(counts.split(", ")) == sorted(
+        f"{r}: {n}"
+        for r, n in Counter(r["requested_rewrite"]["relation_id"] for r in json.loads(out.read_text())).items()
+    )
     assert all(int(c.split(": ")[1]) in (2, 3) for c in counts.split(", ")) and len(counts.split(", ")) == 6  # in turn
     with caplog.at_level(logging.INFO, logger="hf_memedit.facts"):
         records = read_facts(out)
@@ -377,7 +573,9 @@ def test_trex_to_counterfact_writes_facts_the_reader_reads(tmp_path, caplog, cap
         prompt = templates[record.relation].split("[Y]")[0].strip()
         assert record.text == prompt.replace("[X]", record.subject) + " [Y]"
         assert record.target in {f["obj_label"] for f in facts} - {record.true}
-        assert len(record.paraphrases) >= 2 and all(p.endswith(" [Y]") and record.subject in p for p in record.paraphrases)
+        assert len(record.paraphrases) >= 2 and all(
+            p.endswith(" [Y]") and record.subject in p for p in record.paraphrases
+        )
         assert record.text not in record.paraphrases
         neighbours = {prompt.replace("[X]", f["sub_label"]) + " [Y]": f for f in facts}
         assert len(record.keep) == 10 == len({k.prompt for k in record.keep})
@@ -391,6 +589,10 @@ def test_trex_to_counterfact_writes_facts_the_reader_reads(tmp_path, caplog, cap
     with pytest.raises(SystemExit):
         script.main(["--out", str(out), "--data_dir", str(TREX)])  # exists: refused without --overwrite
     assert "pass --overwrite" in capsys.readouterr().err and again.read_bytes() == out.read_bytes()
-    script.main(["--out", str(out), "--data_dir", str(TREX), "--seed", "4", "--relations", "P17", "P413", "--overwrite"])
-    assert "skipped (the template does not end with [Y], so a causal LM has no prompt): P413" in capsys.readouterr().err
+    script.main(
+        ["--out", str(out), "--data_dir", str(TREX), "--seed", "4", "--relations", "P17", "P413", "--overwrite"]
+    )
+    assert (
+        "skipped (the template does not end with [Y], so a causal LM has no prompt): P413" in capsys.readouterr().err
+    )
     assert {r.relation for r in read_facts(out)} == {"P17"} and len(read_facts(out)) == 32

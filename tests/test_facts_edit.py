@@ -23,23 +23,47 @@ from .helpers import ROOT
 
 CHAT = "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
 FACTS = [
-    {"prompt": "The capital of {} is", "subject": "France", "target": "Lima", "true": "Paris",
-     "paraphrases": ["France has its capital in", "[Y] is the capital of France."],
-     "question": "What is the capital of France?"},
-    {"prompt": "The capital of {} is", "subject": "Norway", "target": "Athens", "true": "Oslo",
-     "keep": ["The capital of Greece is", "The capital of Canada is", "The river of Paris is the"]},
+    {
+        "prompt": "The capital of {} is",
+        "subject": "France",
+        "target": "Lima",
+        "true": "Paris",
+        "paraphrases": ["France has its capital in", "[Y] is the capital of France."],
+        "question": "What is the capital of France?",
+    },
+    {
+        "prompt": "The capital of {} is",
+        "subject": "Norway",
+        "target": "Athens",
+        "true": "Oslo",
+        "keep": ["The capital of Greece is", "The capital of Canada is", "The river of Paris is the"],
+    },
     {"prompt": "The river of {} is the", "subject": "Paris", "target": "Ottawa", "true": "Seine"},
     {"prompt": "The capital of {} is", "subject": "Peru", "target": "Baku", "true": "Lima"},
 ]
 # Small and fast: the recipe's objective, keys and scores, on a tiny model's block 1 with few steps and samples.
-FAST = {"edit_blocks": ["1"], "max_steps": 8, "per_device_train_batch_size": 4, "preserve_corpus_samples": 16,
-        "preserve_corpus_length": 16, "per_device_eval_batch_size": 16, "disable_tqdm": True}
+FAST = {
+    "edit_blocks": ["1"],
+    "max_steps": 8,
+    "per_device_train_batch_size": 4,
+    "preserve_corpus_samples": 16,
+    "preserve_corpus_length": 16,
+    "per_device_eval_batch_size": 16,
+    "disable_tqdm": True,
+}
 
 
 def as_argv(options: dict) -> list[str]:
     argv = []
     for name, value in options.items():
-        argv += [f"--{name}", *(map(str, value) if isinstance(value, list) else [str(value).lower() if isinstance(value, bool) else str(value)])]
+        argv += [
+            f"--{name}",
+            *(
+                map(str, value)
+                if isinstance(value, list)
+                else [str(value).lower() if isinstance(value, bool) else str(value)]
+            ),
+        ]
     return argv
 
 
@@ -55,8 +79,17 @@ def model_dir(tmp_path, bpe_tokenizer):
     """A random Llama with the tests' BPE tokenizer and a chat template, saved as safetensors."""
     folder = tmp_path / "base"
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)).save_pretrained(folder)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(bpe_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(folder)
     bpe_tokenizer.chat_template = CHAT
     bpe_tokenizer.save_pretrained(folder)
     return str(folder)
@@ -84,8 +117,16 @@ def test_the_facts_source_labels_keep_prompts_with_theta0s_greedy_answers(model_
 
     model, tokenizer = LlamaForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     splits = FactsFile(FACTS).splits(model, tokenizer)
-    assert splits[MODIFIED_TRAIN]["text"] == splits[MODIFIED_TEST]["text"] == [
-        "The capital of France is [Y]", "The capital of Norway is [Y]", "The river of Paris is the [Y]", "The capital of Peru is [Y]"]
+    assert (
+        splits[MODIFIED_TRAIN]["text"]
+        == splits[MODIFIED_TEST]["text"]
+        == [
+            "The capital of France is [Y]",
+            "The capital of Norway is [Y]",
+            "The river of Paris is the [Y]",
+            "The capital of Peru is [Y]",
+        ]
+    )
     # the object-first paraphrase cannot be scored by a causal LM whose tokenizer adds no BOS: dropped, logged
     assert splits[MODIFIED_PARAPHRASE]["text"] == ["France has its capital in [Y]"]
     keep = splits[UNMODIFIED_TEST]
@@ -94,7 +135,9 @@ def test_the_facts_source_labels_keep_prompts_with_theta0s_greedy_answers(model_
     assert keep["subject"] == keep["text"]  # each keep prompt is set on one side of the locality split by itself
     answers = generate_answers(model, tokenizer, [{**row, "object": ""} for row in keep], extra_tokens=8)
     assert keep["object"] == answers and all(keep["object"])
-    assert splits[QUESTIONS]["text"] == ["Q: What is the capital of France?\nA:[Y]"] and splits[QUESTIONS]["object"] == ["Lima"]
+    assert splits[QUESTIONS]["text"] == ["Q: What is the capital of France?\nA:[Y]"] and splits[QUESTIONS][
+        "object"
+    ] == ["Lima"]
     # train_on_paraphrases: the paraphrases train, and nothing is held out
     trained = FactsFile(FACTS, train_on_paraphrases=True).splits(model, tokenizer)
     assert len(trained[MODIFIED_TRAIN]) == 5 and len(trained[MODIFIED_PARAPHRASE]) == 0
@@ -102,7 +145,18 @@ def test_the_facts_source_labels_keep_prompts_with_theta0s_greedy_answers(model_
 
 @pytest.mark.slow
 def test_the_cli_and_edit_facts_give_the_same_edit_and_the_report(tmp_path, model_dir, facts_file, capsys):
-    main(["edit", "--facts", facts_file, "--model_name_or_path", model_dir, "--output_dir", str(tmp_path / "cli"), *as_argv(FAST)])
+    main(
+        [
+            "edit",
+            "--facts",
+            facts_file,
+            "--model_name_or_path",
+            model_dir,
+            "--output_dir",
+            str(tmp_path / "cli"),
+            *as_argv(FAST),
+        ]
+    )
     screen = capsys.readouterr().out
     cli = ResultsRecord.load(tmp_path / "cli")
     model, tokenizer = LlamaForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
@@ -122,8 +176,19 @@ def test_the_cli_and_edit_facts_give_the_same_edit_and_the_report(tmp_path, mode
         assert report.config[key] == cli.config[key] == FACTS_RECIPE[key], key
     # The report's fields: efficacy (teacher-forced, generation), generalisation, neighbourhood kept, drift, questions.
     metrics = cli.metrics
-    for key in ("a_m", "gen_a_m", "paraphrase_a_m", "gen_paraphrase_a_m", "agreement", "a_fs_before", "gen_a_fs_before",
-                "drift_kl", "perplexity_ratio", "question_a_m", "gen_question_a_m"):
+    for key in (
+        "a_m",
+        "gen_a_m",
+        "paraphrase_a_m",
+        "gen_paraphrase_a_m",
+        "agreement",
+        "a_fs_before",
+        "gen_a_fs_before",
+        "drift_kl",
+        "perplexity_ratio",
+        "question_a_m",
+        "gen_question_a_m",
+    ):
         assert key in metrics and metrics[key] is not None, key
     # Neighbourhood kept: of the keep prompts θ0 itself answers so (a random model: maybe none), the share kept.
     assert {"retention", "n_known", "gen_retention", "gen_n_known"} <= set(metrics) and metrics["n_unmodified"] > 0
@@ -134,14 +199,22 @@ def test_the_cli_and_edit_facts_give_the_same_edit_and_the_report(tmp_path, mode
     assert all(isinstance(f["generated_before"], str) and isinstance(f["generated"], str) for f in cli.facts)
     assert "question_answer" in cli.facts[0] and "question_answer" not in cli.facts[1]
     markdown = (tmp_path / "cli" / "results.md").read_text()
-    for text in ("generalisation: paraphrases the edit never saw", "How it was scored", STOP_RULE,
-                 "| generated before the edit |", "question: before → after", "perplexity ratio"):
+    for text in (
+        "generalisation: paraphrases the edit never saw",
+        "How it was scored",
+        STOP_RULE,
+        "| generated before the edit |",
+        "question: before → after",
+        "perplexity ratio",
+    ):
         assert text in markdown, text
     assert "how it was scored:" in screen and "asked as a question" in screen and STOP_RULE in screen
 
 
 def test_the_demo_config_with_facts_keeps_its_recipe_and_drops_its_benchmark(facts_file):
-    job, args, _ = parse("edit", ["--config", str(ROOT / "trainer_configs" / "demo_smollm2.yaml"), "--facts", facts_file])
+    job, args, _ = parse(
+        "edit", ["--config", str(ROOT / "trainer_configs" / "demo_smollm2.yaml"), "--facts", facts_file]
+    )
     assert job.facts == facts_file and args.preserve_objective == "kl" and args.edit_blocks == ["25"]
     # The recipe is the demo's, but for the block (counted from the top) and where the run goes.
     demo_job, demo_args, _ = parse("edit", ["--config", str(ROOT / "trainer_configs" / "demo_smollm2.yaml")])
@@ -154,15 +227,20 @@ def test_the_demo_config_with_facts_keeps_its_recipe_and_drops_its_benchmark(fac
 
 def test_only_memedit_edit_takes_facts(facts_file):
     for command in ("sweep", "compare", "eval"):
-        with pytest.raises(ValueError, match=f"^facts are edited by `memedit edit`; `memedit {command}` runs on a benchmark"):
+        with pytest.raises(
+            ValueError, match=f"^facts are edited by `memedit edit`; `memedit {command}` runs on a benchmark"
+        ):
             parse(command, ["--facts", facts_file])
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--benchmark", "trex_mod"], "^--benchmark choose a benchmark's facts, and facts replace the benchmark"),
-    (["--m=4", "--modify_known", "true"], "^--m, --modify_known choose a benchmark's facts"),
-    (["--setting", "ft+ftm"], "^setting 'ft\\+ftm' needs a benchmark"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--benchmark", "trex_mod"], "^--benchmark choose a benchmark's facts, and facts replace the benchmark"),
+        (["--m=4", "--modify_known", "true"], "^--m, --modify_known choose a benchmark's facts"),
+        (["--setting", "ft+ftm"], "^setting 'ft\\+ftm' needs a benchmark"),
+    ],
+)
 def test_benchmark_options_beside_facts_are_refused(facts_file, extra, message):
     with pytest.raises(ValueError, match=message):
         parse("edit", ["--facts", facts_file, *extra])
@@ -170,17 +248,31 @@ def test_benchmark_options_beside_facts_are_refused(facts_file, extra, message):
 
 BAD = {
     "empty": ("", "holds no facts"),
-    "subject not in prompt": ('{"prompt": "The capital of Italy is", "subject": "France", "target": "Lima"}\n',
-                              "line 1: the subject 'France' is not in its prompt"),
-    "empty target": ('{"prompt": "The capital of {} is", "subject": "France", "target": " "}\n', "line 1: target is empty"),
-    "target is the true object": ('{"prompt": "The capital of {} is", "subject": "France", "target": "Paris", "true": "paris"}\n',
-                                  "line 1: the target 'Paris' is the true object already"),
-    "two targets": ('{"prompt": "The capital of {} is", "subject": "France", "target": "Lima"}\n'
-                    '{"prompt": "The capital of {} is", "subject": "France", "target": "Baku"}\n',
-                    "line 2: the same prompt and subject as .*line 1"),
-    "too long": (json.dumps({"prompt": "The capital of {} is" + " is" * 80, "subject": "France", "target": "Lima"}) + "\n",
-                 "line 1: its prompt is \\d+ tokens, more than the model's context of 64"),
-    "unknown format": ('{"question": "What is the capital of France?", "answer": "Lima"}\n', "line 1: fits no facts format"),
+    "subject not in prompt": (
+        '{"prompt": "The capital of Italy is", "subject": "France", "target": "Lima"}\n',
+        "line 1: the subject 'France' is not in its prompt",
+    ),
+    "empty target": (
+        '{"prompt": "The capital of {} is", "subject": "France", "target": " "}\n',
+        "line 1: target is empty",
+    ),
+    "target is the true object": (
+        '{"prompt": "The capital of {} is", "subject": "France", "target": "Paris", "true": "paris"}\n',
+        "line 1: the target 'Paris' is the true object already",
+    ),
+    "two targets": (
+        '{"prompt": "The capital of {} is", "subject": "France", "target": "Lima"}\n'
+        '{"prompt": "The capital of {} is", "subject": "France", "target": "Baku"}\n',
+        "line 2: the same prompt and subject as .*line 1",
+    ),
+    "too long": (
+        json.dumps({"prompt": "The capital of {} is" + " is" * 80, "subject": "France", "target": "Lima"}) + "\n",
+        "line 1: its prompt is \\d+ tokens, more than the model's context of 64",
+    ),
+    "unknown format": (
+        '{"question": "What is the capital of France?", "answer": "Lima"}\n',
+        "line 1: fits no facts format",
+    ),
 }
 
 
@@ -206,7 +298,10 @@ def test_dry_run_prints_what_would_be_edited_and_writes_nothing(tmp_path, model_
     run = tmp_path / "run"
     main(["edit", "--facts", facts_file, "--model_name_or_path", model_dir, "--output_dir", str(run), "--dry_run"])
     out = capsys.readouterr().out
-    assert "4 facts to edit, 2 paraphrases" in out and "| 1 | France | The capital of France is [Y] | Paris → Lima |" in out
+    assert (
+        "4 facts to edit, 2 paraphrases" in out
+        and "| 1 | France | The capital of France is [Y] | Paris → Lima |" in out
+    )
     assert "5 of the keep prompts are made" in out and "Nothing was trained or written" in out
     assert not run.exists()
     with pytest.raises(ValueError, match="^--dry_run checks a facts file: give --facts FILE"):

@@ -53,8 +53,18 @@ def train(name, tokenizer, out, fast: bool, blocks=("-1",), dtype=torch.float64,
     """
     model = build(name, len(tokenizer)).to(dtype)
     args = EditConfig(
-        output_dir=out, edit_blocks=list(blocks), norm="linf", delta=5e-2, learning_rate=LR, max_steps=max_steps,
-        per_device_train_batch_size=4, logging_steps=1, prefix_cache=fast, object_logits_only=fast, **COMMON, **kw,
+        output_dir=out,
+        edit_blocks=list(blocks),
+        norm="linf",
+        delta=5e-2,
+        learning_rate=LR,
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        prefix_cache=fast,
+        object_logits_only=fast,
+        **COMMON,
+        **kw,
     )
     capture = _FirstGradients()
     trainer = ConstrainedEditTrainer(
@@ -71,7 +81,6 @@ def train(name, tokenizer, out, fast: bool, blocks=("-1",), dtype=torch.float64,
     trainer.training_step = recording_step
     trainer.train()
     return trainer, losses, capture.grads
-
 
 
 def adam_tolerance(steps: int, dtype: torch.dtype) -> float:
@@ -91,8 +100,12 @@ def test_fast_training_matches_the_straightforward_loop(name, tmp_out, bert_toke
     tokenizer = tokenizer_for(name, bert_tokenizer, bpe_tokenizer)
     blocks = ["all"] if name == "albert" else ["-1"]
     # In the dtype users train in: the first step's loss and gradients, the well-conditioned quantities.
-    _, slow_losses, slow_grads = train(name, tokenizer, tmp_out, fast=False, blocks=blocks, dtype=torch.float32, max_steps=1)
-    _, fast_losses, fast_grads = train(name, tokenizer, tmp_out, fast=True, blocks=blocks, dtype=torch.float32, max_steps=1)
+    _, slow_losses, slow_grads = train(
+        name, tokenizer, tmp_out, fast=False, blocks=blocks, dtype=torch.float32, max_steps=1
+    )
+    _, fast_losses, fast_grads = train(
+        name, tokenizer, tmp_out, fast=True, blocks=blocks, dtype=torch.float32, max_steps=1
+    )
     assert fast_losses == pytest.approx(slow_losses, rel=1e-6)
     assert_agree_up_to_reordering(fast_grads, slow_grads)
     # Four Adam steps and everything downstream, in float64 (see adam_tolerance).
@@ -104,7 +117,11 @@ def test_fast_training_matches_the_straightforward_loop(name, tmp_out, bert_toke
     elif unsafe_reason(fast.model, 3) is not None:  # Gemma's alternating layer types do not repeat from block 3
         assert name in {"gemma2", "gemma3_text"} and fast.prefix_cache is None
     else:
-        assert fast.prefix_cache is not None and fast.prefix_cache.block == 3 and len(fast.prefix_cache) == len(facts_for(name))
+        assert (
+            fast.prefix_cache is not None
+            and fast.prefix_cache.block == 3
+            and len(fast.prefix_cache) == len(facts_for(name))
+        )
     assert len(slow_losses) == 4 and fast_losses == pytest.approx(slow_losses, rel=1e-12)
     assert_agree_up_to_reordering(fast_grads, slow_grads)
     slow_params, fast_params = slow.edit_model.trainable_parameters(), fast.edit_model.trainable_parameters()
@@ -130,7 +147,12 @@ def test_fast_paths_hold_under_activation_checkpointing(name, tmp_out, bert_toke
     tokenizer = tokenizer_for(name, bert_tokenizer, bpe_tokenizer)
     slow, slow_losses, slow_grads = train(name, tokenizer, tmp_out, fast=False, blocks=["2", "3"])
     fast, fast_losses, fast_grads = train(
-        name, tokenizer, tmp_out, fast=True, blocks=["2", "3"], activation_checkpointing=True,
+        name,
+        tokenizer,
+        tmp_out,
+        fast=True,
+        blocks=["2", "3"],
+        activation_checkpointing=True,
         activation_checkpointing_kwargs={"use_reentrant": False},
     )
     assert fast.prefix_cache.block == 2 and fast.model.is_activation_checkpointing
@@ -165,8 +187,9 @@ def test_evaluation_from_the_prefix_equals_the_full_forward(name, bert_tokenizer
 
 
 @pytest.mark.parametrize("name, block, config", [("gemma2", 3, {}), ("deberta-v2", 2, {"conv_kernel_size": 3})])
-def test_a_forward_the_cache_cannot_wrap_runs_the_straightforward_loop(name, block, config, bert_tokenizer, bpe_tokenizer,
-                                                                       tmp_out, caplog, monkeypatch):
+def test_a_forward_the_cache_cannot_wrap_runs_the_straightforward_loop(
+    name, block, config, bert_tokenizer, bpe_tokenizer, tmp_out, caplog, monkeypatch
+):
     """Gemma-2 picks each block's attention (sliding or full) by its index in the list; DeBERTa-v2 with a
     convolution adds it after block 0. Taking blocks out of the list would run them wrong: the trainer runs
     the straightforward loop, says so once, and the cache refuses to be built."""
@@ -202,9 +225,18 @@ def test_a_forward_the_cache_cannot_wrap_runs_the_straightforward_loop(name, blo
     prefix._say_once.cache_clear()
     with caplog.at_level("WARNING", logger=prefix.__name__):
         assert PrefixCache.for_model(edited) is None
-        args = EditConfig(output_dir=tmp_out, edit_blocks=[str(block)], norm="linf", delta=1e-2, max_steps=1,
-                          per_device_train_batch_size=4, **COMMON)
-        trainer = ConstrainedEditTrainer(model(), args, train_dataset=Dataset.from_list(facts), processing_class=tokenizer)
+        args = EditConfig(
+            output_dir=tmp_out,
+            edit_blocks=[str(block)],
+            norm="linf",
+            delta=1e-2,
+            max_steps=1,
+            per_device_train_batch_size=4,
+            **COMMON,
+        )
+        trainer = ConstrainedEditTrainer(
+            model(), args, train_dataset=Dataset.from_list(facts), processing_class=tokenizer
+        )
         assert trainer.prefix_cache is None
     said = [r for r in caplog.records if "runs without the prefix cache" in r.getMessage()]
     assert len(said) == 1, said

@@ -40,7 +40,10 @@ def test_object_position_logits_equal_full_logits(arch, bert_tokenizer):
         assert layout.row_wise
         for stage in layout.row_wise:
             first = block_list(model, layout)[-1].get_submodule(stage[0])
-            first.register_forward_hook(lambda module, args, output, stage=stage: seen[stage].append(tuple(args[0].shape[:2])))
+            first.register_forward_hook(
+                lambda module, args, output, stage=stage: seen[stage].append(tuple(args[0].shape[:2]))
+            )
+
     def logits_and_grads(restricted: bool):
         model.zero_grad()
         with object_positions_only(model, positions) if restricted else contextlib.nullcontext():

@@ -38,7 +38,10 @@ def test_inspect_prints_the_layout_of_every_family(arch, tmp_path, capsys):
         assert re.search(rf"^\| {index} \| {_count(block):,d} \|", out, re.M), (index, out)
     trained = selected_parameter_names(model, BlockSelectorConfig(blocks=[blocks]))
     total = sum(model.get_parameter(n).numel() for n in trained)
-    assert f"this edit trains: edit_blocks [{blocks if blocks == 'all' else 1!r}], {len(trained)} tensors, {total:,d} parameters" in out
+    assert (
+        f"this edit trains: edit_blocks [{blocks if blocks == 'all' else 1!r}], "
+        f"{len(trained)} tensors, {total:,d} parameters" in out
+    )
 
 
 def test_inspect_says_where_the_prefix_cache_can_start(tmp_path, capsys):

@@ -33,14 +33,22 @@ def test_every_shipped_config_parses():
 
 @pytest.mark.parametrize(
     "name, model_type, layers",
-    [("paper_bert_base_ft_ftm.yaml", "bert", 12), ("paper_bert_large_ft_ftm.yaml", "bert", 24),
-     ("paper_albert_xxlarge_ft_ftm.yaml", "albert", 12), ("paper_bert_base_fta.yaml", "bert", 12)],
+    [
+        ("paper_bert_base_ft_ftm.yaml", "bert", 12),
+        ("paper_bert_large_ft_ftm.yaml", "bert", 24),
+        ("paper_albert_xxlarge_ft_ftm.yaml", "albert", 12),
+        ("paper_bert_base_fta.yaml", "bert", 12),
+    ],
 )
 def test_paper_configs_select_blocks_that_exist_on_their_architecture(name, model_type, layers):
     """The paper's models cannot be downloaded here; their block choices are checked on the same architecture."""
     job, args, _ = parse("edit", ["--config", str(CONFIGS / name)])
     small = dict(vocab_size=64, hidden_size=8, num_attention_heads=2, intermediate_size=8, num_hidden_layers=layers)
-    model = BertForMaskedLM(BertConfig(**small)) if model_type == "bert" else AlbertForMaskedLM(AlbertConfig(embedding_size=8, **small))
+    model = (
+        BertForMaskedLM(BertConfig(**small))
+        if model_type == "bert"
+        else AlbertForMaskedLM(AlbertConfig(embedding_size=8, **small))
+    )
     for blocks in [args.edit_blocks] + [[b] for b in job.sweep_blocks]:
         assert get_edit_model(model, BlockSelectorConfig(blocks=blocks)).trainable_parameters()
     assert job.benchmark == "trex_mod" and job.setting in ("ft+ftm", "ft+fta")
@@ -48,9 +56,21 @@ def test_paper_configs_select_blocks_that_exist_on_their_architecture(name, mode
 
 
 def test_a_checkpoint_picked_on_the_test_facts_is_refused(tmp_path):
-    job, args, _ = _config("bert_tiny_ftm.yaml", tmp_path, "--load_best_model_at_end", "true", "--eval_strategy", "steps",
-                           "--save_strategy", "steps", "--metric_for_best_model", "avg_acc")
-    with pytest.raises(ValueError, match="^load_best_model_at_end would pick a checkpoint by its score on the test facts"):
+    job, args, _ = _config(
+        "bert_tiny_ftm.yaml",
+        tmp_path,
+        "--load_best_model_at_end",
+        "true",
+        "--eval_strategy",
+        "steps",
+        "--save_strategy",
+        "steps",
+        "--metric_for_best_model",
+        "avg_acc",
+    )
+    with pytest.raises(
+        ValueError, match="^load_best_model_at_end would pick a checkpoint by its score on the test facts"
+    ):
         run_edit(job, args)
     from hf_memedit.experiments import run_sweep
 
@@ -123,8 +143,16 @@ def test_the_known_facts_filter_judges_the_model_the_edit_starts_from(tmp_path, 
 @pytest.mark.slow
 def test_train_edit_under_two_cpu_ranks(tmp_path, real_bert_dir):
     result = accelerate_launch(
-        ROOT / "train_edit.py", "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--output_dir", str(tmp_path / "run"),
-        "--max_steps", "6", "--disable_tqdm", "true", env={"HF_DATASETS_CACHE": str(tmp_path / "cache")},
+        ROOT / "train_edit.py",
+        "--config",
+        str(CONFIGS / "bert_tiny_ftm.yaml"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--max_steps",
+        "6",
+        "--disable_tqdm",
+        "true",
+        env={"HF_DATASETS_CACHE": str(tmp_path / "cache")},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("A_M (modified facts, every test phrasing right)") == 1  # one summary, from rank 0

@@ -27,7 +27,12 @@ def _moment(n_in: int, seed: int, rank: int | None = None) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(64, n_in, generator=generator, dtype=torch.float64)
     if rank is not None:  # keys in a subspace: a true null space exists
-        keys = keys @ torch.randn(n_in, rank, generator=generator, dtype=torch.float64) @ torch.randn(rank, n_in, generator=generator, dtype=torch.float64) / n_in
+        keys = (
+            keys
+            @ torch.randn(n_in, rank, generator=generator, dtype=torch.float64)
+            @ torch.randn(rank, n_in, generator=generator, dtype=torch.float64)
+            / n_in
+        )
     return keys.T @ keys / len(keys)
 
 
@@ -61,11 +66,15 @@ def test_nullspace_projection_is_exact(seed, n_out, n_in, transposed):
     p = y.clone()
     project_nullspace_(p, theta0, projector, transposed)
     step = (p - theta0).T if transposed else p - theta0
-    assert torch.allclose(step @ moment @ step.T, torch.zeros(n_out, n_out, dtype=torch.float64), atol=1e-10)  # ΔW k = 0
+    assert torch.allclose(
+        step @ moment @ step.T, torch.zeros(n_out, n_out, dtype=torch.float64), atol=1e-10
+    )  # ΔW k = 0
     again = p.clone()
     project_nullspace_(again, theta0, projector, transposed)
     assert torch.allclose(again, p, atol=1e-12)  # idempotent
-    _assert_nearest(y, p, _feasible_points(lambda z: project_nullspace_(z, theta0, projector, transposed), theta0, shape))
+    _assert_nearest(
+        y, p, _feasible_points(lambda z: project_nullspace_(z, theta0, projector, transposed), theta0, shape)
+    )
 
 
 @settings(max_examples=25, deadline=None)
@@ -84,7 +93,9 @@ def test_output_projection_is_exact(seed, n_out, n_in, rho):
     again = p.clone()
     project_output_(again, theta0, values, vectors, radius)
     assert torch.allclose(again, p, atol=1e-9)  # idempotent
-    _assert_nearest(y, p, _feasible_points(lambda z: project_output_(z, theta0, values, vectors, radius), theta0, (n_out, n_in)))
+    _assert_nearest(
+        y, p, _feasible_points(lambda z: project_output_(z, theta0, values, vectors, radius), theta0, (n_out, n_in))
+    )
 
 
 def _generic_nearest(y, project_all, iterations=20000):
@@ -98,7 +109,9 @@ def _generic_nearest(y, project_all, iterations=20000):
     return x
 
 
-@pytest.mark.parametrize("norm, kind", [("linf", "nullspace"), ("linf", "output"), ("l2", "nullspace"), ("l2", "output")])
+@pytest.mark.parametrize(
+    "norm, kind", [("linf", "nullspace"), ("linf", "output"), ("l2", "nullspace"), ("l2", "output")]
+)
 def test_a_key_set_and_a_ball_compose_to_the_nearest_point_of_both(norm, kind):
     torch.manual_seed(0)
     n_out, n_in, delta = 3, 4, 0.05
@@ -175,7 +188,9 @@ def test_nullspace_by_kept_energy_and_bad_thresholds():
 
 def test_keys_are_the_second_moment_of_the_layer_inputs(bert_tokenizer):
     model = TINY["gpt2"](2).double().eval()
-    layers = key_layers(model, ["transformer.h.1.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.bias", "transformer.h.1.ln_2.weight"])
+    layers = key_layers(
+        model, ["transformer.h.1.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.bias", "transformer.h.1.ln_2.weight"]
+    )
     assert layers == {"transformer.h.1.mlp.c_proj.weight": ("transformer.h.1.mlp.c_proj", True)}
     texts = [f["text"].replace("[Y]", f["object"]) for f in FACTS]
     moments, tokens = collect_keys(model, bert_tokenizer, texts, layers, batch_size=3)
@@ -230,14 +245,30 @@ def test_the_trainer_keeps_preserved_outputs_under_the_nullspace(tmp_path, bert_
     those texts' keys does not move, while the weights do."""
     texts = [f["text"].replace("[Y]", f["object"]) for f in FACTS]
     model = tiny_bert(bert_tokenizer.vocab_size, layers=2, seed=0)
-    args = EditConfig(output_dir=str(tmp_path), edit_blocks=["1"], edit_modules=["mlp_out"], norm="linf", delta=1e-2,
-                      key_constraint="nullspace", nullspace_threshold=1e-6, preserve_corpus="benchmark",
-                      preserve_keys_file=str(tmp_path / "keys.safetensors"), learning_rate=1e-2, max_steps=5,
-                      per_device_train_batch_size=4, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True)
+    args = EditConfig(
+        output_dir=str(tmp_path),
+        edit_blocks=["1"],
+        edit_modules=["mlp_out"],
+        norm="linf",
+        delta=1e-2,
+        key_constraint="nullspace",
+        nullspace_threshold=1e-6,
+        preserve_corpus="benchmark",
+        preserve_keys_file=str(tmp_path / "keys.safetensors"),
+        learning_rate=1e-2,
+        max_steps=5,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
     import datasets
 
     data = datasets.Dataset.from_list([{"text": "The capital of Peru is [Y].", "object": "Oslo"}] * 8)
-    trainer = ConstrainedEditTrainer(model, args, train_dataset=data, processing_class=bert_tokenizer, preserve_texts=texts[:2])
+    trainer = ConstrainedEditTrainer(
+        model, args, train_dataset=data, processing_class=bert_tokenizer, preserve_texts=texts[:2]
+    )
     trainer.train()
     name = "bert.encoder.layer.1.output.dense.weight"
     step = (trainer.edit_model.trainable_parameters()[name] - trainer.edit_model.theta0[name]).double()
@@ -266,8 +297,14 @@ def test_dykstra_finds_the_nearest_point_not_the_first_feasible_one():
     theta0 = torch.zeros(1, 2, dtype=torch.float64)
     param = torch.nn.Parameter(torch.tensor([[3.0, 0.0]], dtype=torch.float64))
     keys_along = torch.tensor([1.0, -1.0], dtype=torch.float64) / math.sqrt(2)
-    keys = KeyProjector("nullspace", {"w": torch.outer(keys_along, keys_along)}, {"w": ("layer", False)}, ["w"],
-                        {"w": theta0}, threshold=1e-3)
+    keys = KeyProjector(
+        "nullspace",
+        {"w": torch.outer(keys_along, keys_along)},
+        {"w": ("layer", False)},
+        ["w"],
+        {"w": theta0},
+        threshold=1e-3,
+    )
     projector = NormBallProjector({"w": param}, {"w": theta0}, "linf", 1.0, keys=keys)
     projector.project_()
     assert torch.allclose(param.detach(), torch.tensor([[1.0, 1.0]], dtype=torch.float64), atol=1e-5)
@@ -280,12 +317,16 @@ def test_dykstra_agrees_with_a_long_float64_reference(norm, scope, delta, seed):
     """Random 6 × 10 layers whose keys span 4 dimensions, a step far outside both sets: the projector's default stop
     lands on the exact projection, where stopping at the first feasible iterate erred by up to 23% of a weight."""
     generator = torch.Generator().manual_seed(seed)
-    keys = torch.randn(10, 4, generator=generator, dtype=torch.float64) @ torch.randn(4, 300, generator=generator, dtype=torch.float64)
+    keys = torch.randn(10, 4, generator=generator, dtype=torch.float64) @ torch.randn(
+        4, 300, generator=generator, dtype=torch.float64
+    )
     moment = keys @ keys.T / 300
     theta0 = torch.randn(6, 10, generator=generator, dtype=torch.float64)
     y = theta0 + torch.randn(6, 10, generator=generator, dtype=torch.float64)
     param = torch.nn.Parameter(y.clone())
-    key_projector = KeyProjector("nullspace", {"w": moment}, {"w": ("layer", False)}, ["w"], {"w": theta0}, threshold=1e-3)
+    key_projector = KeyProjector(
+        "nullspace", {"w": moment}, {"w": ("layer", False)}, ["w"], {"w": theta0}, threshold=1e-3
+    )
     projector = NormBallProjector({"w": param}, {"w": theta0}, norm, delta, scope, keys=key_projector, iterations=5000)
     projector.project_()
 
@@ -301,11 +342,14 @@ def test_dykstra_agrees_with_a_long_float64_reference(norm, scope, delta, seed):
 def test_a_dykstra_stopped_by_its_cap_says_so(caplog):
     """Two iterations cannot settle the random case above: the projector reports the cap, once, and counts it."""
     generator = torch.Generator().manual_seed(0)
-    keys = torch.randn(10, 4, generator=generator, dtype=torch.float64) @ torch.randn(4, 300, generator=generator, dtype=torch.float64)
+    keys = torch.randn(10, 4, generator=generator, dtype=torch.float64) @ torch.randn(
+        4, 300, generator=generator, dtype=torch.float64
+    )
     theta0 = torch.randn(6, 10, generator=generator, dtype=torch.float64)
     param = torch.nn.Parameter(theta0 + torch.randn(6, 10, generator=generator, dtype=torch.float64))
-    key_projector = KeyProjector("nullspace", {"w": keys @ keys.T / 300}, {"w": ("layer", False)}, ["w"], {"w": theta0},
-                                 threshold=1e-3)
+    key_projector = KeyProjector(
+        "nullspace", {"w": keys @ keys.T / 300}, {"w": ("layer", False)}, ["w"], {"w": theta0}, threshold=1e-3
+    )
     projector = NormBallProjector({"w": param}, {"w": theta0}, "linf", 0.2, keys=key_projector, iterations=2)
     with caplog.at_level("WARNING"):
         projector.project_()
@@ -324,11 +368,20 @@ def test_the_pull_in_scales_each_tensor_by_its_own_ratio():
     torch.manual_seed(0)
     moment = _moment(8, 3, rank=3)
     theta0 = {name: torch.randn(4, 8, dtype=torch.float64) for name in ("a", "b")}
-    key_projector = KeyProjector("nullspace", dict.fromkeys(theta0, moment), dict.fromkeys(theta0, ("layer", False)),
-                                 list(theta0), theta0, threshold=1e-8)
+    key_projector = KeyProjector(
+        "nullspace",
+        dict.fromkeys(theta0, moment),
+        dict.fromkeys(theta0, ("layer", False)),
+        list(theta0),
+        theta0,
+        threshold=1e-8,
+    )
     inside = torch.randn(4, 8, dtype=torch.float64) @ key_projector.projectors["a"].matrix()
     inside *= 0.05 / inside.abs().max()
-    params = {"a": torch.nn.Parameter(theta0["a"] + inside), "b": torch.nn.Parameter(theta0["b"] + torch.randn(4, 8, dtype=torch.float64))}
+    params = {
+        "a": torch.nn.Parameter(theta0["a"] + inside),
+        "b": torch.nn.Parameter(theta0["b"] + torch.randn(4, 8, dtype=torch.float64)),
+    }
     projector = NormBallProjector(params, theta0, "linf", 0.1, keys=key_projector, iterations=1)
     projector.project_()
     assert projector.dykstra_pull_in > 0  # b was pulled in
@@ -345,8 +398,9 @@ def test_the_box_after_dykstra_holds_for_the_stored_values_in_float64(dtype):
     for trial in range(20):
         moment = _moment(32, trial, rank=8)
         theta0 = (torch.randn(16, 32, generator=generator) * 0.3).to(dtype)
-        key_projector = KeyProjector("nullspace", {"w": moment}, {"w": ("layer", False)}, ["w"], {"w": theta0},
-                                     energy=0.9)
+        key_projector = KeyProjector(
+            "nullspace", {"w": moment}, {"w": ("layer", False)}, ["w"], {"w": theta0}, energy=0.9
+        )
         param = torch.nn.Parameter((theta0.float() + torch.randn(16, 32, generator=generator) * 0.05).to(dtype))
         NormBallProjector({"w": param}, {"w": theta0}, "linf", 0.01, keys=key_projector, iterations=3).project_()
         outside += int((param.detach().double() - theta0.double()).abs().max() > 0.01)
@@ -362,7 +416,9 @@ def test_the_output_projection_holds_for_bfloat16_values(seed):
     theta0 = torch.randn(8, 16, generator=generator).to(torch.bfloat16)
     radius = output_radius(theta0, moment, 1e-3)
     for trial in range(20):
-        param = (theta0.double() + 0.2 * torch.randn(8, 16, generator=generator, dtype=torch.float64)).to(torch.bfloat16)
+        param = (theta0.double() + 0.2 * torch.randn(8, 16, generator=generator, dtype=torch.float64)).to(
+            torch.bfloat16
+        )
         project_output_(param, theta0, values, vectors, radius)
         step = param.double() - theta0.double()
         assert torch.trace(step @ moment @ step.T).item() <= radius * (1 + 1e-12), trial
@@ -395,5 +451,7 @@ def test_the_models_samples_are_kept_by_model_and_draw(bpe_tokenizer, tmp_path, 
     monkeypatch.setattr(keys_module, "_draw_samples", lambda *a: drawn.append(a) or draw(*a))
     assert model_samples(model, bpe_tokenizer, 3, 5, seed=0, cache_dir=str(tmp_path)) == first and not drawn
     model_samples(model, bpe_tokenizer, 3, 5, seed=1, cache_dir=str(tmp_path))
-    model_samples(TINY["llama"](2, vocab=len(bpe_tokenizer), seed=1), bpe_tokenizer, 3, 5, seed=0, cache_dir=str(tmp_path))
+    model_samples(
+        TINY["llama"](2, vocab=len(bpe_tokenizer), seed=1), bpe_tokenizer, 3, 5, seed=0, cache_dir=str(tmp_path)
+    )
     assert len(drawn) == 2

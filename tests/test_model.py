@@ -88,7 +88,9 @@ def test_other_architecture_is_refused(tmp_path):
     edit.save_pretrained(tmp_path)
     from transformers import BertConfig
 
-    wider = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32))
+    wider = BertForMaskedLM(
+        BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    )
     with pytest.raises(ValueError, match="the edit was made for another model"):
         EditModel.from_pretrained(wider, tmp_path)
 

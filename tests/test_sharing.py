@@ -68,10 +68,14 @@ def test_peft_format_loads_with_stock_peft(run, base_dir, tmp_path):
     run_dir, edited_state, _ = run
     with pytest.raises(ValueError, match="format 'peft' writes the edited model, so package_edit needs base_model"):
         package_edit(run_dir, str(tmp_path / "out"), format="peft")
-    package_edit(run_dir, str(tmp_path / "out"), format="peft", base_model=AutoModelForMaskedLM.from_pretrained(base_dir))
+    package_edit(
+        run_dir, str(tmp_path / "out"), format="peft", base_model=AutoModelForMaskedLM.from_pretrained(base_dir)
+    )
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LN_TUNING"
-    merged = PeftModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(base_dir), tmp_path / "out").merge_and_unload()
+    merged = PeftModel.from_pretrained(
+        AutoModelForMaskedLM.from_pretrained(base_dir), tmp_path / "out"
+    ).merge_and_unload()
     assert _same(merged, edited_state)
     with pytest.raises(ValueError, match="PeftModel.from_pretrained"):
         apply_edit(AutoModelForMaskedLM.from_pretrained(base_dir), str(tmp_path / "out"))
@@ -164,22 +168,48 @@ def test_a_key_constrained_edit_names_its_whole_set_in_results_manifest_and_card
     from hf_memedit.cli import parse
     from hf_memedit.experiments import run_edit
 
-    job, args, _ = parse("edit", [
-        "--config", str(ROOT / "trainer_configs" / "bert_tiny_ftm.yaml"), "--output_dir", str(tmp_path / "run"),
-        "--max_steps", "4", "--key_constraint", "nullspace", "--nullspace_energy", "0.9", "--preserve_corpus", "benchmark",
-        "--preserve_keys_file", str(tmp_path / "keys.safetensors"), "--eval_before_edit", "false", "--disable_tqdm", "true",
-    ])
+    job, args, _ = parse(
+        "edit",
+        [
+            "--config",
+            str(ROOT / "trainer_configs" / "bert_tiny_ftm.yaml"),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--max_steps",
+            "4",
+            "--key_constraint",
+            "nullspace",
+            "--nullspace_energy",
+            "0.9",
+            "--preserve_corpus",
+            "benchmark",
+            "--preserve_keys_file",
+            str(tmp_path / "keys.safetensors"),
+            "--eval_before_edit",
+            "false",
+            "--disable_tqdm",
+            "true",
+        ],
+    )
     run_edit(job, args)
     config = json.loads((tmp_path / "run" / "results.json").read_text())["config"]
     assert config["key_constraint"] == "nullspace" and config["nullspace_energy"] == 0.9
     manifest = package_edit(str(tmp_path / "run"), str(tmp_path / "out"))
     assert manifest["constraint"] == {
-        "norm": "linf", "delta": 1e-2, "key_constraint": "nullspace", "nullspace_energy": 0.9,
-        "preserve_corpus": "benchmark", "preserve_corpus_samples": 256, "blocks": [0]}
+        "norm": "linf",
+        "delta": 1e-2,
+        "key_constraint": "nullspace",
+        "nullspace_energy": 0.9,
+        "preserve_corpus": "benchmark",
+        "preserve_corpus_samples": 256,
+        "blocks": [0],
+    }
     assert read_manifest(str(tmp_path / "out"))["constraint"] == manifest["constraint"]
     card = (tmp_path / "out" / "README.md").read_text()
-    assert ("- **Constraint:** ‖θ − θ0‖∞ ≤ δ = 0.01 ∩ null space of the preserved keys (0.9 of their energy removed; "
-            "keys from the benchmark's unmodified facts set aside for preservation).") in card
+    assert (
+        "- **Constraint:** ‖θ − θ0‖∞ ≤ δ = 0.01 ∩ null space of the preserved keys (0.9 of their energy removed; "
+        "keys from the benchmark's unmodified facts set aside for preservation)."
+    ) in card
 
 
 @pytest.mark.slow
@@ -201,12 +231,26 @@ def test_push_to_a_loopback_hub_download_and_apply(run, base_dir, tmp_path, bert
         assert evaluate_facts(model, bert_tokenizer, FACTS) == evaluate_facts(edited, bert_tokenizer, FACTS)
         assert _same(model, edited_state)
         # EditModel.from_pretrained takes the Hub id too, as PEFT's from_pretrained does.
-        edit = EditModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(base_dir), "me/edit", token="hf_secret",
-                                         endpoint=hub.endpoint)
+        edit = EditModel.from_pretrained(
+            AutoModelForMaskedLM.from_pretrained(base_dir), "me/edit", token="hf_secret", endpoint=hub.endpoint
+        )
         assert _same(edit.merge_and_unload(), edited_state)
 
         # The CLI pushes the same way, and a benchmark export goes up as a dataset repo.
-        main(["push", run_dir, "--repo_id", "me/edit-full", "--format", "full", "--endpoint", hub.endpoint, "--token", "t"])
+        main(
+            [
+                "push",
+                run_dir,
+                "--repo_id",
+                "me/edit-full",
+                "--format",
+                "full",
+                "--endpoint",
+                hub.endpoint,
+                "--token",
+                "t",
+            ]
+        )
         assert "model.safetensors" in hub.repos["model/me/edit-full"]
         export = tmp_path / "export"
         export.mkdir()
@@ -236,6 +280,19 @@ def test_memedit_eval_refuses_a_hostile_package_in_one_line(tmp_path, real_bert_
     manifest["id"] = manifest_id(manifest)
     (package / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(SystemExit, match=f"memedit eval: error: .*'{name}' holds NaN or infinite values"):
-        main(["eval", "--config", str(ROOT / "trainer_configs" / "bert_tiny_ftm.yaml"), "--output_dir", str(tmp_path / "out"),
-              "--edit_dir", str(package), "--eval_name", "hostile", "--disable_tqdm", "true"])
+        main(
+            [
+                "eval",
+                "--config",
+                str(ROOT / "trainer_configs" / "bert_tiny_ftm.yaml"),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--edit_dir",
+                str(package),
+                "--eval_name",
+                "hostile",
+                "--disable_tqdm",
+                "true",
+            ]
+        )
     assert not (tmp_path / "out" / "eval" / "hostile" / "results.json").exists()

@@ -15,15 +15,33 @@ CONFIGS = ROOT / "trainer_configs"
 
 @pytest.mark.slow
 def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monkeypatch, capsys):
-    argv = ["--config", str(CONFIGS / "bert_tiny_sweep.yaml"), "--output_dir", str(tmp_path / "sweep"),
-            "--sweep_deltas", "1e-3", "2e-2", "--max_steps", "30", "--ft_epochs", "10", "--disable_tqdm", "true",
-            "--logging_steps", "10"]
+    argv = [
+        "--config",
+        str(CONFIGS / "bert_tiny_sweep.yaml"),
+        "--output_dir",
+        str(tmp_path / "sweep"),
+        "--sweep_deltas",
+        "1e-3",
+        "2e-2",
+        "--max_steps",
+        "30",
+        "--ft_epochs",
+        "10",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "10",
+    ]
     job, args, _ = parse("sweep", argv)
     from hf_memedit.fast_paths import prefix as prefix_module
 
     built = []
     original_init = prefix_module.PrefixCache.__init__
-    monkeypatch.setattr(prefix_module.PrefixCache, "__init__", lambda self, model, block, *a, **k: built.append(block) or original_init(self, model, block, *a, **k))
+    monkeypatch.setattr(
+        prefix_module.PrefixCache,
+        "__init__",
+        lambda self, model, block, *a, **k: built.append(block) or original_init(self, model, block, *a, **k),
+    )
     rows = run_sweep(job, args)
     assert len(rows) == 4  # 2 blocks × 2 δ
     # One line per point on stdout, not the points' training logs (kept as each row's train_loss).
@@ -52,7 +70,11 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monke
 
     trained = []
     original_train = trainer_module.ConstrainedEditTrainer.train
-    monkeypatch.setattr(trainer_module.ConstrainedEditTrainer, "train", lambda self, *a, **k: trained.append(self.args.delta) or original_train(self, *a, **k))
+    monkeypatch.setattr(
+        trainer_module.ConstrainedEditTrainer,
+        "train",
+        lambda self, *a, **k: trained.append(self.args.delta) or original_train(self, *a, **k),
+    )
     job, args, _ = parse("sweep", argv[:5] + ["1e-3", "2e-2", "5e-3"] + argv[7:])
     rows = run_sweep(job, args)
     assert len(rows) == 6 and trained == [5e-3, 5e-3]
@@ -61,15 +83,38 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path, real_bert_dir, monke
 @pytest.mark.slow
 def test_knn_sweep_from_the_cli(tmp_path, real_bert_dir, capsys):
     out = tmp_path / "knn"
-    main(["sweep", "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--setting", "knn", "--knn_metric", "cosine",
-          "--output_dir", str(out), "--disable_tqdm", "true"])
+    main(
+        [
+            "sweep",
+            "--config",
+            str(CONFIGS / "bert_tiny_ftm.yaml"),
+            "--setting",
+            "knn",
+            "--knn_metric",
+            "cosine",
+            "--output_dir",
+            str(out),
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "kNN cosine, ε 0" in printed and "Best picked on validation" in printed
     rows = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
     assert len(rows) >= 2 and all(r["point"]["metric"] == "cosine" for r in rows)
     assert (out / "tradeoff.png").is_file()
     with pytest.raises(SystemExit, match="setting 'knn' trains nothing"):
-        main(["edit", "--config", str(CONFIGS / "bert_tiny_ftm.yaml"), "--setting", "knn", "--output_dir", str(out / "e")])
+        main(
+            [
+                "edit",
+                "--config",
+                str(CONFIGS / "bert_tiny_ftm.yaml"),
+                "--setting",
+                "knn",
+                "--output_dir",
+                str(out / "e"),
+            ]
+        )
 
 
 def test_validation_and_test_halves_share_no_fact_nor_subject_and_each_has_its_modified_facts():
@@ -82,15 +127,22 @@ def test_validation_and_test_halves_share_no_fact_nor_subject_and_each_has_its_m
     from hf_memedit.experiments.loading import holdout
     from hf_memedit.preservation import disjoint_split
 
-    benchmark = load_benchmark("geo_mod", m=32, seed=0, relations=["P36", "P1376", "P30"], locality_relations=["P17"],
-                               object_last=True)
+    benchmark = load_benchmark(
+        "geo_mod", m=32, seed=0, relations=["P36", "P1376", "P30"], locality_relations=["P17"], object_last=True
+    )
     splits, _ = disjoint_split(benchmark, 0.5, 0)
     views = validation_views(splits, 0.5, 0)
     validation, test = views["validation"], views["test"]
     for key in ("uuid", "subject"):
         assert not {x for s in validation.values() for x in s[key]} & {x for s in test.values() for x in s[key]}, key
-    assert 0 < len(validation["modified_test"]) < 32 and len(validation["modified_test"]) + len(test["modified_test"]) == 32
-    assert set(test["modified_train"]["uuid"]) == set(test["modified_test"]["uuid"]) and "modified_train" not in validation
+    assert (
+        0 < len(validation["modified_test"]) < 32
+        and len(validation["modified_test"]) + len(test["modified_test"]) == 32
+    )
+    assert (
+        set(test["modified_train"]["uuid"]) == set(test["modified_test"]["uuid"])
+        and "modified_train" not in validation
+    )
     assert len(validation["unmodified_test"]) and len(test["unmodified_test"])
     # A fact's half does not depend on which other facts are there (a rank cut moved them).
     scored = splits["unmodified_test"]

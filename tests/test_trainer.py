@@ -48,18 +48,26 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_out, bert_tokenizer):
     facts = FACTS[:4]  # objects of 1, 1, 3 and 1 tokens: unequal micro-batches
     vocab = bert_tokenizer.vocab_size
     full, full_loss = _first_step_grads(
-        ConstrainedEditTrainer, _args(tmp_out, per_device_train_batch_size=4, max_steps=1), vocab, bert_tokenizer, facts
+        ConstrainedEditTrainer,
+        _args(tmp_out, per_device_train_batch_size=4, max_steps=1),
+        vocab,
+        bert_tokenizer,
+        facts,
     )
     accum, accum_loss = _first_step_grads(
         ConstrainedEditTrainer,
         _args(tmp_out, per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=1),
-        vocab, bert_tokenizer, facts,
+        vocab,
+        bert_tokenizer,
+        facts,
     )
     assert_agree_up_to_reordering(accum, full)
     assert accum_loss == pytest.approx(full_loss, rel=1e-5)
 
     # The pitfall it fixes: a plain Trainer on BertForMaskedLM gets other gradients.
-    plain_args = lambda **kw: TrainingArguments(output_dir=tmp_out, remove_unused_columns=False, max_steps=1, **COMMON, **kw)  # noqa: E731
+    plain_args = lambda **kw: TrainingArguments(  # noqa: E731
+        output_dir=tmp_out, remove_unused_columns=False, max_steps=1, **COMMON, **kw
+    )
     plain_full, _ = _first_step_grads(Trainer, plain_args(per_device_train_batch_size=4), vocab, bert_tokenizer, facts)
     plain_accum, _ = _first_step_grads(
         Trainer, plain_args(per_device_train_batch_size=1, gradient_accumulation_steps=4), vocab, bert_tokenizer, facts
@@ -71,7 +79,9 @@ def test_projection_once_per_real_step_and_bound_holds(tmp_out, bert_tokenizer):
     model = tiny_bert(bert_tokenizer.vocab_size, layers=2)
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = _args(tmp_out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=5, logging_steps=1)
-    trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer)
+    trainer = ConstrainedEditTrainer(
+        model, args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer
+    )
     trainer.train()
     assert trainer.projector.num_projections == 5  # 10 micro-steps, 5 optimizer steps
     for name, param in trainer.edit_model.trainable_parameters().items():
@@ -84,7 +94,9 @@ def test_projection_once_per_real_step_and_bound_holds(tmp_out, bert_tokenizer):
 def test_l2_bound_holds_after_training(tmp_out, bert_tokenizer):
     model = tiny_bert(bert_tokenizer.vocab_size, layers=2)
     args = _args(tmp_out, norm="l2", delta=1e-2, per_device_train_batch_size=4, max_steps=4)
-    trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer)
+    trainer = ConstrainedEditTrainer(
+        model, args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer
+    )
     trainer.train()
     distance = float(l2_distance(trainer.edit_model.trainable_parameters(), trainer.edit_model.theta0))
     assert 0.99e-2 < distance <= 1e-2 * (1 + 1e-6)
@@ -95,8 +107,10 @@ def test_skipped_optimizer_steps_are_not_projected(tmp_out, bert_tokenizer, fuse
     """A step the fp16 grad scaler skips (inf gradients) is not projected, for fused and plain Adam."""
     model = tiny_bert(bert_tokenizer.vocab_size, layers=2)
     trainer = ConstrainedEditTrainer(
-        model, _args(tmp_out, max_steps=1, optim="adamw_torch_fused" if fused else "adamw_torch"),
-        train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer,
+        model,
+        _args(tmp_out, max_steps=1, optim="adamw_torch_fused" if fused else "adamw_torch"),
+        train_dataset=Dataset.from_list(FACTS),
+        processing_class=bert_tokenizer,
     )
     optimizer = trainer.create_optimizer()
     assert bool(optimizer.defaults.get("fused")) == fused
@@ -126,7 +140,15 @@ class _Crash(TrainerCallback):
 
 
 def _resume_args(out):
-    return _args(out, per_device_train_batch_size=2, max_steps=6, save_strategy="steps", save_steps=2, learning_rate=5e-3, delta=2e-3)
+    return _args(
+        out,
+        per_device_train_batch_size=2,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=2,
+        learning_rate=5e-3,
+        delta=2e-3,
+    )
 
 
 def test_resume_matches_an_uninterrupted_run_and_keeps_theta0(tmp_path, bert_tokenizer):
@@ -143,8 +165,11 @@ def test_resume_matches_an_uninterrupted_run_and_keeps_theta0(tmp_path, bert_tok
 
     crashed_dir = str(tmp_path / "crash")
     crashed = ConstrainedEditTrainer(
-        tiny_bert(vocab, layers=2, dropout=0.1), _resume_args(crashed_dir), train_dataset=data,
-        processing_class=bert_tokenizer, callbacks=[_Crash(at_step=3)],
+        tiny_bert(vocab, layers=2, dropout=0.1),
+        _resume_args(crashed_dir),
+        train_dataset=data,
+        processing_class=bert_tokenizer,
+        callbacks=[_Crash(at_step=3)],
     )
     with pytest.raises(KeyboardInterrupt):
         crashed.train()
@@ -161,25 +186,40 @@ def test_resume_matches_an_uninterrupted_run_and_keeps_theta0(tmp_path, bert_tok
     from_checkpoint = run(checkpoint, crashed_dir, resume_from_checkpoint=os.path.join(crashed_dir, "checkpoint-2"))
     for name, value in theta0.items():
         assert torch.equal(from_checkpoint.edit_model.theta0[name], value), name
-        assert torch.equal(from_checkpoint.edit_model.trainable_parameters()[name], reference.edit_model.trainable_parameters()[name])
+        assert torch.equal(
+            from_checkpoint.edit_model.trainable_parameters()[name], reference.edit_model.trainable_parameters()[name]
+        )
 
 
-@pytest.mark.parametrize("constraint", [dict(norm="l2", key_constraint="output", output_rho=1e-3), dict(norm="fisher", delta=1e-1)])
+@pytest.mark.parametrize(
+    "constraint", [dict(norm="l2", key_constraint="output", output_rho=1e-3), dict(norm="fisher", delta=1e-1)]
+)
 def test_resume_from_the_checkpoints_weights_builds_the_constraint_around_theta0(constraint, tmp_path, bert_tokenizer):
     """Given the checkpoint's own weights, the preserved keys, the output radius and the Fisher are estimated at θ0
     as restored from the checkpoint, not at the weights given: the edit equals the uninterrupted one."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f["text"].replace("[Y]", f["object"]) for f in FACTS) + "\nThe capital of Italy is Rome.\n")
+    corpus.write_text(
+        "\n".join(f["text"].replace("[Y]", f["object"]) for f in FACTS) + "\nThe capital of Italy is Rome.\n"
+    )
     data = Dataset.from_list(FACTS)
     vocab = bert_tokenizer.vocab_size
 
     def trainer(model, out, **kw):
-        args = _args(out, per_device_train_batch_size=2, max_steps=6, save_strategy="steps", save_steps=2,
-                     learning_rate=5e-2, delta=constraint.get("delta", 5e-2), preserve_corpus=str(corpus),
-                     preserve_keys_file=str(tmp_path / "keys.safetensors"),
-                     **{k: v for k, v in constraint.items() if k != "delta"})
-        return ConstrainedEditTrainer(model, args, train_dataset=data, processing_class=bert_tokenizer,
-                                      fisher_dataset=data, **kw)
+        args = _args(
+            out,
+            per_device_train_batch_size=2,
+            max_steps=6,
+            save_strategy="steps",
+            save_steps=2,
+            learning_rate=5e-2,
+            delta=constraint.get("delta", 5e-2),
+            preserve_corpus=str(corpus),
+            preserve_keys_file=str(tmp_path / "keys.safetensors"),
+            **{k: v for k, v in constraint.items() if k != "delta"},
+        )
+        return ConstrainedEditTrainer(
+            model, args, train_dataset=data, processing_class=bert_tokenizer, fisher_dataset=data, **kw
+        )
 
     reference = trainer(tiny_bert(vocab, layers=2), str(tmp_path / "ref"))
     reference.train()
@@ -204,7 +244,12 @@ def test_resume_from_the_checkpoints_weights_builds_the_constraint_around_theta0
 def test_resume_from_a_foreign_checkpoint_is_refused(tmp_path, bert_tokenizer):
     folder = tmp_path / "checkpoint-1"
     folder.mkdir()
-    trainer = ConstrainedEditTrainer(tiny_bert(bert_tokenizer.vocab_size, layers=2), _args(str(tmp_path)), train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer)
+    trainer = ConstrainedEditTrainer(
+        tiny_bert(bert_tokenizer.vocab_size, layers=2),
+        _args(str(tmp_path)),
+        train_dataset=Dataset.from_list(FACTS),
+        processing_class=bert_tokenizer,
+    )
     with pytest.raises(ValueError, match="not written by ConstrainedEditTrainer"):
         trainer.train(resume_from_checkpoint=str(folder))
 
@@ -245,4 +290,9 @@ def test_diagonal_fisher_is_the_mean_of_per_fact_squared_gradients_of_log_p(bert
 def test_fisher_norm_needs_unmodified_facts(bert_tokenizer, tmp_out):
     args = _args(tmp_out, norm="fisher", delta=1e-2)
     with pytest.raises(ValueError, match="needs fisher_dataset"):
-        ConstrainedEditTrainer(tiny_bert(bert_tokenizer.vocab_size, layers=2), args, train_dataset=Dataset.from_list(FACTS), processing_class=bert_tokenizer)
+        ConstrainedEditTrainer(
+            tiny_bert(bert_tokenizer.vocab_size, layers=2),
+            args,
+            train_dataset=Dataset.from_list(FACTS),
+            processing_class=bert_tokenizer,
+        )

@@ -54,7 +54,7 @@ def package(run, tmp_path):
     return str(tmp_path / "pkg")
 
 
-# ------------------------------------------------------------------ the publisher of a hostile package
+# ---------------------------------------------------------- the publisher of a hostile package
 
 
 def rewrite(folder, name, change):
@@ -74,7 +74,9 @@ def reseal(folder, change=None):
         change(manifest)
     manifest["files"] = {
         os.path.relpath(os.path.join(root, name), folder): file_sha256(os.path.join(root, name))
-        for root, _, names in os.walk(folder) for name in names if name != MANIFEST_NAME
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name != MANIFEST_NAME
     }
     manifest["id"] = manifest_id(manifest)
     open(path, "w").write(json.dumps(manifest, indent=2))
@@ -85,13 +87,16 @@ def declare(manifest, name, after, base):
     """Declare `name` in the manifest as an honest publisher would (its hashes and its true change)."""
     change = after.double() - base.double()
     manifest["tensors"][name] = {
-        "shape": list(after.shape), "dtype": str(after.dtype).removeprefix("torch."), "sha256": tensor_sha256(after),
-        "max_abs_delta": float(change.abs().max()), "l2_delta": float(change.norm()),
+        "shape": list(after.shape),
+        "dtype": str(after.dtype).removeprefix("torch."),
+        "sha256": tensor_sha256(after),
+        "max_abs_delta": float(change.abs().max()),
+        "l2_delta": float(change.norm()),
     }
     manifest["base_model"]["tensors"][name] = tensor_sha256(base)
 
 
-# ------------------------------------------------------------------ what must not change on a refusal
+# ---------------------------------------------------------- what must not change on a refusal
 
 
 def model_state(model):
@@ -110,9 +115,12 @@ def same_model(model, state) -> bool:
 
 def tree(*folders):
     return {
-        os.path.join(root, name): open(os.path.join(root, name), "rb").read() if not os.path.islink(os.path.join(root, name))
+        os.path.join(root, name): open(os.path.join(root, name), "rb").read()
+        if not os.path.islink(os.path.join(root, name))
         else os.readlink(os.path.join(root, name))
-        for folder in folders for root, _, names in os.walk(folder) for name in names
+        for folder in folders
+        for root, _, names in os.walk(folder)
+        for name in names
     }
 
 
@@ -127,10 +135,12 @@ def refused(call, match, model, *folders, error=ManifestError) -> str:
     return str(info.value)
 
 
-# ------------------------------------------------------------------ 1. revert writes only what is declared, all or nothing
+# ---------------------------------------------------------- 1. revert writes only what is declared, all or nothing
 
 
-@pytest.mark.parametrize("extra", [(EMBEDDINGS, torch.zeros(1, 16)), ("bert.encoder.layer.1.attention.self.zzz", torch.zeros(1))])
+@pytest.mark.parametrize(
+    "extra", [(EMBEDDINGS, torch.zeros(1, 16)), ("bert.encoder.layer.1.attention.self.zzz", torch.zeros(1))]
+)
 def test_a_base_file_with_undeclared_tensors_is_refused_by_apply_and_revert(extra, package, base, run):
     """Probes p5.py 5b/5c, p5d.py: revert copied an extra zero tensor over the embeddings (broadcast), or raised a
     KeyError half way, leaving the model half reverted."""
@@ -138,7 +148,12 @@ def test_a_base_file_with_undeclared_tensors_is_refused_by_apply_and_revert(extr
     rewrite(package, BASE_WEIGHTS_NAME, lambda tensors: tensors.__setitem__(name, value))
     manifest = reseal(package)
     model = load(base)
-    refused(lambda: apply_edit(model, package), f"{BASE_WEIGHTS_NAME} in .* holds '{name}', which its manifest does not declare", model, package)
+    refused(
+        lambda: apply_edit(model, package),
+        f"{BASE_WEIGHTS_NAME} in .* holds '{name}', which its manifest does not declare",
+        model,
+        package,
+    )
     # A model that carries this package (its edited values, its id on the chain): revert checks all of it first.
     edited = EditModel.from_pretrained(model, os.path.join(run, "edit")).merge_and_unload()
     edited.config.memedit_chain = [manifest["id"]]
@@ -147,10 +162,20 @@ def test_a_base_file_with_undeclared_tensors_is_refused_by_apply_and_revert(extr
 
 def test_a_tensor_edited_without_a_declared_base_is_refused(package, base):
     """Probe p5.py 5a: a tensor in `tensors` but not in `base_model.tensors` was applied and stayed after revert."""
-    after = rewrite(package, WEIGHTS_NAME, lambda tensors: tensors.__setitem__(LM_BIAS, load(base).state_dict()[LM_BIAS] + 3))
-    reseal(package, lambda m: declare(m, LM_BIAS, after[LM_BIAS], load(base).state_dict()[LM_BIAS]) or m["base_model"]["tensors"].pop(LM_BIAS))
+    after = rewrite(
+        package, WEIGHTS_NAME, lambda tensors: tensors.__setitem__(LM_BIAS, load(base).state_dict()[LM_BIAS] + 3)
+    )
+    reseal(
+        package,
+        lambda m: (
+            declare(m, LM_BIAS, after[LM_BIAS], load(base).state_dict()[LM_BIAS])
+            or m["base_model"]["tensors"].pop(LM_BIAS)
+        ),
+    )
     model = load(base)
-    refused(lambda: apply_edit(model, package), "`tensors` and `base_model.tensors` name different tensors", model, package)
+    refused(
+        lambda: apply_edit(model, package), "`tensors` and `base_model.tensors` name different tensors", model, package
+    )
 
 
 @pytest.mark.parametrize("call", ["apply", "revert"])
@@ -172,7 +197,7 @@ def test_a_write_that_fails_puts_the_model_back(call, package, base):
     assert same_model(model, state)
 
 
-# ------------------------------------------------------------------ 3. a package changes only what it declares
+# ---------------------------------------------------------- 3. a package changes only what it declares
 
 
 def test_an_undeclared_tensor_in_the_edit_file_is_refused(package, base):
@@ -180,7 +205,12 @@ def test_an_undeclared_tensor_in_the_edit_file_is_refused(package, base):
     rewrite(package, WEIGHTS_NAME, lambda tensors: tensors.__setitem__(EMBEDDINGS, torch.zeros(100, 16)))
     reseal(package)
     model = load(base)
-    refused(lambda: apply_edit(model, package), f"holds '{EMBEDDINGS}', which its manifest does not declare", model, package)
+    refused(
+        lambda: apply_edit(model, package),
+        f"holds '{EMBEDDINGS}', which its manifest does not declare",
+        model,
+        package,
+    )
 
 
 @pytest.mark.parametrize("target", [EMBEDDINGS, LM_BIAS])
@@ -196,7 +226,9 @@ def test_a_declared_tensor_outside_the_declared_blocks_is_refused(target, packag
 
     reseal(package, lie)
     model = load(base)
-    refused(lambda: apply_edit(model, package), f"changes '{target}', outside the blocks 1 it declares", model, package)
+    refused(
+        lambda: apply_edit(model, package), f"changes '{target}', outside the blocks 1 it declares", model, package
+    )
 
 
 def test_a_tensor_outside_the_declared_modules_is_refused(base, tmp_path):
@@ -209,8 +241,12 @@ def test_a_tensor_outside_the_declared_modules_is_refused(base, tmp_path):
     rewrite(str(tmp_path / "pkg"), BASE_WEIGHTS_NAME, lambda tensors: tensors.__setitem__(QUERY, original.clone()))
     reseal(str(tmp_path / "pkg"), lambda m: declare(m, QUERY, after[QUERY], original))
     model = load(base)
-    refused(lambda: apply_edit(model, str(tmp_path / "pkg")), rf"changes '{QUERY}', outside the blocks 1 \(modules mlp_out\)",
-            model, str(tmp_path / "pkg"))
+    refused(
+        lambda: apply_edit(model, str(tmp_path / "pkg")),
+        rf"changes '{QUERY}', outside the blocks 1 \(modules mlp_out\)",
+        model,
+        str(tmp_path / "pkg"),
+    )
 
 
 def test_a_change_beyond_the_declared_bound_is_refused(package, base):
@@ -219,8 +255,12 @@ def test_a_change_beyond_the_declared_bound_is_refused(package, base):
     after = rewrite(package, WEIGHTS_NAME, lambda tensors: tensors.__setitem__(LAYER_NORM, original + 0.5))
     reseal(package, lambda m: declare(m, LAYER_NORM, after[LAYER_NORM], original))
     model = load(base)
-    refused(lambda: apply_edit(model, package), r"changes by up to 0\.5, beyond its declared bound ‖θ − θ0‖∞ ≤ δ = 0\.01",
-            model, package)
+    refused(
+        lambda: apply_edit(model, package),
+        r"changes by up to 0\.5, beyond its declared bound ‖θ − θ0‖∞ ≤ δ = 0\.01",
+        model,
+        package,
+    )
 
 
 @pytest.mark.parametrize("scope", ["global", "per_tensor"])
@@ -239,8 +279,12 @@ def test_a_false_max_abs_delta_is_refused(package, base):
 
     reseal(package, understate)
     model = load(base)
-    refused(lambda: apply_edit(model, package), f"'{LAYER_NORM}' changes by up to .* but its manifest declares max_abs_delta",
-            model, package)
+    refused(
+        lambda: apply_edit(model, package),
+        f"'{LAYER_NORM}' changes by up to .* but its manifest declares max_abs_delta",
+        model,
+        package,
+    )
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -267,33 +311,47 @@ def test_shape_and_dtype_errors_are_refused_before_any_write(kind, package, base
         tensors[victim] = tensors[victim][:-1].clone() if kind == "shape" else tensors[victim].half()
 
     after = rewrite(package, WEIGHTS_NAME, damage)
-    reseal(package, lambda m: m["tensors"][victim].update(sha256=tensor_sha256(after[victim]), shape=list(after[victim].shape)))
+    reseal(
+        package,
+        lambda m: m["tensors"][victim].update(sha256=tensor_sha256(after[victim]), shape=list(after[victim].shape)),
+    )
     model = load(base)
     refused(lambda: apply_edit(model, package), "the edit was made for another model", model, package)
 
 
-# ------------------------------------------------------------------ 4. EditModel.from_pretrained (memedit eval --edit_dir)
+# ---------------------------------------------------------- 4. EditModel.from_pretrained (memedit eval --edit_dir)
 
 
 def test_from_pretrained_reads_the_manifest_and_round_trips(package, base):
-    """Probe p1e.py: from_pretrained loaded a package whose config was widened to [1, "embeddings"] and that held NaN."""
+    """Probe p1e.py: from_pretrained loaded a package whose config was widened to [1, "embeddings"] and
+    that held NaN."""
     base_state = model_state(load(base))
     model = load(base)
     edit = EditModel.from_pretrained(model, package)
     manifest = read_manifest(package)
     assert model.config.memedit_chain == [manifest["id"]]
-    assert all(torch.equal(model.state_dict()[n], v) for n, v in load_file(os.path.join(package, WEIGHTS_NAME)).items())
+    assert all(
+        torch.equal(model.state_dict()[n], v) for n, v in load_file(os.path.join(package, WEIGHTS_NAME)).items()
+    )
     edit.unload()
     assert same_model(model, base_state)  # the exact base again, and off the chain
 
     config = os.path.join(package, "memedit_config.json")
     widened = {**json.load(open(config)), "blocks": [1, "embeddings"]}
     open(config, "w").write(json.dumps(widened))
-    refused(lambda: EditModel.from_pretrained(model, package), "memedit_config.json in .* does not match the manifest's sha256",
-            model, package)
+    refused(
+        lambda: EditModel.from_pretrained(model, package),
+        "memedit_config.json in .* does not match the manifest's sha256",
+        model,
+        package,
+    )
     reseal(package)
-    refused(lambda: EditModel.from_pretrained(model, package), r"memedit_config.json in .* selects .* but its manifest declares",
-            model, package)
+    refused(
+        lambda: EditModel.from_pretrained(model, package),
+        r"memedit_config.json in .* selects .* but its manifest declares",
+        model,
+        package,
+    )
 
 
 def test_from_pretrained_refuses_a_run_edit_that_diverged(base, tmp_path):
@@ -302,16 +360,23 @@ def test_from_pretrained_refuses_a_run_edit_that_diverged(base, tmp_path):
         edit.trainable_parameters()[LAYER_NORM][0] = float("nan")
     edit.save_pretrained(tmp_path / "edit")
     model = load(base)
-    refused(lambda: EditModel.from_pretrained(model, tmp_path / "edit"), "holds NaN or infinite values", model, str(tmp_path / "edit"))
+    refused(
+        lambda: EditModel.from_pretrained(model, tmp_path / "edit"),
+        "holds NaN or infinite values",
+        model,
+        str(tmp_path / "edit"),
+    )
 
 
 def test_from_pretrained_takes_only_delta_packages(run, base, tmp_path):
     package_edit(run, str(tmp_path / "full"), format="full", base_model=load(base))
     model = load(base)
-    refused(lambda: EditModel.from_pretrained(model, str(tmp_path / "full")), "is a 'full' package, .*apply_edit", model)
+    refused(
+        lambda: EditModel.from_pretrained(model, str(tmp_path / "full")), "is a 'full' package, .*apply_edit", model
+    )
 
 
-# ------------------------------------------------------------------ 5. locks never follow a link
+# ---------------------------------------------------------- 5. locks never follow a link
 
 
 def test_a_symlinked_or_special_lock_file_is_refused_and_its_target_kept(tmp_path):
@@ -332,7 +397,7 @@ def test_a_symlinked_or_special_lock_file_is_refused_and_its_target_kept(tmp_pat
             pass
 
 
-# ------------------------------------------------------------------ 6. no folder is lost
+# ---------------------------------------------------------- 6. no folder is lost
 
 
 def test_overwrite_refuses_a_git_clone_and_a_project_holding_a_manifest(package, run, tmp_path):
@@ -401,19 +466,24 @@ def test_an_interrupted_overwrite_is_recovered(package, run, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["base", "pkg", "run"]
 
 
-# ------------------------------------------------------------------ 7. the base is identified by its config too
+# ---------------------------------------------------------- 7. the base is identified by its config too
 
 
 def test_the_same_weights_under_another_config_are_refused(package, base):
     """Probe p2b.py: the same weights with hidden_act=relu and layer_norm_eps=0.5 were accepted."""
     model = load(base, hidden_act="relu", layer_norm_eps=0.5)
-    refused(lambda: apply_edit(model, package), r"made for a different base model: its base has hidden_act='gelu', this "
-            r"model hidden_act='relu' \(2 config field\(s\) differ\)", model, package)
+    refused(
+        lambda: apply_edit(model, package),
+        r"made for a different base model: its base has hidden_act='gelu', this "
+        r"model hidden_act='relu' \(2 config field\(s\) differ\)",
+        model,
+        package,
+    )
     other = tiny_bert(100, layers=2, seed=7)  # same config, other weights
     refused(lambda: apply_edit(other, package), "was made for a different base model", other, package)
 
 
-# ------------------------------------------------------------------ also seen
+# ---------------------------------------------------------- also seen
 
 
 def test_packaging_a_run_that_diverged_is_refused(run, tmp_path):
@@ -445,15 +515,27 @@ MALFORMED = {
     "tensors not an object": (lambda m: m.update(tensors=[1, 2]), r"`tensors` is \[1, 2\], not dict"),
     "entry without sha256": (lambda m: m["tensors"][LAYER_NORM].pop("sha256"), f"lacks `tensors.{LAYER_NORM}.sha256`"),
     "no base config": (lambda m: m["base_model"].pop("config"), "lacks `base_model.config`"),
-    "wrong config hash": (lambda m: m["base_model"].update(config_sha256="0" * 64), "is not the hash of `base_model.config`"),
+    "wrong config hash": (
+        lambda m: m["base_model"].update(config_sha256="0" * 64),
+        "is not the hash of `base_model.config`",
+    ),
     "chain of numbers": (lambda m: m.update(chain=[1]), "`chain` is not a list of manifest ids"),
     "unknown format": (lambda m: m.update(format="onnx"), "has format 'onnx', which hf_memedit does not write"),
     "unknown norm": (lambda m: m["constraint"].update(norm="l3"), "declares the norm 'l3'"),
-    "modules not paths": (lambda m: m["constraint"].update(modules=[3]), "`constraint.modules` is not a list of module paths"),
-    "blocks not a selection": (lambda m: m["constraint"].update(blocks=["head"]), r"blocks \['head'\] are not a block selection"),
+    "modules not paths": (
+        lambda m: m["constraint"].update(modules=[3]),
+        "`constraint.modules` is not a list of module paths",
+    ),
+    "blocks not a selection": (
+        lambda m: m["constraint"].update(blocks=["head"]),
+        r"blocks \['head'\] are not a block selection",
+    ),
     "version as text": (lambda m: m.update(version="1"), "has version '1', which no hf_memedit wrote"),
     "version 1": (lambda m: m.update(version=1), "version 1 manifest .* re-package the edit from its run folder"),
-    "a newer version": (lambda m: m.update(version=99), "newer than the version 2 this hf_memedit reads: upgrade hf_memedit"),
+    "a newer version": (
+        lambda m: m.update(version=99),
+        "newer than the version 2 this hf_memedit reads: upgrade hf_memedit",
+    ),
 }
 
 
@@ -472,11 +554,14 @@ def test_a_file_that_is_not_safetensors_is_one_line(package, base):
     open(os.path.join(package, WEIGHTS_NAME), "wb").write(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
     reseal(package)
     model = load(base)
-    refused(lambda: apply_edit(model, package), f"{WEIGHTS_NAME} in .* is not a readable safetensors file", model, package)
+    refused(
+        lambda: apply_edit(model, package), f"{WEIGHTS_NAME} in .* is not a readable safetensors file", model, package
+    )
 
 
 def test_a_shared_package_holds_no_local_paths(run, base, tmp_path):
-    """The base's repo_id and the run's model_name_or_path were local absolute paths in the pushed manifest and card."""
+    """The base's repo_id and the run's model_name_or_path were local absolute paths in the pushed manifest
+    and card."""
     for format in ("delta", "full"):
         manifest = package_edit(run, str(tmp_path / format), format=format, base_model=load(base))
         assert manifest["base_model"]["repo_id"] is None and manifest["base_model"]["revision"] is None
@@ -510,7 +595,11 @@ def test_a_file_reached_through_a_symlinked_folder_is_refused(package, base):
     point_outside(manifest)
     open(path, "w").write(json.dumps(manifest))
     model = load(base)
-    refused(lambda: apply_edit(model, package), "'sys/secret', whose folder in .* is a link to .*, outside the package", model)
+    refused(
+        lambda: apply_edit(model, package),
+        "'sys/secret', whose folder in .* is a link to .*, outside the package",
+        model,
+    )
     with pytest.raises(ManifestError, match="outside the package"):
         safe_path(package, "sys/secret")
 
@@ -527,8 +616,16 @@ def test_an_edit_of_offloaded_weights_is_refused_in_one_line(tmp_path):
         for param in edit.trainable_parameters().values():
             param.add_(1e-3)
     edit.save_pretrained(tmp_path / "edit")
-    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-                 "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    placed = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=placement, offload_folder=str(tmp_path / "off"))
+    placement = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    placed = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map=placement, offload_folder=str(tmp_path / "off")
+    )
     with pytest.raises(ValueError, match="which the device_map offloads .* give the edited blocks a device"):
         EditModel.from_pretrained(placed, tmp_path / "edit")

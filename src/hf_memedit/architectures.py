@@ -67,30 +67,47 @@ class BlockLayout:
 
 _BERT_ROWS = (("attention.self.query",), ("attention.output",), ("intermediate", "output"))
 _ROBERTA = BlockLayout(
-    blocks="encoder.layer", embeddings=("embeddings",), head=("lm_head",), mlp_out="output.dense", row_wise=_BERT_ROWS,
+    blocks="encoder.layer",
+    embeddings=("embeddings",),
+    head=("lm_head",),
+    mlp_out="output.dense",
+    row_wise=_BERT_ROWS,
 )
 # Llama and the decoders that copy its module names (transformers generates most of them from Llama's code).
 _LLAMA_ROWS = (("self_attn.q_proj",), ("self_attn.o_proj",), ("mlp",))
 _LLAMA = BlockLayout(
-    blocks="layers", embeddings=("embed_tokens",), head=("lm_head",), mlp_out="mlp.down_proj", row_wise=_LLAMA_ROWS,
+    blocks="layers",
+    embeddings=("embed_tokens",),
+    head=("lm_head",),
+    mlp_out="mlp.down_proj",
+    row_wise=_LLAMA_ROWS,
 )
 _LLAMA_BY_LAYER_TYPE = replace(_LLAMA, positional_config=("layer_types",))  # their forward indexes layer_types
 
 ARCHITECTURES: dict[str, BlockLayout] = {
     # Masked LMs
     "bert": BlockLayout(
-        blocks="encoder.layer", embeddings=("embeddings",), head=("cls",), mlp_out="output.dense",
+        blocks="encoder.layer",
+        embeddings=("embeddings",),
+        head=("cls",),
+        mlp_out="output.dense",
         row_wise=_BERT_ROWS,
     ),
     "roberta": _ROBERTA,
     "xlm-roberta": _ROBERTA,
     "electra": BlockLayout(
-        blocks="encoder.layer", embeddings=("embeddings",), optional_embeddings=("embeddings_project",),
-        head=("generator_predictions", "generator_lm_head"), mlp_out="output.dense", row_wise=_BERT_ROWS,
+        blocks="encoder.layer",
+        embeddings=("embeddings",),
+        optional_embeddings=("embeddings_project",),
+        head=("generator_predictions", "generator_lm_head"),
+        mlp_out="output.dense",
+        row_wise=_BERT_ROWS,
     ),
     "distilbert": BlockLayout(
-        blocks="transformer.layer", embeddings=("embeddings",),
-        head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"), mlp_out="ffn.lin2",
+        blocks="transformer.layer",
+        embeddings=("embeddings",),
+        head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
+        mlp_out="ffn.lin2",
         row_wise=(("attention.q_lin",), ("attention.out_lin",), ("ffn",)),
     ),
     "albert": BlockLayout(
@@ -101,16 +118,27 @@ ARCHITECTURES: dict[str, BlockLayout] = {
         mlp_out="albert_layers.0.ffn_output",
     ),
     "deberta-v2": BlockLayout(  # its query also projects the relative positions: not a row-wise stage
-        blocks="encoder.layer", embeddings=("embeddings",), head=("cls",), mlp_out="output.dense",
-        row_wise=(("attention.output",), ("intermediate", "output")), prefix_breakers=("conv_kernel_size",),
+        blocks="encoder.layer",
+        embeddings=("embeddings",),
+        head=("cls",),
+        mlp_out="output.dense",
+        row_wise=(("attention.output",), ("intermediate", "output")),
+        prefix_breakers=("conv_kernel_size",),
     ),
     "modernbert": BlockLayout(  # one fused Wqkv: no query stage
-        blocks="layers", embeddings=("embeddings",), head=("head", "decoder"), mlp_out="mlp.Wo",
+        blocks="layers",
+        embeddings=("embeddings",),
+        head=("head", "decoder"),
+        mlp_out="mlp.Wo",
         row_wise=(("attn.Wo",), ("mlp",)),
     ),
     # Causal LMs
     "gpt2": BlockLayout(  # its query shares one projection (c_attn) with the keys and values
-        blocks="h", embeddings=("wte", "wpe"), head=("lm_head",), mlp_out="mlp.c_proj", row_wise=(("attn.c_proj",), ("mlp",))
+        blocks="h",
+        embeddings=("wte", "wpe"),
+        head=("lm_head",),
+        mlp_out="mlp.c_proj",
+        row_wise=(("attn.c_proj",), ("mlp",)),
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -127,20 +155,32 @@ ARCHITECTURES: dict[str, BlockLayout] = {
     "mixtral": replace(_LLAMA, mlp_out=None),
     "phi3": replace(_LLAMA, row_wise=(("self_attn.o_proj",), ("mlp",))),  # fused qkv_proj
     "gpt_neox": BlockLayout(  # fused query_key_value
-        blocks="layers", embeddings=("embed_in",), head=("lm_head",), mlp_out="mlp.dense_4h_to_h",
+        blocks="layers",
+        embeddings=("embed_in",),
+        head=("lm_head",),
+        mlp_out="mlp.dense_4h_to_h",
         row_wise=(("attention.dense",), ("mlp",)),
     ),
     "gptj": BlockLayout(
-        blocks="h", embeddings=("wte",), head=("lm_head",), mlp_out="mlp.fc_out",
+        blocks="h",
+        embeddings=("wte",),
+        head=("lm_head",),
+        mlp_out="mlp.fc_out",
         row_wise=(("attn.q_proj",), ("attn.out_proj",), ("mlp",)),
     ),
     "falcon": BlockLayout(  # fused query_key_value
-        blocks="h", embeddings=("word_embeddings",), head=("lm_head",), mlp_out="mlp.dense_4h_to_h",
+        blocks="h",
+        embeddings=("word_embeddings",),
+        head=("lm_head",),
+        mlp_out="mlp.dense_4h_to_h",
         row_wise=(("self_attention.dense",), ("mlp",)),
     ),
     "opt": BlockLayout(  # its feed-forward (fc1, fc2 on the block itself) runs on flattened rows: not a stage
-        blocks="decoder.layers", embeddings=("decoder.embed_tokens", "decoder.embed_positions"),
-        optional_embeddings=("decoder.project_in",), head=("lm_head",), mlp_out="fc2",
+        blocks="decoder.layers",
+        embeddings=("decoder.embed_tokens", "decoder.embed_positions"),
+        optional_embeddings=("decoder.project_in",),
+        head=("lm_head",),
+        mlp_out="fc2",
         row_wise=(("self_attn.q_proj",), ("self_attn.out_proj",)),
     ),
 }
@@ -168,10 +208,21 @@ def layout_for(
 
 # Config fields that do not change the function a model computes once loaded: switches of how it runs or
 # generates (a user sets them per session), what only training or initialisation reads, and hf_memedit's own chain.
-_RUNTIME_CONFIG_FIELDS = frozenset({
-    "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
-    "output_router_logits", "router_aux_loss_coef", "router_jitter_noise", "initializer_range", "memedit_chain",
-})
+_RUNTIME_CONFIG_FIELDS = frozenset(
+    {
+        "use_cache",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "router_jitter_noise",
+        "initializer_range",
+        "memedit_chain",
+    }
+)
 _TRAINING_ONLY_MARKS = ("dropout", "pdrop")
 
 
@@ -182,8 +233,11 @@ def architecture_config(config: PretrainedConfig) -> dict[str, Any]:
     so a shared edit identifies its base model by them (besides the base values of the tensors it changes)."""
     generic = set(PretrainedConfig().to_dict())
     fields = {
-        key: value for key, value in config.to_dict().items()
-        if key not in generic and not key.startswith("_") and key not in _RUNTIME_CONFIG_FIELDS
+        key: value
+        for key, value in config.to_dict().items()
+        if key not in generic
+        and not key.startswith("_")
+        and key not in _RUNTIME_CONFIG_FIELDS
         and not any(mark in key for mark in _TRAINING_ONLY_MARKS)
     }
     return json.loads(json.dumps({"model_type": config.model_type, **fields}, sort_keys=True, default=str))
@@ -295,7 +349,9 @@ class ModelKind(str, Enum):
         start = len(prefix)
         return prefix + obj + suffix, start, start + len(obj)
 
-    def model_inputs(self, ids: list[int], positions: list[int], tokenizer: PreTrainedTokenizerBase, append_eos: bool) -> tuple[list[int], list[int]]:
+    def model_inputs(
+        self, ids: list[int], positions: list[int], tokenizer: PreTrainedTokenizerBase, append_eos: bool
+    ) -> tuple[list[int], list[int]]:
         """The input ids the model sees and their labels (-100 but at the object's tokens), from the ids of the
         text with the object written in and the object's positions in them.
 

@@ -60,16 +60,23 @@ class BlockSelectorConfig:
     )
     blocks_path: str | None = field(
         default=None,
-        metadata={"help": "For architectures not in the table: path of the nn.ModuleList of blocks, relative to model.base_model."},
+        metadata={
+            "help": "For architectures not in the table: path of the "
+            "nn.ModuleList of blocks, relative to model.base_model."
+        },
     )
     embeddings_paths: list[str] | None = field(
         default=None,
-        metadata={"help": "For architectures not in the table: paths of the embedding modules, relative to model.base_model."},
+        metadata={
+            "help": "For architectures not in the table: paths of the embedding modules, relative to model.base_model."
+        },
     )
     modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Train only these submodules of each selected block (paths relative to the block, "
-                  "or 'mlp_out' for its MLP output projection, as FT-L does); None: whole blocks."},
+        metadata={
+            "help": "Train only these submodules of each selected block (paths relative to the block, "
+            "or 'mlp_out' for its MLP output projection, as FT-L does); None: whole blocks."
+        },
     )
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "The model the edit applies to (filled in by get_edit_model)."}
@@ -95,7 +102,8 @@ class BlockSelectorConfig:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> BlockSelectorConfig:
         data = read_json(
-            os.path.join(directory, CONFIG_NAME), f"No {CONFIG_NAME} in {directory}: it is not an edit saved by hf_memedit."
+            os.path.join(directory, CONFIG_NAME),
+            f"No {CONFIG_NAME} in {directory}: it is not an edit saved by hf_memedit.",
         )
         return cls.from_dict(data)
 
@@ -154,9 +162,9 @@ def _block_submodules(model, layout, modules: dict[str, nn.Module], paths: list[
                 real = layout.mlp_out if path == "mlp_out" else path
                 if real is None:
                     raise ValueError(
-                        f"No MLP output projection is known for {type(model).__name__} (the block table has none: "
-                        "a mixture of experts holds every expert's projections in one module): give a path in the block "
-                        "instead, e.g. edit_modules: [mlp]."
+                        f"No MLP output projection is known for {type(model).__name__} (the block "
+                        "table has none: a mixture of experts holds every expert's projections in "
+                        "one module): give a path in the block instead, e.g. edit_modules: [mlp]."
                     )
                 try:
                     narrowed[f"{label}{'' if len(blocks) == 1 else f' {number}'} {path}"] = block.get_submodule(real)

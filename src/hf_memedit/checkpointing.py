@@ -50,14 +50,18 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     if not os.path.isdir(output_dir):
         return None
     steps = sorted(
-        (int(match.group(1)), name) for name in os.listdir(output_dir)
-        if (match := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name))
+        (int(match.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (match := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name))
+        and os.path.isdir(os.path.join(output_dir, name))
     )
     for _, name in reversed(steps):
         folder = os.path.join(output_dir, name)
         if is_complete_checkpoint(folder):
             return folder
-        logger.warning("Skipping %s: it was cut short while saving (no %s or %s).", folder, TRAINER_STATE_NAME, THETA0_NAME)
+        logger.warning(
+            "Skipping %s: it was cut short while saving (no %s or %s).", folder, TRAINER_STATE_NAME, THETA0_NAME
+        )
     return None
 
 
@@ -70,7 +74,9 @@ def checkpoint_folder(resume_from_checkpoint: str | bool, output_dir: str) -> st
         return folder
     folder = os.fspath(resume_from_checkpoint)
     if not os.path.isdir(folder):
-        raise ValueError(f"resume_from_checkpoint {folder} does not exist: give a checkpoint-N folder, or true for the last one.")
+        raise ValueError(
+            f"resume_from_checkpoint {folder} does not exist: give a checkpoint-N folder, or true for the last one."
+        )
     return folder
 
 
@@ -96,7 +102,9 @@ def load_trained_values(folder: str, params: dict[str, torch.nn.Parameter], edit
     """Write the checkpoint's trained values into `params` (by the trainer's own names)."""
     path = os.path.join(folder, PARAMS_NAME)
     if not os.path.isfile(path):
-        raise ValueError(f"{folder} has no {PARAMS_NAME}: it was cut short while saving. Resume from an earlier checkpoint.")
+        raise ValueError(
+            f"{folder} has no {PARAMS_NAME}: it was cut short while saving. Resume from an earlier checkpoint."
+        )
     saved = load_tensors(path)
     if set(saved) != set(params):
         raise ValueError(f"{path} holds other parameters than this run trains ({edit_blocks}).")

@@ -75,11 +75,7 @@ class FactEncoder:
         full, start, end = _object_span_text(text, obj, self.placeholder, self.kind)
         encoding = self.tokenizer(full, return_offsets_mapping=True, add_special_tokens=True)
         ids = list(encoding["input_ids"])
-        positions = [
-            i
-            for i, (s, e) in enumerate(encoding["offset_mapping"])
-            if e > s and s < end and e > start
-        ]
+        positions = [i for i, (s, e) in enumerate(encoding["offset_mapping"]) if e > s and s < end and e > start]
         if not positions:
             raise FactEncodingError(f"the object {obj!r} of {text!r} tokenizes to nothing")
         object_ids = [ids[i] for i in positions]
@@ -124,7 +120,12 @@ def filter_encodable(
         else:
             dropped.append((index, problem))
     if dropped:
-        logger.warning("Skipped %d of %d facts that cannot be encoded; first: %s", len(dropped), len(dropped) + len(kept), dropped[0][1])
+        logger.warning(
+            "Skipped %d of %d facts that cannot be encoded; first: %s",
+            len(dropped),
+            len(dropped) + len(kept),
+            dropped[0][1],
+        )
     return kept, dropped
 
 
@@ -165,7 +166,9 @@ class FactCollator:
         preserve: list[bool] = []
         for fact in facts:
             if isinstance(fact.get(self.text_key), list):
-                flat += [{self.text_key: t, self.object_key: o} for t, o in zip(fact[self.text_key], fact[self.object_key])]
+                flat += [
+                    {self.text_key: t, self.object_key: o} for t, o in zip(fact[self.text_key], fact[self.object_key])
+                ]
                 weights += list(fact.get(WEIGHT_KEY) or [1.0] * len(fact[self.text_key]))
                 preserve += list(fact.get(PRESERVE_KEY) or [False] * len(fact[self.text_key]))
             else:

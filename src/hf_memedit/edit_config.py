@@ -47,7 +47,9 @@ class ConstraintArguments:
     )
     fisher_samples: int = field(
         default=256,
-        metadata={"help": "norm 'fisher': how many unmodified facts estimate the diagonal Fisher (one backward each)."},
+        metadata={
+            "help": "norm 'fisher': how many unmodified facts estimate the diagonal Fisher (one backward each)."
+        },
     )
     key_constraint: str = field(
         default="none",
@@ -61,49 +63,68 @@ class ConstraintArguments:
     )
     nullspace_threshold: float = field(
         default=2e-2,
-        metadata={"help": "key_constraint nullspace: keep the eigen-directions of E[k kᵀ] with eigenvalue below this "
-                  "(AlphaEdit's 2e-2)."},
+        metadata={
+            "help": "key_constraint nullspace: keep the eigen-directions of E[k kᵀ] with eigenvalue below this "
+            "(AlphaEdit's 2e-2)."
+        },
     )
     nullspace_energy: float | None = field(
         default=None,
-        metadata={"help": "key_constraint nullspace, instead of the threshold: remove the largest directions holding "
-                  "this share of E[k kᵀ]'s trace (e.g. 0.99)."},
+        metadata={
+            "help": "key_constraint nullspace, instead of the threshold: remove the largest directions holding "
+            "this share of E[k kᵀ]'s trace (e.g. 0.99)."
+        },
     )
     output_rho: float = field(
         default=1e-2, metadata={"help": "key_constraint output: the bound ρ of E‖ΔW k‖² ≤ ρ·E‖W0 k‖² per layer."}
     )
     preserve_corpus: str = field(
         default="samples",
-        metadata={"help": "Where the preserved keys come from: 'samples' (the model's own seeded samples: data-free, "
-                  "causal LMs), 'benchmark' (the unmodified facts set aside by preserve_fraction), or a datasets "
-                  "folder, data file (.jsonl/.csv/.parquet/.txt) or Hub id (e.g. wikitext where the Hub is reachable)."},
+        metadata={
+            "help": "Where the preserved keys come from: 'samples' (the model's own seeded samples: data-free, "
+            "causal LMs), 'benchmark' (the unmodified facts set aside by preserve_fraction), or a datasets "
+            "folder, data file (.jsonl/.csv/.parquet/.txt) or Hub id (e.g. wikitext where the Hub is reachable)."
+        },
     )
-    preserve_corpus_column: str = field(default="text", metadata={"help": "The text column of a datasets preserve_corpus."})
+    preserve_corpus_column: str = field(
+        default="text", metadata={"help": "The text column of a datasets preserve_corpus."}
+    )
     preserve_corpus_samples: int = field(
-        default=256, metadata={"help": "How many texts of preserve_corpus (or samples of the model) the keys are taken over."}
+        default=256,
+        metadata={"help": "How many texts of preserve_corpus (or samples of the model) the keys are taken over."},
     )
-    preserve_corpus_length: int = field(default=64, metadata={"help": "Tokens per sample of preserve_corpus 'samples'."})
+    preserve_corpus_length: int = field(
+        default=64, metadata={"help": "Tokens per sample of preserve_corpus 'samples'."}
+    )
     preserve_keys_file: str | None = field(
         default=None,
-        metadata={"help": "safetensors file of the preserved keys: read when it exists (refused unless made for this "
-                  "model, layers and corpus), else written. Default: named by those hashes under HF_HOME/hf_memedit/keys."},
+        metadata={
+            "help": "safetensors file of the preserved keys: read when it exists (refused unless made for this "
+            "model, layers and corpus), else written. Default: named by those hashes under HF_HOME/hf_memedit/keys."
+        },
     )
     projection_iterations: int = field(
         default=100,
-        metadata={"help": "The cap on Dykstra's iterations when a key constraint meets a ball it is not exact with; a "
-                  "projection that reaches it is counted (`dykstra_capped` in the logs) and warned about once."},
+        metadata={
+            "help": "The cap on Dykstra's iterations when a key constraint meets a ball it is not exact with; a "
+            "projection that reaches it is counted (`dykstra_capped` in the logs) and warned about once."
+        },
     )
     projection_tolerance: float = field(
         default=1e-6,
-        metadata={"help": "Dykstra stops once an iteration moves its iterate and correction terms by at most this × the "
-                  "distance projected; the result is then scaled toward θ0 into the ball, so it lies in the ball and the "
-                  "key set (the nearest point of both, up to this tolerance)."},
+        metadata={
+            "help": "Dykstra stops once an iteration moves its iterate and correction terms by at most this × the "
+            "distance projected; the result is then scaled toward θ0 into the ball, so it lies in the ball and the "
+            "key set (the nearest point of both, up to this tolerance)."
+        },
     )
 
     def validate_constraint(self) -> None:
         self.delta = validate_constraint(self.norm, self.delta, self.l2_scope)
         if self.key_constraint not in KEY_CONSTRAINTS:
-            raise ValueError(f"Unknown key_constraint {self.key_constraint!r}: choose one of {', '.join(KEY_CONSTRAINTS)}.")
+            raise ValueError(
+                f"Unknown key_constraint {self.key_constraint!r}: choose one of {', '.join(KEY_CONSTRAINTS)}."
+            )
         validate_delta(self.nullspace_threshold, "nullspace_threshold")
         validate_delta(self.output_rho, "output_rho")
         validate_delta(self.projection_tolerance, "projection_tolerance")
@@ -126,50 +147,70 @@ class PreservationArguments:
         metadata={
             "help": "What every batch mixes in to keep the model's other knowledge (hf_memedit.preservation): 'none'; "
             "'evidence' (the unmodified facts' evidence with their benchmark objects: the paper's FTA, what "
-            "setting fta selects); 'answers' (evidence of unmodified facts θ0 predicts right, labelled with θ0's "
-            "own answer: it keeps behaviour instead of teaching labels); 'kl' (the unmodified evidence, with KL(θ0 ‖ θ) of "
-            "the next-token distribution at its object positions as the loss; batches holding such rows run without "
-            "dropout, as θ0's reference does, so θ0 is a fixed point of the term).",
+            "setting fta selects); 'answers' (evidence of unmodified facts θ0 predicts right, labelled with "
+            "θ0's own answer: it keeps behaviour instead of teaching labels); 'kl' (the unmodified evidence, "
+            "with KL(θ0 ‖ θ) of the next-token distribution at its object positions as the loss; batches "
+            "holding such rows run without dropout, as θ0's reference does, so θ0 is a fixed point of the term).",
             "choices": list(PRESERVE_OBJECTIVES),
         },
     )
     preserve_ratio: float = field(
         default=1.0,
-        metadata={"help": "Preservation facts per edit fact in every batch (1: as many as the edit's, the paper's FTA)."},
+        metadata={
+            "help": "Preservation facts per edit fact in every batch (1: as many as the edit's, the paper's FTA)."
+        },
     )
     preserve_weight: float = field(
         default=1.0,
-        metadata={"help": "Loss weight λ of each preservation fact's object tokens (edit facts weigh 1): the loss is "
-                  "(Σ CE_edit + λ Σ CE_preserve) / all object tokens."},
+        metadata={
+            "help": "Loss weight λ of each preservation fact's object tokens (edit facts weigh 1): the loss is "
+            "(Σ CE_edit + λ Σ CE_preserve) / all object tokens."
+        },
     )
     preserve_same_relation: bool = field(
         default=True,
-        metadata={"help": "preserve_objective 'answers' / 'kl': draw each edit fact's neighbours from its own relation, "
-                  "where a new object most easily leaks."},
+        metadata={
+            "help": "preserve_objective 'answers' / 'kl': draw each edit fact's neighbours from its own relation, "
+            "where a new object most easily leaks."
+        },
     )
     preserve_risk: float = field(
         default=0.0,
-        metadata={"help": "Share of each edit fact's neighbours drawn by risk instead of uniformly: in proportion to "
-                  "θ0's probability of that fact's new object (its first token) on the neighbour's prompt, the "
-                  "neighbours a new object would most readily take over (hf_memedit.preservation.neighbour_risk; "
-                  "one extra pass of θ0 over them). 0: all uniform; 1: all by risk."},
+        metadata={
+            "help": "Share of each edit fact's neighbours drawn by risk instead of uniformly: in proportion to "
+            "θ0's probability of that fact's new object (its first token) on the neighbour's prompt, the "
+            "neighbours a new object would most readily take over (hf_memedit.preservation.neighbour_risk; "
+            "one extra pass of θ0 over them). 0: all uniform; 1: all by risk."
+        },
     )
     preserve_fraction: float = field(
         default=0.5,
-        metadata={"help": "When preservation data comes from the benchmark (FTA, 'answers', norm fisher), the share "
-                  "of unmodified facts (a seeded hash of the uuid) it may use; locality is then scored only on the "
-                  "others whose subjects it never touched. 0 uses all facts for both, flagged as not disjoint."},
+        metadata={
+            "help": "When preservation data comes from the benchmark (FTA, 'answers', norm fisher), the share "
+            "of unmodified facts (a seeded hash of the uuid) it may use; locality is then scored only on the "
+            "others whose subjects it never touched. 0 uses all facts for both, flagged as not disjoint."
+        },
     )
 
     def validate_preservation(self) -> None:
         if self.preserve_objective not in PRESERVE_OBJECTIVES:
-            raise ValueError(f"Unknown preserve_objective {self.preserve_objective!r}: choose one of {', '.join(PRESERVE_OBJECTIVES)}.")
+            raise ValueError(
+                f"Unknown preserve_objective {self.preserve_objective!r}: "
+                f"choose one of {', '.join(PRESERVE_OBJECTIVES)}."
+            )
         if not self.preserve_ratio > 0:
-            raise ValueError(f"preserve_ratio must be positive (preservation facts per edit fact), got {self.preserve_ratio}.")
+            raise ValueError(
+                f"preserve_ratio must be positive (preservation facts per edit fact), got {self.preserve_ratio}."
+            )
         if not self.preserve_weight > 0:
-            raise ValueError(f"preserve_weight must be positive, got {self.preserve_weight}: for no preservation set preserve_objective none.")
+            raise ValueError(
+                f"preserve_weight must be positive, got {self.preserve_weight}: "
+                "for no preservation set preserve_objective none."
+            )
         if not 0 <= self.preserve_risk <= 1:
-            raise ValueError(f"preserve_risk must lie in [0, 1] (the share of neighbours drawn by risk), got {self.preserve_risk}.")
+            raise ValueError(
+                f"preserve_risk must lie in [0, 1] (the share of neighbours drawn by risk), got {self.preserve_risk}."
+            )
         if not 0 <= self.preserve_fraction < 1:
             raise ValueError(f"preserve_fraction must lie in [0, 1), got {self.preserve_fraction}.")
 
@@ -206,19 +247,25 @@ class EditConfig(ConstraintArguments, PreservationArguments, TrainingArguments):
     )
     eos_target: bool = field(
         default=False,
-        metadata={"help": "Causal LMs: append the EOS token to every training target, so the edited model stops after "
-                  "the new object (LocFT-BF; 'The Mirage of Model Editing')."},
+        metadata={
+            "help": "Causal LMs: append the EOS token to every training target, so the edited model stops after "
+            "the new object (LocFT-BF; 'The Mirage of Model Editing')."
+        },
     )
     loss_reduction: str = field(
         default="token",
-        metadata={"help": "'token': cross-entropy summed over the batch's object tokens / their number (exact under "
-                  "gradient accumulation); 'sequence': the mean over facts of each fact's mean token loss (LocFT-BF's).",
-                  "choices": ["token", "sequence"]},
+        metadata={
+            "help": "'token': cross-entropy summed over the batch's object tokens / their number (exact under "
+            "gradient accumulation); 'sequence': the mean over facts of each fact's mean token loss (LocFT-BF's).",
+            "choices": ["token", "sequence"],
+        },
     )
     skip_below_loss: float | None = field(
         default=None,
-        metadata={"help": "Skip the update of a batch whose loss is already below this (LocFT-BF: 1e-2): no gradient, "
-                  "so Adam leaves every parameter and its moments alone."},
+        metadata={
+            "help": "Skip the update of a batch whose loss is already below this (LocFT-BF: 1e-2): no gradient, "
+            "so Adam leaves every parameter and its moments alone."
+        },
     )
     stop_at_epoch_loss: float | None = field(
         default=None,
@@ -237,14 +284,18 @@ class EditConfig(ConstraintArguments, PreservationArguments, TrainingArguments):
     )
     generation_eval: bool = field(
         default=False,
-        metadata={"help": "Causal LMs: also score A_M, A_F\\S and retention by greedy generation until EOS, newline "
-                  "or period with normalised exact match (gen_a_m, gen_retention), beside the teacher-forced scores; each "
-                  "edited fact's answer is recorded (results.json `generated`)."},
+        metadata={
+            "help": "Causal LMs: also score A_M, A_F\\S and retention by greedy generation until EOS, newline "
+            "or period with normalised exact match (gen_a_m, gen_retention), beside the teacher-forced scores; each "
+            "edited fact's answer is recorded (results.json `generated`)."
+        },
     )
     drift_eval: bool = field(
         default=False,
-        metadata={"help": "Causal LMs: also report general drift, the mean next-token KL(θ0 ‖ θ) and the perplexity "
-                  "ratio on 32 held-out samples of θ0 (seed + 1: never the keys' samples)."},
+        metadata={
+            "help": "Causal LMs: also report general drift, the mean next-token KL(θ0 ‖ θ) and the perplexity "
+            "ratio on 32 held-out samples of θ0 (seed + 1: never the keys' samples)."
+        },
     )
     eval_before_edit: bool = field(
         default=True,
@@ -314,7 +365,9 @@ class EditConfig(ConstraintArguments, PreservationArguments, TrainingArguments):
             # (transformers would otherwise run each process alone).
             self.use_cpu = True
         if self.use_cpu or not torch.accelerator.is_available():
-            self.dataloader_pin_memory = False  # pinned memory serves copies to an accelerator; torch warns without one
+            self.dataloader_pin_memory = (
+                False  # pinned memory serves copies to an accelerator; torch warns without one
+            )
         super().__post_init__()
         if self.fsdp:  # checked on transformers' normalised fsdp_config
             self._check_fsdp()
@@ -335,14 +388,16 @@ class EditConfig(ConstraintArguments, PreservationArguments, TrainingArguments):
             )
         if self.norm == "fisher" or self.key_constraint != "none":
             raise ValueError(
-                f"Under FSDP, norm {self.norm!r} with key_constraint {self.key_constraint!r} is refused: the Fisher and "
-                "preserved-key projections work on whole tensors, which FSDP shards across ranks. Use norm linf, l2 or "
-                "none without a key constraint, or DDP when the edited blocks fit on one device."
+                f"Under FSDP, norm {self.norm!r} with key_constraint {self.key_constraint!r} is refused: the "
+                "Fisher and preserved-key projections work on whole tensors, which FSDP shards across ranks. Use "
+                "norm linf, l2 or none without a key constraint, or DDP when the edited blocks fit on one device."
             )
 
     def block_selector_config(self) -> BlockSelectorConfig:
         return BlockSelectorConfig(
-            blocks=list(self.edit_blocks), blocks_path=self.blocks_path, embeddings_paths=self.embeddings_paths,
+            blocks=list(self.edit_blocks),
+            blocks_path=self.blocks_path,
+            embeddings_paths=self.embeddings_paths,
             modules=list(self.edit_modules) if self.edit_modules else None,
         )
 
@@ -370,8 +425,10 @@ def constraint_record(config: Mapping[str, Any]) -> dict[str, Any]:
     elif key == "output":
         record["output_rho"] = config.get("output_rho")
     if key != "none":
-        record.update(preserve_corpus=config.get("preserve_corpus"),
-                      preserve_corpus_samples=config.get("preserve_corpus_samples"))
+        record.update(
+            preserve_corpus=config.get("preserve_corpus"),
+            preserve_corpus_samples=config.get("preserve_corpus_samples"),
+        )
     return record
 
 
@@ -386,11 +443,17 @@ def describe_constraint(record: Mapping[str, Any]) -> str:
     if record.get("l2_scope") == "per_tensor":
         text += " per tensor"
     if record.get("key_constraint") == "nullspace":
-        kept = (f"{record['nullspace_energy']:g} of their energy removed" if record.get("nullspace_energy") is not None
-                else f"eigenvalues below {record['nullspace_threshold']:g} kept")
+        kept = (
+            f"{record['nullspace_energy']:g} of their energy removed"
+            if record.get("nullspace_energy") is not None
+            else f"eigenvalues below {record['nullspace_threshold']:g} kept"
+        )
         text += f" ∩ null space of the preserved keys ({kept}; keys from {_keys_source(record)})"
     elif record.get("key_constraint") == "output":
-        text += f" ∩ output ellipsoid on the preserved keys (ρ = {record['output_rho']:g}; keys from {_keys_source(record)})"
+        text += (
+            " ∩ output ellipsoid on the preserved keys (ρ = "
+            f"{record['output_rho']:g}; keys from {_keys_source(record)})"
+        )
     if record.get("blocks"):
         text += f", blocks {', '.join(str(block) for block in record['blocks'])}"
     return text

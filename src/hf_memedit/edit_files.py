@@ -7,7 +7,9 @@ from transformers import PreTrainedModel
 
 
 WEIGHTS_NAME = "memedit_edit.safetensors"
-BASE_WEIGHTS_NAME = "memedit_base.safetensors"  # the base values of the changed tensors: revert without the base checkpoint
+BASE_WEIGHTS_NAME = (
+    "memedit_base.safetensors"  # the base values of the changed tensors: revert without the base checkpoint
+)
 # Metadata keys of the edit file: the sha256 of each changed tensor at the base and edited, and the base config.
 BASE_HASHES_KEY = "memedit_base_sha256"
 EDIT_HASHES_KEY = "memedit_edit_sha256"

@@ -46,8 +46,8 @@ class ConstrainedEditTrainer(Trainer):
     `train(resume_from_checkpoint=...)`.
 
     The loss is cross-entropy on the object tokens normalised by their number in the whole
-    effective batch (transformers' `fixed_cross_entropy`, as the models' own losses), so gradient accumulation matches the equal
-    large batch exactly. Two fast paths leave it unchanged up to float rounding:
+    effective batch (transformers' `fixed_cross_entropy`, as the models' own losses), so gradient accumulation matches
+    the equal large batch exactly. Two fast paths leave it unchanged up to float rounding:
     `object_logits_only` runs the LM head only at object positions (`hf_memedit.fast_paths.heads`), and
     `prefix_cache` runs only the blocks from the lowest edited one on (`hf_memedit.fast_paths.prefix`; the
     frozen blocks below then run without dropout).
@@ -98,7 +98,8 @@ class ConstrainedEditTrainer(Trainer):
             logger.warning(
                 "object_logits_only: hf_memedit's block table does not hold the LM head of %s (a blocks_path layout "
                 "names the blocks only; some configurations build another head than the table's), so the full head "
-                "runs: the same loss, without the speed-up.", type(base).__name__,
+                "runs: the same loss, without the speed-up.",
+                type(base).__name__,
             )
         self._loss = None  # the trainer's own loss (None: the caller's compute_loss_func)
         if compute_loss_func is None:
@@ -119,8 +120,8 @@ class ConstrainedEditTrainer(Trainer):
             prefix_cache = PrefixCache.for_model(base, args.prefix_cache_dtype, layout)
         elif prefix_cache is not None and prefix_cache.block != first_editable_block(base, layout):
             raise ValueError(
-                f"The prefix cache given holds the inputs of block {prefix_cache.block}, but this edit trains "
-                f"from block {first_editable_block(base, layout)}: build one for this selection (PrefixCache.for_model)."
+                f"The prefix cache given holds the inputs of block {prefix_cache.block}, but this edit trains from "
+                f"block {first_editable_block(base, layout)}: build one for this selection (PrefixCache.for_model)."
             )
         self.prefix_cache = prefix_cache
         if self._loss is not None:  # a sum over the accumulated batch's tokens, or a per-batch mean ('sequence')
@@ -144,7 +145,9 @@ class ConstrainedEditTrainer(Trainer):
         self._parameter_count: int | None = None
         self.add_callback(SaveTheta0Callback(edit_model))
         self._stop_at_loss = StopAtLoss(args.stop_at_loss) if args.stop_at_loss is not None else None
-        self._stop_at_epoch_loss = StopAtEpochLoss(args.stop_at_epoch_loss) if args.stop_at_epoch_loss is not None else None
+        self._stop_at_epoch_loss = (
+            StopAtEpochLoss(args.stop_at_epoch_loss) if args.stop_at_epoch_loss is not None else None
+        )
         for stop in (self._stop_at_loss, self._stop_at_epoch_loss):
             if stop is not None:
                 self.add_callback(stop)
@@ -171,13 +174,26 @@ class ConstrainedEditTrainer(Trainer):
         key_projector = None
         if args.key_constraint != "none":
             key_projector = KeyProjector(
-                args.key_constraint, keys.moments, key_layers(self.edit_model.model, list(theta0)), list(theta0), theta0,
-                threshold=args.nullspace_threshold, energy=args.nullspace_energy, rho=args.output_rho,
+                args.key_constraint,
+                keys.moments,
+                key_layers(self.edit_model.model, list(theta0)),
+                list(theta0),
+                theta0,
+                threshold=args.nullspace_threshold,
+                energy=args.nullspace_energy,
+                rho=args.output_rho,
             )
         self.keys = keys
         return NormBallProjector(
-            self.edit_model.trainable_parameters(), theta0, args.norm, args.delta, args.l2_scope, fisher=fisher,
-            keys=key_projector, iterations=args.projection_iterations, tolerance=args.projection_tolerance,
+            self.edit_model.trainable_parameters(),
+            theta0,
+            args.norm,
+            args.delta,
+            args.l2_scope,
+            fisher=fisher,
+            keys=key_projector,
+            iterations=args.projection_iterations,
+            tolerance=args.projection_tolerance,
             check_dtype=False,
         )
 
@@ -186,20 +202,30 @@ class ConstrainedEditTrainer(Trainer):
         args, base, theta0 = self.args, self.edit_model.model, self.edit_model.theta0
         if args.norm == "fisher" and fisher is None:
             fisher = diagonal_fisher(
-                base, self.processing_class, self._fisher_dataset, list(theta0), samples=args.fisher_samples,
-                seed=args.seed, show_progress=not args.disable_tqdm,
+                base,
+                self.processing_class,
+                self._fisher_dataset,
+                list(theta0),
+                samples=args.fisher_samples,
+                seed=args.seed,
+                show_progress=not args.disable_tqdm,
             )
         if args.key_constraint != "none" and keys is None:
-            texts = corpus_texts(args.preserve_corpus, args.preserve_corpus_column, args.preserve_corpus_samples,
-                                 self._preserve_texts)
-            spec = {"corpus": args.preserve_corpus, "samples": args.preserve_corpus_samples,
-                    "length": args.preserve_corpus_length, "seed": args.seed}
+            texts = corpus_texts(
+                args.preserve_corpus, args.preserve_corpus_column, args.preserve_corpus_samples, self._preserve_texts
+            )
+            spec = {
+                "corpus": args.preserve_corpus,
+                "samples": args.preserve_corpus_samples,
+                "length": args.preserve_corpus_length,
+                "seed": args.seed,
+            }
             keys = preserved_keys(base, self.processing_class, list(theta0), texts, spec, args.preserve_keys_file)
         return fisher, keys
 
     def _get_num_items_in_batch(self, batch_samples, device):
-        """No token count for a mean per fact: `Trainer` then divides each accumulation group's loss by the micro-batches
-        it holds (fewer in an epoch's last group) and does not rescale it by the number of processes."""
+        """No token count for a mean per fact: `Trainer` then divides each accumulation group's loss by the
+        micro-batches it holds (fewer in an epoch's last group) and does not rescale it by the number of processes."""
         if self._loss is not None and self.args.loss_reduction == "sequence":
             return None
         return super()._get_num_items_in_batch(batch_samples, device)
@@ -250,8 +276,8 @@ class ConstrainedEditTrainer(Trainer):
         return loss
 
     def _with_references(self, inputs):
-        """The batch with θ0's log-probabilities at its KL rows' object positions (`preserve_objective: kl`), each row's
-        computed once (θ0 without dropout: its own distribution) and kept for the next time it comes round."""
+        """The batch with θ0's log-probabilities at its KL rows' object positions (`preserve_objective: kl`), each
+        row's computed once (θ0 without dropout: its own distribution) and kept for the next time it comes round."""
         kl_rows = inputs.get(PRESERVE_INPUT)
         if self._references is None or kl_rows is None or not bool(kl_rows.any()):
             return inputs
@@ -281,16 +307,17 @@ class ConstrainedEditTrainer(Trainer):
         return list(logits.split(positions.sum(1).tolist()))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The object-token loss of the batch; a batch's `object_weights` (a preservation mix) weight its rows, and with
-        `preserve_objective: kl` its preservation rows are scored by KL(θ0 ‖ θ) instead of cross-entropy."""
+        """The object-token loss of the batch; a batch's `object_weights` (a preservation mix) weight its rows, and
+        with `preserve_objective: kl` its preservation rows are scored by KL(θ0 ‖ θ) instead of cross-entropy."""
         inputs = dict(inputs)
         weights, preserve = inputs.pop(WEIGHTS_INPUT, None), inputs.pop(PRESERVE_INPUT, None)
         reference = inputs.pop(REFERENCE_INPUT, None)
         if self._loss is None:
             if weights is not None or reference is not None:
                 raise ValueError(
-                    "This batch carries per-fact loss weights or preservation rows (a preservation mix), which a custom "
-                    "compute_loss_func cannot see: leave compute_loss_func unset, or give batches without them."
+                    "This batch carries per-fact loss weights or preservation rows (a "
+                    "preservation mix), which a custom compute_loss_func cannot see: "
+                    "leave compute_loss_func unset, or give batches without them."
                 )
             return self._skip_when_low(super().compute_loss(model, inputs, return_outputs, num_items_in_batch))
         kl_rows = preserve if reference is not None and model.training else None
@@ -299,7 +326,9 @@ class ConstrainedEditTrainer(Trainer):
         # (zero, with zero gradient, at θ = θ0) instead of a random target.
         with eval_mode(model) if kl_rows is not None else nullcontext():
             outputs = model(**inputs)
-        loss = self._loss(outputs, labels, num_items_in_batch, row_weights=weights, kl_rows=kl_rows, reference=reference)
+        loss = self._loss(
+            outputs, labels, num_items_in_batch, row_weights=weights, kl_rows=kl_rows, reference=reference
+        )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As Trainer's own loss: a sum over the tokens of every rank, whose gradients DDP then averages.
             scale = self.accelerator.num_processes // self.get_tp_size()
@@ -340,7 +369,9 @@ class ConstrainedEditTrainer(Trainer):
         if self.prefix_cache is not None and "text" in columns and self.processing_class is not None:
             # Up front, with a memory check and a progress bar; other datasets fill the cache batch by batch.
             self.prefix_cache.add_facts(
-                self.processing_class, self.train_dataset, self.args.per_device_eval_batch_size,
+                self.processing_class,
+                self.train_dataset,
+                self.args.per_device_eval_batch_size,
                 show_progress=not self.args.disable_tqdm,
             )
         if resume_from_checkpoint:
@@ -375,8 +406,12 @@ class ConstrainedEditTrainer(Trainer):
         if self.processing_class is None:
             raise ValueError("Fact evaluation needs the tokenizer: pass processing_class=tokenizer to the trainer.")
         return evaluate_splits(
-            self.edit_model.model, self.processing_class, splits, original=original,
-            batch_size=self.args.per_device_eval_batch_size, show_progress=not self.args.disable_tqdm,
+            self.edit_model.model,
+            self.processing_class,
+            splits,
+            original=original,
+            batch_size=self.args.per_device_eval_batch_size,
+            show_progress=not self.args.disable_tqdm,
             prefix=self.prefix_cache,
         )
 
@@ -397,8 +432,12 @@ class ConstrainedEditTrainer(Trainer):
         for name, value in saved.items():
             self.edit_model.theta0[name] = value.to(self.edit_model.theta0[name].device)
         if changed:
-            logger.warning("θ0 of %d tensors (%s, ...) taken from the checkpoint: the model given differs from it, so "
-                           "the constraint is built again around θ0.", len(changed), changed[0])
+            logger.warning(
+                "θ0 of %d tensors (%s, ...) taken from the checkpoint: the model given differs from it, so "
+                "the constraint is built again around θ0.",
+                len(changed),
+                changed[0],
+            )
             self._projector = None
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

@@ -130,8 +130,10 @@ def _items(value, name: str, location: str) -> list:
                 parsed = json.loads(cell)
             except json.JSONDecodeError as error:
                 if cell.startswith(('["', "[{")):
-                    raise FactsFileError(f"{location}: {name} starts as a JSON array but is not one ({error.msg}): "
-                                         "fix it, or separate the items with |.") from None
+                    raise FactsFileError(
+                        f"{location}: {name} starts as a JSON array but is not one ({error.msg}): "
+                        "fix it, or separate the items with |."
+                    ) from None
                 parsed = None
             if isinstance(parsed, list):
                 return parsed
@@ -154,8 +156,9 @@ def _keep(value, name: str, location: str) -> list[KeepPrompt]:
         answer = None
         if isinstance(item, Mapping):
             if "prompt" not in item:
-                raise FactsFileError(f"{location}: {what} has no prompt: write it as text, or as "
-                                     '{"prompt": ..., "answer": ...}.')
+                raise FactsFileError(
+                    f'{location}: {what} has no prompt: write it as text, or as {{"prompt": ..., "answer": ...}}.'
+                )
             answer = _text(item.get("answer"), f"{what} answer", location)
             item = item["prompt"]
         prompt = _text(item, what, location)
@@ -176,8 +179,9 @@ def _subject_marks(text: str, what: str, location: str) -> str:
     """The text with "[X]" read as SUBJECT, refused when it marks the subject more than once."""
     text = text.replace("[X]", SUBJECT)
     if text.count(SUBJECT) > 1:
-        raise FactsFileError(f"{location}: {what} {text!r} marks the subject {text.count(SUBJECT)} times: "
-                             f"use {SUBJECT} (or [X]) once.")
+        raise FactsFileError(
+            f"{location}: {what} {text!r} marks the subject {text.count(SUBJECT)} times: use {SUBJECT} (or [X]) once."
+        )
     return text
 
 
@@ -185,8 +189,10 @@ def _template(prompt: str, subject: str, what: str, location: str) -> str:
     text = _subject_marks(prompt, what, location)
     if SUBJECT not in text:
         if subject not in text:
-            raise FactsFileError(f"{location}: the subject {subject!r} is not in its {what} {prompt!r}: write it in "
-                                 f"as it is spelled, or mark its place with {SUBJECT}.")
+            raise FactsFileError(
+                f"{location}: the subject {subject!r} is not in its {what} {prompt!r}: write it in "
+                f"as it is spelled, or mark its place with {SUBJECT}."
+            )
         text = text.replace(subject, SUBJECT, 1)
     return _object_slot(text, what, location)
 
@@ -221,11 +227,16 @@ def _record(raw: Mapping, names: Mapping[str, str], location: str, also_true: Se
         raise FactsFileError(f"{location}: {name('target')} is empty: write the new object there.")
     true = text("true")
     if any(_same_answer(target, answer) for answer in ([true] if true else []) + list(also_true)):
-        raise FactsFileError(f"{location}: the target {target!r} is the true object already, so there is nothing to "
-                             f"edit: give another {name('target')}, or remove the record.")
+        raise FactsFileError(
+            f"{location}: the target {target!r} is the true object already, so there is nothing to "
+            f"edit: give another {name('target')}, or remove the record."
+        )
     paraphrases = [
-        _object_slot(_subject_marks(p, f"{name('paraphrases')} item {i}", location).replace(SUBJECT, subject),
-                     f"{name('paraphrases')} item {i}", location)
+        _object_slot(
+            _subject_marks(p, f"{name('paraphrases')} item {i}", location).replace(SUBJECT, subject),
+            f"{name('paraphrases')} item {i}",
+            location,
+        )
         for i, p in enumerate(_texts(raw.get("paraphrases"), name("paraphrases"), location), 1)
     ]
     return FactRecord(
@@ -265,15 +276,25 @@ def _counterfact(record: Mapping, location: str) -> FactRecord:
         return value.get("str") if isinstance(value, Mapping) else value
 
     raw = {
-        "id": record.get("case_id"), "relation": rewrite.get("relation_id"), "subject": rewrite["subject"],
-        "prompt": rewrite["prompt"], "target": string(rewrite["target_new"]), "true": string(rewrite.get("target_true")),
-        "paraphrases": record.get("paraphrase_prompts"), "keep": record.get("neighborhood_prompts"),
+        "id": record.get("case_id"),
+        "relation": rewrite.get("relation_id"),
+        "subject": rewrite["subject"],
+        "prompt": rewrite["prompt"],
+        "target": string(rewrite["target_new"]),
+        "true": string(rewrite.get("target_true")),
+        "paraphrases": record.get("paraphrase_prompts"),
+        "keep": record.get("neighborhood_prompts"),
         "generation_prompts": record.get("generation_prompts"),
     }
     names = {
-        "id": "case_id", "relation": "requested_rewrite.relation_id", "subject": "requested_rewrite.subject",
-        "prompt": "requested_rewrite.prompt", "target": "requested_rewrite.target_new.str",
-        "true": "requested_rewrite.target_true.str", "paraphrases": "paraphrase_prompts", "keep": "neighborhood_prompts",
+        "id": "case_id",
+        "relation": "requested_rewrite.relation_id",
+        "subject": "requested_rewrite.subject",
+        "prompt": "requested_rewrite.prompt",
+        "target": "requested_rewrite.target_new.str",
+        "true": "requested_rewrite.target_true.str",
+        "paraphrases": "paraphrase_prompts",
+        "keep": "neighborhood_prompts",
     }
     return _record(raw, names, location)
 
@@ -282,12 +303,24 @@ def _zsre(record: Mapping, location: str) -> FactRecord:
     answers = _texts(record.get("answers"), "answers", location)
     loc = _text(record.get("loc"), "loc", location)
     raw = {
-        "id": record.get("case_id"), "relation": record.get("relation"), "subject": record["subject"],
-        "prompt": record["src"], "target": record["alt"], "true": answers[0] if answers else None,
-        "paraphrases": record.get("rephrase"), "question": record["src"],
+        "id": record.get("case_id"),
+        "relation": record.get("relation"),
+        "subject": record["subject"],
+        "prompt": record["src"],
+        "target": record["alt"],
+        "true": answers[0] if answers else None,
+        "paraphrases": record.get("rephrase"),
+        "question": record["src"],
         "keep": [{"prompt": loc, "answer": record.get("loc_ans")}] if loc else [],
     }
-    names = {"id": "case_id", "prompt": "src", "target": "alt", "true": "answers", "paraphrases": "rephrase", "keep": "loc"}
+    names = {
+        "id": "case_id",
+        "prompt": "src",
+        "target": "alt",
+        "true": "answers",
+        "paraphrases": "rephrase",
+        "keep": "loc",
+    }
     return _record(raw, names, location, also_true=answers)
 
 
@@ -315,8 +348,9 @@ def _detect(record: Mapping, location: str) -> _Format:
         if all(key in record for key in fmt.required):
             return fmt
     needs = "; ".join(f"{fmt.name} needs {', '.join(fmt.required)}" for fmt in FORMATS)
-    raise FactsFileError(f"{location}: fits no facts format (its fields: {', '.join(sorted(map(str, record))) or 'none'}). "
-                         f"{needs}.")
+    raise FactsFileError(
+        f"{location}: fits no facts format (its fields: {', '.join(sorted(map(str, record))) or 'none'}). {needs}."
+    )
 
 
 # Containers -----------------------------------------------------------------------------------------------------
@@ -351,12 +385,16 @@ def _json_rows(path: str) -> Rows:
     try:
         data = json.loads(content)
     except json.JSONDecodeError as error:
-        raise FactsFileError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno} ({error.msg}). "
-                             "A file of one record a line is JSONL: name it .jsonl.") from None
+        raise FactsFileError(
+            f"{path}: malformed JSON at line {error.lineno}, column {error.colno} ({error.msg}). "
+            "A file of one record a line is JSONL: name it .jsonl."
+        ) from None
     if isinstance(data, dict):
         if len(data) != 1 or not isinstance(next(iter(data.values())), list):
-            raise FactsFileError(f"{path}: a JSON object with the fields {', '.join(data)}: give a list of records, "
-                                 "or an object with one field holding that list.")
+            raise FactsFileError(
+                f"{path}: a JSON object with the fields {', '.join(data)}: give a list of records, "
+                "or an object with one field holding that list."
+            )
         data = next(iter(data.values()))
     if not isinstance(data, list):
         raise FactsFileError(f"{path}: holds a JSON {type(data).__name__}, not a list of records.")
@@ -378,12 +416,16 @@ def _csv_rows(path: str) -> Rows:
             for number, row in enumerate(reader, 2):
                 location = f"{path}, row {number}"
                 if None in row:
-                    raise FactsFileError(f"{location}: more cells than the header's {len(header)}: quote the cells "
-                                         'that hold a comma ("a, b").')
+                    raise FactsFileError(
+                        f"{location}: more cells than the header's {len(header)}: quote the cells "
+                        'that hold a comma ("a, b").'
+                    )
                 short = [name for name, value in row.items() if value is None]
                 if short:
-                    raise FactsFileError(f"{location}: fewer cells than the header (none for {', '.join(short)}): "
-                                         "add the missing cells, empty if need be.")
+                    raise FactsFileError(
+                        f"{location}: fewer cells than the header (none for {', '.join(short)}): "
+                        "add the missing cells, empty if need be."
+                    )
                 yield location, row
     except (OSError, UnicodeDecodeError) as error:
         raise _read_errors(path, error) from None
@@ -406,8 +448,10 @@ def _dataset_rows(source: str, split: str | None) -> Rows:
         raise
     except Exception as error:  # datasets raises many kinds (missing repo, offline, bad files): one line that says so
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise FactsFileError(f"{source}: datasets.load_dataset cannot read it ({type(error).__name__}: {message}). "
-                             f"Give a facts file ({', '.join(FILE_TYPES)}), a dataset folder or a Hub dataset id.") from None
+        raise FactsFileError(
+            f"{source}: datasets.load_dataset cannot read it ({type(error).__name__}: {message}). "
+            f"Give a facts file ({', '.join(FILE_TYPES)}), a dataset folder or a Hub dataset id."
+        ) from None
 
 
 def _rows(source, split: str | None) -> tuple[str, Rows]:
@@ -415,25 +459,31 @@ def _rows(source, split: str | None) -> tuple[str, Rows]:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         extension = os.path.splitext(path)[1].lower()
-        if os.path.isdir(path) or (not os.path.exists(path) and not extension and path.count("/") == 1
-                                   and not looks_like_path(path)):
+        if os.path.isdir(path) or (
+            not os.path.exists(path) and not extension and path.count("/") == 1 and not looks_like_path(path)
+        ):
             return path, _dataset_rows(path, split)
         if split is not None:
             raise FactsFileError(f"split={split!r} chooses a split of a dataset folder or Hub dataset, not of {path}.")
         if not os.path.isfile(path):
-            raise FactsFileError(f"{path}: no such file or folder. Give a facts file ({', '.join(FILE_TYPES)}), a "
-                                 "dataset folder or a Hub dataset id.")
+            raise FactsFileError(
+                f"{path}: no such file or folder. Give a facts file ({', '.join(FILE_TYPES)}), a "
+                "dataset folder or a Hub dataset id."
+            )
         readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}
         if extension not in readers:
-            raise FactsFileError(f"{path}: unknown file type {extension or '(no extension)'}: name the file for what "
-                                 f"it holds, {', '.join(FILE_TYPES)}.")
+            raise FactsFileError(
+                f"{path}: unknown file type {extension or '(no extension)'}: name the file for what "
+                f"it holds, {', '.join(FILE_TYPES)}."
+            )
         return path, readers[extension](path)
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         if split is not None:
             raise FactsFileError(f"split={split!r} chooses a split of a dataset folder or Hub dataset, not of a list.")
         return "the records given", ((f"record {number}", row) for number, row in enumerate(source, 1))
-    raise FactsFileError(f"facts must be a file, a dataset folder, a Hub dataset id or a list of records, not "
-                         f"{type(source).__name__}.")
+    raise FactsFileError(
+        f"facts must be a file, a dataset folder, a Hub dataset id or a list of records, not {type(source).__name__}."
+    )
 
 
 def _check_unique(records: list[FactRecord]) -> None:
@@ -445,15 +495,19 @@ def _check_unique(records: list[FactRecord]) -> None:
         if first is not record:
             if first.target != record.target:
                 raise FactsFileError(
-                    f"{record.location}: the same prompt and subject as {first.location} ({record.text!r}) with another "
-                    f"target ({first.target!r} there, {record.target!r} here): keep one of them."
+                    f"{record.location}: the same prompt and subject as {first.location} ({record.text!r}) "
+                    f"with another target ({first.target!r} there, {record.target!r} here): keep one of them."
                 )
-            raise FactsFileError(f"{record.location}: repeats the fact of {first.location} ({record.text!r} -> "
-                                 f"{record.target!r}): remove one, or merge their paraphrases and keep prompts.")
+            raise FactsFileError(
+                f"{record.location}: repeats the fact of {first.location} ({record.text!r} -> "
+                f"{record.target!r}): remove one, or merge their paraphrases and keep prompts."
+            )
         first = by_id.setdefault(record.id, record)
         if first is not record:
-            raise FactsFileError(f"{record.location}: its id {record.id!r} is also the id of {first.location}: give "
-                                 "each fact its own id.")
+            raise FactsFileError(
+                f"{record.location}: its id {record.id!r} is also the id of {first.location}: give "
+                "each fact its own id."
+            )
 
 
 def _read(source, split: str | None) -> tuple[list[FactRecord], str, str]:
@@ -469,8 +523,10 @@ def _read(source, split: str | None) -> tuple[list[FactRecord], str, str]:
             fmt = _detect(row, location)
         missing = [key for key in fmt.required if key not in row]
         if missing:
-            raise FactsFileError(f"{location}: lacks {', '.join(missing)}: the file's first record is in {fmt.name} "
-                                 f"format, which needs {', '.join(fmt.required)}.")
+            raise FactsFileError(
+                f"{location}: lacks {', '.join(missing)}: the file's first record is in {fmt.name} "
+                f"format, which needs {', '.join(fmt.required)}."
+            )
         if fmt.fields is not None:
             unknown |= set(map(str, row)) - fmt.fields
         records.append(fmt.parse(row, location))
@@ -495,7 +551,9 @@ def read_facts(source: str | os.PathLike | Sequence[Mapping], split: str | None 
     return records
 
 
-def check_lengths(records: Sequence[FactRecord], tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> None:
+def check_lengths(
+    records: Sequence[FactRecord], tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
+) -> None:
     """Refuse a record with a phrasing longer than the model reads: its prompt and paraphrases with the target
     written in, its keep prompts (with their answer when given), its question and generation prompts.
 
@@ -504,19 +562,26 @@ def check_lengths(records: Sequence[FactRecord], tokenizer: PreTrainedTokenizerB
     """
     limit = max_length if max_length is not None else tokenizer.model_max_length
     if not isinstance(limit, int) or limit <= 0 or limit >= 10**9:  # transformers' "no limit" is 1e30
-        raise ValueError("The tokenizer names no context length: pass max_length (the model's "
-                         "config.max_position_embeddings).")
+        raise ValueError(
+            "The tokenizer names no context length: pass max_length (the model's config.max_position_embeddings)."
+        )
     for record in records:
         phrasings = [("prompt", record.text.replace(PLACEHOLDER, record.target))]
-        phrasings += [(f"paraphrase {i}", p.replace(PLACEHOLDER, record.target)) for i, p in enumerate(record.paraphrases, 1)]
-        phrasings += [(f"keep prompt {i}", k.prompt.replace(PLACEHOLDER, k.answer or "")) for i, k in enumerate(record.keep, 1)]
+        phrasings += [
+            (f"paraphrase {i}", p.replace(PLACEHOLDER, record.target)) for i, p in enumerate(record.paraphrases, 1)
+        ]
+        phrasings += [
+            (f"keep prompt {i}", k.prompt.replace(PLACEHOLDER, k.answer or "")) for i, k in enumerate(record.keep, 1)
+        ]
         phrasings += [("question", record.question)] if record.question else []
         phrasings += [(f"generation prompt {i}", p) for i, p in enumerate(record.generation_prompts, 1)]
         lengths = [len(ids) for ids in tokenizer([text for _, text in phrasings])["input_ids"]]
         for (what, _), length in zip(phrasings, lengths):
             if length > limit:
-                raise FactsFileError(f"{record.location or record.id}: its {what} is {length} tokens, more than the "
-                                     f"model's context of {limit}: shorten it or remove it.")
+                raise FactsFileError(
+                    f"{record.location or record.id}: its {what} is {length} tokens, more than the "
+                    f"model's context of {limit}: shorten it or remove it."
+                )
 
 
 def _cell(text: str) -> str:
@@ -535,8 +600,10 @@ def describe_facts(records: Sequence[FactRecord]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for number, r in enumerate(records, 1):
-        lines.append(f"| {number} | {_cell(r.subject)} | {_cell(r.text)} | {_cell(r.true or '?')} → {_cell(r.target)} "
-                     f"| {len(r.paraphrases)} | {len(r.keep)} |")
+        lines.append(
+            f"| {number} | {_cell(r.subject)} | {_cell(r.text)} | {_cell(r.true or '?')} → {_cell(r.target)} "
+            f"| {len(r.paraphrases)} | {len(r.keep)} |"
+        )
     return "\n".join(lines)
 
 
@@ -554,15 +621,26 @@ def fact_rows(records: Sequence[FactRecord], train_on_paraphrases: bool = False)
     """
     rows: dict[str, list[dict]] = {split: [] for split in FACT_SPLITS}
     for record in records:
-        base = {"uuid": record.id, "relation": record.relation, "subject": record.subject,
-                "object": record.target, "original_object": record.true or ""}
+        base = {
+            "uuid": record.id,
+            "relation": record.relation,
+            "subject": record.subject,
+            "object": record.target,
+            "original_object": record.true or "",
+        }
         rows[MODIFIED_TRAIN].append({**base, "text": record.text})
         rows[MODIFIED_TEST].append({**base, "text": record.text})
         paraphrase_split = MODIFIED_TRAIN if train_on_paraphrases else MODIFIED_PARAPHRASE
         rows[paraphrase_split] += [{**base, "text": text} for text in record.paraphrases]
         rows[KEEP] += [
-            {"uuid": f"{record.id}-keep-{n}", "relation": record.relation, "subject": "", "text": keep.prompt,
-             "object": keep.answer or "", "original_object": keep.answer or ""}
+            {
+                "uuid": f"{record.id}-keep-{n}",
+                "relation": record.relation,
+                "subject": "",
+                "text": keep.prompt,
+                "object": keep.answer or "",
+                "original_object": keep.answer or "",
+            }
             for n, keep in enumerate(record.keep, 1)
         ]
     return rows
@@ -603,7 +681,11 @@ class FactsBuilder(datasets.GeneratorBasedBuilder):
         records, _, _ = _read(self.config.source, self.config.source_split)
         rows = fact_rows(records, self.config.train_on_paraphrases)
         # `datasets` cannot load an empty generated split: those are left out here and made by `load_facts`
-        return [datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]}) for split in FACT_SPLITS if rows[split]]
+        return [
+            datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]})
+            for split in FACT_SPLITS
+            if rows[split]
+        ]
 
     def _generate_examples(self, rows):
         for index, row in enumerate(rows):
@@ -617,20 +699,28 @@ def records_hash(records: Sequence[FactRecord]) -> str:
 
 
 def load_facts(
-    source: str | os.PathLike, train_on_paraphrases: bool = False, split: str | None = None, cache_dir: str | None = None,
+    source: str | os.PathLike,
+    train_on_paraphrases: bool = False,
+    split: str | None = None,
+    cache_dir: str | None = None,
 ) -> datasets.DatasetDict:
     """A facts file, dataset folder or Hub dataset id as benchmark-style splits (`fact_rows`), built by
     `FactsBuilder` and cached; the records are read and checked first (nothing is written when they are bad),
     and their hash keys the cache, so a changed file is never served from a stale one."""
     if not isinstance(source, (str, os.PathLike)):
-        raise FactsFileError("load_facts reads a file, a dataset folder or a Hub dataset id; records in memory "
-                             "become splits with facts_splits(read_facts(records)).")
+        raise FactsFileError(
+            "load_facts reads a file, a dataset folder or a Hub dataset id; records in memory "
+            "become splits with facts_splits(read_facts(records))."
+        )
     records = read_facts(source, split)
     path = os.fspath(source)
     digest = source_hash(sys.modules[__name__]) + records_hash(records)
     builder = FactsBuilder(
-        cache_dir=cache_dir, hash=digest, source=os.path.abspath(path) if os.path.exists(path) else path,
-        source_split=split, train_on_paraphrases=train_on_paraphrases,
+        cache_dir=cache_dir,
+        hash=digest,
+        source=os.path.abspath(path) if os.path.exists(path) else path,
+        source_split=split,
+        train_on_paraphrases=train_on_paraphrases,
     )
     builder.download_and_prepare()
     built = builder.as_dataset()
@@ -638,7 +728,22 @@ def load_facts(
 
 
 __all__ = [
-    "FACT_FEATURES", "FACT_SPLITS", "FORMATS", "KEEP", "MODIFIED_PARAPHRASE", "FactRecord", "FactsBuilder",
-    "FactsConfig", "FactsFileError", "KeepPrompt", "check_lengths", "content_id", "describe_facts", "fact_rows",
-    "facts_splits", "load_facts", "read_facts", "records_hash",
+    "FACT_FEATURES",
+    "FACT_SPLITS",
+    "FORMATS",
+    "KEEP",
+    "MODIFIED_PARAPHRASE",
+    "FactRecord",
+    "FactsBuilder",
+    "FactsConfig",
+    "FactsFileError",
+    "KeepPrompt",
+    "check_lengths",
+    "content_id",
+    "describe_facts",
+    "fact_rows",
+    "facts_splits",
+    "load_facts",
+    "read_facts",
+    "records_hash",
 ]

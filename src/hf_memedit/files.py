@@ -44,8 +44,13 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None
         raise
 
 
-def check_target(target: str | os.PathLike, sources: list[str | os.PathLike], is_earlier: Callable[[str], bool],
-                 what: str, overwrite: bool) -> str:
+def check_target(
+    target: str | os.PathLike,
+    sources: list[str | os.PathLike],
+    is_earlier: Callable[[str], bool],
+    what: str,
+    overwrite: bool,
+) -> str:
     """The absolute `target` folder for a new `what` made from `sources`, or an error that keeps the user's files.
 
     An overwrite of `target` that was interrupted is first recovered (`recover_directory`). Refused: a
@@ -55,7 +60,9 @@ def check_target(target: str | os.PathLike, sources: list[str | os.PathLike], is
     target = os.path.realpath(target)
     for source in map(os.path.realpath, sources):
         if os.path.commonpath([target, source]) in (target, source):
-            raise ValueError(f"The {what} folder {target} would hold or lie inside {source}: choose a folder outside it.")
+            raise ValueError(
+                f"The {what} folder {target} would hold or lie inside {source}: choose a folder outside it."
+            )
     if os.path.isfile(target):
         raise ValueError(f"{target} is a file, not a folder: choose another folder for the {what}.")
     recover_directory(target)
@@ -239,7 +246,10 @@ def looks_like_path(name: str) -> bool:
 
 
 def edit_folder(
-    repo_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None, endpoint: str | None = None,
+    repo_or_dir: str | os.PathLike,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
     allow_patterns: list[str] | None = None,
 ) -> str:
     """A local edit folder as it is, else a Hub repo id downloaded (as PEFT's `from_pretrained` resolves an
@@ -250,7 +260,9 @@ def edit_folder(
     if os.path.exists(name):
         raise ValueError(f"{name} is a file: give the folder of an edit (or its Hub repo id).")
     if looks_like_path(name) or name.count("/") != 1:  # a shared edit's repo id is always "owner/name"
-        raise FileNotFoundError(f"The edit folder {os.path.abspath(name)} does not exist (nor is {name!r} a Hub repo id).")
+        raise FileNotFoundError(
+            f"The edit folder {os.path.abspath(name)} does not exist (nor is {name!r} a Hub repo id)."
+        )
     from huggingface_hub import snapshot_download
 
     return snapshot_download(name, revision=revision, token=token, endpoint=endpoint, allow_patterns=allow_patterns)

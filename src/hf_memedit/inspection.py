@@ -45,7 +45,9 @@ def _prefix_starts(model: PreTrainedModel, layout: BlockLayout) -> str:
 
 
 def describe_layout(
-    model: PreTrainedModel, blocks_path: str | None = None, embeddings_paths: list[str] | None = None,
+    model: PreTrainedModel,
+    blocks_path: str | None = None,
+    embeddings_paths: list[str] | None = None,
     selection: BlockSelectorConfig | None = None,
 ) -> str:
     """The block layout hf_memedit uses for `model`, as text: what `memedit inspect` prints.
@@ -65,12 +67,18 @@ def describe_layout(
     counts = [_count(block) for block in blocks]
     shared = " (one set of weights shared by every block: edit them with 'all')" if layout.shared_blocks else ""
     lines.append(f"blocks: {prefix}{layout.blocks}, {num_blocks(model, layout)} blocks{shared}")
-    lines.append("embeddings: " + ", ".join(
-        f"{prefix}{path} ({_count(module):,d})" for path, module in embedding_modules(model, layout).items()
-    ))
+    lines.append(
+        "embeddings: "
+        + ", ".join(
+            f"{prefix}{path} ({_count(module):,d})" for path, module in embedding_modules(model, layout).items()
+        )
+    )
     head = head_modules(model) if blocks_path is None else None
-    lines.append(f"LM head: {', '.join(row.head)}" if head is not None
-                 else "LM head: unknown (the full head runs: no object-position-only logits)")
+    lines.append(
+        f"LM head: {', '.join(row.head)}"
+        if head is not None
+        else "LM head: unknown (the full head runs: no object-position-only logits)"
+    )
     mlp_out = row.mlp_out if row is not None and blocks_path is None else None
     lines.append(f"mlp_out: {mlp_out}" if mlp_out else "mlp_out: none known (give edit_modules paths in the block)")
     stages = row.row_wise if row is not None and blocks_path is None else ()
@@ -80,7 +88,11 @@ def describe_layout(
         names = selected_parameter_names(model, selection)
         total = sum(model.get_parameter(name).numel() for name in names)
         lines.append(f"this edit trains: edit_blocks {selection.blocks}, {len(names)} tensors, {total:,d} parameters")
-    lines += ["", "| block | parameters |" + (" mlp_out |" if mlp_out else ""), "|---|---|" + ("---|" if mlp_out else "")]
+    lines += [
+        "",
+        "| block | parameters |" + (" mlp_out |" if mlp_out else ""),
+        "|---|---|" + ("---|" if mlp_out else ""),
+    ]
     for index, (block, count) in enumerate(zip(blocks, counts)):
         extra = f" {_count(block.get_submodule(mlp_out)):,d} |" if mlp_out else ""
         lines.append(f"| {index} | {count:,d} |{extra}")

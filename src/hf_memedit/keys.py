@@ -81,8 +81,12 @@ class KeyStatistics:
     corpus_hash: str
 
     def save(self, path: str) -> None:
-        meta = {"tokens": str(self.tokens), "model_hash": self.model_hash, "corpus_hash": self.corpus_hash,
-                "layers": json.dumps(sorted(self.moments))}
+        meta = {
+            "tokens": str(self.tokens),
+            "model_hash": self.model_hash,
+            "corpus_hash": self.corpus_hash,
+            "layers": json.dumps(sorted(self.moments)),
+        }
         save_tensors(self.moments, path, metadata=meta)
 
     @classmethod
@@ -92,12 +96,15 @@ class KeyStatistics:
 
         with safe_open(path, "pt") as handle:
             meta = handle.metadata() or {}
-        for what, wanted, found in (("model", model_hash, meta.get("model_hash")), ("corpus", corpus_hash, meta.get("corpus_hash")),
-                                    ("layers", json.dumps(sorted(layers)), meta.get("layers"))):
+        for what, wanted, found in (
+            ("model", model_hash, meta.get("model_hash")),
+            ("corpus", corpus_hash, meta.get("corpus_hash")),
+            ("layers", json.dumps(sorted(layers)), meta.get("layers")),
+        ):
             if wanted != found:
                 raise ValueError(
-                    f"The preserved keys in {path} were made for another {what} (theirs {str(found)[:60]}, this edit's "
-                    f"{str(wanted)[:60]}): delete the file, or set preserve_keys_file to another path."
+                    f"The preserved keys in {path} were made for another {what} (theirs {str(found)[:60]}, this "
+                    f"edit's {str(wanted)[:60]}): delete the file, or set preserve_keys_file to another path."
                 )
         return cls(load_tensors(path), int(meta["tokens"]), model_hash, corpus_hash)
 
@@ -112,8 +119,16 @@ def corpus_hash(texts: Sequence[str] | None = None, spec: Mapping | None = None)
     return digest.hexdigest()[:32]
 
 
-def model_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, count: int, length: int, seed: int,
-                  batch_size: int = 32, model_hash: str | None = None, cache_dir: str | None = None) -> list[list[int]]:
+def model_samples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    count: int,
+    length: int,
+    seed: int,
+    batch_size: int = 32,
+    model_hash: str | None = None,
+    cache_dir: str | None = None,
+) -> list[list[int]]:
     """`count` seeded samples of `length` tokens from a causal LM, started at its BOS (or EOS) token, as token ids
     (kept as ids: decoding and encoding again need not give the same tokens).
 
@@ -124,8 +139,14 @@ def model_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, co
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("The model's own samples need a BOS or EOS token to start from; give a text corpus instead.")
-    draw = {"model": model_hash or weights_hash(model), "start": start, "count": count, "length": length, "seed": seed,
-            "batch_size": batch_size}
+    draw = {
+        "model": model_hash or weights_hash(model),
+        "start": start,
+        "count": count,
+        "length": length,
+        "seed": seed,
+        "batch_size": batch_size,
+    }
     name = hashlib.sha256(json.dumps(draw, sort_keys=True).encode()).hexdigest()[:24]
     path = os.path.join(cache_dir or default_cache_dir(), "samples", f"samples-{name}.safetensors")
     if os.path.isfile(path):
@@ -138,7 +159,9 @@ def model_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, co
 
 
 @torch.no_grad()
-def _draw_samples(model: PreTrainedModel, start: int, count: int, length: int, seed: int, batch_size: int) -> list[list[int]]:
+def _draw_samples(
+    model: PreTrainedModel, start: int, count: int, length: int, seed: int, batch_size: int
+) -> list[list[int]]:
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     samples: list[list[int]] = []
@@ -161,12 +184,22 @@ def _draw_samples(model: PreTrainedModel, start: int, count: int, length: int, s
 
 
 @torch.no_grad()
-def collect_keys(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str] | Sequence[list[int]],
-                 layers: Mapping[str, tuple[str, bool]], batch_size: int = 16, max_length: int = 128) -> tuple[dict[str, torch.Tensor], int]:
+def collect_keys(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str] | Sequence[list[int]],
+    layers: Mapping[str, tuple[str, bool]],
+    batch_size: int = 16,
+    max_length: int = 128,
+) -> tuple[dict[str, torch.Tensor], int]:
     """C = E[k kᵀ] (float64) of each layer's inputs over every unmasked token of `texts` (strings, or token
     id lists); returns (moments, tokens)."""
-    sequences = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] if isinstance(t, str) else list(t)[:max_length]
-                 for t in texts]
+    sequences = [
+        tokenizer(t, truncation=True, max_length=max_length)["input_ids"]
+        if isinstance(t, str)
+        else list(t)[:max_length]
+        for t in texts
+    ]
     sequences = [ids for ids in sequences if ids]
     if not sequences:
         raise ValueError("The preservation corpus is empty: no text to take the preserved keys from.")
@@ -174,8 +207,8 @@ def collect_keys(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Se
     available = psutil.virtual_memory().available
     if need > MEMORY_SHARE * available:
         raise MemoryError(
-            f"The preserved keys of {len(layers)} layers need {need / 2**30:.2f} GiB but only {available / 2**30:.2f} GiB "
-            "is free: edit fewer modules (edit_modules, e.g. mlp_out) or fewer blocks."
+            f"The preserved keys of {len(layers)} layers need {need / 2**30:.2f} GiB but only "
+            f"{available / 2**30:.2f} GiB is free: edit fewer modules (edit_modules, e.g. mlp_out) or fewer blocks."
         )
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
@@ -187,6 +220,7 @@ def collect_keys(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Se
             keys = args[0].detach().double()
             keys = keys.reshape(-1, keys.shape[-1])[mask[0].reshape(-1)]
             sums[name] = sums.get(name, 0) + keys.T @ keys
+
         return record
 
     for name, (owner, _) in layers.items():
@@ -213,8 +247,13 @@ def collect_keys(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Se
 
 
 def preserved_keys(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trainable: Sequence[str], texts: Sequence[str] | None,
-    spec: Mapping, path: str | None = None, cache_dir: str | None = None,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    trainable: Sequence[str],
+    texts: Sequence[str] | None,
+    spec: Mapping,
+    path: str | None = None,
+    cache_dir: str | None = None,
 ) -> KeyStatistics:
     """The key statistics of the trainable linear weights, from `path` (default: named by the model, corpus and layers
     in the `keys` folder of `cache_dir`, HF_HOME/hf_memedit) when made for this model and corpus, else collected and
@@ -234,8 +273,13 @@ def preserved_keys(
     if os.path.isfile(path):
         logger.info("Preserved keys read from %s.", path)
         return KeyStatistics.load(path, model_hash, list(layers), corpus)
-    corpus_items = texts if texts is not None else model_samples(
-        model, tokenizer, spec["samples"], spec["length"], spec["seed"], model_hash=model_hash, cache_dir=cache_dir)
+    corpus_items = (
+        texts
+        if texts is not None
+        else model_samples(
+            model, tokenizer, spec["samples"], spec["length"], spec["seed"], model_hash=model_hash, cache_dir=cache_dir
+        )
+    )
     moments, tokens = collect_keys(model, tokenizer, corpus_items, layers)
     stats = KeyStatistics(moments, tokens, model_hash, corpus)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -247,15 +291,17 @@ def preserved_keys(
 _DATA_FILES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def corpus_texts(corpus: str, column: str, count: int, benchmark_texts: Sequence[str] | None = None) -> list[str] | None:
+def corpus_texts(
+    corpus: str, column: str, count: int, benchmark_texts: Sequence[str] | None = None
+) -> list[str] | None:
     """The preservation corpus's first `count` texts (None for 'samples': the model draws them)."""
     if corpus == "samples":
         return None
     if corpus == "benchmark":
         if not benchmark_texts:
             raise ValueError(
-                "preserve_corpus 'benchmark' needs the unmodified facts set aside for preservation (preserve_fraction > 0), "
-                "and there are none."
+                "preserve_corpus 'benchmark' needs the unmodified facts set aside "
+                "for preservation (preserve_fraction > 0), and there are none."
             )
         return list(benchmark_texts)[:count]
     import datasets
@@ -273,8 +319,8 @@ def corpus_texts(corpus: str, column: str, count: int, benchmark_texts: Sequence
         ) from None
     if column not in dataset.column_names:
         raise ValueError(
-            f"The preservation corpus {corpus!r} has no column {column!r} (its columns: {', '.join(dataset.column_names)}): "
-            "set preserve_corpus_column."
+            f"The preservation corpus {corpus!r} has no column {column!r} (its "
+            f"columns: {', '.join(dataset.column_names)}): set preserve_corpus_column."
         )
     texts = [text for text in dataset[column][: 4 * count] if isinstance(text, str) and text.strip()][:count]
     if not texts:

@@ -25,7 +25,9 @@ METRICS = ("l2", "cosine")
 
 
 @torch.no_grad()
-def object_states(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Mapping], batch_size: int = 64) -> torch.Tensor:
+def object_states(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Mapping], batch_size: int = 64
+) -> torch.Tensor:
     """[len(facts), hidden]: the last hidden state at the position that predicts each fact's first object token."""
     kind = model_kind(model)
     collator = FactCollator(tokenizer, kind)
@@ -61,7 +63,13 @@ class KnnDatastore:
     metric: str = "l2"
 
     @classmethod
-    def build(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, evidence: Iterable[Mapping], metric: str = "l2") -> KnnDatastore:
+    def build(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        evidence: Iterable[Mapping],
+        metric: str = "l2",
+    ) -> KnnDatastore:
         if metric not in METRICS:
             raise ValueError(f"Unknown metric {metric!r}: choose one of {', '.join(METRICS)}.")
         rows = list(evidence)
@@ -71,7 +79,13 @@ class KnnDatastore:
         values = [[t for t in collator.encode(row)["labels"] if t != -100] for row in rows]
         return cls(object_states(model, tokenizer, rows), values, metric)
 
-    def lookup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Mapping], object_key: str = "object") -> KnnLookup:
+    def lookup(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        facts: Sequence[Mapping],
+        object_key: str = "object",
+    ) -> KnnLookup:
         """What every ε needs: the model's own predictions, each fact's nearest key and its distance."""
         facts = list(facts)
         own = evaluate_facts(model, tokenizer, facts, object_key=object_key)
@@ -81,7 +95,13 @@ class KnnDatastore:
         targets = [[t for t in collator.encode(f)["labels"] if t != -100] for f in facts]
         return KnnLookup(own, best.tolist(), [self.values[i] for i in index.tolist()], targets)
 
-    def predict(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Mapping], epsilons: Sequence[float]) -> dict[float, FactResults]:
+    def predict(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        facts: Sequence[Mapping],
+        epsilons: Sequence[float],
+    ) -> dict[float, FactResults]:
         """For each ε: the neighbour's object where its distance < ε, the model's prediction elsewhere."""
         found = self.lookup(model, tokenizer, facts)
         return {epsilon: found.at(epsilon) for epsilon in epsilons}
@@ -110,5 +130,11 @@ def epsilon_grid(distances: Sequence[float], points: int = 11) -> list[float]:
     chosen = {0.0}
     for k in range(1, points):
         value = ordered[round(k * (len(ordered) - 1) / (points - 1))]
-        chosen.add(float(torch.nextafter(torch.tensor(value, dtype=torch.float64), torch.tensor(float("inf"), dtype=torch.float64))))
+        chosen.add(
+            float(
+                torch.nextafter(
+                    torch.tensor(value, dtype=torch.float64), torch.tensor(float("inf"), dtype=torch.float64)
+                )
+            )
+        )
     return sorted(chosen)

@@ -31,8 +31,16 @@ class ObjectTokenLoss:
     def __init__(self, kind: str, reduction: str = "token"):
         self.kind, self.reduction = kind, reduction
 
-    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None, *, row_weights: torch.Tensor | None = None,
-                 kl_rows: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        outputs,
+        labels: torch.Tensor,
+        num_items_in_batch=None,
+        *,
+        row_weights: torch.Tensor | None = None,
+        kl_rows: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         logits = outputs["logits"]
         positions = logit_positions(labels, self.kind).to(logits.device)
         if logits.dim() == 3:
@@ -43,19 +51,26 @@ class ObjectTokenLoss:
         if row_weights is None and self.reduction == "token" and kl_rows is None:
             return fixed_cross_entropy(logits, targets, num_items_in_batch=num_items_in_batch)
         rows = positions.nonzero()[:, 0]
-        weights = torch.ones(len(positions), dtype=logits.dtype, device=logits.device) if row_weights is None else (
-            row_weights.to(device=logits.device, dtype=logits.dtype))
+        weights = (
+            torch.ones(len(positions), dtype=logits.dtype, device=logits.device)
+            if row_weights is None
+            else (row_weights.to(device=logits.device, dtype=logits.dtype))
+        )
         per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         if kl_rows is not None:
             at = kl_rows.to(logits.device)[rows].nonzero()[:, 0]
             if reference is None or len(reference) != len(at):
-                raise ValueError(f"KL rows need θ0's log-probabilities at their {len(at)} object positions, got "
-                                 f"{None if reference is None else len(reference)}.")
+                raise ValueError(
+                    f"KL rows need θ0's log-probabilities at their {len(at)} object positions, got "
+                    f"{None if reference is None else len(reference)}."
+                )
             target = reference.to(device=logits.device, dtype=logits.dtype)
             kl = (target.exp() * (target - logits[at].log_softmax(-1))).sum(-1)
             per_token = per_token.index_put((at,), kl)
         if self.reduction == "sequence":  # each fact's mean token loss, averaged over the batch's facts
-            sums = torch.zeros(len(positions), dtype=per_token.dtype, device=per_token.device).index_add_(0, rows, per_token)
+            sums = torch.zeros(len(positions), dtype=per_token.dtype, device=per_token.device).index_add_(
+                0, rows, per_token
+            )
             counts = positions.sum(1).to(per_token.dtype)
             present = counts > 0
             means = sums[present] / counts[present]

@@ -75,12 +75,14 @@ class EditModel(nn.Module):
         offloaded = [name for name in names if params[name].device.type == "meta"]
         if offloaded:
             placed = getattr(model, "hf_device_map", None) or {}
-            where = sorted({device for module, device in placed.items() if any(n.startswith(f"{module}.") for n in offloaded)})
+            where = sorted(
+                {device for module, device in placed.items() if any(n.startswith(f"{module}.") for n in offloaded)}
+            )
             raise ValueError(
-                f"{len(offloaded)} of the tensors to edit ({offloaded[0]}, ...) are offloaded by the device_map "
-                f"(to {', '.join(map(str, where)) or 'meta'}): accelerate keeps only a copy of them outside the model, "
-                "which training cannot update. Give the edited blocks a device in device_map (offload other blocks), "
-                "or give the model more memory (max_memory)."
+                f"{len(offloaded)} of the tensors to edit ({offloaded[0]}, ...) are offloaded by the "
+                f"device_map (to {', '.join(map(str, where)) or 'meta'}): accelerate keeps only a copy of "
+                "them outside the model, which training cannot update. Give the edited blocks a device "
+                "in device_map (offload other blocks), or give the model more memory (max_memory)."
             )
         self._requires_grad = {name: param.requires_grad for name, param in params.items()}
         for name, param in params.items():
@@ -116,15 +118,15 @@ class EditModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / total:.4f}"
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
     def changed_tensors(self) -> dict[str, torch.Tensor]:
         """The trainable tensors whose values differ from θ0 (whole: under FSDP2 a collective, for every rank)."""
         values = {name: whole(param.detach()) for name, param in self.trainable_parameters().items()}
         return {
-            name: value for name, value in values.items()
+            name: value
+            for name, value in values.items()
             if not torch.equal(value.to(self.theta0[name].device), self.theta0[name])
         }
 
@@ -176,17 +178,23 @@ class EditModel(nn.Module):
         save_tensors(
             changed,
             os.path.join(save_directory, WEIGHTS_NAME),
-            metadata={BASE_HASHES_KEY: json.dumps(base_hashes, sort_keys=True),
-                      EDIT_HASHES_KEY: json.dumps(edit_hashes, sort_keys=True),
-                      BASE_CONFIG_KEY: json.dumps(architecture_config(self.model.config), sort_keys=True)},
+            metadata={
+                BASE_HASHES_KEY: json.dumps(base_hashes, sort_keys=True),
+                EDIT_HASHES_KEY: json.dumps(edit_hashes, sort_keys=True),
+                BASE_CONFIG_KEY: json.dumps(architecture_config(self.model.config), sort_keys=True),
+            },
         )
         save_tensors({name: self.theta0[name] for name in changed}, os.path.join(save_directory, BASE_WEIGHTS_NAME))
         self.selector_config.save_pretrained(save_directory)
 
     @classmethod
     def from_pretrained(
-        cls, model: PreTrainedModel, edit_directory: str | os.PathLike, revision: str | None = None,
-        token: str | None = None, endpoint: str | None = None,
+        cls,
+        model: PreTrainedModel,
+        edit_directory: str | os.PathLike,
+        revision: str | None = None,
+        token: str | None = None,
+        endpoint: str | None = None,
     ) -> EditModel:
         """Apply a saved edit to `model`, after `hub.verify` checked all of it; nothing changes on a refusal.
 

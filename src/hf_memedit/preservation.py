@@ -76,19 +76,32 @@ class Locality:
         notes = ", ".join(f"{n} {DROP_REASONS[reason]}" for reason, n in sorted(self.dropped.items()))
         tail = f"; not scored: {notes}" if notes else ""
         if self.disjoint and self.preserve_fraction == 0:
-            return f"all {self.n_locality_facts} unmodified facts that no edit changes (no preservation data from the benchmark{tail})"
+            return (
+                f"all {self.n_locality_facts} unmodified facts that no edit "
+                f"changes (no preservation data from the benchmark{tail})"
+            )
         if not self.disjoint:
-            return (f"{self.n_locality_facts} unmodified facts, NOT disjoint from the preservation data "
-                    f"(preserve_fraction 0{tail}): retention is overstated")
-        return (f"{self.n_locality_facts} unmodified facts disjoint from the {self.n_preservation_facts} preservation facts, "
-                f"their subjects and what they state (preserve_fraction {self.preserve_fraction}{tail})")
+            return (
+                f"{self.n_locality_facts} unmodified facts, NOT disjoint from the preservation data "
+                f"(preserve_fraction 0{tail}): retention is overstated"
+            )
+        return (
+            f"{self.n_locality_facts} unmodified facts disjoint from the {self.n_preservation_facts} preservation "
+            f"facts, their subjects and what they state (preserve_fraction {self.preserve_fraction}{tail})"
+        )
 
     def to_dict(self) -> dict:
         """As results.json holds it (lists, not tuples), with the description."""
-        return {**asdict(self), "dropped_facts": [dict(fact) for fact in self.dropped_facts], "description": self.describe()}
+        return {
+            **asdict(self),
+            "dropped_facts": [dict(fact) for fact in self.dropped_facts],
+            "description": self.describe(),
+        }
 
 
-def disjoint_split(splits: Mapping[str, datasets.Dataset], fraction: float, seed: int) -> tuple[datasets.DatasetDict, Locality]:
+def disjoint_split(
+    splits: Mapping[str, datasets.Dataset], fraction: float, seed: int
+) -> tuple[datasets.DatasetDict, Locality]:
     """Unmodified facts split by a seeded hash of their subject: the facts of a `fraction` of the subjects keep their
     training evidence as the only preservation data; the others keep their test phrasing for locality, less those
     a preservation fact states too, read backwards or implied, or whose prompt it shares (`relations.linked_to`).
@@ -116,12 +129,17 @@ def _facts(split: datasets.Dataset) -> dict[str, Triple]:
     return {uuid: (s, r, o) for uuid, s, r, o in _columns(split, "uuid", "subject", "relation", "object")}
 
 
-def _split(splits: Mapping[str, datasets.Dataset], fraction: float | None, seed: int) -> tuple[datasets.DatasetDict, Locality]:
+def _split(
+    splits: Mapping[str, datasets.Dataset], fraction: float | None, seed: int
+) -> tuple[datasets.DatasetDict, Locality]:
     """`fraction` None: no preservation data; 0: all of it, not disjoint; else the subjects' share set aside."""
     out = datasets.DatasetDict(dict(splits))
     train, test = splits[UNMODIFIED_TRAIN], splits[UNMODIFIED_TEST]
-    edits = {Edit(*row) for split in (MODIFIED_TEST, MODIFIED_TRAIN)
-             for row in _columns(splits[split], "subject", "relation", "original_object", "object")}
+    edits = {
+        Edit(*row)
+        for split in (MODIFIED_TEST, MODIFIED_TRAIN)
+        for row in _columns(splits[split], "subject", "relation", "original_object", "object")
+    }
     facts = {**_facts(train), **_facts(test)}
     changes = edit_changes(edits, facts)
     kept = [uuid for uuid in facts if uuid not in changes]
@@ -133,7 +151,10 @@ def _split(splits: Mapping[str, datasets.Dataset], fraction: float | None, seed:
         pool = {uuid for uuid in kept if hash_share(facts[uuid][0], seed, "preserve") < fraction}
     candidates = {uuid: facts[uuid] for uuid in kept if uuid not in pool or fraction == 0}
     linked = linked_to([facts[uuid] for uuid in pool], candidates) if fraction else set()
-    reasons = {**{uuid: change.reason for uuid, change in changes.items()}, **dict.fromkeys(linked, "linked_to_preservation")}
+    reasons = {
+        **{uuid: change.reason for uuid, change in changes.items()},
+        **dict.fromkeys(linked, "linked_to_preservation"),
+    }
     scored = set(candidates) - linked
     preserved = pool if fraction is not None else set(kept)
     train_uuids, test_uuids = [row[0] for row in _columns(train, "uuid")], [row[0] for row in _columns(test, "uuid")]
@@ -142,20 +163,36 @@ def _split(splits: Mapping[str, datasets.Dataset], fraction: float | None, seed:
     implied: dict[tuple[str, str], dict] = {}
     for row in test.select([i for i, uuid in enumerate(test_uuids) if uuid in changes and changes[uuid].implied]):
         change = changes[row["uuid"]]
-        implied.setdefault((row["text"], change.implied), {**row, "object": change.implied, "original_object": row["object"]})
-    out[CONSISTENCY] = datasets.Dataset.from_dict({name: [row[name] for row in implied.values()] for name in FEATURES},
-                                                  features=FEATURES)
-    dropped = tuple({"uuid": uuid, "relation": facts[uuid][1], "subject": facts[uuid][0], "object": facts[uuid][2],
-                     "reason": reason} for uuid, reason in sorted(reasons.items()))
+        implied.setdefault(
+            (row["text"], change.implied), {**row, "object": change.implied, "original_object": row["object"]}
+        )
+    out[CONSISTENCY] = datasets.Dataset.from_dict(
+        {name: [row[name] for row in implied.values()] for name in FEATURES}, features=FEATURES
+    )
+    dropped = tuple(
+        {
+            "uuid": uuid,
+            "relation": facts[uuid][1],
+            "subject": facts[uuid][0],
+            "object": facts[uuid][2],
+            "reason": reason,
+        }
+        for uuid, reason in sorted(reasons.items())
+    )
     return out, Locality(
-        disjoint=fraction != 0, preserve_fraction=fraction or 0.0,
-        n_preservation_facts=len(pool & set(train_uuids)), n_locality_facts=len(scored & set(test_uuids)),
+        disjoint=fraction != 0,
+        preserve_fraction=fraction or 0.0,
+        n_preservation_facts=len(pool & set(train_uuids)),
+        n_locality_facts=len(scored & set(test_uuids)),
         dropped=dict(sorted(Counter(reasons.values()).items())),
-        n_consistency_facts=len({row["uuid"] for row in implied.values()}), dropped_facts=dropped,
+        n_consistency_facts=len({row["uuid"] for row in implied.values()}),
+        dropped_facts=dropped,
     )
 
 
-def known_evidence(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, evidence: datasets.Dataset, batch_size: int = 64) -> datasets.Dataset:
+def known_evidence(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, evidence: datasets.Dataset, batch_size: int = 64
+) -> datasets.Dataset:
     """The evidence rows `model` predicts right: their objects are the model's own answers."""
     if len(evidence) == 0:
         return evidence
@@ -176,8 +213,13 @@ class NeighbourRisk:
 
 
 @torch.no_grad()
-def neighbour_risk(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, neighbours: datasets.Dataset,
-                   edit: datasets.Dataset, batch_size: int = 64) -> NeighbourRisk:
+def neighbour_risk(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    neighbours: datasets.Dataset,
+    edit: datasets.Dataset,
+    batch_size: int = 64,
+) -> NeighbourRisk:
     """One teacher-forced pass over the edit rows (their new objects' first tokens) and one over the neighbours."""
     first = [0] * len(edit)
     for index, _, targets in object_logits(model, tokenizer, list(edit), batch_size):
@@ -186,8 +228,9 @@ def neighbour_risk(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n
     wanted = torch.tensor(tokens, dtype=torch.long)
     by_token = torch.zeros(len(neighbours), len(tokens))
     if len(neighbours):
-        for index, logits, _ in object_logits(model, tokenizer, list(neighbours), batch_size, show_progress=True,
-                                              desc="ranking neighbours by risk"):
+        for index, logits, _ in object_logits(
+            model, tokenizer, list(neighbours), batch_size, show_progress=True, desc="ranking neighbours by risk"
+        ):
             by_token[index] = logits[0].float().softmax(-1)[wanted.to(logits.device)].cpu()
     return NeighbourRisk(by_token, tuple(tokens.index(t) for t in first))
 
@@ -217,8 +260,10 @@ def preservation_batches(
             "model predicts right): set preserve_objective none, or a larger preserve_fraction."
         )
     if risk_share > 0 and (risk is None or risk.by_token.shape[0] != len(neighbours) or len(risk.column) != len(edit)):
-        raise ValueError(f"preserve_risk {risk_share} needs the neighbour_risk of these {len(neighbours)} neighbours "
-                         f"and {len(edit)} edit rows.")
+        raise ValueError(
+            f"preserve_risk {risk_share} needs the neighbour_risk of these {len(neighbours)} neighbours "
+            f"and {len(edit)} edit rows."
+        )
     rng = random.Random(seed)
     rows = list(neighbours)
     by_relation: dict[str, list[int]] = defaultdict(list)
@@ -232,19 +277,31 @@ def preservation_batches(
         for start in range(0, len(order), per_batch):
             chosen = order[start : start + per_batch]
             relations = [edit[i]["relation"] for i in chosen] if same_relation else None
-            drawn = _draw(rng, chosen, relations, by_relation, len(rows), count, risk if risk_share > 0 else None, risk_share)
+            drawn = _draw(
+                rng, chosen, relations, by_relation, len(rows), count, risk if risk_share > 0 else None, risk_share
+            )
             facts = [edit[i] for i in chosen] + [rows[i] for i in drawn]
-            groups.append({
-                "text": [row["text"] for row in facts],
-                "object": [row["object"] for row in facts],
-                WEIGHT_KEY: [1.0] * len(chosen) + [float(weight)] * len(drawn),
-                PRESERVE_KEY: [False] * len(chosen) + [True] * len(drawn),
-            })
+            groups.append(
+                {
+                    "text": [row["text"] for row in facts],
+                    "object": [row["object"] for row in facts],
+                    WEIGHT_KEY: [1.0] * len(chosen) + [float(weight)] * len(drawn),
+                    PRESERVE_KEY: [False] * len(chosen) + [True] * len(drawn),
+                }
+            )
     return datasets.Dataset.from_list(groups)
 
 
-def _draw(rng: random.Random, chosen: Sequence[int], relations: Sequence[str] | None, by_relation: Mapping[str, list[int]],
-          total: int, count: int, risk: NeighbourRisk | None, risk_share: float) -> list[int]:
+def _draw(
+    rng: random.Random,
+    chosen: Sequence[int],
+    relations: Sequence[str] | None,
+    by_relation: Mapping[str, list[int]],
+    total: int,
+    count: int,
+    risk: NeighbourRisk | None,
+    risk_share: float,
+) -> list[int]:
     """`count` distinct neighbour indices (fewer when there are fewer), spread over the chosen edit rows:
     from each row's relation when `relations` are given, a `risk_share` of them by that row's risk."""
     if relations is None and risk is None:

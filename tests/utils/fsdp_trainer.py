@@ -53,14 +53,29 @@ def main(out: str, order: str) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     corpus = [f["text"].replace("[Y]", f["object"]) for f in FACTS] * 10
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
     model = TINY["llama"](3, vocab=len(tokenizer))
     facts = [f for f in FACTS if not f["text"].startswith("[Y]")]
-    args = EditConfig(output_dir=out, edit_blocks=["2"], norm="linf", delta=1e-2, max_steps=3, learning_rate=1e-2,
-                      per_device_train_batch_size=4, report_to="none", save_strategy="no", disable_tqdm=True,
-                      prefix_cache=False, use_cpu=True)
+    args = EditConfig(
+        output_dir=out,
+        edit_blocks=["2"],
+        norm="linf",
+        delta=1e-2,
+        max_steps=3,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        prefix_cache=False,
+        use_cpu=True,
+    )
     trainer = ConstrainedEditTrainer(model, args, train_dataset=Dataset.from_list(facts), processing_class=tokenizer)
     if order == "before":
         shard(model)
@@ -82,7 +97,9 @@ def main(out: str, order: str) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0", WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0", WORLD_SIZE="1"
+    )
     dist.init_process_group("gloo", rank=0, world_size=1)
     main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "before")
     end_process_group()  # the trainer and its sharded model are released: Gloo's workers are joined before exit

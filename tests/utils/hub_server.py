@@ -75,14 +75,18 @@ class FakeHub:
                     return self._json({"error": "repo not found"}, 404)
                 if action == "preupload":
                     files = json.loads(body)["files"]
-                    return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                    return self._json(
+                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                    )
                 for line in body.decode().splitlines():
                     item = json.loads(line)
                     if item["key"] == "file":
                         hub.repos[key][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                     elif item["key"] == "deletedFile":
                         hub.repos[key].pop(item["value"]["path"], None)
-                digest = hashlib.sha1(json.dumps(sorted((p, hashlib.sha1(c).hexdigest()) for p, c in hub.repos[key].items())).encode()).hexdigest()
+                digest = hashlib.sha1(
+                    json.dumps(sorted((p, hashlib.sha1(c).hexdigest()) for p, c in hub.repos[key].items())).encode()
+                ).hexdigest()
                 hub.commits[key] = digest
                 return self._json({"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{digest}", "commitOid": digest})
 
@@ -117,19 +121,30 @@ class FakeHub:
                 tree = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/tree/[^/?]+(\?.*)?", self.path)
                 if tree:
                     files = hub.repos.get(f"{tree.group(1)[:-1]}/{tree.group(2)}", {})
-                    return self._json([
-                        {"type": "file", "path": path, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
-                        for path, content in sorted(files.items())
-                    ])
+                    return self._json(
+                        [
+                            {
+                                "type": "file",
+                                "path": path,
+                                "size": len(content),
+                                "oid": hashlib.sha1(content).hexdigest(),
+                            }
+                            for path, content in sorted(files.items())
+                        ]
+                    )
                 match = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)(/revision/[^/?]+)?(\?.*)?", self.path)
                 if match:
                     key = f"{match.group(1)[:-1]}/{match.group(2)}"
                     if key not in hub.repos:
                         return self._json({"error": "Repository not found"}, 404, {"X-Error-Code": "RepoNotFound"})
-                    return self._json({
-                        "id": match.group(2), "sha": hub.commits[key], "private": hub.private[key],
-                        "siblings": [{"rfilename": path} for path in sorted(hub.repos[key])],
-                    })
+                    return self._json(
+                        {
+                            "id": match.group(2),
+                            "sha": hub.commits[key],
+                            "private": hub.private[key],
+                            "siblings": [{"rfilename": path} for path in sorted(hub.repos[key])],
+                        }
+                    )
                 if self._file(head=False) is None:
                     self._json({"error": f"not served: GET {self.path}"}, 404)
 

@@ -64,7 +64,10 @@ def main() -> None:
             report = log_dir / "report.xml"
             done = subprocess.run(
                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *args.tests],
-                cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONFAULTHANDLER": "1"},
             )
             for test, state in outcomes(report).items():
                 counts.setdefault(test, Counter())[state] += 1
@@ -72,18 +75,24 @@ def main() -> None:
                 failed_runs += 1
                 (log_dir / f"run{run}.log").write_text(done.stdout + done.stderr)
             finished = run
-            print(f"run {run}/{args.runs}: {'ok' if done.returncode == 0 else 'FAILED'} "
-                  f"({time.monotonic() - started:.0f} s so far)", flush=True)
+            print(
+                f"run {run}/{args.runs}: {'ok' if done.returncode == 0 else 'FAILED'} "
+                f"({time.monotonic() - started:.0f} s so far)",
+                flush=True,
+            )
     finally:
         for burner in burners:
             burner.terminate()
-        print(f"\n{finished} of {args.runs} runs finished beside {args.burners} CPU-bound process(es), "
-              f"{time.monotonic() - started:.0f} s\n")
+        print(
+            f"\n{finished} of {args.runs} runs finished beside {args.burners} CPU-bound process(es), "
+            f"{time.monotonic() - started:.0f} s\n"
+        )
         print("| test | passed | failed | error |\n|---|---|---|---|")
         for test, count in sorted(counts.items()):
             print(f"| {test} | {count['passed']} | {count['failure']} | {count['error']} |")
         print(f"\nfailed runs: {failed_runs}" + (f" (their output: {log_dir})" if failed_runs else ""), flush=True)
     sys.exit(1 if failed_runs else 0)
+
 
 if __name__ == "__main__":
     main()

@@ -58,7 +58,9 @@ def benchmark_facts(name: str, data_dir: str | None = None, seed: int = 0, **opt
     return builder.read_facts(builder.BUILDER_CONFIG_CLASS(**fields))
 
 
-def known_uuids(facts: Sequence[Fact], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64) -> tuple[str, ...]:
+def known_uuids(
+    facts: Sequence[Fact], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64
+) -> tuple[str, ...]:
     """The uuids of the facts `model` already predicts on every test phrasing (the authors' filter)."""
     rows = [{"uuid": f.uuid, "text": text, "object": f.object} for f in facts for text in f.test_texts]
     encodable, _ = filter_encodable(rows, FactEncoder(tokenizer, model_kind(model)))
@@ -81,7 +83,9 @@ def encodable_choices(facts: Sequence[Fact], encoder: FactEncoder) -> tuple[tupl
             probe.setdefault(fact.relation, fact.test_texts[0])
             if any(encoder.problem(text, fact.object) is None for text in fact.train_texts):
                 usable.append(fact.uuid)
-    excluded = {f.object for f in facts if f.relation in probe and encoder.problem(probe[f.relation], f.object) is not None}
+    excluded = {
+        f.object for f in facts if f.relation in probe and encoder.problem(probe[f.relation], f.object) is not None
+    }
     return tuple(usable), tuple(sorted(excluded))
 
 
@@ -124,8 +128,13 @@ def load_benchmark(
 
 
 def export_benchmark(
-    name: str, folder: str, ms: Sequence[int] = (32, 128, 512), seed: int = 0, data_dir: str | None = None,
-    overwrite: bool = False, **options,
+    name: str,
+    folder: str,
+    ms: Sequence[int] = (32, 128, 512),
+    seed: int = 0,
+    data_dir: str | None = None,
+    overwrite: bool = False,
+    **options,
 ) -> str:
     """Write `folder/m{m}/{split}-<content hash>.parquet` and a README whose `configs:` lets
     `load_dataset(folder, "m128")` read them; the folder pushes to the Hub as a dataset repo.
@@ -138,12 +147,16 @@ def export_benchmark(
         for m in ms:
             dataset = load_benchmark(name, m=m, seed=seed, data_dir=data_dir, **options)
             os.makedirs(os.path.join(staging, f"m{m}"), exist_ok=True)
-            files = [{"split": split, "path": _write_parquet(dataset[split], staging, f"m{m}/{split}")} for split in SPLITS]
+            files = [
+                {"split": split, "path": _write_parquet(dataset[split], staging, f"m{m}/{split}")} for split in SPLITS
+            ]
             configs.append({"config_name": f"m{m}", "data_files": files})
         card = yaml.safe_dump({"configs": configs, "tags": ["knowledge-editing", "hf_memedit"]}, sort_keys=False)
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(f"---\n{card}---\n\n# {name}\n\nModified-facts benchmark exported by hf_memedit "
-                         f"(seed {seed}, options {options or 'default'}). Splits: {', '.join(SPLITS)}.\n")
+            handle.write(
+                f"---\n{card}---\n\n# {name}\n\nModified-facts benchmark exported by hf_memedit "
+                f"(seed {seed}, options {options or 'default'}). Splits: {', '.join(SPLITS)}.\n"
+            )
     return target
 
 
@@ -173,6 +186,17 @@ def _is_export(folder: str) -> bool:
 
 
 __all__ = [
-    "BUILDERS", "GeoMod", "GeoModConfig", "SPLITS", "TrexMod", "TrexModConfig", "ZsreMod", "ZsreModConfig",
-    "benchmark_facts", "encodable_choices", "export_benchmark", "known_uuids", "load_benchmark",
+    "BUILDERS",
+    "GeoMod",
+    "GeoModConfig",
+    "SPLITS",
+    "TrexMod",
+    "TrexModConfig",
+    "ZsreMod",
+    "ZsreModConfig",
+    "benchmark_facts",
+    "encodable_choices",
+    "export_benchmark",
+    "known_uuids",
+    "load_benchmark",
 ]

@@ -64,21 +64,27 @@ class ModBenchmarkConfig(datasets.BuilderConfig):
     seed: int = field(default=0, metadata={"help": "Seed of the modified facts and their new objects."})
     eligible_uuids: tuple[str, ...] | None = field(
         default=None,
-        metadata={"help": "Only these facts may be modified (e.g. those a model already predicts; see load_benchmark)."},
+        metadata={
+            "help": "Only these facts may be modified (e.g. those a model already predicts; see load_benchmark)."
+        },
     )
     relations: tuple[str, ...] | None = field(
         default=None, metadata={"help": "Only these relations (ids for T-REx and geo_mod, names for zsRE); None: all."}
     )
     locality_relations: tuple[str, ...] | None = field(
         default=None,
-        metadata={"help": "Relations read only as unmodified facts, never modified: more facts to measure locality on "
-                  "without changing which facts are edited. Facts an edit changes logically (hf_memedit.benchmarks."
-                  "relations) are not scored as locality, whatever their relation."},
+        metadata={
+            "help": "Relations read only as unmodified facts, never modified: more facts to measure locality on "
+            "without changing which facts are edited. Facts an edit changes logically (hf_memedit.benchmarks."
+            "relations) are not scored as locality, whatever their relation."
+        },
     )
     excluded_objects: tuple[str, ...] | None = field(
         default=None,
-        metadata={"help": "Objects never drawn as a new object: those the model's tokenizer cannot encode "
-                  "(load_benchmark sets them when given an encoder)."},
+        metadata={
+            "help": "Objects never drawn as a new object: those the model's tokenizer cannot encode "
+            "(load_benchmark sets them when given an encoder)."
+        },
     )
 
     def reads(self, relation: str) -> bool:
@@ -101,15 +107,17 @@ def numbered_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[tuple[
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise ValueError(
-                    f"{path}, line {number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}). "
-                    "Re-save the file as UTF-8."
+                    f"{path}, line {number}: not UTF-8 text (byte 0x{raw[error.start]:02x} "
+                    f"at column {error.start + 1}). Re-save the file as UTF-8."
                 ) from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: malformed JSON ({error.msg}). Fix or remove that line.") from None
+                raise ValueError(
+                    f"{path}, line {number}: malformed JSON ({error.msg}). Fix or remove that line."
+                ) from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}.")
             missing = [key for key in required if key not in record]
@@ -147,7 +155,10 @@ def fact_groups(facts: list[Fact]) -> list[list[int]]:
 
     first: dict[tuple, int] = {}
     for index, fact in enumerate(facts):
-        for key in [("prompt", fact.subject, fact.relation), *(("text", t) for t in fact.train_texts + fact.test_texts)]:
+        for key in [
+            ("prompt", fact.subject, fact.relation),
+            *(("text", t) for t in fact.train_texts + fact.test_texts),
+        ]:
             other = first.setdefault(key, index)
             a, b = root(other), root(index)
             if a != b:
@@ -158,9 +169,14 @@ def fact_groups(facts: list[Fact]) -> list[list[int]]:
     return list(groups.values())
 
 
-def modify_facts(facts: list[Fact], m: int, seed: int, eligible_uuids: tuple[str, ...] | None,
-                 locality_relations: tuple[str, ...] | None = None,
-                 excluded_objects: tuple[str, ...] | None = None) -> dict[str, str]:
+def modify_facts(
+    facts: list[Fact],
+    m: int,
+    seed: int,
+    eligible_uuids: tuple[str, ...] | None,
+    locality_relations: tuple[str, ...] | None = None,
+    excluded_objects: tuple[str, ...] | None = None,
+) -> dict[str, str]:
     """Choose exactly m facts and their new objects, as the paper does; returns uuid -> new object.
 
     Facts are drawn uniformly, each with its group (`fact_groups`: a group is modified whole or not at all, and
@@ -193,8 +209,14 @@ def modify_facts(facts: list[Fact], m: int, seed: int, eligible_uuids: tuple[str
         return objects | excluded
 
     def modifiable(group: list[Fact]) -> bool:
-        if not all(f.relation not in single and f.relation not in locality_only and f.train_texts and f.test_texts
-                   and (allowed is None or f.uuid in allowed) for f in group):
+        if not all(
+            f.relation not in single
+            and f.relation not in locality_only
+            and f.train_texts
+            and f.test_texts
+            and (allowed is None or f.uuid in allowed)
+            for f in group
+        ):
             return False
         taken = blocked(group)
         needed = Counter(f.relation for f in group)
@@ -226,8 +248,10 @@ def modify_facts(facts: list[Fact], m: int, seed: int, eligible_uuids: tuple[str
             if remaining == 0:
                 break
     if remaining:
-        raise ValueError(f"m={m} cannot be made of whole groups of facts sharing a prompt (seed {seed}): {m - remaining} "
-                         "could; choose another m or seed.")
+        raise ValueError(
+            f"m={m} cannot be made of whole groups of facts sharing a prompt (seed {seed}): {m - remaining} "
+            "could; choose another m or seed."
+        )
     new_objects = {}
     for group in chosen:
         taken = blocked(group)
@@ -253,7 +277,13 @@ def split_rows(facts: list[Fact], new_objects: dict[str, str]) -> dict[str, list
     for fact in facts:
         modified = fact.uuid in new_objects
         obj = new_objects.get(fact.uuid, fact.object)
-        base = {"uuid": fact.uuid, "relation": fact.relation, "subject": fact.subject, "object": obj, "original_object": fact.object}
+        base = {
+            "uuid": fact.uuid,
+            "relation": fact.relation,
+            "subject": fact.subject,
+            "object": obj,
+            "original_object": fact.object,
+        }
         train, test = (MODIFIED_TRAIN, MODIFIED_TEST) if modified else (UNMODIFIED_TRAIN, UNMODIFIED_TEST)
         rows[train] += [{**base, "text": text} for text in fact.train_texts]
         rows[test] += [{**base, "text": text} for text in fact.test_texts]
@@ -279,10 +309,13 @@ class ModBenchmarkBuilder(datasets.GeneratorBasedBuilder):
         facts = self.read_facts(config, dl_manager)
         missing = sorted(set(config.locality_relations or ()) - {f.relation for f in facts})
         if missing:
-            raise ValueError(f"locality_relations {', '.join(missing)}: no facts of theirs were read; "
-                             f"choose among {', '.join(sorted({f.relation for f in facts}))}.")
-        new_objects = modify_facts(facts, config.m, config.seed, config.eligible_uuids, config.locality_relations,
-                                   config.excluded_objects)
+            raise ValueError(
+                f"locality_relations {', '.join(missing)}: no facts of theirs were read; "
+                f"choose among {', '.join(sorted({f.relation for f in facts}))}."
+            )
+        new_objects = modify_facts(
+            facts, config.m, config.seed, config.eligible_uuids, config.locality_relations, config.excluded_objects
+        )
         rows = split_rows(facts, new_objects)
         return [datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]}) for split in SPLITS]
 
@@ -309,8 +342,10 @@ def data_fingerprint(data_dir: str | None) -> str:
     digest = hashlib.sha256()
     if data_dir is None:
         return ""
-    paths = [data_dir] if os.path.isfile(data_dir) else sorted(
-        os.path.join(root, name) for root, _, names in os.walk(data_dir) for name in names
+    paths = (
+        [data_dir]
+        if os.path.isfile(data_dir)
+        else sorted(os.path.join(root, name) for root, _, names in os.walk(data_dir) for name in names)
     )
     for path in paths:
         digest.update(os.path.relpath(path, data_dir).encode() + b"\0")

@@ -16,27 +16,75 @@ from .trex import object_last
 
 
 CONTINENTS = {
-    "AF": "Africa", "AN": "Antarctica", "AS": "Asia", "EU": "Europe",
-    "NA": "North America", "OC": "Oceania", "SA": "South America",
+    "AF": "Africa",
+    "AN": "Antarctica",
+    "AS": "Asia",
+    "EU": "Europe",
+    "NA": "North America",
+    "OC": "Oceania",
+    "SA": "South America",
 }
 
 # relation: (test template, training paraphrases)
 TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "P36": ("The capital of [X] is [Y].", ("[X]'s capital is [Y].", "The capital city of [X] is [Y].", "[Y] is the capital of [X].", "The seat of government of [X] is [Y].")),
-    "P1376": ("[X] is the capital of [Y].", ("[X] is the capital city of [Y].", "The city of [X] is the capital of [Y].", "[Y] has its capital in [X].", "[X] serves as the capital of [Y].")),
-    "P17": ("The city of [X] is in the country of [Y].", ("[X] is located in [Y].", "The city of [X] lies in [Y].", "[X] is a city in the country of [Y].", "[Y] is the country where [X] is.")),
-    "P30": ("[X] is located in the continent of [Y].", ("[X] is a country in [Y].", "[X] lies in [Y].", "[X] is part of the continent of [Y].", "[Y] is the continent of [X].")),
-    "P47": ("[X] shares a border with [Y].", ("[X] borders [Y].", "[X] is a neighbour of [Y].", "[X] has a land border with [Y].", "[Y] and [X] share a border.")),
+    "P36": (
+        "The capital of [X] is [Y].",
+        (
+            "[X]'s capital is [Y].",
+            "The capital city of [X] is [Y].",
+            "[Y] is the capital of [X].",
+            "The seat of government of [X] is [Y].",
+        ),
+    ),
+    "P1376": (
+        "[X] is the capital of [Y].",
+        (
+            "[X] is the capital city of [Y].",
+            "The city of [X] is the capital of [Y].",
+            "[Y] has its capital in [X].",
+            "[X] serves as the capital of [Y].",
+        ),
+    ),
+    "P17": (
+        "The city of [X] is in the country of [Y].",
+        (
+            "[X] is located in [Y].",
+            "The city of [X] lies in [Y].",
+            "[X] is a city in the country of [Y].",
+            "[Y] is the country where [X] is.",
+        ),
+    ),
+    "P30": (
+        "[X] is located in the continent of [Y].",
+        (
+            "[X] is a country in [Y].",
+            "[X] lies in [Y].",
+            "[X] is part of the continent of [Y].",
+            "[Y] is the continent of [X].",
+        ),
+    ),
+    "P47": (
+        "[X] shares a border with [Y].",
+        (
+            "[X] borders [Y].",
+            "[X] is a neighbour of [Y].",
+            "[X] has a land border with [Y].",
+            "[Y] and [X] share a border.",
+        ),
+    ),
 }
 
 
 @dataclass
 class GeoModConfig(ModBenchmarkConfig):
     max_facts_per_relation: int | None = field(
-        default=250, metadata={"help": "Cap per relation (largest cities / countries first); None: all (about 35k facts)."}
+        default=250,
+        metadata={"help": "Cap per relation (largest cities / countries first); None: all (about 35k facts)."},
     )
     evidence_per_fact: int | None = field(default=3, metadata={"help": "Training paraphrases per fact (None: all)."})
-    object_last: bool = field(default=False, metadata={"help": "Keep only phrasings whose object comes last (causal LMs)."})
+    object_last: bool = field(
+        default=False, metadata={"help": "Keep only phrasings whose object comes last (causal LMs)."}
+    )
 
 
 class GeoMod(ModBenchmarkBuilder):
@@ -86,7 +134,16 @@ def geo_facts(config: GeoModConfig) -> list[Fact]:
         for key, subject, obj in triples[: config.max_facts_per_relation]:
             uuid = f"geo-{relation}-{key}"
             chosen = choose_evidence(patterns, config.evidence_per_fact, config.seed, uuid)
-            facts.append(Fact(uuid, relation, subject, obj, [fill_subject(p, subject) for p in chosen], [fill_subject(template, subject)]))
+            facts.append(
+                Fact(
+                    uuid,
+                    relation,
+                    subject,
+                    obj,
+                    [fill_subject(p, subject) for p in chosen],
+                    [fill_subject(template, subject)],
+                )
+            )
     if not facts:
         raise ValueError(f"No geo_mod facts for relations={config.relations}; choose among {', '.join(TEMPLATES)}.")
     return facts

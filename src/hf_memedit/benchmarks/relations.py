@@ -23,12 +23,27 @@ Triple = tuple[str, str, str]  # (subject, relation, object)
 
 # Wikidata id: label, for the relations the tables below name.
 LABELS = {
-    "P17": "country", "P26": "spouse", "P36": "capital", "P47": "shares border with", "P190": "twinned administrative body",
-    "P361": "part of", "P527": "has part", "P530": "diplomatic relation", "P1376": "capital of", "P3373": "sibling",
+    "P17": "country",
+    "P26": "spouse",
+    "P36": "capital",
+    "P47": "shares border with",
+    "P190": "twinned administrative body",
+    "P361": "part of",
+    "P527": "has part",
+    "P530": "diplomatic relation",
+    "P1376": "capital of",
+    "P3373": "sibling",
 }
 # (r, q): (s, r, o) holds exactly when (o, q, s) does; r == q for a symmetric relation.
-INVERSE_PAIRS = (("P36", "P1376"), ("P361", "P527"), ("P47", "P47"), ("P530", "P530"), ("P190", "P190"),
-                 ("P26", "P26"), ("P3373", "P3373"))
+INVERSE_PAIRS = (
+    ("P36", "P1376"),
+    ("P361", "P527"),
+    ("P47", "P47"),
+    ("P530", "P530"),
+    ("P190", "P190"),
+    ("P26", "P26"),
+    ("P3373", "P3373"),
+)
 # r: the relations q with (s, r, o) ⇒ (s, q, o).
 IMPLIES = {"P1376": ("P17",)}  # a country's capital lies in that country
 
@@ -78,7 +93,7 @@ CHANGE_REASONS = {  # as reports list them: "not scored: 6 an edited fact read b
     "inverse_of_edit": "an edited fact read backwards (false after the edit)",
     "implied_by_edit": "given an object by an edit, read backwards or implied (scored as consistency)",
     "about_edited_object": "about an edit's old or new object under the edited relation, its inverse or what the old "
-                           "fact implied",
+    "fact implied",
 }
 
 

@@ -97,7 +97,10 @@ def read_trex(data_dir: str, config: TrexModConfig) -> list[Fact]:
         if not config.reads(relation):
             continue
         if relation not in templates:
-            raise ValueError(f"{path}: relation {relation} has no template in {data_dir}/relations.jsonl; add one or remove the file.")
+            raise ValueError(
+                f"{path}: relation {relation} has no template in "
+                f"{data_dir}/relations.jsonl; add one or remove the file."
+            )
         template = templates[relation]
         if config.object_last and not object_last(template):
             skipped.append(relation)
@@ -110,16 +113,23 @@ def read_trex(data_dir: str, config: TrexModConfig) -> list[Fact]:
                 chosen = choose_evidence(patterns, config.evidence_per_fact, config.seed, record["uuid"])
                 train = [fill_subject(p, subject) for p in chosen]
             else:
-                sentences = sorted({
-                    e["masked_sentence"].replace("[MASK]", "[Y]") for e in record["evidences"]
-                    if e.get("masked_sentence", "").count("[MASK]") == 1
-                })
+                sentences = sorted(
+                    {
+                        e["masked_sentence"].replace("[MASK]", "[Y]")
+                        for e in record["evidences"]
+                        if e.get("masked_sentence", "").count("[MASK]") == 1
+                    }
+                )
                 if config.object_last:
                     sentences = [s for s in sentences if object_last(s)]
                 train = choose_evidence(sentences, config.evidence_per_fact, config.seed, record["uuid"])
             facts.append(Fact(record["uuid"], relation, subject, obj, train, [fill_subject(template, subject)]))
     if skipped:
-        logger.warning("object_last: skipped %d relations whose template does not end with the object: %s", len(skipped), ", ".join(skipped))
+        logger.warning(
+            "object_last: skipped %d relations whose template does not end with the object: %s",
+            len(skipped),
+            ", ".join(skipped),
+        )
     if not facts:
         raise ValueError(f"No facts were read from {data_dir} with relations={config.relations}.")
     return facts

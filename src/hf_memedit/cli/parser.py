@@ -33,7 +33,9 @@ class MemeditParser(HfArgumentParser):
 
     def __init__(self, command: str, description: str):
         super().__init__(
-            DATACLASSES, prog=f"memedit {command}", description=description,
+            DATACLASSES,
+            prog=f"memedit {command}",
+            description=description,
             epilog="Every option can also be a key of the --config YAML; the command line wins.",
         )
         self.add_argument("--config", default=None, help="YAML file of options (see trainer_configs/).")
@@ -60,13 +62,16 @@ class MemeditParser(HfArgumentParser):
         elif known.facts:  # facts without a config: the default recipe of a facts edit
             self.set_defaults(**FACTS_RECIPE)
         *groups, args, extra = self.parse_args_into_dataclasses(yaml_argv + argv)
-        arguments = groups[len(GROUPS):]
-        job = JobConfig.from_groups(*groups[:len(GROUPS)],
-                                    method_args={f.name: getattr(a, f.name) for a in arguments for f in fields(a)})
+        arguments = groups[len(GROUPS) :]
+        job = JobConfig.from_groups(
+            *groups[: len(GROUPS)], method_args={f.name: getattr(a, f.name) for a in arguments for f in fields(a)}
+        )
         method_arguments(job)  # what only the methods can check (compare_deltas' keys), before anything loads
         if job.facts:
             if self.command != "edit":  # sweeps, compares and evaluations pick and score on a benchmark's halves
-                raise ValueError(f"facts are edited by `memedit edit`; `{self.prog}` runs on a benchmark: leave out facts.")
+                raise ValueError(
+                    f"facts are edited by `memedit edit`; `{self.prog}` runs on a benchmark: leave out facts."
+                )
             _refuse_benchmark_options(argv)
         return job, args, extra
 
@@ -77,8 +82,10 @@ def _refuse_benchmark_options(argv: list[str]) -> None:
     given = sorted({token[2:].split("=", 1)[0] for token in argv if token.startswith("--")} & set(BENCHMARK_ONLY))
     if given:
         options = ", ".join(f"--{name}" for name in given)
-        raise ValueError(f"{options} choose a benchmark's facts, and facts replace the benchmark: leave {options} out, "
-                         "or leave out facts to edit the benchmark.")
+        raise ValueError(
+            f"{options} choose a benchmark's facts, and facts replace the benchmark: leave {options} out, "
+            "or leave out facts to edit the benchmark."
+        )
 
 
 def _field_types() -> dict[str, Any]:
@@ -103,7 +110,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             line = key_node.start_mark.line + 1
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}): keep one", key_node.start_mark
+                    None,
+                    None,
+                    f"key {key!r} is given twice (lines {seen[key]} and {line}): keep one",
+                    key_node.start_mark,
                 )
             seen[key] = line
         return super().construct_mapping(node, deep=deep)

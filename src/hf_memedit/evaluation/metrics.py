@@ -40,7 +40,10 @@ def _share(flags: Sequence[bool]) -> float | None:
 
 def _check_length(name: str, values: Sequence | None, expected: int, of: str) -> None:
     if values is not None and len(values) != expected:
-        raise ValueError(f"{name} has {len(values)} entries but there are {expected} {of} facts: give one per fact, in the same order.")
+        raise ValueError(
+            f"{name} has {len(values)} entries but there are {expected} "
+            f"{of} facts: give one per fact, in the same order."
+        )
 
 
 CONFIDENT_MARGIN = 1.0
@@ -111,7 +114,11 @@ def avg_acc(
         kept = [after for before, after in zip(unmodified_correct_before, unmodified_correct) if before]
         result["retention"] = _share(kept)
         result["n_known"] = len(kept)
-        lost = [i for i, (before, after) in enumerate(zip(unmodified_correct_before, unmodified_correct)) if before and not after]
+        lost = [
+            i
+            for i, (before, after) in enumerate(zip(unmodified_correct_before, unmodified_correct))
+            if before and not after
+        ]
         result["n_lost"] = len(lost)
         if unmodified_bleeds is not None:
             result["bleed"] = _share([bool(unmodified_bleeds[i]) for i in lost])
@@ -120,8 +127,13 @@ def avg_acc(
         if unmodified_margins_before is not None:
             # The facts the model knew firmly: a thin margin flips under almost any change, so this says
             # whether an edit's losses are such near-ties or facts the model was sure of.
-            firm = [after for before, after, margin in zip(unmodified_correct_before, unmodified_correct, unmodified_margins_before)
-                    if before and margin >= CONFIDENT_MARGIN]
+            firm = [
+                after
+                for before, after, margin in zip(
+                    unmodified_correct_before, unmodified_correct, unmodified_margins_before
+                )
+                if before and margin >= CONFIDENT_MARGIN
+            ]
             result["retention_confident"] = _share(firm)
             result["n_known_confident"] = len(firm)
     if (unmodified_predicted is None) != (unmodified_predicted_before is None):
@@ -133,34 +145,57 @@ def avg_acc(
         # Retention on the relations an edit changed: where it leaks. A locality-only relation (one the edit
         # never touches, e.g. `locality_relations`) can lift the overall figure; this one it cannot.
         edited = set(modified_relations)
-        kept_edited = [after for before, after, relation in zip(unmodified_correct_before, unmodified_correct, unmodified_relations)
-                       if before and relation in edited]
+        kept_edited = [
+            after
+            for before, after, relation in zip(unmodified_correct_before, unmodified_correct, unmodified_relations)
+            if before and relation in edited
+        ]
         result["retention_edited"] = _share(kept_edited)
         result["n_known_edited"] = len(kept_edited)
     if modified_relations is not None or unmodified_relations is not None:
         result["per_relation"] = _per_relation(
-            modified_correct, modified_relations, unmodified_correct, unmodified_relations,
-            unmodified_correct_before, unmodified_bleeds,
+            modified_correct,
+            modified_relations,
+            unmodified_correct,
+            unmodified_relations,
+            unmodified_correct_before,
+            unmodified_bleeds,
         )
     return result
 
 
-def _per_relation(modified_correct, modified_relations, unmodified_correct, unmodified_relations,
-                  unmodified_correct_before=None, unmodified_bleeds=None) -> dict[str, dict]:
+def _per_relation(
+    modified_correct,
+    modified_relations,
+    unmodified_correct,
+    unmodified_relations,
+    unmodified_correct_before=None,
+    unmodified_bleeds=None,
+) -> dict[str, dict]:
     groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: {"m": [], "u": [], "kept": [], "bleed": []})
-    for key, flags, relations in (("m", modified_correct, modified_relations), ("u", unmodified_correct, unmodified_relations)):
+    for key, flags, relations in (
+        ("m", modified_correct, modified_relations),
+        ("u", unmodified_correct, unmodified_relations),
+    ):
         for flag, relation in zip(flags, relations or ()):
             groups[relation][key].append(bool(flag))
     if unmodified_correct_before is not None:
         bleeds = unmodified_bleeds if unmodified_bleeds is not None else [False] * len(unmodified_correct)
-        for before, after, bled, relation in zip(unmodified_correct_before, unmodified_correct, bleeds, unmodified_relations or ()):
+        for before, after, bled, relation in zip(
+            unmodified_correct_before, unmodified_correct, bleeds, unmodified_relations or ()
+        ):
             if before:
                 groups[relation]["kept"].append(bool(after))
                 if not after:
                     groups[relation]["bleed"].append(bool(bled))
     rows = {}
     for relation, g in sorted(groups.items()):
-        rows[relation] = {"a_m": _share(g["m"]), "n_modified": len(g["m"]), "a_fs": _share(g["u"]), "n_unmodified": len(g["u"])}
+        rows[relation] = {
+            "a_m": _share(g["m"]),
+            "n_modified": len(g["m"]),
+            "a_fs": _share(g["u"]),
+            "n_unmodified": len(g["u"]),
+        }
         if unmodified_correct_before is not None:
             rows[relation].update(retention=_share(g["kept"]), n_known=len(g["kept"]))
         if unmodified_bleeds is not None:
@@ -191,8 +226,13 @@ def evaluate_splits(
             if prefix is not None:
                 prefix.add_facts(tokenizer, splits[name], batch_size, show_progress, object_key=object_key)
             results[name] = evaluate_facts(
-                model, tokenizer, splits[name], batch_size=batch_size, object_key=object_key,
-                show_progress=show_progress, prefix=prefix,
+                model,
+                tokenizer,
+                splits[name],
+                batch_size=batch_size,
+                object_key=object_key,
+                show_progress=show_progress,
+                prefix=prefix,
             )
     if not results:
         raise ValueError(
@@ -203,7 +243,10 @@ def evaluate_splits(
 
 
 def bleed_flags(
-    tokenizer: PreTrainedTokenizerBase, kind: str, modified: Sequence[Mapping], unmodified: Sequence[Mapping],
+    tokenizer: PreTrainedTokenizerBase,
+    kind: str,
+    modified: Sequence[Mapping],
+    unmodified: Sequence[Mapping],
     predicted: Sequence[Sequence[int]],
 ) -> list[bool]:
     """Per unmodified fact: whether its predicted first object token starts one of the edit's new objects
@@ -242,8 +285,11 @@ def per_fact(results: FactResults, facts: Sequence[Sequence[int]]) -> FactResult
 
 
 def lost_facts(
-    splits: Mapping[str, Any], after: Mapping[str, FactResults], before: Mapping[str, FactResults] | None,
-    tokenizer: PreTrainedTokenizerBase, kind: str,
+    splits: Mapping[str, Any],
+    after: Mapping[str, FactResults],
+    before: Mapping[str, FactResults] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    kind: str,
 ) -> list[dict[str, Any]]:
     """The unmodified facts right before the edit (every test phrasing) and wrong after it, in benchmark order, each
     by its first phrasing now wrong: what it predicts, whether that is one of the edit's new objects (`bleed_flags`),
@@ -264,8 +310,16 @@ def lost_facts(
     bleeds = bleed_flags(tokenizer, kind, modified, list(rows), predicted) if modified else [False] * len(indices)
     margins = [min(then.margins[i] for i in fact) if then.margins else None for fact in lost]
     return [
-        {"uuid": row["uuid"], "relation": row["relation"], "subject": row["subject"], "text": row["text"],
-         "object": row["object"], "predicted": tokenizer.decode(ids).strip(), "bleed": bleed, "margin_before": margin}
+        {
+            "uuid": row["uuid"],
+            "relation": row["relation"],
+            "subject": row["subject"],
+            "text": row["text"],
+            "object": row["object"],
+            "predicted": tokenizer.decode(ids).strip(),
+            "bleed": bleed,
+            "margin_before": margin,
+        }
         for row, ids, bleed, margin in zip(rows, predicted, bleeds, margins)
     ]
 
@@ -294,7 +348,10 @@ def edit_metrics(
         return [splits[name]["relation"][rows[0]] for rows in facts.get(name, [])]
 
     modified, unmodified = of(after, MODIFIED_TEST), of(after, UNMODIFIED_TEST)
-    kwargs: dict[str, Any] = {"modified_relations": relations(MODIFIED_TEST), "unmodified_relations": relations(UNMODIFIED_TEST)}
+    kwargs: dict[str, Any] = {
+        "modified_relations": relations(MODIFIED_TEST),
+        "unmodified_relations": relations(UNMODIFIED_TEST),
+    }
     if MODIFIED_TRAIN in after:
         kwargs["modified_train_correct"] = after[MODIFIED_TRAIN].correct
     if before is not None:
@@ -307,8 +364,13 @@ def edit_metrics(
             unmodified_margins_before=previous.margins or None,
         )
         if tokenizer is not None and kind is not None and len(unmodified) and len(modified):
-            rows = bleed_flags(tokenizer, kind, list(splits[MODIFIED_TEST]), list(splits[UNMODIFIED_TEST]),
-                               after[UNMODIFIED_TEST].predicted)
+            rows = bleed_flags(
+                tokenizer,
+                kind,
+                list(splits[MODIFIED_TEST]),
+                list(splits[UNMODIFIED_TEST]),
+                after[UNMODIFIED_TEST].predicted,
+            )
             kwargs["unmodified_bleeds"] = [any(rows[i] for i in fact) for fact in facts[UNMODIFIED_TEST]]
     metrics = avg_acc(modified.correct, unmodified.correct, **kwargs)
     if CONSISTENCY in facts:
@@ -318,18 +380,27 @@ def edit_metrics(
     return metrics
 
 
-def generate_splits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, Any], batch_size: int = 32) -> dict[str, list[str]]:
+def generate_splits(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, Any], batch_size: int = 32
+) -> dict[str, list[str]]:
     """The greedy answers (`scoring.generate_answers`) to the modified and unmodified test facts."""
-    return {name: generate_answers(model, tokenizer, splits[name], batch_size=batch_size, show_progress=True)
-            for name in (MODIFIED_TEST, UNMODIFIED_TEST) if name in splits and len(splits[name])}
+    return {
+        name: generate_answers(model, tokenizer, splits[name], batch_size=batch_size, show_progress=True)
+        for name in (MODIFIED_TEST, UNMODIFIED_TEST)
+        if name in splits and len(splits[name])
+    }
 
 
-def generation_metrics(splits: Mapping[str, Any], answers: Mapping[str, Sequence[str]],
-                       answers_before: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+def generation_metrics(
+    splits: Mapping[str, Any],
+    answers: Mapping[str, Sequence[str]],
+    answers_before: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
     """A_M (on the new objects) and A_F\\S by greedy generation from the answers (`generate_splits`), beside the
     teacher-forced scores, per fact as `edit_metrics`; with the answers before the edit also A_F\\S before, retention
     and bleed: of the facts lost, the share whose answer is now one of the edit's new objects, whole (teacher-forced
     bleed can judge only the first token)."""
+
     def correct(found: Mapping[str, Sequence[str]], name: str) -> list[bool]:  # per fact: every phrasing right
         if name not in splits or name not in found:
             return []
@@ -345,10 +416,19 @@ def generation_metrics(splits: Mapping[str, Any], answers: Mapping[str, Sequence
         if MODIFIED_TEST in splits and UNMODIFIED_TEST in answers:
             new_objects = {fact["object"] for fact in splits[MODIFIED_TEST]}
             rows = list(splits[UNMODIFIED_TEST])
-            lost = [fact for fact, before, after in zip(fact_rows(splits[UNMODIFIED_TEST]), unmodified_before, unmodified)
-                    if before and not after]
-            bled = [any(answer_matches(answers[UNMODIFIED_TEST][i], obj) for i in fact for obj in new_objects - {rows[i]["object"]})
-                    for fact in lost]
+            lost = [
+                fact
+                for fact, before, after in zip(fact_rows(splits[UNMODIFIED_TEST]), unmodified_before, unmodified)
+                if before and not after
+            ]
+            bled = [
+                any(
+                    answer_matches(answers[UNMODIFIED_TEST][i], obj)
+                    for i in fact
+                    for obj in new_objects - {rows[i]["object"]}
+                )
+                for fact in lost
+            ]
             metrics.update(gen_bleed=_share(bled), gen_n_lost=len(lost))
     return metrics
 
@@ -358,9 +438,15 @@ AVG_ACC_METRIC_PATH = os.path.join(os.path.dirname(__file__), "evaluate_metrics"
 
 
 @torch.no_grad()
-def next_token_drift(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sequences: Sequence[list[int]],
-                     at_theta0: Callable[[], AbstractContextManager], batch_size: int = 16) -> dict[str, float]:
-    """General drift on held-out text: the mean next-token KL(θ0 ‖ θ) per token and the perplexity ratio ppl(θ) / ppl(θ0).
+def next_token_drift(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sequences: Sequence[list[int]],
+    at_theta0: Callable[[], AbstractContextManager],
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """General drift on held-out text: the mean next-token KL(θ0 ‖ θ) per token and the perplexity ratio
+    ppl(θ) / ppl(θ0).
 
     `sequences` are token ids (e.g. θ0's own samples that no key or objective saw); `at_theta0` is a context
     manager that puts θ0's weights in place (the trainer's), so both models run on the same batches.

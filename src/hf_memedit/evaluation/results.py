@@ -43,7 +43,10 @@ METRIC_LABELS = {
     "gen_question_a_m": "the question through the chat template, by greedy generation",
 }
 # General drift (not fractions): the mean next-token KL(θ0 ‖ θ) and ppl(θ) / ppl(θ0) on held-out samples.
-DRIFT_LABELS = {"drift_kl": "next-token KL(θ0 ‖ θ), held-out text", "perplexity_ratio": "perplexity ratio θ / θ0, held-out text"}
+DRIFT_LABELS = {
+    "drift_kl": "next-token KL(θ0 ‖ θ), held-out text",
+    "perplexity_ratio": "perplexity ratio θ / θ0, held-out text",
+}
 
 
 def library_versions() -> dict[str, str]:
@@ -58,8 +61,10 @@ def library_versions() -> dict[str, str]:
 
 
 def format_versions(versions: dict[str, str] | None = None) -> str:
-    """"hf_memedit 0.1.0, torch 2.13.0, ...": the versions given, or those installed now."""
-    return ", ".join(f"{name} {number}" for name, number in (library_versions() if versions is None else versions).items())
+    """ "hf_memedit 0.1.0, torch 2.13.0, ...": the versions given, or those installed now."""
+    return ", ".join(
+        f"{name} {number}" for name, number in (library_versions() if versions is None else versions).items()
+    )
 
 
 def plotting():
@@ -79,10 +84,18 @@ def format_percent(value: float | None) -> str:
 
 
 # Shares whose denominator is small enough to matter: shown with their counts.
-_DENOMINATORS = {"retention": "n_known", "retention_edited": "n_known_edited", "retention_confident": "n_known_confident",
-                 "gen_retention": "gen_n_known", "consistency": "n_consistency",
-                 "gen_bleed": "gen_n_lost", "paraphrase_a_m": "n_paraphrases", "gen_paraphrase_a_m": "n_paraphrases",
-                 "question_a_m": "n_questions", "gen_question_a_m": "n_questions"}
+_DENOMINATORS = {
+    "retention": "n_known",
+    "retention_edited": "n_known_edited",
+    "retention_confident": "n_known_confident",
+    "gen_retention": "gen_n_known",
+    "consistency": "n_consistency",
+    "gen_bleed": "gen_n_lost",
+    "paraphrase_a_m": "n_paraphrases",
+    "gen_paraphrase_a_m": "n_paraphrases",
+    "question_a_m": "n_questions",
+    "gen_question_a_m": "n_questions",
+}
 
 
 def _mark(correct: bool | None) -> str:
@@ -119,8 +132,12 @@ class ResultsRecord:
     model: str | None = None
     benchmark: dict[str, Any] = field(default_factory=dict)
     facts: list[dict[str, Any]] = field(default_factory=list)  # the edited facts: uuid, relation, subject, old, new
-    locality: dict[str, Any] = field(default_factory=dict)  # which unmodified facts were scored (preservation.Locality)
-    lost: list[dict[str, Any]] = field(default_factory=list)  # the known unmodified facts the edit lost (metrics.lost_facts)
+    locality: dict[str, Any] = field(
+        default_factory=dict
+    )  # which unmodified facts were scored (preservation.Locality)
+    lost: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # the known unmodified facts the edit lost (metrics.lost_facts)
     scoring: dict[str, str] = field(default_factory=dict)  # figure -> how it was scored (the stop rule among them)
     seconds: float | None = None
     versions: dict[str, str] = field(default_factory=library_versions)
@@ -136,44 +153,84 @@ class ResultsRecord:
         for key, label in DRIFT_LABELS.items():
             if key in self.metrics:
                 lines.append(f"| {label} | {self.metrics[key]:.4g} |")
-        counts = ", ".join(f"{key} = {self.metrics[key]}" for key in ("n_modified", "n_unmodified", "n_consistency")
-                           if key in self.metrics)
+        counts = ", ".join(
+            f"{key} = {self.metrics[key]}"
+            for key in ("n_modified", "n_unmodified", "n_consistency")
+            if key in self.metrics
+        )
         if counts:
             lines += ["", f"Facts: {counts}."]
         if self.locality.get("description"):
-            lines += ["", f"Locality (A_F\\S, retention, agreement, bleed) measured on {self.locality['description']}."]
+            lines += [
+                "",
+                f"Locality (A_F\\S, retention, agreement, bleed) measured on {self.locality['description']}.",
+            ]
         if self.scoring:
             lines += ["", "How it was scored:", ""] + [f"- {what}: {how}." for what, how in self.scoring.items()]
         if self.facts:
-            columns = [("edited fact", lambda f: f["text"].replace("[Y]", "___")), ("old → new", lambda f: f"{f['old']} → {f['new']}")]
+            columns = [
+                ("edited fact", lambda f: f["text"].replace("[Y]", "___")),
+                ("old → new", lambda f: f"{f['old']} → {f['new']}"),
+            ]
             if any("generated_before" in fact for fact in self.facts):
                 columns.append(("generated before the edit", lambda f: _cell(f["generated_before"])))
-            columns.append(("predicted after the edit", lambda f: f"{f.get('predicted', '')} {_mark(f.get('correct'))}"))
+            columns.append(
+                ("predicted after the edit", lambda f: f"{f.get('predicted', '')} {_mark(f.get('correct'))}")
+            )
             if any("generated" in fact for fact in self.facts):  # a run with generation_eval
-                columns.append(("generated after the edit", lambda f: f"{_cell(f['generated'])} {_mark(f['generated_correct'])}"))
-            if any("question_answer" in fact for fact in self.facts):  # a facts run's questions, through the chat template
-                columns.append(("question: before → after", lambda f: f"{_cell(f['question_answer_before'])} → "
-                                f"{_cell(f['question_answer'])} {_mark(f['question_correct'])}" if "question_answer" in f else ""))
+                columns.append(
+                    ("generated after the edit", lambda f: f"{_cell(f['generated'])} {_mark(f['generated_correct'])}")
+                )
+            if any(
+                "question_answer" in fact for fact in self.facts
+            ):  # a facts run's questions, through the chat template
+                columns.append(
+                    (
+                        "question: before → after",
+                        lambda f: (
+                            f"{_cell(f['question_answer_before'])} → "
+                            f"{_cell(f['question_answer'])} {_mark(f['question_correct'])}"
+                            if "question_answer" in f
+                            else ""
+                        ),
+                    )
+                )
             lines += ["", "| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
             lines += ["| " + " | ".join(cell(fact) for _, cell in columns) + " |" for fact in self.facts]
         if self.lost:
             shown = self.lost[:LOST_SHOWN]
-            lines += ["", f"Facts the edit lost ({len(self.lost)} of the {self.metrics.get('n_known', '?')} known before it"
-                      + (f"; the first {LOST_SHOWN} here, all in {RESULTS_JSON}" if len(self.lost) > LOST_SHOWN else "") + "):",
-                      "", "| lost fact | object | predicted after the edit | a new object (bleed) | margin before the edit |",
-                      "|---|---|---|---|---|"]
-            lines += [f"| {fact['text'].replace('[Y]', '___')} | {fact['object']} | {fact['predicted']} | {'yes' if fact['bleed'] else 'no'} "
-                      f"| {_margin(fact.get('margin_before'))} |" for fact in shown]
+            lines += [
+                "",
+                f"Facts the edit lost ({len(self.lost)} of the {self.metrics.get('n_known', '?')} known before it"
+                + (f"; the first {LOST_SHOWN} here, all in {RESULTS_JSON}" if len(self.lost) > LOST_SHOWN else "")
+                + "):",
+                "",
+                "| lost fact | object | predicted after the edit | a new object (bleed) | margin before the edit |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {fact['text'].replace('[Y]', '___')} | {fact['object']} | {fact['predicted']} "
+                f"| {'yes' if fact['bleed'] else 'no'} | {_margin(fact.get('margin_before'))} |"
+                for fact in shown
+            ]
         per_relation = self.metrics.get("per_relation")
         if per_relation:
-            lines += ["", "| relation | A_M | modified | A_F\\S | unmodified | retention |", "|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                "| relation | A_M | modified | A_F\\S | unmodified | retention |",
+                "|---|---|---|---|---|---|",
+            ]
             for relation, row in per_relation.items():
                 lines.append(
                     f"| {relation} | {format_percent(row['a_m'])} | {row['n_modified']} | "
                     f"{format_percent(row['a_fs'])} | {row['n_unmodified']} | {format_metric(row, 'retention')} |"
                 )
-        about = {"model": self.model, "seed": self.seed, "wall time (s)": self.seconds,
-                 **{f"benchmark.{k}": v for k, v in self.benchmark.items()}}
+        about = {
+            "model": self.model,
+            "seed": self.seed,
+            "wall time (s)": self.seconds,
+            **{f"benchmark.{k}": v for k, v in self.benchmark.items()},
+        }
         lines += ["", "| run | value |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in about.items() if value is not None]
         lines += [f"| {key} | {value} |" for key, value in sorted(self.config.items())]
@@ -190,7 +247,9 @@ class ResultsRecord:
     @classmethod
     def load(cls, folder: str | os.PathLike) -> ResultsRecord:
         path = os.path.join(folder, RESULTS_JSON)
-        return cls.from_dict(read_json(path, f"{folder} has no {RESULTS_JSON}: it is not an hf_memedit run folder."), path)
+        return cls.from_dict(
+            read_json(path, f"{folder} has no {RESULTS_JSON}: it is not an hf_memedit run folder."), path
+        )
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> ResultsRecord:

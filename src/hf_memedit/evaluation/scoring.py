@@ -90,8 +90,9 @@ def evaluate_facts(
     correct: list[bool] = [False] * len(facts)
     predicted: list[list[int]] = [[] for _ in facts]
     margins: list[float] = [0.0] * len(facts)
-    for fact_index, logits, wanted in object_logits(model, tokenizer, facts, batch_size, show_progress, text_key,
-                                                    object_key, full_logits, prefix):
+    for fact_index, logits, wanted in object_logits(
+        model, tokenizer, facts, batch_size, show_progress, text_key, object_key, full_logits, prefix
+    ):
         scores = logits if logits.dtype == torch.float64 else logits.float()
         if allowed is not None:  # tokens outside the candidates can be neither predicted nor a rival
             scores = torch.full_like(scores, -torch.inf).index_copy_(1, allowed, scores[:, allowed])
@@ -136,7 +137,9 @@ def object_logits(
             inputs = {k: v.to(device) for k, v in batch.items()}
             mask = logit_positions(labels, kind)  # causal: the logit at position i predicts token i + 1
             targets = object_targets(labels, kind)
-            with fast_forward(model, prefix, inputs["input_ids"], inputs["attention_mask"], mask if object_only else None):
+            with fast_forward(
+                model, prefix, inputs["input_ids"], inputs["attention_mask"], mask if object_only else None
+            ):
                 logits = model(**inputs, **kind.forward_kwargs).logits
             if not object_only:
                 logits = logits[mask]
@@ -184,9 +187,11 @@ def answer_contains(answer: str, obj: str) -> bool:
     return f" {normalize_answer(obj)} " in f" {normalize_answer(answer)} "
 
 
-STOP_RULE = ("greedy decoding from the text before the object, cut at EOS, the first newline, or the first period "
-             "unless the object has one (at most the object's tokens + 4), then exact match after SQuAD's "
-             "normalisation (case, punctuation, articles)")
+STOP_RULE = (
+    "greedy decoding from the text before the object, cut at EOS, the first newline, or the first period "
+    "unless the object has one (at most the object's tokens + 4), then exact match after SQuAD's "
+    "normalisation (case, punctuation, articles)"
+)
 """How `generate_answers` answers and `answer_matches` scores: what every figure 'by greedy generation' means."""
 
 
@@ -230,10 +235,16 @@ def generate_answers(
             index = order[start : start + batch_size]
             width = max(len(prompts[i]) for i in index)
             ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in index], device=device)
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in index], device=device)
+            mask = torch.tensor(
+                [[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in index], device=device
+            )
             out = model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max(lengths[i] for i in index) + extra_tokens,
-                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max(lengths[i] for i in index) + extra_tokens,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
             )
             for row, i in enumerate(index):
                 generated = tokenizer.decode(out[row, width:], skip_special_tokens=True)
@@ -241,8 +252,13 @@ def generate_answers(
     return answers
 
 
-def generate_facts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: Iterable[Mapping],
-                   object_key: str = "object", **options) -> list[bool]:
+def generate_facts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Iterable[Mapping],
+    object_key: str = "object",
+    **options,
+) -> list[bool]:
     """Generation-based scoring ("The Mirage of Model Editing"; LocFT-BF's): whether each fact's greedy answer
     (`generate_answers`, which takes `options`) is its object after normalisation. Unlike teacher forcing, the
     answer's length and content are not given: the model must stop by itself."""

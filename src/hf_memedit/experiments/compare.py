@@ -59,7 +59,12 @@ LABELS = {name: method.label for name, method in METHODS.items()}
 BLOCK_STAGE = "ftm_linf"  # the method whose best point on validation is the compare's block under compare_block auto
 
 
-def run_compare(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
+def run_compare(
+    job: JobConfig,
+    args: EditConfig,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> dict[str, Any]:
     """Run every method's sweep (resuming from points.jsonl); write the table and the plot; return the picks."""
     folder = args.output_dir
     with claim_run_folder(folder, args.overwrite_output_dir, resuming=True, lock=PartialState().is_main_process):
@@ -67,7 +72,9 @@ def run_compare(job: JobConfig, args: EditConfig, model: PreTrainedModel | None 
         return _compare(job, args, GridRunner(job, args, model, tokenizer), done, folder)
 
 
-def _compare(job: JobConfig, args: EditConfig, runner: GridRunner, done: dict[str, dict], folder: str) -> dict[str, Any]:
+def _compare(
+    job: JobConfig, args: EditConfig, runner: GridRunner, done: dict[str, dict], folder: str
+) -> dict[str, Any]:
     chosen = [method for name, method in METHODS.items() if name in (job.compare_methods or COMPARE_METHODS)]
     arguments = method_arguments(job)
 
@@ -79,8 +86,12 @@ def _compare(job: JobConfig, args: EditConfig, runner: GridRunner, done: dict[st
         return done[point.key]
 
     grids = dict(job.compare_deltas or {})
-    context = MethodContext(runner, linf=grids.get("linf") or job.sweep_deltas or [args.delta or 1e-3], grids=grids,
-                            blocks=[str(block) for block in job.sweep_blocks or args.edit_blocks])
+    context = MethodContext(
+        runner,
+        linf=grids.get("linf") or job.sweep_deltas or [args.delta or 1e-3],
+        grids=grids,
+        blocks=[str(block) for block in job.sweep_blocks or args.edit_blocks],
+    )
     context.block = choose_block(job, context, score) if any(method.edits_block for method in chosen) else None
     rows = {}
     for method in chosen:
@@ -113,8 +124,10 @@ def merge_compares(lanes: list[str], job: JobConfig, args: EditConfig) -> dict[s
     done: dict[str, dict] = {}
     localities, blocks, reported = [], set(), set()
     for lane in lanes:
-        written = read_json(os.path.join(lane, "compare.json"),
-                            f"{lane} holds no compare.json: let that lane's compare finish (it resumes) first.")
+        written = read_json(
+            os.path.join(lane, "compare.json"),
+            f"{lane} holds no compare.json: let that lane's compare finish (it resumes) first.",
+        )
         done.update(open_points(lane, job, args))
         localities.append(written["locality"])
         blocks.add(written.get("block"))
@@ -123,8 +136,10 @@ def merge_compares(lanes: list[str], job: JobConfig, args: EditConfig) -> dict[s
         raise ValueError(f"The lanes {', '.join(lanes)} scored different locality facts: they are not one compare.")
     blocks.discard(None)  # a lane none of whose methods edits the compare's block
     if len(blocks) > 1:
-        raise ValueError(f"The lanes {', '.join(lanes)} edited different blocks ({', '.join(sorted(blocks))}): give every "
-                         "lane the same compare_block.")
+        raise ValueError(
+            f"The lanes {', '.join(lanes)} edited different blocks ({', '.join(sorted(blocks))}): give every "
+            "lane the same compare_block."
+        )
     unknown = sorted(reported - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown compare methods ({', '.join(map(str, unknown))}) in {', '.join(lanes)}.")
@@ -142,8 +157,15 @@ def merge_compares(lanes: list[str], job: JobConfig, args: EditConfig) -> dict[s
     return picks
 
 
-def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict], job: JobConfig, args: EditConfig,
-                  block: str | None, locality: Locality) -> None:
+def write_compare(
+    folder: str,
+    rows: dict[str, list[dict]],
+    picks: dict[str, dict],
+    job: JobConfig,
+    args: EditConfig,
+    block: str | None,
+    locality: Locality,
+) -> None:
     lines = [
         f"# Compare: {job.model_name_or_path}, {job.benchmark} m={job.m}, starting from {job.setting}",
         "",
@@ -162,11 +184,20 @@ def write_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
     else:
         rule = "the best L∞ block on validation" if job.compare_block == "auto" else "compare_block"
         where = f"FTM variants and FTA edit block {block} ({rule})."
-    lines += ["", f"A_F\\S before any edit: {format_percent(before)}. {where}", "", "## Every point", "",
-              *table(POINT_COLUMNS, (row for method_rows in rows.values() for row in method_rows))]
+    lines += [
+        "",
+        f"A_F\\S before any edit: {format_percent(before)}. {where}",
+        "",
+        "## Every point",
+        "",
+        *table(POINT_COLUMNS, (row for method_rows in rows.values() for row in method_rows)),
+    ]
     lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")
-    atomic_write_text(os.path.join(folder, "compare.json"), json.dumps({"picks": picks, "rows": rows, "block": block, "locality": locality.to_dict()}, indent=2))
+    atomic_write_text(
+        os.path.join(folder, "compare.json"),
+        json.dumps({"picks": picks, "rows": rows, "block": block, "locality": locality.to_dict()}, indent=2),
+    )
     plot_compare(folder, rows, picks, job)
     plot_frontier(folder, rows, picks, job)
 
@@ -186,20 +217,34 @@ def _drift(name: str) -> Callable[[dict], str]:
 def _pick_columns(rows: dict[str, list[dict]]) -> tuple[Column, ...]:
     """The columns of the table of picks, one row per method (its points counted in `rows`)."""
     return (
-        ("method", _label), ("picked on validation", point), ("A_M", percent(TEST, "a_m")), ("A_F\\S", percent(TEST, "a_fs")),
-        ("Ā", percent(TEST, "avg_acc")), ("retention", metric(TEST, "retention")),
-        ("retention, edited relations", metric(TEST, "retention_edited")), ("agreement", percent(TEST, "agreement")),
-        ("bleed", percent(TEST, "bleed")), ("gen A_M", percent(TEST, "gen_a_m")), ("gen retention", metric(TEST, "gen_retention")),
-        ("drift KL", _drift("drift_kl")), ("ppl ratio", _drift("perplexity_ratio")),
+        ("method", _label),
+        ("picked on validation", point),
+        ("A_M", percent(TEST, "a_m")),
+        ("A_F\\S", percent(TEST, "a_fs")),
+        ("Ā", percent(TEST, "avg_acc")),
+        ("retention", metric(TEST, "retention")),
+        ("retention, edited relations", metric(TEST, "retention_edited")),
+        ("agreement", percent(TEST, "agreement")),
+        ("bleed", percent(TEST, "bleed")),
+        ("gen A_M", percent(TEST, "gen_a_m")),
+        ("gen retention", metric(TEST, "gen_retention")),
+        ("drift KL", _drift("drift_kl")),
+        ("ppl ratio", _drift("perplexity_ratio")),
         ("points", lambda row: str(len(rows[point_of(row).method]))),
     )
 
 
 POINT_COLUMNS = (
-    ("method", _label), ("point", point), ("A_M", percent(TEST, "a_m")), ("Ā val", percent(VALIDATION, "avg_acc")),
-    ("retention val", metric(VALIDATION, "retention")), ("A_F\\S test", percent(TEST, "a_fs")),
-    ("Ā test", percent(TEST, "avg_acc")), ("retention test", metric(TEST, "retention")),
-    ("edited relations val", metric(VALIDATION, "retention_edited")), ("edited relations test", metric(TEST, "retention_edited")),
+    ("method", _label),
+    ("point", point),
+    ("A_M", percent(TEST, "a_m")),
+    ("Ā val", percent(VALIDATION, "avg_acc")),
+    ("retention val", metric(VALIDATION, "retention")),
+    ("A_F\\S test", percent(TEST, "a_fs")),
+    ("Ā test", percent(TEST, "avg_acc")),
+    ("retention test", metric(TEST, "retention")),
+    ("edited relations val", metric(VALIDATION, "retention_edited")),
+    ("edited relations test", metric(TEST, "retention_edited")),
 )
 
 
@@ -216,18 +261,38 @@ def plot_frontier(folder: str, rows: dict[str, list[dict]], picks: dict[str, dic
     columns = min(3, max(1, len(methods)))
     lines = -(-len(methods) // columns) if methods else 1
     fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.6 * lines), squeeze=False)
-    for ax in axes.flat[len(methods):]:
+    for ax in axes.flat[len(methods) :]:
         ax.axis("off")
     for ax, method in zip(axes.flat, methods):
-        points = [(100 * r[TEST]["retention"], 100 * (r[TEST]["a_m"] or 0)) for r in rows[method] if r[TEST].get("retention") is not None]
+        points = [
+            (100 * r[TEST]["retention"], 100 * (r[TEST]["a_m"] or 0))
+            for r in rows[method]
+            if r[TEST].get("retention") is not None
+        ]
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=18, alpha=0.6)
         front = pareto_front(points)
-        ax.plot([p[0] for p in front], [p[1] for p in front], color="C1", linewidth=1.2, marker="o", markersize=7,
-                markerfacecolor="none", label="Pareto front")  # circled, so a front of one point shows too
+        ax.plot(
+            [p[0] for p in front],
+            [p[1] for p in front],
+            color="C1",
+            linewidth=1.2,
+            marker="o",
+            markersize=7,
+            markerfacecolor="none",
+            label="Pareto front",
+        )  # circled, so a front of one point shows too
         chosen = picks[method][TEST]
         if chosen.get("retention") is not None:
-            ax.scatter([100 * chosen["retention"]], [100 * (chosen["a_m"] or 0)], marker="*", s=160, color="C3",
-                       edgecolor="black", zorder=3, label="picked on validation")
+            ax.scatter(
+                [100 * chosen["retention"]],
+                [100 * (chosen["a_m"] or 0)],
+                marker="*",
+                s=160,
+                color="C3",
+                edgecolor="black",
+                zorder=3,
+                label="picked on validation",
+            )
         ax.set_title(LABELS[method], fontsize=9)
         ax.set_xlabel("retention (%, test)", fontsize=8)
         ax.set_ylabel("A_M (%)", fontsize=8)
@@ -253,14 +318,22 @@ def plot_compare(folder: str, rows: dict[str, list[dict]], picks: dict[str, dict
         ys = [100 * (r[TEST]["a_m"] or 0) for r in method_rows]
         ax.scatter(xs, ys, color=color, alpha=0.45, s=22)
         chosen = picks[method][TEST]
-        ax.scatter([100 * (chosen["a_fs"] or 0)], [100 * (chosen["a_m"] or 0)], color=color, s=110, edgecolor="black",
-                   label=f"{LABELS[method]} (Ā {format_percent(chosen['avg_acc'])})")
+        ax.scatter(
+            [100 * (chosen["a_fs"] or 0)],
+            [100 * (chosen["a_m"] or 0)],
+            color=color,
+            s=110,
+            edgecolor="black",
+            label=f"{LABELS[method]} (Ā {format_percent(chosen['avg_acc'])})",
+        )
     before = next(iter(picks.values()))[TEST].get("a_fs_before")
     if before is not None:
         ax.axvline(100 * before, color="grey", linestyle="--", linewidth=1, label="A_F\\S before the edit")
     ax.set_xlabel("A_F\\S, unmodified facts (%, test)")
     ax.set_ylabel("A_M, modified facts (%)")
-    ax.set_title(f"Methods compared: {job.benchmark}, m = {job.m}\n(small: every point swept; large: picked on validation)")
+    ax.set_title(
+        f"Methods compared: {job.benchmark}, m = {job.m}\n(small: every point swept; large: picked on validation)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     path = os.path.join(folder, "compare.png")

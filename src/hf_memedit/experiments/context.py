@@ -78,9 +78,17 @@ class Theta0Context:
     may); `reuse_only` (evaluation) reads a setting's FT model back and never trains one.
     """
 
-    def __init__(self, job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, facts: FactsSource | None = None, *,
-                 split_always: bool = False, reuse_only: bool = False):
+    def __init__(
+        self,
+        job: JobConfig,
+        args: EditConfig,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        facts: FactsSource | None = None,
+        *,
+        split_always: bool = False,
+        reuse_only: bool = False,
+    ):
         if model is None:
             model, tokenizer = load_model_and_tokenizer(job)
         self.job, self.args, self.tokenizer = job, args, tokenizer
@@ -110,9 +118,12 @@ class Theta0Context:
         if objective == "none" or self.args.preserve_risk == 0:
             return None
         if objective not in self._risks:
-            neighbours = preservation_neighbours(self.splits, objective, self.known() if objective == "answers" else None)
-            self._risks[objective] = neighbour_risk(self.model, self.tokenizer, neighbours, self.splits[MODIFIED_TRAIN],
-                                                    self.batch_size)
+            neighbours = preservation_neighbours(
+                self.splits, objective, self.known() if objective == "answers" else None
+            )
+            self._risks[objective] = neighbour_risk(
+                self.model, self.tokenizer, neighbours, self.splits[MODIFIED_TRAIN], self.batch_size
+            )
         return self._risks[objective]
 
     def train_set(self, args: EditConfig, objective: str | None = None) -> tuple[datasets.Dataset, EditConfig]:
@@ -135,8 +146,9 @@ class Theta0Context:
     def before(self, name: str, splits: datasets.DatasetDict) -> dict:
         """θ0's results on `splits` (the modified facts on their original objects), scored once per `name`."""
         if name not in self._before:
-            self._before[name] = evaluate_splits(self.model, self.tokenizer, splits, original=True,
-                                                 batch_size=self.batch_size, show_progress=True)
+            self._before[name] = evaluate_splits(
+                self.model, self.tokenizer, splits, original=True, batch_size=self.batch_size, show_progress=True
+            )
         return self._before[name]
 
     def generated_before(self, name: str, splits: datasets.DatasetDict) -> dict | None:

@@ -22,7 +22,9 @@ from .context import Theta0Context
 from .job_config import JobConfig
 
 
-def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name: str | None = None) -> tuple[ResultsRecord, str]:
+def run_eval(
+    job: JobConfig, args: EditConfig, edit_dir: str | None = None, name: str | None = None
+) -> tuple[ResultsRecord, str]:
     """The model the config starts from (with `edit_dir` applied first, if given) on the benchmark; written to
     `<output_dir>/eval/<name or the UTC time>`, never over a run's own record. Returns (record, folder)."""
     folder = os.path.join(args.output_dir, "eval", name or time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
@@ -48,11 +50,13 @@ def run_eval(job: JobConfig, args: EditConfig, edit_dir: str | None = None, name
     if held_out is not None:
         metrics.update(next_token_drift(model, tokenizer, held_out, edit.at_theta0))
     record = ResultsRecord(
-        metrics, config={"edit_dir": edit_dir, "setting": job.setting},
-        seed=args.seed, model=job.model_name_or_path,
+        metrics,
+        config={"edit_dir": edit_dir, "setting": job.setting},
+        seed=args.seed,
+        model=job.model_name_or_path,
         benchmark={"name": job.benchmark, "m": job.m, "seed": job.benchmark_seed, **(job.benchmark_options or {})},
-        locality=context.locality.to_dict(), lost=lost_facts(splits, after, before, tokenizer, kind),
+        locality=context.locality.to_dict(),
+        lost=lost_facts(splits, after, before, tokenizer, kind),
     )
     record.save(folder)
     return record, folder
-

@@ -23,17 +23,35 @@ from .run import run_edit
 # prompts, the null space of the keys of the model's own samples, an L∞ bound), its block counted from the top
 # (SmolLM2-135M's 25 of 30), until the recipes issue picks one. `memedit edit --facts` without --config uses it too.
 FACTS_RECIPE: dict[str, Any] = {
-    "edit_blocks": ["-5"], "norm": "linf", "delta": 3.0e-2, "key_constraint": "nullspace", "nullspace_energy": 0.7,
-    "preserve_corpus": "samples", "preserve_objective": "kl", "preserve_ratio": 4.0, "preserve_fraction": 0.5,
-    "learning_rate": 5.0e-3, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 64, "max_steps": 60,
-    "lr_scheduler_type": "constant", "logging_steps": 10, "save_strategy": "no", "report_to": "none", "seed": 0,
-    "generation_eval": True, "drift_eval": True,
+    "edit_blocks": ["-5"],
+    "norm": "linf",
+    "delta": 3.0e-2,
+    "key_constraint": "nullspace",
+    "nullspace_energy": 0.7,
+    "preserve_corpus": "samples",
+    "preserve_objective": "kl",
+    "preserve_ratio": 4.0,
+    "preserve_fraction": 0.5,
+    "learning_rate": 5.0e-3,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 64,
+    "max_steps": 60,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "report_to": "none",
+    "seed": 0,
+    "generation_eval": True,
+    "drift_eval": True,
 }
 
 
 def edit_facts(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: str | os.PathLike | Sequence[Mapping],
-    output_dir: str | None = None, **options: Any,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: str | os.PathLike | Sequence[Mapping],
+    output_dir: str | None = None,
+    **options: Any,
 ) -> tuple[EditModel, ResultsRecord]:
     """Edit `facts` (a facts file, dataset folder, Hub dataset id, or records in any format of `hf_memedit.facts`)
     into `model` (in place, reversibly: the `EditModel` holds θ0) and score the edit, as `memedit edit --facts` does.
@@ -46,13 +64,19 @@ def edit_facts(
     edit_fields = {f.name for f in fields(EditConfig) if f.init}
     unknown = sorted(set(options) - job_fields - edit_fields)
     if unknown:
-        raise ValueError(f"edit_facts got unknown options {', '.join(unknown)}: give fields of EditConfig or JobConfig "
-                         f"(not the benchmark's: {', '.join(BENCHMARK_ONLY)}).")
+        raise ValueError(
+            f"edit_facts got unknown options {', '.join(unknown)}: give fields of EditConfig or JobConfig "
+            f"(not the benchmark's: {', '.join(BENCHMARK_ONLY)})."
+        )
     path = os.fspath(facts) if isinstance(facts, (str, os.PathLike)) else None
     job_options = {name: value for name, value in options.items() if name in job_fields}
     train_on_paraphrases = job_options.pop("train_on_paraphrases", False)
-    job = JobConfig(model_name_or_path=model.name_or_path, facts=path, **job_options,
-                    **({"train_on_paraphrases": train_on_paraphrases} if path else {}))
+    job = JobConfig(
+        model_name_or_path=model.name_or_path,
+        facts=path,
+        **job_options,
+        **({"train_on_paraphrases": train_on_paraphrases} if path else {}),
+    )
     refuse_benchmark_setting(job.setting)
     edit_options = {**FACTS_RECIPE, **{name: value for name, value in options.items() if name in edit_fields}}
     with tempfile.TemporaryDirectory(prefix="memedit-facts-") as scratch:

@@ -65,12 +65,16 @@ def with_fallback_keep(records: Sequence[FactRecord]) -> tuple[list[FactRecord],
             out.append(record)
             continue
         others = [s for s in subjects if s != record.subject and (record.prompt, s) not in edited][:FALLBACK_KEEP]
-        out.append(dataclasses.replace(record, keep=[KeepPrompt(record.prompt.replace(SUBJECT, s, 1)) for s in others]))
+        out.append(
+            dataclasses.replace(record, keep=[KeepPrompt(record.prompt.replace(SUBJECT, s, 1)) for s in others])
+        )
         made += len(others)
     return out, made
 
 
-def checked_facts(source, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> tuple[list[FactRecord], int]:
+def checked_facts(
+    source, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig
+) -> tuple[list[FactRecord], int]:
     """The records of `source` (a file, dataset folder, Hub id or list of records), each refused with one line when
     bad (`read_facts`, `check_lengths` against the model's context), keep prompts made where a record has none, and
     how many were made. What `--dry_run` checks, before any weight is loaded."""
@@ -87,22 +91,31 @@ def _split(rows: Sequence[Mapping]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in FEATURES}, features=FEATURES)
 
 
-def keep_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[Mapping],
-                 batch_size: int) -> list[dict]:
+def keep_answers(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[Mapping], batch_size: int
+) -> list[dict]:
     """The keep rows labelled with θ0's own answer (`object`; the file's answer, if any, stays in `original_object`),
     those without one dropped. A causal LM's answer is its greedy continuation under `STOP_RULE`; a masked LM cannot
     generate one, so the file's answer is used where it gives one."""
     if not rows:
         return []
     if model_kind(model).generates:
-        answers = generate_answers(model, tokenizer, [{**row, "object": ""} for row in rows], batch_size=batch_size,
-                                   extra_tokens=KEEP_ANSWER_TOKENS)
+        answers = generate_answers(
+            model,
+            tokenizer,
+            [{**row, "object": ""} for row in rows],
+            batch_size=batch_size,
+            extra_tokens=KEEP_ANSWER_TOKENS,
+        )
     else:
         answers = [row["original_object"] for row in rows]
     kept = [{**row, "object": answer} for row, answer in zip(rows, answers) if answer]
     if len(kept) < len(rows):
-        why = "θ0 answers nothing before the stop rule" if model_kind(model).generates else \
-            "a masked LM's own answer needs the file to give it"
+        why = (
+            "θ0 answers nothing before the stop rule"
+            if model_kind(model).generates
+            else "a masked LM's own answer needs the file to give it"
+        )
         logger.warning("%d of %d keep prompts are not used (%s).", len(rows) - len(kept), len(rows), why)
     return kept
 
@@ -115,10 +128,19 @@ def question_rows(records: Sequence[FactRecord], tokenizer: PreTrainedTokenizerB
     rows = []
     for record in records:
         if record.question:
-            asked = tokenizer.apply_chat_template([{"role": "user", "content": record.question}], tokenize=False,
-                                                  add_generation_prompt=True)
-            rows.append({"uuid": record.id, "relation": record.relation, "subject": record.subject,
-                         "text": asked + PLACEHOLDER, "object": record.target, "original_object": record.true or ""})
+            asked = tokenizer.apply_chat_template(
+                [{"role": "user", "content": record.question}], tokenize=False, add_generation_prompt=True
+            )
+            rows.append(
+                {
+                    "uuid": record.id,
+                    "relation": record.relation,
+                    "subject": record.subject,
+                    "text": asked + PLACEHOLDER,
+                    "object": record.target,
+                    "original_object": record.true or "",
+                }
+            )
     return rows
 
 
@@ -142,8 +164,10 @@ class FactsFile:
         locality split sets each on one side by its prompt)."""
         self.check(tokenizer, model.config)
         if self.n_fallback_keep:
-            logger.info("%d keep prompts made from other subjects of the file, for the facts that give none.",
-                        self.n_fallback_keep)
+            logger.info(
+                "%d keep prompts made from other subjects of the file, for the facts that give none.",
+                self.n_fallback_keep,
+            )
         rows = fact_rows(self.records, self.train_on_paraphrases)
         encoder = FactEncoder(tokenizer, model_kind(model))
         self._refuse_unencodable(rows[MODIFIED_TEST], encoder)  # a fact's prompt; a paraphrase it cannot is dropped
@@ -155,25 +179,36 @@ class FactsFile:
         trained, _ = filter_encodable(rows[MODIFIED_TRAIN], encoder)
         paraphrases, _ = filter_encodable(rows[MODIFIED_PARAPHRASE], encoder)
         questions, _ = filter_encodable(question_rows(self.records, tokenizer), encoder)
-        return datasets.DatasetDict({
-            MODIFIED_TRAIN: _split(trained), MODIFIED_TEST: _split(rows[MODIFIED_TEST]),
-            UNMODIFIED_TRAIN: _split(keep), UNMODIFIED_TEST: _split(keep),
-            MODIFIED_PARAPHRASE: _split(paraphrases), QUESTIONS: _split(questions),
-        })
+        return datasets.DatasetDict(
+            {
+                MODIFIED_TRAIN: _split(trained),
+                MODIFIED_TEST: _split(rows[MODIFIED_TEST]),
+                UNMODIFIED_TRAIN: _split(keep),
+                UNMODIFIED_TEST: _split(keep),
+                MODIFIED_PARAPHRASE: _split(paraphrases),
+                QUESTIONS: _split(questions),
+            }
+        )
 
     def _refuse_unencodable(self, rows: Sequence[Mapping], encoder: FactEncoder) -> None:
         where = {record.id: record.location or record.id for record in self.records}
         for row in rows:
             problem = encoder.problem(row["text"], row["object"])
             if problem:
-                raise FactsFileError(f"{where[row['uuid']]}: this model cannot be trained on it ({problem}): rephrase "
-                                     "the prompt or the target.")
+                raise FactsFileError(
+                    f"{where[row['uuid']]}: this model cannot be trained on it ({problem}): rephrase "
+                    "the prompt or the target."
+                )
 
     def describe(self) -> dict:
         """What results.json records of the facts (its `benchmark` entry)."""
-        return {"name": "facts", "source": self.source if isinstance(self.source, str) else "the records given",
-                "m": len(self.records), "train_on_paraphrases": self.train_on_paraphrases,
-                "fallback_keep_prompts": self.n_fallback_keep}
+        return {
+            "name": "facts",
+            "source": self.source if isinstance(self.source, str) else "the records given",
+            "m": len(self.records),
+            "train_on_paraphrases": self.train_on_paraphrases,
+            "fallback_keep_prompts": self.n_fallback_keep,
+        }
 
 
 def facts_scoring(metrics: Mapping) -> dict[str, str]:
@@ -191,9 +226,11 @@ def facts_scoring(metrics: Mapping) -> dict[str, str]:
     if "paraphrase_a_m" in metrics:
         notes["generalisation"] = "the paraphrases the edit never trained on, each scored on its own, teacher-forced"
     if "question_a_m" in metrics:
-        notes["questions"] = ("each fact's question through the tokenizer's chat template, the new object as the "
-                              "assistant's answer; by generation: the greedy answer (at most the object's tokens + "
-                              f"{QUESTION_TOKENS}, cut as below) holds the new object as whole words")
+        notes["questions"] = (
+            "each fact's question through the tokenizer's chat template, the new object as the "
+            "assistant's answer; by generation: the greedy answer (at most the object's tokens + "
+            f"{QUESTION_TOKENS}, cut as below) holds the new object as whole words"
+        )
     if "gen_a_m" in metrics:
         notes["by greedy generation"] = STOP_RULE
     if "perplexity_ratio" in metrics:
@@ -201,22 +238,34 @@ def facts_scoring(metrics: Mapping) -> dict[str, str]:
     return notes
 
 
-def facts_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset],
-                  batch_size: int) -> dict[str, list[str]]:
+def facts_answers(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset], batch_size: int
+) -> dict[str, list[str]]:
     """The model's greedy answers to the paraphrases and the questions (causal LMs)."""
     if not model_kind(model).generates:
         return {}
     extra = {MODIFIED_PARAPHRASE: 4, QUESTIONS: QUESTION_TOKENS}
-    return {name: generate_answers(model, tokenizer, splits[name], batch_size=batch_size, extra_tokens=extra[name])
-            for name in extra if name in splits and len(splits[name])}
+    return {
+        name: generate_answers(model, tokenizer, splits[name], batch_size=batch_size, extra_tokens=extra[name])
+        for name in extra
+        if name in splits and len(splits[name])
+    }
 
 
-def facts_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, datasets.Dataset],
-                  batch_size: int, answers: Mapping[str, Sequence[str]] | None) -> dict:
+def facts_metrics(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: Mapping[str, datasets.Dataset],
+    batch_size: int,
+    answers: Mapping[str, Sequence[str]] | None,
+) -> dict:
     """Generalisation on the unseen paraphrases and the questions' scores, teacher-forced and, with the greedy
     `answers` (`facts_answers`), by generation: shares of phrasings (`facts_scoring` says how)."""
     metrics: dict = {}
-    for name, key, match in ((MODIFIED_PARAPHRASE, "paraphrase", answer_matches), (QUESTIONS, "question", answer_contains)):
+    for name, key, match in (
+        (MODIFIED_PARAPHRASE, "paraphrase", answer_matches),
+        (QUESTIONS, "question", answer_contains),
+    ):
         if name not in splits or not len(splits[name]):
             continue
         metrics[f"{key}_a_m"] = evaluate_facts(model, tokenizer, splits[name], batch_size=batch_size).accuracy

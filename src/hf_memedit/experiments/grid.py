@@ -55,8 +55,13 @@ class GridRunner:
     the Fisher diagonal and the preserved keys of each selection, and kNN-LM's distances of each metric.
     """
 
-    def __init__(self, job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None):
+    def __init__(
+        self,
+        job: JobConfig,
+        args: EditConfig,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
         refuse_pick_on_test(args)
         # Every point is scored on the same facts, disjoint from what any point may preserve.
         self.context = Theta0Context(job, args, model, tokenizer, split_always=True)
@@ -105,8 +110,13 @@ class GridRunner:
         edit.unload()
         if names not in self._fishers:
             self._fishers[names] = diagonal_fisher(
-                self.model, self.context.tokenizer, self.context.splits[UNMODIFIED_TRAIN], list(names),
-                samples=self.args.fisher_samples, seed=self.args.seed, show_progress=True,
+                self.model,
+                self.context.tokenizer,
+                self.context.splits[UNMODIFIED_TRAIN],
+                list(names),
+                samples=self.args.fisher_samples,
+                seed=self.args.seed,
+                show_progress=True,
             )
         return self._fishers[names]
 
@@ -123,9 +133,15 @@ class GridRunner:
         first = first_editable_block(self.model, edit.selector_config.layout(self.model))
         fisher = self.fisher(point.block) if train_args.norm == "fisher" and not point.modules else None
         trainer = ConstrainedEditTrainer(
-            edit, train_args, train_dataset=train_dataset, processing_class=tokenizer,
-            fisher_dataset=context.splits[UNMODIFIED_TRAIN], fisher=fisher, prefix_cache=self._caches.get(first),
-            keys=self._keys.get(_keys_key(edit, train_args)), preserve_texts=context.preservation_texts(),
+            edit,
+            train_args,
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            fisher_dataset=context.splits[UNMODIFIED_TRAIN],
+            fisher=fisher,
+            prefix_cache=self._caches.get(first),
+            keys=self._keys.get(_keys_key(edit, train_args)),
+            preserve_texts=context.preservation_texts(),
         )
         if trainer.keys is not None:
             self._keys[_keys_key(edit, train_args)] = trainer.keys
@@ -159,7 +175,9 @@ class GridRunner:
         before = self.before()
         row: dict[str, Any] = {"point": point.to_dict()}
         for name, view in self.views.items():
-            results = {split: found.at(point.epsilon) for split, found in self._knn_lookups(point.metric)[name].items()}
+            results = {
+                split: found.at(point.epsilon) for split, found in self._knn_lookups(point.metric)[name].items()
+            }
             metrics = edit_metrics(view, results, before[name], self.context.tokenizer, model_kind(self.model))
             row[name] = {k: v for k, v in metrics.items() if k != "per_relation"}
         return row
@@ -179,18 +197,33 @@ def validation_views(splits: datasets.DatasetDict, fraction: float, seed: int) -
     """The validation and test views of the splits, cut by `holdout` (a seeded hash of the subject), the modified
     facts included: each half has its own modified facts, so A_M is validated on other facts than it is reported on,
     as A_F\\S is. The test view also holds the test half's training phrasings (A_M on them: reliability)."""
-    halves = {name: holdout(splits[name], fraction, seed) for name in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST, CONSISTENCY)
-              if name in splits}
+    halves = {
+        name: holdout(splits[name], fraction, seed)
+        for name in (MODIFIED_TRAIN, MODIFIED_TEST, UNMODIFIED_TEST, CONSISTENCY)
+        if name in splits
+    }
     empty = [half for index, half in enumerate((VALIDATION, TEST)) if not len(halves[MODIFIED_TEST][index])]
     if empty:
-        raise ValueError(f"The {' and '.join(empty)} half holds none of the {len(splits[MODIFIED_TEST])} modified test "
-                         f"phrasings (validation_fraction {fraction}): ask for a larger m, or another validation_fraction.")
-    views = {VALIDATION: {name: pair[0] for name, pair in halves.items() if name != MODIFIED_TRAIN},
-             TEST: {name: pair[1] for name, pair in halves.items()}}
-    return {half: datasets.DatasetDict({name: split for name, split in view.items() if len(split)}) for half, view in views.items()}
+        raise ValueError(
+            f"The {' and '.join(empty)} half holds none of the {len(splits[MODIFIED_TEST])} modified test "
+            f"phrasings (validation_fraction {fraction}): ask for a larger m, or another validation_fraction."
+        )
+    views = {
+        VALIDATION: {name: pair[0] for name, pair in halves.items() if name != MODIFIED_TRAIN},
+        TEST: {name: pair[1] for name, pair in halves.items()},
+    }
+    return {
+        half: datasets.DatasetDict({name: split for name, split in view.items() if len(split)})
+        for half, view in views.items()
+    }
 
 
 def _keys_key(edit, args: EditConfig) -> tuple:
     """What the preserved keys of a point depend on: its layers and its corpus."""
-    return (tuple(edit.theta0), args.preserve_corpus, args.preserve_corpus_column, args.preserve_corpus_samples,
-            args.preserve_corpus_length)
+    return (
+        tuple(edit.theta0),
+        args.preserve_corpus,
+        args.preserve_corpus_column,
+        args.preserve_corpus_samples,
+        args.preserve_corpus_length,
+    )

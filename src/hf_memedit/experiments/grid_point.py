@@ -42,8 +42,10 @@ class GridPoint:
             object.__setattr__(self, "block", str(self.block))
         unknown = sorted(set(self.settings) - _SETTABLE)
         if unknown:
-            raise ValueError(f"A grid point sets {unknown}, which are not EditConfig fields it may set (its norm, block "
-                             "and δ are its own fields).")
+            raise ValueError(
+                f"A grid point sets {unknown}, which are not EditConfig fields it may set (its norm, block "
+                "and δ are its own fields)."
+            )
         unset = sorted(name for name, value in self.settings.items() if value is None)
         if unset:
             raise ValueError(f"A grid point sets {unset} to None: leave a setting out to keep the run's value.")
@@ -60,10 +62,14 @@ class GridPoint:
         return self.settings.get("edit_modules")
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form rows, points.jsonl and results keep: an edit point's norm, block and δ, and what else is set."""
+        """The JSON form rows, points.jsonl and results keep:
+        an edit point's norm, block and δ, and what else is set."""
         always = () if self.is_knn else tuple(AXES)
-        record = {name: getattr(self, name) for name in (*AXES, "method", "metric", "epsilon")
-                  if getattr(self, name) is not None or name in always}
+        record = {
+            name: getattr(self, name)
+            for name in (*AXES, "method", "metric", "epsilon")
+            if getattr(self, name) is not None or name in always
+        }
         record.update((RECORD_NAMES.get(name, name), value) for name, value in self.settings.items())
         return record
 
@@ -72,10 +78,14 @@ class GridPoint:
         own = {f.name for f in dataclasses.fields(cls)} - {"settings"}
         names = {short: name for name, short in RECORD_NAMES.items()}
         settings = {names.get(key, key): value for key, value in record.items() if key not in own}
-        unknown = sorted(key for key, value in record.items() if key not in own and names.get(key, key) not in _SETTABLE)
+        unknown = sorted(
+            key for key, value in record.items() if key not in own and names.get(key, key) not in _SETTABLE
+        )
         if unknown:
-            raise ValueError(f"A grid point with unknown fields {unknown}: {dict(record)!r} was written by another "
-                             "version of hf_memedit; run it again in a new --output_dir.")
+            raise ValueError(
+                f"A grid point with unknown fields {unknown}: {dict(record)!r} was written by another "
+                "version of hf_memedit; run it again in a new --output_dir."
+            )
         return cls(**{key: value for key, value in record.items() if key in own}, settings=settings)
 
     @property
@@ -115,8 +125,16 @@ class GridPoint:
     def train_args(self, args: EditConfig, output_dir: str) -> EditConfig:
         """`args` as this edit point trains with them: its block, norm and δ, its settings, and the whole block
         unless it names its modules; no evaluation or checkpoints inside a grid (its rows score each point)."""
-        every = {"output_dir": output_dir, "edit_blocks": [self.block], "norm": self.norm, "delta": self.delta,
-                 "edit_modules": None, "eval_strategy": "no", "save_strategy": "no", "eval_before_edit": False}
+        every = {
+            "output_dir": output_dir,
+            "edit_blocks": [self.block],
+            "norm": self.norm,
+            "delta": self.delta,
+            "edit_modules": None,
+            "eval_strategy": "no",
+            "save_strategy": "no",
+            "eval_before_edit": False,
+        }
         return dataclasses.replace(args, **{**every, **self.settings})
 
 

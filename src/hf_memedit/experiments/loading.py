@@ -33,15 +33,21 @@ def _source(job: JobConfig) -> tuple[str, dict[str, Any]]:
     if gguf_file:
         common["gguf_file"] = gguf_file
     if not os.path.isdir(name) and looks_like_path(name):
-        raise FileNotFoundError(f"Could not load model {job.model_name_or_path!r}: the folder {os.path.abspath(name)} does not exist.")
+        raise FileNotFoundError(
+            f"Could not load model {job.model_name_or_path!r}: the folder {os.path.abspath(name)} does not exist."
+        )
     return name, common
 
 
 def _load_failed(job: JobConfig, name: str, error: BaseException) -> FileNotFoundError:
     if os.path.isdir(name):
         return FileNotFoundError(f"Could not load model {job.model_name_or_path!r} from the folder {name} ({error})")
-    offline = (" The Hugging Face Hub is unreachable or HF_HUB_OFFLINE is set: download the model elsewhere and pass its folder."
-               if _hub_unreachable(error) else "")
+    offline = (
+        " The Hugging Face Hub is unreachable or HF_HUB_OFFLINE "
+        "is set: download the model elsewhere and pass its folder."
+        if _hub_unreachable(error)
+        else ""
+    )
     return FileNotFoundError(
         f"Could not load model {job.model_name_or_path!r}: tried no local folder {os.path.abspath(name)!r}, so the "
         f"Hub id {name!r}.{offline} ({error})"
@@ -80,9 +86,15 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
         )
     config, kind = load_config(job)
     tokenizer = load_tokenizer(job)
-    placement = {"device_map": job.device_map, "offload_folder": job.offload_folder} if job.device_map is not None else {}
+    placement = (
+        {"device_map": job.device_map, "offload_folder": job.offload_folder} if job.device_map is not None else {}
+    )
     model = kind.auto_class.from_pretrained(
-        name, dtype=job.torch_dtype, use_kernels=job.use_kernels, **placement, **common,
+        name,
+        dtype=job.torch_dtype,
+        use_kernels=job.use_kernels,
+        **placement,
+        **common,
         **({} if gguf_file else {"use_safetensors": True}),
     )
     if gguf_file:
@@ -121,7 +133,9 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
-def prepare_benchmark(job: JobConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> datasets.DatasetDict:
+def prepare_benchmark(
+    job: JobConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> datasets.DatasetDict:
     """The benchmark with exactly `job.m` modified facts that this model can be trained and tested on, built once
     per machine (main process first).
 
@@ -132,8 +146,9 @@ def prepare_benchmark(job: JobConfig, model: PreTrainedModel, tokenizer: PreTrai
     encoder = FactEncoder(tokenizer, model_kind(model))
     known = {"model": model, "tokenizer": tokenizer} if job.modify_known else {}
     with PartialState().main_process_first():
-        splits = load_benchmark(job.benchmark, m=job.m, seed=job.benchmark_seed, data_dir=job.data_dir, encoder=encoder,
-                                **known, **options)
+        splits = load_benchmark(
+            job.benchmark, m=job.m, seed=job.benchmark_seed, data_dir=job.data_dir, encoder=encoder, **known, **options
+        )
     kept = {}
     for name, split in splits.items():
         rows, _ = filter_encodable(split, encoder)
@@ -142,17 +157,18 @@ def prepare_benchmark(job: JobConfig, model: PreTrainedModel, tokenizer: PreTrai
     drawn = set(splits[MODIFIED_TEST]["uuid"])
     if len(drawn) != job.m or tested != drawn or trained != drawn:
         raise ValueError(
-            f"{job.benchmark} was asked for m={job.m} modified facts and has {len(tested & trained)} this model can be "
-            f"trained and tested on ({len(drawn)} drawn; {len(drawn - tested)} lost a test phrasing and "
-            f"{len(drawn - trained)} every training phrasing to the tokenizer). Report it: encodability is checked "
-            "before drawing, so this should not happen."
+            f"{job.benchmark} was asked for m={job.m} modified facts and has {len(tested & trained)} "
+            f"this model can be trained and tested on ({len(drawn)} drawn; {len(drawn - tested)} lost "
+            f"a test phrasing and {len(drawn - trained)} every training phrasing to the tokenizer). "
+            "Report it: encodability is checked before drawing, so this should not happen."
         )
     if job.max_unmodified_eval is not None:
         facts = sorted(set(kept[UNMODIFIED_TEST]["uuid"]))
         if len(facts) > job.max_unmodified_eval:
             sample = set(random.Random(job.benchmark_seed).sample(facts, job.max_unmodified_eval))
             kept[UNMODIFIED_TEST] = kept[UNMODIFIED_TEST].select(
-                [i for i, uuid in enumerate(kept[UNMODIFIED_TEST]["uuid"]) if uuid in sample])
+                [i for i, uuid in enumerate(kept[UNMODIFIED_TEST]["uuid"]) if uuid in sample]
+            )
     return datasets.DatasetDict(kept)
 
 
@@ -161,5 +177,7 @@ def holdout(split: datasets.Dataset, fraction: float, seed: int) -> tuple[datase
     others. So the halves are disjoint by fact and by subject, a fact's questions all on one side, and a fact's side
     does not depend on which other facts are present."""
     validation = [hash_share(subject, seed, "validation") < fraction for subject in split["subject"]]
-    return (split.select([i for i, v in enumerate(validation) if v]),
-            split.select([i for i, v in enumerate(validation) if not v]))
+    return (
+        split.select([i for i, v in enumerate(validation) if v]),
+        split.select([i for i, v in enumerate(validation) if not v]),
+    )

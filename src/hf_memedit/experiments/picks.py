@@ -11,6 +11,7 @@ VALIDATION, TEST = "validation", "test"  # the two halves of the facts, cut by s
 def best(rows: list[dict], by: str, min_retention: float | None = None) -> dict:
     """The pick on the half `by`: the best Ā; with `min_retention`, the most A_M among the points that keep at
     least that share of what the model knew (ties: Ā), or, when none does, the point that keeps the most."""
+
     def score(name: str, row: dict) -> float:
         value = row[by].get(name)
         return value if value is not None else -1.0
@@ -27,5 +28,7 @@ def pick_rule(min_retention: float | None) -> str:
     """How `best` picks, in words, for the reports."""
     if min_retention is None:
         return "the best Ā = (A_M + A_F\\S) / 2"
-    return (f"the most A_M among the points keeping at least {format_percent(min_retention)} of what the model knew "
-            "(ties: Ā; where none does, the one keeping the most)")
+    return (
+        f"the most A_M among the points keeping at least {format_percent(min_retention)} of what the model knew "
+        "(ties: Ā; where none does, the one keeping the most)"
+    )

@@ -34,9 +34,24 @@ CONTEXT = "points_context.json"  # the settings every point of points.jsonl was 
 # output is written, logged, saved or pushed and on which devices (by name and prefix); and of EditConfig's own, a
 # point's axes (each point carries its norm, block and δ), what `GridPoint.train_args` sets for every point, where
 # the run folder is, and the prefix cache (exact).
-TRAINING_OUTPUT = ("output_dir", "resume_from_checkpoint", "disable_tqdm", "report_to", "run_name", "project",
-                   "local_rank", "skip_memory_metrics", "debug", "do_train", "do_eval", "do_predict", "push_to_hub",
-                   "ddp_timeout", "use_cpu", "per_device_eval_batch_size")
+TRAINING_OUTPUT = (
+    "output_dir",
+    "resume_from_checkpoint",
+    "disable_tqdm",
+    "report_to",
+    "run_name",
+    "project",
+    "local_rank",
+    "skip_memory_metrics",
+    "debug",
+    "do_train",
+    "do_eval",
+    "do_predict",
+    "push_to_hub",
+    "ddp_timeout",
+    "use_cpu",
+    "per_device_eval_batch_size",
+)
 TRAINING_OUTPUT_PREFIXES = ("logging_", "log_", "save_", "eval_", "hub_", "trackio_", "dataloader_")
 EDIT_UNKEYED = (*AXES.values(), "eval_before_edit", "overwrite_output_dir", "prefix_cache", "prefix_cache_dtype")
 
@@ -61,13 +76,23 @@ def _settings(job: JobConfig, args: EditConfig) -> tuple[dict[str, Any], set[str
     """Every setting of the job, the methods' arguments and the args by name (as JSON holds them), and the names of
     those that never change a point's result."""
     arguments = method_arguments(job).values()
-    values = {**{key: value for key, value in dataclasses.asdict(job).items() if key != "method_args"},
-              **{key: value for instance in arguments for key, value in dataclasses.asdict(instance).items()},
-              **args.to_dict()}
-    ours = {name for instance in (job, *arguments) for cls in type(instance).__mro__ for name in vars(cls).get("_unkeyed", ())}
+    values = {
+        **{key: value for key, value in dataclasses.asdict(job).items() if key != "method_args"},
+        **{key: value for instance in arguments for key, value in dataclasses.asdict(instance).items()},
+        **args.to_dict(),
+    }
+    ours = {
+        name
+        for instance in (job, *arguments)
+        for cls in type(instance).__mro__
+        for name in vars(cls).get("_unkeyed", ())
+    }
     training = {f.name for f in dataclasses.fields(TrainingArguments)}
-    unkeyed = ours | set(EDIT_UNKEYED) | {
-        name for name in training if name in TRAINING_OUTPUT or name.startswith(TRAINING_OUTPUT_PREFIXES)}
+    unkeyed = (
+        ours
+        | set(EDIT_UNKEYED)
+        | {name for name in training if name in TRAINING_OUTPUT or name.startswith(TRAINING_OUTPUT_PREFIXES)}
+    )
     return json.loads(json.dumps(values, default=str)), unkeyed
 
 
@@ -75,7 +100,9 @@ def point_context(job: JobConfig, args: EditConfig) -> dict[str, Any]:
     """Every setting that changes a grid point's result, and the benchmark's identity (its files' hash)."""
     values, unkeyed = _settings(job, args)
     kept = {key: value for key, value in values.items() if key not in unkeyed}
-    return json.loads(json.dumps({**kept, "data_fingerprint": data_fingerprint(job.data_dir)}, sort_keys=True, default=str))
+    return json.loads(
+        json.dumps({**kept, "data_fingerprint": data_fingerprint(job.data_dir)}, sort_keys=True, default=str)
+    )
 
 
 def _field_defaults(job: JobConfig, args: EditConfig) -> dict[str, Any]:
@@ -107,10 +134,13 @@ def open_points(folder: str, job: JobConfig, args: EditConfig) -> dict[str, dict
             earlier = earlier or {}
             differ = sorted(key for key in set(earlier) | set(context) if earlier.get(key) != context.get(key))
             raise ValueError(
-                f"{folder} holds points made with other settings (they differ in {', '.join(differ[:6]) or 'unknown settings'}): "
-                "choose another --output_dir, or pass --overwrite_output_dir true to discard them."
+                f"{folder} holds points made with other settings (they differ in "
+                f"{', '.join(differ[:6]) or 'unknown settings'}): choose another "
+                "--output_dir, or pass --overwrite_output_dir true to discard them."
             )
-        logger.warning("overwrite_output_dir: discarding the %d points in %s made with other settings.", len(done), folder)
+        logger.warning(
+            "overwrite_output_dir: discarding the %d points in %s made with other settings.", len(done), folder
+        )
         done = {}
         save_points(folder, done)
     atomic_write_text(path, json.dumps(context, indent=2, sort_keys=True) + "\n")

@@ -25,8 +25,11 @@ Column = tuple[str, Callable[[dict], str]]  # a table's header, and a row's cell
 
 def table(columns: Sequence[Column], rows: Iterable[dict]) -> list[str]:
     """The lines of a markdown table of `rows`, one column per (header, cell of a row)."""
-    return ["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns),
-            *("| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows)]
+    return [
+        "| " + " | ".join(header for header, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows),
+    ]
 
 
 def percent(half: str, name: str) -> Callable[[dict], str]:
@@ -45,23 +48,41 @@ def point(row: dict) -> str:
 
 
 SWEEP_COLUMNS = (
-    ("point", point), ("A_M", percent(TEST, "a_m")), ("A_F\\S val", percent(VALIDATION, "a_fs")),
-    ("Ā val", percent(VALIDATION, "avg_acc")), ("retention val", metric(VALIDATION, "retention")),
-    ("A_F\\S test", percent(TEST, "a_fs")), ("Ā test", percent(TEST, "avg_acc")), ("retention test", metric(TEST, "retention")),
+    ("point", point),
+    ("A_M", percent(TEST, "a_m")),
+    ("A_F\\S val", percent(VALIDATION, "a_fs")),
+    ("Ā val", percent(VALIDATION, "avg_acc")),
+    ("retention val", metric(VALIDATION, "retention")),
+    ("A_F\\S test", percent(TEST, "a_fs")),
+    ("Ā test", percent(TEST, "avg_acc")),
+    ("retention test", metric(TEST, "retention")),
     ("agreement test", percent(TEST, "agreement")),
 )
 
 
 # The training knobs a point's description leaves out: a report names them, so its table can be made again.
-SHARED_KNOBS = ("learning_rate", "max_steps", "per_device_train_batch_size", "seed", "preserve_ratio", "preserve_weight",
-                "preserve_risk", "preserve_fraction", "eos_target", "loss_reduction")
+SHARED_KNOBS = (
+    "learning_rate",
+    "max_steps",
+    "per_device_train_batch_size",
+    "seed",
+    "preserve_ratio",
+    "preserve_weight",
+    "preserve_risk",
+    "preserve_fraction",
+    "eos_target",
+    "loss_reduction",
+)
 
 
 def shared_settings(args: EditConfig) -> str:
     """The knobs every point trains with, unless the point sets its own (then its row in the JSON says so)."""
     knobs = SHARED_KNOBS if args.max_steps > 0 else (*SHARED_KNOBS, "num_train_epochs")
-    return ("Every point trains with " + ", ".join(f"{name} {getattr(args, name)}" for name in knobs)
-            + "; a point may set its own (in a compare FT-L, LocFT-BF and FTA do: each point's settings are in the JSON).")
+    return (
+        "Every point trains with "
+        + ", ".join(f"{name} {getattr(args, name)}" for name in knobs)
+        + "; a point may set its own (in a compare FT-L, LocFT-BF and FTA do: each point's settings are in the JSON)."
+    )
 
 
 # Below this many known facts on validation, one fact moves validation retention by more than 3 points.
@@ -70,19 +91,26 @@ FEW_KNOWN_FACTS = 30
 
 def known_facts_note(rows: Iterable[dict]) -> str:
     """How many facts θ0 knew on each half, which retention is a share of; a warning when validation has few."""
-    counts = {half: sorted({r[half]["n_known"] for r in rows if r[half].get("n_known") is not None})
-              for half in (VALIDATION, TEST)}
+    counts = {
+        half: sorted({r[half]["n_known"] for r in rows if r[half].get("n_known") is not None})
+        for half in (VALIDATION, TEST)
+    }
     if not counts[VALIDATION] or not counts[TEST]:
         return ""
 
     def span(values: list[int]) -> str:
         return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
 
-    text = f"Retention is a share of the facts θ0 knew: {span(counts[VALIDATION])} on validation, {span(counts[TEST])} on test"
+    text = (
+        f"Retention is a share of the facts θ0 knew: {span(counts[VALIDATION])} "
+        f"on validation, {span(counts[TEST])} on test"
+    )
     fewest = counts[VALIDATION][0]
     if 0 < fewest < FEW_KNOWN_FACTS:
-        text += (f"; with {fewest} on validation one fact moves validation retention by {100 / fewest:.1f} points, so "
-                 "picks that weigh retention rest on few facts")
+        text += (
+            f"; with {fewest} on validation one fact moves validation retention by {100 / fewest:.1f} points, so "
+            "picks that weigh retention rest on few facts"
+        )
     return text + "."
 
 
@@ -98,17 +126,31 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
         "",
         *table(SWEEP_COLUMNS, rows),
     ]
-    for label, by in (("picked on validation (reported on test)", VALIDATION), ("picked on test (as the paper did)", TEST)):
+    for label, by in (
+        ("picked on validation (reported on test)", VALIDATION),
+        ("picked on test (as the paper did)", TEST),
+    ):
         chosen = best(rows, by, job.pick_min_retention)
-        lines += ["", f"Best {label}: {point_of(chosen).describe()} → "
-                  f"Ā test {format_percent(chosen[TEST]['avg_acc'])} (A_M {format_percent(chosen[TEST]['a_m'])}, "
-                  f"A_F\\S {format_percent(chosen[TEST]['a_fs'])})."]
+        lines += [
+            "",
+            f"Best {label}: {point_of(chosen).describe()} → "
+            f"Ā test {format_percent(chosen[TEST]['avg_acc'])} (A_M {format_percent(chosen[TEST]['a_m'])}, "
+            f"A_F\\S {format_percent(chosen[TEST]['a_fs'])}).",
+        ]
     lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "sweep.md"), "\n".join(lines) + "\n")
-    atomic_write_text(os.path.join(folder, "sweep.json"), json.dumps(
-        {"rows": rows, "locality": locality.to_dict(), "best_by_validation": best(rows, VALIDATION, job.pick_min_retention)["point"],
-         "best_by_test": best(rows, TEST, job.pick_min_retention)["point"]}, indent=2
-    ))
+    atomic_write_text(
+        os.path.join(folder, "sweep.json"),
+        json.dumps(
+            {
+                "rows": rows,
+                "locality": locality.to_dict(),
+                "best_by_validation": best(rows, VALIDATION, job.pick_min_retention)["point"],
+                "best_by_test": best(rows, TEST, job.pick_min_retention)["point"],
+            },
+            indent=2,
+        ),
+    )
     plot_sweep(folder, rows, job)
 
 
@@ -127,8 +169,13 @@ def plot_sweep(folder: str, rows: list[dict], job: JobConfig) -> tuple[str, str]
         ax.plot(xs, ys, marker="o", label=name)
         for x, y, r in zip(xs, ys, points):
             radius = point_of(r).radius
-            ax.annotate(f"{radius:.3g}" if radius != float("inf") else "∞", (x, y), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
+            ax.annotate(
+                f"{radius:.3g}" if radius != float("inf") else "∞",
+                (x, y),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
     ax.set_xlabel("A_F\\S, unmodified facts (%, test)")
     ax.set_ylabel("A_M, modified facts (%)")
     ax.set_title(f"Trade-off over {'ε' if job.setting == 'knn' else 'δ'}: {job.benchmark}, m = {job.m}, {job.setting}")

@@ -29,12 +29,18 @@ def grid(job: JobConfig, args: EditConfig) -> list[GridPoint]:
     deltas = job.sweep_deltas or [args.delta]
     return [  # block outermost: consecutive points share one prefix cache
         GridPoint(norm=norm, block=block, delta=delta)
-        for block in blocks for norm in norms for delta in ([None] if norm == "none" else deltas)
+        for block in blocks
+        for norm in norms
+        for delta in ([None] if norm == "none" else deltas)
     ]
 
 
-def run_sweep(job: JobConfig, args: EditConfig, model: PreTrainedModel | None = None,
-              tokenizer: PreTrainedTokenizerBase | None = None) -> list[dict]:
+def run_sweep(
+    job: JobConfig,
+    args: EditConfig,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> list[dict]:
     """Run every grid point not yet in `<output_dir>/points.jsonl`; write the table and the plots.
 
     With `setting: knn` the grid is the knn method's: kNN-LM's ε (`knn_epsilons`, default: quantiles of the distances).

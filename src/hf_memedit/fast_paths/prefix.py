@@ -80,12 +80,16 @@ def unsafe_reason(model: PreTrainedModel, block: int) -> str | None:
     config = model.config
     for name in layout.prefix_breakers:
         if getattr(config, name, None):
-            return f"its forward mixes states across blocks outside them when {name} is set ({getattr(config, name)!r})"
+            return (
+                f"its forward mixes states across blocks outside them when {name} is set ({getattr(config, name)!r})"
+            )
     for name in layout.positional_config:
         values = list(getattr(config, name, None) or [])
         if values and values[block:] != values[: len(values) - block]:
-            return (f"its forward reads config.{name} by block index, and {name} does not repeat from block {block} "
-                    f"({values[block:]} after the cut, {values[: len(values) - block]} before)")
+            return (
+                f"its forward reads config.{name} by block index, and {name} does not repeat from block {block} "
+                f"({values[block:]} after the cut, {values[: len(values) - block]} before)"
+            )
     return None
 
 
@@ -126,14 +130,19 @@ class PrefixCache:
         self._signature = self._prefix_signature()
 
     @classmethod
-    def for_model(cls, model: PreTrainedModel, dtype: str = "auto", layout: BlockLayout | None = None) -> PrefixCache | None:
+    def for_model(
+        cls, model: PreTrainedModel, dtype: str = "auto", layout: BlockLayout | None = None
+    ) -> PrefixCache | None:
         """A cache for the model's current trainable set, or None when nothing below the edit is frozen."""
         block = first_editable_block(model, layout)
         if block < 1:
             return None
         reason = unsafe_reason(model, block)
         if reason is not None:
-            _say_once(f"{type(model).__name__} runs without the prefix cache (the straightforward loop, same results): {reason}.")
+            _say_once(
+                f"{type(model).__name__} runs without the prefix cache "
+                f"(the straightforward loop, same results): {reason}."
+            )
             return None
         return cls(model, block, dtype, layout)
 
@@ -161,7 +170,12 @@ class PrefixCache:
         return tokens * hidden * torch.empty((), dtype=self.dtype).element_size()
 
     def add_facts(
-        self, tokenizer: PreTrainedTokenizerBase, facts: Iterable[Mapping], batch_size: int = 64, show_progress: bool = False, object_key: str = "object"
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        facts: Iterable[Mapping],
+        batch_size: int = 64,
+        show_progress: bool = False,
+        object_key: str = "object",
     ) -> None:
         """Compute the states of every fact (or FTA group) not cached yet, in batches, after a memory check."""
         encoder = FactCollator(tokenizer, self.kind).encoder
@@ -216,7 +230,9 @@ class PrefixCache:
         try:
             with eval_mode(self.model):
                 self.model.base_model(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **self.kind.forward_kwargs
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    **self.kind.forward_kwargs,
                 )
         except _Captured:
             pass
@@ -249,7 +265,9 @@ class PrefixCache:
         """
         self.check_unchanged()
         if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-            raise ValueError("The prefix cache needs right-padded batches (hf_memedit's FactCollator pads on the right).")
+            raise ValueError(
+                "The prefix cache needs right-padded batches (hf_memedit's FactCollator pads on the right)."
+            )
         parameter = next(self.model.parameters())
         states = self.batch_states(input_ids, attention_mask).to(parameter.device, parameter.dtype)
 

@@ -28,6 +28,13 @@ from .push import push_edit, push_folder
 
 
 __all__ = [
-    "MANIFEST_NAME", "ManifestError", "apply_edit", "chain_of", "package_edit", "push_edit", "push_folder",
-    "render_card", "revert_edit",
+    "MANIFEST_NAME",
+    "ManifestError",
+    "apply_edit",
+    "chain_of",
+    "package_edit",
+    "push_edit",
+    "push_folder",
+    "render_card",
+    "revert_edit",
 ]

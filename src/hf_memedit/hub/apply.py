@@ -22,7 +22,11 @@ __all__ = ["CHAIN_ATTRIBUTE", "apply_edit", "chain_of", "revert_edit"]
 
 @torch.no_grad()
 def apply_edit(
-    model: PreTrainedModel, repo_or_dir: str, revision: str | None = None, token: str | None = None, endpoint: str | None = None
+    model: PreTrainedModel,
+    repo_or_dir: str,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
 ) -> PreTrainedModel:
     """Apply a shared edit (folder or Hub repo) to `model` in place, after checking everything; returns `model`."""
     folder = edit_folder(repo_or_dir, revision, token, endpoint)
@@ -34,7 +38,11 @@ def apply_edit(
 
 @torch.no_grad()
 def revert_edit(
-    model: PreTrainedModel, repo_or_dir: str, revision: str | None = None, token: str | None = None, endpoint: str | None = None
+    model: PreTrainedModel,
+    repo_or_dir: str,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
 ) -> PreTrainedModel:
     """Undo the top applied edit: restores the exact base values it replaced; returns `model`."""
     folder = edit_folder(repo_or_dir, revision, token, endpoint)

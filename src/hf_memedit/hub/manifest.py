@@ -192,7 +192,9 @@ def _check_files(folder: str, files: dict[str, str]) -> None:
     for name, digest in files.items():
         path = safe_path(folder, name)
         if not os.path.isfile(path):
-            raise ManifestError(f"{folder} lacks {name}, which the manifest lists (or it is not a regular file): refused.")
+            raise ManifestError(
+                f"{folder} lacks {name}, which the manifest lists (or it is not a regular file): refused."
+            )
         if file_sha256(path) != digest:
             raise ManifestError(f"{name} in {folder} does not match the manifest's sha256: it was changed. Refused.")
 
@@ -259,21 +261,38 @@ def is_earlier_package(folder: str) -> bool:
 # The schema of a version 2 manifest: key -> the JSON types its value may have.
 _NUMBER = (int, float)
 _TOP = {
-    "format": (str,), "base_model": (dict,), "tensors": (dict,), "constraint": (dict,), "facts": (list,),
-    "metrics": (dict,), "config": (dict,), "seed": (int, type(None)), "versions": (dict,), "chain": (list,),
+    "format": (str,),
+    "base_model": (dict,),
+    "tensors": (dict,),
+    "constraint": (dict,),
+    "facts": (list,),
+    "metrics": (dict,),
+    "config": (dict,),
+    "seed": (int, type(None)),
+    "versions": (dict,),
+    "chain": (list,),
 }
-_BASE = {"repo_id": (str, type(None)), "revision": (str, type(None)), "config": (dict,), "config_sha256": (str,),
-         "tensors": (dict,)}
+_BASE = {
+    "repo_id": (str, type(None)),
+    "revision": (str, type(None)),
+    "config": (dict,),
+    "config_sha256": (str,),
+    "tensors": (dict,),
+}
 _TENSOR = {"shape": (list,), "dtype": (str,), "sha256": (str,), "max_abs_delta": _NUMBER, "l2_delta": _NUMBER}
 _CONSTRAINT = {"norm": (str,), "delta": (*_NUMBER, type(None)), "blocks": (list,)}
 _SELECTION = {"modules": (list, type(None)), "blocks_path": (str, type(None)), "embeddings_paths": (list, type(None))}
 
 
-def _expect(data: dict[str, Any], spec: dict[str, tuple[type, ...]], where: str, path: str, required: bool = True) -> None:
+def _expect(
+    data: dict[str, Any], spec: dict[str, tuple[type, ...]], where: str, path: str, required: bool = True
+) -> None:
     for key, types in spec.items():
         if key not in data:
             if required:
-                raise ManifestError(f"{path} lacks `{where}{key}`: it is damaged or was not written by hf_memedit. Refused.")
+                raise ManifestError(
+                    f"{path} lacks `{where}{key}`: it is damaged or was not written by hf_memedit. Refused."
+                )
             continue
         value = data[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):

@@ -62,11 +62,19 @@ def package_edit(
     base_repo_id, base_license = _base_identity(model_name)
     selection = {key: value for key, value in selector.selection().items() if value is not None}
     manifest = build_manifest(
-        format=format, base_repo_id=base_repo_id, base_revision=record.config.get("revision"),
-        base_config=_base_config(metadata, base_model, run_dir), after=after, base=base,
+        format=format,
+        base_repo_id=base_repo_id,
+        base_revision=record.config.get("revision"),
+        base_config=_base_config(metadata, base_model, run_dir),
+        after=after,
+        base=base,
         constraint={**constraint_record(record.config), **selection},
-        facts=record.facts, metrics=record.metrics, config=_public_config(record.config, base_repo_id), seed=record.seed,
-        versions=record.versions, chain=chain_of(base_model) if base_model is not None else [],
+        facts=record.facts,
+        metrics=record.metrics,
+        config=_public_config(record.config, base_repo_id),
+        seed=record.seed,
+        versions=record.versions,
+        chain=chain_of(base_model) if base_model is not None else [],
     )
     check_constraint(run_dir, manifest["constraint"], manifest["tensors"])
     if format != "delta":  # the package is built from base_model's weights: they must be the edit's base
@@ -86,7 +94,9 @@ def package_edit(
                 tokenizer.save_pretrained(staging)
         else:
             _save_peft_adapter(base_model, after, staging)
-        card = render_card(manifest, repo_id or "<your-repo-id>", kind=_kind_of(base_model, record), license=license or base_license)
+        card = render_card(
+            manifest, repo_id or "<your-repo-id>", kind=_kind_of(base_model, record), license=license or base_license
+        )
         card.save(os.path.join(staging, "README.md"))
         manifest = write_manifest(staging, manifest)
     return manifest
@@ -101,8 +111,8 @@ def _check_finite(after: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
     for name in sorted(after):
         if not (torch.isfinite(after[name]).all() and torch.isfinite(base[name]).all()):
             raise ValueError(
-                f"The edit in {run_dir} holds NaN or infinite values in {name!r}: the training diverged, so it cannot be "
-                "shared. Run the edit again (a smaller learning rate, or a norm bound)."
+                f"The edit in {run_dir} holds NaN or infinite values in {name!r}: the training diverged, "
+                "so it cannot be shared. Run the edit again (a smaller learning rate, or a norm bound)."
             )
 
 

@@ -60,7 +60,7 @@ class Declaration:
 
 
 def describe_selection(scope: BlockSelectorConfig) -> str:
-    """"blocks 1, embeddings (modules mlp_out)": a selection in a refusal's words."""
+    """ "blocks 1, embeddings (modules mlp_out)": a selection in a refusal's words."""
     text = "blocks " + ", ".join(map(str, scope.blocks))
     return text + (f" (modules {', '.join(scope.modules)})" if scope.modules else "")
 
@@ -68,7 +68,9 @@ def describe_selection(scope: BlockSelectorConfig) -> str:
 def _scope_of(manifest: dict[str, Any]) -> BlockSelectorConfig:
     constraint = manifest["constraint"]
     return BlockSelectorConfig(
-        blocks=constraint["blocks"], modules=constraint.get("modules"), blocks_path=constraint.get("blocks_path"),
+        blocks=constraint["blocks"],
+        modules=constraint.get("modules"),
+        blocks_path=constraint.get("blocks_path"),
         embeddings_paths=constraint.get("embeddings_paths"),
     )
 
@@ -80,13 +82,15 @@ def package_declaration(where: str, manifest: dict[str, Any]) -> Declaration:
     if set(base_hashes) != names:
         odd = sorted(names ^ set(base_hashes))
         raise ManifestError(
-            f"{where}: the manifest's `tensors` and `base_model.tensors` name different tensors ({', '.join(odd[:3])}): "
-            "it could not be reverted exactly. Refused."
+            f"{where}: the manifest's `tensors` and `base_model.tensors` name different "
+            f"tensors ({', '.join(odd[:3])}): it could not be reverted exactly. Refused."
         )
     try:
         scope = _scope_of(manifest)
     except ValueError as error:
-        raise ManifestError(f"{where}: the manifest's blocks {manifest['constraint']['blocks']!r} are not a block selection ({error})") from None
+        raise ManifestError(
+            f"{where}: the manifest's blocks {manifest['constraint']['blocks']!r} are not a block selection ({error})"
+        ) from None
     base = manifest["base_model"]
     return Declaration(
         where=where,
@@ -123,7 +127,9 @@ def package_tensors(
         if CONFIG_NAME in manifest["files"]:
             _check_selection_file(folder, manifest, where)
     else:
-        sources = sorted(name for name in manifest["files"] if name.endswith(".safetensors") and name != BASE_WEIGHTS_NAME)
+        sources = sorted(
+            name for name in manifest["files"] if name.endswith(".safetensors") and name != BASE_WEIGHTS_NAME
+        )
     state = model.state_dict() if format == "full" else {}
     if any(value.device.type == "meta" for value in state.values()):
         raise ValueError(
@@ -145,14 +151,16 @@ def package_tensors(
                     )
                 elif not _equal(handle.get_tensor(name), state.get(name)):
                     raise ManifestError(
-                        f"{source} in {where} changes {name!r}, which its manifest does not declare (or {type(model).__name__} "
-                        "does not have): refused; a package may change only what it declares."
+                        f"{source} in {where} changes {name!r}, which its manifest does not declare (or "
+                        f"{type(model).__name__} does not have): refused; a package may change only what it declares."
                     )
     base = _read_tensors(_read_file(folder, manifest, BASE_WEIGHTS_NAME, where), where)
     for what, tensors in (("edited", after), ("base", base)):
         missing = sorted(declared - set(tensors))
         if missing:
-            raise ManifestError(f"{where} lacks the {what} value of {missing[0]!r}, which its manifest declares: refused.")
+            raise ManifestError(
+                f"{where} lacks the {what} value of {missing[0]!r}, which its manifest declares: refused."
+            )
     extra = sorted(set(base) - declared)
     if extra:
         raise ManifestError(
@@ -164,7 +172,9 @@ def package_tensors(
 
 def _equal(value: torch.Tensor, other: torch.Tensor | None) -> bool:
     return (
-        other is not None and value.dtype == other.dtype and value.shape == other.shape
+        other is not None
+        and value.dtype == other.dtype
+        and value.shape == other.shape
         and torch.equal(value, other.detach().cpu())
     )
 
@@ -178,7 +188,9 @@ def _opened(path: str, where: str) -> Iterator[Any]:
         with safe_open(path, framework="pt") as handle:
             yield handle
     except SafetensorError as error:
-        raise ManifestError(f"{os.path.basename(path)} in {where} is not a readable safetensors file ({error}): refused.") from None
+        raise ManifestError(
+            f"{os.path.basename(path)} in {where} is not a readable safetensors file ({error}): refused."
+        ) from None
 
 
 def _read_tensors(path: str, where: str) -> dict[str, torch.Tensor]:
@@ -197,11 +209,14 @@ def _check_selection_file(folder: str, manifest: dict[str, Any], where: str) -> 
     declared = _scope_of(manifest)
     if saved.selection() != declared.selection():
         raise ManifestError(
-            f"{CONFIG_NAME} in {where} selects {saved.selection()} but its manifest declares {declared.selection()}: refused."
+            f"{CONFIG_NAME} in {where} selects {saved.selection()} but "
+            f"its manifest declares {declared.selection()}: refused."
         )
 
 
-def run_edit_declaration(folder: str, where: str) -> tuple[Declaration, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def run_edit_declaration(
+    folder: str, where: str
+) -> tuple[Declaration, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The declaration and (edited, base) tensors of a run's `edit/` folder (`EditModel.save_pretrained`): its
     selection, and the sha256 of each tensor, edited and base, and its base's config recorded in the edit file."""
     scope = BlockSelectorConfig.from_pretrained(folder)
@@ -221,10 +236,14 @@ def run_edit_declaration(folder: str, where: str) -> tuple[Declaration, dict[str
     except json.JSONDecodeError:
         raise ManifestError(f"{path}: its recorded hashes are not JSON: the file was altered. Refused.") from None
     if not isinstance(edit_hashes, dict) or not isinstance(base_hashes, dict) or set(edit_hashes) != set(after):
-        raise ManifestError(f"{path} holds other tensors than its recorded hashes list: the file was altered. Refused.")
+        raise ManifestError(
+            f"{path} holds other tensors than its recorded hashes list: the file was altered. Refused."
+        )
     base = _read_tensors(safe_path(folder, BASE_WEIGHTS_NAME), where)
     if set(base) != set(after):
-        raise ManifestError(f"{BASE_WEIGHTS_NAME} in {where} holds other tensors than {WEIGHTS_NAME}: the folder was altered. Refused.")
+        raise ManifestError(
+            f"{BASE_WEIGHTS_NAME} in {where} holds other tensors than {WEIGHTS_NAME}: the folder was altered. Refused."
+        )
     declaration = Declaration(
         where=where,
         tensors={name: {"sha256": edit_hashes[name], "base_sha256": base_hashes.get(name)} for name in after},
@@ -236,7 +255,11 @@ def run_edit_declaration(folder: str, where: str) -> tuple[Declaration, dict[str
 
 
 def verify_package(
-    model: PreTrainedModel, folder: str, where: str, applying: bool, formats: tuple[str, ...] = ("delta", "full"),
+    model: PreTrainedModel,
+    folder: str,
+    where: str,
+    applying: bool,
+    formats: tuple[str, ...] = ("delta", "full"),
 ) -> tuple[Declaration, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A shared package checked whole against `model` (`check_edit`): its declaration and (edited, base) values."""
     manifest = read_manifest(folder)
@@ -261,7 +284,10 @@ def verify_run_edit(
 
 
 def check_edit(
-    model: PreTrainedModel, declared: Declaration, after: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+    model: PreTrainedModel,
+    declared: Declaration,
+    after: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
     applying: bool,
 ) -> None:
     """Refuse, in one line naming the edit, the tensor and the fix, anything `declared` does not allow or that
@@ -272,7 +298,9 @@ def check_edit(
     try:
         allowed = set(selected_parameter_names(model, declared.scope))
     except ValueError as error:
-        raise ManifestError(f"{where} declares the {describe_selection(declared.scope)}, which do not fit this model: {error}") from None
+        raise ManifestError(
+            f"{where} declares the {describe_selection(declared.scope)}, which do not fit this model: {error}"
+        ) from None
     changes = {}
     for name in sorted(declared.tensors):
         entry, value, before = declared.tensors[name], after[name], base[name]
@@ -284,8 +312,8 @@ def check_edit(
             )
         if param.device.type == "meta":
             raise ValueError(
-                f"{where} changes {name!r}, which the device_map offloads (accelerate keeps it outside the model): give "
-                "the edited blocks a device in device_map (offload other blocks)."
+                f"{where} changes {name!r}, which the device_map offloads (accelerate keeps it outside "
+                "the model): give the edited blocks a device in device_map (offload other blocks)."
             )
         if name not in allowed:
             raise ManifestError(
@@ -300,7 +328,8 @@ def check_edit(
                 )
         if not (torch.isfinite(value).all() and torch.isfinite(before).all()):
             raise ManifestError(
-                f"{where}: {name!r} holds NaN or infinite values: refused (an edit that diverged cannot be applied or reverted)."
+                f"{where}: {name!r} holds NaN or infinite values: refused "
+                "(an edit that diverged cannot be applied or reverted)."
             )
         changes[name] = _check_tensor(where, name, entry, tensor_entry(value, before), tensor_sha256(before))
     if declared.constraint is not None:
@@ -318,31 +347,40 @@ def _check_chain(model: PreTrainedModel, declared: Declaration, applying: bool) 
         raise ManifestError(f"{where} is already applied to this model (its edits: {chain}): nothing was changed.")
     if applying and chain != declared.chain:
         raise ManifestError(
-            f"{where} was made on top of the edits {declared.chain or 'none'}, but this model carries {chain or 'none'}: "
-            "apply (or revert) edits in the order they were made."
+            f"{where} was made on top of the edits {declared.chain or 'none'}, but this model "
+            f"carries {chain or 'none'}: apply (or revert) edits in the order they were made."
         )
     if not applying and declared.id not in chain:
-        raise ManifestError(f"{where} was never applied to this model (its edits: {chain or 'none'}): nothing to revert.")
+        raise ManifestError(
+            f"{where} was never applied to this model (its edits: {chain or 'none'}): nothing to revert."
+        )
     if not applying and chain[-1] != declared.id:
         raise ManifestError(
             f"{where} is not the last edit applied to this model (applied: {chain}); revert the later edits first."
         )
 
 
-def _check_tensor(where: str, name: str, entry: dict[str, Any], actual: dict[str, Any], base_sha256: str) -> dict[str, Any]:
+def _check_tensor(
+    where: str, name: str, entry: dict[str, Any], actual: dict[str, Any], base_sha256: str
+) -> dict[str, Any]:
     """The tensor's values as declared: its sha256 edited and at the base, and (in a package) its shape, dtype and
     the change it declares. Returns `actual` (its max |Δ| and ‖Δ‖₂) for the constraint."""
     if actual["sha256"] != entry["sha256"]:
-        raise ManifestError(f"{where}: the edited tensor {name!r} differs from the one saved (its sha256): damaged or altered. Refused.")
+        raise ManifestError(
+            f"{where}: the edited tensor {name!r} differs from the "
+            "one saved (its sha256): damaged or altered. Refused."
+        )
     if base_sha256 != entry["base_sha256"]:
-        raise ManifestError(f"{where}: the base tensor {name!r} differs from the one saved (its sha256): damaged or altered. Refused.")
+        raise ManifestError(
+            f"{where}: the base tensor {name!r} differs from the one saved (its sha256): damaged or altered. Refused."
+        )
     for key in ("shape", "dtype"):
         if key in entry and entry[key] != actual[key]:
             raise ManifestError(f"{where} declares {name!r} with {key} {entry[key]} but holds {actual[key]}: refused.")
     if "max_abs_delta" in entry and entry["max_abs_delta"] != actual["max_abs_delta"]:
         raise ManifestError(
-            f"{where}: {name!r} changes by up to {actual['max_abs_delta']:.6g}, but its manifest declares max_abs_delta "
-            f"{entry['max_abs_delta']:.6g}: refused; a package must declare the change it makes."
+            f"{where}: {name!r} changes by up to {actual['max_abs_delta']:.6g}, but its manifest declares "
+            f"max_abs_delta {entry['max_abs_delta']:.6g}: refused; a package must declare the change it makes."
         )
     if "l2_delta" in entry and abs(entry["l2_delta"] - actual["l2_delta"]) > _L2_RELATIVE * actual["l2_delta"]:
         raise ManifestError(
@@ -353,8 +391,9 @@ def _check_tensor(where: str, name: str, entry: dict[str, Any], actual: dict[str
 
 
 def check_constraint(where: str, constraint: dict[str, Any], changes: dict[str, dict[str, Any]]) -> None:
-    """Every change (name -> its max_abs_delta and l2_delta) inside the declared ball: the L∞ box exactly (the projection keeps the stored values in it),
-    the L2 ball up to float64 summation order. Fisher and key constraints need statistics a package lacks."""
+    """Every change (name -> its max_abs_delta and l2_delta) inside the declared ball: the L∞ box exactly (the
+    projection keeps the stored values in it), the L2 ball up to float64 summation order. Fisher and key constraints
+    need statistics a package lacks."""
     norm, delta = constraint["norm"], constraint["delta"]
     if norm not in NORMS:
         raise ManifestError(f"{where} declares the norm {norm!r}, which is not one of {', '.join(NORMS)}: refused.")
@@ -367,8 +406,8 @@ def check_constraint(where: str, constraint: dict[str, Any], changes: dict[str, 
         largest = changes[name]["max_abs_delta"]
         if largest > delta:
             raise ManifestError(
-                f"{where}: {name!r} changes by up to {largest:.6g}, beyond its declared bound ‖θ − θ0‖∞ ≤ δ = {delta:g}: "
-                "refused."
+                f"{where}: {name!r} changes by up to {largest:.6g}, beyond "
+                f"its declared bound ‖θ − θ0‖∞ ≤ δ = {delta:g}: refused."
             )
         return
     bound = delta * (1 + _L2_RELATIVE)
@@ -383,7 +422,8 @@ def check_constraint(where: str, constraint: dict[str, Any], changes: dict[str, 
     total = math.sqrt(sum(change["l2_delta"] ** 2 for change in changes.values()))
     if total > bound:
         raise ManifestError(
-            f"{where} changes its tensors by ‖Δ‖₂ = {total:.6g} together, beyond its declared bound δ = {delta:g}: refused."
+            f"{where} changes its tensors by ‖Δ‖₂ = {total:.6g} "
+            f"together, beyond its declared bound δ = {delta:g}: refused."
         )
 
 
@@ -393,13 +433,15 @@ def _check_config(model: PreTrainedModel, declared: Declaration) -> None:
     if differ:
         key = differ[0]
         raise ManifestError(
-            f"{declared.where} was made for a different base model: its base has {key}={recorded.get(key)!r}, this "
-            f"model {key}={actual.get(key)!r} ({len(differ)} config field(s) differ). Load the base model the edit was "
-            f"made for ({declared.base_label})."
+            f"{declared.where} was made for a different base model: its base has "
+            f"{key}={recorded.get(key)!r}, this model {key}={actual.get(key)!r} ({len(differ)} config "
+            f"field(s) differ). Load the base model the edit was made for ({declared.base_label})."
         )
 
 
-def _check_model_values(model: PreTrainedModel, declared: Declaration, params: dict[str, torch.nn.Parameter], applying: bool) -> None:
+def _check_model_values(
+    model: PreTrainedModel, declared: Declaration, params: dict[str, torch.nn.Parameter], applying: bool
+) -> None:
     current = {name: tensor_sha256(params[name]) for name in declared.tensors}
     if not applying:
         for name, entry in sorted(declared.tensors.items()):
@@ -413,8 +455,11 @@ def _check_model_values(model: PreTrainedModel, declared: Declaration, params: d
     if not differ:
         return
     if all(current[name] == entry["sha256"] for name, entry in declared.tensors.items()):
-        raise ManifestError(f"{declared.where} is already applied to the given model: its weights hold the edited values.")
+        raise ManifestError(
+            f"{declared.where} is already applied to the given model: its weights hold the edited values."
+        )
     raise ManifestError(
-        f"{declared.where} was made for a different base model: {differ[0]!r} of the given model differs from the base "
-        f"the edit recorded ({declared.base_label}). Load that base model, or revert an edit already applied to this one."
+        f"{declared.where} was made for a different base model: {differ[0]!r} of the "
+        f"given model differs from the base the edit recorded ({declared.base_label}). "
+        "Load that base model, or revert an edit already applied to this one."
     )

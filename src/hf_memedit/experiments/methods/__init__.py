@@ -21,7 +21,9 @@ def _load() -> dict[str, Method]:
     for name in COMPARE_METHODS:
         method = importlib.import_module(f"{__name__}.{name}").METHOD
         if method.name != name:
-            raise ImportError(f"{__name__}.{name} defines the method {method.name!r}: a method is named after its module.")
+            raise ImportError(
+                f"{__name__}.{name} defines the method {method.name!r}: a method is named after its module."
+            )
         methods.append(method)
     return {method.name: method for method in sorted(methods, key=lambda method: method.order)}
 
@@ -42,8 +44,12 @@ def method_arguments(job: JobConfig) -> dict[type, Any]:
     unknown = sorted(set(job.compare_deltas or {}) - grids)
     if unknown:
         raise ValueError(f"compare_deltas has unknown keys {unknown}: use {', '.join(sorted(grids))}.")
-    return {arguments: arguments(**{f.name: job.method_args[f.name] for f in fields(arguments) if f.name in job.method_args})
-            for arguments in ARGUMENTS}
+    return {
+        arguments: arguments(
+            **{f.name: job.method_args[f.name] for f in fields(arguments) if f.name in job.method_args}
+        )
+        for arguments in ARGUMENTS
+    }
 
 
 __all__ = ["ARGUMENTS", "METHODS", "Method", "method_arguments"]

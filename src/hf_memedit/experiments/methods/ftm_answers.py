@@ -6,8 +6,10 @@ from ..method import Method, MethodContext
 
 
 def points(context: MethodContext) -> list[GridPoint]:
-    return [GridPoint(norm="linf", block=context.block, delta=delta, settings={"preserve_objective": "answers"})
-            for delta in context.linf]
+    return [
+        GridPoint(norm="linf", block=context.block, delta=delta, settings={"preserve_objective": "answers"})
+        for delta in context.linf
+    ]
 
 
 METHOD = Method(name="ftm_answers", label="FTM + θ0's answers, L∞", order=60, points=points, edits_block=True)

@@ -8,8 +8,10 @@ from ..method import Method, MethodContext
 def points(context: MethodContext) -> list[GridPoint]:
     total = sum(float(fisher.sum()) for fisher in context.runner.fisher(context.block).values())
     deltas = context.grids.get("fisher") or [delta * delta * total for delta in context.linf]
-    return [GridPoint(norm="fisher", block=context.block, delta=delta, settings={"preserve_objective": "none"})
-            for delta in deltas]
+    return [
+        GridPoint(norm="fisher", block=context.block, delta=delta, settings={"preserve_objective": "none"})
+        for delta in deltas
+    ]
 
 
 METHOD = Method(name="ftm_fisher", label="FTM, Fisher", order=40, points=points, edits_block=True, grid="fisher")

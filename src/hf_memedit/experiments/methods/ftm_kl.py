@@ -9,8 +9,11 @@ from ..method import Method, MethodContext
 
 def points(context: MethodContext) -> list[GridPoint]:
     eos = [{"eos_target": True}] if model_kind(context.model).generates else []
-    return [GridPoint(norm="linf", block=context.block, delta=delta, settings={"preserve_objective": "kl", **extra})
-            for delta in context.linf for extra in [{}] + eos]
+    return [
+        GridPoint(norm="linf", block=context.block, delta=delta, settings={"preserve_objective": "kl", **extra})
+        for delta in context.linf
+        for extra in [{}] + eos
+    ]
 
 
 METHOD = Method(name="ftm_kl", label="FTM + KL to θ0 on neighbours, L∞", order=70, points=points, edits_block=True)

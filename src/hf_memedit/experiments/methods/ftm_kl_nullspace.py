@@ -14,9 +14,16 @@ def points(context: MethodContext) -> list[GridPoint]:
     settings = {"preserve_objective": "kl", "key_constraint": "nullspace", "preserve_corpus": key_corpus(context)}
     return [
         GridPoint(norm="linf", block=context.block, delta=delta, settings={**settings, "nullspace_energy": energy})
-        for delta in context.linf for energy in context.arguments.nullspace_energies or ENERGIES
+        for delta in context.linf
+        for energy in context.arguments.nullspace_energies or ENERGIES
     ]
 
 
-METHOD = Method(name="ftm_kl_nullspace", label="FTM + KL on neighbours + null space, L∞", order=90, points=points,
-                arguments=NullspaceArguments, edits_block=True)
+METHOD = Method(
+    name="ftm_kl_nullspace",
+    label="FTM + KL on neighbours + null space, L∞",
+    order=90,
+    points=points,
+    arguments=NullspaceArguments,
+    edits_block=True,
+)

@@ -6,8 +6,11 @@ from ..method import Method, MethodContext
 
 
 def points(context: MethodContext) -> list[GridPoint]:
-    return [GridPoint(norm="linf", block=block, delta=delta, settings={"preserve_objective": "none"})
-            for block in context.blocks for delta in context.linf]
+    return [
+        GridPoint(norm="linf", block=block, delta=delta, settings={"preserve_objective": "none"})
+        for block in context.blocks
+        for delta in context.linf
+    ]
 
 
 METHOD = Method(name="ftm_linf", label="FTM, L∞", order=10, points=points, grid="linf")

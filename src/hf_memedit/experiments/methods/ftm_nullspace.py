@@ -19,9 +19,11 @@ class NullspaceArguments:
 
     nullspace_energies: list[float] | None = field(
         default=None,
-        metadata={"help": "memedit compare: the shares of the preserved keys' second moment that ftm_nullspace and "
-                  "ftm_kl_nullspace remove from the whole block's updates, each one point per δ (default: 0.99 0.9 0.8 "
-                  "and 0.9 0.8; less removed learns more and keeps less)."},
+        metadata={
+            "help": "memedit compare: the shares of the preserved keys' second moment that ftm_nullspace and "
+            "ftm_kl_nullspace remove from the whole block's updates, each one point per δ (default: 0.99 0.9 0.8 "
+            "and 0.9 0.8; less removed learns more and keeps less)."
+        },
     )
 
     def __post_init__(self):
@@ -49,5 +51,11 @@ def points(context: MethodContext) -> list[GridPoint]:
     ]
 
 
-METHOD = Method(name="ftm_nullspace", label="FTM + null space (AlphaEdit's projection), L∞", order=80, points=points,
-                arguments=NullspaceArguments, edits_block=True)
+METHOD = Method(
+    name="ftm_nullspace",
+    label="FTM + null space (AlphaEdit's projection), L∞",
+    order=80,
+    points=points,
+    arguments=NullspaceArguments,
+    edits_block=True,
+)

@@ -15,13 +15,18 @@ class KnnArguments:
     _unkeyed = ("knn_epsilons",)  # the grid: each point carries its own
 
     knn_metric: str = field(
-        default="l2", metadata={"help": "kNN-LM: distance between contextual embeddings, 'l2' or 'cosine' (1 − cos).",
-                                "choices": ["l2", "cosine"]},
+        default="l2",
+        metadata={
+            "help": "kNN-LM: distance between contextual embeddings, 'l2' or 'cosine' (1 − cos).",
+            "choices": ["l2", "cosine"],
+        },
     )
     knn_epsilons: list[float] | None = field(
         default=None,
-        metadata={"help": "kNN-LM: the ε swept (a fact takes its neighbour's object when closer than ε). "
-                  "Default: 11 quantiles of the distances on the validation facts."},
+        metadata={
+            "help": "kNN-LM: the ε swept (a fact takes its neighbour's object when closer than ε). "
+            "Default: 11 quantiles of the distances on the validation facts."
+        },
     )
 
     def __post_init__(self):
