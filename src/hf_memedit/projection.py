@@ -103,6 +103,7 @@ def check_resolution(theta0: Mapping[str, torch.Tensor], delta: float) -> None:
     )
 
 
+@torch.no_grad()
 def l2_distance(params: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """||θ − θ0||₂ over all the given tensors together, accumulated in float64 (FSDP2 shards: one all-reduce)."""
     device = local(next(iter(params.values()))).device
