@@ -215,3 +215,40 @@ def test_the_cli_gives_the_edit_of_edit_stream(tmp_path, model_dir, capsys):
     cli = json.loads((tmp_path / "cli" / STREAM_RECORD).read_text())
     py = json.loads((tmp_path / "py" / STREAM_RECORD).read_text())
     assert cli["key"] == py["key"] and [b["facts"] for b in cli["batches"]] == [b["facts"] for b in py["batches"]]
+
+
+def test_earlier_facts_join_every_batch_as_cross_entropy_rows_with_their_new_objects():
+    import datasets
+
+    from hf_memedit.collators import PRESERVE_KEY, WEIGHT_KEY
+    from hf_memedit.experiments.stream import with_earlier
+
+    groups = datasets.Dataset.from_list([
+        {"text": ["a [Y]", "k [Y]"], "object": ["A", "K"], WEIGHT_KEY: [1.0, 0.5], PRESERVE_KEY: [False, True]},
+        {"text": ["b [Y]", "l [Y]"], "object": ["B", "L"], WEIGHT_KEY: [1.0, 0.5], PRESERVE_KEY: [False, True]},
+    ])
+    earlier = datasets.Dataset.from_list([{"text": f"e{i} [Y]", "object": f"E{i}"} for i in range(3)])
+    mixed = with_earlier(groups, earlier, ratio=2.0, weight=0.25, seed=0)
+    added = [row["text"][2:] for row in mixed]
+    assert [len(texts) for texts in added] == [2, 2]  # 2 earlier facts per edit fact of the group
+    assert sorted(added[0] + added[1][:1]) == ["e0 [Y]", "e1 [Y]", "e2 [Y]"]  # round all of them before a repeat
+    for row in mixed:
+        assert row[PRESERVE_KEY][2:] == [False, False] and row[WEIGHT_KEY][2:] == [0.25, 0.25]  # CE, not KL to θ0
+        assert row["object"][2:] == [text.split()[0].upper() for text in row["text"][2:]]  # each with its new object
+    assert [row["text"][:2] for row in mixed] == groups["text"]  # the batch's own mix untouched
+
+
+def test_the_replay_track_trains_every_fact_so_far_in_each_batch(tmp_path, model_dir, monkeypatch):
+    trained = []
+    build = stream_module.edit_train_dataset
+
+    def recording(splits, *args, **kwargs):
+        trained.append(sorted(set(splits["modified_train"]["subject"])))
+        return build(splits, *args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "edit_train_dataset", recording)
+    model, tokenizer = load(model_dir)
+    outcome = edit_stream(model, tokenizer, facts_file(tmp_path, T), B, str(tmp_path / "s"), stream_replay=True, **FAST)
+    assert trained == [sorted(SUBJECTS[:k]) for k in (2, 4, 6, 8)]
+    assert outcome.stream["track"].startswith("replay") and outcome.record.config["stream"]["replay"] is True
+    assert [[f["subject"] for f in b["facts"]] for b in outcome.stream["batches"]] == [SUBJECTS[i:i + 2] for i in range(0, T, 2)]
