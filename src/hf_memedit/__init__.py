@@ -12,6 +12,7 @@ from .evaluation.metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, eval
 from .evaluation.results import ResultsRecord, library_versions
 from .evaluation.scoring import FactResults, candidate_vocabulary, evaluate_facts, generate_answers, generate_facts
 from .experiments.facts_edit import edit_facts
+from .experiments.stream import edit_stream
 from .facts import FactRecord, FactsFileError, check_lengths, describe_facts, facts_splits, load_facts, read_facts
 from .fast_paths.heads import object_positions_only
 from .fast_paths.prefix import PrefixCache
@@ -55,6 +56,7 @@ __all__ = [
     "describe_facts",
     "disjoint_split",
     "edit_facts",
+    "edit_stream",
     "edit_metrics",
     "end_process_group",
     "evaluate_facts",

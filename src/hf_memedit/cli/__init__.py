@@ -2,6 +2,7 @@
 trainer_configs/ plus overrides.
 
     memedit edit  --config trainer_configs/demo_smollm2.yaml [--delta 2e-3 --edit_blocks -1 ...]
+    memedit stream --facts facts.jsonl --batch_size 32 --output_dir runs/s   (batches in order; rerun to resume)
     memedit sweep --config trainer_configs/bert_tiny_sweep.yaml
     memedit compare --config trainer_configs/compare_smollm2_geo.yaml
     memedit eval  --config trainer_configs/demo_smollm2.yaml [--edit_dir runs/x/edit]
@@ -30,7 +31,15 @@ from ..sharding import end_process_group
 from .parser import read_config
 
 
-MODULES = {"edit": "edit", "sweep": "sweep", "compare": "compare", "eval": "eval", "push": "push", "inspect": "layout"}
+MODULES = {
+    "edit": "edit",
+    "stream": "stream",
+    "sweep": "sweep",
+    "compare": "compare",
+    "eval": "eval",
+    "push": "push",
+    "inspect": "layout",
+}
 
 
 def _module(command: str):

@@ -68,9 +68,10 @@ class MemeditParser(HfArgumentParser):
         )
         method_arguments(job)  # what only the methods can check (compare_deltas' keys), before anything loads
         if job.facts:
-            if self.command != "edit":  # sweeps, compares and evaluations pick and score on a benchmark's halves
+            if self.command not in ("edit", "stream"):  # sweeps, compares and evaluations pick and score on halves
                 raise ValueError(
-                    f"facts are edited by `memedit edit`; `{self.prog}` runs on a benchmark: leave out facts."
+                    f"facts are edited by `memedit edit` or `memedit stream`; `{self.prog}` runs on a benchmark: "
+                    "leave out facts."
                 )
             _refuse_benchmark_options(argv)
         return job, args, extra
