@@ -228,7 +228,8 @@ def test_the_demo_config_with_facts_keeps_its_recipe_and_drops_its_benchmark(fac
 def test_only_memedit_edit_takes_facts(facts_file):
     for command in ("sweep", "compare", "eval"):
         with pytest.raises(
-            ValueError, match=f"^facts are edited by `memedit edit` or `memedit stream`; `memedit {command}` runs on a benchmark"
+            ValueError,
+            match=f"^facts are edited by `memedit edit` or `memedit stream`; `memedit {command}` runs on a benchmark",
         ):
             parse(command, ["--facts", facts_file])
 
