@@ -326,3 +326,24 @@ def test_a_run_records_what_generation_answers_and_eval_scores_it_and_the_drift_
     for half, correct in halves.items():
         assert correct and row[half]["gen_a_m"] == pytest.approx(sum(correct) / len(correct)), half
         assert "gen_retention" in row[half]
+
+
+def test_generation_eval_on_a_masked_lm_scores_by_its_masks_only(tmp_path, real_bert_dir):
+    """generation_eval is for causal LMs (as drift_eval): a masked LM's run is scored by its masks and finishes,
+    instead of failing in its evaluation after the edit has trained (the facts recipe turns generation on)."""
+    from hf_memedit.cli import parse
+    from hf_memedit.evaluation.results import ResultsRecord
+    from hf_memedit.experiments import run_edit
+
+    from .helpers import ROOT
+
+    job, args, _ = parse(
+        "edit",
+        [
+            "--config", str(ROOT / "trainer_configs" / "bert_tiny_ftm.yaml"), "--output_dir", str(tmp_path / "run"),
+            "--max_steps", "2", "--generation_eval", "true", "--eval_before_edit", "false", "--disable_tqdm", "true",
+        ],
+    )  # fmt: skip
+    run_edit(job, args)
+    record = ResultsRecord.load(tmp_path / "run")
+    assert "a_m" in record.metrics and not any(key.startswith("gen_") for key in record.metrics)

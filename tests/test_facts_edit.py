@@ -18,7 +18,7 @@ from hf_memedit.experiments import FACTS_RECIPE, FactsFile
 from hf_memedit.experiments.facts_source import FALLBACK_KEEP, QUESTIONS, with_fallback_keep
 from hf_memedit.facts import MODIFIED_PARAPHRASE
 
-from .helpers import ROOT
+from .helpers import ROOT, tiny_bert
 
 
 CHAT = "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
@@ -141,6 +141,25 @@ def test_the_facts_source_labels_keep_prompts_with_theta0s_greedy_answers(model_
     # train_on_paraphrases: the paraphrases train, and nothing is held out
     trained = FactsFile(FACTS, train_on_paraphrases=True).splits(model, tokenizer)
     assert len(trained[MODIFIED_TRAIN]) == 5 and len(trained[MODIFIED_PARAPHRASE]) == 0
+
+
+def test_a_record_without_true_is_scored_against_theta0s_own_answer(model_dir, bert_tokenizer):
+    """`true` is optional: the old object, scored before the edit, is then θ0's greedy answer to the prompt (an empty
+    one crashed the before-edit evaluation); a masked LM cannot answer for itself, so it is refused in one line."""
+    from hf_memedit.evaluation.scoring import generate_answers
+
+    model, tokenizer = LlamaForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    records = [{k: v for k, v in fact.items() if k != "true"} for fact in FACTS]
+    splits = FactsFile(records).splits(model, tokenizer)
+    answers = generate_answers(
+        model, tokenizer, [{**row, "object": ""} for row in splits[MODIFIED_TEST]], extra_tokens=8
+    )
+    assert splits[MODIFIED_TEST]["original_object"] == answers and all(answers)
+    assert splits[MODIFIED_TRAIN]["original_object"] == answers  # every row of a fact carries it
+    assert splits[MODIFIED_PARAPHRASE]["original_object"] == answers[:1]  # France's paraphrase
+    bert = tiny_bert(len(bert_tokenizer))
+    with pytest.raises(FactsFileError, match=r"gives no `true` object, and a masked LM cannot answer .* add `true`"):
+        FactsFile(records).splits(bert, bert_tokenizer)
 
 
 @pytest.mark.slow

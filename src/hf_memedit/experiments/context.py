@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..architectures import model_kind
 from ..benchmarks.common import MODIFIED_TRAIN, UNMODIFIED_TRAIN
 from ..edit_config import EditConfig
 from ..evaluation.metrics import evaluate_splits, generate_splits
@@ -152,8 +153,9 @@ class Theta0Context:
         return self._before[name]
 
     def generated_before(self, name: str, splits: datasets.DatasetDict) -> dict | None:
-        """θ0's greedy answers on `splits` (`generation_eval`), once per `name`; None where generation is off."""
-        if not self.args.generation_eval:
+        """θ0's greedy answers on `splits` (`generation_eval`), once per `name`; None where generation is off or the
+        model is a masked LM (which is scored by its masks; generation_eval's help says causal LMs, as drift_eval)."""
+        if not self.args.generation_eval or not model_kind(self.model).generates:
             return None
         if name not in self._generated_before:
             self._generated_before[name] = generate_splits(self.model, self.tokenizer, splits, self.batch_size)

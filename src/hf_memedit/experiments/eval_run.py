@@ -45,7 +45,7 @@ def run_eval(
     after = evaluate_splits(model, tokenizer, splits, batch_size=batch, show_progress=True)
     kind = model_kind(model)
     metrics = edit_metrics(splits, after, before, tokenizer, kind)
-    if args.generation_eval:  # as the run scored it
+    if args.generation_eval and kind.generates:  # as the run scored it
         metrics.update(generation_metrics(splits, generate_splits(model, tokenizer, splits, batch), answers_before))
     if held_out is not None:
         metrics.update(next_token_drift(model, tokenizer, held_out, edit.at_theta0))

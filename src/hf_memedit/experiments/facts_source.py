@@ -168,7 +168,7 @@ class FactsFile:
                 "%d keep prompts made from other subjects of the file, for the facts that give none.",
                 self.n_fallback_keep,
             )
-        rows = fact_rows(self.records, self.train_on_paraphrases)
+        rows = self._with_theta0_answers(fact_rows(self.records, self.train_on_paraphrases), model, tokenizer)
         encoder = FactEncoder(tokenizer, model_kind(model))
         self._refuse_unencodable(rows[MODIFIED_TEST], encoder)  # a fact's prompt; a paraphrase it cannot is dropped
         edited = {_prefix(row["text"]) for split in (MODIFIED_TRAIN, MODIFIED_PARAPHRASE) for row in rows[split]}
@@ -189,6 +189,45 @@ class FactsFile:
                 QUESTIONS: _split(questions),
             }
         )
+
+    def _with_theta0_answers(
+        self, rows: dict[str, list[dict]], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> dict[str, list[dict]]:
+        """A record without `true` gets θ0's own greedy answer to its prompt as its old object (what the edit
+        changes, scored before the edit); a masked LM cannot answer for itself, nor can θ0 when it says nothing."""
+        missing = [row for row in rows[MODIFIED_TEST] if not row["original_object"]]
+        if not missing:
+            return rows
+        where = {record.id: record.location or record.id for record in self.records}
+        if not model_kind(model).generates:
+            raise FactsFileError(
+                f"{where[missing[0]['uuid']]}: the record gives no `true` object, and a masked LM cannot answer "
+                "its prompt for itself: add `true` (the object the model holds now)."
+            )
+        answers = generate_answers(
+            model,
+            tokenizer,
+            [{**row, "object": ""} for row in missing],
+            batch_size=self.batch_size,
+            extra_tokens=KEEP_ANSWER_TOKENS,
+        )
+        found = {row["uuid"]: answer for row, answer in zip(missing, answers)}
+        silent = [uuid for uuid, answer in found.items() if not answer]
+        if silent:
+            raise FactsFileError(
+                f"{where[silent[0]]}: the record gives no `true` object, and the model answers its prompt with "
+                "nothing before the stop rule: add `true` (the object the model holds now)."
+            )
+        logger.info("%d records without `true`: their old object is θ0's own greedy answer.", len(found))
+        return {
+            split: [
+                {**row, "original_object": found[row["uuid"]]}
+                if not row["original_object"] and row["uuid"] in found
+                else row
+                for row in split_rows
+            ]
+            for split, split_rows in rows.items()
+        }
 
     def _refuse_unencodable(self, rows: Sequence[Mapping], encoder: FactEncoder) -> None:
         where = {record.id: record.location or record.id for record in self.records}

@@ -158,9 +158,10 @@ class GridRunner:
             row["drift"] = next_token_drift(self.model, tokenizer, held_out, trainer.at_theta0, context.batch_size)
         for name, view in self.views.items():
             metrics = edit_metrics(view, trainer.fact_results(view), before[name], tokenizer, trainer.kind)
-            if self.args.generation_eval:
+            answers_before = context.generated_before(name, view)
+            if answers_before is not None:
                 generated = generate_splits(self.model, tokenizer, view, context.batch_size)
-                metrics.update(generation_metrics(view, generated, context.generated_before(name, view)))
+                metrics.update(generation_metrics(view, generated, answers_before))
             row[name] = {k: v for k, v in metrics.items() if k != "per_relation"}
         context.model = edit.unload()  # back to θ0 for the next point
         return row
