@@ -60,17 +60,31 @@ def edit_facts(
     `train_on_paraphrases=True`) over `FACTS_RECIPE`. The run folder is written to `output_dir`, or to a temporary
     folder removed afterwards. Returns the edit and its report (results.json's `ResultsRecord`).
     """
+    job, edit_options, source = facts_job(model, facts, options, "edit_facts")
+    with tempfile.TemporaryDirectory(prefix="memedit-facts-") as scratch:
+        args = EditConfig(output_dir=output_dir or os.path.join(scratch, "run"), **edit_options)
+        outcome = run_edit(job, args, model, tokenizer, facts=source)
+    return outcome.trainer.edit_model, outcome.record
+
+
+def facts_job(
+    model: PreTrainedModel, facts: Any, options: Mapping[str, Any], caller: str, own: Sequence[str] = ()
+) -> tuple[JobConfig, dict[str, Any], FactsFile]:
+    """A facts edit from Python: its `JobConfig`, its `EditConfig` options (`FACTS_RECIPE` under `options`) and the
+    facts as a source. `options` are fields of either config; `own` names the caller's own options, which it has
+    taken out, for the error that refuses an unknown one."""
     job_fields = {f.name for f in fields(JobConfig)} - set(BENCHMARK_ONLY) - {"facts"}
     edit_fields = {f.name for f in fields(EditConfig) if f.init}
     unknown = sorted(set(options) - job_fields - edit_fields)
     if unknown:
+        theirs = f"the {caller}'s ({', '.join(own)}) or " if own else ""
         raise ValueError(
-            f"edit_facts got unknown options {', '.join(unknown)}: give fields of EditConfig or JobConfig "
+            f"{caller} got unknown options {', '.join(unknown)}: give {theirs}fields of EditConfig or JobConfig "
             f"(not the benchmark's: {', '.join(BENCHMARK_ONLY)})."
         )
     path = os.fspath(facts) if isinstance(facts, (str, os.PathLike)) else None
     job_options = {name: value for name, value in options.items() if name in job_fields}
-    train_on_paraphrases = job_options.pop("train_on_paraphrases", False)
+    train_on_paraphrases = job_options.pop("train_on_paraphrases", False)  # a JobConfig option of a facts path only
     job = JobConfig(
         model_name_or_path=model.name_or_path,
         facts=path,
@@ -79,8 +93,5 @@ def edit_facts(
     )
     refuse_benchmark_setting(job.setting)
     edit_options = {**FACTS_RECIPE, **{name: value for name, value in options.items() if name in edit_fields}}
-    with tempfile.TemporaryDirectory(prefix="memedit-facts-") as scratch:
-        args = EditConfig(output_dir=output_dir or os.path.join(scratch, "run"), **edit_options)
-        source = FactsFile(path or list(facts), train_on_paraphrases, args.per_device_eval_batch_size)
-        outcome = run_edit(job, args, model, tokenizer, facts=source)
-    return outcome.trainer.edit_model, outcome.record
+    source = FactsFile(path or list(facts), train_on_paraphrases, edit_options["per_device_eval_batch_size"])
+    return job, edit_options, source

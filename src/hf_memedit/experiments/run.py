@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from ..evaluation.metrics import (
     next_token_drift,
 )
 from ..evaluation.results import ResultsRecord
-from ..evaluation.scoring import answer_contains, answer_matches, generation_scoring
+from ..evaluation.scoring import FactResults, answer_contains, answer_matches, generation_scoring
 from ..files import atomic_directory, atomic_write_text
 from ..run_folder import begin_outputs, claim_run_folder, seal_run
 from ..sharding import is_sharded
@@ -125,27 +126,7 @@ def _run_edit(context: Theta0Context, resume: str | bool | None, start: float) -
         metrics.update(facts_metrics(trainer.edit_model.model, tokenizer, splits, context.batch_size, facts_after))
     if held_out is not None:
         metrics.update(next_token_drift(trainer.edit_model.model, tokenizer, held_out, trainer.at_theta0))
-    after = results[MODIFIED_TEST]
-    examples = [
-        {
-            "uuid": row["uuid"],
-            "relation": row["relation"],
-            "subject": row["subject"],
-            "text": row["text"],
-            "old": row["original_object"],
-            "new": row["object"],
-            "predicted": tokenizer.decode(ids).strip(),
-            "correct": ok,
-        }
-        for row, ids, ok in zip(splits[MODIFIED_TEST], after.predicted, after.correct)
-    ]
-    if generated is not None:  # what greedy generation answers, before and after the edit, beside teacher forcing
-        for example, before, answer in zip(
-            examples, generated_before.get(MODIFIED_TEST, []), generated.get(MODIFIED_TEST, [])
-        ):
-            example.update(
-                generated_before=before, generated=answer, generated_correct=answer_matches(answer, example["new"])
-            )
+    examples = fact_examples(splits[MODIFIED_TEST], results[MODIFIED_TEST], tokenizer, generated_before, generated)
     if facts_after and QUESTIONS in facts_after:  # how a chat user meets the edit: the fact asked as a question
         asked = {
             row["uuid"]: (row, before, after)
@@ -161,6 +142,38 @@ def _run_edit(context: Theta0Context, resume: str | bool | None, start: float) -
                 )
     lost = lost_facts(eval_splits, results, trainer.before_edit, tokenizer, trainer.kind)
     return _finish(context, metrics, examples, lost, trainer, start)
+
+
+def fact_examples(
+    split: datasets.Dataset,
+    after: FactResults,
+    tokenizer: PreTrainedTokenizerBase,
+    generated_before: Mapping[str, list[str]] | None = None,
+    generated: Mapping[str, list[str]] | None = None,
+) -> list[dict]:
+    """Each edited fact as results.json records it: old → new object, the prediction after the edit and whether it
+    is right, and, with generation, what greedy generation answered before and after the edit."""
+    examples = [
+        {
+            "uuid": row["uuid"],
+            "relation": row["relation"],
+            "subject": row["subject"],
+            "text": row["text"],
+            "old": row["original_object"],
+            "new": row["object"],
+            "predicted": tokenizer.decode(ids).strip(),
+            "correct": ok,
+        }
+        for row, ids, ok in zip(split, after.predicted, after.correct)
+    ]
+    if generated is not None:  # what greedy generation answers, before and after the edit, beside teacher forcing
+        for example, before, answer in zip(
+            examples, generated_before.get(MODIFIED_TEST, []), generated.get(MODIFIED_TEST, [])
+        ):
+            example.update(
+                generated_before=before, generated=answer, generated_correct=answer_matches(answer, example["new"])
+            )
+    return examples
 
 
 def _finish(

@@ -47,18 +47,18 @@ from ..evaluation.metrics import (
     per_fact,
 )
 from ..evaluation.results import ResultsRecord, plotting
-from ..evaluation.scoring import FactResults, answer_matches, evaluate_facts, generation_scoring
+from ..evaluation.scoring import FactResults, evaluate_facts, generation_scoring
 from ..facts import MODIFIED_PARAPHRASE
 from ..files import atomic_directory, atomic_write_text, load_tensors, read_json, save_tensors, tensor_sha256
 from ..model import EditModel, get_edit_model, write_values
 from ..preservation import NeighbourRisk, preservation_batches
 from ..run_folder import begin_outputs, claim_run_folder, seal_run
 from .context import FactsSource, Theta0Context, job_facts
-from .facts_edit import FACTS_RECIPE
+from .facts_edit import facts_job
 from .facts_source import QUESTIONS, FactsFile, facts_answers, facts_metrics, facts_scoring
-from .job_config import BENCHMARK_ONLY, JobConfig
+from .job_config import JobConfig
 from .loading import load_config, load_tokenizer
-from .run import run_config
+from .run import fact_examples, run_config
 from .settings import edit_train_dataset, refuse_pick_on_test
 
 
@@ -498,26 +498,11 @@ class EditStream:
             metrics.update(next_token_drift(model, tokenizer, held_out, self.edit_model.at_theta0))
         batch_of = {fact["uuid"]: batch["batch"] for batch in self.record["batches"] for fact in batch["facts"]}
         examples = [
-            {
-                "uuid": row["uuid"],
-                "batch": batch_of[row["uuid"]],
-                "relation": row["relation"],
-                "subject": row["subject"],
-                "text": row["text"],
-                "old": row["original_object"],
-                "new": row["object"],
-                "predicted": tokenizer.decode(ids).strip(),
-                "correct": ok,
-            }
-            for row, ids, ok in zip(
-                splits[MODIFIED_TEST], after[MODIFIED_TEST].predicted, after[MODIFIED_TEST].correct
+            {"batch": batch_of[example["uuid"]], **example}
+            for example in fact_examples(
+                splits[MODIFIED_TEST], after[MODIFIED_TEST], tokenizer, generated_before, generated
             )
         ]
-        if generated is not None:
-            for example, was, answer in zip(examples, generated_before[MODIFIED_TEST], generated[MODIFIED_TEST]):
-                example.update(
-                    generated_before=was, generated=answer, generated_correct=answer_matches(answer, example["new"])
-                )
         return metrics, examples, lost_facts(splits, after, before, tokenizer, kind)
 
 
@@ -652,18 +637,6 @@ def edit_stream(
     stream = StreamOptions(
         batch_size, **{STREAM_OPTIONS[name]: options.pop(name) for name in list(options) if name in STREAM_OPTIONS}
     )
-    job_fields = {f.name for f in dataclasses.fields(JobConfig)} - set(BENCHMARK_ONLY) - {"facts"}
-    edit_fields = {f.name for f in dataclasses.fields(EditConfig) if f.init}
-    unknown = sorted(set(options) - job_fields - edit_fields)
-    if unknown:
-        raise ValueError(
-            f"edit_stream got unknown options {', '.join(unknown)}: give the stream's "
-            f"({', '.join(STREAM_OPTIONS)}) or fields of EditConfig or JobConfig."
-        )
-    path = os.fspath(facts) if isinstance(facts, (str, os.PathLike)) else None
-    job_options = {name: value for name, value in options.items() if name in job_fields}
-    job = JobConfig(model_name_or_path=model.name_or_path, facts=path, **job_options)
-    edit_options = {**FACTS_RECIPE, **{name: value for name, value in options.items() if name in edit_fields}}
+    job, edit_options, source = facts_job(model, facts, options, "edit_stream", tuple(STREAM_OPTIONS))
     args = EditConfig(output_dir=output_dir, **edit_options)
-    source = FactsFile(path or list(facts), job.train_on_paraphrases, args.per_device_eval_batch_size)
     return run_stream(job, args, stream, model, tokenizer, source)
