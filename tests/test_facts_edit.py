@@ -337,20 +337,3 @@ def test_edit_facts_refuses_unknown_options(model_dir):
     with pytest.raises(FactsFileError, match="holds no facts"):
         edit_facts(model, tokenizer, [], output_dir="never-written")
     assert not os.path.exists("never-written")
-
-
-@pytest.mark.slow
-@pytest.mark.shared
-def test_smollm2_edits_32_trex_facts_with_the_default_recipe(tmp_path, smollm2):
-    """The issue's must-reach: 32 T-REx facts as a CounterFact file, edited with the default options (the CLI gives
-    the same edit, tested above); minutes on a CPU."""
-    from .test_facts import TREX, trex_to_counterfact
-
-    path = tmp_path / "trex_counterfact.json"
-    trex_to_counterfact().main(["--out", str(path), "--data_dir", str(TREX), "--n", "32", "--seed", "0"])
-    model, tokenizer = smollm2
-    _, report = edit_facts(model, tokenizer, str(path), output_dir=str(tmp_path / "run"))
-    metrics = report.metrics
-    assert metrics["a_m"] >= 0.95 and metrics["gen_a_m"] >= 0.95, metrics
-    assert metrics["paraphrase_a_m"] >= 0.8, metrics
-    assert metrics["gen_retention"] >= 0.95 and metrics["perplexity_ratio"] <= 1.05, metrics
