@@ -156,6 +156,25 @@ def seed_rows(runs: list[tuple[str, ResultsRecord]]) -> list[list[str]]:
     return rows
 
 
+# A facts-file run's own figures (`memedit edit --facts`): what the facts gave beside the benchmark's columns.
+FACTS_COLUMNS = (
+    ("paraphrase_a_m", "generalisation: unseen paraphrases"),
+    ("gen_paraphrase_a_m", "… by generation"),
+    ("gen_retention", "neighbourhood kept by generation"),
+    ("question_a_m", "questions (chat template)"),
+)
+
+
+def facts_rows(runs: list[tuple[str, ResultsRecord]]) -> list[list[str]]:
+    """One row per run of a facts file with the figures only a facts file gives, each with what it rests on."""
+    rows = []
+    for name, record in runs:
+        if not any(key in record.metrics for key, _ in FACTS_COLUMNS[:1]):
+            continue
+        rows.append([name] + [format_metric(record.metrics, key) for key, _ in FACTS_COLUMNS])
+    return rows
+
+
 def report(runs: list[tuple[str, ResultsRecord]], title: str) -> str:
     lines = [
         f"# {title}",
@@ -167,6 +186,10 @@ def report(runs: list[tuple[str, ResultsRecord]], title: str) -> str:
         "",
     ]
     lines += _table(COLUMNS, [run_row(name, record) for name, record in runs])
+    facts = facts_rows(runs)
+    if facts:
+        lines += ["", "## Facts files", ""]
+        lines += _table(("run", *(label for _, label in FACTS_COLUMNS)), facts)
     seeds = seed_rows(runs)
     if seeds:
         lines += ["", "## Over seeds", ""]

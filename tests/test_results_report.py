@@ -142,3 +142,20 @@ def test_a_folder_that_is_not_a_run_and_an_existing_output_are_refused(tmp_path,
     with pytest.raises(SystemExit, match="old.md exists"):
         module.main([str(tmp_path / "run"), "--output", str(tmp_path / "old.md")])
     assert (tmp_path / "old.md").read_text() == "mine"
+
+
+def test_a_facts_run_reports_its_paraphrases_and_neighbourhood_with_their_counts(tmp_path):
+    """A run of a facts file adds the figures only a facts file gives (unseen paraphrases, neighbourhood kept by
+    generation), each with the count it rests on; a benchmark run adds no such table."""
+    module = _report_module()
+    facts = {"a_m": 1.0, "a_m_train": 1.0, "paraphrase_a_m": 0.25, "n_paraphrases": 8, "gen_retention": 0.5,
+             "gen_n_known": 6}  # fmt: skip
+    ResultsRecord(metrics=facts, config={"setting": "ftm", "norm": "linf", "delta": 0.03}).save(tmp_path / "facts")
+    ResultsRecord(metrics={"a_m": 1.0}, config={"setting": "ftm", "norm": "linf", "delta": 0.03}).save(
+        tmp_path / "bench"
+    )
+    text = module.report(module.load_runs([str(tmp_path / "facts"), str(tmp_path / "bench")]), "t")
+    (row,) = _rows(text, "## Facts files")
+    assert row["run"] == "facts" and row["generalisation: unseen paraphrases"] == "25.00% (2 of 8)"
+    assert row["neighbourhood kept by generation"] == "50.00% (3 of 6)" and row["questions (chat template)"] == "–"
+    assert "## Facts files" not in module.report(module.load_runs([str(tmp_path / "bench")]), "t")
