@@ -82,3 +82,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def isolated_hf_home(tmp_path, monkeypatch):
+    """HF_HOME in the test's own folder: the keys and samples caches (HF_HOME/hf_memedit) start empty."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf-home"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import signal
@@ -370,3 +371,26 @@ def accelerate_launch(
         **(env or {}),
     }
     return run_process(command, timeout, env)
+
+
+def save_tiny_llama(folder: str | os.PathLike, tokenizer, chat_template: str | None = None) -> str:
+    """A random 2-block Llama (seed 0) and a copy of `tokenizer` (with `chat_template`, if given: the session's
+    tokenizer is never changed), saved as safetensors in `folder`: a causal LM for the facts and stream paths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer = copy.deepcopy(tokenizer)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(folder)
+    return str(folder)

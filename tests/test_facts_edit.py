@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from hf_memedit import FactsFileError, edit_facts, read_facts
 from hf_memedit.benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
@@ -18,7 +18,7 @@ from hf_memedit.experiments import FACTS_RECIPE, FactsFile
 from hf_memedit.experiments.facts_source import FALLBACK_KEEP, QUESTIONS, with_fallback_keep
 from hf_memedit.facts import MODIFIED_PARAPHRASE
 
-from .helpers import ROOT, tiny_bert
+from .helpers import ROOT, save_tiny_llama, tiny_bert
 
 
 CHAT = "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
@@ -67,32 +67,13 @@ def as_argv(options: dict) -> list[str]:
     return argv
 
 
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf-home"))
+pytestmark = pytest.mark.usefixtures("isolated_hf_home")
 
 
 @pytest.fixture
 def model_dir(tmp_path, bpe_tokenizer):
-    """A random Llama with the tests' BPE tokenizer and a chat template, saved as safetensors."""
-    folder = tmp_path / "base"
-    torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(bpe_tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=64,
-        )
-    ).save_pretrained(folder)
-    bpe_tokenizer.chat_template = CHAT
-    bpe_tokenizer.save_pretrained(folder)
-    return str(folder)
+    """A random Llama with the tests' BPE tokenizer and a chat template."""
+    return save_tiny_llama(tmp_path / "base", bpe_tokenizer, CHAT)
 
 
 @pytest.fixture

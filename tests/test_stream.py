@@ -8,13 +8,15 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from hf_memedit import EditModel, edit_stream
 from hf_memedit.cli import main
 from hf_memedit.experiments import stream as stream_module
 from hf_memedit.experiments.stream import STREAM_PLOT, STREAM_RECORD
 from hf_memedit.run_folder import verify_run
+
+from .helpers import save_tiny_llama
 
 
 SUBJECTS = ["France", "Norway", "Peru", "Greece", "Canada", "Italy", "Ontario", "Azerbaijan", "Paris", "Lima"]
@@ -38,30 +40,13 @@ FAST = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf-home"))
+pytestmark = pytest.mark.usefixtures("isolated_hf_home")
 
 
 @pytest.fixture
 def model_dir(tmp_path, bpe_tokenizer):
-    folder = tmp_path / "base"
-    torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(bpe_tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=64,
-        )
-    ).save_pretrained(folder)
-    bpe_tokenizer.save_pretrained(folder)
-    return str(folder)
+    """A random Llama with the tests' BPE tokenizer."""
+    return save_tiny_llama(tmp_path / "base", bpe_tokenizer)
 
 
 def facts_file(tmp_path, n: int, name: str = "facts.jsonl", facts=FACTS) -> str:
