@@ -72,6 +72,8 @@ def test_nullspace_projection_is_exact(seed, n_out, n_in, transposed):
     again = p.clone()
     project_nullspace_(again, theta0, projector, transposed)
     assert torch.allclose(again, p, atol=1e-12)  # idempotent
+    raw = (y - theta0).T if transposed else y - theta0
+    assert torch.allclose(raw @ projector, raw @ projector.matrix(), atol=1e-12)  # ΔW @ P, through the thin factor
     _assert_nearest(
         y, p, _feasible_points(lambda z: project_nullspace_(z, theta0, projector, transposed), theta0, shape)
     )

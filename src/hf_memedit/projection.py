@@ -250,6 +250,10 @@ class NullSpace:
         thin = (step @ basis) @ basis.T
         return step - thin if self.complement else thin
 
+    def __rmatmul__(self, step: torch.Tensor) -> torch.Tensor:
+        """`step @ nullspace` reads as the math, ΔW P, computed through the thin factor (`apply`)."""
+        return self.apply(step)
+
     def matrix(self) -> torch.Tensor:
         """P itself, [n, n] (for analysis and tests: `apply` never forms it)."""
         return self.apply(torch.eye(self.basis.shape[0], dtype=self.basis.dtype))
