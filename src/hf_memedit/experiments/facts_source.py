@@ -91,6 +91,19 @@ def _split(rows: Sequence[Mapping]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in FEATURES}, features=FEATURES)
 
 
+def theta0_answers(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[Mapping], batch_size: int
+) -> list[str]:
+    """θ0's own greedy answer to each row's prompt: at most `KEEP_ANSWER_TOKENS` tokens, cut by the stop rule."""
+    return generate_answers(
+        model,
+        tokenizer,
+        [{**row, "object": ""} for row in rows],
+        batch_size=batch_size,
+        extra_tokens=KEEP_ANSWER_TOKENS,
+    )
+
+
 def keep_answers(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[Mapping], batch_size: int
 ) -> list[dict]:
@@ -100,13 +113,7 @@ def keep_answers(
     if not rows:
         return []
     if model_kind(model).generates:
-        answers = generate_answers(
-            model,
-            tokenizer,
-            [{**row, "object": ""} for row in rows],
-            batch_size=batch_size,
-            extra_tokens=KEEP_ANSWER_TOKENS,
-        )
+        answers = theta0_answers(model, tokenizer, rows, batch_size)
     else:
         answers = [row["original_object"] for row in rows]
     kept = [{**row, "object": answer} for row, answer in zip(rows, answers) if answer]
@@ -204,13 +211,7 @@ class FactsFile:
                 f"{where[missing[0]['uuid']]}: the record gives no `true` object, and a masked LM cannot answer "
                 "its prompt for itself: add `true` (the object the model holds now)."
             )
-        answers = generate_answers(
-            model,
-            tokenizer,
-            [{**row, "object": ""} for row in missing],
-            batch_size=self.batch_size,
-            extra_tokens=KEEP_ANSWER_TOKENS,
-        )
+        answers = theta0_answers(model, tokenizer, missing, self.batch_size)
         found = {row["uuid"]: answer for row, answer in zip(missing, answers)}
         silent = [uuid for uuid, answer in found.items() if not answer]
         if silent:
