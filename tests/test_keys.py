@@ -16,6 +16,7 @@ from hf_memedit.projection import (
     NormBallProjector,
     nullspace_projector,
     output_radius,
+    project_fisher_,
     project_nullspace_,
     project_output_,
 )
@@ -338,6 +339,77 @@ def test_dykstra_agrees_with_a_long_float64_reference(norm, scope, delta, seed):
     expected = _long_dykstra(y, theta0, ball, key_projector.projectors["w"].matrix())
     assert projector.dykstra_converged
     assert (param.detach() - expected).norm() <= 1e-4 * (y - expected).norm()
+    assert projector.distance() <= delta * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("norm, scope", [("linf", "global"), ("l2", "per_tensor"), ("fisher", "global")])
+@pytest.mark.parametrize("seed", range(4))
+def test_the_null_space_projection_is_certified_against_the_exact_one(norm, scope, seed):
+    """Two layers (one stored transposed), keys spanning 4 of 10 input directions, a step far outside both sets:
+    the accelerated run lands within √tolerance × the distance projected of the exact projection (the plain dual
+    iteration run far past convergence), coupled balls (L2 per tensor, Fisher) included."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(10, 4, generator=generator, dtype=torch.float64) @ torch.randn(
+        4, 300, generator=generator, dtype=torch.float64
+    )
+    moment = keys @ keys.T / 300
+    shapes = {"w": (6, 10), "c": (10, 6)}  # c: a Conv1D weight, [in, out]
+    theta0 = {name: torch.randn(*shape, generator=generator, dtype=torch.float64) for name, shape in shapes.items()}
+    target = {
+        name: theta0[name] + torch.randn(*shapes[name], generator=generator, dtype=torch.float64) for name in shapes
+    }
+    fisher = {name: torch.rand(*shapes[name], generator=generator, dtype=torch.float64) + 0.1 for name in shapes}
+    delta = {"linf": 0.2, "l2": 0.8, "fisher": 0.5}[norm]
+    layers = {"w": ("w", False), "c": ("c", True)}
+    key_projector = KeyProjector(
+        "nullspace", dict.fromkeys(shapes, moment), layers, list(shapes), theta0, threshold=1e-3
+    )
+    params = {name: torch.nn.Parameter(value.clone()) for name, value in target.items()}
+    tolerance = 1e-8
+    projector = NormBallProjector(
+        params,
+        theta0,
+        norm,
+        delta,
+        scope,
+        fisher=fisher if norm == "fisher" else None,
+        keys=key_projector,
+        iterations=5000,
+        tolerance=tolerance,
+    )
+    projector.project_()
+    assert projector.dykstra_converged
+
+    # The exact projection: Dykstra reduced to its subspace's dual, v ← v + P_S⊥(P_ball(Z − v)), until it stops.
+    oriented = {name: (lambda t, name=name: t.T if layers[name][1] else t) for name in shapes}
+    z = {name: oriented[name](target[name] - theta0[name]) for name in shapes}
+    weights = {name: oriented[name](fisher[name]) for name in shapes}
+    removed = {name: torch.eye(10, dtype=torch.float64) - key_projector.projectors[name].matrix() for name in shapes}
+    zero = dict.fromkeys(shapes, torch.zeros((), dtype=torch.float64))
+
+    def ball(steps):
+        steps = {name: step.clone() for name, step in steps.items()}
+        if norm == "linf":
+            return {name: step.clamp(-delta, delta) for name, step in steps.items()}
+        if norm == "l2":
+            return {name: step * min(1.0, delta / step.norm().item()) for name, step in steps.items()}
+        project_fisher_(steps, zero, weights, delta)
+        return steps
+
+    v = {name: torch.zeros_like(step) for name, step in z.items()}
+    for _ in range(20000):
+        a = ball({name: z[name] - v[name] for name in shapes})
+        gradient = {name: a[name] @ removed[name] for name in shapes}
+        v = {name: v[name] + gradient[name] for name in shapes}
+        if max(float(step.abs().max()) for step in gradient.values()) < 1e-15:
+            break
+    exact = {name: a[name] - a[name] @ removed[name] for name in shapes}
+    result = {name: oriented[name](params[name].detach() - theta0[name]) for name in shapes}
+    error = math.sqrt(sum(float((result[name] - exact[name]).pow(2).sum()) for name in shapes))
+    distance = math.sqrt(sum(float((exact[name] - z[name]).pow(2).sum()) for name in shapes))
+    assert error <= math.sqrt(tolerance) * distance
+    for name in shapes:  # in the key set exactly, in the ball
+        assert torch.allclose(result[name] @ removed[name], torch.zeros_like(result[name]), atol=1e-12)
     assert projector.distance() <= delta * (1 + 1e-12)
 
 

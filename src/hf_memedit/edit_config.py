@@ -113,9 +113,10 @@ class ConstraintArguments:
     projection_tolerance: float = field(
         default=1e-6,
         metadata={
-            "help": "Dykstra stops once an iteration moves its iterate and correction terms by at most this × the "
-            "distance projected; the result is then scaled toward θ0 into the ball, so it lies in the ball and the "
-            "key set (the nearest point of both, up to this tolerance)."
+            "help": "When the ball ∩ key set projection stops. nullspace: once the duality gap certifies ½‖result − "
+            "target‖² within this share of its minimum (the result within √tolerance × the distance projected of "
+            "the nearest point). output: once a Dykstra iteration moves its iterate and correction terms by at most "
+            "this × the distance projected. The result is then scaled toward θ0 into the ball: it lies in both sets."
         },
     )
 

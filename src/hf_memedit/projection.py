@@ -13,16 +13,16 @@ Key constraints, on the second moment C = E[k kᵀ] of each edited linear layer'
   eigenvalue below `nullspace_threshold` (or outside a kept-energy fraction): exact, a linear subspace.
 - `output`: E‖ΔW k‖² = tr(ΔW C ΔWᵀ) ≤ ρ·tr(W0 C W0ᵀ) per layer, projected exactly in C's eigenbasis
   by the same 1-D multiplier search as the Fisher ellipsoid.
-With a ball as well: L2 (global) ∩ nullspace is exact (project onto the subspace, then rescale);
-every other pair is projected by Dykstra's alternating projections, which converge to the nearest point
-of the intersection. They stop once an iteration changes the iterate and both correction terms by at most
-`projection_tolerance` × the distance projected (Euclidean), or after `projection_iterations`; the
-projector records which (`dykstra_iterations`, `dykstra_converged`). The last iterate lies on the key set;
-Δ is then scaled toward θ0 until the stored values lie in the ball, which keeps it in the key set (a
-subspace or an ellipsoid around θ0), and how far that moved it is recorded (`dykstra_pull_in`, relative
-to the update): the result lies in both sets, and it is the nearest point of their intersection up to the
-tolerance when Dykstra converged. In half precision a subspace is met up to the rounding of the stored
-values; every other set is checked after rounding.
+With a ball as well: L2 (global) ∩ nullspace is exact (project onto the subspace, then rescale). Every other ball
+∩ nullspace runs Dykstra's iteration on Δ in float64 as gradient ascent on its dual with Anderson mixing
+(`NormBallProjector._dykstra_nullspace`), stopped on a duality-gap certificate; ball ∩ output runs Dykstra's
+alternating projections, stopped once an iteration changes the iterate and both correction terms by at most
+`projection_tolerance` × the distance projected. Either stops after `projection_iterations` at most; the projector
+records which (`dykstra_iterations`, `dykstra_converged`). The result lies on the key set; Δ is then scaled toward
+θ0 until the stored values lie in the ball, which keeps it in the key set (a subspace or an ellipsoid around θ0),
+and how far that moved it is recorded (`dykstra_pull_in`, relative to the update): the result lies in both sets,
+and it is the nearest point of their intersection up to the tolerance when the run converged. In half precision a
+subspace is met up to the rounding of the stored values; every other set is checked after rounding.
 """
 
 from __future__ import annotations
@@ -403,6 +403,47 @@ def _copy64(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(torch.float64, copy=True)
 
 
+# How many past steps Anderson mixing combines in the null-space projection (more: fewer iterations, more memory).
+ANDERSON_MEMORY = 5
+
+
+class _AndersonMixing:
+    """Type-II Anderson acceleration of the fixed-point step v ← v + f(v), one least-squares fit per weight row.
+
+    Keeps the last `memory` differences of f and of the plain step v + f (each [rows, memory, columns], float64) and
+    returns v + f − Σᵢ γᵢ Δ(v + f)ᵢ, with γ per row the least-squares fit of f by the Δfᵢ (ridge-regularised)."""
+
+    def __init__(self, like: Mapping[str, torch.Tensor], memory: int):
+        self.memory = memory
+        self.dg = {name: tensor.new_zeros(tensor.shape[0], memory, tensor.shape[1]) for name, tensor in like.items()}
+        self.df = {name: tensor.new_zeros(tensor.shape[0], memory, tensor.shape[1]) for name, tensor in like.items()}
+        self.reset()
+
+    def reset(self) -> None:
+        self.count, self.last = 0, None
+
+    def step(self, v: dict[str, torch.Tensor], f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.last is not None:
+            slot = self.count % self.memory
+            for name in v:
+                torch.sub(f[name], self.last[1][name], out=self.df[name][:, slot])
+                torch.sub(v[name] + f[name], self.last[0][name] + self.last[1][name], out=self.dg[name][:, slot])
+            self.count += 1
+        self.last = (v, f)
+        filled = min(self.count, self.memory)
+        if filled == 0:
+            return {name: v[name] + f[name] for name in v}
+        mixed = {}
+        for name in v:
+            df, dg = self.df[name][:, :filled], self.dg[name][:, :filled]
+            gram = df @ df.transpose(1, 2)  # [rows, k, k]
+            ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1) + 1e-200  # a row that stopped changing: γ = 0
+            gram = gram + ridge[:, None, None] * torch.eye(filled, dtype=gram.dtype, device=gram.device)
+            gamma = torch.linalg.solve(gram, df @ f[name].unsqueeze(-1))  # [rows, k, 1]
+            mixed[name] = v[name] + f[name] - (gamma.transpose(1, 2) @ dg).squeeze(1)
+        return mixed
+
+
 class NormBallProjector:
     """Holds θ0 and projects a set of parameters back onto the δ-ball around it.
 
@@ -482,6 +523,8 @@ class NormBallProjector:
         elif self.norm == "l2" and self.l2_scope == "global" and self.keys.kind == "nullspace":
             self.keys.project_(self.params, theta0)
             project_l2_(self.params, theta0, self.delta)  # a ball around θ0 and a subspace through it: exact
+        elif self.keys.kind == "nullspace":
+            self._dykstra_nullspace(theta0)
         else:
             self._dykstra(theta0)
         self.num_projections += 1
@@ -520,21 +563,120 @@ class NormBallProjector:
                 self.dykstra_converged = True
                 break
         if not self.dykstra_converged:
-            self.capped_projections += 1
-            if self.capped_projections == 1:
-                logger.warning(
-                    "Dykstra's projection onto the ball ∩ key set stopped on its cap of %d iterations before its "
-                    "iterates settled (tolerance %g): the result lies in both sets but is not the nearest point. "
-                    "Raise projection_iterations; `dykstra_capped` in the logs counts the steps this happened on.",
-                    self.iterations,
-                    self.tolerance,
-                )
+            self._warn_capped()
         before = {name: _copy64(param) for name, param in self.params.items()}
         self.dykstra_excess = self.excess()
         self._pull_into_ball()
         moved = sum(float((_copy64(param) - before[name]).pow(2).sum()) for name, param in self.params.items())
         size = sum(float((value - theta0[name].double()).pow(2).sum()) for name, value in before.items())
         self.dykstra_pull_in = math.sqrt(moved / size) if size > 0 else 0.0
+
+    def _dykstra_nullspace(self, theta0: Mapping[str, torch.Tensor]) -> None:
+        """Ball ∩ null space, on Δ = θ − θ0 in float64: Dykstra's iteration kept to the correction term that matters.
+
+        The null space S is a subspace, so its own correction never changes the point it projects, and Dykstra
+        reduces to gradient ascent on the dual g(v) = min over the ball of ½‖Δ − Z‖² + ⟨v, Δ⟩, v ∈ S⊥: the ball's
+        point a = P_ball(Z − v), then v ← v + P_S⊥(a). Anderson mixing of the last `ANDERSON_MEMORY` steps, weight
+        row by weight row, takes it there in a third of the iterations; a mixed step that would lower g is replaced
+        by the plain one, which never does, so it converges wherever Dykstra does. P_S(a) scaled into the ball is in
+        both sets, and ½‖it − Z‖² − g(v) ≥ ½‖it − nearest‖² certifies it: the run stops once that gap is at most
+        `tolerance` × ½‖it − Z‖², or after `iterations`.
+        """
+        keys = self.keys
+        for name in keys.frozen:  # biases, norms: no keys, kept at θ0
+            self.params[name].copy_(theta0[name])
+        layers = {name: transposed for name, (_, transposed) in keys.layers.items()}
+        target = {name: _step(self.params[name], theta0[name], transposed) for name, transposed in layers.items()}
+        weights = (
+            {name: self.fisher[name].double().T if t else self.fisher[name].double() for name, t in layers.items()}
+            if self.norm == "fisher"
+            else None
+        )
+        v = {name: torch.zeros_like(step) for name, step in target.items()}
+        mixing = _AndersonMixing(target, ANDERSON_MEMORY)
+        accepted: tuple[float, dict, dict] | None = None  # the last point that raised g: its g, v and gradient
+        self.dykstra_converged = False
+        for iteration in range(1, self.iterations + 1):
+            self.dykstra_iterations = iteration
+            a = {name: target[name] - v[name] for name in target}
+            self._project_steps_(a, weights)
+            inside = {name: keys.projectors[name].apply(a[name]) for name in target}  # P_S(a)
+            gradient = {name: a[name] - inside[name] for name in target}  # P_S⊥(a): g's gradient at v
+            dual = sum(
+                0.5 * float((a[name] - target[name]).pow(2).sum()) + float((v[name] * a[name]).sum())
+                for name in target
+            )
+            if accepted is not None and dual < accepted[0]:  # the mixed step lowered g: take the plain one instead
+                v = {name: accepted[1][name] + accepted[2][name] for name in target}
+                mixing.reset()
+                accepted = None
+                continue
+            accepted = (dual, v, gradient)
+            result, kept = self._shrunk_into_ball(inside, weights), inside
+            primal = sum(0.5 * float((result[name] - target[name]).pow(2).sum()) for name in target)
+            if primal - dual <= self.tolerance * primal:
+                self.dykstra_converged = True
+                break
+            v = mixing.step(v, gradient)
+        if not self.dykstra_converged:
+            self._warn_capped()
+        self.dykstra_excess = max(0.0, self._steps_distance(kept, weights) - self.delta)
+        moved = sum(float((result[name] - kept[name]).pow(2).sum()) for name in target)
+        size = sum(float(kept[name].pow(2).sum()) for name in target)
+        self.dykstra_pull_in = math.sqrt(moved / size) if size > 0 else 0.0
+        for name, transposed in layers.items():
+            _write(self.params[name], theta0[name], result[name], transposed)
+        self._pull_into_ball()  # storing in the parameters' dtype rounds: the stored values end in the ball
+
+    def _project_steps_(self, steps: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None) -> None:
+        """The ball's projection of float64 updates Δ in place (the ball centred at 0)."""
+        zero = dict.fromkeys(steps, torch.zeros((), dtype=torch.float64))
+        if self.norm == "linf":
+            for step in steps.values():
+                step.clamp_(-self.delta, self.delta)
+        elif self.norm == "fisher":
+            project_fisher_(steps, zero, weights, self.delta)
+        elif self.l2_scope == "global":
+            project_l2_(steps, zero, self.delta)
+        else:
+            for name, step in steps.items():
+                project_l2_({name: step}, zero, self.delta)
+
+    def _steps_distance(self, steps: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None) -> float:
+        """‖Δ‖ in the ball's own measure, for float64 updates."""
+        if self.norm == "linf":
+            return max(float(step.abs().max()) for step in steps.values())
+        if self.norm == "fisher":
+            return float(sum(float((weights[name] * step.pow(2)).sum()) for name, step in steps.items()))
+        if self.l2_scope == "global":
+            return math.sqrt(sum(float(step.pow(2).sum()) for step in steps.values()))
+        return max(float(step.norm()) for step in steps.values())
+
+    def _shrunk_into_ball(
+        self, steps: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        """Δ scaled toward 0 into the ball, each tensor by its own ratio where the ball is per element or per tensor,
+        all together where it is global: a subspace through 0 keeps the scaled point."""
+        per_tensor = self.norm == "linf" or (self.norm == "l2" and self.l2_scope == "per_tensor")
+        groups = [{name: step} for name, step in steps.items()] if per_tensor else [steps]
+        result = {}
+        for group in groups:
+            distance = self._steps_distance(group, weights)
+            ratio = 1.0 if distance <= self.delta else self.delta / distance
+            ratio = math.sqrt(ratio) if self.norm == "fisher" else ratio
+            result.update({name: step * ratio if ratio < 1 else step for name, step in group.items()})
+        return result
+
+    def _warn_capped(self) -> None:
+        self.capped_projections += 1
+        if self.capped_projections == 1:
+            logger.warning(
+                "Dykstra's projection onto the ball ∩ key set stopped on its cap of %d iterations before its "
+                "iterates settled (tolerance %g): the result lies in both sets but is not the nearest point. "
+                "Raise projection_iterations; `dykstra_capped` in the logs counts the steps this happened on.",
+                self.iterations,
+                self.tolerance,
+            )
 
     def _pull_into_ball(self) -> None:
         """Scale Δ toward θ0 until the stored values lie in the ball: each tensor by its own ratio where the ball is
