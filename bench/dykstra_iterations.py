@@ -7,7 +7,7 @@ the null-space solver (Dykstra on its dual, Anderson-mixed) gains over the plain
 Trains the demo's edit for `--steps` steps (further `--option value` pairs go to `memedit edit`) and keeps the
 parameters as the optimizer left them before three of the projections (the first step, the middle one, the last).
 Each is then projected again, side by side in this one run, with every iteration cap (tolerance as configured)
-and once with a long reference run (`--reference` iterations, tolerance 1e-12). The table gives, per cap, what
+and once with a long reference run (`--reference` iterations, tolerance 1e-14). The table gives, per cap, what
 the result costs and how far it lies from the reference, as ratios:
 
 - `error`: ‖x_cap − x_ref‖ / ‖y − x_ref‖, the distance to the exact projection relative to how far it moved y;
@@ -138,7 +138,7 @@ def main() -> None:
     base_time = sum(r[3] for r in rows[base]) / len(rows[base])
     print(
         f"\n## Dykstra on the demo's constraint ({known.config}; {len(captured)} projections of steps "
-        f"{sorted(wanted)}; tolerance {configured[1]:g}; reference {known.reference} iterations at 1e-12; "
+        f"{sorted(wanted)}; tolerance {configured[1]:g}; reference {known.reference} iterations at 1e-14; "
         f"{torch.get_num_threads()} threads)\n"
     )
     print(
