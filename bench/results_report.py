@@ -29,6 +29,7 @@ NORMS = {"linf": "L∞", "l2": "L2", "fisher": "Fisher", "none": "unconstrained"
 # What generation-based scoring compares (hf_memedit.evaluation.scoring.generate_answers): the greedy answer up to
 # EOS, the first newline, or the first period unless the object has one, after SQuAD's normalisation.
 GENERATION_STOP = "EOS, newline or period"
+GENERATION_COMMA_STOP = "stopped at a comma too"
 COLUMNS = (
     "run",
     "model",
@@ -94,7 +95,10 @@ def generation_cell(record: ResultsRecord) -> str:
     if "gen_a_m" not in record.metrics:
         return "–"
     taught = "EOS targets" if record.config.get("eos_target") else "no EOS targets"
-    return f"{format_percent(record.metrics['gen_a_m'])} ({GENERATION_STOP}; {taught})"
+    cell = f"{format_percent(record.metrics['gen_a_m'])} ({GENERATION_STOP}; {taught})"
+    if "gen_a_m_comma" in record.metrics:
+        cell += f"; {format_percent(record.metrics['gen_a_m_comma'])} ({GENERATION_COMMA_STOP})"
+    return cell
 
 
 def _number(value: Any, digits: str = ".4g") -> str:

@@ -215,14 +215,27 @@ def test_generation_metrics_match_each_answer_to_its_object():
     before = {"modified_test": ["Madrid", "Rome"], "unmodified_test": ["Paris", "Oslo", "Herat"]}
     assert generation_metrics(splits, after, before) == {
         "gen_a_m": 0.5,
+        "gen_a_m_comma": 1.0,  # "Rome, the capital of" is Rome when the answer stops at a comma too
         "gen_a_fs": 2 / 3,
         "gen_a_fs_before": 2 / 3,
         "gen_retention": 0.5,
         "gen_n_known": 2,
+        "gen_retention_comma": 0.5,
+        "gen_n_known_comma": 2,
         "gen_bleed": 0.0,
         "gen_n_lost": 1,
     }  # Oslo's answer Bergen is no new object
-    assert generation_metrics(splits, after) == {"gen_a_m": 0.5, "gen_a_fs": 2 / 3}
+    assert generation_metrics(splits, after) == {"gen_a_m": 0.5, "gen_a_m_comma": 1.0, "gen_a_fs": 2 / 3}
+
+
+def test_the_comma_stop_rule_cuts_only_objects_without_a_comma():
+    """LocFT-BF's rule beside the strict one: an answer that runs on past a comma counts, an object that holds a
+    comma is not cut, and what precedes the comma must still be the whole object."""
+    assert answer_matches("Vanuatu, and it's a city", "Vanuatu", comma=True)
+    assert not answer_matches("Vanuatu, and it's a city", "Vanuatu")
+    assert answer_matches("Washington, D.C", "Washington, D.C.", comma=True)
+    assert not answer_matches("Washington, the city", "Washington, D.C.", comma=True)
+    assert not answer_matches("Port Vila, Vanuatu", "Vanuatu", comma=True)
 
 
 @pytest.mark.slow
@@ -292,11 +305,14 @@ def test_a_run_records_what_generation_answers_and_eval_scores_it_and_the_drift_
     )
     assert f"{record.facts[0]['generated']!r}" in format_summary(outcome, args, show_examples=4)
     evaluation, _ = run_eval(job, args, str(tmp_path / "run" / "edit"), "check")
+    assert "stopped at a comma" in text  # both stop rules are named where their figures are
     for key in (
         "gen_a_m",
+        "gen_a_m_comma",
         "gen_a_fs",
         "gen_a_fs_before",
         "gen_retention",
+        "gen_retention_comma",
         "gen_n_known",
         "drift_kl",
         "perplexity_ratio",

@@ -179,6 +179,7 @@ def test_the_cli_and_edit_facts_give_the_same_edit_and_the_report(tmp_path, mode
     for key in (
         "a_m",
         "gen_a_m",
+        "gen_a_m_comma",
         "paraphrase_a_m",
         "gen_paraphrase_a_m",
         "agreement",

@@ -287,7 +287,8 @@ class EditConfig(ConstraintArguments, PreservationArguments, TrainingArguments):
         default=False,
         metadata={
             "help": "Causal LMs: also score A_M, A_F\\S and retention by greedy generation until EOS, newline "
-            "or period with normalised exact match (gen_a_m, gen_retention), beside the teacher-forced scores; each "
+            "or period with normalised exact match (gen_a_m, gen_retention), and the same answers stopped at a "
+            "comma too (gen_a_m_comma, gen_retention_comma: LocFT-BF's rule), beside the teacher-forced scores; each "
             "edited fact's answer is recorded (results.json `generated`)."
         },
     )

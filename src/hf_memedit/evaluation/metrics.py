@@ -399,20 +399,25 @@ def generation_metrics(
     """A_M (on the new objects) and A_F\\S by greedy generation from the answers (`generate_splits`), beside the
     teacher-forced scores, per fact as `edit_metrics`; with the answers before the edit also A_F\\S before, retention
     and bleed: of the facts lost, the share whose answer is now one of the edit's new objects, whole (teacher-forced
-    bleed can judge only the first token)."""
+    bleed can judge only the first token). The `_comma` figures score the same answers stopped at a comma too
+    (`scoring.COMMA_STOP_RULE`)."""
 
-    def correct(found: Mapping[str, Sequence[str]], name: str) -> list[bool]:  # per fact: every phrasing right
+    def correct(found: Mapping[str, Sequence[str]], name: str, comma: bool = False) -> list[bool]:  # per fact
         if name not in splits or name not in found:
             return []
-        rows = [answer_matches(answer, fact["object"]) for answer, fact in zip(found[name], splits[name])]
+        rows = [answer_matches(answer, fact["object"], comma) for answer, fact in zip(found[name], splits[name])]
         return [all(rows[i] for i in fact) for fact in fact_rows(splits[name])]
 
     unmodified = correct(answers, UNMODIFIED_TEST)
     metrics = {"gen_a_m": _share(correct(answers, MODIFIED_TEST)), "gen_a_fs": _share(unmodified)}
+    metrics["gen_a_m_comma"] = _share(correct(answers, MODIFIED_TEST, comma=True))
     if answers_before is not None:
         unmodified_before = correct(answers_before, UNMODIFIED_TEST)
         kept = [after for before, after in zip(unmodified_before, unmodified) if before]
         metrics.update(gen_a_fs_before=_share(unmodified_before), gen_retention=_share(kept), gen_n_known=len(kept))
+        before, after = correct(answers_before, UNMODIFIED_TEST, True), correct(answers, UNMODIFIED_TEST, True)
+        kept = [now for then, now in zip(before, after) if then]
+        metrics.update(gen_retention_comma=_share(kept), gen_n_known_comma=len(kept))
         if MODIFIED_TEST in splits and UNMODIFIED_TEST in answers:
             new_objects = {fact["object"] for fact in splits[MODIFIED_TEST]}
             rows = list(splits[UNMODIFIED_TEST])

@@ -176,8 +176,12 @@ def _answer_span(generated: str, obj: str) -> str:
     return answer
 
 
-def answer_matches(answer: str, obj: str) -> bool:
-    """Whether a generated answer (`generate_answers`) is the object, after SQuAD's normalisation."""
+def answer_matches(answer: str, obj: str, comma: bool = False) -> bool:
+    """Whether a generated answer (`generate_answers`) is the object, after SQuAD's normalisation; with `comma`, the
+    answer cut at its first comma first, unless the object has one (`COMMA_STOP_RULE`: "Vanuatu, and it's a city"
+    is "Vanuatu")."""
+    if comma and "," not in obj:
+        answer = answer.split(",", 1)[0]
     return normalize_answer(answer) == normalize_answer(obj)
 
 
@@ -193,11 +197,19 @@ STOP_RULE = (
     "normalisation (case, punctuation, articles)"
 )
 """How `generate_answers` answers and `answer_matches` scores: what every figure 'by greedy generation' means."""
+COMMA_STOP_RULE = (
+    "the same answers cut at their first comma too, unless the object has one (EOS, newline, '.' or ',', as LocFT-BF "
+    "scores), then the same exact match"
+)
+"""What every figure 'by greedy generation, stopped at a comma' means (`answer_matches(..., comma=True)`)."""
 
 
 def generation_scoring(metrics: Mapping) -> dict[str, str]:
-    """The stop rule, named where `metrics` hold a figure by greedy generation (results.md's "How it was scored")."""
-    return {"by greedy generation": STOP_RULE} if "gen_a_m" in metrics else {}
+    """The stop rules, named where `metrics` hold figures by greedy generation (results.md's "How it was scored")."""
+    rules = {"by greedy generation": STOP_RULE} if "gen_a_m" in metrics else {}
+    if "gen_a_m_comma" in metrics:
+        rules["by greedy generation, stopped at a comma"] = COMMA_STOP_RULE
+    return rules
 
 
 @torch.no_grad()

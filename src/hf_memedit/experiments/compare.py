@@ -227,6 +227,7 @@ def _pick_columns(rows: dict[str, list[dict]]) -> tuple[Column, ...]:
         ("agreement", percent(TEST, "agreement")),
         ("bleed", percent(TEST, "bleed")),
         ("gen A_M", percent(TEST, "gen_a_m")),
+        ("gen A_M, comma stop", percent(TEST, "gen_a_m_comma")),
         ("gen retention", metric(TEST, "gen_retention")),
         ("drift KL", _drift("drift_kl")),
         ("ppl ratio", _drift("perplexity_ratio")),

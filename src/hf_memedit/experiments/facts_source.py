@@ -26,7 +26,13 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from ..architectures import model_kind
 from ..benchmarks.common import FEATURES, MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
 from ..collators import PLACEHOLDER, FactEncoder, filter_encodable
-from ..evaluation.scoring import STOP_RULE, answer_contains, answer_matches, evaluate_facts, generate_answers
+from ..evaluation.scoring import (
+    answer_contains,
+    answer_matches,
+    evaluate_facts,
+    generate_answers,
+    generation_scoring,
+)
 from ..facts import (
     KEEP,
     MODIFIED_PARAPHRASE,
@@ -271,8 +277,7 @@ def facts_scoring(metrics: Mapping) -> dict[str, str]:
             "assistant's answer; by generation: the greedy answer (at most the object's tokens + "
             f"{QUESTION_TOKENS}, cut as below) holds the new object as whole words"
         )
-    if "gen_a_m" in metrics:
-        notes["by greedy generation"] = STOP_RULE
+    notes.update(generation_scoring(metrics))
     if "perplexity_ratio" in metrics:
         notes["drift"] = "θ0's own held-out samples (seed + 1), next-token KL(θ0 ‖ θ) per token and ppl(θ) / ppl(θ0)"
     return notes
