@@ -233,26 +233,21 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(tmp_path, model_dir, ca
 
 
 def test_the_cli_gives_the_edit_of_edit_stream(tmp_path, model_dir, capsys):
+    """The stream's own options are keys of its --config YAML too (and only of its own: `memedit edit` refuses
+    them); the command gives the edit `edit_stream` gives."""
+    import yaml
+
+    from hf_memedit.cli import parse
+    from hf_memedit.experiments.facts_edit import FACTS_RECIPE
+
     facts = facts_file(tmp_path, T)
-    argv = [
-        "stream",
-        "--facts",
-        facts,
-        "--model_name_or_path",
-        model_dir,
-        "--output_dir",
-        str(tmp_path / "cli"),
-        "--batch_size",
-        str(B),
-        "--stream_center",
-        "previous",
-    ]
-    for name, value in FAST.items():
-        argv += [
-            f"--{name}",
-            *(value if isinstance(value, list) else [str(value).lower() if isinstance(value, bool) else str(value)]),
-        ]
-    main(argv)
+    config = tmp_path / "stream.yaml"
+    # A config is the whole recipe (the facts recipe is the default only without one): it holds it.
+    config.write_text(yaml.safe_dump({**FACTS_RECIPE, **FAST, "batch_size": B, "stream_center": "previous"}))
+    with pytest.raises(ValueError, match=r"unknown key 'batch_size'"):
+        parse("edit", ["--config", str(config), "--facts", facts])
+    argv = ["stream", "--config", str(config), "--facts", facts, "--model_name_or_path", model_dir]
+    main([*argv, "--output_dir", str(tmp_path / "cli")])
     screen = capsys.readouterr().out
     assert "first batch: right after it" in screen and "stream.json" in screen
     model, tokenizer = load(model_dir)

@@ -11,22 +11,21 @@ trainer_configs/ plus overrides.
     accelerate launch train_edit.py --config ...        (= memedit edit; DDP with --multi_gpu)
 
 Every key of the YAML is a field of `JobConfig` (its four groups), of a compare method's arguments
-(`experiments/methods/`) or of `EditConfig` (`memedit edit --help` lists them all); a command-line option overrides
+(`experiments/methods/`), of `EditConfig` or of the command's own options (`memedit stream`'s `StreamOptions`;
+`memedit <command> --help` lists them all); a command-line option overrides
 the YAML. One module per command, each with its `make_parser()` and `main(argv)` (`MODULES`); `inspect`'s is
 `layout.py`, since a module named `inspect` would shadow the standard library's.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 import traceback
+from typing import Any
 
 from huggingface_hub.errors import HfHubHTTPError
 
-from ..edit_config import EditConfig
-from ..experiments import JobConfig
 from ..sharding import end_process_group
 from .parser import read_config
 
@@ -50,8 +49,9 @@ def _module(command: str):
 COMMANDS = {name: _module(name).DESCRIPTION for name in MODULES}  # name -> what it does
 
 
-def parse(command: str, argv: list[str]) -> tuple[JobConfig, EditConfig, argparse.Namespace]:
-    """`memedit <command>`'s parser (its module's `make_parser()`) applied to `argv`."""
+def parse(command: str, argv: list[str]) -> tuple[Any, ...]:
+    """`memedit <command>`'s parser (its module's `make_parser()`) applied to `argv`: (JobConfig, EditConfig, the
+    command's own dataclasses, its other options)."""
     return _module(command).make_parser().parse_args_and_config(argv)
 
 

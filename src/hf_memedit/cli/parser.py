@@ -31,22 +31,25 @@ class MemeditParser(HfArgumentParser):
     """`HfArgumentParser` over JobConfig's groups, the methods' arguments and `EditConfig` with `--config`: the YAML
     (and its `base_config` chain) under the command line, as TRL's `TrlParser`; errors are one line."""
 
-    def __init__(self, command: str, description: str):
+    def __init__(self, command: str, description: str, own: tuple[type, ...] = ()):
+        """`own`: the command's own argument dataclasses (`memedit stream`'s `StreamOptions`), parsed after the
+        shared ones, from the command line and the YAML alike."""
         super().__init__(
-            DATACLASSES,
+            (*DATACLASSES, *own),
             prog=f"memedit {command}",
             description=description,
             epilog="Every option can also be a key of the --config YAML; the command line wins.",
         )
         self.add_argument("--config", default=None, help="YAML file of options (see trainer_configs/).")
-        self.command = command
+        self.command, self.own = command, own
 
     def error(self, message: str):
         raise ValueError(f"{message} (`{self.prog} --help` lists every option)")
 
-    def parse_args_and_config(self, argv: list[str]) -> tuple[JobConfig, EditConfig, argparse.Namespace]:
-        """(JobConfig, EditConfig, the command's own options) from `--config` YAML + overrides; with `--facts` and no
-        config, over the default recipe of a facts edit (`FACTS_RECIPE`).
+    def parse_args_and_config(self, argv: list[str]) -> tuple[Any, ...]:
+        """(JobConfig, EditConfig, each of the command's `own` dataclasses, the command's other options) from
+        `--config` YAML + overrides; with `--facts` and no config, over the default recipe of a facts edit
+        (`FACTS_RECIPE`).
 
         A config's own checks (δ ≤ 0, unknown setting...) raise ValueError: everything that can be
         checked without the model is checked here, before anything loads."""
@@ -57,11 +60,12 @@ class MemeditParser(HfArgumentParser):
         known, _ = pre.parse_known_args(argv)
         yaml_argv: list[str] = []
         if known.config and not {"-h", "--help"} & set(argv):
-            yaml_argv, nulls = yaml_to_argv(known.config)
+            yaml_argv, nulls = yaml_to_argv(known.config, (*DATACLASSES, *self.own))
             self.set_defaults(**nulls)
         elif known.facts:  # facts without a config: the default recipe of a facts edit
             self.set_defaults(**FACTS_RECIPE)
-        *groups, args, extra = self.parse_args_into_dataclasses(yaml_argv + argv)
+        *parsed, extra = self.parse_args_into_dataclasses(yaml_argv + argv)
+        groups, args, own = parsed[: len(DATACLASSES) - 1], parsed[len(DATACLASSES) - 1], parsed[len(DATACLASSES) :]
         arguments = groups[len(GROUPS) :]
         job = JobConfig.from_groups(
             *groups[: len(GROUPS)], method_args={f.name: getattr(a, f.name) for a in arguments for f in fields(a)}
@@ -74,7 +78,7 @@ class MemeditParser(HfArgumentParser):
                     "leave out facts."
                 )
             _refuse_benchmark_options(argv)
-        return job, args, extra
+        return (job, args, *own, extra)
 
 
 def _refuse_benchmark_options(argv: list[str]) -> None:
@@ -89,9 +93,9 @@ def _refuse_benchmark_options(argv: list[str]) -> None:
         )
 
 
-def _field_types() -> dict[str, Any]:
+def _field_types(dataclasses: tuple[type, ...] = DATACLASSES) -> dict[str, Any]:
     # The declared hints, not `field.type`: HfArgumentParser rewrites the latter (dict | str -> str).
-    return {f.name: typing.get_type_hints(cls)[f.name] for cls in DATACLASSES for f in fields(cls) if f.init}
+    return {f.name: typing.get_type_hints(cls)[f.name] for cls in dataclasses for f in fields(cls) if f.init}
 
 
 def _accepts(annotation: Any, kind: type) -> bool:
@@ -141,10 +145,10 @@ def read_config(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     return merged
 
 
-def yaml_to_argv(path: str) -> tuple[list[str], dict[str, None]]:
+def yaml_to_argv(path: str, dataclasses: tuple[type, ...] = DATACLASSES) -> tuple[list[str], dict[str, None]]:
     """The YAML as command-line arguments (so argparse checks every value's type), plus the keys set to null."""
     data = read_config(path)
-    known = _field_types()
+    known = _field_types(dataclasses)
     argv, nulls = [], {}
     for key, value in data.items():
         if key not in known:

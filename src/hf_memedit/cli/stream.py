@@ -6,49 +6,15 @@ from __future__ import annotations
 import os
 
 from ..evaluation.results import DRIFT_LABELS, METRIC_LABELS, format_metric
-from ..experiments.stream import CENTERS, STREAM_PLOT, STREAM_RECORD, StreamOptions, StreamOutcome, run_stream
+from ..experiments.stream import STREAM_PLOT, STREAM_RECORD, StreamOptions, StreamOutcome, run_stream
 from .parser import MemeditParser
 
 
 DESCRIPTION = "Edit facts as a stream of batches, each trained once from where the last left the model (resumable)."
 
 
-def _bool(value: str) -> bool:
-    if value.lower() not in ("true", "false"):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value.lower() == "true"
-
-
 def make_parser() -> MemeditParser:
-    parser = MemeditParser("stream", DESCRIPTION)
-    group = parser.add_argument_group("stream (memedit stream only; command line only)")
-    group.add_argument("--batch_size", type=int, required=True, help="Facts per batch of the stream (b).")
-    group.add_argument(
-        "--stream_center",
-        default="theta0",
-        choices=CENTERS,
-        help="The ball's centre: theta0 (‖θ_T − θ0‖ ≤ δ for the whole stream) or previous (the state "
-        "before each batch: each batch's step bounded, the stream's drift not).",
-    )
-    group.add_argument(
-        "--stream_preserve_earlier",
-        type=_bool,
-        default=True,
-        help="Mix earlier batches' facts, with their new objects, into later batches (true|false).",
-    )
-    group.add_argument(
-        "--stream_earlier_ratio",
-        type=float,
-        default=1.0,
-        help="Earlier facts per fact of the batch in every training batch.",
-    )
-    group.add_argument(
-        "--stream_replay",
-        type=_bool,
-        default=False,
-        help="LocFT-BF's breadth-first track: batch k trains on the facts of batches 1..k (true|false).",
-    )
-    return parser
+    return MemeditParser("stream", DESCRIPTION, own=(StreamOptions,))
 
 
 def format_summary(outcome: StreamOutcome, folder: str) -> str:
@@ -74,13 +40,6 @@ def format_summary(outcome: StreamOutcome, folder: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    job, args, extra = make_parser().parse_args_and_config(argv)
-    options = StreamOptions(
-        extra.batch_size,
-        extra.stream_center,
-        extra.stream_preserve_earlier,
-        extra.stream_earlier_ratio,
-        extra.stream_replay,
-    )
+    job, args, options, _ = make_parser().parse_args_and_config(argv)
     outcome = run_stream(job, args, options)
     print(format_summary(outcome, args.output_dir))

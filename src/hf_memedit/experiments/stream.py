@@ -5,7 +5,7 @@ The stream is a user of the one pipeline: one `Theta0Context` (θ0, the facts dr
 split, the preservation objective), each batch's training set from `settings.edit_train_dataset`, each batch trained
 by `ConstrainedEditTrainer`, and one `EditModel` holding the true θ0, so the cumulative edit is saved, verified and
 reverted as a run's. What the stream adds:
-- the ball's centre (`StreamOptions.center`): θ0 for the whole stream (‖θ_T − θ0‖ ≤ δ), or the state before each
+- the ball's centre (`StreamOptions.stream_center`): θ0 for the whole stream (‖θ_T − θ0‖ ≤ δ), or the state before each
   batch (each batch's step bounded, the stream's drift not);
 - earlier edits kept alive: each later batch mixes facts of the earlier batches, their training phrasings with their
   NEW objects, into its batches as preservation rows scored by cross-entropy (KL to the trainer's centre would pull
@@ -25,7 +25,7 @@ import os
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import datasets
@@ -111,31 +111,46 @@ TRAINING_KEYS = (
 
 @dataclass
 class StreamOptions:
-    """How a stream runs, beside the recipe (`EditConfig`): its batches, the ball's centre, the earlier edits."""
+    """How a stream runs, beside the recipe (`EditConfig`): its batches, the ball's centre, the earlier edits.
+    `memedit stream`'s own options, from the command line or as keys of its --config YAML."""
 
-    batch_size: int
-    center: str = "theta0"  # the ball's centre: θ0 for the whole stream, or the state before each batch
-    preserve_earlier: bool = True  # mix earlier batches' facts (new objects) into later batches
-    earlier_ratio: float = 1.0  # earlier facts per fact of the batch, in every training batch
-    replay: bool = False  # LocFT-BF's breadth-first track: batch k trains on all facts of batches 1..k
+    batch_size: int = field(metadata={"help": "Facts per batch of the stream (b)."})
+    stream_center: str = field(
+        default="theta0",
+        metadata={
+            "help": "The ball's centre: theta0 (‖θ_T − θ0‖ ≤ δ for the whole stream) or previous (the state before "
+            "each batch: each batch's step bounded, the stream's drift not).",
+            "choices": CENTERS,
+        },
+    )
+    stream_preserve_earlier: bool = field(
+        default=True, metadata={"help": "Mix earlier batches' facts, with their new objects, into later batches."}
+    )
+    stream_earlier_ratio: float = field(
+        default=1.0, metadata={"help": "Earlier facts per fact of the batch in every training batch."}
+    )
+    stream_replay: bool = field(
+        default=False,
+        metadata={"help": "LocFT-BF's breadth-first track: batch k trains on the facts of batches 1..k."},
+    )
 
     def __post_init__(self):
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(
                 f"batch_size {self.batch_size}: a stream edits batches of at least one fact; give "
                 "--batch_size 1 or more."
             )
-        if self.center not in CENTERS:
-            raise ValueError(f"Unknown stream_center {self.center!r}: choose one of {', '.join(CENTERS)}.")
-        if not self.earlier_ratio > 0:
+        if self.stream_center not in CENTERS:
+            raise ValueError(f"Unknown stream_center {self.stream_center!r}: choose one of {', '.join(CENTERS)}.")
+        if not self.stream_earlier_ratio > 0:
             raise ValueError(
-                f"stream_earlier_ratio must be positive, got {self.earlier_ratio}: to mix in no earlier "
+                f"stream_earlier_ratio must be positive, got {self.stream_earlier_ratio}: to mix in no earlier "
                 "facts, set stream_preserve_earlier false."
             )
 
     @property
     def track(self) -> str:
-        return "replay (LocFT-BF breadth-first)" if self.replay else "strict (each batch trained once)"
+        return "replay (LocFT-BF breadth-first)" if self.stream_replay else "strict (each batch trained once)"
 
 
 @dataclass
@@ -165,12 +180,12 @@ def stream_key(job: JobConfig, args: EditConfig, options: StreamOptions) -> dict
     """What decides a stream's result besides its facts: a resume or an extension must give the same."""
     key = {name: getattr(job, name) for name in JOB_KEYS}
     key.update({name: getattr(args, name, None) for name in TRAINING_KEYS}, **constraint_record(vars(args)))
-    key.update(
+    key.update(  # the names stream.json has always held
         batch_size=options.batch_size,
-        center=options.center,
-        preserve_earlier=options.preserve_earlier,
-        earlier_ratio=options.earlier_ratio,
-        replay=options.replay,
+        center=options.stream_center,
+        preserve_earlier=options.stream_preserve_earlier,
+        earlier_ratio=options.stream_earlier_ratio,
+        replay=options.stream_replay,
     )
     return json.loads(json.dumps(key, default=str))  # as stream.json holds it
 
@@ -301,21 +316,21 @@ class EditStream:
         context, args, options = self.context, self.args, self.options
         earlier = self.done_uuids()
         now = {fact.uuid for fact in batch.facts}
-        trained = now | earlier if options.replay else now
+        trained = now | earlier if options.stream_replay else now
         train = context.splits[MODIFIED_TRAIN]
         index = [i for i, uuid in enumerate(train["uuid"]) if uuid in trained]
         splits = datasets.DatasetDict({**context.splits, MODIFIED_TRAIN: train.select(index)})
         risk = self.risk and NeighbourRisk(self.risk.by_token, tuple(self.risk.column[i] for i in index))
         data_args = dataclasses.replace(args, seed=args.seed + batch.index)  # each batch its own draw of neighbours
         dataset, train_args = edit_train_dataset(splits, context.objective, data_args, self.known, risk)
-        if options.preserve_earlier and not options.replay and earlier:
+        if options.stream_preserve_earlier and not options.stream_replay and earlier:
             kept = _rows(train, earlier)
             if context.objective == "none":
                 dataset = preservation_batches(
                     splits[MODIFIED_TRAIN],
                     kept,
                     args.per_device_train_batch_size,
-                    options.earlier_ratio,
+                    options.stream_earlier_ratio,
                     args.preserve_weight,
                     args.num_train_epochs,
                     data_args.seed,
@@ -323,11 +338,13 @@ class EditStream:
                 )
                 train_args = dataclasses.replace(args, per_device_train_batch_size=1, num_train_epochs=1.0)
             else:
-                dataset = with_earlier(dataset, kept, options.earlier_ratio, args.preserve_weight, data_args.seed)
+                dataset = with_earlier(
+                    dataset, kept, options.stream_earlier_ratio, args.preserve_weight, data_args.seed
+                )
         train_args = dataclasses.replace(train_args, seed=args.seed, eval_strategy="no", save_strategy="no")
         edit_model = (
             self.edit_model
-            if options.center == "theta0"
+            if options.stream_center == "theta0"
             else EditModel(context.model, self.edit_model.selector_config)
         )
         trainer = ConstrainedEditTrainer(
@@ -340,7 +357,7 @@ class EditStream:
             keys=self._keys,
         )
         trainer.train()
-        if options.center == "theta0":
+        if options.stream_center == "theta0":
             self._keys = trainer.keys
         figures = self.figures(now, earlier)
         figures.update(
@@ -611,14 +628,6 @@ def run_stream(
         return StreamOutcome(result, stream.record, stream.edit_model)
 
 
-STREAM_OPTIONS = {
-    "stream_center": "center",
-    "stream_preserve_earlier": "preserve_earlier",
-    "stream_earlier_ratio": "earlier_ratio",
-    "stream_replay": "replay",
-}
-
-
 def edit_stream(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -634,9 +643,8 @@ def edit_stream(
     `options` are the stream's (`stream_center`, `stream_preserve_earlier`, `stream_earlier_ratio`, `stream_replay`)
     and fields of `EditConfig` or `JobConfig` over `FACTS_RECIPE`, as for `edit_facts`.
     """
-    stream = StreamOptions(
-        batch_size, **{STREAM_OPTIONS[name]: options.pop(name) for name in list(options) if name in STREAM_OPTIONS}
-    )
-    job, edit_options, source = facts_job(model, facts, options, "edit_stream", tuple(STREAM_OPTIONS))
+    own = [f.name for f in fields(StreamOptions) if f.name != "batch_size"]
+    stream = StreamOptions(batch_size, **{name: options.pop(name) for name in own if name in options})
+    job, edit_options, source = facts_job(model, facts, options, "edit_stream", tuple(own))
     args = EditConfig(output_dir=output_dir, **edit_options)
     return run_stream(job, args, stream, model, tokenizer, source)
