@@ -228,6 +228,39 @@ def test_generation_metrics_match_each_answer_to_its_object():
     assert generation_metrics(splits, after) == {"gen_a_m": 0.5, "gen_a_m_comma": 1.0, "gen_a_fs": 2 / 3}
 
 
+def test_new_beats_old_compares_the_objects_sequence_log_probabilities(bpe_tokenizer):
+    """object_log_probs is the sum of the object tokens' log-probabilities, each given the text and the object's
+    earlier tokens (a hand-run forward per fact); P(new) > P(old) is scored per fact, on every test phrasing."""
+    import datasets
+
+    from hf_memedit.evaluation.metrics import preference_metrics
+    from hf_memedit.evaluation.scoring import object_log_probs
+
+    from .helpers import TINY
+
+    torch.manual_seed(0)
+    model = TINY["llama"](2).double().eval()
+    rows = [
+        {"uuid": "a", "text": "The capital of France is [Y].", "object": "Lima", "original_object": "Paris"},
+        {"uuid": "a", "text": "France's capital is [Y].", "object": "Lima", "original_object": "Paris"},
+        {"uuid": "b", "text": "The capital of Peru is [Y].", "object": "Rome", "original_object": "Lima"},
+    ]
+
+    def by_hand(text: str, obj: str) -> float:
+        prefix = bpe_tokenizer(text.split("[Y]")[0].rstrip(" "))["input_ids"]
+        target = bpe_tokenizer(" " + obj, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prefix + target])).logits[0].log_softmax(-1)
+        return sum(float(logits[len(prefix) - 1 + k, token]) for k, token in enumerate(target))
+
+    found = object_log_probs(model, bpe_tokenizer, rows)
+    assert found == pytest.approx([by_hand(r["text"], r["object"]) for r in rows], abs=1e-9)
+    old = object_log_probs(model, bpe_tokenizer, rows, object_key="original_object")
+    wins = [n > o for n, o in zip(found, old)]
+    metrics = preference_metrics(model, bpe_tokenizer, {"modified_test": datasets.Dataset.from_list(rows)})
+    assert metrics == {"new_beats_old": ((wins[0] and wins[1]) + wins[2]) / 2, "n_new_beats_old": 2}
+
+
 def test_the_comma_stop_rule_cuts_only_objects_without_a_comma():
     """LocFT-BF's rule beside the strict one: an answer that runs on past a comma counts, an object that holds a
     comma is not cut, and what precedes the comma must still be the whole object."""
@@ -314,6 +347,7 @@ def test_a_run_records_what_generation_answers_and_eval_scores_it_and_the_drift_
         "gen_retention",
         "gen_retention_comma",
         "gen_n_known",
+        "new_beats_old",
         "drift_kl",
         "perplexity_ratio",
     ):

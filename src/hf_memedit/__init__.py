@@ -10,7 +10,14 @@ from .edit_config import EditConfig
 from .edit_trainer import ConstrainedEditTrainer
 from .evaluation.metrics import AVG_ACC_METRIC_PATH, avg_acc, edit_metrics, evaluate_splits
 from .evaluation.results import ResultsRecord, library_versions
-from .evaluation.scoring import FactResults, candidate_vocabulary, evaluate_facts, generate_answers, generate_facts
+from .evaluation.scoring import (
+    FactResults,
+    candidate_vocabulary,
+    evaluate_facts,
+    generate_answers,
+    generate_facts,
+    object_log_probs,
+)
 from .experiments.facts_edit import edit_facts
 from .experiments.stream import edit_stream
 from .facts import FactRecord, FactsFileError, check_lengths, describe_facts, facts_splits, load_facts, read_facts
@@ -65,6 +72,7 @@ __all__ = [
     "filter_encodable",
     "generate_answers",
     "generate_facts",
+    "object_log_probs",
     "get_edit_model",
     "library_versions",
     "load_benchmark",

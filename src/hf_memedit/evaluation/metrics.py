@@ -31,7 +31,7 @@ from ..architectures import eval_mode
 from ..benchmarks.common import CONSISTENCY, MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST
 from ..collators import FactEncoder
 from ..fast_paths.prefix import PrefixCache
-from .scoring import FactResults, answer_matches, evaluate_facts, generate_answers
+from .scoring import FactResults, answer_matches, evaluate_facts, generate_answers, object_log_probs
 
 
 def _share(flags: Sequence[bool]) -> float | None:
@@ -436,6 +436,27 @@ def generation_metrics(
             ]
             metrics.update(gen_bleed=_share(bled), gen_n_lost=len(lost))
     return metrics
+
+
+def preference_metrics(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, Any], batch_size: int = 64
+) -> dict[str, Any]:
+    """CounterFact's efficacy score, for tables written that way (ROME, MEMIT, EasyEdit): the share of modified facts
+    whose new object the model finds more likely than the old one, log p(new | text) > log p(old | text) over the
+    objects' tokens, teacher-forced, on every test phrasing of the fact (`new_beats_old`). A weaker test than A_M:
+    the new object need not be the model's answer, only likelier than the old."""
+    rows = splits[MODIFIED_TEST] if MODIFIED_TEST in splits else None
+    if not isinstance(rows, datasets.Dataset) or not len(rows) or "original_object" not in rows.column_names:
+        return {}
+    scored = [i for i, row in enumerate(rows) if row["original_object"] and row["original_object"] != row["object"]]
+    if not scored:
+        return {}
+    subset = rows.select(scored)
+    new = object_log_probs(model, tokenizer, subset, batch_size)
+    old = object_log_probs(model, tokenizer, subset, batch_size, object_key="original_object")
+    wins = dict(zip(scored, (n > o for n, o in zip(new, old))))
+    facts = [fact for fact in fact_rows(rows) if all(i in wins for i in fact)]
+    return {"new_beats_old": _share([all(wins[i] for i in fact) for fact in facts]), "n_new_beats_old": len(facts)}
 
 
 AVG_ACC_METRIC_PATH = os.path.join(os.path.dirname(__file__), "evaluate_metrics", "avg_acc")

@@ -105,6 +105,24 @@ def evaluate_facts(
 
 
 @torch.no_grad()
+def object_log_probs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Iterable[Mapping],
+    batch_size: int = 64,
+    object_key: str = "object",
+) -> list[float]:
+    """Each fact's log p(object | text), teacher-forced: the sum over the object's tokens of their log-probabilities
+    (a causal LM: each given the ones before it; a masked LM: at its masks). CounterFact's efficacy score compares
+    these for the new and the old object (`evaluation.metrics.preference_metrics`)."""
+    facts = list(facts)
+    found = [0.0] * len(facts)
+    for index, logits, wanted in object_logits(model, tokenizer, facts, batch_size, object_key=object_key):
+        found[index] = float(logits.double().log_softmax(-1).gather(1, wanted[:, None]).sum())
+    return found
+
+
+@torch.no_grad()
 def object_logits(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

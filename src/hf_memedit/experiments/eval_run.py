@@ -14,6 +14,7 @@ from ..evaluation.metrics import (
     generation_metrics,
     lost_facts,
     next_token_drift,
+    preference_metrics,
 )
 from ..evaluation.results import RESULTS_JSON, ResultsRecord
 from ..model import EditModel
@@ -45,6 +46,7 @@ def run_eval(
     after = evaluate_splits(model, tokenizer, splits, batch_size=batch, show_progress=True)
     kind = model_kind(model)
     metrics = edit_metrics(splits, after, before, tokenizer, kind)
+    metrics.update(preference_metrics(model, tokenizer, splits, batch))
     if args.generation_eval and kind.generates:  # as the run scored it
         metrics.update(generation_metrics(splits, generate_splits(model, tokenizer, splits, batch), answers_before))
     if held_out is not None:

@@ -25,6 +25,7 @@ from ..evaluation.metrics import (
     generation_metrics,
     lost_facts,
     next_token_drift,
+    preference_metrics,
 )
 from ..evaluation.results import ResultsRecord
 from ..evaluation.scoring import FactResults, answer_contains, answer_matches, generation_scoring
@@ -116,6 +117,7 @@ def _run_edit(context: Theta0Context, resume: str | bool | None, start: float) -
     trainer.train(resume_from_checkpoint=resume)
     results = trainer.fact_results(eval_splits)
     metrics = edit_metrics(eval_splits, results, trainer.before_edit, tokenizer, trainer.kind)
+    metrics.update(preference_metrics(trainer.edit_model.model, tokenizer, eval_splits, context.batch_size))
     generated = facts_after = None
     if generated_before is not None:
         generated = generate_splits(trainer.edit_model.model, tokenizer, eval_splits, context.batch_size)

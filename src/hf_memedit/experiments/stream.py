@@ -45,6 +45,7 @@ from ..evaluation.metrics import (
     lost_facts,
     next_token_drift,
     per_fact,
+    preference_metrics,
 )
 from ..evaluation.results import ResultsRecord, plotting
 from ..evaluation.scoring import FactResults, evaluate_facts, generation_scoring
@@ -498,6 +499,7 @@ class EditStream:
             generated_before = generate_splits(model, tokenizer, splits, context.batch_size) if generate else None
         after = evaluate_splits(model, tokenizer, splits, batch_size=context.batch_size)
         metrics = edit_metrics(splits, after, before, tokenizer, kind)
+        metrics.update(preference_metrics(model, tokenizer, splits, context.batch_size))
         generated = None
         if generate:
             generated = generate_splits(model, tokenizer, splits, context.batch_size)
