@@ -9,6 +9,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from datasets import load_dataset
 
 from hf_memedit.benchmarks import SPLITS, benchmark_facts, export_benchmark, load_benchmark
@@ -268,6 +269,30 @@ def test_filter_to_facts_the_model_knows(bert_tokenizer, real_bert_dir):
     assert sorted(dataset["modified_test"]["uuid"]) == sorted(known)
     with pytest.raises(ValueError, match="among eligible_uuids"):
         load_benchmark("geo_mod", m=len(known) + 1, model=model, tokenizer=bert_tokenizer, max_facts_per_relation=50)
+
+
+def test_the_known_facts_are_kept_by_model_and_phrasings(bert_tokenizer, real_bert_dir, tmp_path, monkeypatch):
+    """The filter's answer is cached by the model's weights and the encoded phrasings: read back without evaluating
+    again, and evaluated again for other weights or other facts."""
+    from transformers import AutoModelForMaskedLM
+
+    import hf_memedit.benchmarks as benchmarks
+
+    model = AutoModelForMaskedLM.from_pretrained(real_bert_dir)
+    facts = benchmark_facts("geo_mod", max_facts_per_relation=20)
+    calls = []
+    evaluate = benchmarks.evaluate_facts
+    monkeypatch.setattr(benchmarks, "evaluate_facts", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    first = benchmarks.known_uuids(facts, model, bert_tokenizer, cache_dir=str(tmp_path))
+    assert benchmarks.known_uuids(facts, model, bert_tokenizer, cache_dir=str(tmp_path)) == first and len(calls) == 1
+    assert benchmarks.known_uuids(facts[:10], model, bert_tokenizer, cache_dir=str(tmp_path)) == tuple(
+        uuid for uuid in first if uuid in {f.uuid for f in facts[:10]}
+    )
+    assert len(calls) == 2
+    with torch.no_grad():
+        model.cls.predictions.decoder.weight.mul_(0.5)  # other weights: evaluated again
+    benchmarks.known_uuids(facts, model, bert_tokenizer, cache_dir=str(tmp_path))
+    assert len(calls) == 3 and len(list((tmp_path / "known").iterdir())) == 3
 
 
 ZSRE = str(Path(__file__).parent / "fixtures" / "kilt_zsre")

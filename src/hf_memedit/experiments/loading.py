@@ -91,6 +91,7 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
     )
     model = kind.auto_class.from_pretrained(
         name,
+        config=config,  # read once (a GGUF file's metadata takes seconds to parse)
         dtype=job.torch_dtype,
         use_kernels=job.use_kernels,
         **placement,
