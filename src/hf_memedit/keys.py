@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from .caching import default_cache_dir, weights_hash
 from .files import load_tensors, save_tensors
 
 
@@ -49,15 +50,6 @@ def key_layers(model: nn.Module, trainable: Sequence[str]) -> dict[str, tuple[st
         if leaf == "weight" and isinstance(module, (nn.Linear, Conv1D)):
             layers[name] = (owner, isinstance(module, Conv1D))
     return layers
-
-
-def weights_hash(model: nn.Module) -> str:
-    """sha256 of every parameter and buffer (name, dtype, shape, bytes): which model the keys were taken on."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
 
 
 def estimate_bytes(model: nn.Module, layers: Mapping[str, tuple[str, bool]]) -> int:
@@ -326,10 +318,3 @@ def corpus_texts(
     if not texts:
         raise ValueError(f"The column {column!r} of the preservation corpus {corpus!r} holds no text.")
     return texts
-
-
-def default_cache_dir() -> str:
-    """Where the preserved keys and the model's samples are kept: HF_HOME/hf_memedit (`keys/`, `samples/`)."""
-    from huggingface_hub import constants
-
-    return os.path.join(constants.HF_HOME, "hf_memedit")

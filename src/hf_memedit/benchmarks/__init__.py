@@ -11,8 +11,6 @@ Splits: modified_train, modified_test, unmodified_train, unmodified_test (see `c
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -22,10 +20,10 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import model_kind
-from ..collators import PLACEHOLDER, FactEncoder, filter_encodable
+from ..caching import cached_json, tokenizer_hash, weights_hash
+from ..collators import FactEncoder, filter_encodable
 from ..evaluation.scoring import evaluate_facts
-from ..files import atomic_directory, atomic_write_text, check_target, file_sha256
-from ..keys import default_cache_dir, weights_hash
+from ..files import atomic_directory, check_target, file_sha256
 from . import geo, trex, zsre
 from .common import SPLITS, Fact, ModBenchmarkBuilder, data_fingerprint, source_hash
 from .geo import GeoMod, GeoModConfig
@@ -70,28 +68,26 @@ def known_uuids(
 ) -> tuple[str, ...]:
     """The uuids of the facts `model` already predicts on every test phrasing (the authors' filter).
 
-    The same model (its weights, dtype and device) on the same encoded phrasings gives the same answer, so it is kept
-    in the `known` folder of `cache_dir` (default HF_HOME/hf_memedit, beside the preserved keys) and read back: a
-    new run of the same job does not evaluate the benchmark again."""
+    The same model (weights, dtype, device) and tokenizer on the same phrasings give the same answer: it is kept in
+    the cache (`caching.cached_json`, default HF_HOME/hf_memedit) and read back, so a new run of the same job does not
+    evaluate the benchmark again."""
     rows = [{"uuid": f.uuid, "text": text, "object": f.object} for f in facts for text in f.test_texts]
     kind = model_kind(model)
-    encoder = FactEncoder(tokenizer, kind)
-    encodable, _ = filter_encodable(rows, encoder)
-    digest = hashlib.sha256()
-    digest.update(f"{weights_hash(model)}:{kind.value}:{next(model.parameters()).device.type}".encode())
-    for row in rows:  # every phrasing (the unencodable ones make a fact unknown), as the tokenizer encodes it
-        ids = tokenizer(row["text"].replace(PLACEHOLDER, row["object"]))["input_ids"]
-        digest.update(json.dumps([row["uuid"], ids]).encode())
-    path = os.path.join(cache_dir or default_cache_dir(), "known", f"known-{digest.hexdigest()[:24]}.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            return tuple(json.load(handle)["known"])
-    correct = evaluate_facts(model, tokenizer, encodable, batch_size=batch_size, show_progress=True).correct
-    right = Counter(row["uuid"] for row, ok in zip(encodable, correct) if ok)
-    known = tuple(sorted(uuid for uuid, n in Counter(row["uuid"] for row in rows).items() if right[uuid] == n))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write_text(path, json.dumps({"known": list(known)}))
-    return known
+
+    def evaluate() -> list[str]:
+        encodable, _ = filter_encodable(rows, FactEncoder(tokenizer, kind))
+        correct = evaluate_facts(model, tokenizer, encodable, batch_size=batch_size, show_progress=True).correct
+        right = Counter(row["uuid"] for row, ok in zip(encodable, correct) if ok)
+        return sorted(uuid for uuid, n in Counter(row["uuid"] for row in rows).items() if right[uuid] == n)
+
+    key = {
+        "model": weights_hash(model),
+        "tokenizer": tokenizer_hash(tokenizer),
+        "kind": kind.value,
+        "device": next(model.parameters()).device.type,
+        "rows": [[row["uuid"], row["text"], row["object"]] for row in rows],
+    }
+    return tuple(cached_json("known", key, evaluate, cache_dir))
 
 
 def encodable_choices(facts: Sequence[Fact], encoder: FactEncoder) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -17,7 +17,8 @@ import datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import model_kind
-from ..benchmarks.common import MODIFIED_TRAIN, UNMODIFIED_TRAIN
+from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
+from ..caching import cached_json, tokenizer_hash, weights_hash
 from ..edit_config import EditConfig
 from ..evaluation.metrics import evaluate_splits, generate_splits
 from ..preservation import NeighbourRisk, known_evidence, neighbour_risk
@@ -158,5 +159,18 @@ class Theta0Context:
         if not self.args.generation_eval or not model_kind(self.model).generates:
             return None
         if name not in self._generated_before:
-            self._generated_before[name] = generate_splits(self.model, self.tokenizer, splits, self.batch_size)
+            key = {  # θ0 answers the same prompts alike in every run: kept in the cache (`caching.cached_json`)
+                "model": weights_hash(self.model),
+                "tokenizer": tokenizer_hash(self.tokenizer),
+                "device": next(self.model.parameters()).device.type,
+                "batch_size": self.batch_size,
+                "splits": {
+                    split: [[row["text"], row["object"]] for row in splits[split]]
+                    for split in (MODIFIED_TEST, UNMODIFIED_TEST)
+                    if split in splits and len(splits[split])
+                },
+            }
+            self._generated_before[name] = cached_json(
+                "generated", key, lambda: generate_splits(self.model, self.tokenizer, splits, self.batch_size)
+            )
         return self._generated_before[name]
