@@ -398,13 +398,18 @@ class KeyProjector:
                 project_output_(params[name], theta0[name], values, vectors, radius, transposed)
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """⟨a, b⟩ over every element, without a temporary the size of the tensors."""
+    return float(torch.vdot(a.reshape(-1), b.reshape(-1)))
+
+
 def _copy64(tensor: torch.Tensor) -> torch.Tensor:
     """A float64 copy (`.double()` of a float64 tensor is the tensor itself, which the next write would change)."""
     return tensor.detach().to(torch.float64, copy=True)
 
 
 # How many past steps Anderson mixing combines in the null-space projection (more: fewer iterations, more memory).
-ANDERSON_MEMORY = 5
+ANDERSON_MEMORY = 3
 
 
 class _AndersonMixing:
@@ -423,16 +428,17 @@ class _AndersonMixing:
         self.count, self.last = 0, None
 
     def step(self, v: dict[str, torch.Tensor], f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        plain = {name: v[name] + f[name] for name in v}
         if self.last is not None:
             slot = self.count % self.memory
             for name in v:
                 torch.sub(f[name], self.last[1][name], out=self.df[name][:, slot])
-                torch.sub(v[name] + f[name], self.last[0][name] + self.last[1][name], out=self.dg[name][:, slot])
+                torch.sub(plain[name], self.last[0][name], out=self.dg[name][:, slot])
             self.count += 1
-        self.last = (v, f)
+        self.last = (plain, f)
         filled = min(self.count, self.memory)
         if filled == 0:
-            return {name: v[name] + f[name] for name in v}
+            return plain
         mixed = {}
         for name in v:
             df, dg = self.df[name][:, :filled], self.dg[name][:, :filled]
@@ -440,7 +446,7 @@ class _AndersonMixing:
             ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1) + 1e-200  # a row that stopped changing: γ = 0
             gram = gram + ridge[:, None, None] * torch.eye(filled, dtype=gram.dtype, device=gram.device)
             gamma = torch.linalg.solve(gram, df @ f[name].unsqueeze(-1))  # [rows, k, 1]
-            mixed[name] = v[name] + f[name] - (gamma.transpose(1, 2) @ dg).squeeze(1)
+            mixed[name] = torch.baddbmm(plain[name].unsqueeze(1), gamma.transpose(1, 2), dg, alpha=-1).squeeze(1)
         return mixed
 
 
@@ -586,13 +592,17 @@ class NormBallProjector:
         for name in keys.frozen:  # biases, norms: no keys, kept at θ0
             self.params[name].copy_(theta0[name])
         layers = {name: transposed for name, (_, transposed) in keys.layers.items()}
-        target = {name: _step(self.params[name], theta0[name], transposed) for name, transposed in layers.items()}
+        target = {  # [out, in], contiguous (a Conv1D weight's view is transposed)
+            name: _step(self.params[name], theta0[name], transposed).contiguous()
+            for name, transposed in layers.items()
+        }
         weights = (
             {name: self.fisher[name].double().T if t else self.fisher[name].double() for name, t in layers.items()}
             if self.norm == "fisher"
             else None
         )
         v = {name: torch.zeros_like(step) for name, step in target.items()}
+        squares = {name: _dot(step, step) for name, step in target.items()}  # ‖Z‖² per tensor
         mixing = _AndersonMixing(target, ANDERSON_MEMORY)
         accepted: tuple[float, dict, dict] | None = None  # the last point that raised g: its g, v and gradient
         self.dykstra_converged = False
@@ -602,8 +612,10 @@ class NormBallProjector:
             self._project_steps_(a, weights)
             inside = {name: keys.projectors[name].apply(a[name]) for name in target}  # P_S(a)
             gradient = {name: a[name] - inside[name] for name in target}  # P_S⊥(a): g's gradient at v
+            # g(v) = ½‖a − Z‖² + ⟨v, a⟩, expanded into dot products (no temporaries the size of the weights)
             dual = sum(
-                0.5 * float((a[name] - target[name]).pow(2).sum()) + float((v[name] * a[name]).sum())
+                0.5 * (_dot(a[name], a[name]) - 2 * _dot(a[name], target[name]) + squares[name])
+                + _dot(v[name], a[name])
                 for name in target
             )
             if accepted is not None and dual < accepted[0]:  # the mixed step lowered g: take the plain one instead
@@ -612,8 +624,16 @@ class NormBallProjector:
                 accepted = None
                 continue
             accepted = (dual, v, gradient)
-            result, kept = self._shrunk_into_ball(inside, weights), inside
-            primal = sum(0.5 * float((result[name] - target[name]).pow(2).sum()) for name in target)
+            ratios, kept = self._ratios_into_ball(inside, weights), inside  # the feasible point: each P_S(a) scaled
+            primal = sum(
+                0.5
+                * (
+                    ratios[name] ** 2 * _dot(inside[name], inside[name])
+                    - 2 * ratios[name] * _dot(inside[name], target[name])
+                    + squares[name]
+                )
+                for name in target
+            )
             if primal - dual <= self.tolerance * primal:
                 self.dykstra_converged = True
                 break
@@ -621,11 +641,11 @@ class NormBallProjector:
         if not self.dykstra_converged:
             self._warn_capped()
         self.dykstra_excess = max(0.0, self._steps_distance(kept, weights) - self.delta)
-        moved = sum(float((result[name] - kept[name]).pow(2).sum()) for name in target)
-        size = sum(float(kept[name].pow(2).sum()) for name in target)
+        moved = sum((1 - ratios[name]) ** 2 * _dot(kept[name], kept[name]) for name in target)
+        size = sum(_dot(kept[name], kept[name]) for name in target)
         self.dykstra_pull_in = math.sqrt(moved / size) if size > 0 else 0.0
         for name, transposed in layers.items():
-            _write(self.params[name], theta0[name], result[name], transposed)
+            _write(self.params[name], theta0[name], kept[name] * ratios[name], transposed)
         self._pull_into_ball()  # storing in the parameters' dtype rounds: the stored values end in the ball
 
     def _project_steps_(self, steps: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None) -> None:
@@ -645,27 +665,26 @@ class NormBallProjector:
     def _steps_distance(self, steps: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None) -> float:
         """‖Δ‖ in the ball's own measure, for float64 updates."""
         if self.norm == "linf":
-            return max(float(step.abs().max()) for step in steps.values())
+            return max(max(-float(low), float(high)) for low, high in (step.aminmax() for step in steps.values()))
         if self.norm == "fisher":
             return float(sum(float((weights[name] * step.pow(2)).sum()) for name, step in steps.items()))
         if self.l2_scope == "global":
             return math.sqrt(sum(float(step.pow(2).sum()) for step in steps.values()))
         return max(float(step.norm()) for step in steps.values())
 
-    def _shrunk_into_ball(
+    def _ratios_into_ball(
         self, steps: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None
-    ) -> dict[str, torch.Tensor]:
-        """Δ scaled toward 0 into the ball, each tensor by its own ratio where the ball is per element or per tensor,
-        all together where it is global: a subspace through 0 keeps the scaled point."""
+    ) -> dict[str, float]:
+        """The factors (≤ 1) that scale each Δ toward 0 into the ball: each tensor by its own where the ball is per
+        element or per tensor, all by one where it is global. A subspace through 0 keeps the scaled point."""
         per_tensor = self.norm == "linf" or (self.norm == "l2" and self.l2_scope == "per_tensor")
         groups = [{name: step} for name, step in steps.items()] if per_tensor else [steps]
-        result = {}
+        ratios = {}
         for group in groups:
             distance = self._steps_distance(group, weights)
             ratio = 1.0 if distance <= self.delta else self.delta / distance
-            ratio = math.sqrt(ratio) if self.norm == "fisher" else ratio
-            result.update({name: step * ratio if ratio < 1 else step for name, step in group.items()})
-        return result
+            ratios.update(dict.fromkeys(group, math.sqrt(ratio) if self.norm == "fisher" else ratio))
+        return ratios
 
     def _warn_capped(self) -> None:
         self.capped_projections += 1
