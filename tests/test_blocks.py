@@ -232,3 +232,12 @@ def test_a_blocks_path_model_trains_with_the_full_head_and_says_so(tmp_out, bpe_
     assert changed and changed.keys() == plain.edit_model.changed_tensors().keys()
     for name, value in changed.items():  # float64: reordering stays far below a wrong cache's effect
         torch.testing.assert_close(value, plain.edit_model.trainable_parameters()[name], rtol=0, atol=1e-9, msg=name)
+
+
+def test_resolved_blocks_name_each_block_as_the_model_counts_it():
+    """What a run's summary shows: "-1" of a 2-block model is block 1; 'all' and 'embeddings' stay as they are."""
+    from hf_memedit.blocks import resolved_blocks
+
+    model = TINY["llama"](2)
+    assert resolved_blocks(model, BlockSelectorConfig(blocks=["-1", "0"])) == ["1", "0"]
+    assert resolved_blocks(model, BlockSelectorConfig(blocks=["all", "embeddings"])) == ["all", "embeddings"]

@@ -63,7 +63,7 @@ def test_theta0s_greedy_answers_are_generated_once_for_the_same_model_and_prompt
     from hf_memedit.experiments import JobConfig
 
     torch.manual_seed(0)
-    model = TINY["llama"](len(bpe_tokenizer))
+    model = TINY["llama"](2, vocab=len(bpe_tokenizer))
     calls = []
     generate = context_module.generate_splits
     monkeypatch.setattr(context_module, "generate_splits", lambda *a, **k: calls.append(1) or generate(*a, **k))

@@ -115,6 +115,12 @@ class BlockSelectorConfig:
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
+def resolved_blocks(model: PreTrainedModel, config: BlockSelectorConfig) -> list[str]:
+    """The selection's blocks as this model resolves them ("-5" of 30 blocks is "25"; 'all' and 'embeddings' kept)."""
+    count = num_blocks(model, config.layout(model))
+    return [str(item % count) if isinstance(item, int) else str(item) for item in config.blocks]
+
+
 def selected_modules(model: PreTrainedModel, config: BlockSelectorConfig) -> dict[str, nn.Module]:
     """The modules the selection trains, keyed by a readable label ("block 2", "embeddings")."""
     layout = config.layout(model)

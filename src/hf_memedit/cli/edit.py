@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..blocks import resolved_blocks
 from ..edit_config import EditConfig, constraint_record, describe_constraint
 from ..evaluation.results import DRIFT_LABELS, METRIC_LABELS, format_metric
 from ..experiments import JobConfig, RunOutcome, load_config, run_edit
@@ -18,7 +19,9 @@ def format_summary(outcome: RunOutcome, args: EditConfig, show_examples: int = 5
     rows = [(label, format_metric(metrics, key)) for key, label in METRIC_LABELS.items() if key in metrics]
     rows += [(label, f"{metrics[key]:.4g}") for key, label in DRIFT_LABELS.items() if key in metrics]
     if outcome.trainer is not None:
-        rows.append(("constraint", describe_constraint({**constraint_record(vars(args)), "blocks": args.edit_blocks})))
+        edit = outcome.trainer.edit_model
+        blocks = resolved_blocks(edit.model, edit.selector_config)  # "-5" of 30 blocks is 25
+        rows.append(("constraint", describe_constraint({**constraint_record(vars(args)), "blocks": blocks})))
         rows.append(
             (
                 f"max ‖θ − θ0‖ ({args.norm if args.norm != 'none' else 'linf'})",
