@@ -614,6 +614,9 @@ def test_the_kl_term_is_zero_with_zero_gradient_at_theta0_under_dropout(bert_tok
         # softmax(θ0's logits) − exp(log_softmax(θ0's logits)): float32 rounding only (dropout gave 1e-3 to the loss)
         assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) < 1e-7
     assert model.training
+    # compute_loss alone has no reference: refused in train mode, not scored by cross-entropy against the labels
+    with pytest.raises(ValueError, match="call trainer.training_step"):
+        trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
 
 
 def test_theta0s_distribution_of_each_kl_row_is_computed_once(bert_tokenizer, tmp_path, monkeypatch):

@@ -320,6 +320,12 @@ class ConstrainedEditTrainer(Trainer):
                     "leave compute_loss_func unset, or give batches without them."
                 )
             return self._skip_when_low(super().compute_loss(model, inputs, return_outputs, num_items_in_batch))
+        if reference is None and model.training and self._references is not None and preserve is not None:
+            if bool(preserve.any()):  # scored by cross-entropy instead, they would train toward their labels silently
+                raise ValueError(
+                    "This batch holds KL preservation rows but not θ0's reference distribution at them, which "
+                    "training_step adds: call trainer.training_step(model, inputs), not compute_loss, in train mode."
+                )
         kl_rows = preserve if reference is not None and model.training else None
         labels = inputs.pop("labels")
         # With KL rows the batch runs without dropout, as θ0's reference does: θ0 is then a fixed point of the KL term

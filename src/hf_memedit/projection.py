@@ -690,8 +690,8 @@ class NormBallProjector:
         self.capped_projections += 1
         if self.capped_projections == 1:
             logger.warning(
-                "Dykstra's projection onto the ball ∩ key set stopped on its cap of %d iterations before its "
-                "iterates settled (tolerance %g): the result lies in both sets but is not the nearest point. "
+                "Dykstra's projection onto the ball ∩ key set stopped on its cap of %d iterations before its stop "
+                "rule was met (tolerance %g): the result lies in both sets but may not be the nearest point. "
                 "Raise projection_iterations; `dykstra_capped` in the logs counts the steps this happened on.",
                 self.iterations,
                 self.tolerance,
