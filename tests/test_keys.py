@@ -189,6 +189,87 @@ def test_nullspace_by_kept_energy_and_bad_thresholds():
         EditConfig(output_dir="x", key_constraint="rome")
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n_in=st.integers(4, 9))
+def test_earlier_edits_keys_join_the_null_space(seed, n_in):
+    """AlphaEdit's sequential rule: with a stream's earlier edits' keys, an update in the null space kills both the
+    corpus's keys and the edits', and may use every other direction (threshold rule, exact for keys in subspaces)."""
+    corpus, edits = _moment(n_in, seed, rank=n_in // 3 or 1), _moment(n_in, seed + 1, rank=1)
+    alone = nullspace_projector(corpus, threshold=1e-8)
+    both = nullspace_projector(corpus, threshold=1e-8, edits=edits)
+    span = torch.linalg.matrix_rank(torch.cat([corpus, edits], dim=1), hermitian=False, rtol=1e-8)
+    assert both.dimensions == n_in - int(span) and both.dimensions < alone.dimensions
+    p = both.matrix()
+    assert torch.allclose(p @ p, p, atol=1e-10) and torch.allclose(p, p.T, atol=1e-10)  # an orthogonal projector
+    step = torch.randn(3, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) @ p
+    for moment in (corpus, edits):
+        assert torch.allclose(step @ moment @ step.T, torch.zeros(3, 3, dtype=torch.float64), atol=1e-10)
+    assert step.abs().max() > 0  # what is left is usable
+    with pytest.raises(ValueError, match="nullspace only"):
+        KeyProjector(
+            "output", {"w": corpus}, {"w": ("layer", False)}, ["w"], {"w": torch.zeros(2, n_in)}, edits={"w": edits}
+        )
+
+
+def test_the_trainer_keeps_the_outputs_of_edit_keys(tmp_path, bpe_tokenizer):
+    """`edit_keys` (a stream's earlier edits): trained on new facts, the edited block leaves the model's logits on
+    those texts unchanged, up to float rounding, while the trained fact moves; refused without the null space."""
+    import datasets
+
+    from hf_memedit.collators import FactEncoder
+
+    model = TINY["llama"](2).eval()
+    earlier = [FactEncoder(bpe_tokenizer, "causal").encode(f["text"], f["object"])["input_ids"] for f in FACTS[:1]]
+    names = [name for name, _ in model.named_parameters() if name.startswith("model.layers.1.")]
+    layers = key_layers(model, names)
+    modules = dict(model.named_modules())
+    zero = {  # [in, in] per layer
+        name: torch.zeros(2 * [modules[owner].weight.shape[1]], dtype=torch.float64)
+        for name, (owner, _) in layers.items()
+    }
+    keys = KeyStatistics(zero, 1, "given", "given")  # no corpus keys: only the earlier edits' are kept
+    args = EditConfig(
+        output_dir=str(tmp_path),
+        edit_blocks=["1"],
+        norm="linf",
+        delta=5e-2,
+        key_constraint="nullspace",
+        nullspace_threshold=1e-9,
+        learning_rate=5e-2,
+        max_steps=8,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+
+    def logits(ids):
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids])).logits.double()
+
+    before = [logits(ids) for ids in earlier]
+    trained = FactEncoder(bpe_tokenizer, "causal").encode("The capital of Peru is [Y].", "Oslo")["input_ids"]
+    moved = logits(trained)
+    data = datasets.Dataset.from_list([{"text": "The capital of Peru is [Y].", "object": "Oslo"}] * 4)
+    trainer = ConstrainedEditTrainer(
+        model, args, train_dataset=data, processing_class=bpe_tokenizer, keys=keys, edit_keys=earlier
+    )
+    trainer.train()
+    model.eval()
+    assert sum(trainer.projector.keys.kept_dimensions().values()) > 0
+    assert (logits(trained) - moved).abs().max() > 1e-3
+    for ids, start in zip(earlier, before):
+        torch.testing.assert_close(logits(ids), start, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="edit_keys .* key_constraint nullspace"):
+        ConstrainedEditTrainer(
+            model,
+            EditConfig(output_dir=str(tmp_path), edit_blocks=["1"], report_to="none"),
+            train_dataset=data,
+            processing_class=bpe_tokenizer,
+            edit_keys=earlier,
+        )
+
+
 def test_keys_are_the_second_moment_of_the_layer_inputs(bert_tokenizer):
     model = TINY["gpt2"](2).double().eval()
     layers = key_layers(

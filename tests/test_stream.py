@@ -86,6 +86,12 @@ def test_a_stream_records_each_batch_stays_in_the_ball_and_reverts(tmp_path, mod
         assert (batch["earlier_efficacy"] is None) if batch["batch"] == 1 else 0 <= batch["earlier_efficacy"] <= 1
         assert batch["distance_to_theta0"] <= FAST["delta"] * (1 + 1e-6)  # centred on θ0: the whole stream in the ball
     assert len(record["final_by_batch"]) == 4 and "gen_a_m" in record["final"]
+    for batch in record["batches"]:  # by greedy generation too, both stop rules, right after each batch
+        assert 0 <= batch["gen_efficacy"] <= batch["gen_efficacy_comma"] <= 1
+        assert (batch["gen_earlier_efficacy_comma"] is None) == (batch["batch"] == 1)
+    for key in ("gen_final_by_batch", "gen_final_by_batch_comma"):
+        assert len(record[key]) == 4 and all(0 <= share <= 1 for share in record[key])
+    assert sum(record["gen_final_by_batch"]) / 4 == final_gen_share(outcome)
     # the last batch's figures are the end's: the same facts, the same model
     last, final = record["batches"][-1], outcome.record.metrics
     assert last["n_known"] == final["n_known"] and last["retention"] == final["retention"]
@@ -111,6 +117,39 @@ def test_the_ball_centred_on_the_previous_state_bounds_each_batch_not_the_stream
         assert batch["step_distance"] <= FAST["delta"] * (1 + 1e-6)  # each batch within δ of the state before it
         assert batch["distance_to_theta0"] <= k * FAST["delta"] * (1 + 1e-6)
     assert max(batch["distance_to_theta0"] for batch in batches) > FAST["delta"]  # the stream as a whole drifts past δ
+
+
+def final_gen_share(outcome) -> float:
+    return outcome.record.metrics["gen_a_m"]
+
+
+def test_earlier_edits_keys_join_each_later_batchs_null_space(tmp_path, model_dir, monkeypatch):
+    """AlphaEdit's sequential rule (`stream_earlier_keys`): batch k's trainer is given the token ids of the facts of
+    batches 1..k−1 as trained (their training phrasings with the new objects), none for the first batch."""
+    given = []
+
+    class Recording(stream_module.ConstrainedEditTrainer):
+        def __init__(self, *args, edit_keys=None, **kwargs):
+            given.append(edit_keys)
+            super().__init__(*args, edit_keys=edit_keys, **kwargs)
+
+    monkeypatch.setattr(stream_module, "ConstrainedEditTrainer", Recording)
+    model, tokenizer = load(model_dir)
+    outcome = edit_stream(
+        model,
+        tokenizer,
+        facts_file(tmp_path, 6),
+        B,
+        str(tmp_path / "s"),
+        stream_center="previous",
+        stream_earlier_keys=True,
+        **FAST,
+    )
+    assert given[0] is None and [len(ids) for ids in given[1:]] == [2, 4]
+    texts = [tokenizer.decode(ids) for ids in given[2]]
+    for subject, target in zip(SUBJECTS[:4], TARGETS[:4]):
+        assert any(subject in text and target in text for text in texts), (subject, texts)
+    assert outcome.stream["key"]["earlier_keys"] is True and outcome.record.config["stream"]["earlier_keys"] is True
 
 
 class Killed(BaseException):
@@ -199,6 +238,8 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(tmp_path, model_dir, ca
         (["--facts", facts_file(tmp_path, 6, "reordered.jsonl", reordered)], r"do not start with the 4 facts"),
         (["--delta", "0.5"], r"was started with other options: delta \(0\.02 there, 0\.5 now\)"),
         (["--stream_center", "previous"], r"was started with other options: center"),
+        (["--stream_earlier_keys"], r"stream_earlier_keys .* needs stream_center previous \(not theta0\)"),
+        (["--stream_earlier_keys", "--stream_center", "previous", "--key_constraint", "none"], r"key_constraint"),
     ]
     base = [
         "stream",

@@ -20,7 +20,7 @@ from .evaluation.scoring import FactResults
 from .fast_paths.heads import head_modules, logit_positions
 from .fast_paths.prefix import PrefixCache, fast_forward, first_editable_block
 from .fisher import diagonal_fisher
-from .keys import KeyStatistics, corpus_texts, key_layers, preserved_keys
+from .keys import KeyStatistics, collect_keys, corpus_texts, key_layers, preserved_keys
 from .loss import ObjectTokenLoss, Theta0References
 from .model import EditModel, get_edit_model, values_at
 from .projection import KeyProjector, NormBallProjector, check_resolution
@@ -69,6 +69,9 @@ class ConstrainedEditTrainer(Trainer):
         keys: the preserved keys (`hf_memedit.keys.preserved_keys`) of `args.key_constraint`, else they are
             taken (or read from the cache) on `args.preserve_corpus`.
         preserve_texts: the texts of `preserve_corpus: benchmark` (the unmodified facts set aside).
+        edit_keys: token ids of texts whose computation at the edited layers an update must leave alone beside the
+            preserved keys' (a stream's earlier edits: AlphaEdit's sequential rule); `key_constraint: nullspace`.
+            Their keys are taken at θ0.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class ConstrainedEditTrainer(Trainer):
         prefix_cache: PrefixCache | None = None,
         keys: KeyStatistics | None = None,
         preserve_texts: Sequence[str] | None = None,
+        edit_keys: Sequence[Sequence[int]] | None = None,
         **kwargs,
     ):
         if not isinstance(args, EditConfig):
@@ -135,6 +139,12 @@ class ConstrainedEditTrainer(Trainer):
             check_resolution(self.edit_model.theta0, args.delta)
         if args.key_constraint != "none" and keys is None and processing_class is None:
             raise ValueError("key_constraint needs processing_class (the tokenizer) to take the preserved keys.")
+        if edit_keys and args.key_constraint != "nullspace":
+            raise ValueError(
+                f"edit_keys are kept in the null space of key_constraint nullspace, and this edit's is "
+                f"{args.key_constraint!r}: set key_constraint nullspace, or give no edit_keys."
+            )
+        self._edit_keys = [list(ids) for ids in edit_keys] if edit_keys else None
         self._given = {"fisher": fisher, "keys": keys}  # statistics the caller estimated (kept on resume)
         self._fisher_dataset, self._preserve_texts = fisher_dataset, preserve_texts
         self.keys = keys
@@ -168,20 +178,31 @@ class ConstrainedEditTrainer(Trainer):
         θ0 (whatever they hold now)."""
         args, theta0 = self.args, self.edit_model.theta0
         fisher, keys = self._given["fisher"], self._given["keys"]
-        estimate = (args.norm == "fisher" and fisher is None) or (args.key_constraint != "none" and keys is None)
+        estimate = (
+            (args.norm == "fisher" and fisher is None)
+            or (args.key_constraint != "none" and keys is None)
+            or self._edit_keys is not None
+        )
+        layers = key_layers(self.edit_model.model, list(theta0))
         with values_at(self.edit_model.trainable_parameters(), theta0) if estimate else nullcontext():
             fisher, keys = self._statistics(fisher, keys)
+            edits = (
+                collect_keys(self.edit_model.model, self.processing_class, self._edit_keys, layers)[0]
+                if self._edit_keys is not None
+                else None
+            )
         key_projector = None
         if args.key_constraint != "none":
             key_projector = KeyProjector(
                 args.key_constraint,
                 keys.moments,
-                key_layers(self.edit_model.model, list(theta0)),
+                layers,
                 list(theta0),
                 theta0,
                 threshold=args.nullspace_threshold,
                 energy=args.nullspace_energy,
                 rho=args.output_rho,
+                edits=edits,
             )
         self.keys = keys
         return NormBallProjector(

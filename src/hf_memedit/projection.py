@@ -10,7 +10,8 @@ information at θ0 (see `hf_memedit.fisher`).
 Key constraints, on the second moment C = E[k kᵀ] of each edited linear layer's inputs
 (`hf_memedit.keys`); parameters of the edited modules that have no keys (biases, norms) stay at θ0:
 - `nullspace` (AlphaEdit): ΔW = ΔW P with P = ÛÛᵀ (applied through its thinner factor), Û the eigenvectors of C with
-  eigenvalue below `nullspace_threshold` (or outside a kept-energy fraction): exact, a linear subspace.
+  eigenvalue below `nullspace_threshold` (or outside a kept-energy fraction): exact, a linear subspace. A stream's
+  earlier edits can add their keys (`KeyProjector(edits=...)`): their directions are removed by the same rule.
 - `output`: E‖ΔW k‖² = tr(ΔW C ΔWᵀ) ≤ ρ·tr(W0 C W0ᵀ) per layer, projected exactly in C's eigenbasis
   by the same 1-D multiplier search as the Fisher ellipsoid.
 With a ball as well: L2 (global) ∩ nullspace is exact (project onto the subspace, then rescale). Every other ball
@@ -260,18 +261,37 @@ class NullSpace:
 
 
 def nullspace_projector(
-    moment: torch.Tensor, threshold: float | None = 2e-2, energy: float | None = None
+    moment: torch.Tensor,
+    threshold: float | None = 2e-2,
+    energy: float | None = None,
+    edits: torch.Tensor | None = None,
 ) -> NullSpace:
     """The subspace of the eigen-directions of C below `threshold`, or, with `energy`, of the smallest ones that hold
-    at most a 1 − energy share of C's trace (so `energy` of it is removed)."""
+    at most a 1 − energy share of C's trace (so `energy` of it is removed).
+
+    `edits` is the second moment of keys whose outputs must be kept too (a stream's earlier edits: AlphaEdit's
+    sequential rule). Restricted to the directions C leaves, its own eigen-directions are removed by the same rule,
+    so an update keeps what the corpus's keys and the earlier edits' keys pass through the layer.
+    """
     values, vectors = torch.linalg.eigh(moment.double())
-    if energy is not None:
-        keep = values.clamp(min=0).cumsum(0) <= (1 - energy) * values.clamp(min=0).sum()
-    else:
-        keep = values < validate_delta(threshold, "nullspace_threshold")
+    keep = _kept(values, threshold, energy)
+    if edits is not None:
+        left = vectors[:, keep]  # orthonormal: what C leaves
+        edit_values, edit_vectors = torch.linalg.eigh(left.T @ edits.double().to(left.device) @ left)
+        edit_keep = _kept(edit_values, threshold, energy)
+        rotated = left @ edit_vectors  # orthonormal, and orthogonal to C's removed directions
+        vectors = torch.cat([vectors[:, ~keep], rotated[:, ~edit_keep], rotated[:, edit_keep]], dim=1)
+        keep = torch.arange(vectors.shape[1], device=keep.device) >= vectors.shape[1] - int(edit_keep.sum())
     kept = int(keep.sum())
-    complement = kept > len(values) / 2
+    complement = kept > len(keep) / 2
     return NullSpace(vectors[:, ~keep if complement else keep].contiguous(), complement)
+
+
+def _kept(values: torch.Tensor, threshold: float | None, energy: float | None) -> torch.Tensor:
+    """Which eigen-directions (values ascending) a null space keeps: `nullspace_projector`'s rule."""
+    if energy is not None:
+        return values.clamp(min=0).cumsum(0) <= (1 - energy) * values.clamp(min=0).sum()
+    return values < validate_delta(threshold, "nullspace_threshold")
 
 
 def _step(param: torch.Tensor, theta0: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -349,12 +369,17 @@ class KeyProjector:
         threshold: float | None = 2e-2,
         energy: float | None = None,
         rho: float = 1e-2,
+        edits: Mapping[str, torch.Tensor] | None = None,
     ):
+        """`edits`: per layer, the second moment of keys whose outputs an update must keep beside `moments`' (a
+        stream's earlier edits; `nullspace` only, see `nullspace_projector`)."""
         if kind not in KEY_CONSTRAINTS or kind == "none":
             raise ValueError(f"Unknown key constraint {kind!r}: choose nullspace or output.")
         if energy is not None and not 0 < energy < 1:
             raise ValueError(f"nullspace_energy must lie in (0, 1), got {energy}.")
         validate_delta(rho, "output_rho")
+        if edits is not None and kind != "nullspace":
+            raise ValueError(f"Earlier edits' keys are kept by key_constraint nullspace only, not {kind!r}.")
         missing = sorted(set(layers) - set(moments))
         if missing:
             raise ValueError(
@@ -376,7 +401,10 @@ class KeyProjector:
         for name, (_, transposed) in self.layers.items():
             if kind == "nullspace":
                 self.projectors[name] = nullspace_projector(
-                    moments[name], None if energy is not None else threshold, energy
+                    moments[name],
+                    None if energy is not None else threshold,
+                    energy,
+                    edits[name] if edits is not None else None,
                 )
             else:
                 values, vectors = torch.linalg.eigh(moments[name].double())

@@ -391,6 +391,13 @@ def generate_splits(
     }
 
 
+def generated_correct(split: Any, answers: Sequence[str], comma: bool = False) -> list[bool]:
+    """Per fact (`fact_rows`), whether every one of its answers (`generate_answers`) is its object (`answer_matches`;
+    with `comma`, the answers stopped at a comma too)."""
+    rows = [answer_matches(answer, fact["object"], comma) for answer, fact in zip(answers, split)]
+    return [all(rows[i] for i in fact) for fact in fact_rows(split)]
+
+
 def generation_metrics(
     splits: Mapping[str, Any],
     answers: Mapping[str, Sequence[str]],
@@ -402,11 +409,8 @@ def generation_metrics(
     bleed can judge only the first token). The `_comma` figures score the same answers stopped at a comma too
     (`scoring.COMMA_STOP_RULE`)."""
 
-    def correct(found: Mapping[str, Sequence[str]], name: str, comma: bool = False) -> list[bool]:  # per fact
-        if name not in splits or name not in found:
-            return []
-        rows = [answer_matches(answer, fact["object"], comma) for answer, fact in zip(found[name], splits[name])]
-        return [all(rows[i] for i in fact) for fact in fact_rows(splits[name])]
+    def correct(found: Mapping[str, Sequence[str]], name: str, comma: bool = False) -> list[bool]:
+        return generated_correct(splits[name], found[name], comma) if name in splits and name in found else []
 
     unmodified = correct(answers, UNMODIFIED_TEST)
     metrics = {"gen_a_m": _share(correct(answers, MODIFIED_TEST)), "gen_a_fs": _share(unmodified)}

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import model_kind
 from ..benchmarks.common import CONSISTENCY, MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
-from ..collators import PRESERVE_KEY, WEIGHT_KEY
+from ..collators import PRESERVE_KEY, WEIGHT_KEY, FactEncoder
 from ..edit_config import EditConfig, constraint_record
 from ..edit_trainer import ConstrainedEditTrainer
 from ..evaluation.metrics import (
@@ -41,6 +41,7 @@ from ..evaluation.metrics import (
     evaluate_splits,
     fact_rows,
     generate_splits,
+    generated_correct,
     generation_metrics,
     lost_facts,
     next_token_drift,
@@ -48,7 +49,7 @@ from ..evaluation.metrics import (
     preference_metrics,
 )
 from ..evaluation.results import ResultsRecord, plotting
-from ..evaluation.scoring import FactResults, evaluate_facts, generation_scoring
+from ..evaluation.scoring import FactResults, evaluate_facts, generate_answers, generation_scoring
 from ..facts import MODIFIED_PARAPHRASE
 from ..files import atomic_directory, atomic_write_text, load_tensors, read_json, save_tensors, tensor_sha256
 from ..model import EditModel, get_edit_model, write_values
@@ -134,6 +135,14 @@ class StreamOptions:
         default=False,
         metadata={"help": "LocFT-BF's breadth-first track: batch k trains on the facts of batches 1..k."},
     )
+    stream_earlier_keys: bool = field(
+        default=False,
+        metadata={
+            "help": "AlphaEdit's sequential rule: the earlier batches' keys join the null space, so each later "
+            "batch's update leaves the edited layers' outputs on the earlier facts alone. Needs key_constraint "
+            "nullspace and stream_center previous (around θ0 the cumulative update must act on those keys)."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -188,6 +197,8 @@ def stream_key(job: JobConfig, args: EditConfig, options: StreamOptions) -> dict
         earlier_ratio=options.stream_earlier_ratio,
         replay=options.stream_replay,
     )
+    if options.stream_earlier_keys:  # named only when on: a stream started before the option resumes as it was
+        key["earlier_keys"] = True
     return json.loads(json.dumps(key, default=str))  # as stream.json holds it
 
 
@@ -343,6 +354,10 @@ class EditStream:
                     dataset, kept, options.stream_earlier_ratio, args.preserve_weight, data_args.seed
                 )
         train_args = dataclasses.replace(train_args, seed=args.seed, eval_strategy="no", save_strategy="no")
+        edit_keys = None
+        if options.stream_earlier_keys and earlier:  # as trained: the training phrasings with the new objects
+            encoder = FactEncoder(context.tokenizer, model_kind(context.model), append_eos=args.eos_target)
+            edit_keys = [encoder.encode(row["text"], row["object"])["input_ids"] for row in _rows(train, earlier)]
         edit_model = (
             self.edit_model
             if options.stream_center == "theta0"
@@ -356,6 +371,7 @@ class EditStream:
             fisher_dataset=context.splits[UNMODIFIED_TRAIN],
             preserve_texts=context.preservation_texts(),
             keys=self._keys,
+            edit_keys=edit_keys,
         )
         trainer.train()
         if options.stream_center == "theta0":
@@ -370,17 +386,25 @@ class EditStream:
         self.commit(batch, figures)
 
     def figures(self, now: set[str], earlier: set[str]) -> dict[str, Any]:
-        """Right after a batch, teacher-forced: the efficacy of this batch's facts and of the earlier ones, and the
-        retention of the unmodified facts θ0 knew."""
+        """Right after a batch: the efficacy of this batch's facts and of the earlier ones, teacher-forced and (causal
+        LMs, `generation_eval`) by greedy generation under both stop rules, and the retention of the unmodified facts
+        θ0 knew (teacher-forced)."""
         model, tokenizer, batch_size = self.context.model, self.context.tokenizer, self.context.batch_size
         test = self.context.splits[MODIFIED_TEST]
+        generate = self.args.generation_eval and model_kind(model).generates
         out: dict[str, Any] = {"earlier_efficacy": None}
+        if generate:
+            out.update(gen_earlier_efficacy=None, gen_earlier_efficacy_comma=None)
         for name, uuids in (("efficacy", now), ("earlier_efficacy", earlier)):
             if uuids:
                 split = _rows(test, uuids)
                 out[name] = _share(
                     per_fact(evaluate_facts(model, tokenizer, split, batch_size=batch_size), fact_rows(split)).correct
                 )
+                if generate:
+                    answers = generate_answers(model, tokenizer, split, batch_size=batch_size)
+                    out[f"gen_{name}"] = _share(generated_correct(split, answers))
+                    out[f"gen_{name}_comma"] = _share(generated_correct(split, answers, comma=True))
         out["retention"], out["n_known"] = self.retention()
         return out
 
@@ -428,14 +452,14 @@ class EditStream:
 
     def finish(self, start: float) -> ResultsRecord:
         """Every edit so far scored (`score`), the run's outputs written and sealed, the curve drawn."""
-        metrics, examples, lost = self.score()
+        metrics, examples, lost, generated = self.score()
         context, args, job = self.context, self.args, self.context.job
         facts = isinstance(context.source, FactsFile)
         config = {
             **run_config(context),
             "stream": {
-                name: self.key[name]
-                for name in ("batch_size", "center", "preserve_earlier", "earlier_ratio", "replay")
+                name: self.key.get(name, False)
+                for name in ("batch_size", "center", "preserve_earlier", "earlier_ratio", "replay", "earlier_keys")
             },
         }
         config["m"] = len(examples)
@@ -459,32 +483,37 @@ class EditStream:
         record.save(self.folder)
         seal_run(self.folder)
         self.record.update(finished=True, final={k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
-        self.record["final_by_batch"] = self.efficacy_by_batch()
+        self.record.update(self.final_by_batch(generated))
         self.save()
         draw_curve(self.record, os.path.join(self.folder, STREAM_PLOT))
         return record
 
-    def efficacy_by_batch(self) -> list[float | None]:
-        """Each batch's efficacy now (teacher-forced): beside its efficacy right after it, what the stream kept."""
-        test = self.context.splits[MODIFIED_TEST]
-        out = []
+    def final_by_batch(self, generated: Sequence[str] | None) -> dict[str, list[float | None]]:
+        """Each batch's efficacy now, beside its efficacy right after it (what the stream kept): teacher-forced
+        (`final_by_batch`) and, given the answers to every edit's test phrasings (`score`), by generation under both
+        stop rules (`gen_final_by_batch`, `gen_final_by_batch_comma`)."""
+        test = _rows(self.context.splits[MODIFIED_TEST], self.done_uuids())
+        out: dict[str, list[float | None]] = {"final_by_batch": []}
+        if generated is not None:
+            out.update(gen_final_by_batch=[], gen_final_by_batch_comma=[])
         for batch in self.record["batches"]:
-            split = _rows(test, {fact["uuid"] for fact in batch["facts"]})
-            out.append(
-                _share(
-                    per_fact(
-                        evaluate_facts(
-                            self.context.model, self.context.tokenizer, split, batch_size=self.context.batch_size
-                        ),
-                        fact_rows(split),
-                    ).correct
-                )
+            uuids = {fact["uuid"] for fact in batch["facts"]}
+            index = [i for i, uuid in enumerate(test["uuid"]) if uuid in uuids]
+            split = test.select(index)
+            results = evaluate_facts(
+                self.context.model, self.context.tokenizer, split, batch_size=self.context.batch_size
             )
+            out["final_by_batch"].append(_share(per_fact(results, fact_rows(split)).correct))
+            if generated is not None:
+                answers = [generated[i] for i in index]
+                out["gen_final_by_batch"].append(_share(generated_correct(split, answers)))
+                out["gen_final_by_batch_comma"].append(_share(generated_correct(split, answers, comma=True)))
         return out
 
-    def score(self) -> tuple[dict, list[dict], list[dict]]:
+    def score(self) -> tuple[dict, list[dict], list[dict], list[str] | None]:
         """Every edit made so far, teacher-forced and (causal LMs, `generation_eval`) by greedy generation with the
-        stop rule; the unmodified facts disjoint from all preservation data; drift against θ0."""
+        stop rule; the unmodified facts disjoint from all preservation data; drift against θ0. Returns the metrics,
+        the edited facts, the facts lost, and the answers to the edits' test phrasings (None without generation)."""
         context, model, tokenizer = self.context, self.context.model, self.context.tokenizer
         done = self.done_uuids()
         splits = {name: _rows(context.splits[name], done) for name in (MODIFIED_TRAIN, MODIFIED_TEST)}
@@ -522,7 +551,8 @@ class EditStream:
                 splits[MODIFIED_TEST], after[MODIFIED_TEST], tokenizer, generated_before, generated
             )
         ]
-        return metrics, examples, lost_facts(splits, after, before, tokenizer, kind)
+        lost = lost_facts(splits, after, before, tokenizer, kind)
+        return metrics, examples, lost, generated.get(MODIFIED_TEST) if generated else None
 
 
 def theta0_results(
@@ -556,25 +586,36 @@ def _share(flags: Sequence[bool]) -> float | None:
 
 def draw_curve(record: Mapping, path: str) -> None:
     """The per-batch curve: each batch's efficacy right after it, the earlier batches' efficacy, the retention, and
-    (once the stream is scored) each batch's efficacy at the end; written atomically."""
+    (once the stream is scored) each batch's efficacy at the end; teacher-forced, and beside it by greedy generation
+    stopped at EOS, newline, '.' or ',' where the stream generated; written atomically."""
     plt = plotting()
     batches = record["batches"]
     x = [batch["batch"] for batch in batches]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for key, label in (
-        ("efficacy", "this batch, right after it"),
-        ("earlier_efficacy", "earlier batches, after it"),
-        ("retention", "retention (unmodified facts)"),
-    ):
-        points = [(n, batch[key]) for n, batch in zip(x, batches) if batch.get(key) is not None]
+    panels = [("", "teacher-forced")]
+    if any(batch.get("gen_efficacy_comma") is not None for batch in batches):
+        panels.append(("gen_", "greedy generation, stop at EOS, newline, '.' or ','"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    for axis, (prefix, scored) in zip(axes[0], panels):
+        suffix = "_comma" if prefix else ""
+        for key, label in (
+            ("efficacy", "this batch, right after it"),
+            ("earlier_efficacy", "earlier batches, after it"),
+        ):
+            points = [
+                (n, b[f"{prefix}{key}{suffix}"])
+                for n, b in zip(x, batches)
+                if b.get(f"{prefix}{key}{suffix}") is not None
+            ]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=label)
+        points = [(n, batch["retention"]) for n, batch in zip(x, batches) if batch.get("retention") is not None]
         if points:
-            axis.plot(*zip(*points), marker="o", label=label)
-    if record.get("final_by_batch"):
-        axis.plot(x, record["final_by_batch"], marker="x", linestyle="--", label="each batch at the end")
-    axis.set(
-        xlabel="batch", ylabel="share (teacher-forced)", ylim=(-0.02, 1.02), title=f"edit stream: {record['track']}"
-    )
-    axis.legend(loc="lower left", fontsize=8)
+            axis.plot(*zip(*points), marker="o", label="retention (unmodified facts, teacher-forced)")
+        final = record.get(f"{prefix}final_by_batch{suffix}")
+        if final:
+            axis.plot(x, final, marker="x", linestyle="--", label="each batch at the end")
+        axis.set(xlabel="batch", ylabel="share", ylim=(-0.02, 1.02), title=f"{record['track']}: {scored}")
+        axis.legend(loc="lower left", fontsize=8)
     figure.tight_layout()
     staging = f"{path}.partial.png"
     figure.savefig(staging, dpi=100)
@@ -609,6 +650,14 @@ def run_stream(
             "ftm (or fta)."
         )
     refuse_pick_on_test(args)
+    if options.stream_earlier_keys and (
+        options.stream_center != "previous" or args.key_constraint != "nullspace" or options.stream_replay
+    ):
+        raise ValueError(
+            "stream_earlier_keys adds the earlier edits' keys to the null space of each batch's step: it needs "
+            f"stream_center previous (not {options.stream_center}), key_constraint nullspace (not "
+            f"{args.key_constraint}) and the strict track (stream_replay false)."
+        )
     source = facts or job_facts(job, args)
     if isinstance(source, FactsFile):  # a bad facts file is refused before the folder is touched
         source.check(
