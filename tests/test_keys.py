@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from hf_memedit import EditConfig
 from hf_memedit.edit_trainer import ConstrainedEditTrainer
-from hf_memedit.keys import KeyStatistics, collect_keys, corpus_texts, key_layers, preserved_keys
+from hf_memedit.keys import KeyStatistics, collect_keys, corpus_texts, key_layers, keys_corpus, preserved_keys
 from hf_memedit.projection import (
     KeyProjector,
     NormBallProjector,
@@ -308,6 +308,40 @@ def test_the_keys_cache_is_used_and_refused_for_another_model(tmp_path, bpe_toke
     preserved_keys(other, bpe_tokenizer, names, None, spec, cache_dir=str(tmp_path / "cache"))
     assert len(list((tmp_path / "cache" / "keys").iterdir())) == 2
     assert isinstance(KeyStatistics.load(path, first.model_hash, names, first.corpus_hash), KeyStatistics)
+
+
+@pytest.mark.usefixtures("isolated_hf_home")
+def test_a_masked_lm_takes_its_keys_on_the_preservation_facts(tmp_path, bert_tokenizer):
+    """A masked LM draws no samples: `samples` (the facts recipe's corpus) means the preservation facts for it, and
+    the trainer takes its keys there; a causal LM and every other corpus are kept."""
+    masked, causal = tiny_bert(bert_tokenizer.vocab_size, layers=2, seed=0), TINY["gpt2"](2)
+    assert keys_corpus("samples", masked) == "benchmark" and keys_corpus("samples", causal) == "samples"
+    assert keys_corpus("kept.txt", masked) == "kept.txt" and keys_corpus("benchmark", causal) == "benchmark"
+    import datasets
+
+    texts = [f["text"].replace("[Y]", f["object"]) for f in FACTS[:3]]
+    args = EditConfig(
+        output_dir=str(tmp_path),
+        edit_blocks=["1"],
+        edit_modules=["mlp_out"],
+        key_constraint="nullspace",
+        nullspace_threshold=1e-6,
+        preserve_corpus="samples",
+        max_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    data = datasets.Dataset.from_list([{"text": "The capital of Peru is [Y].", "object": "Oslo"}])
+    trainer = ConstrainedEditTrainer(
+        masked, args, train_dataset=data, processing_class=bert_tokenizer, preserve_texts=texts
+    )
+    trainer.train()
+    name = "bert.encoder.layer.1.output.dense.weight"
+    layers = key_layers(masked, [name])
+    with trainer.at_theta0():
+        expected, tokens = collect_keys(masked, bert_tokenizer, texts, layers)
+    assert trainer.keys.tokens == tokens
+    torch.testing.assert_close(trainer.keys.moments[name], expected[name])
 
 
 def test_corpora_and_their_errors(tmp_path):

@@ -20,7 +20,7 @@ from .evaluation.scoring import FactResults
 from .fast_paths.heads import head_modules, logit_positions
 from .fast_paths.prefix import PrefixCache, fast_forward, first_editable_block
 from .fisher import diagonal_fisher
-from .keys import KeyStatistics, collect_keys, corpus_texts, key_layers, preserved_keys
+from .keys import KeyStatistics, collect_keys, corpus_texts, key_layers, keys_corpus, preserved_keys
 from .loss import ObjectTokenLoss, Theta0References
 from .model import EditModel, get_edit_model, values_at
 from .projection import KeyProjector, NormBallProjector, check_resolution
@@ -232,11 +232,18 @@ class ConstrainedEditTrainer(Trainer):
                 show_progress=not args.disable_tqdm,
             )
         if args.key_constraint != "none" and keys is None:
+            corpus = keys_corpus(args.preserve_corpus, base)
+            if corpus != args.preserve_corpus:
+                logger.info(
+                    "preserve_corpus %s: a masked LM draws no samples, its keys are taken on %s.",
+                    args.preserve_corpus,
+                    corpus,
+                )
             texts = corpus_texts(
-                args.preserve_corpus, args.preserve_corpus_column, args.preserve_corpus_samples, self._preserve_texts
+                corpus, args.preserve_corpus_column, args.preserve_corpus_samples, self._preserve_texts
             )
             spec = {
-                "corpus": args.preserve_corpus,
+                "corpus": corpus,
                 "samples": args.preserve_corpus_samples,
                 "length": args.preserve_corpus_length,
                 "seed": args.seed,

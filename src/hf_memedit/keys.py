@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from .architectures import model_kind
 from .caching import default_cache_dir, weights_hash
 from .files import load_tensors, save_tensors
 
@@ -281,6 +282,12 @@ def preserved_keys(
 
 
 _DATA_FILES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def keys_corpus(corpus: str, model: nn.Module) -> str:
+    """The corpus the keys are taken on: the model's own `samples` need a causal LM to draw them, so a masked LM takes
+    the preservation facts (`benchmark`) instead."""
+    return "benchmark" if corpus == "samples" and not model_kind(model).generates else corpus
 
 
 def corpus_texts(

@@ -2,16 +2,21 @@
 neighbours (the facts that leak) and the whole block's updates kept out of the directions ordinary text uses
 (general drift), one point per δ and share of the keys' energy removed."""
 
+from ...keys import keys_corpus
 from ..grid_point import GridPoint
 from ..method import Method, MethodContext
-from .ftm_nullspace import NullspaceArguments, key_corpus
+from .ftm_nullspace import NullspaceArguments
 
 
 ENERGIES = (0.9, 0.8)  # where ftm_nullspace alone still learns the edits
 
 
 def points(context: MethodContext) -> list[GridPoint]:
-    settings = {"preserve_objective": "kl", "key_constraint": "nullspace", "preserve_corpus": key_corpus(context)}
+    settings = {
+        "preserve_objective": "kl",
+        "key_constraint": "nullspace",
+        "preserve_corpus": keys_corpus(context.args.preserve_corpus, context.model),
+    }
     return [
         GridPoint(norm="linf", block=context.block, delta=delta, settings={**settings, "nullspace_energy": energy})
         for delta in context.linf

@@ -5,7 +5,7 @@ space at all). A masked LM cannot sample its own corpus: its keys come from the 
 
 from dataclasses import dataclass, field
 
-from ...architectures import model_kind
+from ...keys import keys_corpus
 from ..grid_point import GridPoint
 from ..method import Method, MethodContext
 
@@ -35,14 +35,12 @@ class NullspaceArguments:
 ENERGIES = (0.99, 0.9, 0.8)  # the shares of E[k kᵀ] removed from the whole block's updates
 
 
-def key_corpus(context: MethodContext) -> str:
-    """The preserved keys' corpus: a masked LM cannot sample its own, so it takes the preservation facts."""
-    corpus = context.args.preserve_corpus
-    return "benchmark" if corpus == "samples" and not model_kind(context.model).generates else corpus
-
-
 def points(context: MethodContext) -> list[GridPoint]:
-    base = {"preserve_objective": "none", "key_constraint": "nullspace", "preserve_corpus": key_corpus(context)}
+    base = {
+        "preserve_objective": "none",
+        "key_constraint": "nullspace",
+        "preserve_corpus": keys_corpus(context.args.preserve_corpus, context.model),
+    }
     energies = context.arguments.nullspace_energies or ENERGIES
     return [
         GridPoint(norm="linf", block=context.block, delta=delta, settings={**base, **extra})
