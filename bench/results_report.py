@@ -6,8 +6,9 @@
 Each folder is one run of `memedit edit` / `train_edit.py` (or `memedit eval`'s `eval/<name>`): its results.json
 (`hf_memedit.evaluation.results.ResultsRecord`) is the only source of every cell. The report holds one row per
 run (model, method, seed, m, A_M, generalisation, retention with the facts it rests on, A_M by generation with
-its stop rule, drift, wall time), the spread over seeds of runs that differ only in their seed, and each run's
-locality facts, constraint and library versions.
+its stop rule, drift, wall time), the spread over seeds of runs that differ only in their seed, each stream's
+batches (`memedit stream`'s stream.json: each batch's efficacy right after it and at the end, the earlier batches',
+retention), and each run's locality facts, constraint and library versions.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from hf_memedit.edit_config import constraint_record, describe_constraint
 from hf_memedit.evaluation.results import RESULTS_JSON, ResultsRecord, format_metric, format_percent, format_versions
+from hf_memedit.experiments.stream import read_stream
 from hf_memedit.files import atomic_write_text
 
 
@@ -179,7 +181,74 @@ def facts_rows(runs: list[tuple[str, ResultsRecord]]) -> list[list[str]]:
     return rows
 
 
-def report(runs: list[tuple[str, ResultsRecord]], title: str) -> str:
+def load_streams(folders: Sequence[str]) -> dict[str, dict]:
+    """name → stream record (stream.json) of each run folder that holds a stream."""
+    streams = {}
+    for folder in folders:
+        record = read_stream(folder)
+        if record is not None:
+            streams[os.path.basename(os.path.normpath(folder)) or folder] = record
+    return streams
+
+
+def _shares(*values: Any) -> str:
+    """Shares as percentages, '/'-joined (teacher-forced / by generation at a comma)."""
+    return " / ".join(format_percent(value) for value in values)
+
+
+def stream_summary_rows(streams: dict[str, dict]) -> list[list[str]]:
+    """One row per stream: its options, and what the first batch kept: its efficacy right after it and at the end."""
+    rows = []
+    for name, record in streams.items():
+        key, batches = record["key"], record["batches"]
+        first = batches[0] if batches else {}
+        end = (record.get("final_by_batch") or [None])[0], (record.get("gen_final_by_batch_comma") or [None])[0]
+        rows.append(
+            [
+                name,
+                record["track"],
+                f"{len(batches)} × {key['batch_size']}",
+                str(key["center"]),
+                "yes" if key.get("preserve_earlier") and not key.get("replay") else "no",
+                "yes" if key.get("earlier_keys") else "no",
+                _shares(first.get("efficacy"), first.get("gen_efficacy_comma")),
+                _shares(*end) if record.get("finished") else "–",
+            ]
+        )
+    return rows
+
+
+def stream_batch_rows(record: dict) -> list[list[str]]:
+    """One row per batch of a stream: right after it (this batch, the earlier ones, retention), and at the end."""
+    finals = record.get("final_by_batch") or []
+    gen_finals = record.get("gen_final_by_batch_comma") or []
+    rows = []
+    for index, batch in enumerate(record["batches"]):
+        rows.append(
+            [
+                str(batch["batch"]),
+                _shares(batch.get("efficacy"), batch.get("gen_efficacy_comma")),
+                _shares(batch.get("earlier_efficacy"), batch.get("gen_earlier_efficacy_comma")),
+                f"{format_percent(batch.get('retention'))} (of {batch.get('n_known', 0)})",
+                _shares(
+                    finals[index] if index < len(finals) else None,
+                    gen_finals[index] if index < len(gen_finals) else None,
+                ),
+                _number(batch.get("distance_to_theta0")),
+                "–" if batch.get("seconds") is None else f"{batch['seconds']:.0f} s",
+            ]
+        )
+    return rows
+
+
+STREAM_SCORING = (
+    "Each share is teacher-forced / by greedy generation stopped at EOS, newline, '.' or ',' (a fact right when every "
+    "object token is the argmax / when its answer is the new object); retention is teacher-forced, on the unmodified "
+    "facts θ0 knew, disjoint from all preservation data."
+)
+
+
+def report(runs: list[tuple[str, ResultsRecord]], title: str, streams: dict[str, dict] | None = None) -> str:
     lines = [
         f"# {title}",
         "",
@@ -194,6 +263,35 @@ def report(runs: list[tuple[str, ResultsRecord]], title: str) -> str:
     if facts:
         lines += ["", "## Facts files", ""]
         lines += _table(("run", *(label for _, label in FACTS_COLUMNS)), facts)
+    if streams:
+        lines += ["", "## Streams", "", STREAM_SCORING, ""]
+        lines += _table(
+            (
+                "run",
+                "track",
+                "batches",
+                "ball's centre",
+                "earlier facts trained on",
+                "earlier keys in the null space",
+                "first batch right after it",
+                "first batch at the end",
+            ),
+            stream_summary_rows(streams),
+        )
+        for name, record in streams.items():
+            lines += ["", f"### {name}, batch by batch", ""]
+            lines += _table(
+                (
+                    "batch",
+                    "this batch right after it",
+                    "earlier batches after it",
+                    "retention after it",
+                    "this batch at the end",
+                    "max |θ − θ0|",
+                    "time",
+                ),
+                stream_batch_rows(record),
+            )
     seeds = seed_rows(runs)
     if seeds:
         lines += ["", "## Over seeds", ""]
@@ -215,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output", help="also write the report to this markdown file (never over an existing one)")
     args = parser.parse_args(argv)
     try:
-        text = report(load_runs(args.runs), args.title)
+        text = report(load_runs(args.runs), args.title, load_streams(args.runs))
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"results_report: {error}")
     if args.output:

@@ -159,3 +159,41 @@ def test_a_facts_run_reports_its_paraphrases_and_neighbourhood_with_their_counts
     assert row["run"] == "facts" and row["generalisation: unseen paraphrases"] == "25.00% (2 of 8)"
     assert row["neighbourhood kept by generation"] == "50.00% (3 of 6)" and row["questions (chat template)"] == "–"
     assert "## Facts files" not in module.report(module.load_runs([str(tmp_path / "bench")]), "t")
+
+
+@pytest.mark.usefixtures("isolated_hf_home")
+def test_a_stream_reports_its_batches_from_its_stream_record(tmp_path, bpe_tokenizer, capsys):
+    """A `memedit stream` folder adds its options and, batch by batch, each efficacy right after the batch and at the
+    end, teacher-forced and by generation at a comma, as stream.json holds them; an edit's folder adds none."""
+    from hf_memedit import edit_stream
+
+    from .helpers import save_tiny_llama
+    from .test_stream import FAST, facts_file, load
+
+    model, tokenizer = load(save_tiny_llama(tmp_path / "base", bpe_tokenizer))
+    out = tmp_path / "stream"
+    outcome = edit_stream(model, tokenizer, facts_file(tmp_path, 4), 2, str(out), **FAST)
+    module = _report_module()
+    module.main([str(out)])
+    text = capsys.readouterr().out
+    (summary,) = _rows(text, "## Streams")
+    record = outcome.stream
+    first = record["batches"][0]
+    assert summary["batches"] == "2 × 2" and summary["ball's centre"] == "theta0"
+    assert summary["earlier keys in the null space"] == "no" and summary["earlier facts trained on"] == "yes"
+    percent = module.format_percent
+    assert (
+        summary["first batch right after it"]
+        == f"{percent(first['efficacy'])} / {percent(first['gen_efficacy_comma'])}"
+    )
+    assert summary["first batch at the end"] == (
+        f"{percent(record['final_by_batch'][0])} / {percent(record['gen_final_by_batch_comma'][0])}"
+    )
+    rows = _rows(text, "### stream, batch by batch")
+    assert [row["batch"] for row in rows] == ["1", "2"]
+    second = record["batches"][1]
+    assert rows[1]["earlier batches after it"] == (
+        f"{percent(second['earlier_efficacy'])} / {percent(second['gen_earlier_efficacy_comma'])}"
+    )
+    assert rows[1]["retention after it"].endswith(f"(of {second['n_known']})")
+    assert "## Streams" not in module.report(module.load_runs([str(out)]), "t", module.load_streams([str(tmp_path)]))
