@@ -433,3 +433,117 @@ def test_the_compare_block_is_chosen_by_its_own_step(tmp_path, bpe_tokenizer):
     )
     assert {row["point"]["method"] for row in points(tmp_path / "knn")} == {"knn"}
     assert json.loads((tmp_path / "knn" / "compare.json").read_text())["block"] is None
+
+
+def test_relation_folds_pick_on_other_relations_and_report_on_held_out_ones(tmp_path, bpe_tokenizer):
+    """relation_folds: the relations are dealt into folds (each with an edited relation), every point is scored on
+    each fold's facts, and fold j's pick, the best on the other folds' facts pooled by their counts, is reported on
+    fold j's own; a sweep reports the same; too many folds or a fold count below 2 stop with one line."""
+    from statistics import mean
+
+    from hf_memedit import EditConfig
+    from hf_memedit.experiments import JobConfig, run_compare, run_sweep
+    from hf_memedit.experiments.folds import pooled
+
+    from .helpers import TINY
+
+    model = TINY["llama"](2, vocab=len(bpe_tokenizer))
+    options = {"relations": ["P36", "P1376", "P30"], "max_facts_per_relation": 30}
+    job = JobConfig(
+        model_name_or_path="tiny-llama",
+        benchmark="geo_mod",
+        m=12,
+        compare_methods=["ftm_linf", "ftm_unconstrained"],
+        benchmark_options=options,
+        relation_folds=3,
+        sweep_deltas=[1e-3, 3e-2],
+    )
+    args = EditConfig(
+        output_dir=str(tmp_path / "compare"),
+        edit_blocks=["1"],
+        norm="linf",
+        delta=1e-2,
+        max_steps=2,
+        learning_rate=5e-2,
+        report_to="none",
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+    )
+    run_compare(job, args, model=model, tokenizer=bpe_tokenizer)
+    written = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    folds = written["relation_folds"]["relations"]
+    assert sorted(r for fold in folds for r in fold) == ["P1376", "P30", "P36"] and all(len(f) == 1 for f in folds)
+    views = [f"relations/{j}" for j in range(3)]
+    for row in (row for rows in written["rows"].values() for row in rows):
+        assert (
+            sum(row[v].get("n_modified", 0) for v in views)
+            == row["validation"]["n_modified"] + row["test"]["n_modified"]
+        )  # the folds partition the facts
+    for method, result in written["relation_folds"]["methods"].items():
+        rows = written["rows"][method]
+        for j, pick in enumerate(result["folds"]):
+            others = [v for v in views if v != views[j]]
+            by_hand = max(rows, key=lambda r: pooled(r, others)["avg_acc"] or -1.0)
+            assert pooled(by_hand, others)["avg_acc"] == pick["picked_on"]["avg_acc"]
+            chosen = next(r for r in rows if r["point"] == pick["point"])
+            assert pick["held_out"] == chosen[views[j]] and pick["relations"] == folds[j]
+            held_out = chosen[views[j]]
+            counted = [r[v] for v in others for r in [chosen] if r[v].get("n_modified")]
+            assert pick["picked_on"]["a_m"] == pytest.approx(
+                sum(f["a_m"] * f["n_modified"] for f in counted) / sum(f["n_modified"] for f in counted)
+            )
+            assert held_out.get("n_modified", 0) > 0
+        assert result["summary"]["a_m"]["mean"] == pytest.approx(mean(p["held_out"]["a_m"] for p in result["folds"]))
+    table = (tmp_path / "compare" / "compare.md").read_text()
+    assert "## Held-out relations (3 folds)" in table and table.index("## Held-out relations") < table.index(
+        "## Every point"
+    )
+    sweep_args = EditConfig(**{**args.to_dict(), "output_dir": str(tmp_path / "sweep")})
+    import dataclasses
+
+    run_sweep(dataclasses.replace(job, compare_methods=None), sweep_args, model=model, tokenizer=bpe_tokenizer)
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert len(sweep["relation_folds"]["methods"]["sweep"]["folds"]) == 3
+    assert "## Held-out relations (3 folds)" in (tmp_path / "sweep" / "sweep.md").read_text()
+    with pytest.raises(ValueError, match=r"relation_folds 4: the modified facts hold 3 relations"):
+        run_compare(
+            dataclasses.replace(job, relation_folds=4),
+            dataclasses.replace(args, output_dir=str(tmp_path / "x")),
+            model=model,
+            tokenizer=bpe_tokenizer,
+        )
+    with pytest.raises(ValueError, match="relation_folds must be an integer of at least 2"):
+        JobConfig(model_name_or_path="m", relation_folds=1)
+
+
+def test_a_folds_pick_never_sees_its_held_out_relations_and_pools_by_counts():
+    """Point A is the best on folds 1 and 2 and the worst on fold 0, B the reverse: fold 0 picks A and reports A's
+    fold-0 figures. Pooling weighs each fold by its facts: fold 1's 30 facts outweigh fold 2's 2, where a plain mean of
+    the shares would pick the other point. A retention floor picks among the points that keep enough."""
+    from hf_memedit.experiments.folds import fold_picks, fold_summary, pooled
+
+    def view(a_m, n, retention=1.0):
+        return {"a_m": a_m, "n_modified": n, "a_fs": 0.5, "n_unmodified": 10, "retention": retention, "n_known": 10}
+
+    a = {
+        "point": {"method": "m", "norm": "linf", "block": "1", "delta": 0.01},
+        "relations/0": view(0.1, 10),
+        "relations/1": view(0.9, 30),
+        "relations/2": view(0.0, 2, retention=0.5),
+    }
+    b = {
+        "point": {"method": "m", "norm": "linf", "block": "1", "delta": 0.03},
+        "relations/0": view(0.8, 10),
+        "relations/1": view(0.5, 30),
+        "relations/2": view(1.0, 2),
+    }
+    folds = [["P1"], ["P2"], ["P3"]]
+    assert pooled(a, ["relations/1", "relations/2"])["a_m"] == pytest.approx((0.9 * 30 + 0.0 * 2) / 32)
+    assert (0.9 + 0.0) / 2 < (0.5 + 1.0) / 2  # a plain mean of the shares would prefer B on folds 1 and 2
+    picks = fold_picks([a, b], folds, None)
+    assert picks[0]["point"] == a["point"] and picks[0]["held_out"] == a["relations/0"]  # worse there, never seen
+    assert picks[1]["point"] == b["point"] and picks[2]["point"] == a["point"]
+    assert fold_summary(picks)["a_m"] == {"mean": pytest.approx((0.1 + 0.5 + 0.0) / 3), "min": 0.0, "max": 0.5,
+                                          "folds": 3}  # fmt: skip
+    floor = fold_picks([a, b], folds, 0.95)  # fold 0: A keeps (10 + 5) / 20 on folds 1 and 2, B all of it
+    assert floor[0]["point"] == b["point"]

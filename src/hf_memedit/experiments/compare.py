@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from accelerate import PartialState
@@ -52,7 +52,7 @@ from .method import Method, MethodContext
 from .methods import METHODS, method_arguments
 from .picks import TEST, VALIDATION, best, pick_rule
 from .points import open_points, save_points
-from .reports import Column, known_facts_note, metric, percent, point, shared_settings, table
+from .reports import Column, fold_report, known_facts_note, metric, percent, point, shared_settings, table
 
 
 LABELS = {name: method.label for name, method in METHODS.items()}
@@ -98,7 +98,7 @@ def _compare(
         method_context = dataclasses.replace(context, arguments=arguments.get(method.arguments))
         rows[method.name] = [score(method, point) for point in method.grid_points(method_context)]
     picks = {method: best(method_rows, VALIDATION, job.pick_min_retention) for method, method_rows in rows.items()}
-    write_compare(folder, rows, picks, job, args, context.block, runner.locality)
+    write_compare(folder, rows, picks, job, args, context.block, runner.locality, runner.folds)
     return picks
 
 
@@ -122,7 +122,7 @@ def merge_compares(lanes: list[str], job: JobConfig, args: EditConfig) -> dict[s
     if not lanes:
         raise ValueError("merge_compares needs the folders of at least one compare lane.")
     done: dict[str, dict] = {}
-    localities, blocks, reported = [], set(), set()
+    localities, blocks, reported, folds = [], set(), set(), []
     for lane in lanes:
         written = read_json(
             os.path.join(lane, "compare.json"),
@@ -132,6 +132,11 @@ def merge_compares(lanes: list[str], job: JobConfig, args: EditConfig) -> dict[s
         localities.append(written["locality"])
         blocks.add(written.get("block"))
         reported.update(written.get("rows") or {})
+        folds.append((written.get("relation_folds") or {}).get("relations", []))
+    if any(dealt != folds[0] for dealt in folds):
+        raise ValueError(
+            f"The lanes {', '.join(lanes)} dealt their relations into other folds: they are not one compare."
+        )
     if any(locality != localities[0] for locality in localities):
         raise ValueError(f"The lanes {', '.join(lanes)} scored different locality facts: they are not one compare.")
     blocks.discard(None)  # a lane none of whose methods edits the compare's block
@@ -153,7 +158,7 @@ def merge_compares(lanes: list[str], job: JobConfig, args: EditConfig) -> dict[s
             rows.get(point_of(row).method, []).append(row)
         picks = {method: best(method_rows, VALIDATION, job.pick_min_retention) for method, method_rows in rows.items()}
         save_points(folder, merged)
-        write_compare(folder, rows, picks, job, args, next(iter(blocks), None), locality)
+        write_compare(folder, rows, picks, job, args, next(iter(blocks), None), locality, folds[0])
     return picks
 
 
@@ -165,7 +170,9 @@ def write_compare(
     args: EditConfig,
     block: str | None,
     locality: Locality,
+    folds: Sequence[Sequence[str]] = (),
 ) -> None:
+    """compare.md, compare.json and the plots; with `folds` (`relation_folds`) the held-out-relation section too."""
     lines = [
         f"# Compare: {job.model_name_or_path}, {job.benchmark} m={job.m}, starting from {job.setting}",
         "",
@@ -192,12 +199,13 @@ def write_compare(
         "",
         *table(POINT_COLUMNS, (row for method_rows in rows.values() for row in method_rows)),
     ]
+    written = {"picks": picks, "rows": rows, "block": block, "locality": locality.to_dict()}
+    if folds:
+        section, written["relation_folds"] = fold_report(rows, folds, job.pick_min_retention, LABELS)
+        lines[lines.index("## Every point") - 1 : lines.index("## Every point") - 1] = section
     lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")
-    atomic_write_text(
-        os.path.join(folder, "compare.json"),
-        json.dumps({"picks": picks, "rows": rows, "block": block, "locality": locality.to_dict()}, indent=2),
-    )
+    atomic_write_text(os.path.join(folder, "compare.json"), json.dumps(written, indent=2))
     plot_compare(folder, rows, picks, job)
     plot_frontier(folder, rows, picks, job)
 

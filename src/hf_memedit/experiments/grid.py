@@ -29,6 +29,7 @@ from ..knn import KnnDatastore, epsilon_grid
 from ..model import get_edit_model
 from ..preservation import Locality
 from .context import Theta0Context
+from .folds import fold_views, relation_folds
 from .grid_point import GridPoint
 from .job_config import JobConfig
 from .loading import holdout
@@ -66,6 +67,10 @@ class GridRunner:
         # Every point is scored on the same facts, disjoint from what any point may preserve.
         self.context = Theta0Context(job, args, model, tokenizer, split_always=True)
         self.views = validation_views(self.context.splits, job.validation_fraction, job.benchmark_seed)
+        self.folds = (
+            relation_folds(self.context.splits, job.relation_folds, job.benchmark_seed) if job.relation_folds else []
+        )
+        self.views.update(fold_views(self.context.splits, self.folds))
         self._caches: dict[int, PrefixCache] = {}
         self._fishers: dict[tuple[str, ...], dict] = {}
         self._keys: dict[tuple, KeyStatistics] = {}

@@ -212,6 +212,15 @@ class GridArguments:
             "to pick δ and block (a seeded hash of the subject; the rest is test)."
         },
     )
+    relation_folds: int | None = field(
+        default=None,
+        metadata={
+            "help": "Sweeps and compares: the cross-relation protocol. Deal the relations into this many folds "
+            "(each holding an edited relation); every point is also scored on each fold's facts, and each fold's "
+            "pick, made on the other folds' facts, is reported on its own: a recipe judged on relations it was "
+            "not picked on, with the spread across folds."
+        },
+    )
     pick_min_retention: float | None = field(
         default=None,
         metadata={
@@ -269,6 +278,12 @@ class GridArguments:
             raise ValueError(
                 "pick_min_retention must lie in (0, 1] (a share of "
                 f"the known facts kept), got {self.pick_min_retention}."
+            )
+        folds = self.relation_folds
+        if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
+            raise ValueError(
+                f"relation_folds must be an integer of at least 2 (folds of relations), got {self.relation_folds!r}; "
+                "leave it unset for the validation and test halves alone."
             )
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}.")

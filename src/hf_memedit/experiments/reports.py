@@ -1,16 +1,18 @@
 """What a sweep writes for people: sweep.md, sweep.json, the trade-off and per-block plots; and the lines the
-compare's report shares with it (the knobs every point trains with, the known facts retention rests on)."""
+compare's report shares with it (the knobs every point trains with, the known facts retention rests on, the
+held-out-relation section of `relation_folds`)."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..edit_config import EditConfig
 from ..evaluation.results import format_metric, format_percent, format_versions, plotting
 from ..files import atomic_write_text
+from .folds import SUMMARY_HEADERS, fold_picks, fold_summary
 from .grid_point import point_of
 from .picks import TEST, VALIDATION, best, pick_rule
 
@@ -114,8 +116,16 @@ def known_facts_note(rows: Iterable[dict]) -> str:
     return text + "."
 
 
-def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig, locality: Locality) -> None:
-    """`sweep.md` (every point, the picks) and the plots `tradeoff.png`, `avg_acc_per_block.png`."""
+def write_report(
+    folder: str,
+    rows: list[dict],
+    job: JobConfig,
+    args: EditConfig,
+    locality: Locality,
+    folds: Sequence[Sequence[str]] = (),
+) -> None:
+    """`sweep.md` (every point, the picks; with `folds`, `relation_folds`, each fold's pick on held-out relations),
+    `sweep.json` and the plots `tradeoff.png`, `avg_acc_per_block.png`."""
     lines = [
         f"# Sweep: {job.model_name_or_path}, {job.benchmark} m={job.m}, setting {job.setting}",
         "",
@@ -137,20 +147,18 @@ def write_report(folder: str, rows: list[dict], job: JobConfig, args: EditConfig
             f"Ā test {format_percent(chosen[TEST]['avg_acc'])} (A_M {format_percent(chosen[TEST]['a_m'])}, "
             f"A_F\\S {format_percent(chosen[TEST]['a_fs'])}).",
         ]
+    written = {
+        "rows": rows,
+        "locality": locality.to_dict(),
+        "best_by_validation": best(rows, VALIDATION, job.pick_min_retention)["point"],
+        "best_by_test": best(rows, TEST, job.pick_min_retention)["point"],
+    }
+    if folds:
+        section, written["relation_folds"] = fold_report({"sweep": rows}, folds, job.pick_min_retention, {})
+        lines += section
     lines += ["", f"Library versions: {format_versions()}."]
     atomic_write_text(os.path.join(folder, "sweep.md"), "\n".join(lines) + "\n")
-    atomic_write_text(
-        os.path.join(folder, "sweep.json"),
-        json.dumps(
-            {
-                "rows": rows,
-                "locality": locality.to_dict(),
-                "best_by_validation": best(rows, VALIDATION, job.pick_min_retention)["point"],
-                "best_by_test": best(rows, TEST, job.pick_min_retention)["point"],
-            },
-            indent=2,
-        ),
-    )
+    atomic_write_text(os.path.join(folder, "sweep.json"), json.dumps(written, indent=2))
     plot_sweep(folder, rows, job)
 
 
@@ -208,3 +216,50 @@ def plot_sweep(folder: str, rows: list[dict], job: JobConfig) -> tuple[str, str]
     fig.savefig(per_block, dpi=120)
     plt.close(fig)
     return tradeoff, per_block
+
+
+def _spread(figure: dict[str, float | None] | None) -> str:
+    if figure is None:
+        return "–"
+    low, high = format_percent(figure["min"]), format_percent(figure["max"])
+    return f"{format_percent(figure['mean'])} ({low}–{high})"
+
+
+def fold_report(
+    rows: dict[str, list[dict]], folds: Sequence[Sequence[str]], min_retention: float | None, labels: dict[str, str]
+) -> tuple[list[str], dict[str, Any]]:
+    """The held-out-relation section of a sweep's or compare's report (its markdown lines) and its JSON: per method
+    (`rows` by method), each fold's pick and held-out figures, and their mean and range across the folds."""
+    results = {}
+    for method, method_rows in rows.items():
+        picks = fold_picks(method_rows, folds, min_retention)
+        results[method] = {"folds": picks, "summary": fold_summary(picks)}
+    dealt = "; ".join(f"fold {index}: {', '.join(relations)}" for index, relations in enumerate(folds))
+    lines = [
+        "",
+        f"## Held-out relations ({len(folds)} folds)",
+        "",
+        f"The relations dealt into folds ({dealt}). Fold j's pick is {pick_rule(min_retention)} on the other folds' "
+        "facts (pooled by the facts each figure rests on) and is reported on fold j's facts, which it never saw: "
+        "mean across the folds (lowest–highest). Every fold's facts are scored by every point (an edit trains on "
+        "every modified fact); retention on the unmodified facts of the fold's relations that θ0 knew.",
+        "",
+        *table(
+            [("method", lambda item: labels.get(item[0], item[0]))]
+            + [(header, lambda item, key=key: _spread(item[1]["summary"][key])) for key, header in SUMMARY_HEADERS],
+            results.items(),
+        ),
+        "",
+        *table(
+            (
+                ("method", lambda item: labels.get(item[0], item[0])),
+                ("fold", lambda item: str(item[1]["fold"])),
+                ("picked on the other folds", lambda item: point_of(item[1]).describe()),
+                ("A_M", lambda item: format_percent(item[1]["held_out"].get("a_m"))),
+                ("retention", lambda item: format_metric(item[1]["held_out"], "retention")),
+                ("gen A_M, comma stop", lambda item: format_percent(item[1]["held_out"].get("gen_a_m_comma"))),
+            ),
+            ((method, pick) for method, result in results.items() for pick in result["folds"]),
+        ),
+    ]
+    return lines, {"relations": [list(relations) for relations in folds], "methods": results}

@@ -61,5 +61,5 @@ def run_sweep(
             done[point.key] = runner.score(point, os.path.join(folder, "points", f"{index:03d}"))
             save_points(folder, done)
         rows = [done[point.key] for point in points]
-        write_report(folder, rows, job, args, runner.locality)
+        write_report(folder, rows, job, args, runner.locality, runner.folds)
         return rows
