@@ -209,7 +209,7 @@ def stream_summary_rows(streams: dict[str, dict]) -> list[list[str]]:
                 record["track"],
                 f"{len(batches)} × {key['batch_size']}",
                 str(key["center"]),
-                "yes" if key.get("preserve_earlier") and not key.get("replay") else "no",
+                "all (replay)" if key.get("replay") else "yes" if key.get("preserve_earlier") else "no",
                 "yes" if key.get("earlier_keys") else "no",
                 _shares(first.get("efficacy"), first.get("gen_efficacy_comma")),
                 _shares(*end) if record.get("finished") else "–",

@@ -211,6 +211,25 @@ def test_earlier_edits_keys_join_the_null_space(seed, n_in):
         )
 
 
+def test_earlier_edits_keys_under_the_energy_rule_count_what_the_corpus_removed():
+    """With nullspace_energy, the edits' share is of their whole energy: edits inside the corpus's removed directions
+    remove nothing more (not a share of rounding noise); edits outside them remove their own directions."""
+    values = torch.tensor([100.0, 90.0, 80.0] + [0.5] * 9, dtype=torch.float64)
+    corpus = torch.diag(values)  # 0.9 of the energy: the first three directions
+    alone = nullspace_projector(corpus, energy=0.9)
+    assert alone.dimensions == 9
+    inside = torch.zeros(12, 12, dtype=torch.float64)
+    inside[:3, :3] = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=torch.float64)
+    assert nullspace_projector(corpus, energy=0.9, edits=inside).dimensions == 9
+    outside = torch.zeros(12, 12, dtype=torch.float64)
+    outside[5, 5], outside[7, 7] = 3.0, 1.0  # 0.75 and 0.25 of the edits' energy
+    both = nullspace_projector(corpus, energy=0.9, edits=outside)
+    assert both.dimensions == 7  # both removed: keeping either would keep more than 0.1 of the edits' energy
+    assert nullspace_projector(corpus, energy=0.7, edits=outside).dimensions == 8  # 0.25 ≤ 0.3: direction 7 kept
+    p = both.matrix()
+    assert p[5, 5].abs() < 1e-12 and p[7, 7].abs() < 1e-12 and p[0, 0].abs() < 1e-12 and p[4, 4] > 1 - 1e-12
+
+
 def test_the_trainer_keeps_the_outputs_of_edit_keys(tmp_path, bpe_tokenizer):
     """`edit_keys` (a stream's earlier edits): trained on new facts, the edited block leaves the model's logits on
     those texts unchanged, up to float rounding, while the trained fact moves; refused without the null space."""
@@ -342,6 +361,9 @@ def test_a_masked_lm_takes_its_keys_on_the_preservation_facts(tmp_path, bert_tok
         expected, tokens = collect_keys(masked, bert_tokenizer, texts, layers)
     assert trainer.keys.tokens == tokens
     torch.testing.assert_close(trainer.keys.moments[name], expected[name])
+    bare = ConstrainedEditTrainer(masked, args, train_dataset=data, processing_class=bert_tokenizer)
+    with pytest.raises(ValueError, match="A masked LM draws no samples.*there are none: give keep prompts"):
+        bare.train()
 
 
 def test_corpora_and_their_errors(tmp_path):

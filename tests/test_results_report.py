@@ -196,4 +196,10 @@ def test_a_stream_reports_its_batches_from_its_stream_record(tmp_path, bpe_token
         f"{percent(second['earlier_efficacy'])} / {percent(second['gen_earlier_efficacy_comma'])}"
     )
     assert rows[1]["retention after it"].endswith(f"(of {second['n_known']})")
-    assert "## Streams" not in module.report(module.load_runs([str(out)]), "t", module.load_streams([str(tmp_path)]))
+    edit_only = tmp_path / "edit_only"  # a run folder without a stream record
+    edit_only.mkdir()
+    (edit_only / "results.json").write_bytes((out / "results.json").read_bytes())
+    assert module.load_streams([str(edit_only)]) == {}
+    assert "## Streams" not in module.report(
+        module.load_runs([str(edit_only)]), "t", module.load_streams([str(edit_only)])
+    )

@@ -220,6 +220,21 @@ def folder_bytes(folder) -> dict[str, bytes]:
     }
 
 
+def test_an_extension_scored_without_generation_drops_the_old_generation_figures(tmp_path, model_dir):
+    """A stream scored by generation, extended with generation_eval off: its end holds no generation figures of the
+    shorter stream, and the curve is drawn."""
+    out = str(tmp_path / "s")
+    model, tokenizer = load(model_dir)
+    first = edit_stream(model, tokenizer, facts_file(tmp_path, 4), B, out, **FAST)
+    assert len(first.stream["gen_final_by_batch_comma"]) == 2
+    model, tokenizer = load(model_dir)
+    longer = edit_stream(
+        model, tokenizer, facts_file(tmp_path, 6, "more.jsonl"), B, out, **FAST, generation_eval=False
+    )
+    assert len(longer.stream["final_by_batch"]) == 3 and "gen_final_by_batch_comma" not in longer.stream
+    assert (tmp_path / "s" / STREAM_PLOT).stat().st_size > 0
+
+
 def test_bad_input_stops_with_one_line_and_loses_nothing(tmp_path, model_dir, capsys):
     out = str(tmp_path / "s")
     model, tokenizer = load(model_dir)
@@ -239,7 +254,10 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(tmp_path, model_dir, ca
         (["--delta", "0.5"], r"was started with other options: delta \(0\.02 there, 0\.5 now\)"),
         (["--stream_center", "previous"], r"was started with other options: center"),
         (["--stream_earlier_keys"], r"stream_earlier_keys .* needs stream_center previous \(not theta0\)"),
-        (["--stream_earlier_keys", "--stream_center", "previous", "--key_constraint", "none"], r"key_constraint"),
+        (
+            ["--stream_earlier_keys", "--stream_center", "previous", "--key_constraint", "none"],
+            r"it needs key_constraint nullspace \(not none\)\.$",
+        ),
     ]
     base = [
         "stream",

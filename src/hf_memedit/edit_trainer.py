@@ -233,6 +233,12 @@ class ConstrainedEditTrainer(Trainer):
             )
         if args.key_constraint != "none" and keys is None:
             corpus = keys_corpus(args.preserve_corpus, base)
+            if corpus != args.preserve_corpus and not self._preserve_texts:
+                raise ValueError(
+                    "A masked LM draws no samples, so its preserved keys are taken on the preservation facts set "
+                    "aside (a facts file's keep prompts), and there are none: give keep prompts with their answers, "
+                    "or set preserve_corpus to a data file."
+                )
             if corpus != args.preserve_corpus:
                 logger.info(
                     "preserve_corpus %s: a masked LM draws no samples, its keys are taken on %s.",

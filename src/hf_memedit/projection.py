@@ -271,14 +271,17 @@ def nullspace_projector(
 
     `edits` is the second moment of keys whose outputs must be kept too (a stream's earlier edits: AlphaEdit's
     sequential rule). Restricted to the directions C leaves, its own eigen-directions are removed by the same rule,
-    so an update keeps what the corpus's keys and the earlier edits' keys pass through the layer.
+    so an update keeps what the corpus's keys and the earlier edits' keys pass through the layer; with `energy`, the
+    share is of the edits' whole trace, so what C's directions already remove of it counts (edits C covers remove
+    nothing more).
     """
     values, vectors = torch.linalg.eigh(moment.double())
     keep = _kept(values, threshold, energy)
     if edits is not None:
+        edits = edits.double().to(vectors.device)
         left = vectors[:, keep]  # orthonormal: what C leaves
-        edit_values, edit_vectors = torch.linalg.eigh(left.T @ edits.double().to(left.device) @ left)
-        edit_keep = _kept(edit_values, threshold, energy)
+        edit_values, edit_vectors = torch.linalg.eigh(left.T @ edits @ left)
+        edit_keep = _kept(edit_values, threshold, energy, total=float(torch.trace(edits).clamp(min=0)))
         rotated = left @ edit_vectors  # orthonormal, and orthogonal to C's removed directions
         vectors = torch.cat([vectors[:, ~keep], rotated[:, ~edit_keep], rotated[:, edit_keep]], dim=1)
         keep = torch.arange(vectors.shape[1], device=keep.device) >= vectors.shape[1] - int(edit_keep.sum())
@@ -287,10 +290,14 @@ def nullspace_projector(
     return NullSpace(vectors[:, ~keep if complement else keep].contiguous(), complement)
 
 
-def _kept(values: torch.Tensor, threshold: float | None, energy: float | None) -> torch.Tensor:
-    """Which eigen-directions (values ascending) a null space keeps: `nullspace_projector`'s rule."""
+def _kept(
+    values: torch.Tensor, threshold: float | None, energy: float | None, total: float | None = None
+) -> torch.Tensor:
+    """Which eigen-directions (values ascending) a null space keeps: `nullspace_projector`'s rule; with `energy`, the
+    smallest ones holding at most a 1 − energy share of `total` (default: their own sum)."""
     if energy is not None:
-        return values.clamp(min=0).cumsum(0) <= (1 - energy) * values.clamp(min=0).sum()
+        positive = values.clamp(min=0)
+        return positive.cumsum(0) <= (1 - energy) * (float(positive.sum()) if total is None else total)
     return values < validate_delta(threshold, "nullspace_threshold")
 
 

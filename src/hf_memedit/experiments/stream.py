@@ -483,6 +483,8 @@ class EditStream:
         record.save(self.folder)
         seal_run(self.folder)
         self.record.update(finished=True, final={k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
+        for stale in ("gen_final_by_batch", "gen_final_by_batch_comma"):  # an extension may score without generation
+            self.record.pop(stale, None)
         self.record.update(self.final_by_batch(generated))
         self.save()
         draw_curve(self.record, os.path.join(self.folder, STREAM_PLOT))
@@ -612,7 +614,7 @@ def draw_curve(record: Mapping, path: str) -> None:
         if points:
             axis.plot(*zip(*points), marker="o", label="retention (unmodified facts, teacher-forced)")
         final = record.get(f"{prefix}final_by_batch{suffix}")
-        if final:
+        if final and len(final) == len(x):
             axis.plot(x, final, marker="x", linestyle="--", label="each batch at the end")
         axis.set(xlabel="batch", ylabel="share", ylim=(-0.02, 1.02), title=f"{record['track']}: {scored}")
         axis.legend(loc="lower left", fontsize=8)
@@ -650,14 +652,21 @@ def run_stream(
             "ftm (or fta)."
         )
     refuse_pick_on_test(args)
-    if options.stream_earlier_keys and (
-        options.stream_center != "previous" or args.key_constraint != "nullspace" or options.stream_replay
-    ):
-        raise ValueError(
-            "stream_earlier_keys adds the earlier edits' keys to the null space of each batch's step: it needs "
-            f"stream_center previous (not {options.stream_center}), key_constraint nullspace (not "
-            f"{args.key_constraint}) and the strict track (stream_replay false)."
-        )
+    if options.stream_earlier_keys:
+        missing = [
+            need
+            for need, met in (
+                (f"stream_center previous (not {options.stream_center})", options.stream_center == "previous"),
+                (f"key_constraint nullspace (not {args.key_constraint})", args.key_constraint == "nullspace"),
+                ("the strict track (stream_replay false)", not options.stream_replay),
+            )
+            if not met
+        ]
+        if missing:
+            raise ValueError(
+                "stream_earlier_keys adds the earlier edits' keys to the null space of each batch's step: it needs "
+                f"{' and '.join(missing)}."
+            )
     source = facts or job_facts(job, args)
     if isinstance(source, FactsFile):  # a bad facts file is refused before the folder is touched
         source.check(
