@@ -495,6 +495,12 @@ def test_relation_folds_pick_on_other_relations_and_report_on_held_out_ones(tmp_
             assert held_out.get("n_modified", 0) > 0
         assert result["summary"]["a_m"]["mean"] == pytest.approx(mean(p["held_out"]["a_m"] for p in result["folds"]))
     table = (tmp_path / "compare" / "compare.md").read_text()
+    from hf_memedit.experiments.grid_point import point_of
+
+    pick = written["relation_folds"]["methods"]["ftm_linf"]["folds"][0]
+    held = pick["held_out"]
+    counted = f"{100 * held['a_m']:.2f}% ({round(held['a_m'] * held['n_modified'])} of {held['n_modified']})"
+    assert f"| FTM, L∞ | 0 | {point_of(pick).describe()} | {counted} |" in table  # A_M with the facts it rests on
     assert "## Held-out relations (3 folds)" in table and table.index("## Held-out relations") < table.index(
         "## Every point"
     )

@@ -218,6 +218,12 @@ def plot_sweep(folder: str, rows: list[dict], job: JobConfig) -> tuple[str, str]
     return tradeoff, per_block
 
 
+def _counted(figures: dict, key: str, count: str) -> str:
+    """A share with the facts it rests on ("62.50% (5 of 8)")."""
+    value, total = figures.get(key), figures.get(count)
+    return format_percent(value) + (f" ({round(value * total)} of {total})" if value is not None and total else "")
+
+
 def _spread(figure: dict[str, float | None] | None) -> str:
     if figure is None:
         return "–"
@@ -255,7 +261,7 @@ def fold_report(
                 ("method", lambda item: labels.get(item[0], item[0])),
                 ("fold", lambda item: str(item[1]["fold"])),
                 ("picked on the other folds", lambda item: point_of(item[1]).describe()),
-                ("A_M", lambda item: format_percent(item[1]["held_out"].get("a_m"))),
+                ("A_M", lambda item: _counted(item[1]["held_out"], "a_m", "n_modified")),
                 ("retention", lambda item: format_metric(item[1]["held_out"], "retention")),
                 ("gen A_M, comma stop", lambda item: format_percent(item[1]["held_out"].get("gen_a_m_comma"))),
             ),
