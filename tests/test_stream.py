@@ -200,9 +200,14 @@ def test_a_finished_stream_is_extended_by_a_longer_facts_file(tmp_path, model_di
     edit_stream(model, tokenizer, facts_file(tmp_path, 6, "six.jsonl"), B, out, **FAST)
     before = json.loads((tmp_path / "s" / STREAM_RECORD).read_text())
     six = edit_weights(out)
-    model, tokenizer = load(model_dir)
-    outcome = edit_stream(model, tokenizer, facts_file(tmp_path, T, "eight.jsonl"), B, out, **FAST)
+    assert len(before["gen_final_by_batch_comma"]) == 3
+    model, tokenizer = load(model_dir)  # extended, and scored without generation this time
+    outcome = edit_stream(
+        model, tokenizer, facts_file(tmp_path, T, "eight.jsonl"), B, out, **{**FAST, "generation_eval": False}
+    )
     after = json.loads((tmp_path / "s" / STREAM_RECORD).read_text())
+    assert len(after["final_by_batch"]) == 4 and "gen_final_by_batch_comma" not in after  # no figures of 6 facts
+    assert (tmp_path / "s" / STREAM_PLOT).stat().st_size > 0
     assert after["batches"][:3] == before["batches"]  # the record of the first three batches untouched
     assert [f["subject"] for f in after["batches"][3]["facts"]] == SUBJECTS[6:8] and after["finished"]
     assert outcome.record.metrics["n_modified"] == T and after["batches"][3]["distance_to_theta0"] <= FAST["delta"] * (
@@ -218,21 +223,6 @@ def folder_bytes(folder) -> dict[str, bytes]:
         for root, _, names in os.walk(folder)
         for name in names
     }
-
-
-def test_an_extension_scored_without_generation_drops_the_old_generation_figures(tmp_path, model_dir):
-    """A stream scored by generation, extended with generation_eval off: its end holds no generation figures of the
-    shorter stream, and the curve is drawn."""
-    out = str(tmp_path / "s")
-    model, tokenizer = load(model_dir)
-    first = edit_stream(model, tokenizer, facts_file(tmp_path, 4), B, out, **FAST)
-    assert len(first.stream["gen_final_by_batch_comma"]) == 2
-    model, tokenizer = load(model_dir)
-    longer = edit_stream(
-        model, tokenizer, facts_file(tmp_path, 6, "more.jsonl"), B, out, **FAST, generation_eval=False
-    )
-    assert len(longer.stream["final_by_batch"]) == 3 and "gen_final_by_batch_comma" not in longer.stream
-    assert (tmp_path / "s" / STREAM_PLOT).stat().st_size > 0
 
 
 def test_bad_input_stops_with_one_line_and_loses_nothing(tmp_path, model_dir, capsys):
