@@ -452,7 +452,7 @@ class EditStream:
 
     def finish(self, start: float) -> ResultsRecord:
         """Every edit so far scored (`score`), the run's outputs written and sealed, the curve drawn."""
-        metrics, examples, lost, generated = self.score()
+        metrics, examples, lost, results, generated = self.score()
         context, args, job = self.context, self.args, self.context.job
         facts = isinstance(context.source, FactsFile)
         config = {
@@ -485,15 +485,15 @@ class EditStream:
         self.record.update(finished=True, final={k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
         for stale in ("gen_final_by_batch", "gen_final_by_batch_comma"):  # an extension may score without generation
             self.record.pop(stale, None)
-        self.record.update(self.final_by_batch(generated))
+        self.record.update(self.final_by_batch(results, generated))
         self.save()
         draw_curve(self.record, os.path.join(self.folder, STREAM_PLOT))
         return record
 
-    def final_by_batch(self, generated: Sequence[str] | None) -> dict[str, list[float | None]]:
-        """Each batch's efficacy now, beside its efficacy right after it (what the stream kept): teacher-forced
-        (`final_by_batch`) and, given the answers to every edit's test phrasings (`score`), by generation under both
-        stop rules (`gen_final_by_batch`, `gen_final_by_batch_comma`)."""
+    def final_by_batch(self, results: FactResults, generated: Sequence[str] | None) -> dict[str, list[float | None]]:
+        """Each batch's efficacy now, beside its efficacy right after it (what the stream kept), from the end's
+        scores of every edit's test phrasings (`score`): teacher-forced (`final_by_batch`) and, given the answers, by
+        generation under both stop rules (`gen_final_by_batch`, `gen_final_by_batch_comma`)."""
         test = _rows(self.context.splits[MODIFIED_TEST], self.done_uuids())
         out: dict[str, list[float | None]] = {"final_by_batch": []}
         if generated is not None:
@@ -502,20 +502,19 @@ class EditStream:
             uuids = {fact["uuid"] for fact in batch["facts"]}
             index = [i for i, uuid in enumerate(test["uuid"]) if uuid in uuids]
             split = test.select(index)
-            results = evaluate_facts(
-                self.context.model, self.context.tokenizer, split, batch_size=self.context.batch_size
-            )
-            out["final_by_batch"].append(_share(per_fact(results, fact_rows(split)).correct))
+            rows = FactResults([results.correct[i] for i in index], [results.predicted[i] for i in index])
+            out["final_by_batch"].append(_share(per_fact(rows, fact_rows(split)).correct))
             if generated is not None:
                 answers = [generated[i] for i in index]
                 out["gen_final_by_batch"].append(_share(generated_correct(split, answers)))
                 out["gen_final_by_batch_comma"].append(_share(generated_correct(split, answers, comma=True)))
         return out
 
-    def score(self) -> tuple[dict, list[dict], list[dict], list[str] | None]:
+    def score(self) -> tuple[dict, list[dict], list[dict], FactResults, list[str] | None]:
         """Every edit made so far, teacher-forced and (causal LMs, `generation_eval`) by greedy generation with the
         stop rule; the unmodified facts disjoint from all preservation data; drift against θ0. Returns the metrics,
-        the edited facts, the facts lost, and the answers to the edits' test phrasings (None without generation)."""
+        the edited facts, the facts lost, and the results and answers (None without generation) of the edits' test
+        phrasings."""
         context, model, tokenizer = self.context, self.context.model, self.context.tokenizer
         done = self.done_uuids()
         splits = {name: _rows(context.splits[name], done) for name in (MODIFIED_TRAIN, MODIFIED_TEST)}
@@ -554,7 +553,7 @@ class EditStream:
             )
         ]
         lost = lost_facts(splits, after, before, tokenizer, kind)
-        return metrics, examples, lost, generated.get(MODIFIED_TEST) if generated else None
+        return metrics, examples, lost, after[MODIFIED_TEST], generated.get(MODIFIED_TEST) if generated else None
 
 
 def theta0_results(
