@@ -93,6 +93,36 @@ def test_keep_prompts_are_made_where_a_record_gives_none():
     assert made == 1 + 0 + 3 + 1 and all(len(keep) <= FALLBACK_KEEP for keep in by_subject.values())
 
 
+def test_fallback_keep_sets_how_many_keep_prompts_are_made_and_0_makes_none():
+    by_limit = {limit: with_fallback_keep(read_facts(FACTS), limit) for limit in (0, 1)}
+    assert by_limit[0][1] == 0 and [len(r.keep) for r in by_limit[0][0]] == [0, 3, 0, 0]  # the file's own only
+    assert by_limit[1][1] == 3 and [len(r.keep) for r in by_limit[1][0]] == [1, 3, 1, 1]
+    with pytest.raises(ValueError, match="^fallback_keep is an option of a facts file"):
+        parse("edit", ["--fallback_keep", "0"])
+    with pytest.raises(ValueError, match="^fallback_keep must be 0 \\(none\\) or more, got -1"):
+        parse("edit", ["--facts", "facts.jsonl", "--fallback_keep", "-1"])
+
+
+def test_an_edit_without_fallback_keep_prompts_keeps_and_scores_only_the_files_own(model_dir):
+    """The measurement's switch: with fallback_keep 0 the records' own keep prompts are the only unmodified facts
+    (Norway's two the edit does not change), and the record says so."""
+    reports = {}
+    for limit in (None, 0):
+        model, tokenizer = LlamaForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+        options = {**FAST, "max_steps": 2, "generation_eval": False, "drift_eval": False}
+        _, reports[limit] = edit_facts(model, tokenizer, FACTS, fallback_keep=limit, **options)
+    made, none = reports[None], reports[0]
+    assert made.benchmark["fallback_keep"] == made.config["fallback_keep"] == 10
+    assert none.benchmark["fallback_keep"] == none.config["fallback_keep"] == 0
+    assert made.benchmark["fallback_keep_prompts"] == 5 and none.benchmark["fallback_keep_prompts"] == 0
+    # every keep prompt either trains the preservation term or is scored: 2 in all without the made ones
+    kept = {limit: r.locality["n_preservation_facts"] + r.locality["n_locality_facts"] for limit, r in reports.items()}
+    assert kept[0] == 2 < kept[None]
+    model, tokenizer = LlamaForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    with pytest.raises(FactsFileError, match="no keep prompt is left .* fallback_keep 0 makes none\\): add `keep`"):
+        edit_facts(model, tokenizer, [f for f in FACTS if "keep" not in f], fallback_keep=0, **FAST)
+
+
 def test_the_facts_source_labels_keep_prompts_with_theta0s_greedy_answers(model_dir):
     from hf_memedit.evaluation.scoring import generate_answers
 
@@ -306,6 +336,8 @@ def test_dry_run_prints_what_would_be_edited_and_writes_nothing(tmp_path, model_
     )
     assert "5 of the keep prompts are made" in out and "Nothing was trained or written" in out
     assert not run.exists()
+    main(["edit", "--facts", facts_file, "--model_name_or_path", model_dir, "--dry_run", "--fallback_keep", "0"])
+    assert "keep prompts are made" not in capsys.readouterr().out
     with pytest.raises(ValueError, match="^--dry_run checks a facts file: give --facts FILE"):
         from hf_memedit.cli.edit import dry_run
 
@@ -319,3 +351,40 @@ def test_edit_facts_refuses_unknown_options(model_dir):
     with pytest.raises(FactsFileError, match="holds no facts"):
         edit_facts(model, tokenizer, [], output_dir="never-written")
     assert not os.path.exists("never-written")
+
+
+def test_the_fallback_keep_bench_scores_both_edits_on_the_same_withheld_neighbours(tmp_path, model_dir, capsys):
+    """bench/fallback_keep.py: every second record's neighbours are withheld from both edits and scored after each."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fallback_keep", ROOT / "bench" / "fallback_keep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    records = [
+        {
+            "requested_rewrite": {"prompt": prompt, "subject": s, "target_new": {"str": new}},
+            "neighborhood_prompts": [prompt.format(n) for n in neighbours],
+        }
+        for prompt, s, new, neighbours in (
+            ("The capital of {} is", "France", "Lima", ["Spain", "Chile"]),
+            ("The capital of {} is", "Norway", "Athens", ["Greece", "Canada", "Norway"]),  # naming the subject: out
+            ("The river of {} is the", "Paris", "Ottawa", ["London"]),
+        )
+    ]
+    edited, withheld = bench.withhold(records, 2)
+    assert [len(r["neighborhood_prompts"]) for r in edited] == [2, 0, 1]
+    assert [row["text"] for row in withheld] == ["The capital of Greece is [Y]", "The capital of Canada is [Y]"]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    bench.main(
+        ["--facts", str(path), "--model_name_or_path", model_dir, "--output_dir", str(tmp_path / "runs")]
+        + ["--options", json.dumps({**FAST, "max_steps": 2})]
+    )
+    out = capsys.readouterr().out
+    table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "fallback" not in line]
+    # the default makes Norway's keep prompt from the other subjects ("The capital of Paris is"; France's is an
+    # edit); 0 makes none
+    assert [(cells[0].strip(), cells[1].strip()) for cells in table] == [(str(FALLBACK_KEEP), "1"), ("0", "0")]
+    assert all(cells[6].strip().endswith("of 2)") for cells in table), out  # both scored on the 2 withheld prompts
+    for limit in (FALLBACK_KEEP, 0):
+        assert ResultsRecord.load(tmp_path / "runs" / f"fallback_keep_{limit}").benchmark["fallback_keep"] == limit

@@ -100,7 +100,7 @@ def dry_run(job: JobConfig) -> str:
     if not job.facts:
         raise ValueError("--dry_run checks a facts file: give --facts FILE.")
     config, _ = load_config(job)
-    records, made = checked_facts(job.facts, load_tokenizer(job), config)
+    records, made = checked_facts(job.facts, load_tokenizer(job), config, job.fallback_keep)
     text = describe_facts(records)
     if made:
         text += (

@@ -66,7 +66,7 @@ class GivenFacts:
 def job_facts(job: JobConfig, args: EditConfig) -> FactsSource:
     """The job's own facts: its facts file where it names one, else its benchmark."""
     if job.facts:
-        return FactsFile(job.facts, job.train_on_paraphrases, args.per_device_eval_batch_size)
+        return FactsFile(job.facts, job.train_on_paraphrases, args.per_device_eval_batch_size, job.fallback_keep)
     return BenchmarkFacts(job)
 
 

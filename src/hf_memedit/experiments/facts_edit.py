@@ -84,14 +84,13 @@ def facts_job(
         )
     path = os.fspath(facts) if isinstance(facts, (str, os.PathLike)) else None
     job_options = {name: value for name, value in options.items() if name in job_fields}
-    train_on_paraphrases = job_options.pop("train_on_paraphrases", False)  # a JobConfig option of a facts path only
-    job = JobConfig(
-        model_name_or_path=model.name_or_path,
-        facts=path,
-        **job_options,
-        **({"train_on_paraphrases": train_on_paraphrases} if path else {}),
-    )
+    # JobConfig's options of a facts path only: records given in Python take them through the source
+    own = {name: job_options.pop(name) for name in ("train_on_paraphrases", "fallback_keep") if name in job_options}
+    train_on_paraphrases, fallback_keep = own.get("train_on_paraphrases", False), own.get("fallback_keep")
+    job = JobConfig(model_name_or_path=model.name_or_path, facts=path, **job_options, **(own if path else {}))
     refuse_benchmark_setting(job.setting)
     edit_options = {**FACTS_RECIPE, **{name: value for name, value in options.items() if name in edit_fields}}
-    source = FactsFile(path or list(facts), train_on_paraphrases, edit_options["per_device_eval_batch_size"])
+    source = FactsFile(
+        path or list(facts), train_on_paraphrases, edit_options["per_device_eval_batch_size"], fallback_keep
+    )
     return job, edit_options, source

@@ -60,9 +60,9 @@ def context_length(config: PretrainedConfig) -> int | None:
     return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
 
 
-def with_fallback_keep(records: Sequence[FactRecord]) -> tuple[list[FactRecord], int]:
-    """The records, each without keep prompts given up to `FALLBACK_KEEP` of its own form with other subjects of the
-    file (in file order; never a prompt the edit changes), and how many were made."""
+def with_fallback_keep(records: Sequence[FactRecord], limit: int = FALLBACK_KEEP) -> tuple[list[FactRecord], int]:
+    """The records, each without keep prompts given up to `limit` of its own form with other subjects of the file
+    (in file order; never a prompt the edit changes), and how many were made (0: none made)."""
     edited = {(r.prompt, r.subject) for r in records}
     subjects = list(dict.fromkeys(r.subject for r in records))
     out, made = [], 0
@@ -70,7 +70,7 @@ def with_fallback_keep(records: Sequence[FactRecord]) -> tuple[list[FactRecord],
         if record.keep:
             out.append(record)
             continue
-        others = [s for s in subjects if s != record.subject and (record.prompt, s) not in edited][:FALLBACK_KEEP]
+        others = [s for s in subjects if s != record.subject and (record.prompt, s) not in edited][:limit]
         out.append(
             dataclasses.replace(record, keep=[KeepPrompt(record.prompt.replace(SUBJECT, s, 1)) for s in others])
         )
@@ -79,14 +79,15 @@ def with_fallback_keep(records: Sequence[FactRecord]) -> tuple[list[FactRecord],
 
 
 def checked_facts(
-    source, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig
+    source, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, fallback_keep: int | None = None
 ) -> tuple[list[FactRecord], int]:
     """The records of `source` (a file, dataset folder, Hub id or list of records), each refused with one line when
-    bad (`read_facts`, `check_lengths` against the model's context), keep prompts made where a record has none, and
-    how many were made. What `--dry_run` checks, before any weight is loaded."""
+    bad (`read_facts`, `check_lengths` against the model's context), up to `fallback_keep` (None: `FALLBACK_KEEP`)
+    keep prompts made where a record has none, and how many were made. What `--dry_run` checks, before any weight
+    is loaded."""
     records = read_facts(source)
     check_lengths(records, tokenizer, context_length(config))
-    return with_fallback_keep(records)
+    return with_fallback_keep(records, FALLBACK_KEEP if fallback_keep is None else fallback_keep)
 
 
 def _prefix(text: str) -> str:
@@ -164,12 +165,13 @@ class FactsFile:
     source: str | Sequence[Mapping]
     train_on_paraphrases: bool = False
     batch_size: int = 64
+    fallback_keep: int | None = None  # keep prompts made per record giving none (None: FALLBACK_KEEP; 0: none)
     records: list[FactRecord] = field(default_factory=list, init=False)  # as edited (fallback keep prompts in)
     n_fallback_keep: int = field(default=0, init=False)
 
     def check(self, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
         """Read and check the records (`checked_facts`): a bad one is refused in one line."""
-        self.records, self.n_fallback_keep = checked_facts(self.source, tokenizer, config)
+        self.records, self.n_fallback_keep = checked_facts(self.source, tokenizer, config, self.fallback_keep)
 
     def splits(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> datasets.DatasetDict:
         """The benchmark's splits (`benchmarks.SPLITS`) of the facts, plus modified_paraphrase and `QUESTIONS`: the
@@ -189,6 +191,13 @@ class FactsFile:
         if len(keep) < len(rows[KEEP]):
             logger.warning("%d keep prompts are phrasings the edit changes, so not kept.", len(rows[KEEP]) - len(keep))
         keep, _ = filter_encodable(keep_answers(model, tokenizer, keep, self.batch_size), encoder)
+        if not keep:
+            made = "fallback_keep 0 makes none" if self.fallback_keep == 0 else "none could be made or answered"
+            raise FactsFileError(
+                f"{self.describe()['source']}: no keep prompt is left to preserve and to score locality on (the "
+                f"records give none and {made}): add `keep` prompts (prompts whose answers must not change) to "
+                "the records, or more records."
+            )
         trained, _ = filter_encodable(rows[MODIFIED_TRAIN], encoder)
         paraphrases, _ = filter_encodable(rows[MODIFIED_PARAPHRASE], encoder)
         questions, _ = filter_encodable(question_rows(self.records, tokenizer), encoder)
@@ -253,6 +262,7 @@ class FactsFile:
             "source": self.source if isinstance(self.source, str) else "the records given",
             "m": len(self.records),
             "train_on_paraphrases": self.train_on_paraphrases,
+            "fallback_keep": FALLBACK_KEEP if self.fallback_keep is None else self.fallback_keep,
             "fallback_keep_prompts": self.n_fallback_keep,
         }
 

@@ -24,6 +24,7 @@ from typing import Any
 from ..architectures import ModelKind
 from ..benchmarks import BUILDERS
 from ..packaged import PACKAGED_MODELS
+from .facts_source import FALLBACK_KEEP
 
 
 def method_names() -> tuple[str, ...]:
@@ -128,6 +129,14 @@ class BenchmarkArguments:
             "generalisation."
         },
     )
+    fallback_keep: int | None = field(
+        default=None,
+        metadata={
+            "help": "With facts: how many keep prompts to make for a record that gives none, from its own prompt "
+            f"with other subjects of the file (None: {FALLBACK_KEEP}; 0: none, so such a record is kept only by "
+            "the key constraint and locality is scored on the keep prompts the file gives)."
+        },
+    )
     benchmark: str = field(
         default="geo_mod", metadata={"help": f"One of {', '.join(BUILDERS)}.", "choices": list(BUILDERS)}
     )
@@ -162,6 +171,10 @@ class BenchmarkArguments:
             raise ValueError(f"m must be at least 1, got {self.m}.")
         if self.train_on_paraphrases and not self.facts:
             raise ValueError("train_on_paraphrases is an option of a facts file: give facts, or leave it out.")
+        if self.fallback_keep is not None and not self.facts:
+            raise ValueError("fallback_keep is an option of a facts file: give facts, or leave it out.")
+        if self.fallback_keep is not None and self.fallback_keep < 0:
+            raise ValueError(f"fallback_keep must be 0 (none) or more, got {self.fallback_keep}.")
 
 
 @dataclass

@@ -232,6 +232,7 @@ def run_config(context: Theta0Context) -> dict[str, Any]:
             modify_known=False,
             facts=context.source.describe()["source"],
             train_on_paraphrases=job.train_on_paraphrases,
+            fallback_keep=context.source.describe()["fallback_keep"],
         )
     config["model_kind"] = model_kind(context.model)
     config.update(

@@ -199,6 +199,8 @@ def stream_key(job: JobConfig, args: EditConfig, options: StreamOptions) -> dict
     )
     if options.stream_earlier_keys:  # named only when on: a stream started before the option resumes as it was
         key["earlier_keys"] = True
+    if job.fallback_keep is not None:  # likewise, named only when given
+        key["fallback_keep"] = job.fallback_keep
     return json.loads(json.dumps(key, default=str))  # as stream.json holds it
 
 
