@@ -47,6 +47,44 @@ def test_eos_is_appended_and_labelled_for_causal_lms_only(bpe_tokenizer, bert_to
         FactCollator(bert_tokenizer, "masked", append_eos=True)
 
 
+def test_a_target_suffix_is_written_after_each_edit_rows_object_and_labelled(tmp_path, bpe_tokenizer, bert_tokenizer):
+    fact = {"text": "The capital of France is [Y]", "object": "Paris"}
+    plain = FactCollator(bpe_tokenizer, "causal")([fact])
+    stop = FactCollator(bpe_tokenizer, "causal", target_suffix=".")([fact])
+    period = bpe_tokenizer("The capital of France is Paris.")["input_ids"]
+    assert stop["input_ids"][0].tolist() == period  # "Paris." as the tokenizer writes it
+    assert (stop["labels"] != -100).sum() > (plain["labels"] != -100).sum()
+    assert stop["labels"][0, -1] == period[-1]  # the suffix's last token is a target
+    # In a preservation group, KL neighbours keep θ0's answer as it is: only the edit rows end with the suffix.
+    group = {"text": [fact["text"]] * 2, "object": ["Paris", "Lima"], "preserve": [False, True]}
+    mixed = FactCollator(bpe_tokenizer, "causal", target_suffix=".")([group])
+    alone = FactCollator(bpe_tokenizer, "causal")([{"text": fact["text"], "object": "Lima"}])
+    for row, single in ((0, stop), (1, alone)):  # each row as encoded alone, then padding
+        width = single["labels"].shape[1]
+        assert mixed["labels"][row, :width].tolist() == single["labels"][0].tolist()
+        assert (mixed["labels"][row, width:] == -100).all()
+    with pytest.raises(ValueError, match="masked LM has no such end"):
+        FactCollator(bert_tokenizer, "masked", target_suffix=".")
+    with pytest.raises(ValueError, match="target_suffix ' ' writes nothing after the object"):
+        _args(tmp_path, target_suffix=" ")
+
+
+def test_the_trainer_trains_the_target_suffix(tmp_path, bpe_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(bpe_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    rows = datasets.Dataset.from_list([{"text": "The capital of France is [Y]", "object": "Paris"}])
+    trainer = ConstrainedEditTrainer(
+        model, _args(tmp_path, target_suffix="."), train_dataset=rows, processing_class=bpe_tokenizer
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"][0].tolist() == bpe_tokenizer("The capital of France is Paris.")["input_ids"]
+
+
 def test_the_sequence_loss_is_the_mean_of_each_facts_mean(bpe_tokenizer):
     batch = FactCollator(bpe_tokenizer, "causal")(FACTS)
     torch.manual_seed(0)

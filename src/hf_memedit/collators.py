@@ -146,17 +146,22 @@ class FactCollator:
     object_key: str = "object"
     max_length: int | None = None
     append_eos: bool = False
+    target_suffix: str = ""  # causal: text written after every edit row's object and labelled with it (not KL rows)
 
     def __post_init__(self):
         self.encoder = FactEncoder(self.tokenizer, self.kind, self.placeholder, self.max_length, self.append_eos)
+        if self.target_suffix and not ModelKind(self.kind).generates:
+            raise ValueError("target_suffix teaches a causal LM where its answer ends: a masked LM has no such end.")
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
-    def encode(self, fact: Mapping) -> dict[str, list[int]]:
+    def encode(self, fact: Mapping, preserve: bool = False) -> dict[str, list[int]]:
+        """One fact's ids and labels; an edit row (not `preserve`) with its object followed by `target_suffix`."""
         for key in (self.text_key, self.object_key):
             if key not in fact:
                 raise FactEncodingError(f"fact {dict(fact)!r} has no {key!r} field")
-        return self.encoder.encode(fact[self.text_key], fact[self.object_key])
+        suffix = "" if preserve else self.target_suffix
+        return self.encoder.encode(fact[self.text_key], fact[self.object_key] + suffix)
 
     def __call__(self, facts: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         # A row whose text and object are lists is a group of facts that must share a batch (FTA,
@@ -176,7 +181,7 @@ class FactCollator:
                 weights.append(1.0)
                 preserve.append(False)
         facts = flat
-        encoded = [self.encode(fact) for fact in facts]
+        encoded = [self.encode(fact, kept) for fact, kept in zip(facts, preserve)]
         width = max(len(item["input_ids"]) for item in encoded)
         batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
         for item in encoded:

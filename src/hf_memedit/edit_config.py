@@ -253,6 +253,14 @@ class EditConfig(ConstraintArguments, PreservationArguments, TrainingArguments):
             "the new object (LocFT-BF; 'The Mirage of Model Editing')."
         },
     )
+    target_suffix: str | None = field(
+        default=None,
+        metadata={
+            "help": "Causal LMs: text written after the new object of every edit row and trained with it (e.g. "
+            "'.'), so the edited model ends its answer there as a sentence does, where without it the answer "
+            "runs on ('Vanuatu, and it's a city'). KL neighbours are left as θ0 says them. None: the object only."
+        },
+    )
     loss_reduction: str = field(
         default="token",
         metadata={
@@ -347,6 +355,11 @@ class EditConfig(ConstraintArguments, PreservationArguments, TrainingArguments):
         self.validate_constraint()
         self.validate_preservation()
         self.edit_blocks = [str(block) for block in parse_block_spec(self.edit_blocks)]
+        if self.target_suffix is not None and not self.target_suffix.strip():
+            raise ValueError(
+                f"target_suffix {self.target_suffix!r} writes nothing after the object: give text such as '.', or "
+                "leave it out."
+            )
         if self.loss_reduction not in ("token", "sequence"):
             raise ValueError(f"Unknown loss_reduction {self.loss_reduction!r}: choose token or sequence.")
         for name in ("skip_below_loss", "stop_at_epoch_loss", "stop_at_loss"):

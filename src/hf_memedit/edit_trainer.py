@@ -94,7 +94,12 @@ class ConstrainedEditTrainer(Trainer):
         edit_model = model if isinstance(model, EditModel) else get_edit_model(model, args.block_selector_config())
         base = edit_model.model
         if data_collator is None and processing_class is not None:
-            data_collator = FactCollator(processing_class, kind=model_kind(base), append_eos=args.eos_target)
+            data_collator = FactCollator(
+                processing_class,
+                kind=model_kind(base),
+                append_eos=args.eos_target,
+                target_suffix=args.target_suffix or "",
+            )
         kind = model_kind(base)
         # Object-only logits need to know the loss: only with the trainer's own loss function.
         object_only = args.object_logits_only and compute_loss_func is None and head_modules(base) is not None

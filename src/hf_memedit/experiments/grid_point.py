@@ -120,6 +120,8 @@ class GridPoint:
             text += f", preserve {self.settings['preserve_objective']}"
         if self.settings.get("eos_target"):
             text += ", EOS targets"
+        if self.settings.get("target_suffix"):
+            text += f", targets end with {self.settings['target_suffix']!r}"
         return text + (f", δ {self.delta:.3g}" if self.delta is not None else ", δ ∞")
 
     def train_args(self, args: EditConfig, output_dir: str) -> EditConfig:

@@ -247,7 +247,7 @@ def run_config(context: Theta0Context) -> dict[str, Any]:
         eos_target=args.eos_target,
         loss_reduction=args.loss_reduction,
     )
-    optional = ("edit_modules", "stop_at_loss", "skip_below_loss", "stop_at_epoch_loss")
+    optional = ("edit_modules", "stop_at_loss", "skip_below_loss", "stop_at_epoch_loss", "target_suffix")
     config.update({name: getattr(args, name) for name in optional if getattr(args, name) is not None})
     if config["preserve_objective"] != "none":
         config.update(

@@ -199,8 +199,9 @@ def stream_key(job: JobConfig, args: EditConfig, options: StreamOptions) -> dict
     )
     if options.stream_earlier_keys:  # named only when on: a stream started before the option resumes as it was
         key["earlier_keys"] = True
-    if job.fallback_keep is not None:  # likewise, named only when given
-        key["fallback_keep"] = job.fallback_keep
+    for name, value in (("fallback_keep", job.fallback_keep), ("target_suffix", args.target_suffix)):
+        if value is not None:  # likewise, named only when given
+            key[name] = value
     return json.loads(json.dumps(key, default=str))  # as stream.json holds it
 
 
@@ -359,7 +360,10 @@ class EditStream:
         edit_keys = None
         if options.stream_earlier_keys and earlier:  # as trained: the training phrasings with the new objects
             encoder = FactEncoder(context.tokenizer, model_kind(context.model), append_eos=args.eos_target)
-            edit_keys = [encoder.encode(row["text"], row["object"])["input_ids"] for row in _rows(train, earlier)]
+            suffix = args.target_suffix or ""
+            edit_keys = [
+                encoder.encode(row["text"], row["object"] + suffix)["input_ids"] for row in _rows(train, earlier)
+            ]
         edit_model = (
             self.edit_model
             if options.stream_center == "theta0"
