@@ -171,3 +171,19 @@ def test_every_way_a_command_ends_ends_the_process_group_first(monkeypatch, rais
         assert exit_info.value.code == code
     assert events == ["run", "ended"]
     assert ("Traceback" in capsys.readouterr().err) == isinstance(raised, RuntimeError)  # a bug keeps its traceback
+
+
+@pytest.mark.parametrize("command", ["edit", "stream"])
+def test_a_sweeps_option_given_to_one_edit_is_refused_not_ignored(command):
+    demo = str(ROOT / "trainer_configs" / "demo_smollm2.yaml")
+    own = ["--batch_size", "8"] if command == "stream" else []
+    with pytest.raises(
+        ValueError,
+        match=f"^--nullspace_energies, --relation_folds: an option of `memedit sweep` and `memedit compare`, which "
+        f"`memedit {command}` does not read",
+    ):
+        parse(command, ["--config", demo, *own, "--relation_folds", "3", "--nullspace_energies", "0.5"])
+    # a compare's YAML may still be reused for one edit; the compare reads the same option
+    job, *_ = parse(command, ["--config", str(ROOT / "trainer_configs" / "compare_smollm2_geo.yaml"), *own])
+    assert job.compare_methods
+    assert parse("compare", ["--config", demo, "--relation_folds", "3"])[0].relation_folds == 3

@@ -20,7 +20,7 @@ from transformers import HfArgumentParser
 from ..edit_config import EditConfig
 from ..experiments import JobConfig
 from ..experiments.facts_edit import FACTS_RECIPE
-from ..experiments.job_config import BENCHMARK_ONLY, GROUPS
+from ..experiments.job_config import BENCHMARK_ONLY, GROUPS, GridArguments
 from ..experiments.methods import ARGUMENTS, method_arguments
 
 
@@ -71,6 +71,8 @@ class MemeditParser(HfArgumentParser):
             *groups[: len(GROUPS)], method_args={f.name: getattr(a, f.name) for a in arguments for f in fields(a)}
         )
         method_arguments(job)  # what only the methods can check (compare_deltas' keys), before anything loads
+        if self.command in ("edit", "stream"):
+            _refuse_grid_options(argv, self.prog)
         if job.facts:
             if self.command not in ("edit", "stream"):  # sweeps, compares and evaluations pick and score on halves
                 raise ValueError(
@@ -81,10 +83,32 @@ class MemeditParser(HfArgumentParser):
         return (job, args, *own, extra)
 
 
+def _given(argv: list[str]) -> set[str]:
+    """The option names given on a command line."""
+    return {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
+
+
+# What only a sweep or a compare reads: its grid, its picks and its methods' own arguments.
+GRID_ONLY = frozenset(f.name for cls in (GridArguments, *ARGUMENTS) for f in fields(cls))
+
+
+def _refuse_grid_options(argv: list[str], prog: str) -> None:
+    """A sweep's or compare's option on the command line of one edit or one stream would be ignored: refused, so
+    nobody reads a result as held-out or swept when it was not. (A YAML may carry them: a compare's config can be
+    reused for one edit.)"""
+    given = sorted(_given(argv) & GRID_ONLY)
+    if given:
+        options = ", ".join(f"--{name}" for name in given)
+        raise ValueError(
+            f"{options}: an option of `memedit sweep` and `memedit compare`, which `{prog}` does not read (it makes "
+            f"the one edit its config describes): leave {options} out, or run a sweep or compare."
+        )
+
+
 def _refuse_benchmark_options(argv: list[str]) -> None:
     """Facts replace the config's benchmark and its options; the same options given on the command line beside them
     say the user meant a benchmark too, which one run cannot be."""
-    given = sorted({token[2:].split("=", 1)[0] for token in argv if token.startswith("--")} & set(BENCHMARK_ONLY))
+    given = sorted(_given(argv) & set(BENCHMARK_ONLY))
     if given:
         options = ", ".join(f"--{name}" for name in given)
         raise ValueError(
