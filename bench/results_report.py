@@ -96,7 +96,11 @@ def generation_cell(record: ResultsRecord) -> str:
     """A_M by greedy generation with its stop rule, and whether the targets taught the model to stop."""
     if "gen_a_m" not in record.metrics:
         return "–"
-    taught = "EOS targets" if record.config.get("eos_target") else "no EOS targets"
+    taught = [
+        *(["EOS targets"] if record.config.get("eos_target") else []),
+        *([f"targets end with {record.config['target_suffix']!r}"] if record.config.get("target_suffix") else []),
+    ]
+    taught = " and ".join(taught) or "no EOS targets"
     cell = f"{format_percent(record.metrics['gen_a_m'])} ({GENERATION_STOP}; {taught})"
     if "gen_a_m_comma" in record.metrics:
         cell += f"; {format_percent(record.metrics['gen_a_m_comma'])} ({GENERATION_COMMA_STOP})"

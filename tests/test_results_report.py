@@ -131,6 +131,11 @@ def test_generation_and_drift_cells_name_their_rule(tmp_path):
     assert row["gen A_M (stop)"] == "56.25% (EOS, newline or period; EOS targets)"
     assert (row["drift KL"], row["ppl ratio"], row["wall time"]) == ("0.0123", "1.012", "315 s")
     assert row["retention"] == "75.00% (3 of 4)" and row["m"] == "32" and row["seed"] == "2"
+    record = ResultsRecord.load(tmp_path / "run")
+    record.config.update(eos_target=False, target_suffix=".")
+    record.save(tmp_path / "period")
+    row = _rows(module.report(module.load_runs([str(tmp_path / "period")]), "x"))[0]
+    assert row["gen A_M (stop)"] == "56.25% (EOS, newline or period; targets end with '.')"
 
 
 def test_a_folder_that_is_not_a_run_and_an_existing_output_are_refused(tmp_path, capsys):
