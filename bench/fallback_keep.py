@@ -20,12 +20,12 @@ import os
 
 from hf_memedit import edit_facts
 from hf_memedit.collators import PLACEHOLDER
-from hf_memedit.evaluation.results import format_metric
+from hf_memedit.evaluation.results import format_metric, format_percent
 from hf_memedit.evaluation.scoring import answer_matches, evaluate_facts, generate_answers
-from hf_memedit.experiments.facts_source import FALLBACK_KEEP, KEEP_ANSWER_TOKENS, keep_answers, with_fallback_keep
+from hf_memedit.experiments.facts_source import KEEP_ANSWER_TOKENS, keep_answers, with_fallback_keep
 from hf_memedit.experiments.job_config import JobConfig
 from hf_memedit.experiments.loading import load_model_and_tokenizer
-from hf_memedit.facts import read_facts
+from hf_memedit.facts import FALLBACK_KEEP, read_facts
 
 
 def withhold(records: list[dict], every: int) -> tuple[list[dict], list[dict]]:
@@ -63,6 +63,7 @@ def kept(model, tokenizer, rows: list[dict], known: list[bool], batch_size: int)
 
 
 def share(pair: tuple[int, int]) -> str:
+    """A count as a percentage with what it rests on."""
     done, total = pair
     return f"{100 * done / total:.2f}% ({done} of {total})" if total else "–"
 
@@ -81,6 +82,8 @@ def main(argv=None) -> None:
     with open(args.facts, encoding="utf-8") as handle:
         records = json.load(handle)
     options = json.loads(args.options)
+    if "fallback_keep" in options:
+        raise SystemExit("--options: fallback_keep is what this script varies (the default, then 0): leave it out.")
     edited, rows = withhold(records, args.withhold_every)
     if not rows:
         raise SystemExit(f"{args.facts}: no record gives neighborhood_prompts to withhold.")
@@ -115,8 +118,8 @@ def main(argv=None) -> None:
     for limit, (report, withheld) in results.items():
         m = report.metrics
         print(
-            f"| {limit} | {report.benchmark['fallback_keep_prompts']} | {100 * m['a_m']:.2f}% "
-            f"| {100 * m['gen_a_m']:.2f}% | {format_metric(m, 'retention')} "
+            f"| {limit} | {report.benchmark['fallback_keep_prompts']} | {format_percent(m.get('a_m'))} "
+            f"| {format_percent(m.get('gen_a_m'))} | {format_metric(m, 'retention')} "
             f"| {share(withheld['tf'])} | {share(withheld['gen'])} | {m.get('drift_kl', float('nan')):.4g} |"
         )
 

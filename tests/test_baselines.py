@@ -67,6 +67,15 @@ def test_a_target_suffix_is_written_after_each_edit_rows_object_and_labelled(tmp
         FactCollator(bert_tokenizer, "masked", target_suffix=".")
     with pytest.raises(ValueError, match="target_suffix ' ' writes nothing after the object"):
         _args(tmp_path, target_suffix=" ")
+    assert _args(tmp_path, target_suffix="\n").target_suffix == "\n"  # a newline ends an answer too
+    # Named where a run's knobs are: its record, a grid point's label, a sweep's or compare's shared settings.
+    from hf_memedit.experiments.grid_point import GridPoint
+    from hf_memedit.experiments.reports import shared_settings
+
+    point = GridPoint(norm="linf", block="1", delta=0.01, settings={"target_suffix": "."})
+    assert point.describe() == "linf, block 1, targets end with '.', δ 0.01"
+    assert ", target_suffix '.'; a point may set its own" in shared_settings(_args(tmp_path, target_suffix="."))
+    assert "target_suffix" not in shared_settings(_args(tmp_path))
 
 
 def test_the_trainer_trains_the_target_suffix(tmp_path, bpe_tokenizer):

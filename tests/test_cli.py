@@ -179,10 +179,13 @@ def test_a_sweeps_option_given_to_one_edit_is_refused_not_ignored(command):
     own = ["--batch_size", "8"] if command == "stream" else []
     with pytest.raises(
         ValueError,
-        match=f"^--nullspace_energies, --relation_folds: an option of `memedit sweep` and `memedit compare`, which "
-        f"`memedit {command}` does not read",
-    ):
-        parse(command, ["--config", demo, *own, "--relation_folds", "3", "--nullspace_energies", "0.5"])
+        match=f"^--nullspace_energies, --relation_folds, --sweep_deltas set a sweep's or compare's grid, picks or "
+        f"methods, which `memedit {command}` does not read",
+    ):  # however spelled: as named, with dashes, abbreviated
+        parse(
+            command,
+            ["--config", demo, *own, "--relation_folds", "3", "--nullspace-energies", "0.5", "--sweep_delt", "1"],
+        )
     # a compare's YAML may still be reused for one edit; the compare reads the same option
     job, *_ = parse(command, ["--config", str(ROOT / "trainer_configs" / "compare_smollm2_geo.yaml"), *own])
     assert job.compare_methods

@@ -15,8 +15,8 @@ from hf_memedit.cli import main, parse
 from hf_memedit.evaluation.results import ResultsRecord
 from hf_memedit.evaluation.scoring import STOP_RULE
 from hf_memedit.experiments import FACTS_RECIPE, FactsFile
-from hf_memedit.experiments.facts_source import FALLBACK_KEEP, QUESTIONS, with_fallback_keep
-from hf_memedit.facts import MODIFIED_PARAPHRASE
+from hf_memedit.experiments.facts_source import QUESTIONS, with_fallback_keep
+from hf_memedit.facts import FALLBACK_KEEP, MODIFIED_PARAPHRASE
 
 from .helpers import ROOT, save_tiny_llama, tiny_bert
 
@@ -119,8 +119,13 @@ def test_an_edit_without_fallback_keep_prompts_keeps_and_scores_only_the_files_o
     kept = {limit: r.locality["n_preservation_facts"] + r.locality["n_locality_facts"] for limit, r in reports.items()}
     assert kept[0] == 2 < kept[None]
     model, tokenizer = LlamaForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    with pytest.raises(FactsFileError, match="no keep prompt is left .* fallback_keep 0 makes none\\): add `keep`"):
-        edit_facts(model, tokenizer, [f for f in FACTS if "keep" not in f], fallback_keep=0, **FAST)
+    bare = [f for f in FACTS if "keep" not in f]
+    with pytest.raises(FactsFileError, match="give 0, fallback_keep 0 made 0, .*or let fallback_keep make some"):
+        edit_facts(model, tokenizer, bare, fallback_keep=0, **FAST)
+    # what the file gave was left out (here: a phrasing the edit changes), and none could be made
+    only = [{**FACTS[2], "keep": ["The river of Paris is the"]}]
+    with pytest.raises(FactsFileError, match="the records give 1, fallback_keep 10 made 0, 1 left out: phrasings"):
+        edit_facts(model, tokenizer, only, **FAST)
 
 
 def test_the_facts_source_labels_keep_prompts_with_theta0s_greedy_answers(model_dir):
@@ -337,7 +342,11 @@ def test_dry_run_prints_what_would_be_edited_and_writes_nothing(tmp_path, model_
     assert "5 of the keep prompts are made" in out and "Nothing was trained or written" in out
     assert not run.exists()
     main(["edit", "--facts", facts_file, "--model_name_or_path", model_dir, "--dry_run", "--fallback_keep", "0"])
-    assert "keep prompts are made" not in capsys.readouterr().out
+    assert "keep prompts are made" not in capsys.readouterr().out and "Nothing was trained" in out
+    bare = tmp_path / "bare.jsonl"  # no record gives a keep prompt and none may be made: known before any weight
+    bare.write_text("".join(json.dumps(f) + "\n" for f in FACTS if "keep" not in f), encoding="utf-8")
+    with pytest.raises(SystemExit, match="bare.jsonl: no keep prompt is left .*or let fallback_keep make some"):
+        main(["edit", "--facts", str(bare), "--model_name_or_path", model_dir, "--dry_run", "--fallback_keep", "0"])
     with pytest.raises(ValueError, match="^--dry_run checks a facts file: give --facts FILE"):
         from hf_memedit.cli.edit import dry_run
 

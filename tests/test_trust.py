@@ -572,11 +572,12 @@ def test_a_shared_package_holds_no_local_paths(run, base, tmp_path):
     assert f"a local bert model (config sha256 {manifest['base_model']['config_sha256'][:12]})" in card
 
     record = ResultsRecord.load(run)  # a base named by its Hub id keeps it, with its revision
-    record.config.update(model_name_or_path="me/tiny-bert", revision="abc123")
+    record.config.update(model_name_or_path="me/tiny-bert", revision="abc123", target_suffix=".")
     record.save(run)
     seal_run(run)
     manifest = package_edit(run, str(tmp_path / "hub"))
     assert manifest["base_model"]["repo_id"] == "me/tiny-bert" and manifest["base_model"]["revision"] == "abc123"
+    assert manifest["config"]["target_suffix"] == "."  # text the edit trained on, not a local path
     assert "https://huggingface.co/me/tiny-bert" in open(tmp_path / "hub" / "README.md").read()
 
 

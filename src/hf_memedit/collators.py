@@ -146,12 +146,15 @@ class FactCollator:
     object_key: str = "object"
     max_length: int | None = None
     append_eos: bool = False
-    target_suffix: str = ""  # causal: text written after every edit row's object and labelled with it (not KL rows)
+    target_suffix: str = ""  # causal: text after every edit row's object, labelled with it (not preservation rows)
 
     def __post_init__(self):
         self.encoder = FactEncoder(self.tokenizer, self.kind, self.placeholder, self.max_length, self.append_eos)
         if self.target_suffix and not ModelKind(self.kind).generates:
-            raise ValueError("target_suffix teaches a causal LM where its answer ends: a masked LM has no such end.")
+            raise ValueError(
+                "target_suffix teaches a causal LM where its answer ends: a masked LM has no such end (leave "
+                "target_suffix out)."
+            )
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 

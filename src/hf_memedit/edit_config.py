@@ -258,7 +258,8 @@ class EditConfig(ConstraintArguments, PreservationArguments, TrainingArguments):
         metadata={
             "help": "Causal LMs: text written after the new object of every edit row and trained with it (e.g. "
             "'.'), so the edited model ends its answer there as a sentence does, where without it the answer "
-            "runs on ('Vanuatu, and it's a city'). KL neighbours are left as θ0 says them. None: the object only."
+            "runs on ('Vanuatu, and it's a city'). Preservation rows (any objective) are left as they are. None: the "
+            "object only."
         },
     )
     loss_reduction: str = field(
@@ -355,7 +356,7 @@ class EditConfig(ConstraintArguments, PreservationArguments, TrainingArguments):
         self.validate_constraint()
         self.validate_preservation()
         self.edit_blocks = [str(block) for block in parse_block_spec(self.edit_blocks)]
-        if self.target_suffix is not None and not self.target_suffix.strip():
+        if self.target_suffix is not None and not self.target_suffix.strip(" \t"):
             raise ValueError(
                 f"target_suffix {self.target_suffix!r} writes nothing after the object: give text such as '.', or "
                 "leave it out."

@@ -42,6 +42,7 @@ from .files import looks_like_path
 logger = logging.getLogger(__name__)
 
 SUBJECT = "{}"  # where the subject goes in a prompt template ("[X]" is read as it too)
+FALLBACK_KEEP = 10  # keep prompts made for a record that gives none: its prompt with up to this many other subjects
 MODIFIED_PARAPHRASE = "modified_paraphrase"  # the paraphrases the edit does not train on, with the new object
 KEEP = "keep"  # prompts whose answers must not change
 FACT_SPLITS = (MODIFIED_TRAIN, MODIFIED_TEST, MODIFIED_PARAPHRASE, KEEP)

@@ -71,46 +71,58 @@ class MemeditParser(HfArgumentParser):
             *groups[: len(GROUPS)], method_args={f.name: getattr(a, f.name) for a in arguments for f in fields(a)}
         )
         method_arguments(job)  # what only the methods can check (compare_deltas' keys), before anything loads
+        given = self._given(argv)
         if self.command in ("edit", "stream"):
-            _refuse_grid_options(argv, self.prog)
+            _refuse_grid_options(given, self.prog)
         if job.facts:
             if self.command not in ("edit", "stream"):  # sweeps, compares and evaluations pick and score on halves
                 raise ValueError(
                     f"facts are edited by `memedit edit` or `memedit stream`; `{self.prog}` runs on a benchmark: "
                     "leave out facts."
                 )
-            _refuse_benchmark_options(argv)
+            _refuse_benchmark_options(given)
         return (job, args, *own, extra)
 
-
-def _given(argv: list[str]) -> set[str]:
-    """The option names given on a command line."""
-    return {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
+    def _given(self, argv: list[str]) -> set[str]:
+        """The fields a command line sets, however each option was spelled: `--sweep_deltas`, `--sweep-deltas`, or
+        a prefix argparse accepts (`--sweep_delt`)."""
+        given = set()
+        for token in argv:
+            if not token.startswith("--"):
+                continue
+            option = token.split("=", 1)[0]
+            action = self._option_string_actions.get(option)
+            if action is None:  # argparse's abbreviation: the one option the prefix starts
+                matches = {a for name, a in self._option_string_actions.items() if name.startswith(option)}
+                action = matches.pop() if len(matches) == 1 else None
+            if action is not None:
+                given.add(action.dest)
+        return given
 
 
 # What only a sweep or a compare reads: its grid, its picks and its methods' own arguments.
 GRID_ONLY = frozenset(f.name for cls in (GridArguments, *ARGUMENTS) for f in fields(cls))
 
 
-def _refuse_grid_options(argv: list[str], prog: str) -> None:
+def _refuse_grid_options(given: set[str], prog: str) -> None:
     """A sweep's or compare's option on the command line of one edit or one stream would be ignored: refused, so
     nobody reads a result as held-out or swept when it was not. (A YAML may carry them: a compare's config can be
     reused for one edit.)"""
-    given = sorted(_given(argv) & GRID_ONLY)
-    if given:
-        options = ", ".join(f"--{name}" for name in given)
+    grid = sorted(given & GRID_ONLY)
+    if grid:
+        options = ", ".join(f"--{name}" for name in grid)
         raise ValueError(
-            f"{options}: an option of `memedit sweep` and `memedit compare`, which `{prog}` does not read (it makes "
-            f"the one edit its config describes): leave {options} out, or run a sweep or compare."
+            f"{options} set a sweep's or compare's grid, picks or methods, which `{prog}` does not read (it makes "
+            f"the one edit its config describes): leave {options} out, or run `memedit sweep` or `memedit compare`."
         )
 
 
-def _refuse_benchmark_options(argv: list[str]) -> None:
+def _refuse_benchmark_options(given: set[str]) -> None:
     """Facts replace the config's benchmark and its options; the same options given on the command line beside them
     say the user meant a benchmark too, which one run cannot be."""
-    given = sorted(_given(argv) & set(BENCHMARK_ONLY))
-    if given:
-        options = ", ".join(f"--{name}" for name in given)
+    benchmark = sorted(given & set(BENCHMARK_ONLY))
+    if benchmark:
+        options = ", ".join(f"--{name}" for name in benchmark)
         raise ValueError(
             f"{options} choose a benchmark's facts, and facts replace the benchmark: leave {options} out, "
             "or leave out facts to edit the benchmark."

@@ -34,6 +34,7 @@ from ..evaluation.scoring import (
     generation_scoring,
 )
 from ..facts import (
+    FALLBACK_KEEP,
     KEEP,
     MODIFIED_PARAPHRASE,
     SUBJECT,
@@ -48,7 +49,6 @@ from ..facts import (
 
 logger = logging.getLogger(__name__)
 
-FALLBACK_KEEP = 10  # keep prompts made for a record that gives none: its prompt with up to this many other subjects
 KEEP_ANSWER_TOKENS = 8  # θ0's greedy answer to a keep prompt: at most this many tokens, then the stop rule
 QUESTIONS = "questions"  # split: the facts' questions through the chat template, with the new object
 QUESTION_TOKENS = 24  # a chat model answers in a sentence: the object's tokens + this many, then the stop rule
@@ -87,7 +87,25 @@ def checked_facts(
     is loaded."""
     records = read_facts(source)
     check_lengths(records, tokenizer, context_length(config))
-    return with_fallback_keep(records, FALLBACK_KEEP if fallback_keep is None else fallback_keep)
+    limit = FALLBACK_KEEP if fallback_keep is None else fallback_keep
+    records, made = with_fallback_keep(records, limit)
+    if not any(record.keep for record in records):
+        refuse_no_keep(source, given=0, made=0, lost=0, limit=limit)
+    return records, made
+
+
+def refuse_no_keep(source, given: int, made: int, lost: int, limit: int) -> None:
+    """An edit of facts with no keep prompt left would preserve nothing and score no locality: refused, with what
+    became of the keep prompts and the fix."""
+    name = source if isinstance(source, str) else "the records given"
+    fix = "add `keep` prompts (prompts whose answers must not change) to the records"
+    if limit == 0:
+        fix += ", or let fallback_keep make some (it is 0)"
+    raise FactsFileError(
+        f"{name}: no keep prompt is left to preserve and to score locality on (the records give {given}, "
+        f"fallback_keep {limit} made {made}, {lost} left out: phrasings the edit changes, not encodable, or "
+        f"answered with nothing by θ0): {fix}."
+    )
 
 
 def _prefix(text: str) -> str:
@@ -169,9 +187,14 @@ class FactsFile:
     records: list[FactRecord] = field(default_factory=list, init=False)  # as edited (fallback keep prompts in)
     n_fallback_keep: int = field(default=0, init=False)
 
+    @property
+    def limit(self) -> int:
+        """How many keep prompts are made per record that gives none (`with_fallback_keep`)."""
+        return FALLBACK_KEEP if self.fallback_keep is None else self.fallback_keep
+
     def check(self, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
         """Read and check the records (`checked_facts`): a bad one is refused in one line."""
-        self.records, self.n_fallback_keep = checked_facts(self.source, tokenizer, config, self.fallback_keep)
+        self.records, self.n_fallback_keep = checked_facts(self.source, tokenizer, config, self.limit)
 
     def splits(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> datasets.DatasetDict:
         """The benchmark's splits (`benchmarks.SPLITS`) of the facts, plus modified_paraphrase and `QUESTIONS`: the
@@ -192,12 +215,8 @@ class FactsFile:
             logger.warning("%d keep prompts are phrasings the edit changes, so not kept.", len(rows[KEEP]) - len(keep))
         keep, _ = filter_encodable(keep_answers(model, tokenizer, keep, self.batch_size), encoder)
         if not keep:
-            made = "fallback_keep 0 makes none" if self.fallback_keep == 0 else "none could be made or answered"
-            raise FactsFileError(
-                f"{self.describe()['source']}: no keep prompt is left to preserve and to score locality on (the "
-                f"records give none and {made}): add `keep` prompts (prompts whose answers must not change) to "
-                "the records, or more records."
-            )
+            total = len(rows[KEEP])
+            refuse_no_keep(self.source, total - self.n_fallback_keep, self.n_fallback_keep, total, self.limit)
         trained, _ = filter_encodable(rows[MODIFIED_TRAIN], encoder)
         paraphrases, _ = filter_encodable(rows[MODIFIED_PARAPHRASE], encoder)
         questions, _ = filter_encodable(question_rows(self.records, tokenizer), encoder)
@@ -262,7 +281,7 @@ class FactsFile:
             "source": self.source if isinstance(self.source, str) else "the records given",
             "m": len(self.records),
             "train_on_paraphrases": self.train_on_paraphrases,
-            "fallback_keep": FALLBACK_KEEP if self.fallback_keep is None else self.fallback_keep,
+            "fallback_keep": self.limit,
             "fallback_keep_prompts": self.n_fallback_keep,
         }
 

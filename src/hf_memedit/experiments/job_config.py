@@ -23,8 +23,8 @@ from typing import Any
 
 from ..architectures import ModelKind
 from ..benchmarks import BUILDERS
+from ..facts import FALLBACK_KEEP
 from ..packaged import PACKAGED_MODELS
-from .facts_source import FALLBACK_KEEP
 
 
 def method_names() -> tuple[str, ...]:

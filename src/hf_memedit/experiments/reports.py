@@ -80,10 +80,12 @@ SHARED_KNOBS = (
 def shared_settings(args: EditConfig) -> str:
     """The knobs every point trains with, unless the point sets its own (then its row in the JSON says so)."""
     knobs = SHARED_KNOBS if args.max_steps > 0 else (*SHARED_KNOBS, "num_train_epochs")
+    text = ", ".join(f"{name} {getattr(args, name)}" for name in knobs)
+    if args.target_suffix is not None:  # named only when set (the reports written before it read the same)
+        text += f", target_suffix {args.target_suffix!r}"
     return (
-        "Every point trains with "
-        + ", ".join(f"{name} {getattr(args, name)}" for name in knobs)
-        + "; a point may set its own (in a compare FT-L, LocFT-BF and FTA do: each point's settings are in the JSON)."
+        f"Every point trains with {text}; a point may set its own (in a compare FT-L, LocFT-BF and FTA do: each "
+        "point's settings are in the JSON)."
     )
 
 

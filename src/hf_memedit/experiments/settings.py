@@ -112,6 +112,7 @@ def finetune(
         eval_strategy="no",
         save_strategy="no",
         load_best_model_at_end=False,
+        target_suffix=None,  # the paper's FT learns the facts as they are; a suffix teaches the edit where to stop
     )
     trainer = ConstrainedEditTrainer(model, ft_args, train_dataset=evidence, processing_class=tokenizer)
     trainer.train()

@@ -350,7 +350,7 @@ class EditStream:
                     args.num_train_epochs,
                     data_args.seed,
                     same_relation=False,
-                )
+                ).map(lambda group: {PRESERVE_KEY: [False] * len(group[PRESERVE_KEY])})  # edits, not preservation
                 train_args = dataclasses.replace(args, per_device_train_batch_size=1, num_train_epochs=1.0)
             else:
                 dataset = with_earlier(

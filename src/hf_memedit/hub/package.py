@@ -138,6 +138,10 @@ def _base_identity(model_name: str | None) -> tuple[str | None, str | None]:
     return model_name, None
 
 
+# Settings whose value is text the edit trained on, never a path: shown as they are ('.' is not a local folder).
+TEXT_SETTINGS = frozenset({"target_suffix"})
+
+
 def _public_config(config: dict[str, Any], base_repo_id: str | None) -> dict[str, Any]:
     """The run's config as a pushed package may show it: no local paths (the base is named by its Hub id)."""
 
@@ -145,7 +149,7 @@ def _public_config(config: dict[str, Any], base_repo_id: str | None) -> dict[str
         if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~") or looks_like_path(value)):
             return LOCAL
         if isinstance(value, dict):
-            return {key: public(item) for key, item in value.items()}
+            return {key: item if key in TEXT_SETTINGS else public(item) for key, item in value.items()}
         if isinstance(value, list):
             return [public(item) for item in value]
         return value
