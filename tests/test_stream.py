@@ -348,3 +348,20 @@ def test_the_replay_track_trains_every_fact_so_far_in_each_batch(tmp_path, model
     assert [[f["subject"] for f in b["facts"]] for b in outcome.stream["batches"]] == [
         SUBJECTS[i : i + 2] for i in range(0, T, 2)
     ]
+
+
+def test_the_stream_key_names_a_newer_option_only_when_it_changes_the_edit(tmp_path):
+    """Streams started before fallback_keep and target_suffix existed resume: their keys hold neither."""
+    from hf_memedit.cli import parse
+
+    def key(*extra):
+        job, args, options, _ = parse(
+            "stream", ["--facts", "f.jsonl", "--batch_size", "2", "--output_dir", str(tmp_path), *extra]
+        )
+        return stream_module.stream_key(job, args, options)
+
+    plain = key()
+    assert "fallback_keep" not in plain and "target_suffix" not in plain
+    assert key("--fallback_keep", "10") == plain  # the default, given
+    assert key("--fallback_keep", "0") == {**plain, "fallback_keep": 0}
+    assert key("--target_suffix", ".") == {**plain, "target_suffix": "."}

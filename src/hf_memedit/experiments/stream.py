@@ -50,7 +50,7 @@ from ..evaluation.metrics import (
 )
 from ..evaluation.results import ResultsRecord, plotting
 from ..evaluation.scoring import FactResults, evaluate_facts, generate_answers, generation_scoring
-from ..facts import MODIFIED_PARAPHRASE
+from ..facts import FALLBACK_KEEP, MODIFIED_PARAPHRASE
 from ..files import atomic_directory, atomic_write_text, load_tensors, read_json, save_tensors, tensor_sha256
 from ..model import EditModel, get_edit_model, write_values
 from ..preservation import NeighbourRisk, preservation_batches
@@ -199,9 +199,10 @@ def stream_key(job: JobConfig, args: EditConfig, options: StreamOptions) -> dict
     )
     if options.stream_earlier_keys:  # named only when on: a stream started before the option resumes as it was
         key["earlier_keys"] = True
-    for name, value in (("fallback_keep", job.fallback_keep), ("target_suffix", args.target_suffix)):
-        if value is not None:  # likewise, named only when given
-            key[name] = value
+    if job.fallback_keep not in (None, FALLBACK_KEEP):  # likewise, named only when it changes the edit
+        key["fallback_keep"] = job.fallback_keep
+    if args.target_suffix is not None:
+        key["target_suffix"] = args.target_suffix
     return json.loads(json.dumps(key, default=str))  # as stream.json holds it
 
 
