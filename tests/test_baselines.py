@@ -91,7 +91,11 @@ def test_the_trainer_trains_the_target_suffix(tmp_path, bpe_tokenizer):
         model, _args(tmp_path, target_suffix="."), train_dataset=rows, processing_class=bpe_tokenizer
     )
     batch = next(iter(trainer.get_train_dataloader()))
-    assert batch["input_ids"][0].tolist() == bpe_tokenizer("The capital of France is Paris.")["input_ids"]
+    period = bpe_tokenizer("The capital of France is Paris.")["input_ids"]
+    assert batch["input_ids"][0].tolist() == period
+    trainer.args.max_steps = 1
+    trainer.train()  # the prefix cache is filled up front with the sequence trained, not the object alone
+    assert set(trainer.prefix_cache.states) == {tuple(period)}
 
 
 def test_the_sequence_loss_is_the_mean_of_each_facts_mean(bpe_tokenizer):

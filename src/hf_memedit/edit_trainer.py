@@ -418,6 +418,7 @@ class ConstrainedEditTrainer(Trainer):
                 self.train_dataset,
                 self.args.per_device_eval_batch_size,
                 show_progress=not self.args.disable_tqdm,
+                collator=self.data_collator if isinstance(self.data_collator, FactCollator) else None,
             )
         if resume_from_checkpoint:
             resume_from_checkpoint = checkpoint_folder(resume_from_checkpoint, self.args.output_dir)

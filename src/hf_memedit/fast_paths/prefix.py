@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import BlockLayout, block_list, eval_mode, layout_for, model_kind, table_layout
-from ..collators import FactCollator
+from ..collators import PRESERVE_KEY, FactCollator
 from .heads import head_modules, object_positions_only
 
 
@@ -176,16 +176,21 @@ class PrefixCache:
         batch_size: int = 64,
         show_progress: bool = False,
         object_key: str = "object",
+        collator: FactCollator | None = None,
     ) -> None:
-        """Compute the states of every fact (or FTA group) not cached yet, in batches, after a memory check."""
-        encoder = FactCollator(tokenizer, self.kind).encoder
+        """Compute the states of every fact (or FTA group) not cached yet, in batches, after a memory check.
+
+        `collator`: the one training encodes with (its EOS or target suffix make the sequences trained)."""
+        collator = collator or FactCollator(tokenizer, self.kind)
         sequences: dict[tuple[int, ...], None] = {}
         for fact in facts:
             texts, objects = fact["text"], fact[object_key]
+            flags = fact.get(PRESERVE_KEY) if isinstance(texts, list) else None
             if not isinstance(texts, list):  # an FTA row is a group of facts
                 texts, objects = [texts], [objects]
-            for text, obj in zip(texts, objects):
-                key = tuple(encoder.encode(text, obj)["input_ids"])
+            for text, obj, kept in zip(texts, objects, flags or [False] * len(texts)):
+                row = {collator.text_key: text, collator.object_key: obj}
+                key = tuple(collator.encode(row, kept)["input_ids"])
                 if key not in self.states:
                     sequences[key] = None
         missing = list(sequences)
