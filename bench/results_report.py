@@ -5,10 +5,10 @@
 
 Each folder is one run of `memedit edit` / `train_edit.py` (or `memedit eval`'s `eval/<name>`): its results.json
 (`hf_memedit.evaluation.results.ResultsRecord`) is the only source of every cell. The report holds one row per
-run (model, method, seed, m, A_M, generalisation, retention with the facts it rests on, A_M by generation with
-its stop rule, drift, wall time), the spread over seeds of runs that differ only in their seed, each stream's
-batches (`memedit stream`'s stream.json: each batch's efficacy right after it and at the end, the earlier batches',
-retention), and each run's locality facts, constraint and library versions.
+run (model, method, seed, m, A_M on the training and on the test phrasing, retention with the facts it rests on,
+A_M by generation with its stop rule, drift, wall time), the spread over seeds of runs that differ only in their
+seed, each stream's batches (`memedit stream`'s stream.json: each batch's efficacy right after it and at the end, the
+earlier batches', retention), and each run's locality facts, constraint and library versions.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ COLUMNS = (
     "method",
     "seed",
     "m",
-    "A_M",
-    "generalisation",
+    "A_M, training phrasing",
+    "A_M, test phrasing",
     "retention",
     "gen A_M (stop)",
     "drift KL",
@@ -257,7 +257,8 @@ def report(runs: list[tuple[str, ResultsRecord]], title: str, streams: dict[str,
         f"# {title}",
         "",
         f"Written by `python bench/results_report.py` from each run folder's {RESULTS_JSON} alone. A_M is scored "
-        "on the training phrasing, generalisation on the test phrasing (A_M as the paper reports it); retention "
+        "on the training phrasing and on the test phrasing (the paper's A_M; for a facts file, the fact's own "
+        "prompt, so both are the same); retention "
         "is the share of the unmodified facts known before the edit that are still right, with how many facts "
         "it rests on. Drift: next-token KL(θ0 ‖ θ) and perplexity ratio on held-out samples of θ0.",
         "",
@@ -299,7 +300,7 @@ def report(runs: list[tuple[str, ResultsRecord]], title: str, streams: dict[str,
     seeds = seed_rows(runs)
     if seeds:
         lines += ["", "## Over seeds", ""]
-        lines += _table(("runs", "method", "seeds", "generalisation", "retention"), seeds)
+        lines += _table(("runs", "method", "seeds", "A_M, test phrasing", "retention"), seeds)
     lines += ["", "## The runs", ""]
     for name, record in runs:
         benchmark = ", ".join(f"{key} {value}" for key, value in record.benchmark.items())

@@ -76,8 +76,8 @@ def test_the_report_tables_are_the_run_folders_numbers(runs, tmp_path, capsys):
         record = json.loads((run / "results.json").read_text())
         metrics = record["metrics"]
         assert row["seed"] == str(record["seed"]) and row["m"] == "8" and row["model"] == record["model"]
-        assert row["A_M"] == f"{100 * metrics['a_m_train']:.2f}%"
-        assert row["generalisation"] == f"{100 * metrics['a_m']:.2f}%"
+        assert row["A_M, training phrasing"] == f"{100 * metrics['a_m_train']:.2f}%"
+        assert row["A_M, test phrasing"] == f"{100 * metrics['a_m']:.2f}%"
         assert metrics["n_known"] > 0  # after FT the tiny BERT knows some of the facts
         kept = round(metrics["retention"] * metrics["n_known"])
         assert row["retention"] == f"{100 * metrics['retention']:.2f}% ({kept} of {metrics['n_known']})"
@@ -88,14 +88,14 @@ def test_the_report_tables_are_the_run_folders_numbers(runs, tmp_path, capsys):
     spread = _rows(text, "## Over seeds")
     assert len(spread) == 1 and spread[0]["seeds"] == "0, 1"
     values = [json.loads((run / "results.json").read_text())["metrics"]["a_m"] for run in runs]
-    assert f"mean {100 * sum(values) / 2:.2f}%" in spread[0]["generalisation"]
+    assert f"mean {100 * sum(values) / 2:.2f}%" in spread[0]["A_M, test phrasing"]
     assert "Locality measured on" in text
 
     # A changed results.json changes the report: the figure follows its run.
     record = json.loads((runs[0] / "results.json").read_text())
     record["metrics"]["a_m"] = 0.125
     (runs[0] / "results.json").write_text(json.dumps(record))
-    assert _rows(module.report(module.load_runs([str(runs[0])]), "x"))[0]["generalisation"] == "12.50%"
+    assert _rows(module.report(module.load_runs([str(runs[0])]), "x"))[0]["A_M, test phrasing"] == "12.50%"
 
 
 def test_generation_and_drift_cells_name_their_rule(tmp_path):
