@@ -47,7 +47,9 @@ def test_eos_is_appended_and_labelled_for_causal_lms_only(bpe_tokenizer, bert_to
         FactCollator(bert_tokenizer, "masked", append_eos=True)
 
 
-def test_a_target_suffix_is_written_after_each_edit_rows_object_and_labelled(tmp_path, bpe_tokenizer, bert_tokenizer):
+def test_a_target_suffix_is_written_after_each_edit_rows_object_and_labelled(
+    tmp_path, bpe_tokenizer, bert_tokenizer, caplog
+):
     fact = {"text": "The capital of France is [Y]", "object": "Paris"}
     plain = FactCollator(bpe_tokenizer, "causal")([fact])
     stop = FactCollator(bpe_tokenizer, "causal", target_suffix=".")([fact])
@@ -63,6 +65,16 @@ def test_a_target_suffix_is_written_after_each_edit_rows_object_and_labelled(tmp
         width = single["labels"].shape[1]
         assert mixed["labels"][row, :width].tolist() == single["labels"][0].tolist()
         assert (mixed["labels"][row, width:] == -100).all()
+    # With EOS targets too: the object, the suffix, then EOS.
+    both = FactCollator(bpe_tokenizer, "causal", append_eos=True, target_suffix=".")([fact])
+    assert both["input_ids"][0].tolist() == [*period, bpe_tokenizer.eos_token_id]
+    # A suffix the tokenizer would write into the object's own tokens is left out for that object, and said once.
+    merged = FactCollator(bpe_tokenizer, "causal", target_suffix="is")  # "Par" + "is": the learnt "Paris" token
+    par = {**fact, "object": "Par"}
+    with caplog.at_level("WARNING"):
+        rows = merged([par, par])
+    assert rows["input_ids"][0].tolist() == FactCollator(bpe_tokenizer, "causal")([par])["input_ids"][0].tolist()
+    assert caplog.text.count("target_suffix 'is' is not added after 'Par'") == 1
     with pytest.raises(ValueError, match="masked LM has no such end"):
         FactCollator(bert_tokenizer, "masked", target_suffix=".")
     with pytest.raises(ValueError, match="target_suffix ' ' writes nothing after the object"):

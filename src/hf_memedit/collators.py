@@ -150,6 +150,7 @@ class FactCollator:
 
     def __post_init__(self):
         self.encoder = FactEncoder(self.tokenizer, self.kind, self.placeholder, self.max_length, self.append_eos)
+        self._unsuffixed: set[str] = set()  # objects the suffix would change (warned once each)
         if self.target_suffix and not ModelKind(self.kind).generates:
             raise ValueError(
                 "target_suffix teaches a causal LM where its answer ends: a masked LM has no such end (leave "
@@ -159,12 +160,29 @@ class FactCollator:
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
     def encode(self, fact: Mapping, preserve: bool = False) -> dict[str, list[int]]:
-        """One fact's ids and labels; an edit row (not `preserve`) with its object followed by `target_suffix`."""
+        """One fact's ids and labels; an edit row (not `preserve`) with its object followed by `target_suffix`,
+        unless the suffix would change the object's own tokens (an object that ends with it, a tokenizer that merges
+        them): that row trains its object alone, as it is scored."""
         for key in (self.text_key, self.object_key):
             if key not in fact:
                 raise FactEncodingError(f"fact {dict(fact)!r} has no {key!r} field")
-        suffix = "" if preserve else self.target_suffix
-        return self.encoder.encode(fact[self.text_key], fact[self.object_key] + suffix)
+        text, obj = fact[self.text_key], fact[self.object_key]
+        plain = self.encoder.encode(text, obj)
+        if preserve or not self.target_suffix:
+            return plain
+        suffixed = self.encoder.encode(text, obj + self.target_suffix)
+        end = len(plain["input_ids"]) - self.append_eos  # the object's last token (EOS follows it in both)
+        if suffixed["input_ids"][:end] != plain["input_ids"][:end]:
+            if obj not in self._unsuffixed:
+                self._unsuffixed.add(obj)
+                logger.warning(
+                    "target_suffix %r is not added after %r: the tokenizer writes them together as other tokens "
+                    "than the object's own, which is what scoring asks for.",
+                    self.target_suffix,
+                    obj,
+                )
+            return plain
+        return suffixed
 
     def __call__(self, facts: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         # A row whose text and object are lists is a group of facts that must share a batch (FTA,
