@@ -258,7 +258,7 @@ def report(runs: list[tuple[str, ResultsRecord]], title: str, streams: dict[str,
         "",
         f"Written by `python bench/results_report.py` from each run folder's {RESULTS_JSON} alone. A_M is scored "
         "on the training phrasing and on the test phrasing (the paper's A_M; for a facts file, the fact's own "
-        "prompt, so both are the same); retention "
+        "prompt, so both are the same unless the paraphrases were trained on); retention "
         "is the share of the unmodified facts known before the edit that are still right, with how many facts "
         "it rests on. Drift: next-token KL(θ0 ‖ θ) and perplexity ratio on held-out samples of θ0.",
         "",

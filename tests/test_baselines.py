@@ -75,6 +75,10 @@ def test_a_target_suffix_is_written_after_each_edit_rows_object_and_labelled(
         rows = merged([par, par])
     assert rows["input_ids"][0].tolist() == FactCollator(bpe_tokenizer, "causal")([par])["input_ids"][0].tolist()
     assert caplog.text.count("target_suffix 'is' is not added after 'Par'") == 1
+    # Likewise where the object with the suffix cannot be encoded (here: longer than max_length).
+    short = FactCollator(bpe_tokenizer, "causal", target_suffix=".", max_length=plain["input_ids"].shape[1])
+    assert short([fact])["input_ids"][0].tolist() == plain["input_ids"][0].tolist()
+    assert "target_suffix '.' is not added after 'Paris': the object followed by it cannot be encoded" in caplog.text
     with pytest.raises(ValueError, match="masked LM has no such end"):
         FactCollator(bert_tokenizer, "masked", target_suffix=".")
     with pytest.raises(ValueError, match="target_suffix ' ' writes nothing after the object"):

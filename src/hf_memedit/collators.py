@@ -161,8 +161,8 @@ class FactCollator:
 
     def encode(self, fact: Mapping, preserve: bool = False) -> dict[str, list[int]]:
         """One fact's ids and labels; an edit row (not `preserve`) with its object followed by `target_suffix`,
-        unless the suffix would change the object's own tokens (an object that ends with it, a tokenizer that merges
-        them): that row trains its object alone, as it is scored."""
+        unless the tokenizer writes the two together as other tokens than the object's own (or cannot encode them):
+        that row trains its object alone, as it is scored."""
         for key in (self.text_key, self.object_key):
             if key not in fact:
                 raise FactEncodingError(f"fact {dict(fact)!r} has no {key!r} field")
@@ -170,19 +170,24 @@ class FactCollator:
         plain = self.encoder.encode(text, obj)
         if preserve or not self.target_suffix:
             return plain
-        suffixed = self.encoder.encode(text, obj + self.target_suffix)
         end = len(plain["input_ids"]) - self.append_eos  # the object's last token (EOS follows it in both)
-        if suffixed["input_ids"][:end] != plain["input_ids"][:end]:
-            if obj not in self._unsuffixed:
-                self._unsuffixed.add(obj)
-                logger.warning(
-                    "target_suffix %r is not added after %r: the tokenizer writes them together as other tokens "
-                    "than the object's own, which is what scoring asks for.",
-                    self.target_suffix,
-                    obj,
-                )
-            return plain
-        return suffixed
+        try:
+            suffixed = self.encoder.encode(text, obj + self.target_suffix)
+            problem = None if suffixed["input_ids"][:end] == plain["input_ids"][:end] else "changes its tokens"
+        except FactEncodingError as error:
+            problem = f"cannot be encoded with it ({error})"
+        if problem is None:
+            return suffixed
+        if obj not in self._unsuffixed:
+            self._unsuffixed.add(obj)
+            logger.warning(
+                "target_suffix %r is not added after %r: the object followed by it %s, so that row trains the "
+                "object alone, as scoring asks for it.",
+                self.target_suffix,
+                obj,
+                problem,
+            )
+        return plain
 
     def __call__(self, facts: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         # A row whose text and object are lists is a group of facts that must share a batch (FTA,

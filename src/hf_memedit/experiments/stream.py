@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import model_kind
 from ..benchmarks.common import CONSISTENCY, MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, UNMODIFIED_TRAIN
-from ..collators import PRESERVE_KEY, WEIGHT_KEY, FactEncoder
+from ..collators import PRESERVE_KEY, WEIGHT_KEY, FactCollator
 from ..edit_config import EditConfig, constraint_record
 from ..edit_trainer import ConstrainedEditTrainer
 from ..evaluation.metrics import (
@@ -360,11 +360,13 @@ class EditStream:
         train_args = dataclasses.replace(train_args, seed=args.seed, eval_strategy="no", save_strategy="no")
         edit_keys = None
         if options.stream_earlier_keys and earlier:  # as trained: the training phrasings with the new objects
-            encoder = FactEncoder(context.tokenizer, model_kind(context.model), append_eos=args.eos_target)
-            suffix = args.target_suffix or ""
-            edit_keys = [
-                encoder.encode(row["text"], row["object"] + suffix)["input_ids"] for row in _rows(train, earlier)
-            ]
+            collator = FactCollator(  # the sequences as they were trained
+                context.tokenizer,
+                model_kind(context.model),
+                append_eos=args.eos_target,
+                target_suffix=args.target_suffix or "",
+            )
+            edit_keys = [collator.encode(row)["input_ids"] for row in _rows(train, earlier)]
         edit_model = (
             self.edit_model
             if options.stream_center == "theta0"
