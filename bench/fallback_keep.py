@@ -51,6 +51,15 @@ def withhold(records: list[dict], every: int) -> tuple[list[dict], list[dict]]:
     return edited, withheld
 
 
+def unseen(edited: list[dict], withheld: list[dict]) -> tuple[list[dict], int]:
+    """The withheld prompts that neither edit is given (another record's neighbourhood prompt, or one the default
+    makes, is a keep prompt of the edit: not scored), each once, and how many were left out so."""
+    given = {" ".join(k.prompt.split()) for record in with_fallback_keep(read_facts(edited))[0] for k in record.keep}
+    rows = list({" ".join(row["text"].split()): row for row in withheld}.values())
+    scored = [row for row in rows if " ".join(row["text"].split()) not in given]
+    return scored, len(withheld) - len(scored)
+
+
 def kept(model, tokenizer, rows: list[dict], known: list[bool], batch_size: int) -> dict:
     """How many of the withheld prompts the edited model still answers as θ0 did: teacher-forced (of those θ0
     predicted token by token) and by greedy generation under the stop rule (of all)."""
@@ -84,18 +93,14 @@ def main(argv=None) -> None:
     options = json.loads(args.options)
     if "fallback_keep" in options:
         raise SystemExit("--options: fallback_keep is what this script varies (the default, then 0): leave it out.")
-    edited, rows = withhold(records, args.withhold_every)
+    edited, withheld = withhold(records, args.withhold_every)
+    rows, overlap = unseen(edited, withheld)
     if not rows:
-        raise SystemExit(f"{args.facts}: no record gives neighborhood_prompts to withhold.")
+        raise SystemExit(f"{args.facts}: no withheld neighborhood prompt is left that no edit is given.")
     job = JobConfig(model_name_or_path=args.model_name_or_path, facts=args.facts)
     model, tokenizer = load_model_and_tokenizer(job)
     rows = keep_answers(model, tokenizer, rows, args.batch_size)  # θ0's own answers, as keep prompts are labelled
     known = evaluate_facts(model, tokenizer, rows, batch_size=args.batch_size).correct
-    given = {
-        " ".join(keep.prompt.split()) for record in with_fallback_keep(read_facts(edited))[0] for keep in record.keep
-    }
-    if given & {" ".join(row["text"].split()) for row in rows}:
-        raise SystemExit(f"{args.facts}: a withheld prompt is also a keep prompt of the edit; the check is not clean.")
     results = {}
     for limit in (FALLBACK_KEEP, 0):
         if results:  # a fresh θ0 for the second edit
@@ -108,7 +113,8 @@ def main(argv=None) -> None:
     print(
         f"\n{args.facts}: {len(records)} facts, the neighbourhood prompts of every {args.withhold_every}"
         f"{'nd' if args.withhold_every == 2 else 'th'} record withheld ({len(rows)} prompts θ0 answers, "
-        f"{sum(known)} of them token by token); stop rule: EOS, newline or period.\n"
+        f"{sum(known)} of them token by token; {overlap} more left out, repeated or given to the edit by another "
+        "record); stop rule: EOS, newline or period.\n"
     )
     print(
         "| fallback_keep | keep prompts made | A_M | gen A_M (stop) | retention on the scored keep prompts "

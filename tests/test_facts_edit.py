@@ -375,14 +375,16 @@ def test_the_fallback_keep_bench_scores_both_edits_on_the_same_withheld_neighbou
             "neighborhood_prompts": [prompt.format(n) for n in neighbours],
         }
         for prompt, s, new, neighbours in (
-            ("The capital of {} is", "France", "Lima", ["Spain", "Chile"]),
+            ("The capital of {} is", "France", "Lima", ["Spain", "Chile", "Canada"]),
             ("The capital of {} is", "Norway", "Athens", ["Greece", "Canada", "Norway"]),  # naming the subject: out
             ("The river of {} is the", "Paris", "Ottawa", ["London"]),
         )
     ]
     edited, withheld = bench.withhold(records, 2)
-    assert [len(r["neighborhood_prompts"]) for r in edited] == [2, 0, 1]
+    assert [len(r["neighborhood_prompts"]) for r in edited] == [3, 0, 1]
     assert [row["text"] for row in withheld] == ["The capital of Greece is [Y]", "The capital of Canada is [Y]"]
+    scored, overlap = bench.unseen(edited, withheld)  # Canada's is France's keep prompt too: the edit sees it
+    assert [row["text"] for row in scored] == ["The capital of Greece is [Y]"] and overlap == 1
     path = tmp_path / "cf.json"
     path.write_text(json.dumps(records), encoding="utf-8")
     bench.main(
@@ -394,6 +396,6 @@ def test_the_fallback_keep_bench_scores_both_edits_on_the_same_withheld_neighbou
     # the default makes Norway's keep prompt from the other subjects ("The capital of Paris is"; France's is an
     # edit); 0 makes none
     assert [(cells[0].strip(), cells[1].strip()) for cells in table] == [(str(FALLBACK_KEEP), "1"), ("0", "0")]
-    assert all(cells[6].strip().endswith("of 2)") for cells in table), out  # both scored on the 2 withheld prompts
+    assert all(cells[6].strip().endswith("of 1)") for cells in table), out  # both scored on the 1 unseen prompt
     for limit in (FALLBACK_KEEP, 0):
         assert ResultsRecord.load(tmp_path / "runs" / f"fallback_keep_{limit}").benchmark["fallback_keep"] == limit
