@@ -8,7 +8,7 @@ from ..blocks import resolved_blocks
 from ..edit_config import EditConfig, constraint_record, describe_constraint
 from ..evaluation.results import DRIFT_LABELS, METRIC_LABELS, format_metric
 from ..experiments import JobConfig, RunOutcome, load_config, run_edit
-from ..experiments.facts_source import checked_facts
+from ..experiments.facts_source import FactsFile
 from ..experiments.loading import load_tokenizer
 from ..facts import describe_facts
 from .parser import MemeditParser
@@ -95,12 +95,14 @@ def make_parser() -> MemeditParser:
 
 
 def dry_run(job: JobConfig) -> str:
-    """What an edit of the job's facts would change, every record checked (`checked_facts`), from the model's
+    """What an edit of the job's facts would change, every record checked (`FactsFile.check`), from the model's
     tokenizer and config alone: no weight is loaded, no run folder touched."""
     if not job.facts:
         raise ValueError("--dry_run checks a facts file: give --facts FILE.")
     config, _ = load_config(job)
-    records, made = checked_facts(job.facts, load_tokenizer(job), config, job.fallback_keep)
+    source = FactsFile(job.facts, job.train_on_paraphrases, fallback_keep=job.fallback_keep)
+    source.check(load_tokenizer(job), config)
+    records, made = source.records, source.n_fallback_keep
     text = describe_facts(records)
     if made:
         text += (

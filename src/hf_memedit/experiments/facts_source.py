@@ -79,15 +79,13 @@ def with_fallback_keep(records: Sequence[FactRecord], limit: int = FALLBACK_KEEP
 
 
 def checked_facts(
-    source, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, fallback_keep: int | None = None
+    source, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, limit: int = FALLBACK_KEEP
 ) -> tuple[list[FactRecord], int]:
     """The records of `source` (a file, dataset folder, Hub id or list of records), each refused with one line when
-    bad (`read_facts`, `check_lengths` against the model's context), up to `fallback_keep` (None: `FALLBACK_KEEP`)
-    keep prompts made where a record has none, and how many were made. What `--dry_run` checks, before any weight
-    is loaded."""
+    bad (`read_facts`, `check_lengths` against the model's context), up to `limit` keep prompts made where a record
+    has none, and how many were made. What `--dry_run` checks, before any weight is loaded."""
     records = read_facts(source)
     check_lengths(records, tokenizer, context_length(config))
-    limit = FALLBACK_KEEP if fallback_keep is None else fallback_keep
     records, made = with_fallback_keep(records, limit)
     if not any(record.keep for record in records):
         refuse_no_keep(source, given=0, made=0, lost=0, limit=limit)
