@@ -550,6 +550,37 @@ def test_the_null_space_projection_is_certified_against_the_exact_one(norm, scop
     assert projector.distance() <= delta * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_linf_rows_stop_on_their_own_and_agree_with_the_whole_tensor_solver(seed):
+    """L∞ ∩ null space row by row: rows already in both sets come back unchanged, and the result lies within
+    √(2 × tolerance) × the distance projected of the whole-tensor iteration run far past convergence."""
+    generator = torch.Generator().manual_seed(seed)
+    moment = _moment(24, seed, rank=10)
+    theta0 = torch.zeros(12, 24, dtype=torch.float64)  # Δ stored exactly: the pull-in into the box has no rounding
+    keys = KeyProjector("nullspace", {"w": moment}, {"w": ("layer", False)}, ["w"], {"w": theta0}, threshold=1e-8)
+    step = torch.randn(12, 24, generator=generator, dtype=torch.float64)
+    step[:4] = 0.05 * step[:4] @ keys.projectors["w"].matrix() / step[:4].abs().max()  # in both sets already
+    tolerance = 1e-8
+
+    def projected(solver: str, tolerance: float) -> torch.Tensor:
+        param = torch.nn.Parameter(theta0 + step)
+        projector = NormBallProjector(
+            {"w": param}, {"w": theta0}, "linf", 0.1, keys=keys, iterations=5000, tolerance=tolerance
+        )
+        with torch.no_grad():
+            getattr(projector, solver)(projector.theta0_like_params())
+        assert projector.dykstra_converged
+        return param.detach() - theta0
+
+    rows = projected("_linf_nullspace", tolerance)
+    exact = projected("_dykstra_nullspace", 1e-13)
+    assert (rows[:4] - step[:4]).abs().max() <= 1e-14, (rows[:4] - step[:4]).abs().max()
+    assert (rows - exact).norm() <= math.sqrt(2 * tolerance) * (step - exact).norm()
+    assert rows.abs().max() <= 0.1 and torch.allclose(
+        rows @ (moment @ rows.T), torch.zeros(12, 12, dtype=torch.float64), atol=1e-12
+    )
+
+
 def test_a_dykstra_stopped_by_its_cap_says_so(caplog):
     """Two iterations cannot settle the random case above: the projector reports the cap, once, and counts it."""
     generator = torch.Generator().manual_seed(0)

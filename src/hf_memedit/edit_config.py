@@ -115,8 +115,9 @@ class ConstraintArguments:
         metadata={
             "help": "When the ball ∩ key set projection stops. nullspace: once the duality gap certifies ½‖result − "
             "target‖² within this share of its minimum (the result within √tolerance × the distance projected of "
-            "the nearest point). output: once a Dykstra iteration moves its iterate and correction terms by at most "
-            "this × the distance projected. The result is then scaled toward θ0 into the ball: it lies in both sets."
+            "the nearest point; with linf each weight row on its own certificate, the tensor then within twice "
+            "this share). output: once a Dykstra iteration moves its iterate and correction terms by at most this × "
+            "the distance projected. The result is then scaled toward θ0 into the ball: it lies in both sets."
         },
     )
 

@@ -448,41 +448,44 @@ ANDERSON_MEMORY = 3
 
 
 class _AndersonMixing:
-    """Type-II Anderson acceleration of the fixed-point step v ← v + f(v), one least-squares fit per weight row.
+    """Type-II Anderson acceleration of the fixed-point step v ← v + f(v) for one [rows, columns] tensor, one
+    least-squares fit per row.
 
     Keeps the last `memory` differences of f and of the plain step v + f (each [rows, memory, columns], float64) and
-    returns v + f − Σᵢ γᵢ Δ(v + f)ᵢ, with γ per row the least-squares fit of f by the Δfᵢ (ridge-regularised)."""
+    returns v + f − Σᵢ γᵢ Δ(v + f)ᵢ, with γ per row the least-squares fit of f by the Δfᵢ (ridge-regularised). Rows
+    can forget their history (`forget`: their next step is plain) and leave (`keep`: rows whose projection is done)."""
 
-    def __init__(self, like: Mapping[str, torch.Tensor], memory: int):
-        self.memory = memory
-        self.dg = {name: tensor.new_zeros(tensor.shape[0], memory, tensor.shape[1]) for name, tensor in like.items()}
-        self.df = {name: tensor.new_zeros(tensor.shape[0], memory, tensor.shape[1]) for name, tensor in like.items()}
-        self.reset()
+    def __init__(self, like: torch.Tensor, memory: int):
+        self.memory, self.count, self.last = memory, 0, None
+        self.dg = like.new_zeros(like.shape[0], memory, like.shape[1])
+        self.df = like.new_zeros(like.shape[0], memory, like.shape[1])
+        self.fresh = torch.ones(like.shape[0], dtype=torch.bool, device=like.device)  # rows with no last point
 
-    def reset(self) -> None:
-        self.count, self.last = 0, None
+    def forget(self, rows: torch.Tensor) -> None:
+        self.df[rows], self.dg[rows], self.fresh[rows] = 0, 0, True
 
-    def step(self, v: dict[str, torch.Tensor], f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        plain = {name: v[name] + f[name] for name in v}
+    def keep(self, rows: torch.Tensor) -> None:
+        self.df, self.dg, self.fresh = self.df[rows], self.dg[rows], self.fresh[rows]
         if self.last is not None:
-            slot = self.count % self.memory
-            for name in v:
-                torch.sub(f[name], self.last[1][name], out=self.df[name][:, slot])
-                torch.sub(plain[name], self.last[0][name], out=self.dg[name][:, slot])
+            self.last = (self.last[0][rows], self.last[1][rows])
+
+    def step(self, v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        plain = v + f
+        if self.last is not None:
+            slot, known = self.count % self.memory, (~self.fresh).to(f.dtype)[:, None]
+            torch.mul(f - self.last[1], known, out=self.df[:, slot])
+            torch.mul(plain - self.last[0], known, out=self.dg[:, slot])
             self.count += 1
-        self.last = (plain, f)
+        self.last, self.fresh = (plain, f), torch.zeros_like(self.fresh)
         filled = min(self.count, self.memory)
         if filled == 0:
             return plain
-        mixed = {}
-        for name in v:
-            df, dg = self.df[name][:, :filled], self.dg[name][:, :filled]
-            gram = df @ df.transpose(1, 2)  # [rows, k, k]
-            ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1) + 1e-200  # a row that stopped changing: γ = 0
-            gram = gram + ridge[:, None, None] * torch.eye(filled, dtype=gram.dtype, device=gram.device)
-            gamma = torch.linalg.solve(gram, df @ f[name].unsqueeze(-1))  # [rows, k, 1]
-            mixed[name] = torch.baddbmm(plain[name].unsqueeze(1), gamma.transpose(1, 2), dg, alpha=-1).squeeze(1)
-        return mixed
+        df, dg = self.df[:, :filled], self.dg[:, :filled]
+        gram = df @ df.transpose(1, 2)  # [rows, k, k]
+        ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1) + 1e-200  # a row that stopped changing: γ = 0
+        gram = gram + ridge[:, None, None] * torch.eye(filled, dtype=gram.dtype, device=gram.device)
+        gamma = torch.linalg.solve(gram, df @ f.unsqueeze(-1))  # [rows, k, 1]
+        return torch.baddbmm(plain.unsqueeze(1), gamma.transpose(1, 2), dg, alpha=-1).squeeze(1)
 
 
 class NormBallProjector:
@@ -564,6 +567,8 @@ class NormBallProjector:
         elif self.norm == "l2" and self.l2_scope == "global" and self.keys.kind == "nullspace":
             self.keys.project_(self.params, theta0)
             project_l2_(self.params, theta0, self.delta)  # a ball around θ0 and a subspace through it: exact
+        elif self.keys.kind == "nullspace" and self.norm == "linf":
+            self._linf_nullspace(theta0)
         elif self.keys.kind == "nullspace":
             self._dykstra_nullspace(theta0)
         else:
@@ -638,7 +643,7 @@ class NormBallProjector:
         )
         v = {name: torch.zeros_like(step) for name, step in target.items()}
         squares = {name: _dot(step, step) for name, step in target.items()}  # ‖Z‖² per tensor
-        mixing = _AndersonMixing(target, ANDERSON_MEMORY)
+        mixing = {name: _AndersonMixing(step, ANDERSON_MEMORY) for name, step in target.items()}
         accepted: tuple[float, dict, dict] | None = None  # the last point that raised g: its g, v and gradient
         self.dykstra_converged = False
         for iteration in range(1, self.iterations + 1):
@@ -655,7 +660,8 @@ class NormBallProjector:
             )
             if accepted is not None and dual < accepted[0]:  # the mixed step lowered g: take the plain one instead
                 v = {name: accepted[1][name] + accepted[2][name] for name in target}
-                mixing.reset()
+                for mixer in mixing.values():
+                    mixer.forget(slice(None))
                 accepted = None
                 continue
             accepted = (dual, v, gradient)
@@ -672,7 +678,7 @@ class NormBallProjector:
             if primal - dual <= self.tolerance * primal:
                 self.dykstra_converged = True
                 break
-            v = mixing.step(v, gradient)
+            v = {name: mixing[name].step(v[name], gradient[name]) for name in target}
         if not self.dykstra_converged:
             self._warn_capped()
         self.dykstra_excess = max(0.0, self._steps_distance(kept, weights) - self.delta)
@@ -682,6 +688,98 @@ class NormBallProjector:
         for name, transposed in layers.items():
             _write(self.params[name], theta0[name], kept[name] * ratios[name], transposed)
         self._pull_into_ball()  # storing in the parameters' dtype rounds: the stored values end in the ball
+
+    def _linf_nullspace(self, theta0: Mapping[str, torch.Tensor]) -> None:
+        """The L∞ box ∩ null space, row by row: both constraints act on each weight row alone (the box per element,
+        ΔW P per row), so every row is its own projection, solved by `_dykstra_nullspace`'s iteration and stopped on
+        its own certificate (`_linf_nullspace_rows`). Most rows are done in a third of the slowest one's iterations.
+        """
+        keys = self.keys
+        for name in keys.frozen:  # biases, norms: no keys, kept at θ0
+            self.params[name].copy_(theta0[name])
+        self.dykstra_converged, self.dykstra_iterations, self.dykstra_excess = True, 0, 0.0
+        moved, size = 0.0, 0.0
+        for name, (_, transposed) in keys.layers.items():
+            param = self.params[name]
+            target = _step(param, theta0[name], transposed).contiguous()  # [out, in]
+            result, iterations, settled, excess, (row_moved, row_size) = self._linf_nullspace_rows(
+                target, keys.projectors[name]
+            )
+            self.dykstra_iterations = max(self.dykstra_iterations, iterations)
+            self.dykstra_converged &= settled
+            self.dykstra_excess = max(self.dykstra_excess, excess)
+            moved, size = moved + row_moved, size + row_size
+            _write(param, theta0[name], result, transposed)
+        if not self.dykstra_converged:
+            self._warn_capped()
+        self.dykstra_pull_in = math.sqrt(moved / size) if size > 0 else 0.0
+        self._pull_into_ball()  # storing in the parameters' dtype rounds: the stored values end in the ball
+
+    def _linf_nullspace_rows(
+        self, target: torch.Tensor, nullspace: NullSpace
+    ) -> tuple[torch.Tensor, int, bool, float, tuple[float, float]]:
+        """One tensor's rows projected: the result, the iterations its slowest row took, whether every row settled,
+        how far the unscaled P_S(a) lay outside the box, and Σ‖moved by the scaling‖², Σ‖P_S(a)‖².
+
+        A row stops once its gap is at most `tolerance` × the larger of its own ½‖point − Z‖² and the mean row's
+        (rounding bounds a row that barely moves), so the tensor's gap is at most twice `tolerance` × its own. Rows
+        that stopped keep iterating, unread, until a quarter of those present have: then they are dropped at once.
+        """
+        basis = nullspace.basis.to(target.device)  # float64: v must stay in S⊥ for g(v) to bound the distance
+        result = torch.empty_like(target)
+        active = torch.arange(target.shape[0], device=target.device)  # the rows present, done or not
+        waiting = torch.ones_like(active, dtype=torch.bool)  # of those, the rows whose result is not stored yet
+        z, v, primals = target, torch.zeros_like(target), target.new_zeros(target.shape[0])
+        mixing = _AndersonMixing(target, ANDERSON_MEMORY)
+        accepted = None  # per row, the highest g so far, and the v and gradient it was reached at
+        plain = torch.ones_like(waiting)  # the rows whose v is a plain step from their best point (0: the first)
+        excess, moved, size, iteration, settled = 0.0, 0.0, 0.0, 0, True
+        while True:
+            iteration += 1
+            a = torch.sub(z, v).clamp_(-self.delta, self.delta)
+            thin = (a @ basis) @ basis.T
+            inside, gradient = (a - thin, thin) if nullspace.complement else (thin, a - thin)  # P_S(a), P_S⊥(a)
+            gap = a - z
+            dual = 0.5 * torch.linalg.vecdot(gap, gap) + torch.linalg.vecdot(v, a)
+            # a plain step never lowers g (its gradient is 1-Lipschitz): where one seems to, rounding speaks
+            lowered = (accepted[0] > dual) & ~plain if accepted is not None else ~plain
+            if not bool(lowered.any()):
+                accepted = (dual, v, gradient)
+            else:  # a mixed step that lowered a row's g: that row takes the plain step from its best point instead
+                raised = (~lowered)[:, None]
+                accepted = (
+                    torch.where(lowered, accepted[0], dual),
+                    torch.where(raised, v, accepted[1]),
+                    torch.where(raised, gradient, accepted[2]),
+                )
+            largest = torch.maximum(inside.amax(1), inside.amin(1).neg())
+            ratios = torch.where(largest > self.delta, self.delta / largest, torch.ones_like(largest))
+            torch.mul(inside, ratios[:, None], out=gap).sub_(z)
+            primal = 0.5 * torch.linalg.vecdot(gap, gap)
+            primals[active] = primal
+            # any v's g bounds the distance from below: the highest so far certifies this iteration's feasible point
+            done = waiting & (primal - accepted[0] <= self.tolerance * torch.maximum(primal, primals.mean()))
+            if iteration == self.iterations:  # the cap: every row ends at its feasible point
+                settled, done = bool((done == waiting).all()), waiting
+            if bool(done.any()):
+                stored = inside[done].pow(2).sum(1)
+                result[active[done]] = inside[done] * ratios[done, None]
+                excess = max(excess, float(largest[done].max()) - self.delta)
+                moved += float(((1 - ratios[done]).pow(2) * stored).sum())
+                size += float(stored.sum())
+                waiting &= ~done
+                if not bool(waiting.any()):
+                    return result, iteration, settled, excess, (moved, size)
+                if 4 * int((~waiting).sum()) >= len(waiting):
+                    keep = waiting
+                    active, z, v, gradient, lowered = (value[keep] for value in (active, z, v, gradient, lowered))
+                    accepted = tuple(value[keep] for value in accepted)
+                    mixing.keep(keep)
+                    waiting = torch.ones_like(active, dtype=torch.bool)
+            v, plain = mixing.step(v, gradient), lowered  # the rows that lowered g step plainly now
+            if bool(lowered.any()):
+                v[lowered] = accepted[1][lowered] + accepted[2][lowered]
+                mixing.forget(lowered)
 
     def _project_steps_(self, steps: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None) -> None:
         """The ball's projection of float64 updates Δ in place (the ball centred at 0)."""
