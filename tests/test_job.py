@@ -130,6 +130,30 @@ def test_ft_then_ftm_edits_and_keeps_the_rest(tmp_path, real_bert_dir):
 
 
 @pytest.mark.slow
+def test_ft_is_the_papers_whatever_the_edit_is_told(tmp_path, real_bert_dir):
+    """FT learns the facts as they are, unconstrained, for its epochs: the edit's stop rules and key constraint do
+    not reach it (its saved model is reused by key, which does not record them), so both FT models are the same."""
+    from hf_memedit.experiments.loading import load_model_and_tokenizer
+    from hf_memedit.experiments.settings import finetune
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The capital of Italy is Rome.\nParis is the capital of France.\n")
+    job, args, _ = _config("bert_tiny_ft_ftm.yaml", tmp_path, "--ft_epochs", "2", "--disable_tqdm", "true")
+    told = dataclasses.replace(
+        args, key_constraint="nullspace", preserve_corpus=str(corpus), stop_at_loss=1e3, skip_below_loss=1e3
+    )
+    models = []
+    for name, edit_args in (("plain", args), ("told", told)):
+        model, tokenizer = load_model_and_tokenizer(job)
+        models.append(finetune(model, tokenizer, dataclasses.replace(job, ft_dir=str(tmp_path / name)), edit_args))
+    base, _ = load_model_and_tokenizer(job)
+    trained = dict(models[0].named_parameters())
+    assert any(not torch.equal(trained[n], p) for n, p in base.named_parameters())  # FT trained
+    for name, param in models[1].named_parameters():
+        assert torch.equal(param, trained[name]), name
+
+
+@pytest.mark.slow
 def test_the_known_facts_filter_judges_the_model_the_edit_starts_from(tmp_path, real_bert_dir):
     """ft+ftm with modify_known: FT learns every fact first, then the m facts are drawn among those the FT model
     predicts, so θ0 knew each of them before the edit (the pretrained tiny BERT knows almost none)."""

@@ -112,7 +112,14 @@ def finetune(
         eval_strategy="no",
         save_strategy="no",
         load_best_model_at_end=False,
-        target_suffix=None,  # the paper's FT learns the facts as they are; a suffix teaches the edit where to stop
+        # The paper's FT learns the facts as they are, unconstrained, for its epochs: what the edit is told (where
+        # its answers stop, which keys it keeps, when it stops) is not FT's, which the FT key does not record.
+        key_constraint="none",
+        target_suffix=None,
+        eos_target=False,
+        stop_at_loss=None,
+        skip_below_loss=None,
+        stop_at_epoch_loss=None,
     )
     trainer = ConstrainedEditTrainer(model, ft_args, train_dataset=evidence, processing_class=tokenizer)
     trainer.train()
