@@ -158,7 +158,7 @@ def main() -> None:
 
     slow = sum(r[1] for r in compared[next(iter(solvers))])
     print(
-        f"\n## The two solvers at tolerance {configured[1]:g}, cap {configured[0]}, on the same {len(captured)} "
+        f"\n## The solvers at tolerance {configured[1]:g}, cap {configured[0]}, on the same {len(captured)} "
         "points (interleaved, best of the repeats)\n"
     )
     print("| solver | iterations | settled | error (max) | seconds (sum) | speed-up |\n|---|---|---|---|---|---|")
