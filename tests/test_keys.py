@@ -556,7 +556,7 @@ def test_linf_rows_stop_on_their_own_and_agree_with_the_whole_tensor_solver(seed
     √(2 × tolerance) × the distance projected of the whole-tensor iteration run far past convergence."""
     generator = torch.Generator().manual_seed(seed)
     moment = _moment(24, seed, rank=10)
-    theta0 = torch.zeros(12, 24, dtype=torch.float64)  # Δ stored exactly: the pull-in into the box has no rounding
+    theta0 = torch.randn(12, 24, generator=generator, dtype=torch.float64)
     keys = KeyProjector("nullspace", {"w": moment}, {"w": ("layer", False)}, ["w"], {"w": theta0}, threshold=1e-8)
     step = torch.randn(12, 24, generator=generator, dtype=torch.float64)
     step[:4] = 0.05 * step[:4] @ keys.projectors["w"].matrix() / step[:4].abs().max()  # in both sets already

@@ -64,8 +64,11 @@ def linf_bounds(theta0: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch
     can step outside the box by half a unit in the last place). Where δ is below the dtype's resolution
     at |θ0|, both bounds are θ0 itself: see `frozen_by_resolution`.
     """
-    if theta0.dtype == torch.float64:
-        return theta0 - delta, theta0 + delta
+    if theta0.dtype == torch.float64:  # |θ − θ0| is measured in float64 itself: its rounding decides
+        lower, upper = theta0 - delta, theta0 + delta
+        lower = torch.where(theta0 - lower > delta, torch.nextafter(lower, theta0), lower)
+        upper = torch.where(upper - theta0 > delta, torch.nextafter(upper, theta0), upper)
+        return lower, upper
     exact = theta0.double()
     lower, upper = (exact - delta).to(theta0.dtype), (exact + delta).to(theta0.dtype)
     lower = torch.where(lower.double() < exact - delta, torch.nextafter(lower, theta0), lower)
