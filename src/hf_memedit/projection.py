@@ -16,7 +16,8 @@ Key constraints, on the second moment C = E[k kᵀ] of each edited linear layer'
   by the same 1-D multiplier search as the Fisher ellipsoid.
 With a ball as well: L2 (global) ∩ nullspace is exact (project onto the subspace, then rescale). Every other ball
 ∩ nullspace runs Dykstra's iteration on Δ in float64 as gradient ascent on its dual with Anderson mixing
-(`NormBallProjector._dykstra_nullspace`), stopped on a duality-gap certificate; ball ∩ output runs Dykstra's
+(`NormBallProjector._dykstra_nullspace`), stopped on a duality-gap certificate; L∞ runs it weight row by weight row,
+each row stopped on its own (`_linf_nullspace`: both sets act on rows alone); ball ∩ output runs Dykstra's
 alternating projections, stopped once an iteration changes the iterate and both correction terms by at most
 `projection_tolerance` × the distance projected. Either stops after `projection_iterations` at most; the projector
 records which (`dykstra_iterations`, `dykstra_converged`). The result lies on the key set; Δ is then scaled toward
