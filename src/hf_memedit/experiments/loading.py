@@ -3,6 +3,7 @@ the benchmark with exactly m modified facts the model can be trained and tested 
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -127,8 +128,16 @@ def gguf_copy(name: str, gguf_file: str) -> str | None:
     path = os.path.join(name, gguf_file)
     if not os.path.isfile(path):
         return None
-    key = f"{file_sha256(path)[:24]}-transformers-{transformers.__version__}"
-    return os.path.join(default_cache_dir(), "gguf", key)
+    stat = os.stat(path)
+    key = f"{_content_hash(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)[:24]}-transformers-"
+    return os.path.join(default_cache_dir(), "gguf", key + transformers.__version__)
+
+
+@functools.lru_cache(maxsize=8)
+def _content_hash(path: str, size: int, mtime_ns: int) -> str:
+    """The file's sha256, read once per process while its size and modification time stay (a job resolves its
+    model for the config, the tokenizer and the weights: one read of a 100 MB file, not four)."""
+    return file_sha256(path)
 
 
 def _save_gguf_copy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, copy: str) -> None:
