@@ -520,3 +520,36 @@ def test_a_causal_lm_gets_m_facts_each_with_a_training_phrasing(bpe_tokenizer):
     )
     tested, trained = set(splits["modified_test"]["uuid"]), set(splits["modified_train"]["uuid"])
     assert len(tested) == 24 and trained == tested
+
+
+@pytest.mark.shared
+def test_per_relation_draws_each_relation_its_share_where_a_uniform_draw_falls_in_one():
+    """The facts a model knows are mostly of one relation (SmolLM2: 26 of 32 known T-REx facts were native
+    languages): a uniform draw among them leaves held-out-relation folds nearly empty; `per_relation` deals the
+    draw relation by relation, and the uniform draw is what it was."""
+    relations = ["P36", "P37", "P103", "P17"]
+    facts = benchmark_facts("trex_mod", TREX, relations=relations)
+    by_relation: dict[str, list] = {}
+    for fact in facts:
+        if fact.train_texts and fact.test_texts:
+            by_relation.setdefault(fact.relation, []).append(fact.uuid)
+    eligible = tuple(by_relation["P103"][:200] + [u for r in ("P36", "P37", "P17") for u in by_relation[r][:12]])
+    relation_of = {f.uuid: f.relation for f in facts}
+
+    def counts(chosen):
+        return Counter(relation_of[u] for u in chosen)
+
+    uniform = modify_facts(facts, 32, 0, eligible)
+    assert counts(uniform)["P103"] > 16  # most of the eligible facts, most of the draw
+    assert modify_facts(facts, 32, 0, eligible, per_relation=False) == uniform
+    dealt = modify_facts(facts, 32, 0, eligible, per_relation=True)
+    assert len(dealt) == 32 and set(dealt) <= set(eligible)
+    assert sorted(counts(dealt).values()) == [8, 8, 8, 8]  # every relation its share (groups of one here)
+    assert modify_facts(facts, 32, 0, eligible, per_relation=True) == dealt  # the same seed, the same draw
+    # A relation with fewer facts than its share gives what it has; the others make up the rest.
+    eligible = tuple(by_relation["P103"][:200] + by_relation["P36"][:3] + by_relation["P37"][:30])
+    dealt = counts(modify_facts(facts, 32, 1, eligible, per_relation=True))
+    assert dealt["P36"] == 3 and abs(dealt["P37"] - dealt["P103"]) <= 1 and sum(dealt.values()) == 32
+    # The builder option reaches the draw and keys the cache.
+    dataset = load_benchmark("trex_mod", m=8, seed=0, data_dir=TREX, relations=relations, per_relation=True)
+    assert sorted(Counter(dataset["modified_test"]["relation"]).values()) == [2, 2, 2, 2]

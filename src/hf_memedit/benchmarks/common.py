@@ -5,6 +5,7 @@ modification procedure, JSONL reading with errors that name the file and line, a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -62,6 +63,14 @@ class ModBenchmarkConfig(datasets.BuilderConfig):
 
     m: int = field(default=32, metadata={"help": "How many facts to modify."})
     seed: int = field(default=0, metadata={"help": "Seed of the modified facts and their new objects."})
+    per_relation: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw the m facts relation by relation in turn (as evenly as each relation's modifiable facts "
+            "allow) instead of uniformly (the paper): held-out-relation folds (relation_folds) then each hold their "
+            "share of the edits, where a uniform draw among the facts a model knows falls mostly in one relation."
+        },
+    )
     eligible_uuids: tuple[str, ...] | None = field(
         default=None,
         metadata={
@@ -176,10 +185,12 @@ def modify_facts(
     eligible_uuids: tuple[str, ...] | None,
     locality_relations: tuple[str, ...] | None = None,
     excluded_objects: tuple[str, ...] | None = None,
+    per_relation: bool = False,
 ) -> dict[str, str]:
     """Choose exactly m facts and their new objects, as the paper does; returns uuid -> new object.
 
-    Facts are drawn uniformly, each with its group (`fact_groups`: a group is modified whole or not at all, and
+    Facts are drawn uniformly (`per_relation`: from each relation in turn, relations in a seeded order), each with its
+    group (`fact_groups`: a group is modified whole or not at all, and
     only when every one of its facts may be). New objects come from the same relation, weighted by how often each
     object occurs among the relation's facts, never a true object of the same prompt (any object of the group, or
     of a fact that is this one read backwards) nor another new object of the group, nor one of `excluded_objects`
@@ -236,6 +247,13 @@ def modify_facts(
     group_of = {fact.uuid: index for index, group in enumerate(usable) for fact in group}
     rng = random.Random(seed)
     order = rng.sample(sorted(group_of), len(group_of))  # facts uniformly; a drawn fact brings its group
+    if per_relation:  # the same shuffle dealt relation by relation: one fact of each relation, then the next round
+        relation_of = {fact.uuid: fact.relation for group in usable for fact in group}
+        queues: dict[str, list[str]] = {}
+        for uuid in order:
+            queues.setdefault(relation_of[uuid], []).append(uuid)
+        turns = [queues[relation] for relation in rng.sample(sorted(queues), len(queues))]
+        order = [uuid for round_ in itertools.zip_longest(*turns) for uuid in round_ if uuid is not None]
     chosen, seen, remaining = [], set(), m
     for uuid in order:
         index = group_of[uuid]
@@ -314,7 +332,13 @@ class ModBenchmarkBuilder(datasets.GeneratorBasedBuilder):
                 f"choose among {', '.join(sorted({f.relation for f in facts}))}."
             )
         new_objects = modify_facts(
-            facts, config.m, config.seed, config.eligible_uuids, config.locality_relations, config.excluded_objects
+            facts,
+            config.m,
+            config.seed,
+            config.eligible_uuids,
+            config.locality_relations,
+            config.excluded_objects,
+            config.per_relation,
         )
         rows = split_rows(facts, new_objects)
         return [datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]}) for split in SPLITS]
