@@ -29,8 +29,9 @@ quality: install-test
 	$(PY) -m ruff check src tests bench train_edit.py
 	$(PY) -m ruff format --check src tests bench train_edit.py
 
+# One pytest-xdist worker per core (at most 4: each may hold a real checkpoint); worksteal evens out the long tests.
 test: install-test quality
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist worksteal
 
 demo: install-demo
 	$(PY) train_edit.py --config trainer_configs/demo_smollm2.yaml

@@ -91,6 +91,23 @@ def pytest_collection_modifyitems(config, items):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _worker_threads() -> None:
+    """Under pytest-xdist (`make test` runs a worker per core) each worker gets its share of the cores, and the
+    processes a test starts inherit it: torch's default of a thread per core in every worker would oversubscribe
+    them (and OpenMP threads that spin while another process computes cost more than they give)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // workers)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_worker_threads()
+
+
 @pytest.fixture
 def isolated_hf_home(tmp_path, monkeypatch):
     """HF_HOME in the test's own folder: the keys and samples caches (HF_HOME/hf_memedit) start empty."""

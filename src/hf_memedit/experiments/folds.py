@@ -43,7 +43,7 @@ def relation_folds(splits: datasets.DatasetDict, folds: int, seed: int) -> list[
         raise ValueError(
             f"relation_folds {folds}: the modified facts hold {len(edited)} relations "
             f"({', '.join(sorted(edited))}), and every fold needs one: give relation_folds {len(edited)} or fewer, "
-            "more relations, or draw the facts relation by relation (benchmark_options {\"per_relation\": true})."
+            'more relations, or draw the facts relation by relation (benchmark_options {"per_relation": true}).'
         )
     order = sorted(edited, key=lambda r: hash_share(r, seed, "relation_fold")) + sorted(
         scored - edited, key=lambda r: hash_share(r, seed, "relation_fold")

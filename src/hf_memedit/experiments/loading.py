@@ -149,6 +149,9 @@ def _save_gguf_copy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     atomic_write_text(os.path.join(partial, GGUF_COPY_DONE), json.dumps({"made_from": model.name_or_path}))
+    if os.path.isfile(os.path.join(copy, GGUF_COPY_DONE)):  # another job finished its copy meanwhile: it may be
+        shutil.rmtree(partial, ignore_errors=True)  # reading it, so it stays
+        return
     shutil.rmtree(copy, ignore_errors=True)  # an earlier copy cut short
     try:
         os.rename(partial, copy)
