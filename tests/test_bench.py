@@ -43,3 +43,74 @@ def test_fsdp_check_needs_a_gpu_and_says_so():
         [sys.executable, "bench/fsdp_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode != 0 and "no CUDA device. accelerate runs FSDP on accelerators only" in done.stderr
+
+
+def test_recipe_folds_picks_across_lanes_on_held_out_relations(tmp_path, bpe_tokenizer, capsys):
+    """bench/recipe_folds.py: two compare lanes differing in a setting a compare does not sweep (target_suffix); every
+    point of both is a candidate, each reported on every fold, and per fold the pick is the best on the other folds
+    over both lanes, reported on its own fold; lanes with other folds are refused."""
+    import importlib.util
+    import json
+
+    from hf_memedit import EditConfig
+    from hf_memedit.experiments import JobConfig, run_compare
+    from hf_memedit.experiments.folds import pooled
+
+    from .helpers import TINY
+
+    job = JobConfig(
+        model_name_or_path="tiny-llama",
+        benchmark="geo_mod",
+        m=12,
+        compare_methods=["ftm_linf"],
+        benchmark_options={"relations": ["P36", "P1376", "P30"], "max_facts_per_relation": 30, "per_relation": True},
+        relation_folds=3,
+        sweep_deltas=[1e-3, 3e-2],
+    )
+    lanes = []
+    for suffix in (None, "."):
+        lanes.append(str(tmp_path / f"lane-{suffix}"))
+        args = EditConfig(
+            output_dir=lanes[-1],
+            edit_blocks=["1"],
+            norm="linf",
+            delta=1e-2,
+            max_steps=2,
+            learning_rate=5e-2,
+            report_to="none",
+            disable_tqdm=True,
+            per_device_train_batch_size=4,
+            target_suffix=suffix,
+        )
+        run_compare(job, args, model=TINY["llama"](2, vocab=len(bpe_tokenizer)), tokenizer=bpe_tokenizer)
+    spec = importlib.util.spec_from_file_location("recipe_folds", ROOT / "bench" / "recipe_folds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    module.main([*lanes, "--output", str(tmp_path / "report.md")])
+    text = capsys.readouterr().out
+    assert text == (tmp_path / "report.md").read_text()
+    each, pick = text.split("## The pick among them")
+    summary, per_fold = (chunk for chunk in each.split("\n\n") if chunk.startswith("|"))
+    labels = [row[0] for row in table_rows(summary)]
+    assert len(labels) == 4 and sum(label.endswith("[target_suffix '.']") for label in labels) == 2, labels
+    assert sum(label.endswith("[target_suffix None]") for label in labels) == 2
+    rows = [row for lane in lanes for row in json.loads((Path(lane) / "compare.json").read_text())["rows"]["ftm_linf"]]
+    folds = json.loads((Path(lanes[0]) / "compare.json").read_text())["relation_folds"]["relations"]
+    views = [f"relations/{j}" for j in range(len(folds))]
+    assert len(table_rows(per_fold)) == 4 * len(folds)
+    _, pick_folds = (chunk for chunk in pick.split("\n\n") if chunk.startswith("|"))
+    assert [line[1] for line in table_rows(pick_folds)] == [str(j) for j in range(len(folds))]
+    _, picked = module.report(lanes, None)
+    for j, chosen in enumerate(picked["folds"]):  # the best on the other folds, over both lanes' points
+        others = [v for v in views if v != views[j]]
+        best = max(pooled(r, others)["avg_acc"] for r in rows)
+        assert chosen["picked_on"]["avg_acc"] == best
+        assert chosen["held_out"] in [r[views[j]] for r in rows if pooled(r, others)["avg_acc"] == best]
+    other = tmp_path / "other"
+    other.mkdir()
+    written = json.loads((Path(lanes[1]) / "compare.json").read_text())
+    written["relation_folds"]["relations"] = list(reversed(written["relation_folds"]["relations"]))
+    (other / "compare.json").write_text(json.dumps(written))
+    with pytest.raises(SystemExit, match="other folds or locality facts"):
+        module.main([lanes[0], str(other)])
