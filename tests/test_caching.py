@@ -114,3 +114,28 @@ def test_a_gguf_checkpoint_is_read_once_then_from_its_safetensors_copy(smollm2_j
 
     os.remove(os.path.join(copy, GGUF_COPY_DONE))  # cut short: the GGUF file is read again
     assert "gguf_file" in _source(smollm2_job)[1]
+
+
+def test_a_gguf_copy_another_job_finished_meanwhile_is_kept_for_its_readers(tmp_path, bpe_tokenizer, monkeypatch):
+    """Two jobs may make the same copy at once (compare lanes, test workers): the one that finds a finished copy when
+    its own is written keeps that copy (its reader may be loading it) and drops its own; one cut short is replaced."""
+    from hf_memedit.experiments.loading import GGUF_COPY_DONE, _save_gguf_copy
+
+    model, copy = TINY["llama"](1, vocab=len(bpe_tokenizer)), tmp_path / "copy"
+    save = type(model).save_pretrained
+
+    def other_job_finishes_first(self, folder, **kwargs):
+        save(self, folder, **kwargs)
+        if not (copy / GGUF_COPY_DONE).exists():
+            save(self, copy, **kwargs)
+            (copy / GGUF_COPY_DONE).write_text('{"made_from": "the other job"}')
+
+    monkeypatch.setattr(type(model), "save_pretrained", other_job_finishes_first)
+    _save_gguf_copy(model, bpe_tokenizer, str(copy))
+    assert json.loads((copy / GGUF_COPY_DONE).read_text()) == {"made_from": "the other job"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # its own partial copy is gone
+    monkeypatch.setattr(type(model), "save_pretrained", save)
+    (copy / GGUF_COPY_DONE).unlink()  # cut short: replaced by a whole one
+    _save_gguf_copy(model, bpe_tokenizer, str(copy))
+    assert json.loads((copy / GGUF_COPY_DONE).read_text())["made_from"] != "the other job"
+    assert (copy / "tokenizer.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
