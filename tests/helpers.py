@@ -394,3 +394,33 @@ def save_tiny_llama(folder: str | os.PathLike, tokenizer, chat_template: str | N
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def tiny_fold_compare(output_dir: str | os.PathLike, methods: list[str], options: dict | None = None, **overrides):
+    """The job and arguments of the tiny relation-folds compares: 12 geo_mod facts of three relations (one fold each),
+    block 1 of a 2-block Llama under L∞, two steps per point at δ 1e-3 and 3e-2."""
+    from hf_memedit import EditConfig
+    from hf_memedit.experiments import JobConfig
+
+    job = JobConfig(
+        model_name_or_path="tiny-llama",
+        benchmark="geo_mod",
+        m=12,
+        compare_methods=methods,
+        benchmark_options={"relations": ["P36", "P1376", "P30"], "max_facts_per_relation": 30, **(options or {})},
+        relation_folds=3,
+        sweep_deltas=[1e-3, 3e-2],
+    )
+    args = EditConfig(
+        output_dir=str(output_dir),
+        edit_blocks=["1"],
+        norm="linf",
+        delta=1e-2,
+        max_steps=2,
+        learning_rate=5e-2,
+        report_to="none",
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+        **overrides,
+    )
+    return job, args

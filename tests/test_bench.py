@@ -52,36 +52,15 @@ def test_recipe_folds_picks_across_lanes_on_held_out_relations(tmp_path, bpe_tok
     import importlib.util
     import json
 
-    from hf_memedit import EditConfig
-    from hf_memedit.experiments import JobConfig, run_compare
+    from hf_memedit.experiments import run_compare
     from hf_memedit.experiments.folds import pooled
 
-    from .helpers import TINY
+    from .helpers import TINY, tiny_fold_compare
 
-    job = JobConfig(
-        model_name_or_path="tiny-llama",
-        benchmark="geo_mod",
-        m=12,
-        compare_methods=["ftm_linf"],
-        benchmark_options={"relations": ["P36", "P1376", "P30"], "max_facts_per_relation": 30, "per_relation": True},
-        relation_folds=3,
-        sweep_deltas=[1e-3, 3e-2],
-    )
     lanes = []
     for suffix in (None, "."):
         lanes.append(str(tmp_path / f"lane-{suffix}"))
-        args = EditConfig(
-            output_dir=lanes[-1],
-            edit_blocks=["1"],
-            norm="linf",
-            delta=1e-2,
-            max_steps=2,
-            learning_rate=5e-2,
-            report_to="none",
-            disable_tqdm=True,
-            per_device_train_batch_size=4,
-            target_suffix=suffix,
-        )
+        job, args = tiny_fold_compare(lanes[-1], ["ftm_linf"], {"per_relation": True}, target_suffix=suffix)
         run_compare(job, args, model=TINY["llama"](2, vocab=len(bpe_tokenizer)), tokenizer=bpe_tokenizer)
     spec = importlib.util.spec_from_file_location("recipe_folds", ROOT / "bench" / "recipe_folds.py")
     module = importlib.util.module_from_spec(spec)

@@ -445,30 +445,10 @@ def test_relation_folds_pick_on_other_relations_and_report_on_held_out_ones(tmp_
     from hf_memedit.experiments import JobConfig, run_compare, run_sweep
     from hf_memedit.experiments.folds import pooled
 
-    from .helpers import TINY
+    from .helpers import TINY, tiny_fold_compare
 
     model = TINY["llama"](2, vocab=len(bpe_tokenizer))
-    options = {"relations": ["P36", "P1376", "P30"], "max_facts_per_relation": 30}
-    job = JobConfig(
-        model_name_or_path="tiny-llama",
-        benchmark="geo_mod",
-        m=12,
-        compare_methods=["ftm_linf", "ftm_unconstrained"],
-        benchmark_options=options,
-        relation_folds=3,
-        sweep_deltas=[1e-3, 3e-2],
-    )
-    args = EditConfig(
-        output_dir=str(tmp_path / "compare"),
-        edit_blocks=["1"],
-        norm="linf",
-        delta=1e-2,
-        max_steps=2,
-        learning_rate=5e-2,
-        report_to="none",
-        disable_tqdm=True,
-        per_device_train_batch_size=4,
-    )
+    job, args = tiny_fold_compare(tmp_path / "compare", ["ftm_linf", "ftm_unconstrained"])
     run_compare(job, args, model=model, tokenizer=bpe_tokenizer)
     written = json.loads((tmp_path / "compare" / "compare.json").read_text())
     folds = written["relation_folds"]["relations"]
