@@ -533,3 +533,24 @@ def test_a_folds_pick_never_sees_its_held_out_relations_and_pools_by_counts():
                                           "folds": 3}  # fmt: skip
     floor = fold_picks([a, b], folds, 0.95)  # fold 0: A keeps (10 + 5) / 20 on folds 1 and 2, B all of it
     assert floor[0]["point"] == b["point"]
+
+
+def test_uneven_relation_folds_are_named_with_the_fix(caplog):
+    """A fold with under half its even share of the modified facts is said, with per_relation as the fix; even
+    folds are not."""
+    import datasets
+
+    from hf_memedit.experiments.folds import relation_folds
+
+    def splits(relations):
+        rows = {"relation": relations}
+        return datasets.DatasetDict({"modified_test": datasets.Dataset.from_dict(rows)})
+
+    folds = relation_folds(splits(["P103"] * 10 + ["P36", "P17"]), 3, 0)
+    assert sorted(r for fold in folds for r in fold) == ["P103", "P17", "P36"]
+    assert "the folds hold" in caplog.text and '{"per_relation": true}' in caplog.text
+    shares = caplog.text.split("the folds hold ")[1].split(" of the 12")[0]
+    assert sorted(map(int, shares.split(" / "))) == [1, 1, 10]
+    caplog.clear()
+    relation_folds(splits(["P103", "P36", "P17"] * 4), 3, 0)
+    assert "the folds hold" not in caplog.text

@@ -11,6 +11,8 @@ by `reports.fold_report`).
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Sequence
 from statistics import mean
 from typing import Any
@@ -20,6 +22,8 @@ import datasets
 from ..benchmarks.common import CONSISTENCY, MODIFIED_TEST, UNMODIFIED_TEST, hash_share
 from .picks import best
 
+
+logger = logging.getLogger(__name__)
 
 FOLD_VIEW = "relations/{}"  # the view of fold j's facts, as a grid row holds it
 # What a fold's pick is reported on, across folds (mean and range), and its header.
@@ -48,7 +52,18 @@ def relation_folds(splits: datasets.DatasetDict, folds: int, seed: int) -> list[
     order = sorted(edited, key=lambda r: hash_share(r, seed, "relation_fold")) + sorted(
         scored - edited, key=lambda r: hash_share(r, seed, "relation_fold")
     )
-    return [sorted(order[j::folds]) for j in range(folds)]
+    dealt = [sorted(order[j::folds]) for j in range(folds)]
+    counts = Counter(splits[MODIFIED_TEST]["relation"])
+    shares = [sum(counts[relation] for relation in fold) for fold in dealt]
+    if 2 * folds * min(shares) < sum(shares):
+        logger.warning(
+            "relation_folds %d: the folds hold %s of the %d modified facts, so a held-out figure may rest on a few; "
+            'draw them relation by relation for even shares (benchmark_options {"per_relation": true}).',
+            folds,
+            " / ".join(map(str, shares)),
+            sum(shares),
+        )
+    return dealt
 
 
 def fold_views(splits: datasets.DatasetDict, folds: Sequence[Sequence[str]]) -> dict[str, datasets.DatasetDict]:
