@@ -27,8 +27,10 @@ def lane_settings(folders: list[str]) -> dict[str, str]:
     contexts = {}
     for folder in folders:
         path = os.path.join(folder, "points_context.json")
-        with open(path, encoding="utf-8") if os.path.isfile(path) else open(os.devnull) as handle:
-            contexts[folder] = json.loads(handle.read() or "{}")
+        contexts[folder] = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                contexts[folder] = json.load(handle)
     keys = sorted({key for context in contexts.values() for key in context})
     differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in contexts.values()}) > 1]
     return {folder: ", ".join(f"{key} {context.get(key)!r}" for key in differ) for folder, context in contexts.items()}

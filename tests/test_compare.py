@@ -542,8 +542,8 @@ def test_uneven_relation_folds_are_named_with_the_fix(caplog):
 
     from hf_memedit.experiments.folds import relation_folds
 
-    def splits(relations):
-        rows = {"relation": relations}
+    def splits(relations):  # a fact's second test prompt (zsRE) is counted once
+        rows = {"uuid": [*map(str, range(len(relations))), "0"], "relation": [*relations, relations[0]]}
         return datasets.DatasetDict({"modified_test": datasets.Dataset.from_dict(rows)})
 
     folds = relation_folds(splits(["P103"] * 10 + ["P36", "P17"]), 3, 0)

@@ -189,12 +189,12 @@ def modify_facts(
 ) -> dict[str, str]:
     """Choose exactly m facts and their new objects, as the paper does; returns uuid -> new object.
 
-    Facts are drawn uniformly (`per_relation`: from each relation in turn, relations in a seeded order), each with its
-    group (`fact_groups`: a group is modified whole or not at all, and
-    only when every one of its facts may be). New objects come from the same relation, weighted by how often each
-    object occurs among the relation's facts, never a true object of the same prompt (any object of the group, or
-    of a fact that is this one read backwards) nor another new object of the group, nor one of `excluded_objects`
-    (objects the model's tokenizer cannot encode). Relations with a single distinct object cannot be modified and
+    Facts are drawn uniformly (`per_relation`: from each relation in turn, relations in a seeded order), each with
+    its group (`fact_groups`: a group is modified whole or not at all, and only when every one of its facts may be).
+    New objects come from the same relation, weighted by how often each object occurs among the relation's facts,
+    never a true object of the same prompt (any object of the group, or of a fact that is this one read backwards)
+    nor another new object of the group, nor one of `excluded_objects` (objects the model's tokenizer cannot
+    encode). Relations with a single distinct object cannot be modified and
     are skipped (logged with a count), as are the `locality_relations`. Fewer than m is an error, never a shrug.
     """
     if not isinstance(m, int) or isinstance(m, bool) or m <= 0:

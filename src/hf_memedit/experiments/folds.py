@@ -53,7 +53,9 @@ def relation_folds(splits: datasets.DatasetDict, folds: int, seed: int) -> list[
         scored - edited, key=lambda r: hash_share(r, seed, "relation_fold")
     )
     dealt = [sorted(order[j::folds]) for j in range(folds)]
-    counts = Counter(splits[MODIFIED_TEST]["relation"])
+    modified = splits[MODIFIED_TEST]  # a fact may have several test prompts (zsRE): counted once
+    uuids = modified["uuid"] if "uuid" in modified.column_names else range(len(modified))
+    counts = Counter(relation for _, relation in dict.fromkeys(zip(uuids, modified["relation"])))
     shares = [sum(counts[relation] for relation in fold) for fold in dealt]
     if 2 * folds * min(shares) < sum(shares):
         logger.warning(
