@@ -552,5 +552,8 @@ def test_uneven_relation_folds_are_named_with_the_fix(caplog):
     shares = caplog.text.split("the folds hold ")[1].split(" of the 12")[0]
     assert sorted(map(int, shares.split(" / "))) == [1, 1, 10]
     caplog.clear()
+    relation_folds(splits(["P103"] * 10 + ["P36", "P17"]), 3, 0, per_relation=True)  # few facts of two relations
+    assert "drawn relation by relation already" in caplog.text and 'per_relation": true' not in caplog.text
+    caplog.clear()
     relation_folds(splits(["P103", "P36", "P17"] * 4), 3, 0)
     assert "the folds hold" not in caplog.text

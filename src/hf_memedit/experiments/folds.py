@@ -37,10 +37,11 @@ SUMMARY_HEADERS = (
 SUMMARY = tuple(key for key, _ in SUMMARY_HEADERS)
 
 
-def relation_folds(splits: datasets.DatasetDict, folds: int, seed: int) -> list[list[str]]:
+def relation_folds(splits: datasets.DatasetDict, folds: int, seed: int, per_relation: bool = False) -> list[list[str]]:
     """The relations of the facts dealt into `folds` folds: the edited relations first, in the order of a seeded hash
     of their name, then the relations only scored for locality; so every fold holds an edited relation, and a
-    relation's fold depends on the relations present, not on their facts."""
+    relation's fold depends on the relations present, not on their facts. A fold with under half its even share of
+    the modified facts is said, with the fix (`per_relation`: whether the facts were drawn relation by relation)."""
     edited = set(splits[MODIFIED_TEST]["relation"])
     scored = set(splits[UNMODIFIED_TEST]["relation"]) if UNMODIFIED_TEST in splits else set()
     if len(edited) < folds:
@@ -58,12 +59,19 @@ def relation_folds(splits: datasets.DatasetDict, folds: int, seed: int) -> list[
     counts = Counter(relation for _, relation in dict.fromkeys(zip(uuids, modified["relation"])))
     shares = [sum(counts[relation] for relation in fold) for fold in dealt]
     if 2 * folds * min(shares) < sum(shares):
+        fix = (
+            "they are drawn relation by relation already, so some relations have few facts that can be modified "
+            "(with modify_known: few the model knows); choose other relations or fewer folds"
+            if per_relation
+            else 'draw them relation by relation for even shares (benchmark_options {"per_relation": true})'
+        )
         logger.warning(
             "relation_folds %d: the folds hold %s of the %d modified facts, so a held-out figure may rest on a few; "
-            'draw them relation by relation for even shares (benchmark_options {"per_relation": true}).',
+            "%s.",
             folds,
             " / ".join(map(str, shares)),
             sum(shares),
+            fix,
         )
     return dealt
 

@@ -67,8 +67,11 @@ class GridRunner:
         # Every point is scored on the same facts, disjoint from what any point may preserve.
         self.context = Theta0Context(job, args, model, tokenizer, split_always=True)
         self.views = validation_views(self.context.splits, job.validation_fraction, job.benchmark_seed)
+        per_relation = bool((job.benchmark_options or {}).get("per_relation"))
         self.folds = (
-            relation_folds(self.context.splits, job.relation_folds, job.benchmark_seed) if job.relation_folds else []
+            relation_folds(self.context.splits, job.relation_folds, job.benchmark_seed, per_relation)
+            if job.relation_folds
+            else []
         )
         self.views.update(fold_views(self.context.splits, self.folds))
         self._caches: dict[int, PrefixCache] = {}
