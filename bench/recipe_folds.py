@@ -22,8 +22,8 @@ from hf_memedit.experiments.reports import fold_report
 from hf_memedit.files import atomic_write_text
 
 
-def lane_settings(folders: list[str]) -> dict[str, str]:
-    """Per lane, the shared settings in which the lanes differ (their `points_context.json`), in words."""
+def lane_settings(folders: list[str]) -> dict[str, dict]:
+    """Per lane, the shared settings in which the lanes differ (their `points_context.json`)."""
     contexts = {}
     for folder in folders:
         path = os.path.join(folder, "points_context.json")
@@ -33,14 +33,25 @@ def lane_settings(folders: list[str]) -> dict[str, str]:
                 contexts[folder] = json.load(handle)
     keys = sorted({key for context in contexts.values() for key in context})
     differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in contexts.values()}) > 1]
-    return {folder: ", ".join(f"{key} {context.get(key)!r}" for key in differ) for folder, context in contexts.items()}
+    return {folder: {key: context.get(key) for key in differ} for folder, context in contexts.items()}
+
+
+def settable(key: str, value) -> bool:
+    """Whether a grid point can hold this setting (then its description names it)."""
+    try:
+        point_of({"point": {"norm": "linf", "block": "0", "delta": 1.0, key: value}})
+    except ValueError:
+        return False
+    return True
 
 
 def read_lanes(folders: list[str]) -> tuple[list[list[str]], dict[str, list[dict]]]:
-    """The folds the lanes share, and every point of every lane as its own candidate, by label (the point, and the
+    """The folds the lanes share, and every point of every lane as its own candidate, by label (the point with the
     lane's settings where the lanes differ)."""
     folds, locality, candidates = None, None, {}
     settings = lane_settings(folders)
+    values = {key: value for lane in settings.values() for key, value in lane.items() if value is not None}
+    held = {key for key, value in values.items() if settable(key, value)}  # the rest is named beside the point
     for folder in folders:
         path = os.path.join(folder, "compare.json")
         if not os.path.isfile(path):
@@ -55,8 +66,13 @@ def read_lanes(folders: list[str]) -> tuple[list[list[str]], dict[str, list[dict
         folds, locality = dealt, written["locality"]
         for method, rows in written["rows"].items():
             for row in rows:
+                lane = settings[folder]
+                own = {key: value for key, value in lane.items() if key in held and value is not None}
+                row = {**row, "point": {**own, **row["point"]}}
                 label = f"{LABELS.get(method, method)}: {point_of(row).describe()}"
-                candidates[label + (f" [{settings[folder]}]" if settings[folder] else "")] = [row]
+                named = ", ".join(f"{key} {value!r}" for key, value in lane.items() if key not in held)
+                label += f" [{named}]" if named else ""
+                candidates[label if label not in candidates else f"{label} [{folder}]"] = [row]  # never one lost
     return folds, candidates
 
 
