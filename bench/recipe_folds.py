@@ -5,7 +5,7 @@ Each compare folder is one lane, run with the same `relation_folds`, facts and l
 of every lane is a candidate recipe. Prints, as markdown: each recipe's own figures on each held-out fold (mean and
 range across the folds: the point reported on every fold), then the cross-lane pick — per fold, the recipe that is
 best on the other folds' facts by the compare's rule (`--min_retention` as `pick_min_retention`), reported on the fold
-it never saw. Nothing is trained.
+it never saw — and each recipe on every fact of both halves (counts, not fold means). Nothing is trained.
 
     python bench/recipe_folds.py runs/r39_a runs/r39_b [--min_retention 0.9] [--output runs/r39.md]
 """
@@ -76,6 +76,27 @@ def read_lanes(folders: list[str]) -> tuple[list[list[str]], dict[str, list[dict
     return folds, candidates
 
 
+HALVES = ("validation", "test")
+# Each recipe on every fact of both halves: (header, figure, what it is a share of).
+POOLED = (
+    ("A_M", "a_m", "n_modified"),
+    ("retention", "retention", "n_known"),
+    ("gen A_M", "gen_a_m", "n_modified"),
+    ("gen A_M, comma stop", "gen_a_m_comma", "n_modified"),
+    ("agreement", "agreement", "n_unmodified"),
+)
+
+
+def pooled_cell(row: dict, key: str, count: str) -> str:
+    """A figure over both halves, weighted by what each half's share rests on: "k of n" with its percent."""
+    parts = [(row[half][key], row[half][count]) for half in HALVES if row[half].get(key) is not None]
+    total = sum(n for _, n in parts)
+    if not total:
+        return "–"
+    share = sum(value * n for value, n in parts) / total
+    return f"{100 * share:.2f}% ({round(share * total)} of {total})"
+
+
 def report(folders: list[str], min_retention: float | None) -> tuple[str, dict]:
     """The markdown report, and the cross-lane pick's JSON (`fold_report`'s: per fold the pick and its figures)."""
     folds, candidates = read_lanes(folders)
@@ -91,6 +112,15 @@ def report(folders: list[str], min_retention: float | None) -> tuple[str, dict]:
             "",
             "## The pick among them",
             *pick[2:],
+            "",
+            "## Each recipe on every fact (validation and test halves pooled; not held out)",
+            "",
+            "| recipe | " + " | ".join(header for header, _, _ in POOLED) + " |",
+            "|---|" + "---|" * len(POOLED),
+            *(
+                f"| {label} | " + " | ".join(pooled_cell(row, key, count) for _, key, count in POOLED) + " |"
+                for label, (row,) in candidates.items()
+            ),
             "",
         ]
     )

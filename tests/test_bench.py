@@ -70,6 +70,9 @@ def test_recipe_folds_picks_across_lanes_on_held_out_relations(tmp_path, bpe_tok
     text = capsys.readouterr().out
     assert text == (tmp_path / "report.md").read_text()
     each, pick = text.split("## The pick among them")
+    pick, everything = pick.split("## Each recipe on every fact")
+    rows_all = table_rows(everything)
+    assert len(rows_all) == 4 and all(row[1].endswith("of 12)") for row in rows_all)  # A_M over all 12 edits
     summary, per_fold = (chunk for chunk in each.split("\n\n") if chunk.startswith("|"))
     labels = [row[0] for row in table_rows(summary)]
     assert len(labels) == 4 and sum("targets end with '.'" in label for label in labels) == 2, labels
