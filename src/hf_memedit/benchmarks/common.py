@@ -194,8 +194,8 @@ def modify_facts(
     New objects come from the same relation, weighted by how often each object occurs among the relation's facts,
     never a true object of the same prompt (any object of the group, or of a fact that is this one read backwards)
     nor another new object of the group, nor one of `excluded_objects` (objects the model's tokenizer cannot
-    encode). Relations with a single distinct object cannot be modified and
-    are skipped (logged with a count), as are the `locality_relations`. Fewer than m is an error, never a shrug.
+    encode). Relations with a single distinct object cannot be modified and are skipped (logged with a count), as
+    are the `locality_relations`. Fewer than m is an error, never a shrug.
     """
     if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
         raise ValueError(f"m must be a positive number of facts to modify, got {m!r}.")

@@ -55,8 +55,7 @@ def relation_folds(splits: datasets.DatasetDict, folds: int, seed: int, per_rela
     )
     dealt = [sorted(order[j::folds]) for j in range(folds)]
     modified = splits[MODIFIED_TEST]  # a fact may have several test prompts (zsRE): counted once
-    uuids = modified["uuid"] if "uuid" in modified.column_names else range(len(modified))
-    counts = Counter(relation for _, relation in dict.fromkeys(zip(uuids, modified["relation"])))
+    counts = Counter(relation for _, relation in dict.fromkeys(zip(modified["uuid"], modified["relation"])))
     shares = [sum(counts[relation] for relation in fold) for fold in dealt]
     if 2 * folds * min(shares) < sum(shares):
         fix = (
